@@ -1,0 +1,2 @@
+//! qbus broker.
+pub mod store;

@@ -1,0 +1,2 @@
+//! qbus client: the wire protocol and the SDK.
+pub mod protocol;

@@ -1,0 +1,201 @@
+//! The frame header: command, correlation id and well-known fields, encoded as a MessagePack
+//! array whose positions are frozen (see `docs/protocol.md`). New fields are only ever
+//! appended, and a missing trailing field decodes to its default, so older peers keep working.
+
+use serde::{Deserialize, Serialize};
+
+/// What a frame asks for. Replies carry the command of their request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(from = "u8", into = "u8")]
+pub enum Command {
+    /// Opens a session: the reply names the broker and the protocol version.
+    #[default]
+    Hello,
+    /// Keeps an idle connection alive and proves the peer is there.
+    Heartbeat,
+    /// Appends the records in the body to `mq`.
+    Produce,
+    /// Takes up to `count` records for `group` of `mq`, waiting up to `timeout_ms`.
+    Fetch,
+    /// Acknowledges the deliveries named in `tokens`.
+    Ack,
+    /// Gives the deliveries named in `tokens` back for immediate redelivery.
+    Nack,
+    /// Creates `mq`; the body may hold [`MqOptions`](super::MqOptions).
+    CreateMq,
+    /// Describes `mq`; the reply body is an [`MqInfo`](super::MqInfo).
+    QueryMq,
+    /// Lists every MQ; the reply body is a list of [`MqInfo`](super::MqInfo).
+    ListMq,
+    /// Deletes `mq` with its data and groups.
+    RemoveMq,
+    /// A command number this version does not know.
+    Unknown(u8),
+}
+
+impl From<u8> for Command {
+    fn from(code: u8) -> Self {
+        match code {
+            1 => Command::Hello,
+            2 => Command::Heartbeat,
+            10 => Command::Produce,
+            11 => Command::Fetch,
+            12 => Command::Ack,
+            13 => Command::Nack,
+            20 => Command::CreateMq,
+            21 => Command::QueryMq,
+            22 => Command::ListMq,
+            23 => Command::RemoveMq,
+            other => Command::Unknown(other),
+        }
+    }
+}
+
+impl From<Command> for u8 {
+    fn from(cmd: Command) -> u8 {
+        match cmd {
+            Command::Hello => 1,
+            Command::Heartbeat => 2,
+            Command::Produce => 10,
+            Command::Fetch => 11,
+            Command::Ack => 12,
+            Command::Nack => 13,
+            Command::CreateMq => 20,
+            Command::QueryMq => 21,
+            Command::ListMq => 22,
+            Command::RemoveMq => 23,
+            Command::Unknown(code) => code,
+        }
+    }
+}
+
+/// How far a record had gone when the broker acknowledged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "u8", into = "u8")]
+pub enum Durability {
+    /// Written to the store file: survives a killed broker process, not a power loss.
+    Written,
+    /// Flushed to disk with fsync: survives a power loss.
+    Synced,
+}
+
+impl From<u8> for Durability {
+    fn from(code: u8) -> Self {
+        if code >= 2 {
+            Durability::Synced
+        } else {
+            Durability::Written
+        }
+    }
+}
+
+impl From<Durability> for u8 {
+    fn from(d: Durability) -> u8 {
+        match d {
+            Durability::Written => 1,
+            Durability::Synced => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::Written => "written",
+            Durability::Synced => "synced",
+        })
+    }
+}
+
+/// Names one delivery of one record: a late ack for an earlier attempt cannot acknowledge a
+/// redelivered copy, because the attempt numbers differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeliveryToken {
+    /// Offset of the record in its MQ.
+    pub offset: u64,
+    /// Delivery attempt, starting at 1.
+    pub attempt: u32,
+}
+
+/// Header flag: the producer wants no reply (one-way send).
+pub const FLAG_ONEWAY: u32 = 1;
+/// Header flag on a fetch: a group created by this fetch starts at the end of the MQ.
+pub const FLAG_START_AT_END: u32 = 1 << 1;
+/// Header flag on a fetch: a group created by this fetch starts at `offset`.
+pub const FLAG_START_AT_OFFSET: u32 = 1 << 2;
+
+/// The header of every frame. Field order is the wire order; do not reorder.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Header {
+    /// What the frame asks for (replies repeat their request's command).
+    pub cmd: Command,
+    /// Correlation id chosen by the requester; the reply carries the same id.
+    pub id: u64,
+    /// 0 in requests; a [`Status`](super::Status) code in replies.
+    pub status: u16,
+    /// The MQ the command acts on.
+    pub mq: Option<String>,
+    /// The consumer group (fetch, ack, nack).
+    pub group: Option<String>,
+    /// Tag filter on a fetch: only records with this tag are delivered.
+    pub tag: Option<String>,
+    /// Produce reply: offset of the first record. Fetch: start offset for a new group.
+    pub offset: Option<u64>,
+    /// Produce: number of records in the body. Fetch: most records wanted / delivered.
+    pub count: Option<u32>,
+    /// Fetch: how long to wait for a record before replying empty.
+    pub timeout_ms: Option<u32>,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Produce reply: how durable the records were when acknowledged.
+    pub durability: Option<Durability>,
+    /// Fetch reply: the delivery attempt of each record in the body, in order.
+    pub attempts: Vec<u32>,
+    /// Ack and nack: the deliveries acted on.
+    pub tokens: Vec<DeliveryToken>,
+    /// Error replies: a message a person can act on.
+    pub error: Option<String>,
+}
+
+impl Header {
+    /// A request header for `cmd` on `mq`.
+    pub fn request(cmd: Command, mq: Option<&str>) -> Header {
+        Header {
+            cmd,
+            mq: mq.map(str::to_owned),
+            ..Header::default()
+        }
+    }
+
+    /// A success reply to `request`.
+    pub fn reply_to(request: &Header) -> Header {
+        Header {
+            cmd: request.cmd,
+            id: request.id,
+            status: super::Status::Ok.code(),
+            ..Header::default()
+        }
+    }
+
+    /// An error reply to the request with `cmd` and `id`.
+    pub fn error(cmd: Command, id: u64, status: super::Status, message: impl Into<String>) -> Header {
+        Header {
+            cmd,
+            id,
+            status: status.code(),
+            error: Some(message.into()),
+            ..Header::default()
+        }
+    }
+
+    /// True for replies (a status is set), false for requests.
+    pub fn is_reply(&self) -> bool {
+        self.status != 0
+    }
+
+    /// True when a flag bit is set.
+    pub fn has_flag(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}

@@ -1,0 +1,24 @@
+//! The qbus wire protocol, version 1 (specified in `docs/protocol.md`). No I/O lives here.
+//!
+//! - [`frame`]: length-prefixed frames and the `tokio_util` codec.
+//! - [`header`]: the MessagePack header with command, correlation id and well-known fields.
+//! - [`record`]: the record format shared by produce bodies, the log files and fetch bodies.
+//! - [`status`]: stable numeric status codes.
+//! - [`admin`]: bodies of the administrative commands.
+
+pub mod admin;
+pub mod frame;
+pub mod header;
+pub mod record;
+pub mod status;
+
+pub use admin::{GroupInfo, MqInfo, MqOptions, ServerInfo};
+pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
+pub use header::{
+    Command, DeliveryToken, Durability, Header, FLAG_ONEWAY, FLAG_START_AT_END,
+    FLAG_START_AT_OFFSET,
+};
+pub use status::Status;
+
+/// Version of the protocol this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;

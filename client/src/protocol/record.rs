@@ -1,0 +1,296 @@
+//! The record: one message as stored on disk and as carried in produce and fetch bodies.
+//!
+//! The same bytes go from the producer to the log file to the consumer, so the broker never
+//! re-encodes a message and the checksum is verified end to end.
+//!
+//! ```text
+//! u32 len          bytes after this field
+//! u32 crc          CRC-32 (IEEE) of every byte after this field
+//! u64 offset       position in the MQ (0 from producers; set by the broker)
+//! u64 timestamp    milliseconds since the Unix epoch (set by the broker)
+//! u8  flags        reserved, 0
+//! u8  tag_len      then tag_len bytes of UTF-8
+//! u16 key_len      then key_len bytes of UTF-8
+//! body             the rest
+//! ```
+//! All integers are big-endian.
+
+use std::ops::Range;
+
+use bytes::BufMut;
+
+/// Bytes of a record that are not tag, key or body.
+pub const RECORD_OVERHEAD: usize = 28;
+const FIXED_AFTER_LEN: usize = RECORD_OVERHEAD - 4;
+
+/// Why bytes are not a valid record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The input ends inside a record.
+    #[error("truncated record: need {need} bytes, have {have}")]
+    Truncated {
+        /// Bytes the record needs.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// The length field is impossible.
+    #[error("record length {len} is invalid")]
+    BadLength {
+        /// The length field.
+        len: usize,
+    },
+    /// The checksum does not match: the record is corrupt.
+    #[error("record checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum {
+        /// Checksum in the record.
+        stored: u32,
+        /// Checksum of the bytes.
+        computed: u32,
+    },
+    /// Tag or key is not UTF-8.
+    #[error("record {field} is not valid UTF-8")]
+    Utf8 {
+        /// `tag` or `key`.
+        field: &'static str,
+    },
+    /// Tag longer than 255 bytes or key longer than 65535 bytes.
+    #[error("record {field} is {len} bytes; the limit is {max}")]
+    FieldTooLong {
+        /// `tag` or `key`.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// A parsed record borrowing the buffer it was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// Position in the MQ.
+    pub offset: u64,
+    /// Broker time of the append, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Tag, used by consumers' filters.
+    pub tag: Option<&'a str>,
+    /// Key, used for affinity and deduplication.
+    pub key: Option<&'a str>,
+    /// The payload.
+    pub body: &'a [u8],
+    /// Where the body lies in the parsed buffer (for zero-copy slicing).
+    pub body_range: Range<usize>,
+    /// Total bytes of the record.
+    pub size: usize,
+}
+
+/// Appends one record. Fails only when the tag or key is too long.
+pub fn encode_record(
+    dst: &mut impl BufMut,
+    offset: u64,
+    timestamp_ms: u64,
+    tag: Option<&str>,
+    key: Option<&str>,
+    body: &[u8],
+) -> Result<usize, RecordError> {
+    let tag = tag.unwrap_or("").as_bytes();
+    let key = key.unwrap_or("").as_bytes();
+    if tag.len() > u8::MAX as usize {
+        return Err(RecordError::FieldTooLong {
+            field: "tag",
+            len: tag.len(),
+            max: u8::MAX as usize,
+        });
+    }
+    if key.len() > u16::MAX as usize {
+        return Err(RecordError::FieldTooLong {
+            field: "key",
+            len: key.len(),
+            max: u16::MAX as usize,
+        });
+    }
+    let size = RECORD_OVERHEAD + tag.len() + key.len() + body.len();
+    let mut crc = crc32fast::Hasher::new();
+    let mut fixed = [0u8; FIXED_AFTER_LEN - 4];
+    fixed[0..8].copy_from_slice(&offset.to_be_bytes());
+    fixed[8..16].copy_from_slice(&timestamp_ms.to_be_bytes());
+    fixed[16] = 0;
+    fixed[17] = tag.len() as u8;
+    fixed[18..20].copy_from_slice(&(key.len() as u16).to_be_bytes());
+    crc.update(&fixed);
+    crc.update(tag);
+    crc.update(key);
+    crc.update(body);
+    dst.put_u32((size - 4) as u32);
+    dst.put_u32(crc.finalize());
+    dst.put_slice(&fixed);
+    dst.put_slice(tag);
+    dst.put_slice(key);
+    dst.put_slice(body);
+    Ok(size)
+}
+
+/// Size of the record at the start of `src` from its length field, without checking it.
+pub fn peek_record_size(src: &[u8]) -> Option<usize> {
+    let len = src.get(..4)?;
+    Some(4 + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+}
+
+/// Parses and verifies the record at the start of `src`.
+pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
+    let size = peek_record_size(src).ok_or(RecordError::Truncated {
+        need: 4,
+        have: src.len(),
+    })?;
+    if size < RECORD_OVERHEAD {
+        return Err(RecordError::BadLength { len: size - 4 });
+    }
+    if src.len() < size {
+        return Err(RecordError::Truncated {
+            need: size,
+            have: src.len(),
+        });
+    }
+    let rec = &src[..size];
+    let stored = u32::from_be_bytes([rec[4], rec[5], rec[6], rec[7]]);
+    let computed = crc32fast::hash(&rec[8..]);
+    if stored != computed {
+        return Err(RecordError::Checksum { stored, computed });
+    }
+    let be64 = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&rec[at..at + 8]);
+        u64::from_be_bytes(b)
+    };
+    let tag_len = rec[25] as usize;
+    let key_len = u16::from_be_bytes([rec[26], rec[27]]) as usize;
+    let body_start = RECORD_OVERHEAD + tag_len + key_len;
+    if body_start > size {
+        return Err(RecordError::BadLength { len: size - 4 });
+    }
+    let text = |range: Range<usize>, field| -> Result<Option<&str>, RecordError> {
+        if range.is_empty() {
+            return Ok(None);
+        }
+        std::str::from_utf8(&rec[range])
+            .map(Some)
+            .map_err(|_| RecordError::Utf8 { field })
+    };
+    Ok(RecordRef {
+        offset: be64(8),
+        timestamp_ms: be64(16),
+        tag: text(RECORD_OVERHEAD..RECORD_OVERHEAD + tag_len, "tag")?,
+        key: text(RECORD_OVERHEAD + tag_len..body_start, "key")?,
+        body: &rec[body_start..],
+        body_range: body_start..size,
+        size,
+    })
+}
+
+/// Sets the offset and timestamp of a verified record in place and recomputes its checksum.
+pub fn stamp_record(record: &mut [u8], offset: u64, timestamp_ms: u64) {
+    record[8..16].copy_from_slice(&offset.to_be_bytes());
+    record[16..24].copy_from_slice(&timestamp_ms.to_be_bytes());
+    let crc = crc32fast::hash(&record[8..]);
+    record[4..8].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Iterates over the verified records of a buffer holding whole records back to back.
+pub fn records(src: &[u8]) -> impl Iterator<Item = Result<RecordRef<'_>, RecordError>> {
+    let mut at = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if at >= src.len() || failed {
+            return None;
+        }
+        match parse_record(&src[at..]) {
+            Ok(mut rec) => {
+                rec.body_range = rec.body_range.start + at..rec.body_range.end + at;
+                at += rec.size;
+                Some(Ok(rec))
+            }
+            Err(e) => {
+                failed = true;
+                Some(Err(e))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(tag: Option<&str>, key: Option<&str>, body: &[u8]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, 9, 1234, tag, key, body).unwrap();
+        buf
+    }
+
+    #[test]
+    fn round_trip_with_and_without_fields() {
+        let buf = one(Some("red"), Some("k1"), b"payload");
+        let rec = parse_record(&buf).unwrap();
+        assert_eq!(
+            (rec.offset, rec.timestamp_ms, rec.tag, rec.key, rec.body),
+            (9, 1234, Some("red"), Some("k1"), &b"payload"[..])
+        );
+        assert_eq!(rec.size, buf.len());
+        let bare = one(None, None, b"");
+        let rec = parse_record(&bare).unwrap();
+        assert_eq!((rec.tag, rec.key, rec.body.len()), (None, None, 0));
+        assert_eq!(bare.len(), RECORD_OVERHEAD);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let buf = one(Some("t"), Some("key"), b"some body bytes");
+        for i in 4..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x40;
+            assert!(parse_record(&bad).is_err(), "flip at {i} not detected");
+        }
+    }
+
+    #[test]
+    fn truncation_is_reported() {
+        let buf = one(None, None, b"abc");
+        for cut in 0..buf.len() {
+            assert!(matches!(
+                parse_record(&buf[..cut]),
+                Err(RecordError::Truncated { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn stamping_keeps_the_record_valid() {
+        let mut buf = one(Some("x"), None, b"body");
+        stamp_record(&mut buf, 77, 88);
+        let rec = parse_record(&buf).unwrap();
+        assert_eq!((rec.offset, rec.timestamp_ms, rec.body), (77, 88, &b"body"[..]));
+    }
+
+    #[test]
+    fn iterates_back_to_back_records() {
+        let mut buf = one(None, None, b"a");
+        buf.extend(one(Some("t"), None, b"bb"));
+        let bodies: Vec<_> = records(&buf)
+            .map(|r| {
+                let r = r.unwrap();
+                buf[r.body_range].to_vec()
+            })
+            .collect();
+        assert_eq!(bodies, vec![b"a".to_vec(), b"bb".to_vec()]);
+    }
+
+    #[test]
+    fn overlong_tag_is_refused() {
+        let tag = "x".repeat(256);
+        assert!(matches!(
+            encode_record(&mut Vec::new(), 0, 0, Some(&tag), None, b""),
+            Err(RecordError::FieldTooLong { field: "tag", .. })
+        ));
+    }
+}
