@@ -1,2 +1,40 @@
 //! qbus client: the wire protocol and the SDK.
+//!
+//! - [`protocol`]: frames, header, record format and status codes (no I/O).
+//! - [`link`]: moving frames over TCP or inside one process.
+//! - [`connection`]: one multiplexed, self-reconnecting connection.
+//! - [`Broker`]: the handle users hold; admin calls and the factory for
+//!   [`Producer`]s and [`Consumer`]s.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), qbus_client::ClientError> {
+//! use futures_util::StreamExt;
+//! use qbus_client::{Broker, MqOptions};
+//!
+//! let broker = Broker::connect("127.0.0.1:15555").await?;
+//! broker.create_mq("greetings", MqOptions::default()).await?;
+//! broker.producer("greetings").send("hello").await?;
+//! let mut consumer = broker.consumer("greetings").subscribe().await?;
+//! if let Some(delivery) = consumer.next().await {
+//!     let delivery = delivery?;
+//!     delivery.ack().await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+mod broker;
+pub mod connection;
+mod consumer;
+mod error;
+pub mod link;
+mod message;
+mod producer;
 pub mod protocol;
+
+pub use broker::Broker;
+pub use connection::{Connection, ConnectionOptions};
+pub use consumer::{Consumer, ConsumerBuilder, Delivery, StartAt};
+pub use error::{ClientError, Result};
+pub use message::Message;
+pub use producer::{PendingReceipt, Producer, Receipt};
+pub use protocol::{Durability, MqInfo, MqOptions, Status};

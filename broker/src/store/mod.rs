@@ -1,0 +1,105 @@
+//! The broker's storage engine: one append-only log per MQ, plus durable consumer cursors.
+//!
+//! - [`lock`]: the `LOCK` file that keeps two brokers out of one store directory.
+//! - `index`: the sparse offset index of one segment (`<base>.idx`).
+//! - `segment`: one segment file pair (`<base>.log` + `<base>.idx`), writer side.
+//! - `recovery`: reopening a log: load indexes, verify the tail, truncate a torn tail.
+//! - [`log`]: [`MqLog`], the writer of one MQ's log (append, sync, publish, retention).
+//! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
+//! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
+//!
+//! The record format is the wire format (`qbus_client::protocol::record`): the bytes a
+//! producer sends are stamped with offset and time and written as they are, and a fetch
+//! returns them as they lie in the file, checksum verified.
+
+pub mod cursor;
+mod index;
+pub mod lock;
+pub mod log;
+pub mod reader;
+mod recovery;
+mod segment;
+#[cfg(test)]
+mod testutil;
+
+use std::path::{Path, PathBuf};
+
+use qbus_client::protocol::record::RecordError;
+
+pub use cursor::CursorFile;
+pub use lock::StoreLock;
+pub use log::{Appended, LogConfig, MqLog};
+pub use reader::{LogReader, ReadBatch, ReadPos};
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O call failed on a file or directory.
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another process holds the store directory's lock.
+    #[error("store directory {dir} is in use by another broker (lock file {lock})")]
+    Locked {
+        /// The store directory.
+        dir: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+    },
+    /// A stored record failed its checksum or structure check when read.
+    #[error("corrupt record in {file} at byte {position}: {reason}")]
+    Corrupt {
+        /// The segment file.
+        file: PathBuf,
+        /// Byte position of the record in the file.
+        position: u64,
+        /// What is wrong with it.
+        reason: RecordError,
+    },
+    /// A stored record is intact but carries another offset than its place in the log.
+    #[error("record in {file} at byte {position} has offset {found}, expected {expected}")]
+    OffsetMismatch {
+        /// The segment file.
+        file: PathBuf,
+        /// Byte position of the record in the file.
+        position: u64,
+        /// The offset the record should have.
+        expected: u64,
+        /// The offset it has.
+        found: u64,
+    },
+    /// An offset beyond the end of the log was requested.
+    #[error("offset {offset} is beyond the end of the log ({end})")]
+    OffsetOutOfRange {
+        /// The requested offset.
+        offset: u64,
+        /// The end of the log (exclusive).
+        end: u64,
+    },
+    /// The bytes given to `append` are not whole records back to back.
+    #[error("append refused: {reason}")]
+    InvalidBatch {
+        /// The first structural problem found.
+        reason: RecordError,
+    },
+    /// One append batch does not fit in a segment (positions are 32-bit).
+    #[error("append refused: a batch of {bytes} bytes does not fit in one segment")]
+    BatchTooLarge {
+        /// Size of the batch.
+        bytes: usize,
+    },
+}
+
+impl StoreError {
+    /// Adapter for `map_err` that names the file an I/O error happened on.
+    pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

@@ -276,7 +276,10 @@ mod tests {
                 other => panic!("cut at {cut}: {other:?}"),
             }
             let mut partial = BytesMut::from(&buf[..cut]);
-            assert!(FrameCodec::default().decode(&mut partial).unwrap().is_none());
+            assert!(FrameCodec::default()
+                .decode(&mut partial)
+                .unwrap()
+                .is_none());
         }
     }
 
@@ -313,7 +316,11 @@ mod tests {
                 errors += 1;
             }
         }
-        assert!(errors > 350, "junk decoded as frames {} times", 392 - errors);
+        assert!(
+            errors > 350,
+            "junk decoded as frames {} times",
+            392 - errors
+        );
     }
 
     #[test]

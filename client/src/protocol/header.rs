@@ -179,7 +179,12 @@ impl Header {
     }
 
     /// An error reply to the request with `cmd` and `id`.
-    pub fn error(cmd: Command, id: u64, status: super::Status, message: impl Into<String>) -> Header {
+    pub fn error(
+        cmd: Command,
+        id: u64,
+        status: super::Status,
+        message: impl Into<String>,
+    ) -> Header {
         Header {
             cmd,
             id,

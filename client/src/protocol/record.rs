@@ -269,7 +269,10 @@ mod tests {
         let mut buf = one(Some("x"), None, b"body");
         stamp_record(&mut buf, 77, 88);
         let rec = parse_record(&buf).unwrap();
-        assert_eq!((rec.offset, rec.timestamp_ms, rec.body), (77, 88, &b"body"[..]));
+        assert_eq!(
+            (rec.offset, rec.timestamp_ms, rec.body),
+            (77, 88, &b"body"[..])
+        );
     }
 
     #[test]

@@ -1,0 +1,295 @@
+//! Broker settings: command-line flags over environment variables over an optional TOML
+//! file over defaults. Every key is named the same in all three (`--fsync`, `QBUS_FSYNC`,
+//! `fsync = ...`), and a bad value is reported with the key that holds it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// When appended data is flushed to disk with fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before every acknowledgement, with group commit (the default).
+    Always,
+    /// In the background every interval; acknowledgements report `written`.
+    Interval(Duration),
+    /// Never explicitly; the OS writes back when it likes.
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => match other.strip_prefix("interval:") {
+                Some(ms) => ms
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .map(|ms| FsyncPolicy::Interval(Duration::from_millis(ms)))
+                    .ok_or_else(|| format!("bad interval {ms:?}: expected milliseconds > 0")),
+                None => Err(format!(
+                    "{other:?} is not a policy: use always, interval:<ms> or never"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+            FsyncPolicy::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// Parses `500ms`, `30s`, `10m`, `2h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m, 2h or 7d"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{s:?} has no unit: use ms, s, m, h or d")),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(ms)))
+}
+
+/// Parses `4096`, `64KiB`, `64MiB`, `10GiB` (also KB/MB/GB as powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4096, 64KiB, 64MiB or 10GiB"))?;
+    let scale: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        _ => return Err(format!("{s:?} has an unknown unit: use KiB, MiB or GiB")),
+    };
+    Ok(n.saturating_mul(scale))
+}
+
+/// Settings as given by one source; unset fields fall through to the next source.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// Address to listen on [default: 0.0.0.0]
+    #[arg(long, env = "QBUS_BIND")]
+    pub bind: Option<String>,
+    /// Port to listen on [default: 15555]
+    #[arg(long, env = "QBUS_PORT")]
+    pub port: Option<u16>,
+    /// Directory holding the MQs [default: ./store]
+    #[arg(long, env = "QBUS_STORE")]
+    pub store: Option<PathBuf>,
+    /// always | interval:<ms> | never [default: always]
+    #[arg(long, env = "QBUS_FSYNC")]
+    pub fsync: Option<String>,
+    /// Largest frame (and so message) accepted [default: 16MiB]
+    #[arg(long, env = "QBUS_MAX_FRAME")]
+    pub max_frame: Option<String>,
+    /// Size at which a new segment file is started [default: 64MiB]
+    #[arg(long, env = "QBUS_SEGMENT_SIZE")]
+    pub segment_size: Option<String>,
+    /// Delete the oldest segments of an MQ above this size [default: unlimited]
+    #[arg(long, env = "QBUS_RETENTION_SIZE")]
+    pub retention_size: Option<String>,
+    /// Delete segments whose newest message is older than this, e.g. 7d [default: unlimited]
+    #[arg(long, env = "QBUS_RETENTION_AGE")]
+    pub retention_age: Option<String>,
+    /// Redeliver a message not acknowledged within this time [default: 30s]
+    #[arg(long, env = "QBUS_ACK_TIMEOUT")]
+    pub ack_timeout: Option<String>,
+    /// Deliveries of one message before it moves to the dead-letter MQ [default: 16]
+    #[arg(long, env = "QBUS_MAX_DELIVERIES")]
+    pub max_deliveries: Option<u32>,
+    /// Unacknowledged deliveries one connection may hold per group [default: 65536]
+    #[arg(long, env = "QBUS_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<u32>,
+}
+
+impl Settings {
+    /// Fills every unset field of `self` from `other`.
+    pub fn or(self, other: Settings) -> Settings {
+        Settings {
+            bind: self.bind.or(other.bind),
+            port: self.port.or(other.port),
+            store: self.store.or(other.store),
+            fsync: self.fsync.or(other.fsync),
+            max_frame: self.max_frame.or(other.max_frame),
+            segment_size: self.segment_size.or(other.segment_size),
+            retention_size: self.retention_size.or(other.retention_size),
+            retention_age: self.retention_age.or(other.retention_age),
+            ack_timeout: self.ack_timeout.or(other.ack_timeout),
+            max_deliveries: self.max_deliveries.or(other.max_deliveries),
+            max_in_flight: self.max_in_flight.or(other.max_in_flight),
+        }
+    }
+
+    /// Reads a TOML file of settings.
+    pub fn from_file(path: &std::path::Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            key: "config".into(),
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError {
+            key: "config".into(),
+            message: format!("{}: {}", path.display(), e.message()),
+        })
+    }
+
+    /// Validates and applies defaults.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let bad = |key: &str| {
+            let key = key.to_owned();
+            move |message: String| ConfigError { key, message }
+        };
+        let bind = self.bind.unwrap_or_else(|| "0.0.0.0".into());
+        let port = self.port.unwrap_or(15555);
+        let listen: SocketAddr = format!("{bind}:{port}")
+            .parse()
+            .map_err(|_| bad("bind")(format!("{bind:?} is not an IP address")))?;
+        let size = |key: &str, value: Option<String>| {
+            value.map(|v| parse_size(&v).map_err(bad(key))).transpose()
+        };
+        let duration = |key: &str, value: Option<String>| {
+            value
+                .map(|v| parse_duration(&v).map_err(bad(key)))
+                .transpose()
+        };
+        let max_frame = size("max-frame", self.max_frame)?.unwrap_or(16 << 20);
+        if !(1024..=(1 << 30)).contains(&max_frame) {
+            return Err(bad("max-frame")("must be between 1KiB and 1GiB".into()));
+        }
+        let max_deliveries = self.max_deliveries.unwrap_or(16);
+        if max_deliveries == 0 {
+            return Err(bad("max-deliveries")("must be at least 1".into()));
+        }
+        Ok(Config {
+            listen,
+            store: self.store.unwrap_or_else(|| PathBuf::from("./store")),
+            fsync: self
+                .fsync
+                .map(|f| f.parse().map_err(bad("fsync")))
+                .transpose()?
+                .unwrap_or(FsyncPolicy::Always),
+            max_frame: max_frame as usize,
+            segment_size: size("segment-size", self.segment_size)?.unwrap_or(64 << 20),
+            retention_size: size("retention-size", self.retention_size)?,
+            retention_age: duration("retention-age", self.retention_age)?,
+            ack_timeout: duration("ack-timeout", self.ack_timeout)?
+                .unwrap_or(crate::consumer_group::DEFAULT_ACK_TIMEOUT),
+            max_deliveries,
+            max_in_flight: self.max_in_flight.unwrap_or(65_536).max(1),
+        })
+    }
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {key}: {message}")]
+pub struct ConfigError {
+    /// The key, as in the config file.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Resolved broker configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Store directory.
+    pub store: PathBuf,
+    /// Fsync policy.
+    pub fsync: FsyncPolicy,
+    /// Largest frame accepted.
+    pub max_frame: usize,
+    /// Segment file size.
+    pub segment_size: u64,
+    /// Per-MQ retention by size.
+    pub retention_size: Option<u64>,
+    /// Per-MQ retention by age.
+    pub retention_age: Option<Duration>,
+    /// Default ack timeout.
+    pub ack_timeout: Duration,
+    /// Default delivery limit.
+    pub max_deliveries: u32,
+    /// Unacknowledged deliveries per connection and group.
+    pub max_in_flight: u32,
+}
+
+impl Config {
+    /// Defaults with the store in `store` (for tests and embedding).
+    pub fn with_store(store: impl Into<PathBuf>) -> Config {
+        Settings {
+            store: Some(store.into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .expect("defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert!(parse_duration("7").is_err());
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("1XB").is_err());
+        assert_eq!(
+            "interval:50".parse::<FsyncPolicy>().unwrap(),
+            FsyncPolicy::Interval(Duration::from_millis(50))
+        );
+        assert!("sometimes".parse::<FsyncPolicy>().is_err());
+    }
+
+    #[test]
+    fn flags_override_file_and_errors_name_the_key() {
+        let cli = Settings {
+            port: Some(1),
+            ..Settings::default()
+        };
+        let file: Settings = toml::from_str("port = 2\nfsync = \"never\"").unwrap();
+        let config = cli.or(file).resolve().unwrap();
+        assert_eq!(
+            (config.listen.port(), config.fsync),
+            (1, FsyncPolicy::Never)
+        );
+        let err = Settings {
+            fsync: Some("sometimes".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert_eq!(err.key, "fsync");
+        assert!(toml::from_str::<Settings>("prot = 1").is_err());
+    }
+}

@@ -1,0 +1,360 @@
+//! The delivery state of one consumer group: its durable cursor, the deliveries awaiting an
+//! ack, and what to redeliver. Pure bookkeeping, no I/O, so every rule is unit-tested here.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use qbus_client::protocol::{DeliveryToken, GroupInfo};
+
+/// A delivery awaiting its ack.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    attempt: u32,
+    /// Connection holding it; `None` once released for redelivery.
+    holder: Option<u64>,
+}
+
+/// What to deliver again, and what has had too many attempts.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Redeliveries {
+    /// (offset, new attempt) to deliver now.
+    pub deliver: Vec<(u64, u32)>,
+    /// Offsets that reached the delivery limit: move them to the dead-letter MQ.
+    pub dead: Vec<u64>,
+}
+
+/// Delivery state of one group of one MQ.
+#[derive(Debug)]
+pub struct ConsumerGroup {
+    name: String,
+    /// Next offset never delivered to this group.
+    next: u64,
+    /// Unacknowledged deliveries by offset; acknowledged ones are removed.
+    in_flight: BTreeMap<u64, InFlight>,
+    /// Released deliveries waiting to go out again, oldest first.
+    redeliver: VecDeque<u64>,
+    /// Ack deadlines in delivery order (the timeout is the same for all, so this is sorted).
+    deadlines: VecDeque<(Instant, u64, u32)>,
+    /// Deliveries held per connection, for the in-flight cap and the consumer count.
+    held: HashMap<u64, u32>,
+    /// Connections fetching for this group now.
+    consumers: HashMap<u64, u32>,
+    dead_lettered: u64,
+    redelivered: u64,
+}
+
+impl ConsumerGroup {
+    /// A group whose every offset below `committed` is acknowledged.
+    pub fn new(name: &str, committed: u64) -> ConsumerGroup {
+        ConsumerGroup {
+            name: name.to_owned(),
+            next: committed,
+            in_flight: BTreeMap::new(),
+            redeliver: VecDeque::new(),
+            deadlines: VecDeque::new(),
+            held: HashMap::new(),
+            consumers: HashMap::new(),
+            dead_lettered: 0,
+            redelivered: 0,
+        }
+    }
+
+    /// Every offset below this is acknowledged; this is what is persisted.
+    pub fn committed(&self) -> u64 {
+        self.in_flight.keys().next().copied().unwrap_or(self.next)
+    }
+
+    /// Next offset never delivered.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Deliveries `conn` holds unacknowledged.
+    pub fn held_by(&self, conn: u64) -> u32 {
+        self.held.get(&conn).copied().unwrap_or(0)
+    }
+
+    /// True when released deliveries wait to go out again.
+    pub fn has_redeliveries(&self) -> bool {
+        !self.redeliver.is_empty()
+    }
+
+    /// Records that the records from `self.next()` up to `end` were read for `conn`;
+    /// those in `delivered` (ascending) go out now, the rest (filtered away) count as done.
+    pub fn deliver_new(&mut self, end: u64, delivered: &[u64], conn: u64, deadline: Instant) {
+        debug_assert!(delivered.iter().all(|&o| o >= self.next && o < end));
+        for &offset in delivered {
+            self.in_flight.insert(
+                offset,
+                InFlight {
+                    attempt: 1,
+                    holder: Some(conn),
+                },
+            );
+            self.deadlines.push_back((deadline, offset, 1));
+        }
+        *self.held.entry(conn).or_default() += delivered.len() as u32;
+        self.next = self.next.max(end);
+    }
+
+    /// Takes up to `max` released deliveries for `conn`, raising their attempt. Those whose
+    /// attempts would exceed `max_deliveries` are returned as dead instead (and forgotten).
+    pub fn take_redeliveries(
+        &mut self,
+        max: usize,
+        max_deliveries: u32,
+        conn: u64,
+        deadline: Instant,
+    ) -> Redeliveries {
+        let mut out = Redeliveries::default();
+        while out.deliver.len() < max {
+            let Some(offset) = self.redeliver.pop_front() else {
+                break;
+            };
+            let Some(entry) = self.in_flight.get_mut(&offset) else {
+                continue; // acknowledged after it was released
+            };
+            if entry.holder.is_some() {
+                continue; // already out again
+            }
+            if entry.attempt >= max_deliveries {
+                self.in_flight.remove(&offset);
+                self.dead_lettered += 1;
+                out.dead.push(offset);
+                continue;
+            }
+            entry.attempt += 1;
+            entry.holder = Some(conn);
+            self.redelivered += 1;
+            self.deadlines.push_back((deadline, offset, entry.attempt));
+            out.deliver.push((offset, entry.attempt));
+        }
+        *self.held.entry(conn).or_default() += out.deliver.len() as u32;
+        out
+    }
+
+    /// Acknowledges deliveries; a token for an older attempt than the current one is
+    /// ignored. Returns how many were acknowledged.
+    pub fn ack(&mut self, tokens: &[DeliveryToken]) -> usize {
+        let mut acked = 0;
+        for token in tokens {
+            let current = self.in_flight.get(&token.offset).copied();
+            if let Some(entry) = current.filter(|e| e.attempt == token.attempt) {
+                self.in_flight.remove(&token.offset);
+                if let Some(conn) = entry.holder {
+                    self.unhold(conn, 1);
+                }
+                acked += 1;
+            }
+        }
+        acked
+    }
+
+    /// Releases deliveries for immediate redelivery. Returns how many were released.
+    pub fn nack(&mut self, tokens: &[DeliveryToken]) -> usize {
+        let mut released = 0;
+        for token in tokens {
+            if self.release(token.offset, Some(token.attempt)) {
+                released += 1;
+            }
+        }
+        released
+    }
+
+    /// Releases deliveries whose ack deadline passed. Returns how many.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let mut released = 0;
+        while let Some(&(deadline, offset, attempt)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if self.release(offset, Some(attempt)) {
+                released += 1;
+            }
+        }
+        released
+    }
+
+    /// Marks `conn` as consuming (one more active fetch).
+    pub fn join(&mut self, conn: u64) {
+        *self.consumers.entry(conn).or_default() += 1;
+    }
+
+    /// Releases every delivery `conn` holds and forgets it as a consumer. Returns how many
+    /// deliveries were released.
+    pub fn leave(&mut self, conn: u64) -> usize {
+        self.consumers.remove(&conn);
+        let held: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, e)| e.holder == Some(conn))
+            .map(|(&offset, _)| offset)
+            .collect();
+        for &offset in &held {
+            self.release(offset, None);
+        }
+        held.len()
+    }
+
+    /// Forgets records below `first` (deleted by retention).
+    pub fn truncate_before(&mut self, first: u64) {
+        self.next = self.next.max(first);
+        let kept = self.in_flight.split_off(&first);
+        for (_, entry) in std::mem::replace(&mut self.in_flight, kept) {
+            if let Some(conn) = entry.holder {
+                self.unhold(conn, 1);
+            }
+        }
+    }
+
+    /// A snapshot for `QueryMq`.
+    pub fn info(&self, end: u64) -> GroupInfo {
+        let committed = self.committed();
+        GroupInfo {
+            name: self.name.clone(),
+            committed,
+            next: self.next,
+            in_flight: self.in_flight.len() as u64,
+            lag: end
+                .saturating_sub(committed)
+                .saturating_sub(self.acked_between(committed)),
+            consumers: self.consumers.len() as u32,
+            dead_lettered: self.dead_lettered,
+            redelivered: self.redelivered,
+        }
+    }
+
+    /// Offsets in `[committed, next)` already acknowledged (acked out of order).
+    fn acked_between(&self, committed: u64) -> u64 {
+        (self.next - committed).saturating_sub(self.in_flight.len() as u64)
+    }
+
+    fn release(&mut self, offset: u64, attempt: Option<u32>) -> bool {
+        let Some(entry) = self.in_flight.get_mut(&offset) else {
+            return false;
+        };
+        if attempt.is_some_and(|a| a != entry.attempt) {
+            return false;
+        }
+        let Some(conn) = entry.holder.take() else {
+            return false;
+        };
+        self.unhold(conn, 1);
+        self.redeliver.push_back(offset);
+        true
+    }
+
+    fn unhold(&mut self, conn: u64, n: u32) {
+        if let Some(count) = self.held.get_mut(&conn) {
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                self.held.remove(&conn);
+            }
+        }
+    }
+}
+
+/// The default ack timeout, when neither the MQ nor the broker config sets one.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(offset: u64, attempt: u32) -> DeliveryToken {
+        DeliveryToken { offset, attempt }
+    }
+
+    #[test]
+    fn acks_advance_the_committed_cursor_in_order() {
+        let now = Instant::now();
+        let mut g = ConsumerGroup::new("g", 0);
+        g.deliver_new(3, &[0, 1, 2], 7, now);
+        assert_eq!((g.committed(), g.next(), g.held_by(7)), (0, 3, 3));
+        assert_eq!(g.ack(&[token(1, 1)]), 1);
+        assert_eq!(g.committed(), 0, "a gap at 0 holds the cursor");
+        assert_eq!(g.ack(&[token(0, 1)]), 1);
+        assert_eq!(g.committed(), 2);
+        g.ack(&[token(2, 1)]);
+        assert_eq!((g.committed(), g.held_by(7)), (3, 0));
+    }
+
+    #[test]
+    fn filtered_records_count_as_done() {
+        let mut g = ConsumerGroup::new("g", 10);
+        g.deliver_new(20, &[12], 1, Instant::now());
+        assert_eq!(g.committed(), 12);
+        g.ack(&[token(12, 1)]);
+        assert_eq!(g.committed(), 20);
+    }
+
+    #[test]
+    fn late_ack_of_an_earlier_attempt_is_ignored() {
+        let now = Instant::now();
+        let mut g = ConsumerGroup::new("g", 0);
+        g.deliver_new(1, &[0], 1, now);
+        assert_eq!(g.expire(now), 1);
+        let again = g.take_redeliveries(10, 16, 2, now);
+        assert_eq!(again.deliver, vec![(0, 2)]);
+        assert_eq!(g.ack(&[token(0, 1)]), 0, "stale attempt");
+        assert_eq!(g.committed(), 0);
+        assert_eq!(g.ack(&[token(0, 2)]), 1);
+        assert_eq!(g.committed(), 1);
+    }
+
+    #[test]
+    fn a_closed_connection_releases_its_deliveries_only() {
+        let now = Instant::now();
+        let mut g = ConsumerGroup::new("g", 0);
+        g.deliver_new(2, &[0, 1], 1, now);
+        g.deliver_new(4, &[2, 3], 2, now);
+        g.join(1);
+        g.join(2);
+        assert_eq!(g.leave(1), 2);
+        assert_eq!(g.info(4).consumers, 1);
+        let again = g.take_redeliveries(10, 16, 2, now);
+        assert_eq!(again.deliver, vec![(0, 2), (1, 2)]);
+        assert_eq!(g.held_by(2), 4);
+    }
+
+    #[test]
+    fn deliveries_past_the_limit_go_dead() {
+        let now = Instant::now();
+        let mut g = ConsumerGroup::new("g", 0);
+        g.deliver_new(1, &[0], 1, now);
+        for attempt in 2..=3 {
+            g.nack(&[token(0, attempt - 1)]);
+            assert_eq!(
+                g.take_redeliveries(1, 3, 1, now).deliver,
+                vec![(0, attempt)]
+            );
+        }
+        g.nack(&[token(0, 3)]);
+        let out = g.take_redeliveries(1, 3, 1, now);
+        assert_eq!((out.deliver.len(), out.dead), (0, vec![0]));
+        assert_eq!(g.committed(), 1);
+        assert_eq!(g.info(1).dead_lettered, 1);
+    }
+
+    #[test]
+    fn expiry_respects_deadlines() {
+        let now = Instant::now();
+        let mut g = ConsumerGroup::new("g", 0);
+        g.deliver_new(1, &[0], 1, now + Duration::from_secs(5));
+        assert_eq!(g.expire(now), 0);
+        assert_eq!(g.expire(now + Duration::from_secs(6)), 1);
+        assert!(g.has_redeliveries());
+    }
+
+    #[test]
+    fn retention_drops_deleted_records() {
+        let now = Instant::now();
+        let mut g = ConsumerGroup::new("g", 0);
+        g.deliver_new(5, &[0, 4], 1, now);
+        g.truncate_before(3);
+        assert_eq!((g.committed(), g.held_by(1)), (4, 1));
+        let info = g.info(5);
+        assert_eq!((info.in_flight, info.lag), (1, 1));
+    }
+}

@@ -1,0 +1,70 @@
+//! The embedded broker: a full broker inside the application process, reached through the
+//! same `Broker` handle as a remote one, with frames passed over channels instead of a socket.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use qbus_client::link::{memory_link_pair, Connector, Link};
+use qbus_client::{Broker, ConnectionOptions};
+
+use crate::config::Config;
+use crate::server::{Core, StartError};
+
+/// A broker running in this process.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use qbus_broker::{Config, EmbeddedBroker};
+/// let embedded = EmbeddedBroker::start(Config::with_store("./demo-store")).await?;
+/// let broker = embedded.broker();
+/// broker.create_mq("jobs", Default::default()).await?;
+/// broker.producer("jobs").send("hello").await?;
+/// embedded.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct EmbeddedBroker {
+    core: Arc<Core>,
+}
+
+impl EmbeddedBroker {
+    /// Opens the store in `config.store` and starts the broker (no listener).
+    pub async fn start(config: Config) -> Result<EmbeddedBroker, StartError> {
+        Ok(EmbeddedBroker {
+            core: Arc::new(Core::start(config).await?),
+        })
+    }
+
+    /// A client handle on this broker.
+    pub fn broker(&self) -> Broker {
+        Broker::from_connector(
+            InProcess {
+                core: self.core.clone(),
+            },
+            ConnectionOptions::default(),
+        )
+    }
+
+    /// Stops the broker after syncing what it holds. Client handles fail afterwards.
+    pub async fn shutdown(self) {
+        self.core.shutdown().await;
+    }
+}
+
+struct InProcess {
+    core: Arc<Core>,
+}
+
+impl Connector for InProcess {
+    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Link>> + Send + '_>> {
+        Box::pin(async move {
+            let (client, server) = memory_link_pair();
+            self.core.serve(server, "in-process".into()).await;
+            Ok(client)
+        })
+    }
+
+    fn addr(&self) -> String {
+        "embedded".into()
+    }
+}

@@ -1,0 +1,71 @@
+//! Errors of broker operations, each mapped to a wire status.
+
+use qbus_client::protocol::Status;
+
+use crate::store::StoreError;
+
+/// Why a broker operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The MQ does not exist.
+    #[error("MQ {0:?} does not exist")]
+    NoSuchMq(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The peer holds too much; it must ack first.
+    #[error("{0}")]
+    Overloaded(String),
+    /// Storage failed.
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    /// The broker is stopping.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+impl BrokerError {
+    /// The status code sent to the client.
+    pub fn status(&self) -> Status {
+        match self {
+            BrokerError::NoSuchMq(_) => Status::NotFound,
+            BrokerError::BadRequest(_) => Status::BadRequest,
+            BrokerError::Overloaded(_) => Status::Overloaded,
+            BrokerError::Store(_) => Status::Internal,
+            BrokerError::ShuttingDown => Status::Unavailable,
+        }
+    }
+}
+
+/// Checks an MQ or group name: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with a dot
+/// (names become file names, so nothing else is safe).
+pub fn validate_name(kind: &str, name: &str) -> Result<(), BrokerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(BrokerError::BadRequest(format!(
+            "invalid {kind} name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ - (not starting with '.')"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_name;
+
+    #[test]
+    fn names() {
+        for good in ["orders", "a.b-c_d", "X1"] {
+            assert!(validate_name("MQ", good).is_ok());
+        }
+        for bad in ["", ".hidden", "a/b", "..", "sp ace", &"x".repeat(129)] {
+            assert!(validate_name("MQ", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Group commit: one thread writes every append and cursor update of every MQ, then fsyncs
+//! each touched file once for the whole batch before any of them is acknowledged.
+//!
+//! While the thread is in `fsync`, new requests pile up in its queue and become the next
+//! batch, so the number of fsyncs per second stays near the disk's limit however many
+//! producers there are, and blocking file I/O never runs on the async reactor threads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use qbus_client::protocol::Durability;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::FsyncPolicy;
+use crate::store::{Appended, CursorFile, MqLog, StoreError};
+
+/// Shared handle on an MQ's log; only the commit thread writes through it.
+pub type SharedLog = Arc<Mutex<MqLog>>;
+/// Shared handle on a group's cursor file.
+pub type SharedCursor = Arc<Mutex<CursorFile>>;
+
+/// Most requests taken into one batch.
+const MAX_BATCH: usize = 8192;
+/// Requests that may wait for the commit thread before senders are made to wait.
+const QUEUE: usize = 16 * 1024;
+
+enum Job {
+    Append {
+        log: SharedLog,
+        records: BytesMut,
+        reply: oneshot::Sender<Result<(Appended, Durability), StoreError>>,
+    },
+    Cursor {
+        cursor: SharedCursor,
+        /// Read when the job runs, so a newer value queued behind never loses to an older one.
+        committed: Arc<AtomicU64>,
+        reply: oneshot::Sender<Result<Durability, StoreError>>,
+    },
+    Retain {
+        log: SharedLog,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    /// Flushes everything written so far to disk, then replies.
+    Sync(oneshot::Sender<Result<(), StoreError>>),
+    /// Wakes the thread for a background fsync under `FsyncPolicy::Interval`.
+    Tick,
+    /// Finishes the batch, fsyncs everything and ends the thread.
+    Stop,
+}
+
+/// An append in progress.
+pub struct AppendWait(oneshot::Receiver<Result<(Appended, Durability), StoreError>>);
+
+impl AppendWait {
+    /// Waits for the append to be durable and visible.
+    pub async fn wait(self) -> Result<(Appended, Durability), StoreError> {
+        self.0.await.map_err(|_| stopped())?
+    }
+}
+
+/// Handle on the commit thread. Dropping every handle stops the thread after it has
+/// finished and synced what was queued.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+    policy: FsyncPolicy,
+}
+
+/// The commit thread is gone (the broker is shutting down).
+fn stopped() -> StoreError {
+    StoreError::Io {
+        path: "<commit thread>".into(),
+        source: std::io::Error::other("the broker is shutting down"),
+    }
+}
+
+impl Committer {
+    /// Starts the commit thread (call inside a Tokio runtime).
+    pub fn start(policy: FsyncPolicy) -> std::io::Result<(Committer, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let handle = std::thread::Builder::new()
+            .name("qbus-commit".into())
+            .spawn(move || run(rx, policy))?;
+        if let FsyncPolicy::Interval(every) = policy {
+            // A weak sender, so the ticker does not keep the thread alive after shutdown.
+            let ticker = tx.downgrade();
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval(every);
+                loop {
+                    interval.tick().await;
+                    let Some(tx) = ticker.upgrade() else { return };
+                    if tx.send(Job::Tick).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok((Committer { tx, policy }, handle))
+    }
+
+    /// What an acknowledgement promises under this broker's fsync policy.
+    pub fn durability(&self) -> Durability {
+        durability_of(self.policy)
+    }
+
+    /// Queues whole records for appending (offsets are assigned by the commit thread) and
+    /// returns a receiver that resolves once they are as durable as the policy promises and
+    /// visible to consumers. Queuing order is append order.
+    pub async fn submit_append(
+        &self,
+        log: &SharedLog,
+        records: BytesMut,
+    ) -> Result<AppendWait, StoreError> {
+        let (reply, wait) = oneshot::channel();
+        let job = Job::Append {
+            log: log.clone(),
+            records,
+            reply,
+        };
+        self.tx.send(job).await.map_err(|_| stopped())?;
+        Ok(AppendWait(wait))
+    }
+
+    /// Appends whole records and waits for them (see [`Committer::submit_append`]).
+    pub async fn append(
+        &self,
+        log: &SharedLog,
+        records: BytesMut,
+    ) -> Result<(Appended, Durability), StoreError> {
+        self.submit_append(log, records).await?.wait().await
+    }
+
+    /// Persists a group cursor with the same durability as appends.
+    pub async fn store_cursor(
+        &self,
+        cursor: &SharedCursor,
+        committed: &Arc<AtomicU64>,
+    ) -> Result<Durability, StoreError> {
+        let (reply, wait) = oneshot::channel();
+        let job = Job::Cursor {
+            cursor: cursor.clone(),
+            committed: committed.clone(),
+            reply,
+        };
+        self.tx.send(job).await.map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
+    }
+
+    /// Applies retention to a log; returns its new first offset.
+    pub async fn retain(&self, log: &SharedLog) -> Result<u64, StoreError> {
+        let (reply, wait) = oneshot::channel();
+        let job = Job::Retain {
+            log: log.clone(),
+            reply,
+        };
+        self.tx.send(job).await.map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
+    }
+
+    /// Ends the commit thread after writing and fsyncing everything queued before this call.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Job::Stop).await;
+    }
+
+    /// Waits until everything queued before this call is written and fsynced.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Sync(reply))
+            .await
+            .map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
+    }
+}
+
+fn durability_of(policy: FsyncPolicy) -> Durability {
+    if policy == FsyncPolicy::Always {
+        Durability::Synced
+    } else {
+        Durability::Written
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Files written and not yet fsynced.
+#[derive(Default)]
+struct Dirty {
+    logs: Vec<SharedLog>,
+    cursors: Vec<SharedCursor>,
+}
+
+impl Dirty {
+    fn add_log(&mut self, log: &SharedLog) {
+        if !self.logs.iter().any(|l| Arc::ptr_eq(l, log)) {
+            self.logs.push(log.clone());
+        }
+    }
+
+    fn add_cursor(&mut self, cursor: &SharedCursor) {
+        if !self.cursors.iter().any(|c| Arc::ptr_eq(c, cursor)) {
+            self.cursors.push(cursor.clone());
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        let mut first_error = None;
+        for log in self.logs.drain(..) {
+            if let Err(e) = log.lock().expect("log lock poisoned").sync() {
+                first_error.get_or_insert(e);
+            }
+        }
+        for cursor in self.cursors.drain(..) {
+            if let Err(e) = cursor.lock().expect("cursor lock poisoned").sync() {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+enum Done {
+    Append(
+        oneshot::Sender<Result<(Appended, Durability), StoreError>>,
+        Result<Appended, StoreError>,
+    ),
+    Cursor(
+        oneshot::Sender<Result<Durability, StoreError>>,
+        Result<(), StoreError>,
+    ),
+    Sync(oneshot::Sender<Result<(), StoreError>>),
+}
+
+fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut done = Vec::with_capacity(MAX_BATCH);
+    let mut dirty = Dirty::default();
+    let mut touched: Vec<SharedLog> = Vec::new();
+    let mut last_sync = std::time::Instant::now();
+    loop {
+        if rx.blocking_recv_many(&mut batch, MAX_BATCH) == 0 {
+            break;
+        }
+        let now = now_ms();
+        let mut stop = false;
+        for job in batch.drain(..) {
+            match job {
+                Job::Append {
+                    log,
+                    mut records,
+                    reply,
+                } => {
+                    let result = log
+                        .lock()
+                        .expect("log lock poisoned")
+                        .append(&mut records, now);
+                    if result.is_ok() {
+                        dirty.add_log(&log);
+                        if !touched.iter().any(|l| Arc::ptr_eq(l, &log)) {
+                            touched.push(log);
+                        }
+                    }
+                    done.push(Done::Append(reply, result));
+                }
+                Job::Cursor {
+                    cursor,
+                    committed,
+                    reply,
+                } => {
+                    let result = cursor
+                        .lock()
+                        .expect("cursor lock poisoned")
+                        .store(committed.load(Ordering::Acquire));
+                    if result.is_ok() {
+                        dirty.add_cursor(&cursor);
+                    }
+                    done.push(Done::Cursor(reply, result));
+                }
+                Job::Retain { log, reply } => {
+                    let result = log
+                        .lock()
+                        .expect("log lock poisoned")
+                        .enforce_retention(now);
+                    let _ = reply.send(result);
+                }
+                Job::Sync(reply) => done.push(Done::Sync(reply)),
+                Job::Tick => {}
+                Job::Stop => stop = true,
+            }
+        }
+        let must_sync = match policy {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(every) => last_sync.elapsed() >= every,
+            FsyncPolicy::Never => false,
+        } || stop
+            || done.iter().any(|d| matches!(d, Done::Sync(_)));
+        let mut sync_result = Ok(());
+        if must_sync {
+            sync_result = dirty.sync();
+            last_sync = std::time::Instant::now();
+            if let Err(e) = &sync_result {
+                tracing::error!(error = %e, "fsync failed");
+            }
+        }
+        for log in touched.drain(..) {
+            log.lock().expect("log lock poisoned").publish();
+        }
+        let durability = durability_of(policy);
+        let synced = || sync_result.as_ref().map(|_| ()).map_err(clone_error);
+        for item in done.drain(..) {
+            match item {
+                Done::Append(reply, result) => {
+                    let result =
+                        result.and_then(|appended| synced().map(|_| (appended, durability)));
+                    let _ = reply.send(result);
+                }
+                Done::Cursor(reply, result) => {
+                    let _ = reply.send(result.and_then(|_| synced().map(|_| durability)));
+                }
+                Done::Sync(reply) => {
+                    let _ = reply.send(synced());
+                }
+            }
+        }
+        if stop {
+            // Jobs queued behind the stop fail with "shutting down" when `rx` drops.
+            return;
+        }
+    }
+    if let Err(e) = dirty.sync() {
+        tracing::error!(error = %e, "final fsync failed");
+    }
+}
+
+/// Store errors hold an `io::Error`, which is not `Clone`; every waiter of a failed fsync
+/// gets the same message.
+fn clone_error(e: &StoreError) -> StoreError {
+    StoreError::Io {
+        path: "<fsync>".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}

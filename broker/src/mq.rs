@@ -1,0 +1,490 @@
+//! One MQ: its log, its consumer groups, and the fetch/ack logic that joins them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use qbus_client::protocol::record::records;
+use qbus_client::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
+use tokio::sync::Notify;
+
+use crate::consumer_group::ConsumerGroup;
+use crate::error::{validate_name, BrokerError};
+use crate::group_commit::{Committer, SharedCursor, SharedLog};
+use crate::store::{CursorFile, LogConfig, LogReader, MqLog, ReadPos, StoreError};
+
+const OPTIONS_FILE: &str = "mq.options";
+const GROUPS_DIR: &str = "groups";
+const CURSOR_SUFFIX: &str = ".cursor";
+/// Most bytes of records put in one fetch reply.
+pub const MAX_FETCH_BYTES: usize = 1 << 20;
+
+/// Where a group created by a fetch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Oldest retained record.
+    Earliest,
+    /// The end: only records produced from now on.
+    Latest,
+    /// A given offset (clamped to what is retained).
+    Offset(u64),
+}
+
+/// Options with the broker's defaults applied.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Redeliver after this.
+    pub ack_timeout: Duration,
+    /// Dead-letter after this many deliveries.
+    pub max_deliveries: u32,
+    /// Unacknowledged deliveries per connection and group.
+    pub max_in_flight: u32,
+}
+
+/// A consumer group with its persistence and wake-ups.
+pub struct Group {
+    state: Mutex<ConsumerGroup>,
+    cursor: SharedCursor,
+    /// Highest committed offset handed to the commit thread.
+    persisted: Arc<AtomicU64>,
+    /// Serialises reads of new records so two consumers never get the same batch; holds
+    /// the file position of `next` so sequential reads skip the index.
+    read_pos: tokio::sync::Mutex<Option<ReadPos>>,
+    /// Signalled when deliveries are released or acknowledged.
+    changed: Notify,
+}
+
+impl Group {
+    fn new(name: &str, committed: u64, cursor: CursorFile) -> Arc<Group> {
+        Arc::new(Group {
+            state: Mutex::new(ConsumerGroup::new(name, committed)),
+            cursor: Arc::new(Mutex::new(cursor)),
+            persisted: Arc::new(AtomicU64::new(committed)),
+            read_pos: tokio::sync::Mutex::new(None),
+            changed: Notify::new(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ConsumerGroup> {
+        self.state.lock().expect("group state poisoned")
+    }
+}
+
+/// Records handed out by one fetch.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// Whole records back to back.
+    pub body: Bytes,
+    /// Delivery attempt of each record, in order.
+    pub attempts: Vec<u32>,
+    /// Offsets that reached the delivery limit and must be dead-lettered by the caller.
+    pub dead: Vec<u64>,
+}
+
+/// One MQ.
+pub struct Mq {
+    name: String,
+    dir: PathBuf,
+    options: MqOptions,
+    limits: Limits,
+    log: SharedLog,
+    reader: LogReader,
+    groups: Mutex<HashMap<String, Arc<Group>>>,
+}
+
+impl Mq {
+    /// Opens (or creates, writing `options`) the MQ stored in `dir`. Blocking.
+    pub fn open(
+        name: &str,
+        dir: &Path,
+        options: Option<MqOptions>,
+        log_config: LogConfig,
+        defaults: &Limits,
+    ) -> Result<Mq, StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir.join(GROUPS_DIR)).map_err(io(dir))?;
+        let options_path = dir.join(OPTIONS_FILE);
+        let options = match options {
+            Some(options) => {
+                let bytes = rmp_serde::to_vec_named(&options)
+                    .map_err(|e| io(&options_path)(std::io::Error::other(e)))?;
+                std::fs::write(&options_path, bytes).map_err(io(&options_path))?;
+                options
+            }
+            None => match std::fs::read(&options_path) {
+                Ok(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
+                    tracing::warn!(file = %options_path.display(), error = %e, "unreadable MQ options, using defaults");
+                    MqOptions::default()
+                }),
+                Err(_) => MqOptions::default(),
+            },
+        };
+        let limits = Limits {
+            ack_timeout: options
+                .ack_timeout_ms
+                .map_or(defaults.ack_timeout, Duration::from_millis),
+            max_deliveries: options
+                .max_deliveries
+                .unwrap_or(defaults.max_deliveries)
+                .max(1),
+            max_in_flight: defaults.max_in_flight,
+        };
+        let (log, reader) = MqLog::open(dir, log_config)?;
+        let mut groups = HashMap::new();
+        let groups_dir = dir.join(GROUPS_DIR);
+        for entry in std::fs::read_dir(&groups_dir).map_err(io(&groups_dir))? {
+            let path = entry.map_err(io(&groups_dir))?.path();
+            let Some(group) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(CURSOR_SUFFIX))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            let (cursor, committed) = CursorFile::open(&path)?;
+            let committed = committed
+                .unwrap_or(0)
+                .clamp(reader.first_offset(), reader.end_offset());
+            groups.insert(group.clone(), Group::new(&group, committed, cursor));
+        }
+        Ok(Mq {
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+            options,
+            limits,
+            log: Arc::new(Mutex::new(log)),
+            reader,
+            groups: Mutex::new(groups),
+        })
+    }
+
+    /// The MQ's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The options it was created with.
+    pub fn options(&self) -> &MqOptions {
+        &self.options
+    }
+
+    /// The log, for the commit thread.
+    pub fn log(&self) -> &SharedLog {
+        &self.log
+    }
+
+    /// The read side of the log.
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// Appends whole, verified records.
+    pub async fn append(
+        &self,
+        committer: &Committer,
+        records: BytesMut,
+    ) -> Result<(crate::store::Appended, Durability), BrokerError> {
+        Ok(committer.append(&self.log, records).await?)
+    }
+
+    /// The group `name`, created at `start` if new.
+    pub async fn group(
+        &self,
+        committer: &Committer,
+        name: &str,
+        start: Start,
+    ) -> Result<Arc<Group>, BrokerError> {
+        if let Some(group) = self.groups.lock().expect("groups poisoned").get(name) {
+            return Ok(group.clone());
+        }
+        validate_name("group", name)?;
+        let committed = match start {
+            Start::Earliest => self.reader.first_offset(),
+            Start::Latest => self.reader.end_offset(),
+            Start::Offset(offset) => {
+                offset.clamp(self.reader.first_offset(), self.reader.end_offset())
+            }
+        };
+        let path = self
+            .dir
+            .join(GROUPS_DIR)
+            .join(format!("{name}{CURSOR_SUFFIX}"));
+        let (cursor, _) = tokio::task::spawn_blocking(move || CursorFile::open(&path))
+            .await
+            .map_err(|e| BrokerError::BadRequest(format!("group creation failed: {e}")))??;
+        let group = {
+            let mut groups = self.groups.lock().expect("groups poisoned");
+            groups
+                .entry(name.to_owned())
+                .or_insert_with(|| Group::new(name, committed, cursor))
+                .clone()
+        };
+        group
+            .persisted
+            .fetch_max(group.state().committed(), Ordering::AcqRel);
+        committer
+            .store_cursor(&group.cursor, &group.persisted)
+            .await?;
+        Ok(group)
+    }
+
+    /// Hands out up to `count` records to connection `conn`: released deliveries first,
+    /// then new records (with `tag`, when a filter is given). Waits up to `wait` for one.
+    pub async fn fetch(
+        &self,
+        group: &Group,
+        conn: u64,
+        count: usize,
+        tag: Option<&str>,
+        wait: Duration,
+    ) -> Result<Fetched, BrokerError> {
+        let give_up = tokio::time::Instant::now() + wait;
+        let mut end = self.reader.subscribe_end();
+        group.state().join(conn);
+        loop {
+            let changed = group.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            end.borrow_and_update();
+
+            let ack_deadline = Instant::now() + self.limits.ack_timeout;
+            let (room, redo) = {
+                let mut state = group.state();
+                let room = (self
+                    .limits
+                    .max_in_flight
+                    .saturating_sub(state.held_by(conn)) as usize)
+                    .min(count);
+                let redo = if room > 0 && state.has_redeliveries() {
+                    state.take_redeliveries(room, self.limits.max_deliveries, conn, ack_deadline)
+                } else {
+                    Default::default()
+                };
+                (room, redo)
+            };
+            if !redo.deliver.is_empty() || !redo.dead.is_empty() {
+                let mut fetched = self.read_offsets(&redo.deliver).await?;
+                fetched.dead = redo.dead;
+                return Ok(fetched);
+            }
+            if room > 0 {
+                if let Some(fetched) = self.fetch_new(group, conn, room, tag, ack_deadline).await? {
+                    return Ok(fetched);
+                }
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = end.changed() => {}
+                _ = tokio::time::sleep_until(give_up) => return Ok(Fetched::default()),
+            }
+        }
+    }
+
+    /// Reads new records for `group`; `None` when there are none (or all were filtered out
+    /// and nothing more is there).
+    async fn fetch_new(
+        &self,
+        group: &Group,
+        conn: u64,
+        room: usize,
+        tag: Option<&str>,
+        ack_deadline: Instant,
+    ) -> Result<Option<Fetched>, BrokerError> {
+        let mut read_pos = group.read_pos.lock().await;
+        loop {
+            let from = group.state().next();
+            if from >= self.reader.end_offset() {
+                return Ok(None);
+            }
+            let reader = self.reader.clone();
+            let hint = *read_pos;
+            let batch =
+                tokio::task::spawn_blocking(move || reader.read(from, hint, room, MAX_FETCH_BYTES))
+                    .await
+                    .map_err(|e| BrokerError::BadRequest(format!("read task failed: {e}")))??;
+            *read_pos = Some(batch.next_pos);
+            let mut offsets = Vec::with_capacity(batch.count);
+            let body = match tag {
+                None => {
+                    for record in records(&batch.data) {
+                        offsets.push(record.map_err(|e| corrupt(self, e))?.offset);
+                    }
+                    batch.data
+                }
+                Some(tag) => {
+                    let mut kept = BytesMut::new();
+                    let mut at = 0;
+                    for record in records(&batch.data) {
+                        let record = record.map_err(|e| corrupt(self, e))?;
+                        if record.tag == Some(tag) {
+                            offsets.push(record.offset);
+                            kept.extend_from_slice(&batch.data[at..at + record.size]);
+                        }
+                        at += record.size;
+                    }
+                    kept.freeze()
+                }
+            };
+            group
+                .state()
+                .deliver_new(batch.next_offset, &offsets, conn, ack_deadline);
+            if !offsets.is_empty() {
+                return Ok(Some(Fetched {
+                    body,
+                    attempts: vec![1; offsets.len()],
+                    dead: Vec::new(),
+                }));
+            }
+            if batch.count == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads the records at `offsets` (redeliveries), each with its attempt.
+    async fn read_offsets(&self, offsets: &[(u64, u32)]) -> Result<Fetched, BrokerError> {
+        let reader = self.reader.clone();
+        let wanted = offsets.to_vec();
+        let body = tokio::task::spawn_blocking(move || -> Result<BytesMut, StoreError> {
+            let mut body = BytesMut::new();
+            for (offset, _) in wanted {
+                let batch = reader.read(offset, None, 1, 1)?;
+                body.extend_from_slice(&batch.data);
+            }
+            Ok(body)
+        })
+        .await
+        .map_err(|e| BrokerError::BadRequest(format!("read task failed: {e}")))??;
+        Ok(Fetched {
+            body: body.freeze(),
+            attempts: offsets.iter().map(|&(_, attempt)| attempt).collect(),
+            dead: Vec::new(),
+        })
+    }
+
+    /// Reads single records, for dead-lettering.
+    pub async fn read_records(&self, offsets: &[u64]) -> Result<BytesMut, BrokerError> {
+        let pairs: Vec<(u64, u32)> = offsets.iter().map(|&o| (o, 0)).collect();
+        Ok(self.read_offsets(&pairs).await?.body.into())
+    }
+
+    /// Acknowledges deliveries and persists the group's cursor if it moved. Returns how
+    /// many were acknowledged and the durability of the cursor.
+    pub async fn ack(
+        &self,
+        committer: &Committer,
+        group: &Group,
+        tokens: &[DeliveryToken],
+    ) -> Result<(usize, Durability), BrokerError> {
+        let (acked, committed) = {
+            let mut state = group.state();
+            let acked = state.ack(tokens);
+            (acked, state.committed())
+        };
+        if acked > 0 {
+            group.changed.notify_waiters();
+        }
+        let durability = if group.persisted.fetch_max(committed, Ordering::AcqRel) < committed {
+            committer
+                .store_cursor(&group.cursor, &group.persisted)
+                .await?
+        } else {
+            committer.durability()
+        };
+        Ok((acked, durability))
+    }
+
+    /// Releases deliveries for immediate redelivery.
+    pub fn nack(&self, group: &Group, tokens: &[DeliveryToken]) -> usize {
+        let released = group.state().nack(tokens);
+        if released > 0 {
+            group.changed.notify_waiters();
+        }
+        released
+    }
+
+    /// An existing group.
+    pub fn existing_group(&self, name: &str) -> Option<Arc<Group>> {
+        self.groups
+            .lock()
+            .expect("groups poisoned")
+            .get(name)
+            .cloned()
+    }
+
+    /// Releases everything connection `conn` holds in any group.
+    pub fn disconnect(&self, conn: u64) {
+        for group in self.groups.lock().expect("groups poisoned").values() {
+            if group.state().leave(conn) > 0 {
+                group.changed.notify_waiters();
+            }
+        }
+    }
+
+    /// Releases deliveries past their ack deadline and drops records lost to retention.
+    pub fn sweep(&self, now: Instant) {
+        let first = self.reader.first_offset();
+        for group in self.groups.lock().expect("groups poisoned").values() {
+            let mut state = group.state();
+            state.truncate_before(first);
+            if state.expire(now) > 0 {
+                drop(state);
+                group.changed.notify_waiters();
+            }
+        }
+    }
+
+    /// A description for `QueryMq`.
+    pub fn info(&self) -> MqInfo {
+        let end = self.reader.end_offset();
+        let mut groups: Vec<_> = self
+            .groups
+            .lock()
+            .expect("groups poisoned")
+            .values()
+            .map(|g| g.state().info(end))
+            .collect();
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        MqInfo {
+            name: self.name.clone(),
+            first_offset: self.reader.first_offset(),
+            next_offset: end,
+            size_bytes: self.reader.size_bytes(),
+            segments: self.reader.segment_count(),
+            options: MqOptions {
+                ack_timeout_ms: Some(self.limits.ack_timeout.as_millis() as u64),
+                max_deliveries: Some(self.limits.max_deliveries),
+                dead_letter_mq: Some(self.dead_letter_mq()),
+            },
+            groups,
+        }
+    }
+
+    /// Where records go after too many deliveries.
+    pub fn dead_letter_mq(&self) -> String {
+        self.options
+            .dead_letter_mq
+            .clone()
+            .unwrap_or_else(|| format!("{}.DLQ", self.name))
+    }
+}
+
+fn corrupt(mq: &Mq, e: qbus_client::protocol::record::RecordError) -> BrokerError {
+    BrokerError::Store(StoreError::Corrupt {
+        file: mq.dir.clone(),
+        position: 0,
+        reason: e,
+    })
+}

@@ -1,0 +1,222 @@
+//! The set of MQs in a store directory: opening them at start, creating, removing, and the
+//! periodic sweep for ack timeouts and retention.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use qbus_client::protocol::MqOptions;
+
+use crate::config::Config;
+use crate::error::{validate_name, BrokerError};
+use crate::group_commit::Committer;
+use crate::mq::{Limits, Mq};
+use crate::store::{LogConfig, StoreError, StoreLock};
+
+/// Every MQ of one broker.
+pub struct Registry {
+    config: Config,
+    committer: Committer,
+    mqs: RwLock<HashMap<String, Arc<Mq>>>,
+    /// Serialises create and remove so two creators never open one directory twice.
+    admin: tokio::sync::Mutex<()>,
+    next_conn: AtomicU64,
+    started: Instant,
+    _lock: StoreLock,
+}
+
+impl Registry {
+    /// Locks the store directory and opens every MQ in it. Blocking.
+    pub fn open(config: Config, committer: Committer) -> Result<Registry, StoreError> {
+        let lock = StoreLock::acquire(&config.store)?;
+        let started = Instant::now();
+        let mut mqs = HashMap::new();
+        let io = |source| StoreError::Io {
+            path: config.store.clone(),
+            source,
+        };
+        for entry in std::fs::read_dir(&config.store).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !entry.path().is_dir() || validate_name("MQ", &name).is_err() {
+                continue;
+            }
+            let mq = Mq::open(
+                &name,
+                &entry.path(),
+                None,
+                log_config(&config),
+                &limits(&config),
+            )?;
+            mqs.insert(name, Arc::new(mq));
+        }
+        tracing::info!(
+            store = %config.store.display(),
+            mqs = mqs.len(),
+            took = ?started.elapsed(),
+            "store opened"
+        );
+        Ok(Registry {
+            config,
+            committer,
+            mqs: RwLock::new(mqs),
+            admin: tokio::sync::Mutex::new(()),
+            next_conn: AtomicU64::new(1),
+            started,
+            _lock: lock,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The commit thread.
+    pub fn committer(&self) -> &Committer {
+        &self.committer
+    }
+
+    /// When the broker started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// A fresh connection id.
+    pub fn connection_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The MQ `name`.
+    pub fn get(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
+        self.mqs
+            .read()
+            .expect("mq table poisoned")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))
+    }
+
+    /// Every MQ, sorted by name.
+    pub fn list(&self) -> Vec<Arc<Mq>> {
+        let mut all: Vec<_> = self
+            .mqs
+            .read()
+            .expect("mq table poisoned")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    /// Creates `name`, or returns it if it exists.
+    pub async fn create(&self, name: &str, options: MqOptions) -> Result<Arc<Mq>, BrokerError> {
+        validate_name("MQ", name)?;
+        if let Some(dlq) = &options.dead_letter_mq {
+            validate_name("dead-letter MQ", dlq)?;
+        }
+        let _admin = self.admin.lock().await;
+        if let Ok(mq) = self.get(name) {
+            return Ok(mq);
+        }
+        let dir = self.config.store.join(name);
+        let (log_config, limits) = (log_config(&self.config), limits(&self.config));
+        let owned = name.to_owned();
+        let mq = tokio::task::spawn_blocking(move || {
+            Mq::open(&owned, &dir, Some(options), log_config, &limits)
+        })
+        .await
+        .map_err(|e| BrokerError::BadRequest(format!("create failed: {e}")))??;
+        let mq = Arc::new(mq);
+        self.mqs
+            .write()
+            .expect("mq table poisoned")
+            .insert(name.to_owned(), mq.clone());
+        tracing::info!(mq = name, "MQ created");
+        Ok(mq)
+    }
+
+    /// Deletes `name` with its data.
+    pub async fn remove(&self, name: &str) -> Result<(), BrokerError> {
+        let _admin = self.admin.lock().await;
+        let mq = self
+            .mqs
+            .write()
+            .expect("mq table poisoned")
+            .remove(name)
+            .ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))?;
+        // Let appends already queued finish before the files go.
+        self.committer.sync().await?;
+        let dir = mq.dir().to_owned();
+        tokio::task::spawn_blocking(move || {
+            std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })
+        })
+        .await
+        .map_err(|e| BrokerError::BadRequest(format!("remove failed: {e}")))??;
+        tracing::info!(mq = name, "MQ removed");
+        Ok(())
+    }
+
+    /// Moves records that reached their delivery limit to the MQ's dead-letter MQ.
+    pub async fn dead_letter(&self, mq: &Mq, offsets: &[u64]) -> Result<(), BrokerError> {
+        let records = mq.read_records(offsets).await?;
+        let dlq = self
+            .create(&mq.dead_letter_mq(), MqOptions::default())
+            .await?;
+        dlq.append(&self.committer, records).await?;
+        tracing::info!(
+            mq = mq.name(),
+            dlq = dlq.name(),
+            count = offsets.len(),
+            "dead-lettered"
+        );
+        Ok(())
+    }
+
+    /// Releases the deliveries of a closed connection.
+    pub fn disconnect(&self, conn: u64) {
+        for mq in self.list() {
+            mq.disconnect(conn);
+        }
+    }
+
+    /// Releases expired deliveries everywhere.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for mq in self.list() {
+            mq.sweep(now);
+        }
+    }
+
+    /// Applies retention to every MQ.
+    pub async fn retain(&self) {
+        if self.config.retention_size.is_none() && self.config.retention_age.is_none() {
+            return;
+        }
+        for mq in self.list() {
+            if let Err(e) = self.committer.retain(mq.log()).await {
+                tracing::warn!(mq = mq.name(), error = %e, "retention failed");
+            }
+        }
+    }
+}
+
+fn log_config(config: &Config) -> LogConfig {
+    LogConfig {
+        segment_bytes: config.segment_size,
+        retention_bytes: config.retention_size,
+        retention_ms: config.retention_age.map(|d| d.as_millis() as u64),
+    }
+}
+
+fn limits(config: &Config) -> Limits {
+    Limits {
+        ack_timeout: config.ack_timeout,
+        max_deliveries: config.max_deliveries,
+        max_in_flight: config.max_in_flight,
+    }
+}

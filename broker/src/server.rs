@@ -1,0 +1,160 @@
+//! Starting and stopping a broker: the store, the commit thread, the background sweeper, and
+//! the TCP accept loop. The embedded broker uses the same [`Core`] without a socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qbus_client::link::{tcp_link, Link};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::group_commit::Committer;
+use crate::registry::Registry;
+use crate::session;
+use crate::store::StoreError;
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened (locked by another broker, unreadable, corrupt).
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The listen address is unusable.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start the commit thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A running broker without its listener: store, commit thread and sweeper.
+pub struct Core {
+    registry: Arc<Registry>,
+    commit_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    shutdown: CancellationToken,
+    sessions: tokio::sync::Mutex<JoinSet<()>>,
+}
+
+impl Core {
+    /// Opens the store and starts the background work. Call inside a Tokio runtime.
+    pub async fn start(config: Config) -> Result<Core, StartError> {
+        let (committer, commit_thread) =
+            Committer::start(config.fsync).map_err(StartError::Thread)?;
+        let registry = tokio::task::spawn_blocking(move || Registry::open(config, committer))
+            .await
+            .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
+        let registry = Arc::new(registry);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(sweep(registry.clone(), shutdown.clone()));
+        Ok(Core {
+            registry,
+            commit_thread: std::sync::Mutex::new(Some(commit_thread)),
+            shutdown,
+            sessions: tokio::sync::Mutex::new(JoinSet::new()),
+        })
+    }
+
+    /// The broker's MQs.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Serves one client link in the background.
+    pub async fn serve(&self, link: Link, peer: String) {
+        let session = session::serve(
+            self.registry.clone(),
+            link,
+            peer,
+            self.shutdown.child_token(),
+        );
+        let mut sessions = self.sessions.lock().await;
+        while sessions.try_join_next().is_some() {}
+        sessions.spawn(session);
+    }
+
+    /// Closes every session, writes and fsyncs what is queued, and stops the commit thread.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let mut sessions = std::mem::take(&mut *self.sessions.lock().await);
+        if tokio::time::timeout(Duration::from_secs(5), async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            sessions.abort_all();
+        }
+        self.registry.committer().stop().await;
+        let thread = self
+            .commit_thread
+            .lock()
+            .expect("thread slot poisoned")
+            .take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        tracing::info!("broker stopped");
+    }
+}
+
+/// Redelivers expired deliveries and applies retention in the background.
+async fn sweep(registry: Arc<Registry>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        registry.sweep();
+        ticks += 1;
+        if ticks % 50 == 0 {
+            registry.retain().await;
+        }
+    }
+}
+
+/// Binds the configured address.
+pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })
+}
+
+/// Runs a broker on `listener` until `shutdown` fires, then stops cleanly.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let max_frame = config.max_frame;
+    let core = Core::start(config).await?;
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "broker listening");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => core.serve(tcp_link(stream, max_frame), peer.to_string()).await,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    drop(listener);
+    core.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,379 @@
+//! One client session: reads request frames from a link, runs them, writes replies. The
+//! same code serves TCP connections and in-process (embedded) clients.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use qbus_client::link::Link;
+use qbus_client::protocol::record::records;
+use qbus_client::protocol::{
+    Command, Frame, Header, MqOptions, ServerInfo, Status, WireError, FLAG_ONEWAY,
+    FLAG_START_AT_END, FLAG_START_AT_OFFSET, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::BrokerError;
+use crate::group_commit::AppendWait;
+use crate::mq::Start;
+use crate::registry::Registry;
+
+/// Long polls one connection may have waiting at once.
+const MAX_FETCHES: usize = 64;
+/// Produce replies waiting for the disk per connection; more makes the reader wait.
+const PRODUCE_PIPELINE: usize = 4096;
+/// Longest long-poll a client may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// A connection silent this long is closed (clients heartbeat every 5 s by default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Session {
+    registry: Arc<Registry>,
+    conn: u64,
+    out: mpsc::Sender<Frame>,
+    produced: mpsc::Sender<(Header, AppendWait)>,
+    fetches: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+    /// Groups this connection consumed from, to release its deliveries when it closes.
+    consumed: HashSet<String>,
+}
+
+/// Serves one link until the peer closes it, it fails, or `shutdown` fires.
+pub async fn serve(registry: Arc<Registry>, link: Link, peer: String, shutdown: CancellationToken) {
+    let conn = registry.connection_id();
+    let span = tracing::info_span!("session", conn, %peer);
+    run(registry, link, conn, shutdown).instrument(span).await
+}
+
+async fn run(registry: Arc<Registry>, link: Link, conn: u64, shutdown: CancellationToken) {
+    tracing::debug!("session opened");
+    let Link {
+        tx: out,
+        rx: mut inbound,
+    } = link;
+    let (produced, pending) = mpsc::channel(PRODUCE_PIPELINE);
+    let mut session = Session {
+        registry: registry.clone(),
+        conn,
+        out: out.clone(),
+        produced,
+        fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
+        tasks: JoinSet::new(),
+        consumed: HashSet::new(),
+    };
+    let replier = tokio::spawn(reply_in_order(pending, out.clone()));
+    loop {
+        let item = tokio::select! {
+            item = tokio::time::timeout(IDLE_TIMEOUT, inbound.next()) => item,
+            _ = shutdown.cancelled() => break,
+        };
+        match item {
+            Ok(Some(Ok(frame))) => session.handle(frame).await,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "closing connection after bad input");
+                let status = match e {
+                    WireError::FrameTooLarge { .. } => Status::TooLarge,
+                    _ => Status::BadRequest,
+                };
+                let _ = out
+                    .send(Frame::new(Header::error(
+                        Command::Hello,
+                        0,
+                        status,
+                        e.to_string(),
+                    )))
+                    .await;
+                break;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                tracing::info!(idle = ?IDLE_TIMEOUT, "closing idle connection");
+                break;
+            }
+        }
+        // Reap finished request tasks so the set does not grow.
+        while session.tasks.try_join_next().is_some() {}
+    }
+    session.tasks.shutdown().await;
+    drop(session.produced);
+    let _ = replier.await;
+    if !session.consumed.is_empty() {
+        registry.disconnect(conn);
+    }
+    tracing::debug!("session closed");
+}
+
+/// Sends produce receipts in the order the produces arrived, as the disk confirms them.
+async fn reply_in_order(
+    mut pending: mpsc::Receiver<(Header, AppendWait)>,
+    out: mpsc::Sender<Frame>,
+) {
+    while let Some((request, wait)) = pending.recv().await {
+        let oneway = request.has_flag(FLAG_ONEWAY);
+        let header = match wait.wait().await {
+            Ok((appended, durability)) => {
+                let mut header = Header::reply_to(&request);
+                header.offset = Some(appended.first_offset);
+                header.count = Some(appended.count as u32);
+                header.durability = Some(durability);
+                header
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "append failed");
+                error_header(&request, &BrokerError::Store(e))
+            }
+        };
+        if !oneway && out.send(Frame::new(header)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn error_header(request: &Header, e: &BrokerError) -> Header {
+    Header::error(request.cmd, request.id, e.status(), e.to_string())
+}
+
+fn required<'a>(value: &'a Option<String>, what: &str) -> Result<&'a str, BrokerError> {
+    value
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest(format!("missing {what}")))
+}
+
+impl Session {
+    async fn handle(&mut self, frame: Frame) {
+        let header = &frame.header;
+        if header.is_reply() {
+            tracing::debug!(cmd = ?header.cmd, "ignoring a reply frame from a client");
+            return;
+        }
+        let result = match header.cmd {
+            Command::Hello => self.hello(&frame.header).await,
+            Command::Heartbeat => {
+                self.reply(Frame::new(Header::reply_to(&frame.header)))
+                    .await
+            }
+            Command::Produce => self.produce(frame).await,
+            Command::Fetch => self.fetch(frame.header),
+            Command::Ack | Command::Nack => self.settle(frame.header),
+            Command::CreateMq | Command::QueryMq | Command::ListMq | Command::RemoveMq => {
+                self.admin(frame);
+                Ok(())
+            }
+            Command::Unknown(code) => {
+                let header = Header::error(
+                    header.cmd,
+                    header.id,
+                    Status::UnknownCommand,
+                    format!(
+                        "unknown command {code} (this broker speaks protocol {PROTOCOL_VERSION})"
+                    ),
+                );
+                self.reply(Frame::new(header)).await
+            }
+        };
+        if let Err((request, e)) = result {
+            let _ = self.out.send(Frame::new(error_header(&request, &e))).await;
+        }
+    }
+
+    async fn reply(&self, frame: Frame) -> Result<(), (Header, BrokerError)> {
+        let _ = self.out.send(frame).await;
+        Ok(())
+    }
+
+    async fn hello(&self, request: &Header) -> Result<(), (Header, BrokerError)> {
+        let info = ServerInfo {
+            protocol: PROTOCOL_VERSION,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            max_frame: self.registry.config().max_frame as u64,
+        };
+        let body = rmp_serde::to_vec_named(&info).unwrap_or_default();
+        self.reply(Frame::with_body(Header::reply_to(request), body.into()))
+            .await
+    }
+
+    async fn produce(&mut self, frame: Frame) -> Result<(), (Header, BrokerError)> {
+        let Frame { header, body } = frame;
+        let checked = (|| {
+            let mq = self.registry.get(required(&header.mq, "mq")?)?;
+            let mut count = 0u32;
+            for record in records(&body) {
+                record.map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
+                count += 1;
+            }
+            if count == 0 {
+                return Err(BrokerError::BadRequest("produce without records".into()));
+            }
+            if header.count.is_some_and(|c| c != count) {
+                return Err(BrokerError::BadRequest(format!(
+                    "header says {} records, body holds {count}",
+                    header.count.unwrap_or_default()
+                )));
+            }
+            Ok(mq)
+        })();
+        let mq = match checked {
+            Ok(mq) => mq,
+            Err(e) if header.has_flag(FLAG_ONEWAY) => {
+                tracing::warn!(error = %e, "dropping bad one-way produce");
+                return Ok(());
+            }
+            Err(e) => return Err((header, e)),
+        };
+        let wait = match self
+            .registry
+            .committer()
+            .submit_append(mq.log(), BytesMut::from(body))
+            .await
+        {
+            Ok(wait) => wait,
+            Err(e) => return Err((header, e.into())),
+        };
+        let _ = self.produced.send((header, wait)).await;
+        Ok(())
+    }
+
+    fn fetch(&mut self, request: Header) -> Result<(), (Header, BrokerError)> {
+        let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
+            let e = BrokerError::Overloaded(format!(
+                "more than {MAX_FETCHES} fetches waiting on one connection"
+            ));
+            return Err((request, e));
+        };
+        let (mq, group) = match (required(&request.mq, "mq"), &request.group) {
+            (Ok(mq), Some(group)) => (mq.to_owned(), group.clone()),
+            (Ok(mq), None) => (mq.to_owned(), mq.to_owned()),
+            (Err(e), _) => return Err((request, e)),
+        };
+        self.consumed.insert(mq.clone());
+        let registry = self.registry.clone();
+        let out = self.out.clone();
+        let conn = self.conn;
+        self.tasks.spawn(async move {
+            let _permit = permit;
+            let reply = match fetch(&registry, conn, &request, &mq, &group).await {
+                Ok(frame) => frame,
+                Err(e) => Frame::new(error_header(&request, &e)),
+            };
+            let _ = out.send(reply).await;
+        });
+        Ok(())
+    }
+
+    fn settle(&mut self, request: Header) -> Result<(), (Header, BrokerError)> {
+        let registry = self.registry.clone();
+        let out = self.out.clone();
+        self.tasks.spawn(async move {
+            let reply = match settle(&registry, &request).await {
+                Ok(frame) => frame,
+                Err(e) => Frame::new(error_header(&request, &e)),
+            };
+            let _ = out.send(reply).await;
+        });
+        Ok(())
+    }
+
+    fn admin(&mut self, frame: Frame) {
+        let registry = self.registry.clone();
+        let out = self.out.clone();
+        self.tasks.spawn(async move {
+            let reply = match admin(&registry, &frame).await {
+                Ok(frame) => frame,
+                Err(e) => Frame::new(error_header(&frame.header, &e)),
+            };
+            let _ = out.send(reply).await;
+        });
+    }
+}
+
+async fn fetch(
+    registry: &Registry,
+    conn: u64,
+    request: &Header,
+    mq_name: &str,
+    group_name: &str,
+) -> Result<Frame, BrokerError> {
+    let mq = registry.get(mq_name)?;
+    let start = if request.has_flag(FLAG_START_AT_END) {
+        Start::Latest
+    } else if request.has_flag(FLAG_START_AT_OFFSET) {
+        Start::Offset(request.offset.unwrap_or(0))
+    } else {
+        Start::Earliest
+    };
+    let group = mq.group(registry.committer(), group_name, start).await?;
+    let count = request.count.unwrap_or(1).clamp(1, 1 << 16) as usize;
+    let wait = Duration::from_millis(request.timeout_ms.unwrap_or(0).into()).min(MAX_WAIT);
+    let fetched = mq
+        .fetch(&group, conn, count, request.tag.as_deref(), wait)
+        .await?;
+    if !fetched.dead.is_empty() {
+        registry.dead_letter(&mq, &fetched.dead).await?;
+    }
+    let mut header = Header::reply_to(request);
+    header.count = Some(fetched.attempts.len() as u32);
+    header.attempts = fetched.attempts;
+    Ok(Frame::with_body(header, fetched.body))
+}
+
+async fn settle(registry: &Registry, request: &Header) -> Result<Frame, BrokerError> {
+    let mq = registry.get(required(&request.mq, "mq")?)?;
+    let group_name = request.group.as_deref().unwrap_or(mq.name());
+    let group = mq.existing_group(group_name).ok_or_else(|| {
+        BrokerError::BadRequest(format!("no group {group_name:?} on {}", mq.name()))
+    })?;
+    let mut header = Header::reply_to(request);
+    if request.cmd == Command::Ack {
+        let (acked, durability) = mq
+            .ack(registry.committer(), &group, &request.tokens)
+            .await?;
+        header.count = Some(acked as u32);
+        header.durability = Some(durability);
+    } else {
+        header.count = Some(mq.nack(&group, &request.tokens) as u32);
+    }
+    Ok(Frame::new(header))
+}
+
+async fn admin(registry: &Registry, frame: &Frame) -> Result<Frame, BrokerError> {
+    let request = &frame.header;
+    let body = match request.cmd {
+        Command::CreateMq => {
+            let options: MqOptions = if frame.body.is_empty() {
+                MqOptions::default()
+            } else {
+                rmp_serde::from_slice(&frame.body)
+                    .map_err(|e| BrokerError::BadRequest(format!("bad MQ options: {e}")))?
+            };
+            let mq = registry
+                .create(required(&request.mq, "mq")?, options)
+                .await?;
+            encode_body(&mq.info())
+        }
+        Command::QueryMq => encode_body(&registry.get(required(&request.mq, "mq")?)?.info()),
+        Command::ListMq => {
+            let all: Vec<_> = registry.list().iter().map(|mq| mq.info()).collect();
+            encode_body(&all)
+        }
+        Command::RemoveMq => {
+            registry.remove(required(&request.mq, "mq")?).await?;
+            Vec::new()
+        }
+        other => {
+            return Err(BrokerError::BadRequest(format!(
+                "{other:?} is not an admin command"
+            )))
+        }
+    };
+    Ok(Frame::with_body(Header::reply_to(request), body.into()))
+}
+
+fn encode_body<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own plain structs cannot fail.
+    rmp_serde::to_vec_named(value).unwrap_or_default()
+}

@@ -1,0 +1,401 @@
+//! The read side of a log, shared by every fetch of an MQ.
+//!
+//! Readers see a [`View`] of the published segments behind an `RwLock`. A read holds the lock
+//! only to locate its start (index lookup) and clone the segment's `Arc<File>`, then reads
+//! with `read_at` without any lock, so the writer never waits for disk reads and readers
+//! never wait for disk writes. Sealed segments are immutable and the active one only grows
+//! past what is published, so bytes a reader was told about never change under it; a segment
+//! deleted by retention stays readable through the open handle until the read ends.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use bytes::Bytes;
+use qbus_client::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
+use tokio::sync::watch;
+
+use super::index::{OffsetIndex, INDEX_INTERVAL};
+use super::StoreError;
+
+/// A segment as readers see it: only published records.
+#[derive(Debug)]
+pub(crate) struct SegmentView {
+    pub(crate) base: u64,
+    /// Offset after the last published record.
+    pub(crate) end: u64,
+    /// Bytes of published records.
+    pub(crate) len: u64,
+    pub(crate) file: Arc<File>,
+    pub(crate) path: Arc<Path>,
+    pub(crate) index: OffsetIndex,
+}
+
+/// The published state of a log.
+#[derive(Debug)]
+pub(crate) struct View {
+    pub(crate) segments: Vec<SegmentView>,
+    pub(crate) first_offset: u64,
+    pub(crate) end_offset: u64,
+    pub(crate) size_bytes: u64,
+}
+
+/// The lock around the view, shared by the writer and every reader.
+pub(crate) type SharedView = Arc<RwLock<View>>;
+
+/// Where an offset lies in the files; returned by a read to speed up the next one.
+///
+/// Opaque: only meaningful to the [`LogReader`] that returned it, for the offset it was
+/// returned with. A stale one (its segment was deleted) is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPos {
+    base: u64,
+    offset: u64,
+    position: u64,
+}
+
+impl ReadPos {
+    // Matches no segment, so the next read looks the offset up.
+    fn unknown(offset: u64) -> ReadPos {
+        ReadPos {
+            base: u64::MAX,
+            offset,
+            position: 0,
+        }
+    }
+}
+
+/// The result of [`LogReader::read`].
+#[derive(Debug, Clone)]
+pub struct ReadBatch {
+    /// Whole verified records back to back, exactly as stored.
+    pub data: Bytes,
+    /// Number of records in `data`.
+    pub count: usize,
+    /// Offset to read from next.
+    pub next_offset: u64,
+    /// Position hint for reading `next_offset`.
+    pub next_pos: ReadPos,
+}
+
+/// The shared read side of one MQ's log: cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct LogReader {
+    view: SharedView,
+    end: watch::Receiver<u64>,
+}
+
+/// A stretch of one segment to read: everything needed once the lock is released.
+struct Span {
+    base: u64,
+    end: u64,
+    len: u64,
+    file: Arc<File>,
+    path: Arc<Path>,
+    // Where to start: an indexed or hinted record at or before the wanted offset.
+    start_offset: u64,
+    start_pos: u64,
+    is_last: bool,
+}
+
+/// Where a read starts.
+enum Start {
+    Span(Span),
+    /// Nothing to read at the offset; the hint to return.
+    Nothing(ReadPos),
+}
+
+// Read sizes when the records' size is unknown.
+const DEFAULT_RECORD_ESTIMATE: u64 = 256;
+const MIN_READ: u64 = 512;
+
+impl LogReader {
+    pub(crate) fn new(view: SharedView, end: watch::Receiver<u64>) -> LogReader {
+        LogReader { view, end }
+    }
+
+    fn view(&self) -> RwLockReadGuard<'_, View> {
+        self.view.read().expect("log view lock poisoned")
+    }
+
+    /// Offset of the oldest retained record.
+    pub fn first_offset(&self) -> u64 {
+        self.view().first_offset
+    }
+
+    /// Offset after the last published record.
+    pub fn end_offset(&self) -> u64 {
+        self.view().end_offset
+    }
+
+    /// Bytes of published records on disk.
+    pub fn size_bytes(&self) -> u64 {
+        self.view().size_bytes
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> u32 {
+        u32::try_from(self.view().segments.len()).unwrap_or(u32::MAX)
+    }
+
+    /// A watch of the published end offset, woken by every publish that moves it.
+    ///
+    /// Subscribe before checking [`end_offset`](Self::end_offset) so no publish falls in
+    /// between. `changed()` fails once the log's writer is dropped (log closed or destroyed).
+    pub fn subscribe_end(&self) -> watch::Receiver<u64> {
+        let mut rx = self.end.clone();
+        rx.borrow_and_update();
+        rx
+    }
+
+    /// Reads whole records from `from` (clamped up to the first offset) up to the published
+    /// end: at most `max_records`, and about `max_bytes` (at least one record when one is
+    /// available, however big). Blocking: call it off the async runtime.
+    ///
+    /// `pos` is the `next_pos` of the previous read when `from` is its `next_offset`; it skips
+    /// the index lookup and is ignored when stale. Every returned record's checksum and offset
+    /// are verified; a bad record fails the read with [`StoreError::Corrupt`] naming its file
+    /// and position. A read usually takes one `read_at`; one that reaches the end of a sealed
+    /// segment carries on into the next.
+    pub fn read(
+        &self,
+        from: u64,
+        pos: Option<ReadPos>,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, StoreError> {
+        if max_records == 0 {
+            let from = from.max(self.first_offset());
+            return Ok(ReadBatch {
+                data: Bytes::new(),
+                count: 0,
+                next_offset: from,
+                next_pos: pos
+                    .filter(|p| p.offset == from)
+                    .unwrap_or(ReadPos::unknown(from)),
+            });
+        }
+        let mut out = Vec::new();
+        let mut data_start = None;
+        let mut count = 0usize;
+        let mut bytes = 0usize;
+        let mut from = from;
+        let mut hint = pos;
+        let mut next_pos;
+        loop {
+            let span = {
+                let view = self.view();
+                from = from.max(view.first_offset);
+                match locate(&view, from, hint) {
+                    Start::Span(span) => span,
+                    Start::Nothing(pos) => {
+                        next_pos = pos;
+                        break;
+                    }
+                }
+            };
+            from = from.max(span.base);
+            let mut reader = SpanReader::new(&span, &mut out);
+            // Guess how many bytes the wanted records take, to read them in one call.
+            let records_in_span = span.end - span.base;
+            let avg = if records_in_span > 0 {
+                span.len / records_in_span + 1
+            } else {
+                DEFAULT_RECORD_ESTIMATE
+            };
+            let ahead = |count: usize, bytes: usize| -> u64 {
+                let wanted = ((max_records - count) as u64).saturating_mul(avg);
+                wanted
+                    .min(max_bytes.saturating_sub(bytes) as u64)
+                    .max(MIN_READ)
+            };
+            let mut p = span.start_pos;
+            let mut off = span.start_offset;
+            let skip = if off < from { INDEX_INTERVAL } else { 0 };
+            reader.fill(p + 4, skip + ahead(count, bytes))?;
+            while off < from {
+                reader.fill(p + 4, ahead(count, bytes))?;
+                let size = reader.record_size(p)?;
+                p += size;
+                off += 1;
+            }
+            if data_start.is_none() {
+                data_start = Some(reader.at(p));
+            }
+            while count < max_records && off < span.end {
+                reader.fill(p + 4, ahead(count, bytes))?;
+                let size = reader.record_size(p)?;
+                if count > 0 && bytes + size as usize > max_bytes {
+                    break;
+                }
+                reader.fill(p + size, ahead(count, bytes))?;
+                reader.verify(p, size, off)?;
+                p += size;
+                off += 1;
+                count += 1;
+                bytes += size as usize;
+            }
+            let end_of_data = reader.at(p);
+            out.truncate(end_of_data);
+            next_pos = ReadPos {
+                base: span.base,
+                offset: off,
+                position: p,
+            };
+            from = off;
+            let budget_left = count < max_records && bytes < max_bytes;
+            if !budget_left || off < span.end || span.is_last {
+                break;
+            }
+            hint = Some(next_pos);
+        }
+        let data = Bytes::from(out).slice(data_start.unwrap_or(0)..);
+        Ok(ReadBatch {
+            data,
+            count,
+            next_offset: from,
+            next_pos,
+        })
+    }
+}
+
+/// Finds the segment and starting point for reading `from`, trusting `hint` when it still
+/// matches. Moves past the end of sealed segments (and over any gap recovery left).
+fn locate(view: &View, from: u64, hint: Option<ReadPos>) -> Start {
+    if from >= view.end_offset {
+        let pos = match view.segments.last() {
+            Some(last) if from == view.end_offset => ReadPos {
+                base: last.base,
+                offset: from,
+                position: last.len,
+            },
+            _ => ReadPos::unknown(from),
+        };
+        return Start::Nothing(pos);
+    }
+    let hinted = hint.filter(|h| h.offset == from).and_then(|h| {
+        let at = view
+            .segments
+            .binary_search_by_key(&h.base, |s| s.base)
+            .ok()?;
+        (h.position <= view.segments[at].len).then_some((at, h.position))
+    });
+    let (mut at, mut start) = match hinted {
+        Some((at, position)) => (at, Some((from, position))),
+        None => {
+            let after = view.segments.partition_point(|s| s.base <= from);
+            (after.saturating_sub(1), None)
+        }
+    };
+    let Some(mut seg) = view.segments.get(at) else {
+        return Start::Nothing(ReadPos::unknown(from));
+    };
+    while from >= seg.end {
+        let Some(next) = view.segments.get(at + 1) else {
+            return Start::Nothing(ReadPos::unknown(from));
+        };
+        at += 1;
+        seg = next;
+        start = Some((seg.base, 0));
+    }
+    let (start_offset, start_pos) = start.unwrap_or_else(|| {
+        let rel = u32::try_from(from.saturating_sub(seg.base)).unwrap_or(u32::MAX);
+        let (rel_at, pos) = seg.index.lookup(rel);
+        (seg.base + u64::from(rel_at), u64::from(pos))
+    });
+    Start::Span(Span {
+        base: seg.base,
+        end: seg.end,
+        len: seg.len,
+        file: Arc::clone(&seg.file),
+        path: Arc::clone(&seg.path),
+        start_offset,
+        start_pos,
+        is_last: at + 1 == view.segments.len(),
+    })
+}
+
+/// Reads a span's bytes into the tail of the batch buffer, extending it on demand.
+struct SpanReader<'a> {
+    span: &'a Span,
+    out: &'a mut Vec<u8>,
+    // Index in `out` of the byte at file position `span.start_pos`.
+    origin: usize,
+}
+
+impl<'a> SpanReader<'a> {
+    fn new(span: &'a Span, out: &'a mut Vec<u8>) -> SpanReader<'a> {
+        let origin = out.len();
+        SpanReader { span, out, origin }
+    }
+
+    /// Index in the buffer of file position `pos`.
+    fn at(&self, pos: u64) -> usize {
+        self.origin + (pos - self.span.start_pos) as usize
+    }
+
+    /// Makes the buffer hold the file up to position `need` (capped at the published end),
+    /// reading `ahead` bytes more than it has when it has to read at all.
+    fn fill(&mut self, need: u64, ahead: u64) -> Result<(), StoreError> {
+        let have = self.span.start_pos + (self.out.len() - self.origin) as u64;
+        let need = need.min(self.span.len);
+        if need <= have {
+            return Ok(());
+        }
+        let upto = need.max(have.saturating_add(ahead)).min(self.span.len);
+        let old = self.out.len();
+        self.out.resize(old + (upto - have) as usize, 0);
+        self.span
+            .file
+            .read_exact_at(&mut self.out[old..], have)
+            .map_err(StoreError::io(&self.span.path))
+    }
+
+    /// Size of the record at `pos`, checked to fit the published bytes.
+    fn record_size(&self, pos: u64) -> Result<u64, StoreError> {
+        let left = self.span.len.saturating_sub(pos);
+        let start = self.at(pos).min(self.out.len());
+        let size = peek_record_size(&self.out[start..]).ok_or(RecordError::Truncated {
+            need: 4,
+            have: left as usize,
+        });
+        let size = size.and_then(|size| {
+            if size < RECORD_OVERHEAD {
+                Err(RecordError::BadLength { len: size - 4 })
+            } else if size as u64 > left {
+                Err(RecordError::Truncated {
+                    need: size,
+                    have: left as usize,
+                })
+            } else {
+                Ok(size as u64)
+            }
+        });
+        size.map_err(|reason| self.corrupt(pos, reason))
+    }
+
+    /// Verifies the checksum and offset of the record at `pos`, already in the buffer.
+    fn verify(&self, pos: u64, size: u64, offset: u64) -> Result<(), StoreError> {
+        let start = self.at(pos);
+        let rec = parse_record(&self.out[start..start + size as usize])
+            .map_err(|reason| self.corrupt(pos, reason))?;
+        if rec.offset != offset {
+            return Err(StoreError::OffsetMismatch {
+                file: self.span.path.to_path_buf(),
+                position: pos,
+                expected: offset,
+                found: rec.offset,
+            });
+        }
+        Ok(())
+    }
+
+    fn corrupt(&self, position: u64, reason: RecordError) -> StoreError {
+        StoreError::Corrupt {
+            file: self.span.path.to_path_buf(),
+            position,
+            reason,
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Helpers shared by the store's tests.
+
+use qbus_client::protocol::record::{encode_record, records};
+
+use super::reader::ReadBatch;
+
+/// The body of the test record with number `n`: its size varies with `n`.
+pub(crate) fn body(n: u64) -> Vec<u8> {
+    format!("message {n} {}", "x".repeat((n % 7) as usize * 10)).into_bytes()
+}
+
+/// Records numbered `from..to` back to back, unstamped.
+pub(crate) fn batch(from: u64, to: u64) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for n in from..to {
+        encode_record(&mut buf, 0, 0, Some("t"), None, &body(n)).unwrap();
+    }
+    buf
+}
+
+/// `(offset, body)` of every record of a batch.
+pub(crate) fn decode(batch: &ReadBatch) -> Vec<(u64, Vec<u8>)> {
+    let out: Vec<_> = records(&batch.data)
+        .map(|r| {
+            let r = r.unwrap();
+            (r.offset, r.body.to_vec())
+        })
+        .collect();
+    assert_eq!(out.len(), batch.count);
+    out
+}

@@ -1,0 +1,383 @@
+//! One multiplexed connection: many requests in flight, matched to replies by correlation id,
+//! reconnected on demand with jittered exponential backoff, kept honest by heartbeats.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::error::{ClientError, Result};
+use crate::link::{Connector, FrameStream};
+use crate::protocol::{Command, Frame, Header, ServerInfo, Status, PROTOCOL_VERSION};
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ConnectionOptions {
+    /// Deadline for one connect, covering TCP, handshake and retries with backoff. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Deadline for a request-reply (not for long-poll fetches, which add their own wait).
+    /// Default 30 s.
+    pub request_timeout: Duration,
+    /// A heartbeat is sent after this much silence; three silent periods close the
+    /// connection and fail its pending requests. Default 5 s.
+    pub heartbeat: Duration,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
+type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>;
+
+/// A connected link and the requests waiting on it.
+struct Live {
+    tx: mpsc::Sender<Frame>,
+    /// `None` once the link is dead, so no request can be registered after the final drain.
+    pending: Pending,
+    addr: String,
+}
+
+impl Live {
+    fn register(&self, id: u64) -> Result<oneshot::Receiver<Frame>> {
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self.pending.lock().expect("pending map poisoned");
+        match pending.as_mut() {
+            Some(map) => {
+                map.insert(id, tx);
+                Ok(rx)
+            }
+            None => Err(self.disconnected()),
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(map) = self.pending.lock().expect("pending map poisoned").as_mut() {
+            map.remove(&id);
+        }
+    }
+
+    fn complete(&self, frame: Frame) {
+        let waiter = self
+            .pending
+            .lock()
+            .expect("pending map poisoned")
+            .as_mut()
+            .and_then(|map| map.remove(&frame.header.id));
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(frame);
+        }
+    }
+
+    /// Fails every pending request (their receivers see the sender dropped).
+    fn close(&self) {
+        self.pending.lock().expect("pending map poisoned").take();
+    }
+
+    fn disconnected(&self) -> ClientError {
+        ClientError::Disconnected {
+            addr: self.addr.clone(),
+        }
+    }
+}
+
+struct Inner {
+    connector: Box<dyn Connector>,
+    options: ConnectionOptions,
+    next_id: AtomicU64,
+    live: ArcSwapOption<Live>,
+    connecting: tokio::sync::Mutex<()>,
+    server: ArcSwapOption<ServerInfo>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A cheap-to-clone handle on one connection that the library drives in the background.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("addr", &self.inner.connector.addr())
+            .finish()
+    }
+}
+
+impl Connection {
+    /// A connection that opens links with `connector` when first needed.
+    pub fn new(connector: impl Connector, options: ConnectionOptions) -> Connection {
+        Connection {
+            inner: Arc::new(Inner {
+                connector: Box::new(connector),
+                options,
+                next_id: AtomicU64::new(1),
+                live: ArcSwapOption::empty(),
+                connecting: tokio::sync::Mutex::new(()),
+                server: ArcSwapOption::empty(),
+                shutdown: tokio_util::sync::CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The peer's address.
+    pub fn addr(&self) -> String {
+        self.inner.connector.addr()
+    }
+
+    /// The settings in force.
+    pub fn options(&self) -> &ConnectionOptions {
+        &self.inner.options
+    }
+
+    /// What the server said in the handshake, once connected.
+    pub fn server_info(&self) -> Option<Arc<ServerInfo>> {
+        self.inner.server.load_full()
+    }
+
+    /// Connects now if not connected (within the connect deadline).
+    pub async fn ensure_connected(&self) -> Result<()> {
+        self.live().await.map(drop)
+    }
+
+    /// Sends a request and returns a future for its reply. The request is queued in call
+    /// order, so requests sent one after another from one task keep their order on the wire.
+    pub async fn send(&self, mut frame: Frame) -> Result<PendingReply> {
+        let live = self.live().await?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        frame.header.id = id;
+        let rx = live.register(id)?;
+        if live.tx.send(frame).await.is_err() {
+            live.forget(id);
+            return Err(live.disconnected());
+        }
+        Ok(PendingReply {
+            rx,
+            live: Some(live),
+            id,
+        })
+    }
+
+    /// Sends a request and waits for its reply, up to the request timeout plus `extra` (the
+    /// long-poll wait of a fetch).
+    pub async fn request_with_wait(&self, frame: Frame, extra: Duration) -> Result<Frame> {
+        let limit = self.inner.options.request_timeout + extra;
+        let pending = self.send(frame).await?;
+        match tokio::time::timeout(limit, pending).await {
+            Ok(reply) => reply,
+            Err(_) => Err(ClientError::Timeout(limit)),
+        }
+    }
+
+    /// Sends a request and waits for its reply, up to the request timeout.
+    pub async fn request(&self, frame: Frame) -> Result<Frame> {
+        self.request_with_wait(frame, Duration::ZERO).await
+    }
+
+    /// Sends a frame that gets no reply. `Ok` means it was queued on a live connection, not
+    /// that the peer received it.
+    pub async fn send_oneway(&self, frame: Frame) -> Result<()> {
+        let live = self.live().await?;
+        live.tx.send(frame).await.map_err(|_| live.disconnected())
+    }
+
+    async fn live(&self) -> Result<Arc<Live>> {
+        if let Some(live) = self.inner.live.load_full() {
+            return Ok(live);
+        }
+        let _one_at_a_time = self.inner.connecting.lock().await;
+        if let Some(live) = self.inner.live.load_full() {
+            return Ok(live);
+        }
+        let started = Instant::now();
+        let deadline = started + self.inner.options.connect_timeout;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let reason = match tokio::time::timeout_at(deadline, self.open()).await {
+                Ok(Ok(live)) => return Ok(live),
+                Ok(Err(reason)) => reason,
+                Err(_) => "timed out".to_owned(),
+            };
+            let jittered = delay.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+            if Instant::now() + jittered >= deadline {
+                return Err(ClientError::Connect {
+                    addr: self.addr(),
+                    waited: started.elapsed(),
+                    reason,
+                });
+            }
+            tracing::debug!(addr = %self.addr(), %reason, retry_in = ?jittered, "connect failed");
+            tokio::time::sleep(jittered).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Opens a link, shakes hands and starts the dispatcher.
+    async fn open(&self) -> std::result::Result<Arc<Live>, String> {
+        let link = self
+            .inner
+            .connector
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let live = Arc::new(Live {
+            tx: link.tx,
+            pending: Mutex::new(Some(HashMap::new())),
+            addr: self.addr(),
+        });
+        tokio::spawn(dispatch(
+            live.clone(),
+            link.rx,
+            self.inner.options.heartbeat,
+            Arc::downgrade(&self.inner),
+        ));
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut hello = Header::request(Command::Hello, None);
+        hello.id = id;
+        let rx = live.register(id).map_err(|e| e.to_string())?;
+        let body = rmp_serde::to_vec_named(&ServerInfo {
+            protocol: PROTOCOL_VERSION,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            max_frame: 0,
+        })
+        .map_err(|e| e.to_string())?;
+        live.tx
+            .send(Frame::with_body(hello, body.into()))
+            .await
+            .map_err(|_| "closed during handshake".to_owned())?;
+        let reply = PendingReply {
+            rx,
+            live: Some(live.clone()),
+            id,
+        }
+        .await
+        .map_err(|e| format!("handshake failed: {e}"))?;
+        let info: ServerInfo = rmp_serde::from_slice(&reply.body)
+            .map_err(|e| format!("handshake reply is not from a qbus server: {e}"))?;
+        self.inner.server.store(Some(Arc::new(info)));
+        self.inner.live.store(Some(live.clone()));
+        Ok(live)
+    }
+}
+
+/// Routes replies to their waiters until the link ends, then fails whatever is left.
+async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inner: Weak<Inner>) {
+    let Some(shutdown) = inner.upgrade().map(|i| i.shutdown.clone()) else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            item = rx.next() => match item {
+                Some(Ok(frame)) => {
+                    last_heard = Instant::now();
+                    if frame.header.id != 0 {
+                        live.complete(frame);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(addr = %live.addr, error = %e, "closing connection");
+                    break;
+                }
+                None => break,
+            },
+            _ = ticker.tick() => {
+                let silent = last_heard.elapsed();
+                if silent >= heartbeat * 3 {
+                    tracing::warn!(addr = %live.addr, ?silent, "peer silent, closing connection");
+                    break;
+                }
+                if silent >= heartbeat {
+                    let _ = live.tx.try_send(Frame::new(Header::request(Command::Heartbeat, None)));
+                }
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    live.close();
+    if let Some(inner) = inner.upgrade() {
+        let current = inner.live.load();
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &live)) {
+            inner.live.store(None);
+        }
+    }
+}
+
+/// The reply to one request; resolves to an error for error statuses and lost connections.
+/// Dropping it forgets the request.
+pub struct PendingReply {
+    rx: oneshot::Receiver<Frame>,
+    live: Option<Arc<Live>>,
+    id: u64,
+}
+
+impl std::fmt::Debug for PendingReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingReply")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Future for PendingReply {
+    type Output = Result<Frame>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let outcome = match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(outcome) => outcome,
+        };
+        let live = self.live.take();
+        Poll::Ready(match outcome {
+            Ok(frame) => check_status(frame),
+            Err(_) => Err(match live {
+                Some(live) => live.disconnected(),
+                None => ClientError::Closed,
+            }),
+        })
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        if let Some(live) = self.live.take() {
+            live.forget(self.id);
+        }
+    }
+}
+
+/// Turns an error reply into [`ClientError::Server`].
+pub(crate) fn check_status(frame: Frame) -> Result<Frame> {
+    let status = Status::from_code(frame.header.status);
+    if status == Status::Ok {
+        Ok(frame)
+    } else {
+        Err(ClientError::Server {
+            status,
+            message: frame.header.error.unwrap_or_default(),
+        })
+    }
+}

@@ -1,0 +1,473 @@
+//! Consuming messages: a `Stream` of deliveries fed by a background long-poll fetch loop,
+//! with batched acks.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_core::Stream;
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::Broker;
+use crate::connection::Connection;
+use crate::error::{ClientError, Result};
+use crate::protocol::record::records;
+use crate::protocol::{
+    Command, DeliveryToken, Frame, Header, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
+};
+
+/// Where a group that does not exist yet starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartAt {
+    /// The oldest retained message (the default).
+    #[default]
+    Earliest,
+    /// Only messages produced from now on.
+    Latest,
+    /// A given offset.
+    Offset(u64),
+}
+
+/// Options for a consumer; see [`Broker::consumer`].
+#[derive(Debug, Clone)]
+pub struct ConsumerBuilder {
+    broker: Broker,
+    mq: String,
+    group: Option<String>,
+    tag: Option<String>,
+    start: StartAt,
+    batch: u32,
+    long_poll: Duration,
+    auto_ack: bool,
+}
+
+impl ConsumerBuilder {
+    pub(crate) fn new(broker: Broker, mq: &str) -> ConsumerBuilder {
+        ConsumerBuilder {
+            broker,
+            mq: mq.to_owned(),
+            group: None,
+            tag: None,
+            start: StartAt::Earliest,
+            batch: 256,
+            long_poll: Duration::from_secs(2),
+            auto_ack: false,
+        }
+    }
+
+    /// The consumer group. Default: the MQ's name. Consumers in one group share the
+    /// messages; every group sees every message.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Only deliver messages with this tag. Default: all.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// Where a new group starts. Default: [`StartAt::Earliest`]. Ignored for an existing group.
+    pub fn start(mut self, start: StartAt) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Most messages per fetch. Default 256.
+    pub fn batch(mut self, batch: u32) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// How long one fetch waits on the broker for a message. Default 2 s.
+    pub fn long_poll(mut self, wait: Duration) -> Self {
+        self.long_poll = wait;
+        self
+    }
+
+    /// Acknowledge each message as it is handed out (at most once). Default off.
+    pub fn auto_ack(mut self, on: bool) -> Self {
+        self.auto_ack = on;
+        self
+    }
+
+    /// Starts consuming. Fails if the MQ does not exist.
+    pub async fn subscribe(self) -> Result<Consumer> {
+        self.broker.query_mq(&self.mq).await?;
+        let group = self.group.clone().unwrap_or_else(|| self.mq.clone());
+        let connection = self.broker.connection_for(&self.mq).clone();
+        let target = Arc::new(Target {
+            mq: self.mq.clone(),
+            group: group.clone(),
+        });
+        let acker = Acker::spawn(connection.clone(), target.clone());
+        let (tx, rx) = mpsc::channel(self.batch as usize * 2);
+        let fetcher = Fetcher {
+            connection,
+            target,
+            tag: self.tag,
+            start: self.start,
+            batch: self.batch,
+            long_poll: self.long_poll,
+            auto_ack: self.auto_ack,
+            acker: acker.clone(),
+            tx,
+        };
+        tokio::spawn(fetcher.run());
+        Ok(Consumer {
+            rx,
+            acker,
+            mq: self.mq,
+            group,
+        })
+    }
+}
+
+/// A received message. Call [`ack`](Delivery::ack) once it is handled, or it is delivered
+/// again after the MQ's ack timeout.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Offset in the MQ.
+    pub offset: u64,
+    /// When the broker stored it, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Tag given by the producer.
+    pub tag: Option<String>,
+    /// Key given by the producer.
+    pub key: Option<String>,
+    /// The payload.
+    pub body: Bytes,
+    /// 1 for the first delivery, more for redeliveries.
+    pub attempt: u32,
+    acker: Acker,
+}
+
+impl Delivery {
+    /// Names this delivery for ack and nack.
+    pub fn token(&self) -> DeliveryToken {
+        DeliveryToken {
+            offset: self.offset,
+            attempt: self.attempt,
+        }
+    }
+
+    /// Acknowledges the message; resolves when the broker has recorded the ack.
+    pub async fn ack(&self) -> Result<()> {
+        self.acker.settle(self.token(), false).await
+    }
+
+    /// Gives the message back for immediate redelivery.
+    pub async fn nack(&self) -> Result<()> {
+        self.acker.settle(self.token(), true).await
+    }
+}
+
+/// A stream of [`Delivery`]s from one group of one MQ. Survives reconnects: the fetch loop
+/// retries with backoff and the broker keeps the group's place. Dropping it stops fetching
+/// and gives buffered, unhandled deliveries back to the broker.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), qbus_client::ClientError> {
+/// use futures_util::StreamExt;
+/// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+/// let mut consumer = broker.consumer("orders").group("billing").subscribe().await?;
+/// while let Some(delivery) = consumer.next().await {
+///     let delivery = delivery?;
+///     println!("{}", String::from_utf8_lossy(&delivery.body));
+///     delivery.ack().await?;
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Consumer {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    acker: Acker,
+    mq: String,
+    group: String,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("mq", &self.mq)
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// The MQ consumed.
+    pub fn mq(&self) -> &str {
+        &self.mq
+    }
+
+    /// The group consumed for.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The next delivery; `None` after a fatal error has been returned.
+    pub async fn recv(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    /// Waits for at least one delivery, then returns every one already received, up to `max`.
+    pub async fn recv_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        let Some(first) = self.rx.recv().await else {
+            return Ok(batch);
+        };
+        batch.push(first?);
+        while batch.len() < max {
+            match self.rx.try_recv() {
+                Ok(delivery) => batch.push(delivery?),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Runs `handler` on every delivery with at most `concurrency` running at once; acks
+    /// each message whose handler returns `Ok` and nacks the others. Returns on the first
+    /// fatal consumer error.
+    pub async fn process<F, Fut, E>(self, concurrency: usize, handler: F) -> Result<()>
+    where
+        F: Fn(&Delivery) -> Fut,
+        Fut: Future<Output = std::result::Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let handler = &handler;
+        let outcome = std::sync::Mutex::new(Ok(()));
+        let outcome_ref = &outcome;
+        self.for_each_concurrent(concurrency.max(1), |delivery| async move {
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
+                Err(e) => {
+                    *outcome_ref.lock().expect("outcome poisoned") = Err(e);
+                    return;
+                }
+            };
+            let settled = match handler(&delivery).await {
+                Ok(()) => delivery.ack().await,
+                Err(e) => {
+                    tracing::warn!(offset = delivery.offset, error = %e, "handler failed, nacking");
+                    delivery.nack().await
+                }
+            };
+            if let Err(e) = settled {
+                tracing::warn!(offset = delivery.offset, error = %e, "settling failed; the broker will redeliver");
+            }
+        })
+        .await;
+        outcome.into_inner().expect("outcome poisoned")
+    }
+}
+
+impl Stream for Consumer {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(Ok(delivery)) = self.rx.try_recv() {
+            self.acker.settle_later(delivery.token(), true);
+        }
+    }
+}
+
+struct Target {
+    mq: String,
+    group: String,
+}
+
+struct Settle {
+    token: DeliveryToken,
+    nack: bool,
+    done: Option<oneshot::Sender<Result<()>>>,
+}
+
+/// Collects acks and nacks from every delivery of a consumer and sends them in batches.
+#[derive(Clone)]
+struct Acker {
+    tx: mpsc::Sender<Settle>,
+}
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Acker")
+    }
+}
+
+const ACK_BATCH: usize = 4096;
+
+impl Acker {
+    fn spawn(connection: Connection, target: Arc<Target>) -> Acker {
+        let (tx, rx) = mpsc::channel(ACK_BATCH);
+        tokio::spawn(Acker::run(connection, target, rx));
+        Acker { tx }
+    }
+
+    async fn settle(&self, token: DeliveryToken, nack: bool) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        let request = Settle {
+            token,
+            nack,
+            done: Some(done),
+        };
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        wait.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Queues a settle without waiting for it (used on drop and for auto-ack).
+    fn settle_later(&self, token: DeliveryToken, nack: bool) {
+        let request = Settle {
+            token,
+            nack,
+            done: None,
+        };
+        if self.tx.try_send(request).is_err() {
+            tracing::debug!(
+                ?token,
+                "ack queue full; the broker will redeliver after its timeout"
+            );
+        }
+    }
+
+    async fn run(connection: Connection, target: Arc<Target>, mut rx: mpsc::Receiver<Settle>) {
+        let mut batch = Vec::with_capacity(ACK_BATCH);
+        while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
+            let (nacks, acks): (Vec<Settle>, Vec<Settle>) =
+                batch.drain(..).partition(|settle| settle.nack);
+            for (cmd, settles) in [(Command::Ack, acks), (Command::Nack, nacks)] {
+                if settles.is_empty() {
+                    continue;
+                }
+                let mut header = Header::request(cmd, Some(&target.mq));
+                header.group = Some(target.group.clone());
+                header.tokens = settles.iter().map(|s| s.token).collect();
+                let sent = connection.send(Frame::new(header)).await;
+                tokio::spawn(async move {
+                    let outcome = match sent {
+                        Ok(reply) => reply.await.map(drop),
+                        Err(e) => Err(e),
+                    };
+                    for settle in settles {
+                        if let Some(done) = settle.done {
+                            let _ = done.send(outcome.clone());
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The background loop that long-polls the broker and feeds the consumer's channel.
+struct Fetcher {
+    connection: Connection,
+    target: Arc<Target>,
+    tag: Option<String>,
+    start: StartAt,
+    batch: u32,
+    long_poll: Duration,
+    auto_ack: bool,
+    acker: Acker,
+    tx: mpsc::Sender<Result<Delivery>>,
+}
+
+impl Fetcher {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let fetch = self
+                .connection
+                .request_with_wait(self.request(), self.long_poll);
+            let reply = tokio::select! {
+                reply = fetch => reply,
+                _ = self.tx.closed() => return,
+            };
+            match reply.and_then(|frame| self.deliveries(frame)) {
+                Ok(deliveries) => {
+                    backoff = Duration::from_millis(50);
+                    let mut deliveries = deliveries.into_iter();
+                    while let Some(delivery) = deliveries.next() {
+                        if self.auto_ack {
+                            self.acker.settle_later(delivery.token(), false);
+                        }
+                        if let Err(mpsc::error::SendError(Ok(unhandled))) =
+                            self.tx.send(Ok(delivery)).await
+                        {
+                            // The consumer is gone: give back what it will never see.
+                            for delivery in std::iter::once(unhandled).chain(deliveries) {
+                                self.acker.settle_later(delivery.token(), true);
+                            }
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.is_transport() => {
+                    let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+                    tracing::warn!(mq = %self.target.mq, error = %e, retry_in = ?wait, "fetch failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.tx.closed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    let _ = self.tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn request(&self) -> Frame {
+        let mut header = Header::request(Command::Fetch, Some(&self.target.mq));
+        header.group = Some(self.target.group.clone());
+        header.tag = self.tag.clone();
+        header.count = Some(self.batch);
+        header.timeout_ms = Some(self.long_poll.as_millis().min(u32::MAX as u128) as u32);
+        match self.start {
+            StartAt::Earliest => {}
+            StartAt::Latest => header.flags |= FLAG_START_AT_END,
+            StartAt::Offset(offset) => {
+                header.flags |= FLAG_START_AT_OFFSET;
+                header.offset = Some(offset);
+            }
+        }
+        Frame::new(header)
+    }
+
+    fn deliveries(&self, frame: Frame) -> Result<Vec<Delivery>> {
+        let body = frame.body;
+        let attempts = frame.header.attempts;
+        let mut out = Vec::with_capacity(attempts.len());
+        for (i, record) in records(&body).enumerate() {
+            let record = record?;
+            out.push(Delivery {
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms,
+                tag: record.tag.map(str::to_owned),
+                key: record.key.map(str::to_owned),
+                body: body.slice(record.body_range.clone()),
+                attempt: attempts.get(i).copied().unwrap_or(1),
+                acker: self.acker.clone(),
+            });
+        }
+        Ok(out)
+    }
+}

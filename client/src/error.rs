@@ -1,0 +1,88 @@
+//! Errors the SDK returns.
+
+use std::time::Duration;
+
+use crate::protocol::{Status, WireError};
+
+/// Why a client call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// No connection could be made within the connect deadline.
+    #[error("cannot connect to {addr} within {waited:?}: {reason}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// How long the client kept trying.
+        waited: Duration,
+        /// The last failure.
+        reason: String,
+    },
+    /// The connection closed before the reply came. A request that was sent may or may not
+    /// have taken effect: a produce may have been stored.
+    #[error("connection to {addr} closed before the reply came")]
+    Disconnected {
+        /// The peer.
+        addr: String,
+    },
+    /// No reply within the request timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The broker answered with an error status.
+    #[error("broker replied {status}: {message}")]
+    Server {
+        /// The status code.
+        status: Status,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// A frame or record could not be encoded or decoded.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The address string is not understood.
+    #[error("invalid broker address {addr:?}: {reason}")]
+    Address {
+        /// What was given.
+        addr: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The handle was closed.
+    #[error("client is closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The broker's status, for [`ClientError::Server`] errors.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            ClientError::Server { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True when retrying on another connection may succeed (the broker was unreachable or
+    /// went away), false for errors the broker reported about the request itself.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. }
+                | ClientError::Disconnected { .. }
+                | ClientError::Timeout(_)
+        )
+    }
+}
+
+impl From<WireError> for ClientError {
+    fn from(e: WireError) -> Self {
+        ClientError::Protocol(e.to_string())
+    }
+}
+
+impl From<crate::protocol::record::RecordError> for ClientError {
+    fn from(e: crate::protocol::record::RecordError) -> Self {
+        ClientError::Protocol(e.to_string())
+    }
+}
+
+/// Result alias for SDK calls.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

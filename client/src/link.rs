@@ -1,0 +1,128 @@
+//! A link carries frames between two peers, over TCP or inside one process.
+//!
+//! Both the client and the broker speak to a [`Link`]: the TCP form encodes frames on a
+//! socket, the in-process form (used by the embedded broker) hands them over a channel
+//! without encoding. Everything above the link is the same code for both.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use futures_core::Stream;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::protocol::{Frame, FrameCodec, WireError};
+
+/// Frames queued to the peer; bounded so a slow peer applies backpressure.
+pub const LINK_QUEUE: usize = 1024;
+
+/// Incoming frames; an `Err` item ends the stream (the connection is unusable after it).
+pub type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame, WireError>> + Send>>;
+
+/// Both directions of a connection.
+pub struct Link {
+    /// Frames to send to the peer.
+    pub tx: mpsc::Sender<Frame>,
+    /// Frames received from the peer.
+    pub rx: FrameStream,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Link")
+    }
+}
+
+/// Opens links to one peer; the client calls it again to reconnect.
+pub trait Connector: Send + Sync + 'static {
+    /// Opens a new link.
+    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Link>> + Send + '_>>;
+    /// The peer's address, for messages.
+    fn addr(&self) -> String;
+}
+
+/// Wraps a TCP stream in a link. A writer task batches queued frames into few syscalls: it
+/// feeds every frame already queued and flushes once the queue is empty.
+pub fn tcp_link(stream: TcpStream, max_frame: usize) -> Link {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Frame>(LINK_QUEUE);
+    let mut sink = FramedWrite::new(write, FrameCodec::new(max_frame));
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if let Err(e) = sink.feed(frame).await {
+                tracing::debug!(error = %e, "link write failed");
+                return;
+            }
+            while let Ok(frame) = rx.try_recv() {
+                if let Err(e) = sink.feed(frame).await {
+                    tracing::debug!(error = %e, "link write failed");
+                    return;
+                }
+            }
+            if let Err(e) = sink.flush().await {
+                tracing::debug!(error = %e, "link flush failed");
+                return;
+            }
+        }
+    });
+    let reader = FramedRead::with_capacity(read, FrameCodec::new(max_frame), 64 * 1024);
+    Link {
+        tx,
+        rx: reader.boxed(),
+    }
+}
+
+/// Two links joined back to back, for a peer in the same process.
+pub fn memory_link_pair() -> (Link, Link) {
+    let (a_tx, a_rx) = mpsc::channel::<Frame>(LINK_QUEUE);
+    let (b_tx, b_rx) = mpsc::channel::<Frame>(LINK_QUEUE);
+    let stream = |rx: mpsc::Receiver<Frame>| -> FrameStream {
+        futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (Ok(frame), rx))
+        })
+        .boxed()
+    };
+    (
+        Link {
+            tx: a_tx,
+            rx: stream(b_rx),
+        },
+        Link {
+            tx: b_tx,
+            rx: stream(a_rx),
+        },
+    )
+}
+
+/// Connects over TCP to a `host:port` address.
+#[derive(Debug, Clone)]
+pub struct TcpConnector {
+    addr: String,
+    max_frame: usize,
+}
+
+impl TcpConnector {
+    /// A connector for `addr` that accepts frames up to `max_frame` bytes.
+    pub fn new(addr: impl Into<String>, max_frame: usize) -> TcpConnector {
+        TcpConnector {
+            addr: addr.into(),
+            max_frame,
+        }
+    }
+}
+
+impl Connector for TcpConnector {
+    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Link>> + Send + '_>> {
+        Box::pin(async move {
+            let stream = TcpStream::connect(&self.addr).await?;
+            Ok(tcp_link(stream, self.max_frame))
+        })
+    }
+
+    fn addr(&self) -> String {
+        self.addr.clone()
+    }
+}

@@ -1,0 +1,90 @@
+//! Messages as a producer sends them.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::Result;
+use crate::protocol::record::{encode_record, RECORD_OVERHEAD};
+
+/// A message to produce: a body plus optional tag (consumers filter on it) and key.
+///
+/// ```
+/// use qbus_client::Message;
+/// let msg = Message::new("order #1").with_tag("eu").with_key("customer-7");
+/// assert_eq!(msg.body.as_ref(), b"order #1");
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    /// The payload, never parsed by the broker.
+    pub body: Bytes,
+    /// Tag for consumer-side filtering (at most 255 bytes).
+    pub tag: Option<String>,
+    /// Key (at most 65535 bytes).
+    pub key: Option<String>,
+}
+
+impl Message {
+    /// A message with `body` and no tag or key.
+    pub fn new(body: impl Into<Bytes>) -> Message {
+        Message {
+            body: body.into(),
+            tag: None,
+            key: None,
+        }
+    }
+
+    /// Sets the tag.
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Message {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// Sets the key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Message {
+        self.key = Some(key.into());
+        self
+    }
+
+    pub(crate) fn encoded_len(&self) -> usize {
+        RECORD_OVERHEAD
+            + self.body.len()
+            + self.tag.as_ref().map_or(0, String::len)
+            + self.key.as_ref().map_or(0, String::len)
+    }
+
+    /// Appends this message as a record (offset and time are set by the broker).
+    pub(crate) fn encode(&self, dst: &mut BytesMut) -> Result<()> {
+        encode_record(
+            dst,
+            0,
+            0,
+            self.tag.as_deref(),
+            self.key.as_deref(),
+            &self.body,
+        )?;
+        Ok(())
+    }
+}
+
+impl From<&'static str> for Message {
+    fn from(body: &'static str) -> Self {
+        Message::new(body)
+    }
+}
+
+impl From<String> for Message {
+    fn from(body: String) -> Self {
+        Message::new(body)
+    }
+}
+
+impl From<Vec<u8>> for Message {
+    fn from(body: Vec<u8>) -> Self {
+        Message::new(body)
+    }
+}
+
+impl From<Bytes> for Message {
+    fn from(body: Bytes) -> Self {
+        Message::new(body)
+    }
+}

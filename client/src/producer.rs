@@ -1,0 +1,138 @@
+//! Producing messages: confirmed, pipelined, batched and one-way.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::broker::Broker;
+use crate::connection::PendingReply;
+use crate::error::{ClientError, Result};
+use crate::message::Message;
+use crate::protocol::{Command, Durability, Frame, Header, FLAG_ONEWAY};
+
+/// What the broker confirmed for a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// Offset of the (first) message in the MQ.
+    pub offset: u64,
+    /// Messages stored by this send.
+    pub count: u32,
+    /// How durable they were when confirmed.
+    pub durability: Durability,
+}
+
+/// Sends messages to one MQ. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), qbus_client::ClientError> {
+/// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+/// let producer = broker.producer("orders");
+/// let receipt = producer.send("order #1").await?;
+/// println!("stored at offset {} ({})", receipt.offset, receipt.durability);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Producer {
+    broker: Broker,
+    mq: Arc<str>,
+}
+
+impl Producer {
+    pub(crate) fn new(broker: Broker, mq: &str) -> Producer {
+        Producer {
+            broker,
+            mq: mq.into(),
+        }
+    }
+
+    /// The MQ this producer sends to.
+    pub fn mq(&self) -> &str {
+        &self.mq
+    }
+
+    /// Sends one message and waits until the broker has stored it.
+    pub async fn send(&self, message: impl Into<Message>) -> Result<Receipt> {
+        self.send_async(message).await?.await
+    }
+
+    /// Queues one message and returns at once with a handle on its receipt, so many sends
+    /// can be in flight. Messages queued from one task are stored in the order queued.
+    pub async fn send_async(&self, message: impl Into<Message>) -> Result<PendingReceipt> {
+        self.send_batch_async(std::iter::once(message.into())).await
+    }
+
+    /// Sends several messages in one request; they get consecutive offsets.
+    pub async fn send_batch(&self, messages: impl IntoIterator<Item = Message>) -> Result<Receipt> {
+        self.send_batch_async(messages).await?.await
+    }
+
+    /// Queues a batch and returns a handle on its receipt.
+    pub async fn send_batch_async(
+        &self,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<PendingReceipt> {
+        let frame = self.frame(messages, 0)?;
+        let reply = self.broker.connection_for(&self.mq).send(frame).await?;
+        Ok(PendingReceipt { reply })
+    }
+
+    /// Sends one message with no confirmation: `Ok` means it was queued on a live
+    /// connection, not that it was stored (at most once).
+    pub async fn send_oneway(&self, message: impl Into<Message>) -> Result<()> {
+        let frame = self.frame(std::iter::once(message.into()), FLAG_ONEWAY)?;
+        self.broker
+            .connection_for(&self.mq)
+            .send_oneway(frame)
+            .await
+    }
+
+    fn frame(&self, messages: impl IntoIterator<Item = Message>, flags: u32) -> Result<Frame> {
+        let messages = messages.into_iter();
+        let mut body = BytesMut::new();
+        let mut count = 0u32;
+        for message in messages {
+            body.reserve(message.encoded_len());
+            message.encode(&mut body)?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(ClientError::Protocol(
+                "a batch needs at least one message".into(),
+            ));
+        }
+        let mut header = Header::request(Command::Produce, Some(&self.mq));
+        header.count = Some(count);
+        header.flags = flags;
+        Ok(Frame::with_body(header, body.freeze()))
+    }
+}
+
+/// The receipt of a queued send; `.await` it.
+#[derive(Debug)]
+pub struct PendingReceipt {
+    reply: PendingReply,
+}
+
+impl IntoFuture for PendingReceipt {
+    type Output = Result<Receipt>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Receipt>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let reply = self.reply.await?;
+            let header = reply.header;
+            match (header.offset, header.durability) {
+                (Some(offset), Some(durability)) => Ok(Receipt {
+                    offset,
+                    count: header.count.unwrap_or(1),
+                    durability,
+                }),
+                _ => Err(ClientError::Protocol(
+                    "produce reply without offset or durability".into(),
+                )),
+            }
+        })
+    }
+}
