@@ -360,3 +360,269 @@ fn stamp(
     }
     Ok((offset - first_offset, entries))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testutil::{batch, body, decode};
+    use crate::store::ReadPos;
+
+    fn config(segment_bytes: u64) -> LogConfig {
+        LogConfig {
+            segment_bytes,
+            ..LogConfig::default()
+        }
+    }
+
+    /// Appends records `0..n` in batches of 1 to 9 records, then publishes.
+    fn fill(log: &mut MqLog, n: u64) {
+        let mut next = log.next_offset();
+        let mut size = 1;
+        while next < n {
+            let to = (next + size).min(n);
+            let mut records = batch(next, to);
+            let appended = log.append(&mut records, 1_000 + next).unwrap();
+            assert_eq!(appended.first_offset, next);
+            assert_eq!(appended.count, to - next);
+            next = appended.next_offset;
+            size = size % 9 + 1;
+        }
+        log.publish();
+    }
+
+    /// Reads everything from `from` with batches of `max_records`, following the hints.
+    fn read_all(
+        reader: &LogReader,
+        from: u64,
+        max_records: usize,
+        hints: bool,
+    ) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut next = from;
+        let mut pos: Option<ReadPos> = None;
+        loop {
+            let got = reader.read(next, pos, max_records, 1 << 20).unwrap();
+            if got.count == 0 {
+                assert_eq!(got.next_offset, next.max(reader.first_offset()));
+                return out;
+            }
+            assert!(got.count <= max_records);
+            out.extend(decode(&got));
+            next = got.next_offset;
+            pos = hints.then_some(got.next_pos);
+        }
+    }
+
+    fn expected(from: u64, to: u64) -> Vec<(u64, Vec<u8>)> {
+        (from..to).map(|n| (n, body(n))).collect()
+    }
+
+    #[test]
+    fn round_trip_across_segments() {
+        for segment_bytes in [1_000, 20_000, 1 << 20] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (mut log, reader) = MqLog::open(tmp.path(), config(segment_bytes)).unwrap();
+            fill(&mut log, 2_000);
+            assert_eq!((reader.first_offset(), reader.end_offset()), (0, 2_000));
+            if segment_bytes < 100_000 {
+                assert!(reader.segment_count() > 3, "{}", reader.segment_count());
+            }
+            let on_disk: u64 = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| e.metadata().unwrap().len())
+                .sum();
+            assert_eq!(reader.size_bytes(), on_disk);
+            for (max_records, hints) in [(1, true), (7, true), (7, false), (100_000, true)] {
+                assert_eq!(read_all(&reader, 0, max_records, hints), expected(0, 2_000));
+            }
+            // Every offset found through the index alone.
+            for from in (0..2_000).step_by(13) {
+                let got = reader.read(from, None, 3, 1 << 20).unwrap();
+                assert_eq!(decode(&got), expected(from, from + 3));
+            }
+        }
+    }
+
+    #[test]
+    fn one_read_spans_segments_up_to_the_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, reader) = MqLog::open(tmp.path(), config(500)).unwrap();
+        fill(&mut log, 300);
+        let got = reader.read(5, None, 10_000, 1 << 20).unwrap();
+        assert_eq!(decode(&got), expected(5, 300));
+        assert_eq!(got.next_offset, 300);
+        // Nothing more: the hint points at the end and stays valid after more appends.
+        let empty = reader.read(300, Some(got.next_pos), 10, 1 << 20).unwrap();
+        assert_eq!((empty.count, empty.next_offset), (0, 300));
+        fill(&mut log, 320);
+        let more = reader
+            .read(300, Some(empty.next_pos), 100, 1 << 20)
+            .unwrap();
+        assert_eq!(decode(&more), expected(300, 320));
+    }
+
+    #[test]
+    fn limits_on_records_and_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, reader) = MqLog::open(tmp.path(), config(1 << 20)).unwrap();
+        fill(&mut log, 100);
+        let one = reader.read(10, None, 100, 1).unwrap();
+        assert_eq!(decode(&one), expected(10, 11));
+        let three_bytes = batch(10, 13).len();
+        let three = reader.read(10, None, 100, three_bytes).unwrap();
+        assert_eq!(decode(&three), expected(10, 13));
+        let almost = reader.read(10, None, 100, three_bytes - 1).unwrap();
+        assert_eq!(almost.count, 2);
+        let four = reader.read(10, None, 4, 1 << 20).unwrap();
+        assert_eq!(decode(&four), expected(10, 14));
+        let none = reader.read(10, None, 0, 1 << 20).unwrap();
+        assert_eq!((none.count, none.next_offset), (0, 10));
+
+        // A record bigger than max_bytes still comes out whole.
+        let mut big = Vec::new();
+        qbus_client::protocol::record::encode_record(&mut big, 0, 0, None, None, &[7u8; 100_000])
+            .unwrap();
+        log.append(&mut big, 5).unwrap();
+        log.publish();
+        let got = reader.read(100, None, 10, 100).unwrap();
+        assert_eq!(got.count, 1);
+        assert_eq!(got.data.len(), big.len());
+    }
+
+    #[test]
+    fn records_are_invisible_until_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, reader) = MqLog::open(tmp.path(), config(300)).unwrap();
+        let mut end = reader.subscribe_end();
+        let mut records = batch(0, 20);
+        let appended = log.append(&mut records, 1).unwrap();
+        assert_eq!((appended.first_offset, appended.next_offset), (0, 20));
+        assert_eq!(log.next_offset(), 20);
+        assert_eq!(reader.end_offset(), 0);
+        assert_eq!(reader.read(0, None, 100, 1 << 20).unwrap().count, 0);
+        assert!(!end.has_changed().unwrap());
+        log.sync().unwrap();
+        log.publish();
+        assert!(end.has_changed().unwrap());
+        assert_eq!(*end.borrow_and_update(), 20);
+        assert_eq!(reader.read(0, None, 100, 1 << 20).unwrap().count, 20);
+        // Rolling happens at append time; the new segment is hidden until publish too.
+        let segments = reader.segment_count();
+        log.append(&mut batch(20, 21), 2).unwrap();
+        assert_eq!(reader.segment_count(), segments);
+        assert_eq!(reader.read(20, None, 100, 1 << 20).unwrap().count, 0);
+        log.publish();
+        assert_eq!(reader.segment_count(), segments + 1);
+        assert_eq!(
+            decode(&reader.read(20, None, 100, 1 << 20).unwrap()),
+            expected(20, 21)
+        );
+    }
+
+    #[test]
+    fn reopen_after_clean_close() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        fill(&mut log, 500);
+        log.sync().unwrap();
+        let segments = reader.segment_count();
+        drop((log, reader));
+
+        let (mut log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        assert_eq!(
+            (
+                reader.first_offset(),
+                reader.end_offset(),
+                log.next_offset()
+            ),
+            (0, 500, 500)
+        );
+        assert_eq!(reader.segment_count(), segments);
+        assert_eq!(read_all(&reader, 0, 50, true), expected(0, 500));
+        fill(&mut log, 600);
+        assert_eq!(read_all(&reader, 450, 50, true), expected(450, 600));
+    }
+
+    #[test]
+    fn retention_by_bytes_deletes_whole_oldest_segments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 1_000,
+            retention_bytes: Some(3_000),
+            retention_ms: None,
+        };
+        let (mut log, reader) = MqLog::open(tmp.path(), config).unwrap();
+        fill(&mut log, 400);
+        let before = reader.segment_count();
+        let first = log.enforce_retention(0).unwrap();
+        assert!(first > 0);
+        assert_eq!(reader.first_offset(), first);
+        assert!(reader.segment_count() < before);
+        assert!(reader.size_bytes() <= 3_000, "{}", reader.size_bytes());
+        // Only whole segments went: the first kept offset starts a segment file.
+        assert!(crate::store::segment::log_path(tmp.path(), first).exists());
+        assert!(!crate::store::segment::log_path(tmp.path(), 0).exists());
+        // Reading from before the first offset starts at the first offset.
+        let got = reader.read(0, None, 5, 1 << 20).unwrap();
+        assert_eq!(decode(&got), expected(first, first + 5));
+        assert_eq!(read_all(&reader, 0, 1_000, true), expected(first, 400));
+        // Idempotent.
+        assert_eq!(log.enforce_retention(0).unwrap(), first);
+    }
+
+    #[test]
+    fn retention_by_age_never_deletes_the_active_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 1_000,
+            retention_bytes: None,
+            retention_ms: Some(100),
+        };
+        let (mut log, reader) = MqLog::open(tmp.path(), config).unwrap();
+        // A batch's timestamp is 1_000 + its first offset: batches from 200 on are recent at
+        // now = 1_300, and a batch holds at most 9 records.
+        fill(&mut log, 400);
+        let first = log.enforce_retention(1_300).unwrap();
+        assert!(first > 0 && first < 200 + 9, "{first}");
+        let got = reader.read(0, None, 1, 1 << 20).unwrap();
+        let rec = qbus_client::protocol::record::parse_record(&got.data).unwrap();
+        assert_eq!(rec.offset, first);
+        // The segment holding `first` has a newer last record than the cut-off.
+        assert!(reader.read(first, None, 1000, 1 << 20).unwrap().count > 0);
+        // Everything is old now, but the active segment stays.
+        let last = log.enforce_retention(1_000_000).unwrap();
+        assert_eq!(reader.segment_count(), 1);
+        assert_eq!(read_all(&reader, 0, 100, true), expected(last, 400));
+        assert_eq!(log.next_offset(), 400);
+    }
+
+    #[test]
+    fn destroy_removes_the_directory_and_closes_watchers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("mq");
+        let (mut log, reader) = MqLog::open(&dir, config(500)).unwrap();
+        fill(&mut log, 100);
+        let mut end = reader.subscribe_end();
+        log.destroy().unwrap();
+        assert!(!dir.exists());
+        assert!(end.has_changed().is_err());
+        assert_eq!(reader.read(0, None, 10, 1 << 20).unwrap().count, 0);
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_without_side_effects() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, reader) = MqLog::open(tmp.path(), config(500)).unwrap();
+        let mut records = batch(0, 3);
+        records.truncate(records.len() - 1);
+        let err = log.append(&mut records, 0).unwrap_err();
+        assert!(matches!(err, StoreError::InvalidBatch { .. }), "{err:?}");
+        let mut tiny = vec![0, 0, 0, 4, 1, 2, 3, 4];
+        assert!(log.append(&mut tiny, 0).is_err());
+        assert_eq!(log.next_offset(), 0);
+        log.publish();
+        assert_eq!(reader.size_bytes(), 0);
+    }
+}

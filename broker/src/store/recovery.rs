@@ -262,3 +262,267 @@ impl Chunk<'_> {
         Ok(&self.buf[start..start + n])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use qbus_client::protocol::record::encode_record;
+
+    use super::*;
+    use crate::store::testutil::{batch, body, decode};
+    use crate::store::{LogConfig, LogReader, MqLog};
+
+    fn config(segment_bytes: u64) -> LogConfig {
+        LogConfig {
+            segment_bytes,
+            ..LogConfig::default()
+        }
+    }
+
+    fn write(dir: &Path, segment_bytes: u64, n: u64) {
+        let (mut log, _) = MqLog::open(dir, config(segment_bytes)).unwrap();
+        for from in (0..n).step_by(10) {
+            log.append(&mut batch(from, (from + 10).min(n)), 42)
+                .unwrap();
+        }
+        log.sync().unwrap();
+    }
+
+    fn all(reader: &LogReader) -> Vec<(u64, Vec<u8>)> {
+        decode(&reader.read(0, None, usize::MAX, usize::MAX).unwrap())
+    }
+
+    fn expected(from: u64, to: u64) -> Vec<(u64, Vec<u8>)> {
+        (from..to).map(|n| (n, body(n))).collect()
+    }
+
+    fn active_log(dir: &Path) -> PathBuf {
+        let bases = list_segments(dir).unwrap();
+        log_path(dir, *bases.last().unwrap())
+    }
+
+    /// File positions of the records of a segment file.
+    fn record_positions(path: &Path) -> Vec<u64> {
+        let raw = std::fs::read(path).unwrap();
+        let mut at = 0;
+        let mut out = Vec::new();
+        while at < raw.len() {
+            out.push(at as u64);
+            at += peek_record_size(&raw[at..]).unwrap();
+        }
+        out
+    }
+
+    use std::path::PathBuf;
+
+    #[test]
+    fn torn_tail_is_truncated_and_appends_continue() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), 3_000, 200);
+        let active = active_log(tmp.path());
+        let len = std::fs::metadata(&active).unwrap().len();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&active)
+            .unwrap();
+        file.set_len(len - 3).unwrap();
+        drop(file);
+
+        let (mut log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+        assert_eq!(log.next_offset(), 199);
+        assert_eq!(all(&reader), expected(0, 199));
+        let mut again = batch(199, 210);
+        assert_eq!(log.append(&mut again, 43).unwrap().first_offset, 199);
+        log.publish();
+        assert_eq!(all(&reader), expected(0, 210));
+        drop((log, reader));
+        let (log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+        assert_eq!(log.next_offset(), 210);
+        assert_eq!(all(&reader), expected(0, 210));
+    }
+
+    #[test]
+    fn garbage_after_the_tail_is_truncated() {
+        for garbage in [vec![0u8; 3], vec![0u8; 100], vec![0xABu8; 5_000]] {
+            let tmp = tempfile::tempdir().unwrap();
+            write(tmp.path(), 3_000, 200);
+            let active = active_log(tmp.path());
+            let len = std::fs::metadata(&active).unwrap().len();
+            let mut raw = std::fs::read(&active).unwrap();
+            raw.extend_from_slice(&garbage);
+            std::fs::write(&active, raw).unwrap();
+
+            let (mut log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+            assert_eq!(std::fs::metadata(&active).unwrap().len(), len);
+            assert_eq!(log.next_offset(), 200);
+            log.append(&mut batch(200, 205), 43).unwrap();
+            log.publish();
+            assert_eq!(all(&reader), expected(0, 205));
+        }
+    }
+
+    #[test]
+    fn a_record_with_the_wrong_offset_ends_the_tail() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), 1 << 20, 50);
+        // A valid record, but carrying an offset from the past.
+        let active = active_log(tmp.path());
+        let mut raw = std::fs::read(&active).unwrap();
+        encode_record(&mut raw, 3, 0, None, None, b"stale").unwrap();
+        std::fs::write(&active, raw).unwrap();
+        let (log, reader) = MqLog::open(tmp.path(), config(1 << 20)).unwrap();
+        assert_eq!(log.next_offset(), 50);
+        assert_eq!(all(&reader), expected(0, 50));
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_sealed_segment_is_reported_on_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        for from in (0..300).step_by(10) {
+            log.append(&mut batch(from, from + 10), 42).unwrap();
+        }
+        log.publish();
+        let bases = list_segments(tmp.path()).unwrap();
+        assert!(bases.len() > 3);
+        let (base, next_base) = (bases[1], bases[2]);
+        let sealed = log_path(tmp.path(), base);
+        let positions = record_positions(&sealed);
+        let victim = base + 2;
+        let position = positions[2];
+        let mut raw = std::fs::read(&sealed).unwrap();
+        raw[position as usize + 30] ^= 0x01;
+        std::fs::write(&sealed, raw).unwrap();
+
+        // Records before it still read.
+        let good = reader.read(base, None, 2, 1 << 20).unwrap();
+        assert_eq!(decode(&good), expected(base, base + 2));
+        for (from, pos) in [
+            (victim, None),
+            (base, None),
+            (base + 2, Some(good.next_pos)),
+        ] {
+            let err = reader.read(from, pos, 100, 1 << 20).unwrap_err();
+            match &err {
+                StoreError::Corrupt {
+                    file,
+                    position: at,
+                    reason: RecordError::Checksum { .. },
+                } => {
+                    assert_eq!((file, *at), (&sealed, position));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            let msg = err.to_string();
+            assert!(msg.contains(&sealed.display().to_string()), "{msg}");
+            assert!(msg.contains(&position.to_string()), "{msg}");
+        }
+        // Records after it still read.
+        let after = reader.read(victim + 1, None, 1_000, 1 << 20).unwrap();
+        assert_eq!(
+            decode(&after)[..(next_base - victim - 1) as usize],
+            expected(victim + 1, next_base)[..]
+        );
+    }
+
+    #[test]
+    fn missing_or_damaged_indexes_are_rebuilt() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Big segments so each has many index entries.
+        write(tmp.path(), 20_000, 2_000);
+        let bases = list_segments(tmp.path()).unwrap();
+        assert!(bases.len() >= 3);
+        let originals: Vec<Vec<u8>> = bases
+            .iter()
+            .map(|&b| std::fs::read(index_path(tmp.path(), b)).unwrap())
+            .collect();
+        assert!(originals[0].len() >= 24);
+        // Sealed: missing. Another sealed: a bogus but plausible last entry. Active: empty.
+        std::fs::remove_file(index_path(tmp.path(), bases[0])).unwrap();
+        let mut bogus = originals[1].clone();
+        let (rel, pos) = {
+            let n = bogus.len();
+            let last = &bogus[n - 8..];
+            (
+                u32::from_be_bytes(last[..4].try_into().unwrap()),
+                u32::from_be_bytes(last[4..].try_into().unwrap()),
+            )
+        };
+        bogus.extend_from_slice(&(rel + 1).to_be_bytes());
+        bogus.extend_from_slice(&(pos + 4_000).to_be_bytes());
+        std::fs::write(index_path(tmp.path(), bases[1]), bogus).unwrap();
+        let last = *bases.last().unwrap();
+        std::fs::write(index_path(tmp.path(), last), b"").unwrap();
+
+        let (log, reader) = MqLog::open(tmp.path(), config(20_000)).unwrap();
+        assert_eq!(log.next_offset(), 2_000);
+        for from in (0..2_000).step_by(37) {
+            let got = reader.read(from, None, 2, 1 << 20).unwrap();
+            assert_eq!(decode(&got), expected(from, from + 2));
+        }
+        let rebuilt: Vec<Vec<u8>> = bases
+            .iter()
+            .map(|&b| std::fs::read(index_path(tmp.path(), b)).unwrap())
+            .collect();
+        assert_eq!(rebuilt, originals);
+    }
+
+    #[test]
+    fn a_sealed_segment_that_lost_its_tail_leaves_a_gap() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), 2_000, 300);
+        let bases = list_segments(tmp.path()).unwrap();
+        let (base, next_base) = (bases[1], bases[2]);
+        let sealed = log_path(tmp.path(), base);
+        let positions = record_positions(&sealed);
+        let cut = positions[positions.len() - 2];
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sealed)
+            .unwrap();
+        file.set_len(cut + 5).unwrap();
+        drop(file);
+
+        let (log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        assert_eq!(std::fs::metadata(&sealed).unwrap().len(), cut);
+        assert_eq!(log.next_offset(), 300);
+        let lost = next_base - 2;
+        let want: Vec<_> = expected(0, 300)
+            .into_iter()
+            .filter(|(o, _)| !(lost..next_base).contains(o))
+            .collect();
+        assert_eq!(all(&reader), want);
+        let got = reader.read(lost, None, 1, 1 << 20).unwrap();
+        assert_eq!(decode(&got), expected(next_base, next_base + 1));
+    }
+
+    #[test]
+    fn reopening_a_million_records_is_fast() {
+        const N: u64 = 1_000_000;
+        const BATCH: u64 = 10_000;
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut log, _) = MqLog::open(tmp.path(), LogConfig::default()).unwrap();
+            let mut records = Vec::new();
+            for n in 0..BATCH {
+                encode_record(&mut records, 0, 0, None, None, &n.to_be_bytes()).unwrap();
+            }
+            for _ in 0..N / BATCH {
+                log.append(&mut records, 7).unwrap();
+            }
+            log.sync().unwrap();
+        }
+        let started = Instant::now();
+        let (log, reader) = MqLog::open(tmp.path(), LogConfig::default()).unwrap();
+        let took = started.elapsed();
+        println!("reopened {N} records in {took:?}");
+        assert_eq!((reader.first_offset(), log.next_offset()), (0, N));
+        assert!(took.as_secs_f64() < 3.0, "reopen took {took:?}");
+        let got = reader.read(N - 1, None, 10, 1 << 20).unwrap();
+        assert_eq!(
+            decode(&got),
+            vec![(N - 1, (BATCH - 1).to_be_bytes().to_vec())]
+        );
+    }
+}

@@ -1,0 +1,277 @@
+//! End to end against the real `qbus-broker` binary: the client scenarios, crash recovery
+//! with `kill -9`, bad input on the wire, and start-up errors.
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use qbus_client::{Durability, MqOptions};
+use support::scenarios::{self, Connect};
+use support::BrokerProcess;
+
+fn connect_to(broker: &BrokerProcess) -> Connect {
+    let addr = broker.addr();
+    Box::new(move || {
+        let addr = addr.clone();
+        Box::pin(async move { qbus_client::Broker::connect(&addr).await.unwrap() })
+    })
+}
+
+macro_rules! process_scenarios {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let broker = BrokerProcess::start(&[]);
+            scenarios::$name(&connect_to(&broker)).await;
+        }
+    )*};
+}
+
+process_scenarios!(
+    round_trip,
+    two_groups_each_get_everything,
+    one_group_splits_messages,
+    closed_consumer_is_redelivered,
+    ack_timeout_and_dead_letters,
+    start_at_end,
+);
+
+/// 50k confirmed messages, `kill -9`, restart: a new group reads every confirmed message
+/// exactly once, in order, intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_kill_9() {
+    const N: usize = 50_000;
+    let mut broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("durable", MqOptions::default())
+        .await
+        .unwrap();
+    let producer = client.producer("durable");
+    let mut window = std::collections::VecDeque::new();
+    let mut confirmed = Vec::with_capacity(N);
+    for i in 0..N {
+        window.push_back(producer.send_async(format!("message-{i}")).await.unwrap());
+        if window.len() >= 256 {
+            let receipt = window.pop_front().unwrap().await.unwrap();
+            assert_eq!(receipt.durability, Durability::Synced);
+            confirmed.push(receipt.offset);
+        }
+    }
+    while let Some(pending) = window.pop_front() {
+        confirmed.push(pending.await.unwrap().offset);
+    }
+    assert_eq!(confirmed, (0..N as u64).collect::<Vec<_>>());
+    drop(client);
+
+    broker.restart(); // SIGKILL, then start on the same store
+    let client = broker.client().await;
+    assert_eq!(client.query_mq("durable").await.unwrap().depth(), N as u64);
+    let mut consumer = client
+        .consumer("durable")
+        .group("after-crash")
+        .batch(1000)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut batch = Vec::new();
+    let mut expected = 0u64;
+    while expected < N as u64 {
+        let deliveries = tokio::time::timeout(Duration::from_secs(20), consumer.recv_batch(1000))
+            .await
+            .expect("deliveries in time")
+            .unwrap();
+        for d in deliveries {
+            assert_eq!(d.offset, expected, "in order, exactly once");
+            assert_eq!(d.body, format!("message-{expected}").as_bytes());
+            expected += 1;
+            batch.push(d);
+        }
+        futures_util::future::try_join_all(batch.iter().map(|d| d.ack()))
+            .await
+            .unwrap();
+        batch.clear();
+    }
+    let info = client.query_mq("durable").await.unwrap();
+    assert_eq!(info.groups[0].lag, 0);
+}
+
+/// A group's acknowledged position survives a crash: nothing acked comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_survive_kill_9() {
+    let mut broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("acks", MqOptions::default())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        client.producer("acks").send(format!("{i}")).await.unwrap();
+    }
+    let mut consumer = client.consumer("acks").batch(1).subscribe().await.unwrap();
+    for _ in 0..6 {
+        consumer.next().await.unwrap().unwrap().ack().await.unwrap();
+    }
+    drop(consumer);
+    drop(client);
+    broker.restart();
+    let client = broker.client().await;
+    let mut consumer = client.consumer("acks").subscribe().await.unwrap();
+    let d = consumer.next().await.unwrap().unwrap();
+    assert_eq!(d.offset, 6, "resumes after the last acknowledged message");
+}
+
+fn raw_connection(broker: &BrokerProcess) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(broker.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Reads until the broker closes the connection; returns what it sent.
+fn read_until_closed(mut stream: std::net::TcpStream) -> Vec<u8> {
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    reply
+}
+
+/// Garbage and an oversized frame close only the offending connection, with an error
+/// frame that says why; other clients carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_closes_only_that_connection() {
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("safe", MqOptions::default())
+        .await
+        .unwrap();
+
+    let mut oversized = raw_connection(&broker);
+    oversized
+        .write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0])
+        .unwrap();
+    let reply = read_until_closed(oversized);
+    let (frame, _) = qbus_client::protocol::decode(&reply, 1 << 20).expect("an error frame");
+    assert_eq!(frame.header.status, 413);
+    assert!(frame.header.error.unwrap().contains("exceeds the maximum"));
+
+    let mut garbage = raw_connection(&broker);
+    let mut junk = vec![0, 0, 0, 40, 0, 0, 0, 30];
+    junk.extend((0..40u8).map(|b| b.wrapping_mul(37)));
+    garbage.write_all(&junk).unwrap();
+    let reply = read_until_closed(garbage);
+    let (frame, _) = qbus_client::protocol::decode(&reply, 1 << 20).expect("an error frame");
+    assert_eq!(frame.header.status, 400);
+
+    let mut truncated = raw_connection(&broker);
+    truncated.write_all(&[0, 0, 1, 0, 0, 0]).unwrap();
+    drop(truncated);
+
+    // An unknown command gets an error reply and the connection stays usable.
+    let mut header =
+        qbus_client::protocol::Header::request(qbus_client::protocol::Command::Unknown(250), None);
+    header.id = 9;
+    let mut buf = bytes::BytesMut::new();
+    qbus_client::protocol::encode(&qbus_client::protocol::Frame::new(header), &mut buf).unwrap();
+    let mut unknown = raw_connection(&broker);
+    unknown.write_all(&buf).unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = unknown.read(&mut reply).unwrap();
+    let (frame, _) = qbus_client::protocol::decode(&reply[..n], 1 << 20).unwrap();
+    assert_eq!((frame.header.id, frame.header.status), (9, 501));
+
+    let receipt = client.producer("safe").send("still fine").await.unwrap();
+    assert_eq!(receipt.offset, 0);
+}
+
+/// A record with a broken checksum is refused, and nothing of the batch is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_produce_is_refused() {
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client.create_mq("crc", MqOptions::default()).await.unwrap();
+    let mut body = bytes::BytesMut::new();
+    qbus_client::protocol::record::encode_record(&mut body, 0, 0, None, None, b"good").unwrap();
+    qbus_client::protocol::record::encode_record(&mut body, 0, 0, None, None, b"bad").unwrap();
+    let last = body.len() - 1;
+    body[last] ^= 1;
+    let mut header = qbus_client::protocol::Header::request(
+        qbus_client::protocol::Command::Produce,
+        Some("crc"),
+    );
+    header.count = Some(2);
+    let conn = qbus_client::Connection::new(
+        qbus_client::link::TcpConnector::new(broker.addr(), 1 << 20),
+        Default::default(),
+    );
+    let err = conn
+        .request(qbus_client::protocol::Frame::with_body(
+            header,
+            body.freeze(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(qbus_client::Status::BadRequest));
+    assert_eq!(client.query_mq("crc").await.unwrap().depth(), 0);
+}
+
+/// A second broker on the same store exits with a clear error; so does a port in use.
+#[test]
+fn start_up_errors_are_one_clear_line() {
+    let broker = BrokerProcess::start(&[]);
+    let other_port = support::free_port();
+    let out = BrokerProcess::command(other_port, &broker.store, &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is in use by another broker"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = BrokerProcess::command(broker.port, dir.path(), &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+
+    let out = BrokerProcess::command(
+        other_port,
+        dir.path(),
+        &["--fsync".into(), "sometimes".into()],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid setting fsync"), "{stderr}");
+}
+
+/// SIGTERM stops the broker cleanly (exit 0) and keeps every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly() {
+    let mut broker = BrokerProcess::start(&["--fsync".into(), "never".into()]);
+    let client = broker.client().await;
+    client
+        .create_mq("term", MqOptions::default())
+        .await
+        .unwrap();
+    for i in 0..100 {
+        let receipt = client.producer("term").send(format!("{i}")).await.unwrap();
+        assert_eq!(receipt.durability, Durability::Written);
+    }
+    let status = broker.terminate();
+    assert!(status.success(), "exit status {status}");
+    broker.restart();
+    let client = broker.client().await;
+    assert_eq!(client.query_mq("term").await.unwrap().depth(), 100);
+    let mut consumer = client.consumer("term").subscribe().await.unwrap();
+    let mut seen = HashSet::new();
+    while seen.len() < 100 {
+        seen.insert(consumer.next().await.unwrap().unwrap().offset);
+    }
+}

@@ -1,0 +1,259 @@
+//! Client behaviour that a broker must show whether it runs as a process or embedded. Each
+//! scenario takes a factory that opens a new, independent client connection.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use qbus_client::{Broker, Delivery, Message, MqOptions, StartAt, Status};
+
+pub type Connect = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Broker> + Send>> + Send + Sync>;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn next(consumer: &mut qbus_client::Consumer) -> Delivery {
+    tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("no delivery in time")
+        .expect("consumer ended")
+        .expect("consumer error")
+}
+
+async fn produce_numbers(broker: &Broker, mq: &str, n: u32) {
+    let producer = broker.producer(mq);
+    let mut pending = Vec::new();
+    for i in 0..n {
+        pending.push(producer.send_async(format!("{i}")).await.expect("queue"));
+    }
+    for (i, receipt) in pending.into_iter().enumerate() {
+        assert_eq!(receipt.await.expect("confirmed").offset, i as u64);
+    }
+}
+
+/// Produce, consume, ack: order, tags, keys, receipts and MQ info all line up.
+pub async fn round_trip(connect: &Connect) {
+    let broker = connect().await;
+    broker.create_mq("rt", MqOptions::default()).await.unwrap();
+    let receipt = broker
+        .producer("rt")
+        .send(Message::new("first").with_tag("a").with_key("k1"))
+        .await
+        .unwrap();
+    assert_eq!(receipt.offset, 0);
+    let batch = broker
+        .producer("rt")
+        .send_batch((1..=3).map(|i| Message::new(format!("b{i}")).with_tag("b")))
+        .await
+        .unwrap();
+    assert_eq!((batch.offset, batch.count), (1, 3));
+    let mut consumer = broker.consumer("rt").subscribe().await.unwrap();
+    let first = next(&mut consumer).await;
+    assert_eq!(
+        (&first.body[..], first.tag.as_deref(), first.key.as_deref()),
+        (&b"first"[..], Some("a"), Some("k1"))
+    );
+    first.ack().await.unwrap();
+    for i in 1..=3 {
+        let d = next(&mut consumer).await;
+        assert_eq!((d.offset, d.body.clone()), (i, format!("b{i}").into()));
+        d.ack().await.unwrap();
+    }
+    let info = broker.query_mq("rt").await.unwrap();
+    assert_eq!(info.depth(), 4);
+    assert_eq!(info.groups[0].committed, 4);
+    assert_eq!(info.groups[0].lag, 0);
+
+    let mut tagged = broker
+        .consumer("rt")
+        .group("only-b")
+        .tag("b")
+        .subscribe()
+        .await
+        .unwrap();
+    let d = next(&mut tagged).await;
+    assert_eq!(d.offset, 1, "tag filter skips offset 0");
+
+    let missing = broker.producer("nope").send("x").await.unwrap_err();
+    assert_eq!(missing.status(), Some(Status::NotFound));
+    let names: Vec<_> = broker
+        .list_mqs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, vec!["rt"]);
+    broker.remove_mq("rt").await.unwrap();
+    assert_eq!(
+        broker.query_mq("rt").await.unwrap_err().status(),
+        Some(Status::NotFound)
+    );
+}
+
+/// Every group sees every message.
+pub async fn two_groups_each_get_everything(connect: &Connect) {
+    let broker = connect().await;
+    broker
+        .create_mq("fanout", MqOptions::default())
+        .await
+        .unwrap();
+    produce_numbers(&broker, "fanout", 500).await;
+    for group in ["g1", "g2"] {
+        let mut consumer = broker
+            .consumer("fanout")
+            .group(group)
+            .batch(64)
+            .subscribe()
+            .await
+            .unwrap();
+        for i in 0..500u64 {
+            let d = next(&mut consumer).await;
+            assert_eq!(d.offset, i);
+            d.ack().await.unwrap();
+        }
+    }
+}
+
+/// Two consumers of one group split the messages with no duplicate while they ack.
+pub async fn one_group_splits_messages(connect: &Connect) {
+    let (a, b) = (connect().await, connect().await);
+    a.create_mq("split", MqOptions::default()).await.unwrap();
+    produce_numbers(&a, "split", 2000).await;
+    let mut ca = a
+        .consumer("split")
+        .group("workers")
+        .batch(50)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut cb = b
+        .consumer("split")
+        .group("workers")
+        .batch(50)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let (mut from_a, mut from_b) = (0, 0);
+    while seen.len() < 2000 {
+        let d = tokio::select! {
+            d = ca.next() => { from_a += 1; d }
+            d = cb.next() => { from_b += 1; d }
+        };
+        let d = d.expect("stream ended").expect("consumer error");
+        assert!(seen.insert(d.offset), "offset {} delivered twice", d.offset);
+        d.ack().await.unwrap();
+    }
+    assert!(
+        from_a > 0 && from_b > 0,
+        "both consumers got work: {from_a} / {from_b}"
+    );
+}
+
+/// Deliveries held by a consumer whose connection closes go to the other consumer at once
+/// (long before the ack timeout), marked as a second attempt.
+pub async fn closed_consumer_is_redelivered(connect: &Connect) {
+    let survivor = connect().await;
+    survivor
+        .create_mq("redo", MqOptions::default())
+        .await
+        .unwrap();
+    produce_numbers(&survivor, "redo", 10).await;
+    let doomed = connect().await;
+    let mut held = doomed
+        .consumer("redo")
+        .group("w")
+        .batch(10)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut taken = HashSet::new();
+    for _ in 0..10 {
+        taken.insert(next(&mut held).await.offset);
+    }
+    assert_eq!(taken.len(), 10);
+    drop(held);
+    drop(doomed); // closes the connection with 10 unacknowledged deliveries
+    let mut consumer = survivor
+        .consumer("redo")
+        .group("w")
+        .batch(10)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut again = HashSet::new();
+    while again.len() < 10 {
+        let d = next(&mut consumer).await;
+        assert!(d.attempt >= 2, "offset {} is a redelivery", d.offset);
+        again.insert(d.offset);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(again, taken);
+}
+
+/// An unacknowledged delivery comes back after the ack timeout; too many attempts send it
+/// to the dead-letter MQ.
+pub async fn ack_timeout_and_dead_letters(connect: &Connect) {
+    let broker = connect().await;
+    let options = MqOptions {
+        ack_timeout_ms: Some(300),
+        max_deliveries: Some(2),
+        dead_letter_mq: None,
+    };
+    broker.create_mq("slow", options).await.unwrap();
+    broker.producer("slow").send("poison").await.unwrap();
+    let mut consumer = broker.consumer("slow").subscribe().await.unwrap();
+    let first = next(&mut consumer).await;
+    let second = next(&mut consumer).await; // not acked: redelivered after 300 ms
+    assert_eq!((first.offset, first.attempt), (0, 1));
+    assert_eq!((second.offset, second.attempt), (0, 2));
+    second.ack().await.unwrap(); // a late ack of the current attempt still counts...
+    first.ack().await.unwrap(); // ...a stale one is ignored without error
+
+    broker.producer("slow").send("never acked").await.unwrap();
+    let _one = next(&mut consumer).await;
+    let _two = next(&mut consumer).await;
+    let mut dlq = None;
+    for _ in 0..200 {
+        if let Ok(info) = broker.query_mq("slow.DLQ").await {
+            if info.depth() == 1 {
+                dlq = Some(info);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dlq.is_some(), "message reached the dead-letter MQ");
+    let mut dead = broker.consumer("slow.DLQ").subscribe().await.unwrap();
+    assert_eq!(&next(&mut dead).await.body[..], b"never acked");
+}
+
+/// A group can start at the end, ignoring what is already stored.
+pub async fn start_at_end(connect: &Connect) {
+    let broker = connect().await;
+    broker
+        .create_mq("late", MqOptions::default())
+        .await
+        .unwrap();
+    produce_numbers(&broker, "late", 5).await;
+    let mut consumer = broker
+        .consumer("late")
+        .group("new")
+        .start(StartAt::Latest)
+        .subscribe()
+        .await
+        .unwrap();
+    // The group is created by its first fetch; wait until it exists before producing.
+    for _ in 0..200 {
+        let info = broker.query_mq("late").await.unwrap();
+        if info.groups.iter().any(|g| g.name == "new") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    broker.producer("late").send("fresh").await.unwrap();
+    let d = next(&mut consumer).await;
+    assert_eq!((d.offset, &d.body[..]), (5, &b"fresh"[..]));
+}
