@@ -21,6 +21,10 @@ pub type SharedLog = Arc<Mutex<MqLog>>;
 /// Shared handle on a group's cursor file.
 pub type SharedCursor = Arc<Mutex<CursorFile>>;
 
+type AppendReply = oneshot::Sender<Result<(Appended, Durability), StoreError>>;
+
+/// Most bytes of one MQ's appends joined into a single write.
+const MAX_WRITE: usize = 8 << 20;
 /// Most requests taken into one batch.
 const MAX_BATCH: usize = 8192;
 /// Requests that may wait for the commit thread before senders are made to wait.
@@ -30,7 +34,9 @@ enum Job {
     Append {
         log: SharedLog,
         records: BytesMut,
-        reply: oneshot::Sender<Result<(Appended, Durability), StoreError>>,
+        /// Records in `records`, so jobs can share one write and still get their offsets.
+        count: u64,
+        reply: AppendReply,
     },
     Cursor {
         cursor: SharedCursor,
@@ -112,11 +118,13 @@ impl Committer {
         &self,
         log: &SharedLog,
         records: BytesMut,
+        count: u32,
     ) -> Result<AppendWait, StoreError> {
         let (reply, wait) = oneshot::channel();
         let job = Job::Append {
             log: log.clone(),
             records,
+            count: count.into(),
             reply,
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
@@ -128,8 +136,9 @@ impl Committer {
         &self,
         log: &SharedLog,
         records: BytesMut,
+        count: u32,
     ) -> Result<(Appended, Durability), StoreError> {
-        self.submit_append(log, records).await?.wait().await
+        self.submit_append(log, records, count).await?.wait().await
     }
 
     /// Persists a group cursor with the same durability as appends.
@@ -225,11 +234,57 @@ impl Dirty {
     }
 }
 
+/// Appends to one log gathered from a batch, written with one call.
+struct Staged {
+    log: SharedLog,
+    records: BytesMut,
+    waiters: Vec<(AppendReply, u64)>,
+}
+
+impl Staged {
+    /// Writes the gathered records and hands each waiter its share of the offsets.
+    fn write(
+        self,
+        now: u64,
+        dirty: &mut Dirty,
+        written: &mut Vec<SharedLog>,
+        done: &mut Vec<Done>,
+    ) {
+        let Staged {
+            log,
+            mut records,
+            waiters,
+        } = self;
+        let result = log
+            .lock()
+            .expect("log lock poisoned")
+            .append(&mut records, now);
+        match result {
+            Ok(appended) => {
+                dirty.add_log(&log);
+                written.push(log);
+                let mut offset = appended.first_offset;
+                for (reply, count) in waiters {
+                    let share = Appended {
+                        first_offset: offset,
+                        count,
+                        next_offset: offset + count,
+                    };
+                    offset += count;
+                    done.push(Done::Append(reply, Ok(share)));
+                }
+            }
+            Err(e) => {
+                for (reply, _) in waiters {
+                    done.push(Done::Append(reply, Err(clone_error(&e))));
+                }
+            }
+        }
+    }
+}
+
 enum Done {
-    Append(
-        oneshot::Sender<Result<(Appended, Durability), StoreError>>,
-        Result<Appended, StoreError>,
-    ),
+    Append(AppendReply, Result<Appended, StoreError>),
     Cursor(
         oneshot::Sender<Result<Durability, StoreError>>,
         Result<(), StoreError>,
@@ -241,7 +296,8 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut done = Vec::with_capacity(MAX_BATCH);
     let mut dirty = Dirty::default();
-    let mut touched: Vec<SharedLog> = Vec::new();
+    let mut staged: Vec<Staged> = Vec::new();
+    let mut written: Vec<SharedLog> = Vec::new();
     let mut last_sync = std::time::Instant::now();
     loop {
         if rx.blocking_recv_many(&mut batch, MAX_BATCH) == 0 {
@@ -253,20 +309,35 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
             match job {
                 Job::Append {
                     log,
-                    mut records,
+                    records,
+                    count,
                     reply,
                 } => {
-                    let result = log
-                        .lock()
-                        .expect("log lock poisoned")
-                        .append(&mut records, now);
-                    if result.is_ok() {
-                        dirty.add_log(&log);
-                        if !touched.iter().any(|l| Arc::ptr_eq(l, &log)) {
-                            touched.push(log);
-                        }
+                    let fits = |s: &Staged| s.records.len() + records.len() <= MAX_WRITE;
+                    let at = staged.iter().position(|s| Arc::ptr_eq(&s.log, &log));
+                    if let Some(full) = at.filter(|&at| !fits(&staged[at])) {
+                        staged
+                            .swap_remove(full)
+                            .write(now, &mut dirty, &mut written, &mut done);
                     }
-                    done.push(Done::Append(reply, result));
+                    let at = match staged.iter().position(|s| Arc::ptr_eq(&s.log, &log)) {
+                        Some(at) => at,
+                        None => {
+                            staged.push(Staged {
+                                log,
+                                records: BytesMut::new(),
+                                waiters: Vec::new(),
+                            });
+                            staged.len() - 1
+                        }
+                    };
+                    let entry = &mut staged[at];
+                    if entry.records.is_empty() {
+                        entry.records = records;
+                    } else {
+                        entry.records.extend_from_slice(&records);
+                    }
+                    entry.waiters.push((reply, count));
                 }
                 Job::Cursor {
                     cursor,
@@ -294,6 +365,9 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
                 Job::Stop => stop = true,
             }
         }
+        for entry in staged.drain(..) {
+            entry.write(now, &mut dirty, &mut written, &mut done);
+        }
         let must_sync = match policy {
             FsyncPolicy::Always => true,
             FsyncPolicy::Interval(every) => last_sync.elapsed() >= every,
@@ -308,7 +382,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
                 tracing::error!(error = %e, "fsync failed");
             }
         }
-        for log in touched.drain(..) {
+        for log in written.drain(..) {
             log.lock().expect("log lock poisoned").publish();
         }
         let durability = durability_of(policy);

@@ -195,8 +195,9 @@ impl Mq {
         &self,
         committer: &Committer,
         records: BytesMut,
+        count: u32,
     ) -> Result<(crate::store::Appended, Durability), BrokerError> {
-        Ok(committer.append(&self.log, records).await?)
+        Ok(committer.append(&self.log, records, count).await?)
     }
 
     /// The group `name`, created at `start` if new.

@@ -167,7 +167,8 @@ impl Registry {
         let dlq = self
             .create(&mq.dead_letter_mq(), MqOptions::default())
             .await?;
-        dlq.append(&self.committer, records).await?;
+        dlq.append(&self.committer, records, offsets.len() as u32)
+            .await?;
         tracing::info!(
             mq = mq.name(),
             dlq = dlq.name(),

@@ -215,10 +215,10 @@ impl Session {
                     header.count.unwrap_or_default()
                 )));
             }
-            Ok(mq)
+            Ok((mq, count))
         })();
-        let mq = match checked {
-            Ok(mq) => mq,
+        let (mq, count) = match checked {
+            Ok(checked) => checked,
             Err(e) if header.has_flag(FLAG_ONEWAY) => {
                 tracing::warn!(error = %e, "dropping bad one-way produce");
                 return Ok(());
@@ -228,7 +228,7 @@ impl Session {
         let wait = match self
             .registry
             .committer()
-            .submit_append(mq.log(), BytesMut::from(body))
+            .submit_append(mq.log(), BytesMut::from(body), count)
             .await
         {
             Ok(wait) => wait,
