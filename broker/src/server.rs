@@ -115,7 +115,7 @@ async fn sweep(registry: Arc<Registry>, shutdown: CancellationToken) {
         }
         registry.sweep();
         ticks += 1;
-        if ticks % 50 == 0 {
+        if ticks.is_multiple_of(50) {
             registry.retain().await;
         }
     }

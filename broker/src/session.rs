@@ -134,6 +134,23 @@ async fn reply_in_order(
     }
 }
 
+/// A request that failed: enough to address the error reply.
+struct Failure {
+    cmd: Command,
+    id: u64,
+    error: BrokerError,
+}
+
+impl Failure {
+    fn new(request: &Header, error: BrokerError) -> Failure {
+        Failure {
+            cmd: request.cmd,
+            id: request.id,
+            error,
+        }
+    }
+}
+
 fn error_header(request: &Header, e: &BrokerError) -> Header {
     Header::error(request.cmd, request.id, e.status(), e.to_string())
 }
@@ -176,17 +193,23 @@ impl Session {
                 self.reply(Frame::new(header)).await
             }
         };
-        if let Err((request, e)) = result {
-            let _ = self.out.send(Frame::new(error_header(&request, &e))).await;
+        if let Err(failure) = result {
+            let header = Header::error(
+                failure.cmd,
+                failure.id,
+                failure.error.status(),
+                failure.error.to_string(),
+            );
+            let _ = self.out.send(Frame::new(header)).await;
         }
     }
 
-    async fn reply(&self, frame: Frame) -> Result<(), (Header, BrokerError)> {
+    async fn reply(&self, frame: Frame) -> Result<(), Failure> {
         let _ = self.out.send(frame).await;
         Ok(())
     }
 
-    async fn hello(&self, request: &Header) -> Result<(), (Header, BrokerError)> {
+    async fn hello(&self, request: &Header) -> Result<(), Failure> {
         let info = ServerInfo {
             protocol: PROTOCOL_VERSION,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -197,7 +220,7 @@ impl Session {
             .await
     }
 
-    async fn produce(&mut self, frame: Frame) -> Result<(), (Header, BrokerError)> {
+    async fn produce(&mut self, frame: Frame) -> Result<(), Failure> {
         let Frame { header, body } = frame;
         let checked = (|| {
             let mq = self.registry.get(required(&header.mq, "mq")?)?;
@@ -223,7 +246,7 @@ impl Session {
                 tracing::warn!(error = %e, "dropping bad one-way produce");
                 return Ok(());
             }
-            Err(e) => return Err((header, e)),
+            Err(e) => return Err(Failure::new(&header, e)),
         };
         let wait = match self
             .registry
@@ -232,23 +255,23 @@ impl Session {
             .await
         {
             Ok(wait) => wait,
-            Err(e) => return Err((header, e.into())),
+            Err(e) => return Err(Failure::new(&header, e.into())),
         };
         let _ = self.produced.send((header, wait)).await;
         Ok(())
     }
 
-    fn fetch(&mut self, request: Header) -> Result<(), (Header, BrokerError)> {
+    fn fetch(&mut self, request: Header) -> Result<(), Failure> {
         let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
             let e = BrokerError::Overloaded(format!(
                 "more than {MAX_FETCHES} fetches waiting on one connection"
             ));
-            return Err((request, e));
+            return Err(Failure::new(&request, e));
         };
         let (mq, group) = match (required(&request.mq, "mq"), &request.group) {
             (Ok(mq), Some(group)) => (mq.to_owned(), group.clone()),
             (Ok(mq), None) => (mq.to_owned(), mq.to_owned()),
-            (Err(e), _) => return Err((request, e)),
+            (Err(e), _) => return Err(Failure::new(&request, e)),
         };
         self.consumed.insert(mq.clone());
         let registry = self.registry.clone();
@@ -265,7 +288,7 @@ impl Session {
         Ok(())
     }
 
-    fn settle(&mut self, request: Header) -> Result<(), (Header, BrokerError)> {
+    fn settle(&mut self, request: Header) -> Result<(), Failure> {
         let registry = self.registry.clone();
         let out = self.out.clone();
         self.tasks.spawn(async move {

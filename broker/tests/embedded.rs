@@ -1,5 +1,7 @@
 //! The embedded broker passes the same client scenarios as the real process.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! End to end against the real `qbus-broker` binary: the client scenarios, crash recovery
 //! with `kill -9`, bad input on the wire, and start-up errors.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::collections::HashSet;
@@ -254,7 +256,7 @@ fn start_up_errors_are_one_clear_line() {
 /// SIGTERM stops the broker cleanly (exit 0) and keeps every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_shuts_down_cleanly() {
-    let mut broker = BrokerProcess::start(&["--fsync".into(), "never".into()]);
+    let mut broker = BrokerProcess::start(&["--fsync", "never"]);
     let client = broker.client().await;
     client
         .create_mq("term", MqOptions::default())

@@ -26,7 +26,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     for receipt in receipts {
         let receipt = receipt.await?;
-        println!("stored at offset {} ({})", receipt.offset, receipt.durability);
+        println!(
+            "stored at offset {} ({})",
+            receipt.offset, receipt.durability
+        );
     }
     Ok(())
 }

@@ -32,7 +32,9 @@ impl OffsetIndex {
     /// of `log_len` valid bytes. The flag says whether anything was dropped.
     pub(crate) fn decode(bytes: &[u8], log_len: u64) -> (OffsetIndex, bool) {
         let mut entries = Vec::with_capacity(bytes.len() / ENTRY_SIZE);
-        for raw in bytes.chunks_exact(ENTRY_SIZE) {
+        let raws = bytes.chunks_exact(ENTRY_SIZE);
+        let torn = !raws.remainder().is_empty();
+        for raw in raws {
             let rel = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
             let pos = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
             if !plausible(entries.last().copied(), (rel, pos), log_len) {
@@ -40,8 +42,7 @@ impl OffsetIndex {
             }
             entries.push((rel, pos));
         }
-        let dropped = bytes.len() % ENTRY_SIZE != 0;
-        (OffsetIndex { entries }, dropped)
+        (OffsetIndex { entries }, torn)
     }
 
     /// The greatest entry at or below `rel`; `(0, 0)` (the segment start) when there is none.

@@ -34,10 +34,7 @@ impl StoreLock {
             .truncate(false)
             .open(&path)
             .map_err(StoreError::io(&path))?;
-        // Workspace MSRV predates `File::try_lock` (1.89); the toolchain in use has it.
-        #[allow(clippy::incompatible_msrv)]
-        let locked = file.try_lock();
-        match locked {
+        match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 return Err(StoreError::Locked {

@@ -196,10 +196,8 @@ impl MqLog {
     /// directory when segments were created.
     pub fn sync(&mut self) -> Result<(), StoreError> {
         // Only the newest segments can have unsynced writes.
-        let unsynced = self.sealed.iter_mut().rev().take_while(|s| s.is_unsynced());
-        let mut unsynced: Vec<&mut Segment> = unsynced.collect();
-        unsynced.reverse();
-        for segment in unsynced {
+        let unsynced = self.sealed.iter_mut().rev();
+        for segment in unsynced.take_while(|s| s.is_unsynced()) {
             segment.sync()?;
         }
         if self.active.is_unsynced() {
@@ -604,7 +602,7 @@ mod tests {
         let dir = tmp.path().join("mq");
         let (mut log, reader) = MqLog::open(&dir, config(500)).unwrap();
         fill(&mut log, 100);
-        let mut end = reader.subscribe_end();
+        let end = reader.subscribe_end();
         log.destroy().unwrap();
         assert!(!dir.exists());
         assert!(end.has_changed().is_err());

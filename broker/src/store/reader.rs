@@ -182,7 +182,7 @@ impl LogReader {
         let mut bytes = 0usize;
         let mut from = from;
         let mut hint = pos;
-        let mut next_pos;
+        let mut next_pos = ReadPos::unknown(from);
         loop {
             let span = {
                 let view = self.view();
@@ -196,14 +196,16 @@ impl LogReader {
                 }
             };
             from = from.max(span.base);
+            if data_start.is_some() && span.start_offset < from {
+                // Retention moved the start meanwhile; the data so far must stay contiguous.
+                break;
+            }
             let mut reader = SpanReader::new(&span, &mut out);
             // Guess how many bytes the wanted records take, to read them in one call.
-            let records_in_span = span.end - span.base;
-            let avg = if records_in_span > 0 {
-                span.len / records_in_span + 1
-            } else {
-                DEFAULT_RECORD_ESTIMATE
-            };
+            let avg = span
+                .len
+                .checked_div(span.end - span.base)
+                .map_or(DEFAULT_RECORD_ESTIMATE, |avg| avg + 1);
             let ahead = |count: usize, bytes: usize| -> u64 {
                 let wanted = ((max_records - count) as u64).saturating_mul(avg);
                 wanted
@@ -397,5 +399,59 @@ impl<'a> SpanReader<'a> {
             position,
             reason,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testutil::{batch, body, decode};
+    use crate::store::{LogConfig, MqLog};
+
+    #[test]
+    fn reader_is_shareable() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<LogReader>();
+    }
+
+    #[test]
+    fn reads_run_concurrently_with_appends_and_retention() {
+        const N: u64 = 5_000;
+        let tmp = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 4_000,
+            retention_bytes: Some(1 << 20),
+            retention_ms: None,
+        };
+        let (mut log, reader) = MqLog::open(tmp.path(), config).unwrap();
+        let writer = std::thread::spawn(move || {
+            for from in (0..N).step_by(25) {
+                log.append(&mut batch(from, from + 25), 1).unwrap();
+                log.publish();
+                log.enforce_retention(2).unwrap();
+            }
+            log
+        });
+        let mut next = 0;
+        let mut pos = None;
+        let mut end = reader.subscribe_end();
+        while next < N {
+            let published = reader.end_offset();
+            let got = reader.read(next, pos, 64, 4_096).unwrap();
+            for (offset, data) in decode(&got) {
+                assert_eq!((offset, data), (next, body(next)));
+                assert!(offset < reader.end_offset().max(published));
+                next += 1;
+            }
+            assert_eq!(got.next_offset, next);
+            pos = Some(got.next_pos);
+            if got.count == 0 {
+                let _ = end.has_changed();
+                end.borrow_and_update();
+                std::thread::yield_now();
+            }
+        }
+        let log = writer.join().unwrap();
+        assert_eq!(log.next_offset(), N);
     }
 }

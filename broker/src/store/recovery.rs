@@ -265,6 +265,7 @@ impl Chunk<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
     use std::time::Instant;
 
     use qbus_client::protocol::record::encode_record;
@@ -313,8 +314,6 @@ mod tests {
         }
         out
     }
-
-    use std::path::PathBuf;
 
     #[test]
     fn torn_tail_is_truncated_and_appends_continue() {
@@ -501,9 +500,11 @@ mod tests {
     fn reopening_a_million_records_is_fast() {
         const N: u64 = 1_000_000;
         const BATCH: u64 = 10_000;
+        // Several segments, so sealed ones are reopened too.
+        const SEGMENT: u64 = 8 << 20;
         let tmp = tempfile::tempdir().unwrap();
         {
-            let (mut log, _) = MqLog::open(tmp.path(), LogConfig::default()).unwrap();
+            let (mut log, _) = MqLog::open(tmp.path(), config(SEGMENT)).unwrap();
             let mut records = Vec::new();
             for n in 0..BATCH {
                 encode_record(&mut records, 0, 0, None, None, &n.to_be_bytes()).unwrap();
@@ -514,9 +515,12 @@ mod tests {
             log.sync().unwrap();
         }
         let started = Instant::now();
-        let (log, reader) = MqLog::open(tmp.path(), LogConfig::default()).unwrap();
+        let (log, reader) = MqLog::open(tmp.path(), config(SEGMENT)).unwrap();
         let took = started.elapsed();
-        println!("reopened {N} records in {took:?}");
+        println!(
+            "reopened {N} records in {} segments in {took:?}",
+            reader.segment_count()
+        );
         assert_eq!((reader.first_offset(), log.next_offset()), (0, N));
         assert!(took.as_secs_f64() < 3.0, "reopen took {took:?}");
         let got = reader.read(N - 1, None, 10, 1 << 20).unwrap();
