@@ -123,6 +123,21 @@ pub struct Settings {
     /// Unacknowledged deliveries one connection may hold per group [default: 65536]
     #[arg(long, env = "QBUS_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<u32>,
+    /// HTTP: longest wait for a request's head or body, for the next request on an idle
+    /// connection, and for a client to read a reply [default: 10s]
+    #[arg(long, env = "QBUS_HTTP_TIMEOUT")]
+    pub http_timeout: Option<String>,
+    /// Trackers to report to, HOST:PORT[,HOST:PORT...] [default: none, no reporting]
+    #[arg(long, env = "QBUS_TRACKER", value_name = "ADDR[,ADDR]")]
+    pub tracker: Option<String>,
+    /// Address clients should use for this broker, HOST:PORT [default: the bind address,
+    /// or if that is 0.0.0.0 the local address facing the first tracker, and the port]
+    #[arg(long, env = "QBUS_ADVERTISE", value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// How often to report to the trackers without a change; trackers drop a broker after
+    /// a few missed reports [default: 2s]
+    #[arg(long, env = "QBUS_REPORT_INTERVAL")]
+    pub report_interval: Option<String>,
 }
 
 impl Settings {
@@ -140,6 +155,10 @@ impl Settings {
             ack_timeout: self.ack_timeout.or(other.ack_timeout),
             max_deliveries: self.max_deliveries.or(other.max_deliveries),
             max_in_flight: self.max_in_flight.or(other.max_in_flight),
+            http_timeout: self.http_timeout.or(other.http_timeout),
+            tracker: self.tracker.or(other.tracker),
+            advertise: self.advertise.or(other.advertise),
+            report_interval: self.report_interval.or(other.report_interval),
         }
     }
 
@@ -182,6 +201,11 @@ impl Settings {
         if max_deliveries == 0 {
             return Err(bad("max-deliveries")("must be at least 1".into()));
         }
+        let http_timeout =
+            duration("http-timeout", self.http_timeout)?.unwrap_or(Duration::from_secs(10));
+        if http_timeout.is_zero() {
+            return Err(bad("http-timeout")("must be more than 0, e.g. 10s".into()));
+        }
         Ok(Config {
             listen,
             store: self.store.unwrap_or_else(|| PathBuf::from("./store")),
@@ -198,6 +222,12 @@ impl Settings {
                 .unwrap_or(crate::consumer_group::DEFAULT_ACK_TIMEOUT),
             max_deliveries,
             max_in_flight: self.max_in_flight.unwrap_or(65_536).max(1),
+            http_timeout,
+            reporting: crate::reporter::Reporting::resolve(
+                self.tracker,
+                self.advertise,
+                duration("report-interval", self.report_interval)?,
+            )?,
         })
     }
 }
@@ -235,6 +265,10 @@ pub struct Config {
     pub max_deliveries: u32,
     /// Unacknowledged deliveries per connection and group.
     pub max_in_flight: u32,
+    /// HTTP request, idle and reply-write timeout.
+    pub http_timeout: Duration,
+    /// Reporting to trackers, when any are configured.
+    pub reporting: Option<crate::reporter::Reporting>,
 }
 
 impl Config {

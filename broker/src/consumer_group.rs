@@ -147,7 +147,28 @@ impl ConsumerGroup {
                 acked += 1;
             }
         }
+        self.trim_deadlines();
         acked
+    }
+
+    /// Drops deadlines of deliveries already settled from the front of the queue. Acks
+    /// mostly arrive in delivery order, so this keeps the queue about as long as what is
+    /// really in flight instead of holding every delivery of the last ack timeout.
+    fn trim_deadlines(&mut self) {
+        while let Some(&(_, offset, attempt)) = self.deadlines.front() {
+            let live = self
+                .in_flight
+                .get(&offset)
+                .is_some_and(|e| e.attempt == attempt && e.holder.is_some());
+            if live {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
+        if self.deadlines.capacity() > 1024 && self.deadlines.len() < self.deadlines.capacity() / 4
+        {
+            self.deadlines.shrink_to(self.deadlines.len() * 2);
+        }
     }
 
     /// Releases deliveries for immediate redelivery. Returns how many were released.
@@ -181,6 +202,11 @@ impl ConsumerGroup {
         *self.consumers.entry(conn).or_default() += 1;
     }
 
+    /// True while some connection consumes for this group.
+    pub fn has_consumers(&self) -> bool {
+        !self.consumers.is_empty()
+    }
+
     /// Releases every delivery `conn` holds and forgets it as a consumer. Returns how many
     /// deliveries were released.
     pub fn leave(&mut self, conn: u64) -> usize {
@@ -195,6 +221,12 @@ impl ConsumerGroup {
             self.release(offset, None);
         }
         held.len()
+    }
+
+    /// Forgets `conn` as a consumer but leaves its deliveries held until they are acked or
+    /// time out: an HTTP client acks on a later connection than the one it fetched on.
+    pub fn detach(&mut self, conn: u64) {
+        self.consumers.remove(&conn);
     }
 
     /// Forgets records below `first` (deleted by retention).
@@ -335,6 +367,20 @@ mod tests {
         assert_eq!((out.deliver.len(), out.dead), (0, vec![0]));
         assert_eq!(g.committed(), 1);
         assert_eq!(g.info(1).dead_lettered, 1);
+    }
+
+    #[test]
+    fn acked_deliveries_do_not_pile_up_deadlines() {
+        let now = Instant::now();
+        let mut g = ConsumerGroup::new("g", 0);
+        for round in 0..100u64 {
+            let offsets: Vec<u64> = (round * 100..round * 100 + 100).collect();
+            g.deliver_new(round * 100 + 100, &offsets, 1, now);
+            let tokens: Vec<_> = offsets.iter().map(|&o| token(o, 1)).collect();
+            g.ack(&tokens);
+        }
+        assert_eq!(g.deadlines.len(), 0);
+        assert!(g.deadlines.capacity() <= 1024);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use qbus_client::protocol::Durability;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::FsyncPolicy;
+use crate::metrics::{LatencyHistogram, FSYNC_BUCKETS};
 use crate::store::{Appended, CursorFile, MqLog, StoreError};
 
 /// Shared handle on an MQ's log; only the commit thread writes through it.
@@ -72,6 +73,8 @@ impl AppendWait {
 pub struct Committer {
     tx: mpsc::Sender<Job>,
     policy: FsyncPolicy,
+    /// Time each batch spent in fsync, recorded by the commit thread.
+    fsync: Arc<LatencyHistogram>,
 }
 
 /// The commit thread is gone (the broker is shutting down).
@@ -86,9 +89,11 @@ impl Committer {
     /// Starts the commit thread (call inside a Tokio runtime).
     pub fn start(policy: FsyncPolicy) -> std::io::Result<(Committer, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let fsync = Arc::new(LatencyHistogram::new(FSYNC_BUCKETS));
+        let timings = fsync.clone();
         let handle = std::thread::Builder::new()
             .name("qbus-commit".into())
-            .spawn(move || run(rx, policy))?;
+            .spawn(move || run(rx, policy, &timings))?;
         if let FsyncPolicy::Interval(every) = policy {
             // A weak sender, so the ticker does not keep the thread alive after shutdown.
             let ticker = tx.downgrade();
@@ -103,7 +108,12 @@ impl Committer {
                 }
             });
         }
-        Ok((Committer { tx, policy }, handle))
+        Ok((Committer { tx, policy, fsync }, handle))
+    }
+
+    /// How long fsyncs take (one observation per batch that had files to sync).
+    pub fn fsync_latency(&self) -> &LatencyHistogram {
+        &self.fsync
     }
 
     /// What an acknowledgement promises under this broker's fsync policy.
@@ -292,7 +302,7 @@ enum Done {
     Sync(oneshot::Sender<Result<(), StoreError>>),
 }
 
-fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
+fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogram) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut done = Vec::with_capacity(MAX_BATCH);
     let mut dirty = Dirty::default();
@@ -376,8 +386,15 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
             || done.iter().any(|d| matches!(d, Done::Sync(_)));
         let mut sync_result = Ok(());
         if must_sync {
+            // A batch of only reads or syncs has nothing to flush: timing it would fill the
+            // histogram with zeros.
+            let flushing = !dirty.logs.is_empty() || !dirty.cursors.is_empty();
+            let started = std::time::Instant::now();
             sync_result = dirty.sync();
             last_sync = std::time::Instant::now();
+            if flushing {
+                fsync.observe(last_sync - started);
+            }
             if let Err(e) = &sync_result {
                 tracing::error!(error = %e, "fsync failed");
             }

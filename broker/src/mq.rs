@@ -13,7 +13,8 @@ use tokio::sync::Notify;
 
 use crate::consumer_group::ConsumerGroup;
 use crate::error::{validate_name, BrokerError};
-use crate::group_commit::{Committer, SharedCursor, SharedLog};
+use crate::group_commit::{AppendWait, Committer, SharedCursor, SharedLog};
+use crate::metrics::MqCounters;
 use crate::store::{CursorFile, LogConfig, LogReader, MqLog, ReadPos, StoreError};
 
 const OPTIONS_FILE: &str = "mq.options";
@@ -93,6 +94,7 @@ pub struct Mq {
     log: SharedLog,
     reader: LogReader,
     groups: Mutex<HashMap<String, Arc<Group>>>,
+    counters: MqCounters,
 }
 
 impl Mq {
@@ -162,6 +164,7 @@ impl Mq {
             log: Arc::new(Mutex::new(log)),
             reader,
             groups: Mutex::new(groups),
+            counters: MqCounters::default(),
         })
     }
 
@@ -190,14 +193,33 @@ impl Mq {
         &self.reader
     }
 
-    /// Appends whole, verified records.
+    /// Messages and bytes through this MQ since the broker started.
+    pub fn counters(&self) -> &MqCounters {
+        &self.counters
+    }
+
+    /// Queues `count` whole, verified records for appending; the returned wait resolves
+    /// once they are durable (see [`Committer::submit_append`]).
+    pub async fn submit(
+        &self,
+        committer: &Committer,
+        records: BytesMut,
+        count: u32,
+    ) -> Result<AppendWait, BrokerError> {
+        let bytes = records.len() as u64;
+        let wait = committer.submit_append(&self.log, records, count).await?;
+        self.counters.produced(count.into(), bytes);
+        Ok(wait)
+    }
+
+    /// Appends whole, verified records and waits for them.
     pub async fn append(
         &self,
         committer: &Committer,
         records: BytesMut,
         count: u32,
     ) -> Result<(crate::store::Appended, Durability), BrokerError> {
-        Ok(committer.append(&self.log, records, count).await?)
+        Ok(self.submit(committer, records, count).await?.wait().await?)
     }
 
     /// The group `name`, created at `start` if new.
@@ -432,6 +454,23 @@ impl Mq {
                 group.changed.notify_waiters();
             }
         }
+    }
+
+    /// Stops counting `conn` as a consumer of any group, keeping what it holds (see
+    /// [`ConsumerGroup::detach`]).
+    pub fn detach(&self, conn: u64) {
+        for group in self.groups.lock().expect("groups poisoned").values() {
+            group.state().detach(conn);
+        }
+    }
+
+    /// True while some connection consumes from any group (MQ-RPC's "is anyone there").
+    pub fn has_consumers(&self) -> bool {
+        self.groups
+            .lock()
+            .expect("groups poisoned")
+            .values()
+            .any(|group| group.state().has_consumers())
     }
 
     /// Releases deliveries past their ack deadline and drops records lost to retention.

@@ -4,15 +4,39 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use qbus_client::protocol::MqOptions;
+use qbus_client::protocol::{DeliveryToken, Durability, MqOptions};
 
 use crate::config::Config;
 use crate::error::{validate_name, BrokerError};
 use crate::group_commit::Committer;
-use crate::mq::{Limits, Mq};
+use crate::metrics::BrokerMetrics;
+use crate::mq::{Fetched, Group, Limits, Mq, Start};
+use crate::rpc_route::Routes;
 use crate::store::{LogConfig, StoreError, StoreLock};
+
+/// Longest long-poll a fetch may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Most records one fetch may ask for.
+pub const MAX_FETCH_COUNT: usize = 1 << 16;
+
+/// What a fetch asks for; the binary protocol and HTTP fill it from their own requests.
+#[derive(Debug, Clone)]
+pub struct FetchRequest<'a> {
+    /// The MQ.
+    pub mq: &'a str,
+    /// The consumer group; the MQ's name when `None`.
+    pub group: Option<&'a str>,
+    /// Only records with this tag.
+    pub tag: Option<&'a str>,
+    /// Where the group starts if this fetch creates it.
+    pub start: Start,
+    /// Most records wanted (1 to [`MAX_FETCH_COUNT`]).
+    pub count: usize,
+    /// How long to wait for a record (at most [`MAX_WAIT`]).
+    pub wait: Duration,
+}
 
 /// Every MQ of one broker.
 pub struct Registry {
@@ -23,6 +47,11 @@ pub struct Registry {
     admin: tokio::sync::Mutex<()>,
     next_conn: AtomicU64,
     started: Instant,
+    metrics: Arc<BrokerMetrics>,
+    /// Bumped on every change the trackers must hear of (see [`Registry::watch_changes`]).
+    changes: tokio::sync::watch::Sender<u64>,
+    /// MQ-RPC callers awaiting a reply.
+    routes: Arc<Routes>,
     _lock: StoreLock,
 }
 
@@ -66,6 +95,9 @@ impl Registry {
             admin: tokio::sync::Mutex::new(()),
             next_conn: AtomicU64::new(1),
             started,
+            metrics: Arc::new(BrokerMetrics::default()),
+            changes: tokio::sync::watch::channel(0).0,
+            routes: Arc::new(Routes::new()),
             _lock: lock,
         })
     }
@@ -137,6 +169,7 @@ impl Registry {
             .expect("mq table poisoned")
             .insert(name.to_owned(), mq.clone());
         tracing::info!(mq = name, "MQ created");
+        self.changed();
         Ok(mq)
     }
 
@@ -158,6 +191,7 @@ impl Registry {
         .await
         .map_err(|e| BrokerError::BadRequest(format!("remove failed: {e}")))??;
         tracing::info!(mq = name, "MQ removed");
+        self.changed();
         Ok(())
     }
 
@@ -183,14 +217,120 @@ impl Registry {
         for mq in self.list() {
             mq.disconnect(conn);
         }
+        self.changed();
     }
 
-    /// Releases expired deliveries everywhere.
+    /// A receiver that wakes on every change the trackers must hear of: an MQ created or
+    /// removed, a group created, a consumer joining or leaving. The broker's reporter
+    /// follows it (see [`crate::reporter`]).
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Records a change the trackers must hear of.
+    pub fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Stops counting a closed HTTP connection as a consumer. Unlike [`Registry::disconnect`]
+    /// its deliveries stay held until acked or timed out: HTTP clients ack on later
+    /// connections.
+    pub fn detach(&self, conn: u64) {
+        for mq in self.list() {
+            mq.detach(conn);
+        }
+        self.changed();
+    }
+
+    /// Connection and request counters.
+    pub fn metrics(&self) -> &Arc<BrokerMetrics> {
+        &self.metrics
+    }
+
+    /// The MQ-RPC callers awaiting a reply.
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
+    /// Hands records to connection `conn`, creating the group if new, and moves records past
+    /// their delivery limit to the dead-letter MQ on the way. Returns when records are
+    /// delivered or the wait ends (then empty).
+    pub async fn fetch(
+        &self,
+        conn: u64,
+        request: &FetchRequest<'_>,
+    ) -> Result<Fetched, BrokerError> {
+        let mq = self.get(request.mq)?;
+        let group_name = request.group.unwrap_or(request.mq);
+        let created = mq.existing_group(group_name).is_none();
+        let group = mq.group(&self.committer, group_name, request.start).await?;
+        if created {
+            self.changed();
+        }
+        let count = request.count.clamp(1, MAX_FETCH_COUNT);
+        let give_up = tokio::time::Instant::now() + request.wait.min(MAX_WAIT);
+        loop {
+            let wait = give_up.saturating_duration_since(tokio::time::Instant::now());
+            let fetched = mq.fetch(&group, conn, count, request.tag, wait).await?;
+            if !fetched.dead.is_empty() {
+                self.dead_letter(&mq, &fetched.dead).await?;
+                // Only dead records came out: look again for live ones (each round retires
+                // at least one record, so this ends).
+                if fetched.attempts.is_empty() {
+                    continue;
+                }
+            }
+            mq.counters()
+                .delivered(fetched.attempts.len() as u64, fetched.body.len() as u64);
+            return Ok(fetched);
+        }
+    }
+
+    /// Acknowledges deliveries of `group` (the MQ's name when `None`); returns how many were
+    /// acknowledged and how durable the group's cursor is.
+    pub async fn ack(
+        &self,
+        mq: &str,
+        group: Option<&str>,
+        tokens: &[DeliveryToken],
+    ) -> Result<(usize, Durability), BrokerError> {
+        let (mq, group) = self.existing_group(mq, group)?;
+        let (acked, durability) = mq.ack(&self.committer, &group, tokens).await?;
+        mq.counters().acked(acked as u64);
+        Ok((acked, durability))
+    }
+
+    /// Gives deliveries back for immediate redelivery; returns how many were released.
+    pub fn nack(
+        &self,
+        mq: &str,
+        group: Option<&str>,
+        tokens: &[DeliveryToken],
+    ) -> Result<usize, BrokerError> {
+        let (mq, group) = self.existing_group(mq, group)?;
+        Ok(mq.nack(&group, tokens))
+    }
+
+    fn existing_group(
+        &self,
+        mq: &str,
+        group: Option<&str>,
+    ) -> Result<(Arc<Mq>, Arc<Group>), BrokerError> {
+        let mq = self.get(mq)?;
+        let name = group.unwrap_or(mq.name());
+        let group = mq.existing_group(name).ok_or_else(|| {
+            BrokerError::BadRequest(format!("no group {name:?} on {}", mq.name()))
+        })?;
+        Ok((mq, group))
+    }
+
+    /// Releases expired deliveries everywhere and drops MQ-RPC calls past their deadline.
     pub fn sweep(&self) {
         let now = Instant::now();
         for mq in self.list() {
             mq.sweep(now);
         }
+        self.routes.expire(now);
     }
 
     /// Applies retention to every MQ.

@@ -1,16 +1,21 @@
 //! Starting and stopping a broker: the store, the commit thread, the background sweeper, and
 //! the TCP accept loop. The embedded broker uses the same [`Core`] without a socket.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_client::link::{tcp_link, Link};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::group_commit::Committer;
+use crate::http;
+use crate::metrics::Protocol;
+use crate::rates;
 use crate::registry::Registry;
 use crate::session;
 use crate::store::StoreError;
@@ -53,6 +58,10 @@ impl Core {
         let registry = Arc::new(registry);
         let shutdown = CancellationToken::new();
         tokio::spawn(sweep(registry.clone(), shutdown.clone()));
+        tokio::spawn(rates::sample_every_second(
+            registry.clone(),
+            shutdown.clone(),
+        ));
         Ok(Core {
             registry,
             commit_thread: std::sync::Mutex::new(Some(commit_thread)),
@@ -74,9 +83,32 @@ impl Core {
             peer,
             self.shutdown.child_token(),
         );
+        self.spawn(session).await;
+    }
+
+    /// Serves one TCP connection in the background, as HTTP/1.1 or the binary protocol
+    /// depending on its first byte (see [`http::sniff`]).
+    pub async fn accept(&self, stream: TcpStream, peer: SocketAddr) {
+        let registry = self.registry.clone();
+        let shutdown = self.shutdown.child_token();
+        self.spawn(async move {
+            match http::sniff::sniff(&stream, http::sniff::FIRST_BYTE_TIMEOUT).await {
+                Ok(Protocol::Http) => http::serve(stream, peer, registry, shutdown).await,
+                Ok(Protocol::Binary) => {
+                    let link = tcp_link(stream, registry.config().max_frame);
+                    session::serve(registry, link, peer.to_string(), shutdown).await
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
+            }
+        })
+        .await;
+    }
+
+    /// Runs a connection's task in the set that shutdown waits for.
+    async fn spawn(&self, connection: impl Future<Output = ()> + Send + 'static) {
         let mut sessions = self.sessions.lock().await;
         while sessions.try_join_next().is_some() {}
-        sessions.spawn(session);
+        sessions.spawn(connection);
     }
 
     /// Closes every session, writes and fsyncs what is queued, and stops the commit thread.
@@ -137,14 +169,20 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    let max_frame = config.max_frame;
+    let reporting = config.reporting.clone();
     let core = Core::start(config).await?;
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "broker listening");
+    if let (Some(reporting), Some(local)) = (reporting, local) {
+        let addr = reporting.advertised(local);
+        // A child token: on shutdown the tracker connections close and the trackers drop
+        // this broker at once.
+        tokio::spawn(reporting.run(core.registry().clone(), addr, shutdown.child_token()));
+    }
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => core.serve(tcp_link(stream, max_frame), peer.to_string()).await,
+                Ok((stream, peer)) => core.accept(stream, peer).await,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");

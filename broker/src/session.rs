@@ -20,15 +20,15 @@ use tracing::Instrument;
 
 use crate::error::BrokerError;
 use crate::group_commit::AppendWait;
+use crate::metrics::Protocol;
 use crate::mq::Start;
-use crate::registry::Registry;
+use crate::registry::{FetchRequest, Registry};
+use crate::rpc_route;
 
 /// Long polls one connection may have waiting at once.
 const MAX_FETCHES: usize = 64;
 /// Produce replies waiting for the disk per connection; more makes the reader wait.
 const PRODUCE_PIPELINE: usize = 4096;
-/// Longest long-poll a client may ask for.
-const MAX_WAIT: Duration = Duration::from_secs(60);
 /// A connection silent this long is closed (clients heartbeat every 5 s by default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -39,8 +39,9 @@ struct Session {
     produced: mpsc::Sender<(Header, AppendWait)>,
     fetches: Arc<Semaphore>,
     tasks: JoinSet<()>,
-    /// Groups this connection consumed from, to release its deliveries when it closes.
-    consumed: HashSet<String>,
+    /// MQs and groups this connection consumed from, to release its deliveries when it
+    /// closes (and to tell the trackers when it starts consuming from a new one).
+    consumed: HashSet<(String, String)>,
 }
 
 /// Serves one link until the peer closes it, it fails, or `shutdown` fires.
@@ -52,6 +53,7 @@ pub async fn serve(registry: Arc<Registry>, link: Link, peer: String, shutdown: 
 
 async fn run(registry: Arc<Registry>, link: Link, conn: u64, shutdown: CancellationToken) {
     tracing::debug!("session opened");
+    let _open = registry.metrics().connection(Protocol::Binary);
     let Link {
         tx: out,
         rx: mut inbound,
@@ -105,6 +107,7 @@ async fn run(registry: Arc<Registry>, link: Link, conn: u64, shutdown: Cancellat
     if !session.consumed.is_empty() {
         registry.disconnect(conn);
     }
+    registry.routes().disconnect(conn);
     tracing::debug!("session closed");
 }
 
@@ -181,6 +184,12 @@ impl Session {
                 self.admin(frame);
                 Ok(())
             }
+            Command::Call | Command::Route | Command::QueryRoutes => {
+                match rpc_route::handle(&self.registry, self.conn, &self.out, frame).await {
+                    Some(reply) => self.reply(reply).await,
+                    None => Ok(()),
+                }
+            }
             Command::Unknown(code) => {
                 let header = Header::error(
                     header.cmd,
@@ -188,6 +197,21 @@ impl Session {
                     Status::UnknownCommand,
                     format!(
                         "unknown command {code} (this broker speaks protocol {PROTOCOL_VERSION})"
+                    ),
+                );
+                self.reply(Frame::new(header)).await
+            }
+            Command::Report
+            | Command::Subscribe
+            | Command::TopologyUpdate
+            | Command::QueryTopology => {
+                let header = Header::error(
+                    header.cmd,
+                    header.id,
+                    Status::UnknownCommand,
+                    format!(
+                        "{:?} is a tracker command; this is a broker (send it to qbus-tracker)",
+                        header.cmd
                     ),
                 );
                 self.reply(Frame::new(header)).await
@@ -248,14 +272,12 @@ impl Session {
             }
             Err(e) => return Err(Failure::new(&header, e)),
         };
-        let wait = match self
-            .registry
-            .committer()
-            .submit_append(mq.log(), BytesMut::from(body), count)
+        let wait = match mq
+            .submit(self.registry.committer(), BytesMut::from(body), count)
             .await
         {
             Ok(wait) => wait,
-            Err(e) => return Err(Failure::new(&header, e.into())),
+            Err(e) => return Err(Failure::new(&header, e)),
         };
         let _ = self.produced.send((header, wait)).await;
         Ok(())
@@ -273,7 +295,10 @@ impl Session {
             (Ok(mq), None) => (mq.to_owned(), mq.to_owned()),
             (Err(e), _) => return Err(Failure::new(&request, e)),
         };
-        self.consumed.insert(mq.clone());
+        if self.consumed.insert((mq.clone(), group.clone())) {
+            // A consumer joined: the trackers hear of it within the reporter's debounce.
+            self.registry.changed();
+        }
         let registry = self.registry.clone();
         let out = self.out.clone();
         let conn = self.conn;
@@ -321,7 +346,6 @@ async fn fetch(
     mq_name: &str,
     group_name: &str,
 ) -> Result<Frame, BrokerError> {
-    let mq = registry.get(mq_name)?;
     let start = if request.has_flag(FLAG_START_AT_END) {
         Start::Latest
     } else if request.has_flag(FLAG_START_AT_OFFSET) {
@@ -329,15 +353,15 @@ async fn fetch(
     } else {
         Start::Earliest
     };
-    let group = mq.group(registry.committer(), group_name, start).await?;
-    let count = request.count.unwrap_or(1).clamp(1, 1 << 16) as usize;
-    let wait = Duration::from_millis(request.timeout_ms.unwrap_or(0).into()).min(MAX_WAIT);
-    let fetched = mq
-        .fetch(&group, conn, count, request.tag.as_deref(), wait)
-        .await?;
-    if !fetched.dead.is_empty() {
-        registry.dead_letter(&mq, &fetched.dead).await?;
-    }
+    let fetch = FetchRequest {
+        mq: mq_name,
+        group: Some(group_name),
+        tag: request.tag.as_deref(),
+        start,
+        count: request.count.unwrap_or(1) as usize,
+        wait: Duration::from_millis(request.timeout_ms.unwrap_or(0).into()),
+    };
+    let fetched = registry.fetch(conn, &fetch).await?;
     let mut header = Header::reply_to(request);
     header.count = Some(fetched.attempts.len() as u32);
     header.attempts = fetched.attempts;
@@ -345,20 +369,15 @@ async fn fetch(
 }
 
 async fn settle(registry: &Registry, request: &Header) -> Result<Frame, BrokerError> {
-    let mq = registry.get(required(&request.mq, "mq")?)?;
-    let group_name = request.group.as_deref().unwrap_or(mq.name());
-    let group = mq.existing_group(group_name).ok_or_else(|| {
-        BrokerError::BadRequest(format!("no group {group_name:?} on {}", mq.name()))
-    })?;
+    let mq = required(&request.mq, "mq")?;
+    let group = request.group.as_deref();
     let mut header = Header::reply_to(request);
     if request.cmd == Command::Ack {
-        let (acked, durability) = mq
-            .ack(registry.committer(), &group, &request.tokens)
-            .await?;
+        let (acked, durability) = registry.ack(mq, group, &request.tokens).await?;
         header.count = Some(acked as u32);
         header.durability = Some(durability);
     } else {
-        header.count = Some(mq.nack(&group, &request.tokens) as u32);
+        header.count = Some(registry.nack(mq, group, &request.tokens)? as u32);
     }
     Ok(Frame::new(header))
 }

@@ -1,16 +1,23 @@
 //! The `Broker` handle: admin calls and the factory for producers and consumers.
 
-use bytes::Bytes;
+use std::sync::Arc;
 
-use crate::connection::{Connection, ConnectionOptions};
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::connection::{Connection, ConnectionOptions, PendingReply};
 use crate::consumer::ConsumerBuilder;
 use crate::error::{ClientError, Result};
+use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME};
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
 use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions, DEFAULT_MAX_FRAME};
+use crate::topology::Topology;
 
-/// A handle on a qbus broker: one address over TCP, or an embedded broker in this process
-/// (see `qbus_broker::EmbeddedBroker`). Cheap to clone; all clones share one connection.
+/// A handle on qbus: one broker over TCP (`host:port`), an embedded broker in this process
+/// (see `qbus_broker::EmbeddedBroker`), or a cluster found through trackers
+/// (`tracker://HOST:PORT[,HOST:PORT...]`, see [`ha`](crate::ha)). Producers, consumers and
+/// admin calls work the same on all three. Cheap to clone; clones share the connections.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), qbus_client::ClientError> {
@@ -24,29 +31,110 @@ use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions, DEFAULT_MAX_FRA
 /// ```
 #[derive(Debug, Clone)]
 pub struct Broker {
-    connection: Connection,
+    kind: Kind,
+}
+
+/// What is behind a [`Broker`] handle.
+#[derive(Debug, Clone)]
+pub(crate) enum Kind {
+    /// One broker, over TCP or in this process.
+    Single(Connection),
+    /// Brokers found through trackers.
+    Ha(Ha),
 }
 
 impl Broker {
-    /// Connects to the broker at `addr` (`host:port` or `tcp://host:port`) with default
-    /// options; fails if it cannot be reached within the connect deadline.
+    /// Connects to `addr` with default options: a broker at `host:port` or
+    /// `tcp://host:port`, or the brokers the trackers of `tracker://HOST:PORT[,HOST:PORT...]`
+    /// know (waiting for the first topology, see [`HaOptions`]). Fails if the broker (or
+    /// every tracker) cannot be reached within the connect deadline.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// let single = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+    /// let cluster = qbus_client::Broker::connect("tracker://10.0.0.1:16666,10.0.0.2:16667").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(addr: &str) -> Result<Broker> {
         Broker::connect_with(addr, ConnectionOptions::default()).await
     }
 
-    /// Connects with explicit options.
+    /// Connects with explicit options. For `tracker://` addresses the connect timeout
+    /// bounds the wait for the first topology, and the broker connections use these options
+    /// with the connect timeout capped at the HA default (1 s) so failover stays fast; use
+    /// [`connect_ha`](Broker::connect_ha) for full control.
     pub async fn connect_with(addr: &str, options: ConnectionOptions) -> Result<Broker> {
+        if addr.starts_with(TRACKER_SCHEME) {
+            let defaults = HaOptions::default();
+            let ha = HaOptions {
+                first_topology: options.connect_timeout,
+                connection: ConnectionOptions {
+                    connect_timeout: options
+                        .connect_timeout
+                        .min(defaults.connection.connect_timeout),
+                    ..options
+                },
+                ..defaults
+            };
+            return Broker::connect_ha(addr, ha).await;
+        }
         let target = parse_address(addr)?;
-        let broker = Broker::from_connector(TcpConnector::new(target, DEFAULT_MAX_FRAME), options);
-        broker.connection.ensure_connected().await?;
-        Ok(broker)
+        let connection = Connection::new(TcpConnector::new(target, DEFAULT_MAX_FRAME), options);
+        connection.ensure_connected().await?;
+        Ok(Broker {
+            kind: Kind::Single(connection),
+        })
+    }
+
+    /// Connects to the brokers known to `trackers` (`tracker://HOST:PORT[,HOST:PORT...]`,
+    /// the scheme optional), waiting up to `options.first_topology` for a tracker's answer.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// use qbus_client::ha::{HaOptions, LeastLoaded};
+    /// let options = HaOptions::default().with_selector(LeastLoaded::default());
+    /// let broker = qbus_client::Broker::connect_ha("10.0.0.1:16666,10.0.0.2:16667", options).await?;
+    /// for b in broker.topology().expect("an HA handle has a topology").brokers() {
+    ///     println!("{} holds {} MQs", b.addr, b.mqs.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_ha(trackers: &str, options: HaOptions) -> Result<Broker> {
+        let trackers = parse_trackers(trackers)?;
+        Ok(Broker {
+            kind: Kind::Ha(Ha::connect(trackers, options).await?),
+        })
     }
 
     /// A broker reached through `connector` (the embedded broker plugs in here). Connects
     /// lazily, on the first call.
     pub fn from_connector(connector: impl Connector, options: ConnectionOptions) -> Broker {
         Broker {
-            connection: Connection::new(connector, options),
+            kind: Kind::Single(Connection::new(connector, options)),
+        }
+    }
+
+    /// The cluster as the trackers describe it, for an HA handle; `None` for one broker.
+    pub fn topology(&self) -> Option<Arc<Topology>> {
+        match &self.kind {
+            Kind::Ha(ha) => Some(ha.topology()),
+            Kind::Single(_) => None,
+        }
+    }
+
+    /// A receiver that sees each new topology of an HA handle; `None` for one broker.
+    pub fn watch_topology(&self) -> Option<watch::Receiver<Arc<Topology>>> {
+        match &self.kind {
+            Kind::Ha(ha) => Some(ha.watch()),
+            Kind::Single(_) => None,
+        }
+    }
+
+    /// Trackers and unreachable brokers of an HA handle; `None` for one broker.
+    pub fn ha_status(&self) -> Option<HaStatus> {
+        match &self.kind {
+            Kind::Ha(ha) => Some(ha.status()),
+            Kind::Single(_) => None,
         }
     }
 
@@ -60,42 +148,90 @@ impl Broker {
         ConsumerBuilder::new(self.clone(), mq)
     }
 
-    /// Creates `mq`. Creating an MQ that exists succeeds and returns it as it is.
+    /// Creates `mq`. Creating an MQ that exists succeeds and returns it as it is. Over an
+    /// HA handle, creates it on every live broker (or [`HaOptions::create_on`] of them).
     pub async fn create_mq(&self, mq: &str, options: MqOptions) -> Result<MqInfo> {
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.create_mq(mq, &options).await,
+            Kind::Single(connection) => connection,
+        };
         let body =
             rmp_serde::to_vec_named(&options).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let reply = self.admin(Command::CreateMq, Some(mq), body.into()).await?;
+        let reply = admin(connection, Command::CreateMq, Some(mq), body.into()).await?;
         decode(&reply.body)
     }
 
     /// Describes `mq`; a [`Status::NotFound`](crate::protocol::Status) error if it is absent.
+    /// Over an HA handle, the sum of its copies on every broker holding it.
     pub async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
-        let reply = self.admin(Command::QueryMq, Some(mq), Bytes::new()).await?;
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.query_mq(mq).await,
+            Kind::Single(connection) => connection,
+        };
+        let reply = admin(connection, Command::QueryMq, Some(mq), Bytes::new()).await?;
         decode(&reply.body)
     }
 
-    /// Describes every MQ, sorted by name.
+    /// Describes every MQ, sorted by name (over an HA handle, summed over brokers).
     pub async fn list_mqs(&self) -> Result<Vec<MqInfo>> {
-        let reply = self.admin(Command::ListMq, None, Bytes::new()).await?;
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.list_mqs().await,
+            Kind::Single(connection) => connection,
+        };
+        let reply = admin(connection, Command::ListMq, None, Bytes::new()).await?;
         decode(&reply.body)
     }
 
-    /// Deletes `mq` with its messages and groups.
+    /// Deletes `mq` with its messages and groups (over an HA handle, on every broker).
     pub async fn remove_mq(&self, mq: &str) -> Result<()> {
-        self.admin(Command::RemoveMq, Some(mq), Bytes::new())
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.remove_mq(mq).await,
+            Kind::Single(connection) => connection,
+        };
+        admin(connection, Command::RemoveMq, Some(mq), Bytes::new())
             .await
             .map(drop)
     }
 
-    /// The connection that serves `mq`.
-    pub(crate) fn connection_for(&self, _mq: &str) -> &Connection {
-        &self.connection
+    /// Sends a request about `mq` to a broker holding it and returns its pending reply, for
+    /// commands the SDK has no method of its own for (MQ-RPC's `Call` is one). Over an HA
+    /// handle the frame goes to a holder chosen as for a message without a key, moving on to
+    /// the next while it cannot be sent; once sent it is never sent again, so the caller
+    /// decides what a lost reply means.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// use qbus_client::protocol::{Command, Frame, Header};
+    /// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+    /// let frame = Frame::new(Header::request(Command::QueryMq, Some("orders")));
+    /// let reply = broker.send_request("orders", frame).await?.await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_request(&self, mq: &str, frame: Frame) -> Result<PendingReply> {
+        match &self.kind {
+            Kind::Single(connection) => connection.send(frame).await,
+            Kind::Ha(ha) => {
+                let send = |conn: Connection| {
+                    let frame = frame.clone();
+                    async move { conn.send(frame).await }
+                };
+                let (_, reply) = ha.shared().route(mq, None, &mut Vec::new(), send).await?;
+                Ok(reply)
+            }
+        }
     }
 
-    async fn admin(&self, cmd: Command, mq: Option<&str>, body: Bytes) -> Result<Frame> {
-        let frame = Frame::with_body(Header::request(cmd, mq), body);
-        self.connection.request(frame).await
+    /// What is behind the handle.
+    pub(crate) fn kind(&self) -> &Kind {
+        &self.kind
     }
+
+}
+
+async fn admin(connection: &Connection, cmd: Command, mq: Option<&str>, body: Bytes) -> Result<Frame> {
+    connection
+        .request(Frame::with_body(Header::request(cmd, mq), body))
+        .await
 }
 
 fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
@@ -110,7 +246,9 @@ fn parse_address(addr: &str) -> Result<String> {
     };
     let target = addr.strip_prefix("tcp://").unwrap_or(addr);
     if target.contains("://") {
-        return Err(bad("expected host:port or tcp://host:port"));
+        return Err(bad(
+            "expected host:port, tcp://host:port or tracker://host:port[,host:port...]",
+        ));
     }
     let (host, port) = target
         .rsplit_once(':')

@@ -151,6 +151,11 @@ impl Connection {
         &self.inner.options
     }
 
+    /// True while a link is up (the next request does not have to connect first).
+    pub fn is_connected(&self) -> bool {
+        self.inner.live.load().is_some()
+    }
+
     /// What the server said in the handshake, once connected.
     pub fn server_info(&self) -> Option<Arc<ServerInfo>> {
         self.inner.server.load_full()

@@ -12,13 +12,14 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Kind};
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::protocol::record::records;
 use crate::protocol::{
-    Command, DeliveryToken, Frame, Header, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
+    Command, DeliveryToken, Frame, Header, Status, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
 };
 
 /// Where a group that does not exist yet starts reading.
@@ -97,32 +98,32 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Starts consuming. Fails if the MQ does not exist.
+    /// Starts consuming. Fails if the MQ does not exist. Over an HA handle, consumes from
+    /// every broker holding the MQ, following brokers as they join and leave.
     pub async fn subscribe(self) -> Result<Consumer> {
         self.broker.query_mq(&self.mq).await?;
         let group = self.group.clone().unwrap_or_else(|| self.mq.clone());
-        let connection = self.broker.connection_for(&self.mq).clone();
-        let target = Arc::new(Target {
-            mq: self.mq.clone(),
-            group: group.clone(),
-        });
-        let acker = Acker::spawn(connection.clone(), target.clone());
         let (tx, rx) = mpsc::channel(self.batch as usize * 2);
-        let fetcher = Fetcher {
-            connection,
-            target,
+        let spec = Arc::new(FetchSpec {
+            target: Arc::new(Target {
+                mq: self.mq.clone(),
+                group: group.clone(),
+            }),
             tag: self.tag,
             start: self.start,
             batch: self.batch,
             long_poll: self.long_poll,
             auto_ack: self.auto_ack,
-            acker: acker.clone(),
-            tx,
-        };
-        tokio::spawn(fetcher.run());
+            tolerate_missing: matches!(self.broker.kind(), Kind::Ha(_)),
+        });
+        match self.broker.kind() {
+            Kind::Single(connection) => {
+                spawn_fetcher(&spec, connection.clone(), tx, CancellationToken::new());
+            }
+            Kind::Ha(ha) => crate::ha::consume::follow_holders(ha, spec, tx),
+        }
         Ok(Consumer {
             rx,
-            acker,
             mq: self.mq,
             group,
         })
@@ -166,6 +167,13 @@ impl Delivery {
     pub async fn nack(&self) -> Result<()> {
         self.acker.settle(self.token(), true).await
     }
+
+    /// The connection to the broker this delivery came from: where an answer that must
+    /// reach that very broker goes (an MQ-RPC reply is routed by the broker that stored
+    /// the request).
+    pub fn connection(&self) -> &Connection {
+        &self.acker.connection
+    }
 }
 
 /// A stream of [`Delivery`]s from one group of one MQ. Survives reconnects: the fetch loop
@@ -186,7 +194,6 @@ impl Delivery {
 /// ```
 pub struct Consumer {
     rx: mpsc::Receiver<Result<Delivery>>,
-    acker: Acker,
     mq: String,
     group: String,
 }
@@ -280,7 +287,7 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         self.rx.close();
         while let Ok(Ok(delivery)) = self.rx.try_recv() {
-            self.acker.settle_later(delivery.token(), true);
+            delivery.acker.settle_later(delivery.token(), true);
         }
     }
 }
@@ -300,6 +307,8 @@ struct Settle {
 #[derive(Clone)]
 struct Acker {
     tx: mpsc::Sender<Settle>,
+    /// The connection the deliveries came over.
+    connection: Connection,
 }
 
 impl std::fmt::Debug for Acker {
@@ -313,8 +322,8 @@ const ACK_BATCH: usize = 4096;
 impl Acker {
     fn spawn(connection: Connection, target: Arc<Target>) -> Acker {
         let (tx, rx) = mpsc::channel(ACK_BATCH);
-        tokio::spawn(Acker::run(connection, target, rx));
-        Acker { tx }
+        tokio::spawn(Acker::run(connection.clone(), target, rx));
+        Acker { tx, connection }
     }
 
     async fn settle(&self, token: DeliveryToken, nack: bool) -> Result<()> {
@@ -375,17 +384,52 @@ impl Acker {
     }
 }
 
-/// The background loop that long-polls the broker and feeds the consumer's channel.
-struct Fetcher {
-    connection: Connection,
+/// What every fetch loop of one consumer shares.
+pub(crate) struct FetchSpec {
     target: Arc<Target>,
     tag: Option<String>,
     start: StartAt,
     batch: u32,
     long_poll: Duration,
     auto_ack: bool,
+    /// Over an HA handle one broker lacking the MQ does not end the stream: the topology
+    /// may be a report behind, so that fetch loop retries with backoff.
+    tolerate_missing: bool,
+}
+
+impl FetchSpec {
+    /// The MQ consumed.
+    pub(crate) fn mq(&self) -> &str {
+        &self.target.mq
+    }
+}
+
+/// Starts a fetch loop on `connection` (with its own acker) that feeds `tx` until the
+/// consumer is dropped or `stop` fires.
+pub(crate) fn spawn_fetcher(
+    spec: &Arc<FetchSpec>,
+    connection: Connection,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+) {
+    let acker = Acker::spawn(connection.clone(), spec.target.clone());
+    let fetcher = Fetcher {
+        spec: spec.clone(),
+        connection,
+        acker,
+        tx,
+        stop,
+    };
+    tokio::spawn(fetcher.run());
+}
+
+/// The background loop that long-polls one broker and feeds the consumer's channel.
+struct Fetcher {
+    spec: Arc<FetchSpec>,
+    connection: Connection,
     acker: Acker,
     tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
 }
 
 impl Fetcher {
@@ -394,17 +438,18 @@ impl Fetcher {
         loop {
             let fetch = self
                 .connection
-                .request_with_wait(self.request(), self.long_poll);
+                .request_with_wait(self.request(), self.spec.long_poll);
             let reply = tokio::select! {
                 reply = fetch => reply,
                 _ = self.tx.closed() => return,
+                _ = self.stop.cancelled() => return,
             };
             match reply.and_then(|frame| self.deliveries(frame)) {
                 Ok(deliveries) => {
                     backoff = Duration::from_millis(50);
                     let mut deliveries = deliveries.into_iter();
                     while let Some(delivery) = deliveries.next() {
-                        if self.auto_ack {
+                        if self.spec.auto_ack {
                             self.acker.settle_later(delivery.token(), false);
                         }
                         if let Err(mpsc::error::SendError(Ok(unhandled))) =
@@ -418,12 +463,16 @@ impl Fetcher {
                         }
                     }
                 }
-                Err(e) if e.is_transport() => {
+                Err(e)
+                    if e.is_transport()
+                        || (self.spec.tolerate_missing && e.status() == Some(Status::NotFound)) =>
+                {
                     let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
-                    tracing::warn!(mq = %self.target.mq, error = %e, retry_in = ?wait, "fetch failed");
+                    tracing::warn!(mq = %self.spec.target.mq, broker = %self.connection.addr(), error = %e, retry_in = ?wait, "fetch failed");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.tx.closed() => return,
+                        _ = self.stop.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -436,12 +485,13 @@ impl Fetcher {
     }
 
     fn request(&self) -> Frame {
-        let mut header = Header::request(Command::Fetch, Some(&self.target.mq));
-        header.group = Some(self.target.group.clone());
-        header.tag = self.tag.clone();
-        header.count = Some(self.batch);
-        header.timeout_ms = Some(self.long_poll.as_millis().min(u32::MAX as u128) as u32);
-        match self.start {
+        let spec = &self.spec;
+        let mut header = Header::request(Command::Fetch, Some(&spec.target.mq));
+        header.group = Some(spec.target.group.clone());
+        header.tag = spec.tag.clone();
+        header.count = Some(spec.batch);
+        header.timeout_ms = Some(spec.long_poll.as_millis().min(u32::MAX as u128) as u32);
+        match spec.start {
             StartAt::Earliest => {}
             StartAt::Latest => header.flags |= FLAG_START_AT_END,
             StartAt::Offset(offset) => {

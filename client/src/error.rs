@@ -46,6 +46,15 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
+    /// An HA client has no broker to send to: none holds the MQ in the topology, or every
+    /// one holding it failed this request.
+    #[error("no broker available for MQ {mq:?}: {reason}")]
+    NoBroker {
+        /// The MQ.
+        mq: String,
+        /// Why, and what to do about it.
+        reason: String,
+    },
     /// The handle was closed.
     #[error("client is closed")]
     Closed,

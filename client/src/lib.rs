@@ -5,6 +5,9 @@
 //! - [`connection`]: one multiplexed, self-reconnecting connection.
 //! - [`Broker`]: the handle users hold; admin calls and the factory for
 //!   [`Producer`]s and [`Consumer`]s.
+//! - [`topology`]: what brokers report to trackers and trackers to clients.
+//! - [`ha`]: the HA kind of `Broker` (`tracker://...`): cached topology, balancing, key
+//!   affinity, failover; and the reporter brokers use.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), qbus_client::ClientError> {
@@ -26,10 +29,12 @@ mod broker;
 pub mod connection;
 mod consumer;
 mod error;
+pub mod ha;
 pub mod link;
 mod message;
 mod producer;
 pub mod protocol;
+pub mod topology;
 
 pub use broker::Broker;
 pub use connection::{Connection, ConnectionOptions};

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Kind};
 use crate::connection::PendingReply;
+use crate::ha::failover::HaReply;
 use crate::error::{ClientError, Result};
 use crate::message::Message;
 use crate::protocol::{Command, Durability, Frame, Header, FLAG_ONEWAY};
@@ -63,7 +64,8 @@ impl Producer {
         self.send_batch_async(std::iter::once(message.into())).await
     }
 
-    /// Sends several messages in one request; they get consecutive offsets.
+    /// Sends several messages in one request; they get consecutive offsets. Over an HA
+    /// handle the whole batch goes to one broker, chosen by the first message's key.
     pub async fn send_batch(&self, messages: impl IntoIterator<Item = Message>) -> Result<Receipt> {
         self.send_batch_async(messages).await?.await
     }
@@ -73,23 +75,49 @@ impl Producer {
         &self,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<PendingReceipt> {
-        let frame = self.frame(messages, 0)?;
-        let reply = self.broker.connection_for(&self.mq).send(frame).await?;
+        let reply = match self.broker.kind() {
+            Kind::Single(connection) => {
+                let (frame, _) = self.frame(messages, 0, false)?;
+                Reply::Single(connection.send(frame).await?)
+            }
+            Kind::Ha(ha) => {
+                let (frame, key) = self.frame(messages, 0, true)?;
+                Reply::Ha(Box::new(ha.send(&self.mq, key, frame).await?))
+            }
+        };
         Ok(PendingReceipt { reply })
     }
 
     /// Sends one message with no confirmation: `Ok` means it was queued on a live
     /// connection, not that it was stored (at most once).
     pub async fn send_oneway(&self, message: impl Into<Message>) -> Result<()> {
-        let frame = self.frame(std::iter::once(message.into()), FLAG_ONEWAY)?;
-        self.broker
-            .connection_for(&self.mq)
-            .send_oneway(frame)
-            .await
+        let message = std::iter::once(message.into());
+        match self.broker.kind() {
+            Kind::Single(connection) => {
+                let (frame, _) = self.frame(message, FLAG_ONEWAY, false)?;
+                connection.send_oneway(frame).await
+            }
+            Kind::Ha(ha) => {
+                let (frame, key) = self.frame(message, FLAG_ONEWAY, true)?;
+                ha.send_oneway(&self.mq, key.as_deref(), frame).await
+            }
+        }
     }
 
-    fn frame(&self, messages: impl IntoIterator<Item = Message>, flags: u32) -> Result<Frame> {
-        let messages = messages.into_iter();
+    /// The produce frame for `messages`, and the first message's key when `want_key` (an
+    /// HA handle routes by it).
+    fn frame(
+        &self,
+        messages: impl IntoIterator<Item = Message>,
+        flags: u32,
+        want_key: bool,
+    ) -> Result<(Frame, Option<String>)> {
+        let mut messages = messages.into_iter().peekable();
+        let key = if want_key {
+            messages.peek().and_then(|m| m.key.clone())
+        } else {
+            None
+        };
         let mut body = BytesMut::new();
         let mut count = 0u32;
         for message in messages {
@@ -105,14 +133,21 @@ impl Producer {
         let mut header = Header::request(Command::Produce, Some(&self.mq));
         header.count = Some(count);
         header.flags = flags;
-        Ok(Frame::with_body(header, body.freeze()))
+        Ok((Frame::with_body(header, body.freeze()), key))
     }
 }
 
-/// The receipt of a queued send; `.await` it.
+/// The receipt of a queued send; `.await` it. Over an HA handle, awaiting it also sends the
+/// message again to another broker if the first one fails before confirming.
 #[derive(Debug)]
 pub struct PendingReceipt {
-    reply: PendingReply,
+    reply: Reply,
+}
+
+#[derive(Debug)]
+enum Reply {
+    Single(PendingReply),
+    Ha(Box<HaReply>),
 }
 
 impl IntoFuture for PendingReceipt {
@@ -121,7 +156,10 @@ impl IntoFuture for PendingReceipt {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let reply = self.reply.await?;
+            let reply = match self.reply {
+                Reply::Single(reply) => reply.await?,
+                Reply::Ha(reply) => reply.wait().await?,
+            };
             let header = reply.header;
             match (header.offset, header.durability) {
                 (Some(offset), Some(durability)) => Ok(Receipt {

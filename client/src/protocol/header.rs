@@ -29,6 +29,29 @@ pub enum Command {
     ListMq,
     /// Deletes `mq` with its data and groups.
     RemoveMq,
+    /// Broker to tracker: the body is the broker's full
+    /// [`BrokerState`](crate::topology::BrokerState); the reply is empty.
+    Report,
+    /// Client to tracker: the reply body is a full
+    /// [`TopologyUpdate`](crate::topology::TopologyUpdate); every later change is pushed on
+    /// the same connection as a `TopologyUpdate` frame.
+    Subscribe,
+    /// Tracker to subscriber, unsolicited (id 0): a versioned change or a full snapshot.
+    TopologyUpdate,
+    /// One-shot query of a tracker: the reply body is a full
+    /// [`TopologyUpdate`](crate::topology::TopologyUpdate) and nothing is pushed later.
+    QueryTopology,
+    /// An RPC call (see `docs/protocol.md`, "RPC commands"). To a DirectRPC server the body
+    /// is a request envelope and the reply body its response envelope; to a broker, with
+    /// `mq` set, the request is stored in `mq` for its consumers and the reply arrives when
+    /// one of them sends a [`Route`](Command::Route).
+    Call,
+    /// MQ-RPC responder to broker: `route` names the waiting caller (the request record's
+    /// key) and the body is the response envelope, passed on to the caller unchanged.
+    Route,
+    /// Describes the broker's table of MQ-RPC callers awaiting a reply: the reply body is a
+    /// [`RouteStats`](super::RouteStats) map.
+    QueryRoutes,
     /// A command number this version does not know.
     Unknown(u8),
 }
@@ -46,6 +69,13 @@ impl From<u8> for Command {
             21 => Command::QueryMq,
             22 => Command::ListMq,
             23 => Command::RemoveMq,
+            30 => Command::Call,
+            31 => Command::Route,
+            32 => Command::QueryRoutes,
+            40 => Command::Report,
+            41 => Command::Subscribe,
+            42 => Command::TopologyUpdate,
+            43 => Command::QueryTopology,
             other => Command::Unknown(other),
         }
     }
@@ -64,6 +94,13 @@ impl From<Command> for u8 {
             Command::QueryMq => 21,
             Command::ListMq => 22,
             Command::RemoveMq => 23,
+            Command::Call => 30,
+            Command::Route => 31,
+            Command::QueryRoutes => 32,
+            Command::Report => 40,
+            Command::Subscribe => 41,
+            Command::TopologyUpdate => 42,
+            Command::QueryTopology => 43,
             Command::Unknown(code) => code,
         }
     }
@@ -156,6 +193,11 @@ pub struct Header {
     pub tokens: Vec<DeliveryToken>,
     /// Error replies: a message a person can act on.
     pub error: Option<String>,
+    /// Call and its reply: how the body is encoded, `"msgpack"` (also when absent) or
+    /// `"json"`; the reply uses the request's encoding.
+    pub encoding: Option<String>,
+    /// Route: the MQ-RPC reply route, copied from the key of the request record.
+    pub route: Option<String>,
 }
 
 impl Header {

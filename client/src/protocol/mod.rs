@@ -5,11 +5,13 @@
 //! - [`record`]: the record format shared by produce bodies, the log files and fetch bodies.
 //! - [`status`]: stable numeric status codes.
 //! - [`admin`]: bodies of the administrative commands.
+//! - [`route`]: the MQ-RPC reply table as `QueryRoutes` describes it.
 
 pub mod admin;
 pub mod frame;
 pub mod header;
 pub mod record;
+pub mod route;
 pub mod status;
 
 pub use admin::{GroupInfo, MqInfo, MqOptions, ServerInfo};
@@ -18,6 +20,7 @@ pub use header::{
     Command, DeliveryToken, Durability, Header, FLAG_ONEWAY, FLAG_START_AT_END,
     FLAG_START_AT_OFFSET,
 };
+pub use route::RouteStats;
 pub use status::Status;
 
 /// Version of the protocol this crate speaks.

@@ -1,0 +1,349 @@
+//! The HTTP messaging API (`docs/http.md`): produce, consume, ack, nack and MQ
+//! administration, reached either zbus style (`cmd` and the other control fields in headers,
+//! payload in the body) or by plain URLs. Both forms end in the same [`Op`] and call the
+//! same registry functions as the binary protocol.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::http::request::Parts;
+use hyper::{Response, StatusCode};
+use qbus_client::protocol::record::{encode_record, parse_record, RECORD_OVERHEAD};
+use qbus_client::protocol::{DeliveryToken, MqOptions, Status};
+use serde::Serialize;
+
+use super::body;
+use super::fields::Fields;
+use super::reply::{json, ApiError, Reply};
+use super::stats::MqStats;
+use super::Context;
+use crate::error::BrokerError;
+use crate::mq::Start;
+use crate::registry::FetchRequest;
+
+/// Room left in `max-frame` for the binary frame header, so a message produced over HTTP can
+/// also be fetched over the binary protocol.
+const FRAME_HEADER_ROOM: usize = 512;
+/// Largest JSON body of a create (MQ options are three small fields).
+const MAX_OPTIONS_BODY: usize = 64 * 1024;
+
+/// A messaging operation, named by the `cmd` field or implied by the URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Append the body as one message.
+    Produce,
+    /// Take the next message for a group, waiting up to `timeout` ms.
+    Consume,
+    /// Acknowledge deliveries.
+    Ack,
+    /// Give deliveries back for immediate redelivery.
+    Nack,
+    /// Create an MQ (options in an optional JSON body).
+    Create,
+    /// Describe an MQ.
+    Query,
+    /// Delete an MQ and its data.
+    Remove,
+    /// Describe every MQ.
+    List,
+}
+
+impl FromStr for Op {
+    type Err = ApiError;
+
+    fn from_str(cmd: &str) -> Result<Op, ApiError> {
+        Ok(match cmd.to_ascii_lowercase().as_str() {
+            "produce" => Op::Produce,
+            "consume" => Op::Consume,
+            "ack" => Op::Ack,
+            "nack" => Op::Nack,
+            "create" => Op::Create,
+            "query" => Op::Query,
+            "remove" => Op::Remove,
+            "list" => Op::List,
+            _ => {
+                return Err(ApiError::new(
+                    Status::UnknownCommand,
+                    format!(
+                        "unknown cmd {cmd:?}: use produce, consume, ack, nack, create, query, \
+                         remove or list"
+                    ),
+                ))
+            }
+        })
+    }
+}
+
+/// Runs `op`. `mq` is the MQ named in the URL (plain forms); without it the `mq` field is
+/// used (zbus form).
+pub async fn run(
+    ctx: &Context,
+    op: Op,
+    mq: Option<&str>,
+    parts: &Parts,
+    body: Incoming,
+) -> Result<Reply, ApiError> {
+    let fields = Fields::new(parts)?;
+    let mq = match (op, mq) {
+        (Op::List, _) => "",
+        (_, Some(mq)) => mq,
+        (_, None) => fields.required("mq")?,
+    };
+    match op {
+        Op::Produce => produce(ctx, mq, &fields, parts, body).await,
+        Op::Consume => consume(ctx, mq, &fields).await,
+        Op::Ack => {
+            let tokens = tokens(&fields)?;
+            let (acked, durability) = ctx.registry.ack(mq, fields.get("group")?, &tokens).await?;
+            Ok(json(
+                StatusCode::OK,
+                &Acked {
+                    acked,
+                    durability: durability.to_string(),
+                },
+            ))
+        }
+        Op::Nack => {
+            let tokens = tokens(&fields)?;
+            let released = ctx.registry.nack(mq, fields.get("group")?, &tokens)?;
+            Ok(json(StatusCode::OK, &Released { released }))
+        }
+        Op::Create => {
+            let options = options(ctx, parts, body).await?;
+            let created = ctx.registry.create(mq, options).await?;
+            Ok(json(StatusCode::OK, &MqStats::of(&created)))
+        }
+        Op::Query => {
+            let found = ctx.registry.get(mq)?;
+            Ok(json(StatusCode::OK, &MqStats::of(&found)))
+        }
+        Op::Remove => {
+            ctx.registry.remove(mq).await?;
+            Ok(json(StatusCode::OK, &Removed { removed: mq }))
+        }
+        Op::List => {
+            let all: Vec<MqStats> = ctx.registry.list().iter().map(|m| MqStats::of(m)).collect();
+            Ok(json(StatusCode::OK, &all))
+        }
+    }
+}
+
+/// Reply to a produce.
+#[derive(Serialize)]
+struct Receipt<'a> {
+    mq: &'a str,
+    offset: u64,
+    count: u64,
+    durability: String,
+}
+
+#[derive(Serialize)]
+struct Acked {
+    acked: usize,
+    durability: String,
+}
+
+#[derive(Serialize)]
+struct Released {
+    released: usize,
+}
+
+#[derive(Serialize)]
+struct Removed<'a> {
+    removed: &'a str,
+}
+
+async fn produce(
+    ctx: &Context,
+    mq_name: &str,
+    fields: &Fields<'_>,
+    parts: &Parts,
+    body: Incoming,
+) -> Result<Reply, ApiError> {
+    let tag = fields.get("tag")?.filter(|t| !t.is_empty());
+    let key = fields.get("key")?.filter(|k| !k.is_empty());
+    // Before reading the body: an unknown MQ should not cost an upload.
+    let mq = ctx.registry.get(mq_name)?;
+    let max_frame = ctx.registry.config().max_frame;
+    let envelope = FRAME_HEADER_ROOM + RECORD_OVERHEAD + tag.map_or(0, str::len);
+    let limit = max_frame.saturating_sub(envelope + key.map_or(0, str::len));
+    let payload = body::read(
+        parts,
+        body,
+        limit,
+        "max-frame less the record and frame headers",
+        ctx.registry.config().http_timeout,
+    )
+    .await?;
+    let mut record = BytesMut::with_capacity(envelope + payload.len());
+    encode_record(&mut record, 0, 0, tag, key, &payload)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let wait = mq.submit(ctx.registry.committer(), record, 1).await?;
+    let (appended, durability) = wait.wait().await.map_err(BrokerError::from)?;
+    Ok(json(
+        StatusCode::OK,
+        &Receipt {
+            mq: mq_name,
+            offset: appended.first_offset,
+            count: appended.count,
+            durability: durability.to_string(),
+        },
+    ))
+}
+
+async fn consume(ctx: &Context, mq: &str, fields: &Fields<'_>) -> Result<Reply, ApiError> {
+    let wait_ms = fields
+        .parse::<u64>("timeout", "a wait in milliseconds")?
+        .unwrap_or(0);
+    let start = match fields.get("start")? {
+        None | Some("earliest") => Start::Earliest,
+        Some("latest") => Start::Latest,
+        Some(offset) => Start::Offset(offset.parse().map_err(|_| {
+            ApiError::bad_request(format!(
+                "start {offset:?} is not earliest, latest or an offset"
+            ))
+        })?),
+    };
+    let group = fields.get("group")?.filter(|g| !g.is_empty());
+    let request = FetchRequest {
+        mq,
+        group,
+        tag: fields.get("tag")?.filter(|t| !t.is_empty()),
+        start,
+        count: 1,
+        wait: Duration::from_millis(wait_ms),
+    };
+    let fetched = ctx.registry.fetch(ctx.conn, &request).await?;
+    let Some(&attempt) = fetched.attempts.first() else {
+        let mut empty = Response::new(Full::new(Bytes::new()));
+        *empty.status_mut() = StatusCode::NO_CONTENT;
+        return Ok(empty);
+    };
+    let record = parse_record(&fetched.body)
+        .map_err(|e| ApiError::new(Status::Internal, format!("stored record unreadable: {e}")))?;
+    let mut reply = Response::new(Full::new(fetched.body.slice(record.body_range.clone())));
+    let headers = reply.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    let token = DeliveryToken {
+        offset: record.offset,
+        attempt,
+    };
+    let mut set = |name: &'static str, value: &str| {
+        headers.insert(HeaderName::from_static(name), header_value(value));
+    };
+    set("mq", mq);
+    set("group", group.unwrap_or(mq));
+    set("offset", &record.offset.to_string());
+    set("attempt", &attempt.to_string());
+    set("token", &format_token(token));
+    set("timestamp", &record.timestamp_ms.to_string());
+    if let Some(tag) = record.tag {
+        set("tag", tag);
+    }
+    if let Some(key) = record.key {
+        set("key", key);
+    }
+    Ok(reply)
+}
+
+/// A header value for text that may hold anything UTF-8. Control characters cannot go in
+/// a header, so they (and `%`, to keep the mapping reversible) are percent-encoded.
+fn header_value(text: &str) -> HeaderValue {
+    let needs_escape = |b: u8| (b < 0x20 && b != b'\t') || b == 0x7f || b == b'%';
+    let escaped: String = if text.bytes().any(needs_escape) {
+        text.chars()
+            .map(|c| match u8::try_from(c) {
+                Ok(b) if needs_escape(b) => format!("%{b:02X}"),
+                _ => c.to_string(),
+            })
+            .collect()
+    } else {
+        text.to_owned()
+    };
+    HeaderValue::from_str(&escaped).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A delivery token as text: `offset:attempt`.
+fn format_token(token: DeliveryToken) -> String {
+    format!("{}:{}", token.offset, token.attempt)
+}
+
+/// The `token` field: one or more `offset:attempt`, comma-separated.
+fn tokens(fields: &Fields<'_>) -> Result<Vec<DeliveryToken>, ApiError> {
+    parse_tokens(fields.required("token")?)
+}
+
+fn parse_tokens(list: &str) -> Result<Vec<DeliveryToken>, ApiError> {
+    list.split(',')
+        .map(|text| {
+            let text = text.trim();
+            text.split_once(':')
+                .and_then(|(offset, attempt)| {
+                    Some(DeliveryToken {
+                        offset: offset.parse().ok()?,
+                        attempt: attempt.parse().ok()?,
+                    })
+                })
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "token {text:?} is not offset:attempt (as in the token header of a \
+                         consumed message)"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// MQ options from a JSON body; an empty body means the broker's defaults.
+async fn options(ctx: &Context, parts: &Parts, body: Incoming) -> Result<MqOptions, ApiError> {
+    let deadline = ctx.registry.config().http_timeout;
+    let raw = body::read(parts, body, MAX_OPTIONS_BODY, "MQ options", deadline).await?;
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Ok(MqOptions::default());
+    }
+    serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::bad_request(format!(
+            "bad MQ options: {e} (expected JSON like {{\"ack_timeout_ms\": 30000, \
+             \"max_deliveries\": 16, \"dead_letter_mq\": \"orders.DLQ\"}})"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_case_insensitively_and_unknown_is_501() {
+        assert_eq!("Produce".parse::<Op>().unwrap(), Op::Produce);
+        assert_eq!("LIST".parse::<Op>().unwrap(), Op::List);
+        let err = "explode".parse::<Op>().unwrap_err().into_reply();
+        assert_eq!(err.status(), 501);
+    }
+
+    #[test]
+    fn header_values_escape_control_characters_only() {
+        assert_eq!(header_value("café tag").as_bytes(), "café tag".as_bytes());
+        assert_eq!(header_value("a\nb%").as_bytes(), b"a%0Ab%25");
+    }
+
+    #[test]
+    fn tokens_round_trip_as_text() {
+        let token = |offset, attempt| DeliveryToken { offset, attempt };
+        assert_eq!(format_token(token(41, 2)), "41:2");
+        assert_eq!(
+            parse_tokens("41:2, 7:1").unwrap(),
+            vec![token(41, 2), token(7, 1)]
+        );
+        for bad in ["41", "41:", "x:1", "1:2:3", ""] {
+            assert!(parse_tokens(bad).is_err(), "{bad:?}");
+        }
+    }
+}

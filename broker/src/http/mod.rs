@@ -1,0 +1,202 @@
+//! HTTP/1.1 on the broker port, next to the binary protocol (`docs/http.md`).
+//!
+//! - [`sniff`]: HTTP or binary, decided by a connection's first byte.
+//! - [`api`]: the messaging API, zbus style and plain URLs; [`fields`]: its control fields;
+//!   [`body`]: request bodies with a size limit and a deadline.
+//! - [`stats`], [`prometheus`], [`monitor`]: `GET /api/stats`, `GET /metrics` and the
+//!   monitor page at `GET /`.
+//! - [`reply`]: responses and JSON errors; [`io`]: the deadline on stalled writes.
+//!
+//! Every request runs the same registry functions as the binary protocol; this module only
+//! translates.
+
+pub mod api;
+pub mod body;
+pub mod fields;
+pub mod io;
+pub mod monitor;
+pub mod prometheus;
+pub mod reply;
+pub mod sniff;
+pub mod stats;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::http::request::Parts;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use self::api::Op;
+use self::fields::Fields;
+use self::reply::{json, ApiError, Reply};
+use crate::metrics::Protocol;
+use crate::rates::RATE_HISTORY;
+use crate::registry::Registry;
+
+/// What the requests of one HTTP connection share.
+pub struct Context {
+    registry: Arc<Registry>,
+    /// Deliveries made on this connection are held under this id until acked or timed out.
+    conn: u64,
+    /// The address the client reached, shown on the monitor page.
+    local: String,
+}
+
+/// Serves HTTP/1.1 on `stream` until the peer closes it, a timeout ends it (`http-timeout`:
+/// a request head or body that does not arrive, an idle keep-alive, a reply nobody reads),
+/// or `shutdown` fires.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    let conn = registry.connection_id();
+    let span = tracing::info_span!("http", conn, %peer);
+    run(stream, conn, registry, shutdown).instrument(span).await
+}
+
+async fn run(stream: TcpStream, conn: u64, registry: Arc<Registry>, shutdown: CancellationToken) {
+    let _open = registry.metrics().connection(Protocol::Http);
+    let timeout = registry.config().http_timeout;
+    let ctx = Arc::new(Context {
+        registry: registry.clone(),
+        conn,
+        local: stream
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+    });
+    let service = service_fn(move |request| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, request).await) }
+    });
+    let io = TokioIo::new(io::WriteDeadline::new(stream, timeout));
+    // The header timeout also runs while a keep-alive connection waits for its next request,
+    // so idle connections close after `timeout` too.
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(io, service);
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "http connection ended");
+    }
+    // HTTP clients ack on later connections, so what this one took stays held until acked
+    // or timed out; it just stops counting as a consumer.
+    registry.detach(conn);
+}
+
+async fn handle(ctx: &Context, request: Request<Incoming>) -> Reply {
+    ctx.registry.metrics().http_request();
+    let (parts, body) = request.into_parts();
+    match route(ctx, &parts, body).await {
+        Ok(reply) => reply,
+        Err(e) => e.into_reply(),
+    }
+}
+
+async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, ApiError> {
+    let path = parts.uri.path();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = &parts.method;
+    let allow = |allowed: &[Method]| -> Result<(), ApiError> {
+        if allowed.contains(method) {
+            Ok(())
+        } else {
+            Err(not_allowed(parts, allowed))
+        }
+    };
+    match segments.as_slice() {
+        [] => {
+            if let Some(cmd) = Fields::new(parts)?.get("cmd")? {
+                return api::run(ctx, cmd.parse()?, None, parts, body).await;
+            }
+            allow(&[Method::GET, Method::HEAD])?;
+            Ok(monitor::page())
+        }
+        ["api", "stats"] => {
+            allow(&[Method::GET, Method::HEAD])?;
+            let seconds = Fields::new(parts)?
+                .parse::<usize>("history", "a number of seconds")?
+                .unwrap_or(1)
+                .min(RATE_HISTORY);
+            let stats = stats::collect(&ctx.registry, ctx.local.clone(), seconds);
+            Ok(json(StatusCode::OK, &stats))
+        }
+        ["metrics"] => {
+            allow(&[Method::GET, Method::HEAD])?;
+            let stats = stats::collect(&ctx.registry, ctx.local.clone(), 0);
+            let text = Bytes::from(prometheus::render(&stats));
+            Ok(reply::bytes(StatusCode::OK, prometheus::CONTENT_TYPE, text))
+        }
+        ["mq"] => {
+            allow(&[Method::GET])?;
+            api::run(ctx, Op::List, None, parts, body).await
+        }
+        ["mq", mq] => {
+            let op = match *method {
+                Method::GET => Op::Query,
+                Method::PUT => Op::Create,
+                Method::POST => Op::Produce,
+                Method::DELETE => Op::Remove,
+                _ => {
+                    let allowed = [Method::GET, Method::PUT, Method::POST, Method::DELETE];
+                    return Err(not_allowed(parts, &allowed));
+                }
+            };
+            api::run(ctx, op, Some(mq), parts, body).await
+        }
+        ["mq", mq, action] => {
+            let (op, allowed) = match *action {
+                "next" => (Op::Consume, &[Method::GET, Method::POST][..]),
+                "ack" => (Op::Ack, &[Method::POST][..]),
+                "nack" => (Op::Nack, &[Method::POST][..]),
+                _ => return Err(no_route(parts)),
+            };
+            allow(allowed)?;
+            api::run(ctx, op, Some(mq), parts, body).await
+        }
+        _ => Err(no_route(parts)),
+    }
+}
+
+fn not_allowed(parts: &Parts, allowed: &[Method]) -> ApiError {
+    let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+    ApiError::http(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} {} is not allowed: use {}",
+            parts.method,
+            parts.uri.path(),
+            names.join(" or ")
+        ),
+    )
+}
+
+fn no_route(parts: &Parts) -> ApiError {
+    ApiError::new(
+        qbus_client::protocol::Status::NotFound,
+        format!(
+            "no route for {} {}: see docs/http.md for the API",
+            parts.method,
+            parts.uri.path()
+        ),
+    )
+}

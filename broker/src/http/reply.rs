@@ -1,0 +1,114 @@
+//! Building responses: JSON bodies, and errors as JSON carrying the binary protocol's
+//! status codes so a client handles both transports the same way.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use qbus_client::protocol::Status;
+use serde::Serialize;
+
+use crate::error::BrokerError;
+
+/// Every response body is built whole before it is sent (bounded by `max-frame`).
+pub type Reply = Response<Full<Bytes>>;
+
+/// Content type of JSON replies.
+pub const JSON: &str = "application/json";
+
+/// Why a request failed: an HTTP status (the protocol's code where one applies) and a
+/// message that says what to change.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+/// The JSON body of every error reply.
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    status: u16,
+    error: &'a str,
+}
+
+impl ApiError {
+    /// An error with a protocol status.
+    pub fn new(status: Status, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::from_u16(status.code())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            message: message.into(),
+        }
+    }
+
+    /// A malformed request (400).
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(Status::BadRequest, message)
+    }
+
+    /// An error that only HTTP has (405 wrong method, 408 slow body).
+    pub fn http(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// The response for this error.
+    pub fn into_reply(self) -> Reply {
+        json(
+            self.status,
+            &ErrorBody {
+                status: self.status.as_u16(),
+                error: &self.message,
+            },
+        )
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> ApiError {
+        ApiError::new(e.status(), e.to_string())
+    }
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
+    match serde_json::to_vec(value) {
+        Ok(body) => bytes(status, JSON, Bytes::from(body)),
+        // Our reply types are plain structs with string keys; this cannot happen, but a
+        // broken reply must not take the connection down.
+        Err(e) => bytes(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain; charset=utf-8",
+            Bytes::from(format!("cannot encode the reply: {e}")),
+        ),
+    }
+}
+
+/// A response with a body of the given type. Replies describe live state, so none may be
+/// cached.
+pub fn bytes(status: StatusCode, content_type: &'static str, body: Bytes) -> Reply {
+    let mut reply = Response::new(Full::new(body));
+    *reply.status_mut() = status;
+    let headers = reply.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn broker_errors_keep_their_protocol_status() {
+        let reply = ApiError::from(BrokerError::NoSuchMq("orders".into())).into_reply();
+        assert_eq!(reply.status(), StatusCode::NOT_FOUND);
+        let body = reply.into_body().collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["status"], 404);
+        assert_eq!(value["error"], "MQ \"orders\" does not exist");
+    }
+}

@@ -1,0 +1,127 @@
+//! `qbus`: the command-line tool for a qbus broker: manage MQs, produce, consume, benchmark.
+//!
+//! Every subcommand lives in its own module; this file parses the command line, connects,
+//! dispatches and turns an error into one `qbus: <error>` line on stderr with exit status 1.
+
+mod bench;
+mod consume;
+mod error;
+mod histogram;
+mod mq_cmd;
+mod output;
+mod produce;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use qbus_client::{Broker, ConnectionOptions};
+
+use crate::error::CliError;
+
+/// Command-line tool for the qbus message broker.
+#[derive(Debug, Parser)]
+#[command(name = "qbus", version, about, propagate_version = true)]
+struct Cli {
+    /// Broker address, host:port or tcp://host:port
+    #[arg(
+        long,
+        global = true,
+        env = "QBUS_BROKER",
+        default_value = "127.0.0.1:15555",
+        value_name = "ADDR",
+        help_heading = "Global options"
+    )]
+    broker: String,
+    /// Give up connecting after this many seconds
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 5.0,
+        value_name = "SECS",
+        help_heading = "Global options"
+    )]
+    connect_timeout: f64,
+    /// Runtime threads: 1 runs everything on the main thread (least overhead for one
+    /// connection), more starts a multi-threaded runtime, 0 one thread per core
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 1,
+        value_name = "N",
+        help_heading = "Global options"
+    )]
+    threads: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, describe and remove MQs
+    #[command(subcommand)]
+    Mq(mq_cmd::MqCommand),
+    /// Send messages: the BODY arguments, or else one message per line of stdin
+    Produce(produce::ProduceArgs),
+    /// Receive and acknowledge messages, printing one body per line
+    Consume(consume::ConsumeArgs),
+    /// Measure produce or consume throughput and latency
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QBUS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut builder = match cli.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&CliError::Io(e)),
+    };
+    let outcome = runtime.block_on(run(cli));
+    // Everything asked for has been awaited; do not wait for a blocking stdin read.
+    runtime.shutdown_background();
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &CliError) -> ExitCode {
+    eprintln!("qbus: {e}");
+    ExitCode::FAILURE
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let broker = connect(&cli.broker, cli.connect_timeout).await?;
+    match cli.command {
+        Command::Mq(cmd) => mq_cmd::run(&broker, cmd).await,
+        Command::Produce(args) => produce::run(&broker, args).await,
+        Command::Consume(args) => consume::run(&broker, args).await,
+        Command::Bench(cmd) => bench::run(&broker, cmd).await,
+    }
+}
+
+async fn connect(addr: &str, timeout_secs: f64) -> Result<Broker, CliError> {
+    let connect_timeout = Duration::try_from_secs_f64(timeout_secs)
+        .map_err(|_| CliError::Usage(format!("bad --connect-timeout {timeout_secs}")))?;
+    let options = ConnectionOptions {
+        connect_timeout,
+        ..ConnectionOptions::default()
+    };
+    Ok(Broker::connect_with(addr, options).await?)
+}

@@ -1,0 +1,243 @@
+//! `qbus mq ...`: create, list, describe and remove MQs.
+
+use clap::{Args, Subcommand};
+use qbus_client::protocol::GroupInfo;
+use qbus_client::{Broker, MqInfo, MqOptions};
+
+use crate::error::CliError;
+use crate::output::{human_bytes, json_array, table, JsonObject};
+
+#[derive(Debug, Subcommand)]
+pub enum MqCommand {
+    /// Create an MQ (succeeds if it already exists with the same options)
+    Create(CreateArgs),
+    /// List every MQ: name, depth, size on disk, consumer groups
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe one MQ: offsets, depth, size, segments, options and each group's state
+    Info {
+        /// MQ name
+        name: String,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an MQ with its messages and groups
+    #[command(alias = "rm")]
+    Remove {
+        /// MQ name
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// MQ name
+    name: String,
+    /// Redeliver a message not acknowledged within this many milliseconds [broker default]
+    #[arg(long, value_name = "N")]
+    ack_timeout_ms: Option<u64>,
+    /// Deliveries of one message before it moves to the dead-letter MQ [broker default]
+    #[arg(long, value_name = "N")]
+    max_deliveries: Option<u32>,
+    /// Dead-letter MQ [default: <NAME>.DLQ]
+    #[arg(long, value_name = "MQ")]
+    dead_letter: Option<String>,
+}
+
+pub async fn run(broker: &Broker, cmd: MqCommand) -> Result<(), CliError> {
+    match cmd {
+        MqCommand::Create(args) => create(broker, args).await,
+        MqCommand::List { json } => list(broker, json).await,
+        MqCommand::Info { name, json } => info(broker, &name, json).await,
+        MqCommand::Remove { name } => {
+            broker.remove_mq(&name).await?;
+            println!("removed {name}");
+            Ok(())
+        }
+    }
+}
+
+async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
+    if args.max_deliveries == Some(0) {
+        return Err(CliError::Usage(
+            "--max-deliveries must be at least 1".into(),
+        ));
+    }
+    let existed = broker.query_mq(&args.name).await.is_ok();
+    let options = MqOptions {
+        ack_timeout_ms: args.ack_timeout_ms,
+        max_deliveries: args.max_deliveries,
+        dead_letter_mq: args.dead_letter,
+    };
+    let info = broker.create_mq(&args.name, options.clone()).await?;
+    let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
+    let conflicts: Vec<String> = [
+        (
+            "ack-timeout-ms",
+            options.ack_timeout_ms.map(|v| v.to_string()),
+            info.options.ack_timeout_ms.map(|v| v.to_string()),
+        ),
+        (
+            "max-deliveries",
+            options.max_deliveries.map(|v| v.to_string()),
+            info.options.max_deliveries.map(|v| v.to_string()),
+        ),
+        (
+            "dead-letter",
+            options.dead_letter_mq.clone(),
+            info.options.dead_letter_mq.clone(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, asked, has)| differs(asked.clone(), has.clone()))
+    .map(|(key, asked, has)| {
+        format!(
+            "{key} is {} (asked {})",
+            has.unwrap_or_else(|| "default".into()),
+            asked.unwrap_or_default()
+        )
+    })
+    .collect();
+    if !conflicts.is_empty() {
+        return Err(CliError::Failed(format!(
+            "MQ {} already exists with other options: {}",
+            info.name,
+            conflicts.join(", ")
+        )));
+    }
+    let verb = if existed { "exists" } else { "created" };
+    println!("{verb} {} ({})", info.name, describe_options(&info.options));
+    Ok(())
+}
+
+async fn list(broker: &Broker, json: bool) -> Result<(), CliError> {
+    let mqs = broker.list_mqs().await?;
+    if json {
+        println!("{}", json_array(mqs.iter().map(info_json)));
+        return Ok(());
+    }
+    let mut rows = vec![vec![
+        "NAME".to_owned(),
+        "DEPTH".to_owned(),
+        "SIZE".to_owned(),
+        "GROUPS".to_owned(),
+    ]];
+    for mq in &mqs {
+        let groups: Vec<&str> = mq.groups.iter().map(|g| g.name.as_str()).collect();
+        rows.push(vec![
+            mq.name.clone(),
+            mq.depth().to_string(),
+            human_bytes(mq.size_bytes),
+            if groups.is_empty() {
+                "-".to_owned()
+            } else {
+                groups.join(",")
+            },
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
+    let mq = broker.query_mq(name).await?;
+    if json {
+        println!("{}", info_json(&mq));
+        return Ok(());
+    }
+    let lines = [
+        ("name", mq.name.clone()),
+        (
+            "offsets",
+            format!("first {}, next {}", mq.first_offset, mq.next_offset),
+        ),
+        ("depth", mq.depth().to_string()),
+        (
+            "size",
+            format!("{} ({} bytes)", human_bytes(mq.size_bytes), mq.size_bytes),
+        ),
+        ("segments", mq.segments.to_string()),
+        ("options", describe_options(&mq.options)),
+    ];
+    for (key, value) in lines {
+        println!("{:<10}{value}", format!("{key}:"));
+    }
+    if mq.groups.is_empty() {
+        println!("groups:   none");
+        return Ok(());
+    }
+    println!("groups:");
+    let mut rows = vec![[
+        "GROUP",
+        "COMMITTED",
+        "NEXT",
+        "IN_FLIGHT",
+        "LAG",
+        "CONSUMERS",
+        "DEAD_LETTERED",
+        "REDELIVERED",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    for g in &mq.groups {
+        rows.push(vec![
+            g.name.clone(),
+            g.committed.to_string(),
+            g.next.to_string(),
+            g.in_flight.to_string(),
+            g.lag.to_string(),
+            g.consumers.to_string(),
+            g.dead_lettered.to_string(),
+            g.redelivered.to_string(),
+        ]);
+    }
+    for line in table(&rows).lines() {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+fn describe_options(options: &MqOptions) -> String {
+    let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
+    format!(
+        "ack_timeout_ms={} max_deliveries={} dead_letter={}",
+        or_default(options.ack_timeout_ms.map(|v| v.to_string())),
+        or_default(options.max_deliveries.map(|v| v.to_string())),
+        or_default(options.dead_letter_mq.clone()),
+    )
+}
+
+fn info_json(mq: &MqInfo) -> String {
+    let options = JsonObject::new()
+        .opt_num("ack_timeout_ms", mq.options.ack_timeout_ms)
+        .opt_num("max_deliveries", mq.options.max_deliveries)
+        .opt_str("dead_letter_mq", mq.options.dead_letter_mq.as_deref())
+        .finish();
+    JsonObject::new()
+        .str("name", &mq.name)
+        .num("first_offset", mq.first_offset)
+        .num("next_offset", mq.next_offset)
+        .num("depth", mq.depth())
+        .num("size_bytes", mq.size_bytes)
+        .num("segments", mq.segments)
+        .raw("options", options)
+        .raw("groups", json_array(mq.groups.iter().map(group_json)))
+        .finish()
+}
+
+fn group_json(g: &GroupInfo) -> String {
+    JsonObject::new()
+        .str("name", &g.name)
+        .num("committed", g.committed)
+        .num("next", g.next)
+        .num("in_flight", g.in_flight)
+        .num("lag", g.lag)
+        .num("consumers", g.consumers)
+        .num("dead_lettered", g.dead_lettered)
+        .num("redelivered", g.redelivered)
+        .finish()
+}

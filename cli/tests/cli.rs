@@ -1,0 +1,266 @@
+//! The `qbus` binary end to end, against a broker served over TCP on a free loopback port.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use qbus_broker::{bind, run, Settings};
+use tokio_util::sync::CancellationToken;
+
+/// A broker on 127.0.0.1 with a temp store, served by its own runtime thread.
+struct TestBroker {
+    addr: String,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    fn start() -> TestBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Settings {
+            bind: Some("127.0.0.1".into()),
+            port: Some(0),
+            store: Some(dir.path().join("store")),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime.block_on(bind(&config)).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(run(listener, config, stop)).unwrap();
+        });
+        TestBroker {
+            addr,
+            shutdown,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    fn qbus(&self, args: &[&str]) -> Output {
+        self.qbus_with_stdin(args, None)
+    }
+
+    fn qbus_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qbus"))
+            .arg("--broker")
+            .arg(&self.addr)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[track_caller]
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "expected success, got {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(&output),
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Fails with exit status 1 and a single `qbus: ...` line on stderr; returns that line.
+#[track_caller]
+fn fails(output: Output) -> String {
+    assert_eq!(output.status.code(), Some(1), "stdout: {}", stdout(&output));
+    let err = stderr(&output);
+    assert!(err.starts_with("qbus: "), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "stderr: {err}");
+    err
+}
+
+#[test]
+fn mq_lifecycle() {
+    let broker = TestBroker::start();
+    let created = ok(broker.qbus(&[
+        "mq",
+        "create",
+        "orders",
+        "--ack-timeout-ms",
+        "5000",
+        "--max-deliveries",
+        "3",
+        "--dead-letter",
+        "orders.dead",
+    ]));
+    assert!(created.starts_with("created orders"), "{created}");
+    let again = ok(broker.qbus(&["mq", "create", "orders", "--max-deliveries", "3"]));
+    assert!(again.starts_with("exists orders"), "{again}");
+    let conflict = fails(broker.qbus(&["mq", "create", "orders", "--max-deliveries", "4"]));
+    assert!(conflict.contains("max-deliveries"), "{conflict}");
+
+    ok(broker.qbus(&["produce", "orders", "a", "b"]));
+    let list = ok(broker.qbus(&["mq", "list"]));
+    let row: Vec<&str> = list.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!((row[0], row[1]), ("orders", "2"), "{list}");
+    let json = ok(broker.qbus(&["mq", "list", "--json"]));
+    assert!(json.contains(r#""name":"orders""#) && json.contains(r#""depth":2"#));
+
+    ok(broker.qbus(&["consume", "orders", "--group", "billing", "--count", "1"]));
+    let info = ok(broker.qbus(&["mq", "info", "orders"]));
+    for expected in [
+        "depth:    2",
+        "max_deliveries=3",
+        "dead_letter=orders.dead",
+        "billing",
+    ] {
+        assert!(info.contains(expected), "{expected:?} missing from\n{info}");
+    }
+    let info_json = ok(broker.qbus(&["mq", "info", "orders", "--json"]));
+    assert!(info_json.contains(r#""committed":1"#), "{info_json}");
+
+    assert_eq!(
+        ok(broker.qbus(&["mq", "remove", "orders"])),
+        "removed orders\n"
+    );
+    fails(broker.qbus(&["mq", "info", "orders"]));
+    fails(broker.qbus(&["mq", "remove", "orders"]));
+}
+
+#[test]
+fn produce_and_consume() {
+    let broker = TestBroker::start();
+    ok(broker.qbus(&["mq", "create", "q"]));
+    let receipts = ok(broker.qbus(&["produce", "q", "one", "two words"]));
+    assert_eq!(
+        receipts,
+        "offset=0 durability=synced\noffset=1 durability=synced\n"
+    );
+    let summary = ok(broker.qbus_with_stdin(&["produce", "q", "--quiet"], Some("three\r\nfour\n")));
+    assert_eq!(summary, "sent 2 messages\n");
+
+    let got = ok(broker.qbus(&["consume", "q", "--count", "4"]));
+    assert_eq!(got, "one\ntwo words\nthree\nfour\n");
+    let info = ok(broker.qbus(&["mq", "info", "q", "--json"]));
+    assert!(info.contains(r#""committed":4"#), "acks confirmed: {info}");
+
+    // Nothing left: a bounded wait fails with the count reached.
+    let err = fails(broker.qbus(&["consume", "q", "--count", "1", "--timeout", "0.3"]));
+    assert!(err.contains("received 0 of 1"), "{err}");
+    // Without --count, running out of time is a normal end.
+    assert_eq!(ok(broker.qbus(&["consume", "q", "--timeout", "0.3"])), "");
+    // Another group sees everything again, and a tag filter applies.
+    ok(broker.qbus(&["produce", "q", "--tag", "eu", "tagged"]));
+    let eu = ok(broker.qbus(&["consume", "q", "-g", "eu", "--tag", "eu", "-n", "1"]));
+    assert_eq!(eu, "tagged\n");
+}
+
+#[test]
+fn failures_are_one_line_and_exit_1() {
+    let broker = TestBroker::start();
+    let err = fails(broker.qbus(&["produce", "missing", "x"]));
+    assert!(err.contains("not found"), "{err}");
+    fails(broker.qbus(&["consume", "missing", "--count", "1"]));
+    let out = Command::new(env!("CARGO_BIN_EXE_qbus"))
+        .args([
+            "--broker",
+            "127.0.0.1:1",
+            "--connect-timeout",
+            "0.2",
+            "mq",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let err = fails(out);
+    assert!(err.contains("cannot connect"), "{err}");
+}
+
+#[test]
+fn bench_prints_result_lines() {
+    let broker = TestBroker::start();
+    let produce = ok(broker.qbus(&[
+        "bench",
+        "produce",
+        "--count",
+        "2000",
+        "--warmup",
+        "100",
+        "--in-flight",
+        "32",
+    ]));
+    let line = produce.lines().find(|l| l.starts_with("RESULT ")).unwrap();
+    let keys: Vec<&str> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|kv| kv.split_once('=').unwrap().0)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "system",
+            "scenario",
+            "size",
+            "count",
+            "window",
+            "msgs_per_s",
+            "mb_per_s",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "batch",
+            "durability"
+        ]
+    );
+    assert!(line.starts_with(
+        "RESULT system=qbus scenario=produce size=16 count=2000 window=32 msgs_per_s="
+    ));
+    assert!(line.ends_with("batch=1 durability=synced"), "{line}");
+
+    let batched = ok(broker.qbus(&["bench", "produce", "--count", "1000", "--batch", "10"]));
+    assert!(batched.contains(" batch=10 "), "{batched}");
+
+    let consume = ok(broker.qbus(&["bench", "consume", "--count", "5000", "--batch", "128"]));
+    let line = consume.lines().find(|l| l.starts_with("RESULT ")).unwrap();
+    assert!(
+        line.starts_with("RESULT system=qbus scenario=consume size=16 count=5000 window=128 "),
+        "{line}"
+    );
+}

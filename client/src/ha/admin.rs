@@ -1,0 +1,270 @@
+//! MQ administration across the brokers of an HA handle. An MQ lives on several brokers, so
+//! its description is the sum of its copies: counts and sizes add up, and the offsets are
+//! totals over brokers (so `depth()` is the total number of records retained).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+
+use super::{affinity, pool::Node, Ha};
+use crate::error::{ClientError, Result};
+use crate::protocol::{Command, Frame, GroupInfo, Header, MqInfo, MqOptions, Status};
+use crate::topology::Candidate;
+
+/// Longest wait after `create_mq` for the trackers to show the new MQ, so a producer made
+/// right after it finds a broker.
+const PROPAGATION_WAIT: Duration = Duration::from_secs(2);
+
+impl Ha {
+    /// Creates `mq` on every live broker (or `create_on` of them); succeeds when at least
+    /// one broker has it.
+    pub(crate) async fn create_mq(&self, mq: &str, options: &MqOptions) -> Result<MqInfo> {
+        let body: Bytes = rmp_serde::to_vec_named(options)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .into();
+        let mut targets = self.live_brokers();
+        if let Some(n) = self.shared.options.create_on {
+            let candidates: Vec<Candidate> = targets
+                .iter()
+                .map(|node| Candidate {
+                    id: node.addr.clone(),
+                    addr: node.addr.clone(),
+                    depth: 0,
+                    lag: 0,
+                    in_flight: 0,
+                })
+                .collect();
+            let order = affinity::ranked(mq, &candidates);
+            targets = order.into_iter().take(n).map(|i| targets[i].clone()).collect();
+        }
+        if targets.is_empty() {
+            return Err(no_live_broker(mq));
+        }
+        let replies = request_all(&targets, Command::CreateMq, Some(mq), body).await;
+        let (infos, errors) = split(replies);
+        if infos.is_empty() {
+            return Err(first_error(mq, errors));
+        }
+        for (addr, e) in &errors {
+            tracing::warn!(broker = %addr, %mq, error = %e, "MQ not created on this broker");
+        }
+        self.await_holders(mq).await;
+        Ok(combine(mq, infos))
+    }
+
+    /// Waits (bounded) until the topology shows `mq` somewhere, when a tracker is there to
+    /// tell.
+    async fn await_holders(&self, mq: &str) {
+        if !self.shared.views().connected().contains(&true) {
+            return;
+        }
+        let mut watch = self.watch();
+        let seen = tokio::time::timeout(PROPAGATION_WAIT, async {
+            loop {
+                if !watch.borrow_and_update().holders(mq).is_empty() {
+                    return;
+                }
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if seen.is_err() {
+            tracing::warn!(%mq, wait = ?PROPAGATION_WAIT, "the trackers do not show the new MQ yet");
+        }
+    }
+
+    /// Describes `mq` summed over the brokers holding it.
+    pub(crate) async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
+        let holders: Vec<Arc<Node>> = {
+            let topology = self.topology();
+            let pool = &self.shared.pool;
+            topology.holders(mq).iter().map(|c| pool.node(&c.addr)).collect()
+        };
+        // The topology lags a creation by a report; ask everyone when it knows nothing.
+        let targets = if holders.is_empty() {
+            self.live_brokers()
+        } else {
+            holders
+        };
+        let replies = request_all(&targets, Command::QueryMq, Some(mq), Bytes::new()).await;
+        let (infos, errors) = split(replies);
+        if infos.is_empty() {
+            return Err(first_error(mq, errors));
+        }
+        Ok(combine(mq, infos))
+    }
+
+    /// Every MQ of every live broker, summed per name, sorted by name.
+    pub(crate) async fn list_mqs(&self) -> Result<Vec<MqInfo>> {
+        let targets = self.live_brokers();
+        let replies = request_all(&targets, Command::ListMq, None, Bytes::new()).await;
+        let mut by_name: BTreeMap<String, Vec<MqInfo>> = BTreeMap::new();
+        let mut answered = false;
+        let mut last_error = None;
+        for (addr, reply) in replies {
+            match reply.and_then(|frame| decode::<Vec<MqInfo>>(&frame.body)) {
+                Ok(infos) => {
+                    answered = true;
+                    for info in infos {
+                        by_name.entry(info.name.clone()).or_default().push(info);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(broker = %addr, error = %e, "cannot list this broker's MQs");
+                    last_error = Some(e);
+                }
+            }
+        }
+        if !answered {
+            return Err(last_error.unwrap_or_else(|| no_live_broker("*")));
+        }
+        Ok(by_name
+            .into_iter()
+            .map(|(name, infos)| combine(&name, infos))
+            .collect())
+    }
+
+    /// Deletes `mq` on every live broker that has it.
+    pub(crate) async fn remove_mq(&self, mq: &str) -> Result<()> {
+        let targets = self.live_brokers();
+        if targets.is_empty() {
+            return Err(no_live_broker(mq));
+        }
+        let replies = request_all(&targets, Command::RemoveMq, Some(mq), Bytes::new()).await;
+        let mut removed = false;
+        let mut failure = None;
+        for (addr, reply) in replies {
+            match reply {
+                Ok(_) => removed = true,
+                Err(e) if e.status() == Some(Status::NotFound) => {
+                    failure.get_or_insert(e);
+                }
+                Err(e) => {
+                    tracing::warn!(broker = %addr, %mq, error = %e, "MQ not removed on this broker");
+                    failure = Some(e);
+                }
+            }
+        }
+        match (removed, failure) {
+            (true, _) => Ok(()),
+            (false, Some(e)) => Err(e),
+            (false, None) => Err(no_live_broker(mq)),
+        }
+    }
+
+    /// Brokers in the topology that this client does not know to be down.
+    fn live_brokers(&self) -> Vec<Arc<Node>> {
+        let topology = self.topology();
+        let shared = &self.shared;
+        topology
+            .brokers()
+            .filter(|b| b.is_broker() && !shared.pool.avoid(shared, &b.addr))
+            .map(|b| shared.pool.node(&Arc::from(b.addr.as_str())))
+            .collect()
+    }
+}
+
+async fn request_all(
+    targets: &[Arc<Node>],
+    cmd: Command,
+    mq: Option<&str>,
+    body: Bytes,
+) -> Vec<(Arc<str>, Result<Frame>)> {
+    join_all(targets.iter().map(|node| {
+        let frame = Frame::with_body(Header::request(cmd, mq), body.clone());
+        async move { (node.addr.clone(), node.conn.request(frame).await) }
+    }))
+    .await
+}
+
+fn split(replies: Vec<(Arc<str>, Result<Frame>)>) -> (Vec<MqInfo>, Vec<(Arc<str>, ClientError)>) {
+    let mut infos = Vec::new();
+    let mut errors = Vec::new();
+    for (addr, reply) in replies {
+        match reply.and_then(|frame| decode::<MqInfo>(&frame.body)) {
+            Ok(info) => infos.push(info),
+            Err(e) => errors.push((addr, e)),
+        }
+    }
+    (infos, errors)
+}
+
+/// The most telling error: a broker's own answer (such as 404) before a transport failure.
+fn first_error(mq: &str, errors: Vec<(Arc<str>, ClientError)>) -> ClientError {
+    let mut errors: Vec<ClientError> = errors.into_iter().map(|(_, e)| e).collect();
+    match errors.iter().position(|e| e.status().is_some()) {
+        Some(i) => errors.swap_remove(i),
+        None => errors.pop().unwrap_or_else(|| no_live_broker(mq)),
+    }
+}
+
+fn no_live_broker(mq: &str) -> ClientError {
+    ClientError::NoBroker {
+        mq: mq.to_owned(),
+        reason: "no live broker in the topology (are the brokers started with --tracker?)".into(),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(body).map_err(|e| ClientError::Protocol(format!("bad reply body: {e}")))
+}
+
+/// The copies of one MQ summed into one description.
+fn combine(name: &str, infos: Vec<MqInfo>) -> MqInfo {
+    let mut total = MqInfo {
+        name: name.to_owned(),
+        ..MqInfo::default()
+    };
+    let mut groups: BTreeMap<String, GroupInfo> = BTreeMap::new();
+    for info in infos {
+        total.first_offset += info.first_offset;
+        total.next_offset += info.next_offset;
+        total.size_bytes += info.size_bytes;
+        total.segments += info.segments;
+        total.options = info.options;
+        for g in info.groups {
+            let sum = groups.entry(g.name.clone()).or_insert_with(|| GroupInfo {
+                name: g.name.clone(),
+                ..GroupInfo::default()
+            });
+            sum.committed += g.committed;
+            sum.next += g.next;
+            sum.in_flight += g.in_flight;
+            sum.lag += g.lag;
+            sum.consumers += g.consumers;
+            sum.dead_lettered += g.dead_lettered;
+            sum.redelivered += g.redelivered;
+        }
+    }
+    total.groups = groups.into_values().collect();
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_add_up() {
+        let copy = |first, next, lag| MqInfo {
+            name: "q".into(),
+            first_offset: first,
+            next_offset: next,
+            groups: vec![GroupInfo {
+                name: "g".into(),
+                lag,
+                consumers: 1,
+                ..GroupInfo::default()
+            }],
+            ..MqInfo::default()
+        };
+        let total = combine("q", vec![copy(0, 10, 3), copy(5, 7, 1)]);
+        assert_eq!(total.depth(), 12);
+        assert_eq!((total.groups[0].lag, total.groups[0].consumers), (4, 2));
+    }
+}

@@ -1,0 +1,111 @@
+//! The invoker: what carries an encoded call to a server and brings its reply back. Clients
+//! (generated or dynamic) work over any invoker: [`DirectInvoker`](crate::DirectInvoker),
+//! [`MqInvoker`](crate::MqInvoker), [`HaInvoker`](crate::HaInvoker), or an
+//! [`RpcProcessor`](crate::RpcProcessor) in this process.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use qbus_client::connection::PendingReply;
+use qbus_client::protocol::{Command, Frame, Header};
+use qbus_client::ClientError;
+
+use crate::codec::Encoding;
+use crate::error::RpcError;
+
+/// Status a broker gives a call whose deadline passed before any responder replied.
+pub const STATUS_TIMEOUT: u16 = 504;
+
+/// One call on its way out: an encoded request envelope and how long it may take.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// The module (service) called; an HA invoker picks a server offering it.
+    pub module: Arc<str>,
+    /// The request envelope (see [`envelope`](crate::envelope)).
+    pub body: Bytes,
+    /// How `body` is encoded; the reply comes back the same way.
+    pub encoding: Encoding,
+    /// The deadline, relative to now.
+    pub timeout: Duration,
+}
+
+/// The answer to a call: an encoded response envelope.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The response envelope.
+    pub body: Bytes,
+    /// How `body` is encoded.
+    pub encoding: Encoding,
+}
+
+/// The future an invoker returns.
+pub type InvokeFuture = Pin<Box<dyn Future<Output = Result<Reply, RpcError>> + Send + 'static>>;
+
+/// Carries calls to a server and replies back.
+///
+/// ```
+/// use qbus_rpc::{Call, Invoker, InvokeFuture, Reply, RpcError};
+///
+/// /// An invoker that refuses everything, to show the shape.
+/// struct Nobody;
+///
+/// impl Invoker for Nobody {
+///     fn invoke(&self, call: Call) -> InvokeFuture {
+///         Box::pin(async move {
+///             Err(RpcError::NoResponders { target: call.module.to_string(), reason: "nobody".into() })
+///         })
+///     }
+/// }
+/// ```
+pub trait Invoker: Send + Sync + 'static {
+    /// Sends `call` and resolves to its reply, within `call.timeout`.
+    fn invoke(&self, call: Call) -> InvokeFuture;
+}
+
+impl<T: Invoker + ?Sized> Invoker for Arc<T> {
+    fn invoke(&self, call: Call) -> InvokeFuture {
+        (**self).invoke(call)
+    }
+}
+
+impl Reply {
+    /// Reads a `Call` reply frame.
+    pub(crate) fn from_frame(frame: Frame) -> Result<Reply, RpcError> {
+        let encoding = Encoding::from_header(frame.header.encoding.as_deref())
+            .map_err(|e| RpcError::Codec(format!("reply: {e}")))?;
+        Ok(Reply {
+            body: frame.body,
+            encoding,
+        })
+    }
+}
+
+/// The `Call` frame for `call`; `mq` is set for MQ-RPC.
+pub(crate) fn call_frame(call: &Call, mq: Option<&str>) -> Frame {
+    let mut header = Header::request(Command::Call, mq);
+    header.timeout_ms = Some(u32::try_from(call.timeout.as_millis()).unwrap_or(u32::MAX));
+    header.encoding = call.encoding.header_value();
+    Frame::with_body(header, call.body.clone())
+}
+
+/// Sends with `send` and waits for the reply, all within `timeout`; `target` names the
+/// server or MQ in errors.
+pub(crate) async fn exchange(
+    send: impl Future<Output = Result<PendingReply, ClientError>>,
+    timeout: Duration,
+    target: &str,
+) -> Result<Reply, RpcError> {
+    let outcome = tokio::time::timeout(timeout, async { send.await?.await }).await;
+    match outcome {
+        Err(_) => Err(RpcError::Timeout(timeout)),
+        Ok(Ok(frame)) => Reply::from_frame(frame),
+        Ok(Err(ClientError::Server { status, .. })) if status.code() == STATUS_TIMEOUT => {
+            Err(RpcError::Timeout(timeout))
+        }
+        Ok(Err(e)) => Err(RpcError::from_client(e, target)),
+    }
+}
+

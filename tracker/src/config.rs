@@ -1,0 +1,171 @@
+//! Tracker settings: command-line flags over `QBUS_TRACKER_*` environment variables over an
+//! optional TOML file (`qbus-tracker.toml` documents every key) over defaults. A bad value
+//! is reported with the key that holds it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Settings as given by one source; unset fields fall through to the next source.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// Address to listen on [default: 0.0.0.0]
+    #[arg(long, env = "QBUS_TRACKER_BIND")]
+    pub bind: Option<String>,
+    /// Port for the binary protocol and HTTP (GET /topology) [default: 16666]
+    #[arg(long, env = "QBUS_TRACKER_PORT")]
+    pub port: Option<u16>,
+    /// Reports in a row a node may miss before it is dropped (its lease) [default: 3]
+    #[arg(long, env = "QBUS_TRACKER_LEASE_REPORTS")]
+    pub lease_reports: Option<u32>,
+    /// After start, how long the view counts as incomplete while brokers reconnect, e.g.
+    /// 3s; subscribers keep brokers it does not list yet [default: 3s]
+    #[arg(long, env = "QBUS_TRACKER_WARMUP")]
+    pub warmup: Option<String>,
+}
+
+impl Settings {
+    /// Fills every unset field of `self` from `other`.
+    pub fn or(self, other: Settings) -> Settings {
+        Settings {
+            bind: self.bind.or(other.bind),
+            port: self.port.or(other.port),
+            lease_reports: self.lease_reports.or(other.lease_reports),
+            warmup: self.warmup.or(other.warmup),
+        }
+    }
+
+    /// Reads a TOML file of settings.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            key: "config".into(),
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError {
+            key: "config".into(),
+            message: format!("{}: {}", path.display(), e.message()),
+        })
+    }
+
+    /// Validates and applies defaults.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let bind = self.bind.unwrap_or_else(|| "0.0.0.0".into());
+        let port = self.port.unwrap_or(DEFAULT_PORT);
+        let listen: SocketAddr = format!("{bind}:{port}").parse().map_err(|_| ConfigError {
+            key: "bind".into(),
+            message: format!("{bind:?} is not an IP address"),
+        })?;
+        let lease_reports = self.lease_reports.unwrap_or(3);
+        if lease_reports == 0 {
+            return Err(ConfigError {
+                key: "lease-reports".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        let warmup = match self.warmup {
+            Some(text) => parse_duration(&text).map_err(|message| ConfigError {
+                key: "warmup".into(),
+                message,
+            })?,
+            None => Duration::from_secs(3),
+        };
+        Ok(Config {
+            listen,
+            lease_reports,
+            warmup,
+        })
+    }
+}
+
+/// The tracker's default port.
+pub const DEFAULT_PORT: u16 = 16666;
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {key}: {message}")]
+pub struct ConfigError {
+    /// The key, as in the config file.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Resolved tracker configuration.
+///
+/// ```
+/// use qbus_tracker::Config;
+/// let config = Config::local(0);
+/// assert_eq!(config.lease_reports, 3);
+/// assert!(config.warmup.is_zero());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Reports a node may miss before it is dropped.
+    pub lease_reports: u32,
+    /// How long after start the view counts as incomplete.
+    pub warmup: Duration,
+}
+
+impl Config {
+    /// Listens on `127.0.0.1:port` with the default lease and no warm-up (for tests and
+    /// in-process trackers that start before their brokers).
+    pub fn local(port: u16) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            lease_reports: 3,
+            warmup: Duration::ZERO,
+        }
+    }
+}
+
+/// Parses `500ms`, `30s`, `10m`, `2h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m or 2h"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("{s:?} has no unit: use ms, s, m or h")),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(ms)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_flags_over_file_and_named_errors() {
+        let config = Settings::default().resolve().unwrap();
+        assert_eq!(config.listen.port(), 16666);
+        assert_eq!(config.warmup, Duration::from_secs(3));
+        let file: Settings = toml::from_str("port = 16667\nwarmup = \"500ms\"").unwrap();
+        let cli = Settings {
+            lease_reports: Some(5),
+            ..Settings::default()
+        };
+        let config = cli.or(file).resolve().unwrap();
+        assert_eq!(
+            (config.listen.port(), config.lease_reports, config.warmup),
+            (16667, 5, Duration::from_millis(500))
+        );
+        let err = Settings {
+            warmup: Some("soon".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert_eq!(err.key, "warmup");
+        assert!(toml::from_str::<Settings>("lease = 3").is_err());
+    }
+}

@@ -1,0 +1,129 @@
+//! Starting and stopping a tracker: the table, its lease sweeper and warm-up timer, and the
+//! accept loop that sends each connection to the binary protocol or to HTTP by its first
+//! byte.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qbus_client::link::tcp_link;
+use qbus_client::protocol::DEFAULT_MAX_FRAME;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http;
+use crate::session;
+use crate::table::Table;
+
+/// How often leases are checked; a node is dropped at most this late.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+/// Why a tracker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address is unusable.
+    #[error("cannot listen on {addr}: {source} (is another tracker on this port? use --port)")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the configured address.
+pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })
+}
+
+/// Runs a tracker on `listener` until `shutdown` fires.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use qbus_tracker::{bind, run, Config};
+/// let config = Config::local(16666);
+/// let listener = bind(&config).await?;
+/// let shutdown = tokio_util::sync::CancellationToken::new();
+/// tokio::spawn(run(listener, config, shutdown.clone()));
+/// // ... brokers report to 127.0.0.1:16666, clients use tracker://127.0.0.1:16666
+/// shutdown.cancel();
+/// # Ok(()) }
+/// ```
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let table = Arc::new(Table::new(config.lease_reports, config.warmup.is_zero()));
+    let background = shutdown.child_token();
+    tokio::spawn(sweep(table.clone(), background.clone()));
+    if !config.warmup.is_zero() {
+        tokio::spawn(warm_up(table.clone(), config.warmup, background.clone()));
+    }
+    tracing::info!(addr = ?listener.local_addr().ok(), warmup = ?config.warmup, "tracker listening");
+    let next_conn = AtomicU64::new(1);
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    while connections.try_join_next().is_some() {}
+                    let conn = next_conn.fetch_add(1, Ordering::Relaxed);
+                    connections.spawn(serve(table.clone(), stream, conn, peer.to_string(), shutdown.child_token()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        connections.abort_all();
+    }
+    tracing::info!("tracker stopped");
+    Ok(())
+}
+
+async fn serve(table: Arc<Table>, stream: TcpStream, conn: u64, peer: String, shutdown: CancellationToken) {
+    match http::sniff(&stream).await {
+        Ok(true) => http::serve(table, stream, shutdown).await,
+        Ok(false) => {
+            let link = tcp_link(stream, DEFAULT_MAX_FRAME);
+            session::serve(table, link, conn, peer, shutdown).await
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
+    }
+}
+
+async fn sweep(table: Arc<Table>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => table.expire(Instant::now()),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn warm_up(table: Arc<Table>, warmup: Duration, stop: CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(warmup) => table.set_ready(),
+        _ = stop.cancelled() => {}
+    }
+}

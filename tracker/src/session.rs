@@ -1,0 +1,174 @@
+//! One binary-protocol connection to the tracker: a broker reporting, a client subscribed
+//! to the topology, or a one-shot query. When the connection ends, the nodes that reported
+//! on it are dropped at once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use qbus_client::link::Link;
+use qbus_client::protocol::{
+    Command, Frame, Header, ServerInfo, Status, WireError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+};
+use qbus_client::topology::{BrokerState, TopologyUpdate};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::table::{Published, Table};
+
+/// A connection silent this long is closed (reporters and subscribers heartbeat far more
+/// often).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Serves one link until the peer closes it, it fails, or `shutdown` fires.
+pub async fn serve(table: Arc<Table>, link: Link, conn: u64, peer: String, shutdown: CancellationToken) {
+    let span = tracing::info_span!("session", conn, %peer);
+    run(table, link, conn, shutdown).instrument(span).await
+}
+
+async fn run(table: Arc<Table>, link: Link, conn: u64, shutdown: CancellationToken) {
+    let Link { tx: out, rx: mut inbound } = link;
+    let mut forwarder: Option<JoinHandle<()>> = None;
+    loop {
+        let item = tokio::select! {
+            item = tokio::time::timeout(IDLE_TIMEOUT, inbound.next()) => item,
+            _ = shutdown.cancelled() => break,
+        };
+        let frame = match item {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "closing connection after bad input");
+                let status = match e {
+                    WireError::FrameTooLarge { .. } => Status::TooLarge,
+                    _ => Status::BadRequest,
+                };
+                let _ = out
+                    .send(Frame::new(Header::error(Command::Hello, 0, status, e.to_string())))
+                    .await;
+                break;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                tracing::info!(idle = ?IDLE_TIMEOUT, "closing idle connection");
+                break;
+            }
+        };
+        if frame.header.is_reply() {
+            continue;
+        }
+        let reply = match frame.header.cmd {
+            Command::Subscribe => {
+                let (snapshot, updates) = table.subscribe();
+                if let Some(old) = forwarder.take() {
+                    old.abort();
+                }
+                let reply = snapshot_reply(&frame.header, &snapshot);
+                // The snapshot reply is queued before the forwarder can queue a change.
+                if out.send(reply).await.is_err() {
+                    break;
+                }
+                forwarder = Some(tokio::spawn(forward(
+                    table.clone(),
+                    snapshot.seq,
+                    updates,
+                    out.clone(),
+                )));
+                continue;
+            }
+            _ => handle(&table, conn, frame),
+        };
+        if out.send(reply).await.is_err() {
+            break;
+        }
+    }
+    if let Some(forwarder) = forwarder {
+        forwarder.abort();
+    }
+    table.disconnect(conn);
+}
+
+/// The reply to every request but `Subscribe`.
+fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
+    let request = &frame.header;
+    let error = |status, message: String| Frame::new(Header::error(request.cmd, request.id, status, message));
+    match request.cmd {
+        Command::Hello => {
+            let info = ServerInfo {
+                protocol: PROTOCOL_VERSION,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                max_frame: DEFAULT_MAX_FRAME as u64,
+            };
+            match rmp_serde::to_vec_named(&info) {
+                Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
+                Err(e) => error(Status::Internal, e.to_string()),
+            }
+        }
+        Command::Heartbeat => Frame::new(Header::reply_to(request)),
+        Command::Report => match rmp_serde::from_slice::<BrokerState>(&frame.body) {
+            Ok(state) => match table.report(conn, state, Instant::now()) {
+                Ok(()) => Frame::new(Header::reply_to(request)),
+                Err(e) => error(Status::BadRequest, e.to_string()),
+            },
+            Err(e) => error(Status::BadRequest, format!("report body is not a BrokerState map: {e}")),
+        },
+        Command::QueryTopology => snapshot_reply(request, &table.snapshot()),
+        Command::TopologyUpdate => error(
+            Status::BadRequest,
+            "TopologyUpdate is sent by trackers, not to them".into(),
+        ),
+        Command::Unknown(code) => error(
+            Status::UnknownCommand,
+            format!("unknown command {code} (this tracker speaks protocol {PROTOCOL_VERSION})"),
+        ),
+        other => error(
+            Status::UnknownCommand,
+            format!("{other:?} is not a tracker command; this is a tracker (send it to a qbus-broker)"),
+        ),
+    }
+}
+
+fn snapshot_reply(request: &Header, snapshot: &TopologyUpdate) -> Frame {
+    match rmp_serde::to_vec_named(snapshot) {
+        Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
+        Err(e) => Frame::new(Header::error(request.cmd, request.id, Status::Internal, e.to_string())),
+    }
+}
+
+/// Pushes every change after `seq` to the subscriber; one that falls too far behind gets a
+/// fresh snapshot instead of the changes it missed.
+async fn forward(
+    table: Arc<Table>,
+    mut seq: u64,
+    mut updates: broadcast::Receiver<Arc<Published>>,
+    out: mpsc::Sender<Frame>,
+) {
+    loop {
+        let body = match updates.recv().await {
+            Ok(update) if update.seq <= seq => continue,
+            Ok(update) => {
+                seq = update.seq;
+                update.body.clone()
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "subscriber fell behind; sending a snapshot");
+                let (snapshot, fresh) = table.subscribe();
+                updates = fresh;
+                seq = snapshot.seq;
+                match rmp_serde::to_vec_named(&snapshot) {
+                    Ok(body) => body.into(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode a snapshot");
+                        return;
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let push = Frame::with_body(Header::request(Command::TopologyUpdate, None), body);
+        if out.send(push).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The tracker's live table: every node that reported, on which connection, and until when
+//! its lease runs; every change numbered and broadcast to subscribers.
+//!
+//! Pure bookkeeping with the clock passed in, so every rule is unit-tested below:
+//! - a report with an older version than the one held is ignored (a late report of a
+//!   replaced process cannot bring it back);
+//! - a node is dropped when the connection it reported on closes, or when its lease
+//!   (`lease_reports` times its own report interval) runs out;
+//! - until the tracker is ready (after its warm-up), every update says `ready: false`;
+//!   becoming ready is announced with a full snapshot.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use qbus_client::topology::{BrokerState, TopologyUpdate};
+use tokio::sync::broadcast;
+
+/// Changes kept for subscribers that fall behind; one further behind gets a snapshot.
+const BACKLOG: usize = 1024;
+/// Report interval assumed when a node does not say.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// An update as broadcast: encoded once for every subscriber.
+#[derive(Debug)]
+pub struct Published {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The MessagePack [`TopologyUpdate`].
+    pub body: Bytes,
+}
+
+/// Why a report was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReportError {
+    /// `id` or `addr` is empty.
+    #[error("a report needs a non-empty {0}")]
+    Missing(&'static str),
+}
+
+struct Entry {
+    state: BrokerState,
+    conn: u64,
+    expires: Instant,
+}
+
+struct Inner {
+    seq: u64,
+    ready: bool,
+    nodes: HashMap<String, Entry>,
+}
+
+/// The live topology of one tracker.
+pub struct Table {
+    inner: Mutex<Inner>,
+    updates: broadcast::Sender<Arc<Published>>,
+    lease_reports: u32,
+}
+
+impl Table {
+    /// An empty table; `ready` when there is no warm-up.
+    pub fn new(lease_reports: u32, ready: bool) -> Table {
+        Table {
+            inner: Mutex::new(Inner {
+                seq: 0,
+                ready,
+                nodes: HashMap::new(),
+            }),
+            updates: broadcast::channel(BACKLOG).0,
+            lease_reports: lease_reports.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("tracker table poisoned")
+    }
+
+    /// Records a report received on connection `conn`.
+    pub fn report(&self, conn: u64, state: BrokerState, now: Instant) -> Result<(), ReportError> {
+        if state.id.is_empty() {
+            return Err(ReportError::Missing("id"));
+        }
+        if state.addr.is_empty() {
+            return Err(ReportError::Missing("addr"));
+        }
+        let interval = match state.report_interval_ms {
+            0 => DEFAULT_INTERVAL,
+            ms => Duration::from_millis(ms).clamp(Duration::from_millis(10), Duration::from_secs(3600)),
+        };
+        let expires = now + interval * self.lease_reports;
+        let mut inner = self.lock();
+        let changed = match inner.nodes.get_mut(&state.id) {
+            Some(entry) if entry.state.version() > state.version() => {
+                tracing::debug!(node = %state.id, "ignoring a report older than the one held");
+                return Ok(());
+            }
+            Some(entry) if entry.state.version() == state.version() => {
+                entry.conn = conn;
+                entry.expires = expires;
+                false
+            }
+            _ => true,
+        };
+        if changed {
+            if !inner.nodes.contains_key(&state.id) {
+                tracing::info!(node = %state.id, addr = %state.addr, "node joined");
+            }
+            let update = TopologyUpdate {
+                brokers: vec![state.clone()],
+                ..TopologyUpdate::default()
+            };
+            inner.nodes.insert(
+                state.id.clone(),
+                Entry {
+                    state,
+                    conn,
+                    expires,
+                },
+            );
+            self.publish(&mut inner, update);
+        }
+        Ok(())
+    }
+
+    /// Drops the nodes that reported on connection `conn`, which closed.
+    pub fn disconnect(&self, conn: u64) {
+        let mut inner = self.lock();
+        let gone: Vec<String> = inner
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.conn == conn)
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.remove(&mut inner, gone, "connection closed");
+    }
+
+    /// Drops the nodes whose lease ran out by `now`.
+    pub fn expire(&self, now: Instant) {
+        let mut inner = self.lock();
+        let gone: Vec<String> = inner
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.remove(&mut inner, gone, "missed its reports");
+    }
+
+    fn remove(&self, inner: &mut Inner, gone: Vec<String>, why: &str) {
+        if gone.is_empty() {
+            return;
+        }
+        for id in &gone {
+            inner.nodes.remove(id);
+            tracing::info!(node = %id, reason = why, "node dropped");
+        }
+        let update = TopologyUpdate {
+            removed: gone,
+            ..TopologyUpdate::default()
+        };
+        self.publish(inner, update);
+    }
+
+    /// Ends the warm-up: from now on the view counts as complete.
+    pub fn set_ready(&self) {
+        let mut inner = self.lock();
+        if inner.ready {
+            return;
+        }
+        inner.ready = true;
+        tracing::info!(nodes = inner.nodes.len(), "warm-up over; the topology is complete");
+        let update = snapshot_of(&inner);
+        self.publish(&mut inner, update);
+    }
+
+    /// A full snapshot now.
+    pub fn snapshot(&self) -> TopologyUpdate {
+        snapshot_of(&self.lock())
+    }
+
+    /// A full snapshot and a receiver of every later update, taken together so nothing
+    /// falls between them.
+    pub fn subscribe(&self) -> (TopologyUpdate, broadcast::Receiver<Arc<Published>>) {
+        let inner = self.lock();
+        (snapshot_of(&inner), self.updates.subscribe())
+    }
+
+    /// Numbers and broadcasts an update (a full one when `update.full`).
+    fn publish(&self, inner: &mut Inner, mut update: TopologyUpdate) {
+        inner.seq += 1;
+        update.seq = inner.seq;
+        update.ready = inner.ready;
+        if update.full {
+            update.brokers = sorted(inner);
+        }
+        match rmp_serde::to_vec_named(&update) {
+            Ok(body) => {
+                // No subscriber is not an error.
+                let _ = self.updates.send(Arc::new(Published {
+                    seq: update.seq,
+                    body: body.into(),
+                }));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a topology update"),
+        }
+    }
+}
+
+fn sorted(inner: &Inner) -> Vec<BrokerState> {
+    let mut nodes: Vec<BrokerState> = inner.nodes.values().map(|e| e.state.clone()).collect();
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    nodes
+}
+
+fn snapshot_of(inner: &Inner) -> TopologyUpdate {
+    TopologyUpdate {
+        seq: inner.seq,
+        ready: inner.ready,
+        full: true,
+        brokers: sorted(inner),
+        removed: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(id: &str, epoch: u64, seq: u64) -> BrokerState {
+        BrokerState {
+            id: id.into(),
+            addr: id.into(),
+            epoch,
+            seq,
+            report_interval_ms: 100,
+            ..BrokerState::default()
+        }
+    }
+
+    fn ids(table: &Table) -> Vec<String> {
+        table.snapshot().brokers.into_iter().map(|b| b.id).collect()
+    }
+
+    fn update(published: &Published) -> TopologyUpdate {
+        rmp_serde::from_slice(&published.body).unwrap()
+    }
+
+    #[test]
+    fn changes_are_numbered_and_repeats_are_silent() {
+        let table = Table::new(3, true);
+        let (snapshot, mut rx) = table.subscribe();
+        assert_eq!((snapshot.seq, snapshot.brokers.len()), (0, 0));
+        let now = Instant::now();
+        table.report(1, state("a", 1, 1), now).unwrap();
+        table.report(1, state("a", 1, 1), now).unwrap(); // same version: lease only
+        table.report(1, state("a", 1, 2), now).unwrap();
+        let first = update(&rx.try_recv().unwrap());
+        let second = update(&rx.try_recv().unwrap());
+        assert_eq!((first.seq, second.seq), (1, 2));
+        assert_eq!(second.brokers[0].seq, 2);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn older_reports_do_not_win() {
+        let table = Table::new(3, true);
+        let now = Instant::now();
+        table.report(1, state("a", 2, 1), now).unwrap();
+        table.report(2, state("a", 1, 99), now).unwrap(); // the previous process, late
+        assert_eq!(table.snapshot().brokers[0].epoch, 2);
+        // ... and its connection closing does not drop the new process.
+        table.disconnect(2);
+        assert_eq!(ids(&table), ["a"]);
+        table.disconnect(1);
+        assert!(ids(&table).is_empty());
+    }
+
+    #[test]
+    fn leases_run_out_after_the_missed_reports() {
+        let table = Table::new(3, true);
+        let (_, mut rx) = table.subscribe();
+        let start = Instant::now();
+        table.report(1, state("a", 1, 1), start).unwrap();
+        table.report(1, state("b", 1, 1), start + Duration::from_millis(200)).unwrap();
+        table.expire(start + Duration::from_millis(299));
+        assert_eq!(ids(&table), ["a", "b"]);
+        table.expire(start + Duration::from_millis(300)); // 3 x 100 ms
+        assert_eq!(ids(&table), ["b"]);
+        let last = std::iter::from_fn(|| rx.try_recv().ok()).last().unwrap();
+        assert_eq!(update(&last).removed, ["a"]);
+    }
+
+    #[test]
+    fn warm_up_is_announced_with_a_snapshot() {
+        let table = Table::new(3, false);
+        let (_, mut rx) = table.subscribe();
+        table.report(1, state("a", 1, 1), Instant::now()).unwrap();
+        assert!(!update(&rx.try_recv().unwrap()).ready);
+        table.set_ready();
+        let ready = update(&rx.try_recv().unwrap());
+        assert!(ready.ready && ready.full);
+        assert_eq!(ready.brokers.len(), 1);
+        assert!(table.snapshot().ready);
+    }
+
+    #[test]
+    fn reports_without_identity_are_refused() {
+        let table = Table::new(3, true);
+        let mut nameless = state("a", 1, 1);
+        nameless.id.clear();
+        assert_eq!(
+            table.report(1, nameless, Instant::now()),
+            Err(ReportError::Missing("id"))
+        );
+    }
+}

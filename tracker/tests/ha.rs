@@ -1,0 +1,335 @@
+//! HA end to end: real `qbus-tracker` and `qbus-broker` processes on loopback, clients
+//! connected with `tracker://`, brokers and trackers killed with `kill -9` while clients
+//! work.
+
+mod support;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use qbus_client::ha::HaOptions;
+use qbus_client::{Message, MqOptions, Producer};
+use support::{tracker_url, wait_for, wait_for_brokers, Broker, Tracker, REPORT_INTERVAL, WARMUP};
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+async fn ha_client(trackers: &[&Tracker]) -> qbus_client::Broker {
+    qbus_client::Broker::connect(&tracker_url(trackers))
+        .await
+        .expect("connect through the trackers")
+}
+
+/// What a continuous producer saw.
+struct Produced {
+    /// Bodies the brokers confirmed.
+    confirmed: Vec<String>,
+    /// Longest time without a confirmation while sending.
+    longest_gap: Duration,
+    /// Slowest send-to-confirmation.
+    slowest: Duration,
+}
+
+/// Sends `m<i>` with key `k<i>`, keeping `window` sends unconfirmed, until `stop` fires;
+/// every send must be confirmed. `count` follows the confirmations.
+async fn produce_until(producer: Producer, window: usize, count: Arc<AtomicU64>, stop: CancellationToken) -> Produced {
+    let mut pending = VecDeque::new();
+    let mut produced = Produced {
+        confirmed: Vec::new(),
+        longest_gap: Duration::ZERO,
+        slowest: Duration::ZERO,
+    };
+    let mut last = Instant::now();
+    let mut i = 0u64;
+    loop {
+        let stopping = stop.is_cancelled();
+        if !stopping && pending.len() < window {
+            let body = format!("m{i}");
+            let message = Message::new(body.clone()).with_key(format!("k{i}"));
+            let receipt = producer.send_async(message).await.expect("queue a send");
+            pending.push_back((body, Instant::now(), receipt.into_future()));
+            i += 1;
+            continue;
+        }
+        let Some((body, sent, receipt)) = pending.pop_front() else {
+            return produced;
+        };
+        receipt.await.unwrap_or_else(|e| panic!("send of {body} failed: {e}"));
+        produced.slowest = produced.slowest.max(sent.elapsed());
+        produced.longest_gap = produced.longest_gap.max(last.elapsed());
+        last = Instant::now();
+        produced.confirmed.push(body);
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn wait_count(count: &AtomicU64, at_least: u64) {
+    wait_for(&format!("{at_least} confirmed sends"), LIMIT, || {
+        (count.load(Ordering::Relaxed) >= at_least).then_some(())
+    })
+    .await
+}
+
+/// Reads `mq` with a fresh group until every body in `expected` arrived; returns how many
+/// arrived more than once.
+async fn consume_all(client: &qbus_client::Broker, mq: &str, expected: &[String]) -> usize {
+    let mut consumer = client.consumer(mq).group("audit").subscribe().await.unwrap();
+    let mut missing: HashSet<&str> = expected.iter().map(String::as_str).collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = Instant::now() + LIMIT;
+    while !missing.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let delivery = match tokio::time::timeout(left, consumer.next()).await {
+            Ok(Some(delivery)) => delivery.unwrap(),
+            _ => panic!("{} confirmed messages never arrived, e.g. {:?}", missing.len(), missing.iter().next()),
+        };
+        let body = String::from_utf8(delivery.body.to_vec()).unwrap();
+        missing.remove(body.as_str());
+        *seen.entry(body).or_default() += 1;
+        delivery.ack().await.unwrap();
+    }
+    seen.values().filter(|&&n| n > 1).map(|n| n - 1).sum()
+}
+
+/// 2 trackers, 3 brokers: a producer keeps sending (confirmed, 8 in flight) while one broker
+/// is `kill -9`ed. Every send is confirmed, the gap stays short, and after the broker
+/// restarts every confirmed message is consumable, duplicates at most the in-flight window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_rides_through_a_broker_kill_without_losing_messages() {
+    const WINDOW: usize = 8;
+    let (t1, t2) = (Tracker::start(), Tracker::start());
+    let mut brokers: Vec<Broker> = (0..3).map(|_| Broker::start(&[&t1, &t2])).collect();
+    let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
+    let client = ha_client(&[&t1, &t2]).await;
+    wait_for_brokers(&client, None, &addrs, LIMIT).await;
+    client.create_mq("orders", MqOptions::default()).await.unwrap();
+    wait_for_brokers(&client, Some("orders"), &addrs, LIMIT).await;
+
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let producing = tokio::spawn(produce_until(client.producer("orders"), WINDOW, count.clone(), stop.clone()));
+    wait_count(&count, 300).await;
+    brokers[1].kill9();
+    let killed_at = count.load(Ordering::Relaxed);
+    wait_count(&count, killed_at + 300).await;
+    stop.cancel();
+    let produced = producing.await.unwrap();
+
+    brokers[1].restart();
+    wait_for_brokers(&client, Some("orders"), &addrs, LIMIT).await;
+    let duplicates = consume_all(&client, "orders", &produced.confirmed).await;
+    eprintln!(
+        "{} confirmed, longest gap {:?}, slowest send {:?}, {duplicates} duplicates",
+        produced.confirmed.len(),
+        produced.longest_gap,
+        produced.slowest
+    );
+    assert!(duplicates <= WINDOW, "{duplicates} duplicates, more than the {WINDOW} in flight");
+    assert!(produced.longest_gap < Duration::from_secs(1), "gap {:?}", produced.longest_gap);
+}
+
+/// Both trackers killed: producers and consumers go on with the cached topology; a broker
+/// killed meanwhile is avoided once it fails; restarted trackers have the topology back
+/// within a report interval and the client then forgets the dead broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_topology_outlives_every_tracker() {
+    let (mut t1, mut t2) = (Tracker::start(), Tracker::start());
+    let mut brokers: Vec<Broker> = (0..3).map(|_| Broker::start(&[&t1, &t2])).collect();
+    let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
+    let client = ha_client(&[&t1, &t2]).await;
+    wait_for_brokers(&client, None, &addrs, LIMIT).await;
+    client.create_mq("jobs", MqOptions::default()).await.unwrap();
+    wait_for_brokers(&client, Some("jobs"), &addrs, LIMIT).await;
+    let mut consumer = client.consumer("jobs").subscribe().await.unwrap();
+
+    t1.kill9();
+    t2.kill9();
+    wait_for("both trackers lost", LIMIT, || {
+        let status = client.ha_status().unwrap();
+        status.trackers.iter().all(|t| !t.connected).then_some(())
+    })
+    .await;
+    let producer = client.producer("jobs");
+    for i in 0..30 {
+        producer.send(format!("before-{i}")).await.unwrap();
+    }
+    receive(&mut consumer, 30).await;
+
+    brokers[2].kill9();
+    let started = Instant::now();
+    for i in 0..30 {
+        producer.send(format!("after-{i}")).await.unwrap();
+    }
+    let took = started.elapsed();
+    let status = client.ha_status().unwrap();
+    assert_eq!(status.unreachable, [addrs[2].clone()], "the killed broker is avoided");
+    assert_eq!(client.topology().unwrap().len(), 3, "the cache is all the client has");
+    assert!(took < Duration::from_secs(2), "30 sends took {took:?}");
+    receive(&mut consumer, 30).await;
+
+    t1.restart();
+    t2.restart();
+    let restarted = Instant::now();
+    let mut live = vec![addrs[0].clone(), addrs[1].clone()];
+    live.sort();
+    for tracker in [&t1, &t2] {
+        loop {
+            let mut seen = tracker.broker_addrs().await;
+            seen.sort();
+            if seen == live {
+                break;
+            }
+            assert!(restarted.elapsed() < LIMIT, "tracker has {seen:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let back = restarted.elapsed();
+    eprintln!("trackers had the topology back {back:?} after restarting");
+    // One report interval, plus the broker's reconnection and this poll.
+    assert!(back < REPORT_INTERVAL * 3, "{back:?}");
+    wait_for_brokers(&client, None, &live, LIMIT).await;
+}
+
+/// Receives and acks `n` distinct messages.
+async fn receive(consumer: &mut qbus_client::Consumer, n: usize) {
+    let mut received = HashSet::new();
+    while received.len() < n {
+        let delivery = tokio::time::timeout(LIMIT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} messages arrived", received.len()))
+            .unwrap()
+            .unwrap();
+        delivery.ack().await.unwrap();
+        received.insert(delivery.body);
+    }
+}
+
+/// A broker that joins is used by running producers within 3 s, and a consumer started
+/// before it joined reads its messages too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_broker_gets_traffic_within_3s() {
+    let tracker = Tracker::start();
+    let first: Vec<Broker> = (0..2).map(|_| Broker::start(&[&tracker])).collect();
+    let addrs: Vec<String> = first.iter().map(Broker::addr).collect();
+    let client = ha_client(&[&tracker]).await;
+    wait_for_brokers(&client, None, &addrs, LIMIT).await;
+    client.create_mq("events", MqOptions::default()).await.unwrap();
+    let mut consumer = client.consumer("events").subscribe().await.unwrap();
+
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let producing = tokio::spawn(produce_until(client.producer("events"), 4, count.clone(), stop.clone()));
+    wait_count(&count, 50).await;
+
+    let joined = Instant::now();
+    let newcomer = Broker::start(&[&tracker]);
+    let direct = newcomer.direct().await;
+    direct.create_mq("events", MqOptions::default()).await.unwrap();
+    loop {
+        if direct.query_mq("events").await.unwrap().depth() > 0 {
+            break;
+        }
+        assert!(joined.elapsed() < Duration::from_secs(3), "the new broker got nothing in 3 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let used = joined.elapsed();
+    stop.cancel();
+    let produced = producing.await.unwrap();
+    eprintln!("new broker stored its first message {used:?} after it started");
+
+    let mut missing: HashSet<String> = produced.confirmed.into_iter().collect();
+    while !missing.is_empty() {
+        let delivery = tokio::time::timeout(LIMIT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} messages never arrived", missing.len()))
+            .unwrap()
+            .unwrap();
+        missing.remove(std::str::from_utf8(&delivery.body).unwrap());
+        delivery.ack().await.unwrap();
+    }
+}
+
+/// A broker that reports to only one of two trackers is still used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_known_to_one_tracker_is_used() {
+    let (t1, t2) = (Tracker::start(), Tracker::start());
+    let both = Broker::start(&[&t1, &t2]);
+    let one = Broker::start(&[&t2]);
+    let client = ha_client(&[&t1, &t2]).await;
+    wait_for_brokers(&client, None, &[both.addr(), one.addr()], LIMIT).await;
+    assert!(!t1.broker_addrs().await.contains(&one.addr()));
+
+    client.create_mq("split", MqOptions::default()).await.unwrap();
+    wait_for_brokers(&client, Some("split"), &[both.addr(), one.addr()], LIMIT).await;
+    let producer = client.producer("split");
+    for i in 0..20 {
+        producer.send(format!("{i}")).await.unwrap();
+    }
+    let depth = one.direct().await.query_mq("split").await.unwrap().depth();
+    assert_eq!(depth, 10, "round-robin over both brokers");
+}
+
+/// The only tracker restarts empty: clients never lose a live broker, not even while it
+/// warms up, and it rebuilds its view from the brokers' next reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_empty_tracker_makes_no_client_forget_live_brokers() {
+    let mut tracker = Tracker::start();
+    let brokers: Vec<Broker> = (0..3).map(|_| Broker::start(&[&tracker])).collect();
+    let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
+    let client = ha_client(&[&tracker]).await;
+    wait_for_brokers(&client, None, &addrs, LIMIT).await;
+
+    let mut watch = client.watch_topology().unwrap();
+    let fewest = Arc::new(AtomicU64::new(u64::MAX));
+    let watching = {
+        let fewest = fewest.clone();
+        tokio::spawn(async move {
+            loop {
+                let brokers = watch.borrow_and_update().len() as u64;
+                fewest.fetch_min(brokers, Ordering::Relaxed);
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    tracker.restart();
+    let first = tracker.query().await;
+    assert!(!first.ready, "a restarted tracker says it is still warming up");
+    let started = Instant::now();
+    loop {
+        let view = tracker.query().await;
+        if view.ready && view.brokers.len() == 3 {
+            break;
+        }
+        assert!(started.elapsed() < WARMUP + LIMIT, "tracker has {:?}", view.brokers.len());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_for("the client to resubscribe", LIMIT, || {
+        client.ha_status().unwrap().trackers[0].connected.then_some(())
+    })
+    .await;
+    wait_for_brokers(&client, None, &addrs, LIMIT).await;
+    watching.abort();
+    assert_eq!(fewest.load(Ordering::Relaxed), 3, "the client forgot a live broker");
+}
+
+/// No tracker answers: a clear error within the bounded wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_tracker_is_a_clear_error() {
+    let port = support::free_port();
+    let options = HaOptions::default().with_first_topology(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = qbus_client::Broker::connect_ha(&format!("tracker://127.0.0.1:{port}"), options)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(text.contains("no tracker sent a topology"), "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+}
