@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: unit, end-to-end against real qbus-broker / qbus-tracker processes, and the
+# monitor-page test in headless Chromium (installed here from Debian's packages when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing chromium for the browser tests" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+
+cargo test --workspace --locked "$@"
