@@ -267,7 +267,8 @@ pub struct Config {
     pub max_in_flight: u32,
     /// HTTP request, idle and reply-write timeout.
     pub http_timeout: Duration,
-    /// Reporting to trackers, when any are configured.
+    /// Reporting to trackers, when any are configured. Done by [`run`](crate::run), which
+    /// knows the listening address; an embedded broker does not report.
     pub reporting: Option<crate::reporter::Reporting>,
 }
 

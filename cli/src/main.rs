@@ -4,12 +4,16 @@
 //! dispatches and turns an error into one `qbus: <error>` line on stderr with exit status 1.
 
 mod bench;
+mod bench_failover;
+mod bench_rpc;
+mod call;
 mod consume;
 mod error;
 mod histogram;
 mod mq_cmd;
 mod output;
 mod produce;
+mod topology;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -23,7 +27,8 @@ use crate::error::CliError;
 #[derive(Debug, Parser)]
 #[command(name = "qbus", version, about, propagate_version = true)]
 struct Cli {
-    /// Broker address, host:port or tcp://host:port
+    /// Broker address: host:port, tcp://host:port, or tracker://host:port[,host:port...]
+    /// for the brokers the trackers know
     #[arg(
         long,
         global = true,
@@ -67,7 +72,11 @@ enum Command {
     Consume(consume::ConsumeArgs),
     /// Measure produce or consume throughput and latency
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(bench_failover::BenchScenario),
+    /// Print the brokers, MQs and services the trackers know
+    Topology(topology::TopologyArgs),
+    /// Call an RPC method with JSON arguments and print its JSON result
+    Call(call::CallArgs),
 }
 
 fn main() -> ExitCode {
@@ -107,18 +116,37 @@ fn fail(e: &CliError) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    let broker = connect(&cli.broker, cli.connect_timeout).await?;
+    // `topology` asks the trackers and `bench failover` runs its own cluster: neither
+    // connects to --broker.
+    let broker = || connect(&cli.broker, cli.connect_timeout);
     match cli.command {
-        Command::Mq(cmd) => mq_cmd::run(&broker, cmd).await,
-        Command::Produce(args) => produce::run(&broker, args).await,
-        Command::Consume(args) => consume::run(&broker, args).await,
-        Command::Bench(cmd) => bench::run(&broker, cmd).await,
+        Command::Mq(cmd) => mq_cmd::run(&broker().await?, cmd).await,
+        Command::Produce(args) => produce::run(&broker().await?, args).await,
+        Command::Consume(args) => consume::run(&broker().await?, args).await,
+        Command::Bench(bench_failover::BenchScenario::Load(cmd)) => {
+            bench::run(&broker().await?, cmd).await
+        }
+        Command::Bench(bench_failover::BenchScenario::Failover(args)) => {
+            bench_failover::run(args).await
+        }
+        Command::Bench(bench_failover::BenchScenario::Rpc(args)) => {
+            bench_rpc::run(args, &cli.broker, cli.connect_timeout).await
+        }
+        Command::Bench(bench_failover::BenchScenario::RpcServe(args)) => {
+            bench_rpc::serve(args, &cli.broker, cli.connect_timeout).await
+        }
+        Command::Topology(args) => topology::run(args, timeout(cli.connect_timeout)?).await,
+        Command::Call(args) => call::run(args, &cli.broker, cli.connect_timeout).await,
     }
 }
 
+fn timeout(secs: f64) -> Result<Duration, CliError> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| CliError::Usage(format!("bad --connect-timeout {secs}")))
+}
+
 async fn connect(addr: &str, timeout_secs: f64) -> Result<Broker, CliError> {
-    let connect_timeout = Duration::try_from_secs_f64(timeout_secs)
-        .map_err(|_| CliError::Usage(format!("bad --connect-timeout {timeout_secs}")))?;
+    let connect_timeout = timeout(timeout_secs)?;
     let options = ConnectionOptions {
         connect_timeout,
         ..ConnectionOptions::default()

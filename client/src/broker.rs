@@ -56,6 +56,9 @@ impl Broker {
     /// # Ok(()) }
     /// ```
     pub async fn connect(addr: &str) -> Result<Broker> {
+        if addr.starts_with(TRACKER_SCHEME) {
+            return Broker::connect_ha(addr, HaOptions::default()).await;
+        }
         Broker::connect_with(addr, ConnectionOptions::default()).await
     }
 
@@ -225,10 +228,14 @@ impl Broker {
     pub(crate) fn kind(&self) -> &Kind {
         &self.kind
     }
-
 }
 
-async fn admin(connection: &Connection, cmd: Command, mq: Option<&str>, body: Bytes) -> Result<Frame> {
+async fn admin(
+    connection: &Connection,
+    cmd: Command,
+    mq: Option<&str>,
+    body: Bytes,
+) -> Result<Frame> {
     connection
         .request(Frame::with_body(Header::request(cmd, mq), body))
         .await

@@ -8,8 +8,8 @@ use bytes::BytesMut;
 
 use crate::broker::{Broker, Kind};
 use crate::connection::PendingReply;
-use crate::ha::failover::HaReply;
 use crate::error::{ClientError, Result};
+use crate::ha::failover::HaReply;
 use crate::message::Message;
 use crate::protocol::{Command, Durability, Frame, Header, FLAG_ONEWAY};
 

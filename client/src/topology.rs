@@ -220,7 +220,8 @@ impl Topology {
             brokers.into_iter().map(|b| (b.id.clone(), b)).collect();
         let mut holders: HashMap<String, Vec<Candidate>> = HashMap::new();
         for broker in brokers.values().filter(|b| b.is_broker()) {
-            let (id, addr): (Arc<str>, Arc<str>) = (broker.id.as_str().into(), broker.addr.as_str().into());
+            let (id, addr): (Arc<str>, Arc<str>) =
+                (broker.id.as_str().into(), broker.addr.as_str().into());
             for mq in &broker.mqs {
                 holders.entry(mq.name.clone()).or_default().push(Candidate {
                     id: id.clone(),

@@ -3,17 +3,19 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::Instrument;
 
 use crate::codec::Encoding;
 use crate::envelope::{RequestOut, ResponseIn, DEFAULT_TIMEOUT};
 use crate::error::RpcError;
-use crate::invoker::{Call, Invoker};
+use crate::invoker::{Call, InvokeFuture, Invoker};
 
 /// How calls are made; every field has a default and a builder method on the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,15 +125,11 @@ impl RpcClient {
 
     /// Calls `method` with `params`, a tuple (or array) of its arguments in order, and
     /// decodes its result as `R` (`serde_json::Value` takes any result). The params are
-    /// encoded before this returns, so the future borrows nothing.
-    pub fn call<P, R>(
-        &self,
-        method: impl Into<Cow<'static, str>>,
-        params: &P,
-    ) -> impl Future<Output = Result<R, RpcError>> + Send + 'static + use<P, R>
+    /// encoded before this returns, so the future borrows nothing and can be spawned.
+    pub fn call<P, R>(&self, method: impl Into<Cow<'static, str>>, params: &P) -> CallFuture<R>
     where
         P: Serialize + ?Sized,
-        R: DeserializeOwned + 'static,
+        R: DeserializeOwned,
     {
         let method = method.into();
         let request = RequestOut {
@@ -141,34 +139,78 @@ impl RpcClient {
             timeout_ms: u64::try_from(self.options.timeout.as_millis()).unwrap_or(u64::MAX),
         };
         let encoding = self.options.encoding;
-        let call = encoding
-            .encode(&request)
-            .map(|body| Call {
+        let sent = match encoding.encode(&request) {
+            Ok(body) => Ok(self.invoker.invoke(Call {
                 module: self.module.clone(),
                 body: body.into(),
                 encoding,
                 timeout: self.options.timeout,
-            })
-            .map_err(|e| {
-                RpcError::Codec(format!(
-                    "cannot encode the params of {}.{method}: {e}",
-                    self.module
-                ))
-            });
-        let invoker = self.invoker.clone();
-        let module = self.module.clone();
-        let span = tracing::debug_span!("rpc_call", %module, %method);
-        async move {
-            let reply = invoker.invoke(call?).await?;
-            match reply.encoding.decode::<ResponseIn<R>>(&reply.body) {
+            })),
+            Err(e) => Err(RpcError::Codec(format!(
+                "cannot encode the params of {}.{method}: {e}",
+                self.module
+            ))),
+        };
+        CallFuture {
+            span: tracing::debug_span!("rpc_call", module = %self.module, %method),
+            sent: Some(sent),
+            module: self.module.clone(),
+            method,
+            result: PhantomData,
+        }
+    }
+}
+
+/// The reply to one call, decoded as `R`; `.await` it. Dropping it abandons the call.
+#[must_use = "a call does nothing unless awaited"]
+pub struct CallFuture<R> {
+    span: tracing::Span,
+    /// The invoker's future, or why the call could not be sent; `None` once resolved.
+    sent: Option<Result<InvokeFuture, RpcError>>,
+    module: Arc<str>,
+    method: Cow<'static, str>,
+    result: PhantomData<fn() -> R>,
+}
+
+impl<R> std::fmt::Debug for CallFuture<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallFuture")
+            .field("module", &self.module)
+            .field("method", &self.method)
+            .finish()
+    }
+}
+
+impl<R: DeserializeOwned> Future for CallFuture<R> {
+    type Output = Result<R, RpcError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let _entered = this.span.enter();
+        let reply = match this.sent.take() {
+            None => {
+                return Poll::Ready(Err(RpcError::Codec("call polled after it finished".into())))
+            }
+            Some(Err(e)) => return Poll::Ready(Err(e)),
+            Some(Ok(mut invoked)) => match invoked.as_mut().poll(cx) {
+                Poll::Pending => {
+                    this.sent = Some(Ok(invoked));
+                    return Poll::Pending;
+                }
+                Poll::Ready(reply) => reply,
+            },
+        };
+        Poll::Ready(reply.and_then(
+            |reply| match reply.encoding.decode::<ResponseIn<R>>(&reply.body) {
                 Ok(ResponseIn::Result(value)) => Ok(value),
                 Ok(ResponseIn::Error(error)) => Err(RpcError::Remote(error)),
                 Err(e) => Err(RpcError::Codec(format!(
-                    "cannot decode the reply of {module}.{method} as {}: {e}",
+                    "cannot decode the reply of {}.{} as {}: {e}",
+                    this.module,
+                    this.method,
                     std::any::type_name::<R>()
                 ))),
-            }
-        }
-        .instrument(span)
+            },
+        ))
     }
 }

@@ -71,6 +71,12 @@ impl<T: Invoker + ?Sized> Invoker for Arc<T> {
     }
 }
 
+impl<T: Invoker + ?Sized> Invoker for Box<T> {
+    fn invoke(&self, call: Call) -> InvokeFuture {
+        (**self).invoke(call)
+    }
+}
+
 impl Reply {
     /// Reads a `Call` reply frame.
     pub(crate) fn from_frame(frame: Frame) -> Result<Reply, RpcError> {
@@ -92,11 +98,11 @@ pub(crate) fn call_frame(call: &Call, mq: Option<&str>) -> Frame {
 }
 
 /// Sends with `send` and waits for the reply, all within `timeout`; `target` names the
-/// server or MQ in errors.
+/// server or MQ in errors (built only when one occurs).
 pub(crate) async fn exchange(
     send: impl Future<Output = Result<PendingReply, ClientError>>,
     timeout: Duration,
-    target: &str,
+    target: impl FnOnce() -> String,
 ) -> Result<Reply, RpcError> {
     let outcome = tokio::time::timeout(timeout, async { send.await?.await }).await;
     match outcome {
@@ -105,7 +111,6 @@ pub(crate) async fn exchange(
         Ok(Err(ClientError::Server { status, .. })) if status.code() == STATUS_TIMEOUT => {
             Err(RpcError::Timeout(timeout))
         }
-        Ok(Err(e)) => Err(RpcError::from_client(e, target)),
+        Ok(Err(e)) => Err(RpcError::from_client(e, &target())),
     }
 }
-

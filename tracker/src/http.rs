@@ -27,9 +27,17 @@ pub async fn sniff(stream: &TcpStream) -> std::io::Result<bool> {
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(TIMEOUT, stream.peek(&mut first))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("nothing sent within {TIMEOUT:?}")))??;
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("nothing sent within {TIMEOUT:?}"),
+            )
+        })??;
     if peeked == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before sending anything"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before sending anything",
+        ));
     }
     Ok(first[0].is_ascii_uppercase())
 }
@@ -65,25 +73,38 @@ fn route(table: &Table, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
-        response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
     if path.is_empty() {
-        return text(StatusCode::OK, "qbus-tracker: GET /topology for the live topology as JSON\n");
+        return text(
+            StatusCode::OK,
+            "qbus-tracker: GET /topology for the live topology as JSON\n",
+        );
     }
     match serde_json::to_vec_pretty(&table.snapshot()) {
         Ok(json) => {
             let mut response = Response::new(Full::new(Bytes::from(json)));
-            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot encode the topology: {e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode the topology: {e}\n"),
+        ),
     }
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }

@@ -100,7 +100,13 @@ pub async fn run(
     Ok(())
 }
 
-async fn serve(table: Arc<Table>, stream: TcpStream, conn: u64, peer: String, shutdown: CancellationToken) {
+async fn serve(
+    table: Arc<Table>,
+    stream: TcpStream,
+    conn: u64,
+    peer: String,
+    shutdown: CancellationToken,
+) {
     match http::sniff(&stream).await {
         Ok(true) => http::serve(table, stream, shutdown).await,
         Ok(false) => {

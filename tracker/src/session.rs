@@ -23,13 +23,22 @@ use crate::table::{Published, Table};
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves one link until the peer closes it, it fails, or `shutdown` fires.
-pub async fn serve(table: Arc<Table>, link: Link, conn: u64, peer: String, shutdown: CancellationToken) {
+pub async fn serve(
+    table: Arc<Table>,
+    link: Link,
+    conn: u64,
+    peer: String,
+    shutdown: CancellationToken,
+) {
     let span = tracing::info_span!("session", conn, %peer);
     run(table, link, conn, shutdown).instrument(span).await
 }
 
 async fn run(table: Arc<Table>, link: Link, conn: u64, shutdown: CancellationToken) {
-    let Link { tx: out, rx: mut inbound } = link;
+    let Link {
+        tx: out,
+        rx: mut inbound,
+    } = link;
     let mut forwarder: Option<JoinHandle<()>> = None;
     loop {
         let item = tokio::select! {
@@ -45,7 +54,12 @@ async fn run(table: Arc<Table>, link: Link, conn: u64, shutdown: CancellationTok
                     _ => Status::BadRequest,
                 };
                 let _ = out
-                    .send(Frame::new(Header::error(Command::Hello, 0, status, e.to_string())))
+                    .send(Frame::new(Header::error(
+                        Command::Hello,
+                        0,
+                        status,
+                        e.to_string(),
+                    )))
                     .await;
                 break;
             }
@@ -92,7 +106,9 @@ async fn run(table: Arc<Table>, link: Link, conn: u64, shutdown: CancellationTok
 /// The reply to every request but `Subscribe`.
 fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
     let request = &frame.header;
-    let error = |status, message: String| Frame::new(Header::error(request.cmd, request.id, status, message));
+    let error = |status, message: String| {
+        Frame::new(Header::error(request.cmd, request.id, status, message))
+    };
     match request.cmd {
         Command::Hello => {
             let info = ServerInfo {
@@ -111,7 +127,10 @@ fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
                 Ok(()) => Frame::new(Header::reply_to(request)),
                 Err(e) => error(Status::BadRequest, e.to_string()),
             },
-            Err(e) => error(Status::BadRequest, format!("report body is not a BrokerState map: {e}")),
+            Err(e) => error(
+                Status::BadRequest,
+                format!("report body is not a BrokerState map: {e}"),
+            ),
         },
         Command::QueryTopology => snapshot_reply(request, &table.snapshot()),
         Command::TopologyUpdate => error(
@@ -124,7 +143,9 @@ fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
         ),
         other => error(
             Status::UnknownCommand,
-            format!("{other:?} is not a tracker command; this is a tracker (send it to a qbus-broker)"),
+            format!(
+                "{other:?} is not a tracker command; this is a tracker (send it to a qbus-broker)"
+            ),
         ),
     }
 }
@@ -132,7 +153,12 @@ fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
 fn snapshot_reply(request: &Header, snapshot: &TopologyUpdate) -> Frame {
     match rmp_serde::to_vec_named(snapshot) {
         Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
-        Err(e) => Frame::new(Header::error(request.cmd, request.id, Status::Internal, e.to_string())),
+        Err(e) => Frame::new(Header::error(
+            request.cmd,
+            request.id,
+            Status::Internal,
+            e.to_string(),
+        )),
     }
 }
 

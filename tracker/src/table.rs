@@ -86,7 +86,8 @@ impl Table {
         }
         let interval = match state.report_interval_ms {
             0 => DEFAULT_INTERVAL,
-            ms => Duration::from_millis(ms).clamp(Duration::from_millis(10), Duration::from_secs(3600)),
+            ms => Duration::from_millis(ms)
+                .clamp(Duration::from_millis(10), Duration::from_secs(3600)),
         };
         let expires = now + interval * self.lease_reports;
         let mut inner = self.lock();
@@ -169,7 +170,10 @@ impl Table {
             return;
         }
         inner.ready = true;
-        tracing::info!(nodes = inner.nodes.len(), "warm-up over; the topology is complete");
+        tracing::info!(
+            nodes = inner.nodes.len(),
+            "warm-up over; the topology is complete"
+        );
         let update = snapshot_of(&inner);
         self.publish(&mut inner, update);
     }
@@ -282,7 +286,9 @@ mod tests {
         let (_, mut rx) = table.subscribe();
         let start = Instant::now();
         table.report(1, state("a", 1, 1), start).unwrap();
-        table.report(1, state("b", 1, 1), start + Duration::from_millis(200)).unwrap();
+        table
+            .report(1, state("b", 1, 1), start + Duration::from_millis(200))
+            .unwrap();
         table.expire(start + Duration::from_millis(299));
         assert_eq!(ids(&table), ["a", "b"]);
         table.expire(start + Duration::from_millis(300)); // 3 x 100 ms

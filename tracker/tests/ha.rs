@@ -2,6 +2,8 @@
 //! connected with `tracker://`, brokers and trackers killed with `kill -9` while clients
 //! work.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -36,7 +38,12 @@ struct Produced {
 
 /// Sends `m<i>` with key `k<i>`, keeping `window` sends unconfirmed, until `stop` fires;
 /// every send must be confirmed. `count` follows the confirmations.
-async fn produce_until(producer: Producer, window: usize, count: Arc<AtomicU64>, stop: CancellationToken) -> Produced {
+async fn produce_until(
+    producer: Producer,
+    window: usize,
+    count: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Produced {
     let mut pending = VecDeque::new();
     let mut produced = Produced {
         confirmed: Vec::new(),
@@ -58,7 +65,9 @@ async fn produce_until(producer: Producer, window: usize, count: Arc<AtomicU64>,
         let Some((body, sent, receipt)) = pending.pop_front() else {
             return produced;
         };
-        receipt.await.unwrap_or_else(|e| panic!("send of {body} failed: {e}"));
+        receipt
+            .await
+            .unwrap_or_else(|e| panic!("send of {body} failed: {e}"));
         produced.slowest = produced.slowest.max(sent.elapsed());
         produced.longest_gap = produced.longest_gap.max(last.elapsed());
         last = Instant::now();
@@ -77,7 +86,12 @@ async fn wait_count(count: &AtomicU64, at_least: u64) {
 /// Reads `mq` with a fresh group until every body in `expected` arrived; returns how many
 /// arrived more than once.
 async fn consume_all(client: &qbus_client::Broker, mq: &str, expected: &[String]) -> usize {
-    let mut consumer = client.consumer(mq).group("audit").subscribe().await.unwrap();
+    let mut consumer = client
+        .consumer(mq)
+        .group("audit")
+        .subscribe()
+        .await
+        .unwrap();
     let mut missing: HashSet<&str> = expected.iter().map(String::as_str).collect();
     let mut seen: HashMap<String, usize> = HashMap::new();
     let deadline = Instant::now() + LIMIT;
@@ -85,7 +99,11 @@ async fn consume_all(client: &qbus_client::Broker, mq: &str, expected: &[String]
         let left = deadline.saturating_duration_since(Instant::now());
         let delivery = match tokio::time::timeout(left, consumer.next()).await {
             Ok(Some(delivery)) => delivery.unwrap(),
-            _ => panic!("{} confirmed messages never arrived, e.g. {:?}", missing.len(), missing.iter().next()),
+            _ => panic!(
+                "{} confirmed messages never arrived, e.g. {:?}",
+                missing.len(),
+                missing.iter().next()
+            ),
         };
         let body = String::from_utf8(delivery.body.to_vec()).unwrap();
         missing.remove(body.as_str());
@@ -106,12 +124,20 @@ async fn producer_rides_through_a_broker_kill_without_losing_messages() {
     let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
     let client = ha_client(&[&t1, &t2]).await;
     wait_for_brokers(&client, None, &addrs, LIMIT).await;
-    client.create_mq("orders", MqOptions::default()).await.unwrap();
+    client
+        .create_mq("orders", MqOptions::default())
+        .await
+        .unwrap();
     wait_for_brokers(&client, Some("orders"), &addrs, LIMIT).await;
 
     let count = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
-    let producing = tokio::spawn(produce_until(client.producer("orders"), WINDOW, count.clone(), stop.clone()));
+    let producing = tokio::spawn(produce_until(
+        client.producer("orders"),
+        WINDOW,
+        count.clone(),
+        stop.clone(),
+    ));
     wait_count(&count, 300).await;
     brokers[1].kill9();
     let killed_at = count.load(Ordering::Relaxed);
@@ -128,8 +154,15 @@ async fn producer_rides_through_a_broker_kill_without_losing_messages() {
         produced.longest_gap,
         produced.slowest
     );
-    assert!(duplicates <= WINDOW, "{duplicates} duplicates, more than the {WINDOW} in flight");
-    assert!(produced.longest_gap < Duration::from_secs(1), "gap {:?}", produced.longest_gap);
+    assert!(
+        duplicates <= WINDOW,
+        "{duplicates} duplicates, more than the {WINDOW} in flight"
+    );
+    assert!(
+        produced.longest_gap < Duration::from_secs(1),
+        "gap {:?}",
+        produced.longest_gap
+    );
 }
 
 /// Both trackers killed: producers and consumers go on with the cached topology; a broker
@@ -142,7 +175,10 @@ async fn cached_topology_outlives_every_tracker() {
     let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
     let client = ha_client(&[&t1, &t2]).await;
     wait_for_brokers(&client, None, &addrs, LIMIT).await;
-    client.create_mq("jobs", MqOptions::default()).await.unwrap();
+    client
+        .create_mq("jobs", MqOptions::default())
+        .await
+        .unwrap();
     wait_for_brokers(&client, Some("jobs"), &addrs, LIMIT).await;
     let mut consumer = client.consumer("jobs").subscribe().await.unwrap();
 
@@ -166,8 +202,16 @@ async fn cached_topology_outlives_every_tracker() {
     }
     let took = started.elapsed();
     let status = client.ha_status().unwrap();
-    assert_eq!(status.unreachable, [addrs[2].clone()], "the killed broker is avoided");
-    assert_eq!(client.topology().unwrap().len(), 3, "the cache is all the client has");
+    assert_eq!(
+        status.unreachable,
+        [addrs[2].clone()],
+        "the killed broker is avoided"
+    );
+    assert_eq!(
+        client.topology().unwrap().len(),
+        3,
+        "the cache is all the client has"
+    );
     assert!(took < Duration::from_secs(2), "30 sends took {took:?}");
     receive(&mut consumer, 30).await;
 
@@ -189,8 +233,9 @@ async fn cached_topology_outlives_every_tracker() {
     }
     let back = restarted.elapsed();
     eprintln!("trackers had the topology back {back:?} after restarting");
-    // One report interval, plus the broker's reconnection and this poll.
-    assert!(back < REPORT_INTERVAL * 3, "{back:?}");
+    // One report interval, plus the broker's reconnection and this poll (with room for a
+    // loaded machine).
+    assert!(back < REPORT_INTERVAL * 4, "{back:?}");
     wait_for_brokers(&client, None, &live, LIMIT).await;
 }
 
@@ -217,23 +262,37 @@ async fn a_joining_broker_gets_traffic_within_3s() {
     let addrs: Vec<String> = first.iter().map(Broker::addr).collect();
     let client = ha_client(&[&tracker]).await;
     wait_for_brokers(&client, None, &addrs, LIMIT).await;
-    client.create_mq("events", MqOptions::default()).await.unwrap();
+    client
+        .create_mq("events", MqOptions::default())
+        .await
+        .unwrap();
     let mut consumer = client.consumer("events").subscribe().await.unwrap();
 
     let count = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
-    let producing = tokio::spawn(produce_until(client.producer("events"), 4, count.clone(), stop.clone()));
+    let producing = tokio::spawn(produce_until(
+        client.producer("events"),
+        4,
+        count.clone(),
+        stop.clone(),
+    ));
     wait_count(&count, 50).await;
 
     let joined = Instant::now();
     let newcomer = Broker::start(&[&tracker]);
     let direct = newcomer.direct().await;
-    direct.create_mq("events", MqOptions::default()).await.unwrap();
+    direct
+        .create_mq("events", MqOptions::default())
+        .await
+        .unwrap();
     loop {
         if direct.query_mq("events").await.unwrap().depth() > 0 {
             break;
         }
-        assert!(joined.elapsed() < Duration::from_secs(3), "the new broker got nothing in 3 s");
+        assert!(
+            joined.elapsed() < Duration::from_secs(3),
+            "the new broker got nothing in 3 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let used = joined.elapsed();
@@ -263,7 +322,10 @@ async fn a_broker_known_to_one_tracker_is_used() {
     wait_for_brokers(&client, None, &[both.addr(), one.addr()], LIMIT).await;
     assert!(!t1.broker_addrs().await.contains(&one.addr()));
 
-    client.create_mq("split", MqOptions::default()).await.unwrap();
+    client
+        .create_mq("split", MqOptions::default())
+        .await
+        .unwrap();
     wait_for_brokers(&client, Some("split"), &[both.addr(), one.addr()], LIMIT).await;
     let producer = client.producer("split");
     for i in 0..20 {
@@ -300,23 +362,36 @@ async fn a_restarted_empty_tracker_makes_no_client_forget_live_brokers() {
 
     tracker.restart();
     let first = tracker.query().await;
-    assert!(!first.ready, "a restarted tracker says it is still warming up");
+    assert!(
+        !first.ready,
+        "a restarted tracker says it is still warming up"
+    );
     let started = Instant::now();
     loop {
         let view = tracker.query().await;
         if view.ready && view.brokers.len() == 3 {
             break;
         }
-        assert!(started.elapsed() < WARMUP + LIMIT, "tracker has {:?}", view.brokers.len());
+        assert!(
+            started.elapsed() < WARMUP + LIMIT,
+            "tracker has {:?}",
+            view.brokers.len()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     wait_for("the client to resubscribe", LIMIT, || {
-        client.ha_status().unwrap().trackers[0].connected.then_some(())
+        client.ha_status().unwrap().trackers[0]
+            .connected
+            .then_some(())
     })
     .await;
     wait_for_brokers(&client, None, &addrs, LIMIT).await;
     watching.abort();
-    assert_eq!(fewest.load(Ordering::Relaxed), 3, "the client forgot a live broker");
+    assert_eq!(
+        fewest.load(Ordering::Relaxed),
+        3,
+        "the client forgot a live broker"
+    );
 }
 
 /// No tracker answers: a clear error within the bounded wait.
@@ -332,4 +407,62 @@ async fn no_tracker_is_a_clear_error() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(text.contains("no tracker sent a topology"), "{text}");
     assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+}
+
+/// `create_on(2)` puts an MQ on two of three brokers, the same two for the same name, and a
+/// key sticks to one broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_on_some_brokers_and_keys_stick() {
+    let tracker = Tracker::start();
+    let brokers: Vec<Broker> = (0..3).map(|_| Broker::start(&[&tracker])).collect();
+    let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
+    let url = tracker_url(&[&tracker]);
+    let client = qbus_client::Broker::connect_ha(&url, HaOptions::default().with_create_on(2))
+        .await
+        .unwrap();
+    wait_for_brokers(&client, None, &addrs, LIMIT).await;
+    client
+        .create_mq("pairs", MqOptions::default())
+        .await
+        .unwrap();
+    let holders: Vec<String> = client
+        .topology()
+        .unwrap()
+        .holders("pairs")
+        .iter()
+        .map(|c| c.addr.to_string())
+        .collect();
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    let again = qbus_client::Broker::connect_ha(&url, HaOptions::default().with_create_on(2))
+        .await
+        .unwrap();
+    again
+        .create_mq("pairs", MqOptions::default())
+        .await
+        .unwrap();
+    wait_for_brokers(&again, Some("pairs"), &holders, LIMIT).await;
+
+    let producer = client.producer("pairs");
+    for i in 0..20 {
+        producer
+            .send(Message::new(format!("{i}")).with_key("customer-1"))
+            .await
+            .unwrap();
+    }
+    let info = client.query_mq("pairs").await.unwrap();
+    assert_eq!(info.depth(), 20);
+    let mut depths = Vec::new();
+    for broker in brokers.iter().filter(|b| holders.contains(&b.addr())) {
+        depths.push(
+            broker
+                .direct()
+                .await
+                .query_mq("pairs")
+                .await
+                .unwrap()
+                .depth(),
+        );
+    }
+    depths.sort_unstable();
+    assert_eq!(depths, [0, 20], "one key, one broker");
 }

@@ -38,7 +38,11 @@ impl Ha {
                 })
                 .collect();
             let order = affinity::ranked(mq, &candidates);
-            targets = order.into_iter().take(n).map(|i| targets[i].clone()).collect();
+            targets = order
+                .into_iter()
+                .take(n)
+                .map(|i| targets[i].clone())
+                .collect();
         }
         if targets.is_empty() {
             return Err(no_live_broker(mq));
@@ -51,20 +55,28 @@ impl Ha {
         for (addr, e) in &errors {
             tracing::warn!(broker = %addr, %mq, error = %e, "MQ not created on this broker");
         }
-        self.await_holders(mq).await;
-        Ok(combine(mq, infos))
+        let created: Vec<Arc<str>> = infos.iter().map(|(addr, _)| addr.clone()).collect();
+        self.await_holders(mq, &created).await;
+        Ok(combine(mq, infos.into_iter().map(|(_, info)| info)))
     }
 
-    /// Waits (bounded) until the topology shows `mq` somewhere, when a tracker is there to
-    /// tell.
-    async fn await_holders(&self, mq: &str) {
+    /// Waits (bounded) until the topology shows `mq` on every broker in `created`, when a
+    /// tracker is there to tell, so sends right after spread over all of them.
+    async fn await_holders(&self, mq: &str, created: &[Arc<str>]) {
         if !self.shared.views().connected().contains(&true) {
             return;
         }
         let mut watch = self.watch();
         let seen = tokio::time::timeout(PROPAGATION_WAIT, async {
             loop {
-                if !watch.borrow_and_update().holders(mq).is_empty() {
+                let shown = {
+                    let topology = watch.borrow_and_update();
+                    let holders = topology.holders(mq);
+                    created
+                        .iter()
+                        .all(|addr| holders.iter().any(|c| c.addr == *addr))
+                };
+                if shown {
                     return;
                 }
                 if watch.changed().await.is_err() {
@@ -82,8 +94,23 @@ impl Ha {
     pub(crate) async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
         let holders: Vec<Arc<Node>> = {
             let topology = self.topology();
-            let pool = &self.shared.pool;
-            topology.holders(mq).iter().map(|c| pool.node(&c.addr)).collect()
+            let shared = &self.shared;
+            let all = topology.holders(mq);
+            // Skip brokers known to be down (asking them only waits to fail), unless that
+            // is all of them.
+            let live: Vec<_> = all
+                .iter()
+                .filter(|c| !shared.pool.avoid(shared, &c.addr))
+                .collect();
+            let chosen = if live.is_empty() {
+                all.iter().collect()
+            } else {
+                live
+            };
+            chosen
+                .into_iter()
+                .map(|c| shared.pool.node(&c.addr))
+                .collect()
         };
         // The topology lags a creation by a report; ask everyone when it knows nothing.
         let targets = if holders.is_empty() {
@@ -96,7 +123,7 @@ impl Ha {
         if infos.is_empty() {
             return Err(first_error(mq, errors));
         }
-        Ok(combine(mq, infos))
+        Ok(combine(mq, infos.into_iter().map(|(_, info)| info)))
     }
 
     /// Every MQ of every live broker, summed per name, sorted by name.
@@ -174,7 +201,7 @@ async fn request_all(
     cmd: Command,
     mq: Option<&str>,
     body: Bytes,
-) -> Vec<(Arc<str>, Result<Frame>)> {
+) -> ByBroker<Result<Frame>> {
     join_all(targets.iter().map(|node| {
         let frame = Frame::with_body(Header::request(cmd, mq), body.clone());
         async move { (node.addr.clone(), node.conn.request(frame).await) }
@@ -182,12 +209,16 @@ async fn request_all(
     .await
 }
 
-fn split(replies: Vec<(Arc<str>, Result<Frame>)>) -> (Vec<MqInfo>, Vec<(Arc<str>, ClientError)>) {
+/// Answers of several brokers, each with the broker's address.
+type ByBroker<T> = Vec<(Arc<str>, T)>;
+
+/// The brokers' answers: descriptions by broker, and errors by broker.
+fn split(replies: ByBroker<Result<Frame>>) -> (ByBroker<MqInfo>, ByBroker<ClientError>) {
     let mut infos = Vec::new();
     let mut errors = Vec::new();
     for (addr, reply) in replies {
         match reply.and_then(|frame| decode::<MqInfo>(&frame.body)) {
-            Ok(info) => infos.push(info),
+            Ok(info) => infos.push((addr, info)),
             Err(e) => errors.push((addr, e)),
         }
     }
@@ -195,7 +226,7 @@ fn split(replies: Vec<(Arc<str>, Result<Frame>)>) -> (Vec<MqInfo>, Vec<(Arc<str>
 }
 
 /// The most telling error: a broker's own answer (such as 404) before a transport failure.
-fn first_error(mq: &str, errors: Vec<(Arc<str>, ClientError)>) -> ClientError {
+fn first_error(mq: &str, errors: ByBroker<ClientError>) -> ClientError {
     let mut errors: Vec<ClientError> = errors.into_iter().map(|(_, e)| e).collect();
     match errors.iter().position(|e| e.status().is_some()) {
         Some(i) => errors.swap_remove(i),
@@ -215,7 +246,7 @@ fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
 }
 
 /// The copies of one MQ summed into one description.
-fn combine(name: &str, infos: Vec<MqInfo>) -> MqInfo {
+fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
     let mut total = MqInfo {
         name: name.to_owned(),
         ..MqInfo::default()

@@ -80,9 +80,17 @@ mod tests {
         let before = owners(&keys, &three);
         for b in &three {
             let share = before.iter().filter(|o| **o == *b.id).count();
-            assert!((800..1200).contains(&share), "{} owns {share} of 3000", b.id);
+            assert!(
+                (800..1200).contains(&share),
+                "{} owns {share} of 3000",
+                b.id
+            );
         }
-        let two: Vec<Candidate> = three.iter().filter(|c| &*c.id != "10.0.0.2:15555").cloned().collect();
+        let two: Vec<Candidate> = three
+            .iter()
+            .filter(|c| &*c.id != "10.0.0.2:15555")
+            .cloned()
+            .collect();
         let after = owners(&keys, &two);
         for (b, a) in before.iter().zip(&after) {
             if b != "10.0.0.2:15555" {
@@ -100,7 +108,10 @@ mod tests {
         // Pinned: changing the hash would move every key of every user at upgrade time.
         let three = brokers(&["a:1", "b:1", "c:1"]);
         let keys: Vec<String> = (1..=6).map(|i| format!("k{i}")).collect();
-        assert_eq!(owners(&keys, &three), ["c:1", "a:1", "c:1", "a:1", "a:1", "c:1"]);
+        assert_eq!(
+            owners(&keys, &three),
+            ["c:1", "a:1", "c:1", "a:1", "a:1", "c:1"]
+        );
         for key in &keys {
             assert_eq!(owner(key, &three), ranked(key, &three)[0]);
         }

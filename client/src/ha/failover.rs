@@ -40,7 +40,12 @@ impl std::fmt::Debug for HaReply {
 impl Ha {
     /// Sends a request frame for `mq` (a message's `key` picks the broker) and returns its
     /// reply handle; fails over while sending.
-    pub(crate) async fn send(&self, mq: &Arc<str>, key: Option<String>, frame: Frame) -> Result<HaReply> {
+    pub(crate) async fn send(
+        &self,
+        mq: &Arc<str>,
+        key: Option<String>,
+        frame: Frame,
+    ) -> Result<HaReply> {
         let shared = &self.shared;
         let mut tried = Vec::new();
         let (node, reply) = shared
@@ -61,7 +66,12 @@ impl Ha {
     }
 
     /// Sends a frame that gets no reply; fails over only while sending.
-    pub(crate) async fn send_oneway(&self, mq: &Arc<str>, key: Option<&str>, frame: Frame) -> Result<()> {
+    pub(crate) async fn send_oneway(
+        &self,
+        mq: &Arc<str>,
+        key: Option<&str>,
+        frame: Frame,
+    ) -> Result<()> {
         self.shared
             .route(mq, key, &mut Vec::new(), |conn| {
                 let frame = frame.clone();
@@ -144,7 +154,12 @@ impl Shared {
 
     /// The broker for the next attempt: among holders of `mq` not yet tried, the healthy
     /// ones if any, else the others (one of them may be back).
-    pub(crate) fn pick(self: &Arc<Self>, mq: &str, key: Option<&str>, tried: &[Arc<str>]) -> Result<Arc<Node>> {
+    pub(crate) fn pick(
+        self: &Arc<Self>,
+        mq: &str,
+        key: Option<&str>,
+        tried: &[Arc<str>],
+    ) -> Result<Arc<Node>> {
         let topology = self.topology.load();
         let holders = topology.holders(mq);
         if holders.is_empty() {
@@ -158,14 +173,18 @@ impl Shared {
         let chosen = if tried.is_empty() && holders.iter().all(&healthy) {
             self.choose(mq, key, holders)
         } else {
-            let mut usable: Vec<Candidate> = holders.iter().filter(|c| healthy(c)).cloned().collect();
+            let mut usable: Vec<Candidate> =
+                holders.iter().filter(|c| healthy(c)).cloned().collect();
             if usable.is_empty() {
                 usable = holders.iter().filter(|c| fresh(c)).cloned().collect();
             }
             if usable.is_empty() {
                 return Err(ClientError::NoBroker {
                     mq: mq.to_owned(),
-                    reason: format!("every broker holding it failed this request ({})", tried.join(", ")),
+                    reason: format!(
+                        "every broker holding it failed this request ({})",
+                        tried.join(", ")
+                    ),
                 });
             }
             self.choose(mq, key, &usable)

@@ -6,11 +6,14 @@
 //! tracker, merges their views per broker by report version, and keeps the result in an
 //! `ArcSwap`, so a send reads it without a lock and the cache outlives every tracker.
 //!
-//! - [`views`]-merging rules, [`tracker_link`] (one subscription per tracker),
-//!   [`pool`] (one connection per broker, local down marks and probes),
-//!   [`failover`] (sending with retry on another broker), [`admin`] (MQ admin across
-//!   brokers), [`consume`] (a consumer over every broker holding its MQ),
-//!   [`Selector`] and key [`affinity`], and the [`reporter`] brokers use to report.
+//! Inside: `views` (the merging rules), `tracker_link` (one subscription per tracker),
+//! `pool` (one connection per broker, local down marks and probes), `failover` (sending
+//! with retry on another broker), `admin` (MQ admin across brokers), `consume` (a consumer
+//! over every broker holding its MQ), `selector` ([`Selector`]) and `affinity` (keys), and
+//! the public [`reporter`] that brokers and DirectRPC servers use to report.
+//!
+//! Address form: `tracker://HOST:PORT[,HOST:PORT...]`, one or more trackers separated by
+//! commas (see [`parse_trackers`]). All trackers are equal; two are the usual setup.
 //!
 //! What a user sees:
 //! - `create_mq` creates the MQ on every live broker (or [`HaOptions::create_on`] of them).
@@ -43,8 +46,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::connection::ConnectionOptions;
+use crate::connection::{Connection, ConnectionOptions};
 use crate::error::{ClientError, Result};
+use crate::link::TcpConnector;
+use crate::protocol::{Command, Frame, Header, DEFAULT_MAX_FRAME};
 use crate::topology::{Topology, TopologyUpdate};
 
 pub use selector::{LeastLoaded, RoundRobin, Selector};
@@ -162,6 +167,27 @@ pub fn parse_trackers(addr: &str) -> Result<Vec<String>> {
     Ok(trackers)
 }
 
+/// Asks the tracker at `addr` for its current view: a one-shot `QueryTopology`, nothing is
+/// pushed later. For tools and scripts; an HA handle subscribes instead.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), qbus_client::ClientError> {
+/// use qbus_client::ha::query_tracker;
+/// let view = query_tracker("127.0.0.1:16666", Default::default()).await?;
+/// for broker in &view.brokers {
+///     println!("{} holds {} MQs", broker.addr, broker.mqs.len());
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn query_tracker(addr: &str, options: ConnectionOptions) -> Result<TopologyUpdate> {
+    let connection = Connection::new(TcpConnector::new(addr, DEFAULT_MAX_FRAME), options);
+    let reply = connection
+        .request(Frame::new(Header::request(Command::QueryTopology, None)))
+        .await?;
+    rmp_serde::from_slice(&reply.body)
+        .map_err(|e| ClientError::Protocol(format!("{addr} sent a bad topology: {e}")))
+}
+
 /// One tracker as an HA handle sees it; part of [`HaStatus`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrackerStatus {
@@ -174,6 +200,18 @@ pub struct TrackerStatus {
 }
 
 /// What an HA handle knows beyond the topology: its trackers and the brokers it avoids.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), qbus_client::ClientError> {
+/// let broker = qbus_client::Broker::connect("tracker://127.0.0.1:16666").await?;
+/// if let Some(status) = broker.ha_status() {
+///     for tracker in status.trackers.iter().filter(|t| !t.connected) {
+///         eprintln!("tracker {} unreachable: {:?}", tracker.addr, tracker.last_error);
+///     }
+///     eprintln!("avoiding brokers {:?}", status.unreachable);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HaStatus {
     /// Every configured tracker.
@@ -367,7 +405,14 @@ mod tests {
     #[test]
     fn tracker_lists() {
         assert_eq!(parse_trackers("a:1, b:2,a:1").unwrap(), ["a:1", "b:2"]);
-        for bad in ["", "tracker://", "tracker://a", "tracker://a:0", "tracker://:5", "a:x"] {
+        for bad in [
+            "",
+            "tracker://",
+            "tracker://a",
+            "tracker://a:0",
+            "tracker://:5",
+            "a:x",
+        ] {
             assert!(parse_trackers(bad).is_err(), "{bad}");
         }
     }

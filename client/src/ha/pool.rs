@@ -181,7 +181,8 @@ impl Pool {
 /// leaves the topology.
 async fn probe(shared: Arc<Shared>, node: Arc<Node>) {
     let mut delay = PROBE_FIRST;
-    let limit = shared.options.connection.connect_timeout + shared.options.connection.request_timeout;
+    let limit =
+        shared.options.connection.connect_timeout + shared.options.connection.request_timeout;
     loop {
         let wait = delay.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
         tokio::select! {

@@ -32,6 +32,15 @@ pub trait Selector: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Each broker in turn, so the load spreads evenly. The default.
+///
+/// ```
+/// use qbus_client::ha::{RoundRobin, Selector};
+/// use qbus_client::topology::Candidate;
+/// let broker = |id: &str| Candidate { id: id.into(), addr: id.into(), depth: 0, lag: 0, in_flight: 0 };
+/// let brokers = [broker("a:1"), broker("b:1")];
+/// let rr = RoundRobin::default();
+/// assert_eq!([rr.select("q", &brokers), rr.select("q", &brokers), rr.select("q", &brokers)], [0, 1, 0]);
+/// ```
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     next: AtomicUsize,
@@ -48,6 +57,12 @@ impl Selector for RoundRobin {
 ///
 /// Reports come every few seconds, so this steers the next interval's messages toward
 /// brokers whose consumers keep up; it is not a per-message balance.
+///
+/// ```
+/// use qbus_client::ha::{HaOptions, LeastLoaded};
+/// let options = HaOptions::default().with_selector(LeastLoaded::default());
+/// # drop(options);
+/// ```
 #[derive(Debug, Default)]
 pub struct LeastLoaded {
     ties: RoundRobin,
@@ -57,7 +72,11 @@ impl Selector for LeastLoaded {
     fn select(&self, _mq: &str, candidates: &[Candidate]) -> usize {
         let load = |c: &Candidate| c.lag.saturating_add(c.in_flight);
         let least = candidates.iter().map(load).min().unwrap_or(0);
-        let ties = candidates.iter().filter(|c| load(c) == least).count().max(1);
+        let ties = candidates
+            .iter()
+            .filter(|c| load(c) == least)
+            .count()
+            .max(1);
         let nth = self.ties.next.fetch_add(1, Ordering::Relaxed) % ties;
         candidates
             .iter()
@@ -84,7 +103,11 @@ mod tests {
 
     #[test]
     fn round_robin_visits_everyone() {
-        let all = [candidate("a", 0, 0), candidate("b", 0, 0), candidate("c", 0, 0)];
+        let all = [
+            candidate("a", 0, 0),
+            candidate("b", 0, 0),
+            candidate("c", 0, 0),
+        ];
         let rr = RoundRobin::default();
         let picks: Vec<usize> = (0..6).map(|_| rr.select("q", &all)).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
@@ -92,7 +115,11 @@ mod tests {
 
     #[test]
     fn least_loaded_prefers_the_idle_and_rotates_among_ties() {
-        let all = [candidate("a", 9, 0), candidate("b", 1, 1), candidate("c", 0, 2)];
+        let all = [
+            candidate("a", 9, 0),
+            candidate("b", 1, 1),
+            candidate("c", 0, 2),
+        ];
         let ll = LeastLoaded::default();
         let picks: Vec<usize> = (0..4).map(|_| ll.select("q", &all)).collect();
         assert!(picks.iter().all(|&i| i == 1 || i == 2));

@@ -12,7 +12,9 @@ use tokio::time::Instant;
 
 use super::Shared;
 use crate::link::{tcp_link, Link};
-use crate::protocol::{Command, Frame, Header, ServerInfo, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use crate::protocol::{
+    Command, Frame, Header, ServerInfo, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+};
 use crate::topology::TopologyUpdate;
 
 /// First and longest wait before reconnecting to a tracker.
@@ -95,7 +97,13 @@ async fn handshake(link: &mut Link, limit: Duration) -> Result<TopologyUpdate, S
 }
 
 /// Sends one request and waits for its reply (nothing else arrives before it).
-async fn call(link: &mut Link, cmd: Command, id: u64, body: Vec<u8>, limit: Duration) -> Result<Frame, String> {
+async fn call(
+    link: &mut Link,
+    cmd: Command,
+    id: u64,
+    body: Vec<u8>,
+    limit: Duration,
+) -> Result<Frame, String> {
     let mut header = Header::request(cmd, None);
     header.id = id;
     link.tx
@@ -125,7 +133,12 @@ async fn call(link: &mut Link, cmd: Command, id: u64, body: Vec<u8>, limit: Dura
 }
 
 /// Applies pushed changes until the link fails, goes silent or a gap shows; says why.
-async fn follow_changes(shared: &Arc<Shared>, index: usize, link: &mut Link, heartbeat: Duration) -> String {
+async fn follow_changes(
+    shared: &Arc<Shared>,
+    index: usize,
+    link: &mut Link,
+    heartbeat: Duration,
+) -> String {
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();

@@ -82,7 +82,9 @@ impl Views {
 
     /// True once any tracker sent a snapshot.
     pub fn any_snapshot(&self) -> bool {
-        self.views.iter().any(|v| v.connected || !v.brokers.is_empty())
+        self.views
+            .iter()
+            .any(|v| v.connected || !v.brokers.is_empty())
     }
 
     /// True when a connected tracker is ready.
@@ -149,7 +151,11 @@ mod tests {
         }
     }
 
-    fn change_while_warming(seq: u64, brokers: Vec<BrokerState>, removed: &[&str]) -> TopologyUpdate {
+    fn change_while_warming(
+        seq: u64,
+        brokers: Vec<BrokerState>,
+        removed: &[&str],
+    ) -> TopologyUpdate {
         TopologyUpdate {
             seq,
             ready: false,
@@ -166,19 +172,32 @@ mod tests {
     #[test]
     fn newest_report_wins_whichever_tracker_has_it() {
         let mut views = Views::new(2);
-        views.apply(0, snapshot(5, true, vec![broker("a", 1, 9)])).unwrap();
-        views.apply(1, snapshot(7, true, vec![broker("a", 1, 4)])).unwrap();
+        views
+            .apply(0, snapshot(5, true, vec![broker("a", 1, 9)]))
+            .unwrap();
+        views
+            .apply(1, snapshot(7, true, vec![broker("a", 1, 4)]))
+            .unwrap();
         assert_eq!(views.merged().broker("a").unwrap().seq, 9);
         // A restart (new epoch) beats any sequence number of the old process.
-        views.apply(1, change(8, vec![broker("a", 2, 1)], &[])).unwrap();
+        views
+            .apply(1, change(8, vec![broker("a", 2, 1)], &[]))
+            .unwrap();
         assert_eq!(views.merged().broker("a").unwrap().version().epoch, 2);
     }
 
     #[test]
     fn broker_is_gone_only_when_no_tracker_has_it() {
         let mut views = Views::new(2);
-        views.apply(0, snapshot(1, true, vec![broker("a", 1, 1), broker("b", 1, 1)])).unwrap();
-        views.apply(1, snapshot(1, true, vec![broker("a", 1, 1)])).unwrap();
+        views
+            .apply(
+                0,
+                snapshot(1, true, vec![broker("a", 1, 1), broker("b", 1, 1)]),
+            )
+            .unwrap();
+        views
+            .apply(1, snapshot(1, true, vec![broker("a", 1, 1)]))
+            .unwrap();
         assert_eq!(ids(&views), ["a", "b"], "b is seen by one tracker only");
         views.apply(0, change(2, vec![], &["a"])).unwrap();
         assert_eq!(ids(&views), ["a", "b"]);
@@ -202,8 +221,12 @@ mod tests {
     #[test]
     fn cache_survives_every_tracker_down_but_a_dead_trackers_view_does_not_linger() {
         let mut views = Views::new(2);
-        views.apply(0, snapshot(1, true, vec![broker("a", 1, 1)])).unwrap();
-        views.apply(1, snapshot(1, true, vec![broker("a", 1, 1)])).unwrap();
+        views
+            .apply(0, snapshot(1, true, vec![broker("a", 1, 1)]))
+            .unwrap();
+        views
+            .apply(1, snapshot(1, true, vec![broker("a", 1, 1)]))
+            .unwrap();
         views.disconnected(0);
         views.disconnected(1);
         assert_eq!(ids(&views), ["a"], "cached while every tracker is down");
@@ -215,7 +238,12 @@ mod tests {
     #[test]
     fn a_restarted_tracker_does_not_make_us_forget_live_brokers() {
         let mut views = Views::new(1);
-        views.apply(0, snapshot(4, true, vec![broker("a", 1, 1), broker("b", 1, 1)])).unwrap();
+        views
+            .apply(
+                0,
+                snapshot(4, true, vec![broker("a", 1, 1), broker("b", 1, 1)]),
+            )
+            .unwrap();
         views.disconnected(0);
         // Restarted empty, still collecting reports: nothing is forgotten.
         views.apply(0, snapshot(1, false, vec![])).unwrap();
@@ -226,7 +254,9 @@ mod tests {
         assert_eq!(views.merged().broker("a").unwrap().seq, 2);
         assert_eq!(ids(&views), ["a", "b"]);
         // Ready: its word is now complete, and b (which never reported again) is gone.
-        views.apply(0, snapshot(3, true, vec![broker("a", 1, 2)])).unwrap();
+        views
+            .apply(0, snapshot(3, true, vec![broker("a", 1, 2)]))
+            .unwrap();
         assert_eq!(ids(&views), ["a"]);
     }
 }

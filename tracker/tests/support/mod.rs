@@ -10,9 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use qbus_client::connection::{Connection, ConnectionOptions};
-use qbus_client::link::TcpConnector;
-use qbus_client::protocol::{Frame, Header, DEFAULT_MAX_FRAME};
+use qbus_client::ha::query_tracker;
 use qbus_client::topology::TopologyUpdate;
 
 /// Report interval of the brokers in these tests: short, so leases and warm-ups are short.
@@ -27,7 +25,10 @@ pub async fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() ->
         if let Some(value) = check() {
             return value;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -50,7 +51,16 @@ fn broker_binary() -> &'static PathBuf {
         let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "--quiet", "-p", "qbus-broker", "--bin", "qbus-broker", "--manifest-path", manifest]);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "qbus-broker",
+            "--bin",
+            "qbus-broker",
+            "--manifest-path",
+            manifest,
+        ]);
         if profile == "release" {
             build.arg("--release");
         }
@@ -69,7 +79,9 @@ struct Proc {
 impl Proc {
     fn spawn(name: &'static str, mut command: Command, port: u16) -> Proc {
         command.env("RUST_LOG", "warn").stdin(Stdio::null());
-        let child = command.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let mut proc = Proc {
             child: Some(child),
             name,
@@ -79,7 +91,10 @@ impl Proc {
             if let Some(Ok(Some(status))) = proc.child.as_mut().map(|c| c.try_wait()) {
                 panic!("{name} exited at start-up: {status}");
             }
-            assert!(start.elapsed() < Duration::from_secs(15), "{name} did not listen on port {port}");
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{name} did not listen on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         proc
@@ -102,7 +117,12 @@ impl Proc {
             .args([signal, &self.pid().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill {signal} {} ({})", self.pid(), self.name);
+        assert!(
+            status.success(),
+            "kill {signal} {} ({})",
+            self.pid(),
+            self.name
+        );
     }
 }
 
@@ -157,23 +177,19 @@ impl Tracker {
 
     /// The tracker's own view, by a one-shot `QueryTopology`.
     pub async fn query(&self) -> TopologyUpdate {
-        let connection = Connection::new(
-            TcpConnector::new(self.addr(), DEFAULT_MAX_FRAME),
-            ConnectionOptions::default(),
-        );
-        let reply = connection
-            .request(Frame::new(Header::request(
-                qbus_client::protocol::Command::QueryTopology,
-                None,
-            )))
+        query_tracker(&self.addr(), Default::default())
             .await
-            .expect("query the tracker");
-        rmp_serde::from_slice(&reply.body).expect("a topology snapshot")
+            .expect("query the tracker")
     }
 
     /// Addresses of the brokers the tracker lists.
     pub async fn broker_addrs(&self) -> Vec<String> {
-        self.query().await.brokers.into_iter().map(|b| b.addr).collect()
+        self.query()
+            .await
+            .brokers
+            .into_iter()
+            .map(|b| b.addr)
+            .collect()
     }
 }
 
@@ -260,14 +276,23 @@ pub fn tracker_url(trackers: &[&Tracker]) -> String {
 
 /// Waits until an HA handle's topology lists exactly `addrs` as brokers holding `mq` (or as
 /// brokers at all when `mq` is `None`).
-pub async fn wait_for_brokers(client: &qbus_client::Broker, mq: Option<&str>, addrs: &[String], limit: Duration) {
+pub async fn wait_for_brokers(
+    client: &qbus_client::Broker,
+    mq: Option<&str>,
+    addrs: &[String],
+    limit: Duration,
+) {
     let mut want: Vec<String> = addrs.to_vec();
     want.sort();
     let what = format!("brokers {want:?} holding {mq:?}");
     wait_for(&what, limit, || {
         let topology = client.topology().expect("an HA handle");
         let mut have: Vec<String> = match mq {
-            Some(mq) => topology.holders(mq).iter().map(|c| c.addr.to_string()).collect(),
+            Some(mq) => topology
+                .holders(mq)
+                .iter()
+                .map(|c| c.addr.to_string())
+                .collect(),
             None => topology.brokers().map(|b| b.addr.clone()).collect(),
         };
         have.sort();

@@ -1,0 +1,314 @@
+//! `qbus bench rpc`: RPC latency and throughput, DirectRPC (`--direct`) or MQ-RPC (`--mq`,
+//! through `--broker`). Unless told to use a running server (`--direct ADDR`, or
+//! `--external` for MQ-RPC), it starts its own server as a child process
+//! (`qbus bench rpc-serve`), so client, server and broker each have their own process.
+//!
+//! For each concurrency level (default `1,64`) it keeps that many calls in flight for
+//! `--duration` seconds after a warm-up, timing every call, and prints a summary and one
+//! machine-readable line in the format of the other benchmarks:
+//! `RESULT system=qbus scenario=rpc-latency|rpc-throughput size=.. count=.. window=..
+//! msgs_per_s=.. mb_per_s=.. p50_us=.. p99_us=.. p999_us=.. concurrency=.. transport=..
+//! encoding=..` (`msgs_per_s` counts calls; `rpc-latency` is the run at concurrency 1).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{ArgGroup, Args};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use qbus_rpc::{
+    service, DirectInvoker, Encoding, Invoker, MqInvoker, MqRpcService, MqServiceOptions,
+    RpcProcessor, RpcServer,
+};
+
+use crate::error::CliError;
+use crate::histogram::Latencies;
+
+/// The service the benchmark calls: the payload straight back.
+#[service(name = "Bench")]
+trait Echo {
+    /// Returns `payload`.
+    async fn echo(&self, payload: String) -> String;
+}
+
+struct Echoer;
+
+impl Echo for Echoer {
+    async fn echo(&self, payload: String) -> String {
+        payload
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("transport").required(true).args(["direct", "mq"])))]
+pub struct RpcBench {
+    /// DirectRPC: call the server at ADDR (one running `qbus bench rpc-serve --listen`),
+    /// or, with no ADDR, a server this benchmark starts
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "ADDR")]
+    direct: Option<String>,
+    /// MQ-RPC through --broker, on this MQ
+    #[arg(long, num_args = 0..=1, default_missing_value = "bench-rpc", value_name = "MQ")]
+    mq: Option<String>,
+    /// MQ-RPC: a service already consumes the MQ (`qbus bench rpc-serve --mq`); start none
+    #[arg(long)]
+    external: bool,
+    /// Calls in flight, one run per value
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,64",
+        value_name = "N[,N...]"
+    )]
+    concurrency: Vec<usize>,
+    /// Seconds of measured calls per run
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    duration: f64,
+    /// Seconds of calls before each run, not measured
+    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+    warmup: f64,
+    /// Bytes of the string argument (echoed back)
+    #[arg(long, default_value_t = 16)]
+    size: usize,
+    /// Encoding of calls and replies: msgpack or json
+    #[arg(long, default_value = "msgpack")]
+    encoding: String,
+    /// Runtime threads of the server this benchmark starts
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    server_threads: usize,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("serve").required(true).args(["listen", "mq"])))]
+pub struct RpcServe {
+    /// Serve DirectRPC on this address (port 0 picks one); prints `LISTENING <addr>`
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Serve MQ-RPC on this MQ of --broker; prints `READY` once consuming
+    #[arg(long, value_name = "MQ")]
+    mq: Option<String>,
+    /// MQ-RPC calls run at once
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+}
+
+fn processor() -> RpcProcessor {
+    let mut processor = RpcProcessor::new();
+    processor.add(EchoServer::new(Echoer));
+    processor
+}
+
+/// `qbus bench rpc-serve`: serves the benchmark's service until killed.
+pub async fn serve(args: RpcServe, broker: &str, connect_timeout: f64) -> Result<(), CliError> {
+    let failed = |e: String| CliError::Failed(e);
+    let _running: (Option<RpcServer>, Option<MqRpcService>) = match (&args.listen, &args.mq) {
+        (Some(addr), _) => {
+            let server = RpcServer::bind(addr, processor())
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            println!("LISTENING {}", server.local_addr());
+            (Some(server), None)
+        }
+        (_, Some(mq)) => {
+            let broker = crate::connect(broker, connect_timeout).await?;
+            let options = MqServiceOptions::default().with_concurrency(args.concurrency);
+            let service = MqRpcService::start_with(&broker, mq, processor(), options)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            println!("READY");
+            (None, Some(service))
+        }
+        _ => return Err(CliError::Usage("give --listen or --mq".into())),
+    };
+    // Serve until the parent kills this process (or stdin closes).
+    let mut sink = tokio::io::sink();
+    let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut sink).await;
+    Ok(())
+}
+
+/// A server child process; killed when dropped.
+struct ServerChild(Child);
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `qbus bench rpc-serve` and waits for its first line.
+fn start_server(
+    serve_args: &[&str],
+    broker: &str,
+    threads: usize,
+) -> Result<(ServerChild, String), CliError> {
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args([
+            "--broker",
+            broker,
+            "--threads",
+            &threads.to_string(),
+            "bench",
+            "rpc-serve",
+        ])
+        .args(serve_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut child = ServerChild(child);
+    let stdout = child
+        .0
+        .stdout
+        .take()
+        .ok_or_else(|| CliError::Failed("no stdout from the server process".into()))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim().is_empty() {
+        let status = child.0.wait()?;
+        return Err(CliError::Failed(format!(
+            "the server process ended ({status}) before it was ready"
+        )));
+    }
+    Ok((child, line.trim().to_owned()))
+}
+
+fn secs(flag: &str, value: f64) -> Result<Duration, CliError> {
+    Duration::try_from_secs_f64(value).map_err(|_| CliError::Usage(format!("bad {flag} {value}")))
+}
+
+pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(), CliError> {
+    let duration = secs("--duration", args.duration)?;
+    let warmup = secs("--warmup", args.warmup)?;
+    let encoding =
+        Encoding::from_header(Some(&args.encoding)).map_err(|e| CliError::Usage(e.to_string()))?;
+    if args.concurrency.iter().any(|&c| c == 0) {
+        return Err(CliError::Usage(
+            "--concurrency values must be at least 1".into(),
+        ));
+    }
+    let mut _server = None;
+    let (invoker, transport): (Box<dyn Invoker>, &str) = match (&args.direct, &args.mq) {
+        (Some(addr), _) => {
+            let addr = if addr.is_empty() {
+                let (child, line) =
+                    start_server(&["--listen", "127.0.0.1:0"], broker, args.server_threads)?;
+                _server = Some(child);
+                line.strip_prefix("LISTENING ")
+                    .ok_or_else(|| CliError::Failed(format!("unexpected server output {line:?}")))?
+                    .to_owned()
+            } else {
+                addr.clone()
+            };
+            let invoker = DirectInvoker::connect(&addr)
+                .await
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            (Box::new(invoker), "direct")
+        }
+        (_, Some(mq)) => {
+            if !args.external {
+                let (child, _) = start_server(&["--mq", mq], broker, args.server_threads)?;
+                _server = Some(child);
+            }
+            let broker = crate::connect(broker, connect_timeout).await?;
+            (Box::new(MqInvoker::new(broker, mq)), "mq")
+        }
+        _ => return Err(CliError::Usage("give --direct or --mq".into())),
+    };
+    let client = EchoClient::new(invoker).encoding(encoding);
+    let payload = "x".repeat(args.size);
+    for &concurrency in &args.concurrency {
+        if !warmup.is_zero() {
+            measure(
+                &client,
+                &payload,
+                concurrency,
+                warmup,
+                &mut Latencies::default(),
+            )
+            .await?;
+        }
+        let mut latencies = Latencies::with_capacity(1 << 20);
+        let (calls, elapsed) =
+            measure(&client, &payload, concurrency, duration, &mut latencies).await?;
+        report(
+            &args,
+            transport,
+            encoding,
+            concurrency,
+            calls,
+            elapsed,
+            latencies,
+        );
+    }
+    Ok(())
+}
+
+/// Keeps `concurrency` calls in flight for `duration`; returns the calls made and the time
+/// they took.
+async fn measure(
+    client: &EchoClient,
+    payload: &str,
+    concurrency: usize,
+    duration: Duration,
+    latencies: &mut Latencies,
+) -> Result<(u64, Duration), CliError> {
+    let started = Instant::now();
+    let end = started + duration;
+    let mut in_flight = FuturesUnordered::new();
+    let call = |sent: Instant| {
+        let reply = client.echo(payload.to_owned());
+        async move { (sent, reply.await) }
+    };
+    for _ in 0..concurrency {
+        in_flight.push(call(Instant::now()));
+    }
+    let mut calls = 0u64;
+    while let Some((sent, reply)) = in_flight.next().await {
+        let now = Instant::now();
+        let echoed = reply.map_err(|e| CliError::Failed(format!("call failed: {e}")))?;
+        if echoed.len() != payload.len() {
+            return Err(CliError::Failed("the echo came back altered".into()));
+        }
+        latencies.record(now - sent);
+        calls += 1;
+        if now < end {
+            in_flight.push(call(now));
+        }
+    }
+    Ok((calls, started.elapsed()))
+}
+
+fn report(
+    args: &RpcBench,
+    transport: &str,
+    encoding: Encoding,
+    concurrency: usize,
+    calls: u64,
+    elapsed: Duration,
+    latencies: Latencies,
+) {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let rate = calls as f64 / secs;
+    let mb = rate * args.size as f64 / 1e6;
+    let lat = latencies.summarize();
+    let scenario = if concurrency == 1 {
+        "rpc-latency"
+    } else {
+        "rpc-throughput"
+    };
+    println!(
+        "rpc {transport}: {calls} calls of {} B ({encoding}) with {concurrency} in flight in {secs:.3} s: {rate:.0} calls/s",
+        args.size
+    );
+    println!(
+        "  call latency, us: min {} mean {} p50 {} p99 {} p99.9 {} max {}",
+        lat.min, lat.mean, lat.p50, lat.p99, lat.p999, lat.max
+    );
+    println!(
+        "RESULT system=qbus scenario={scenario} size={} count={calls} window={concurrency} \
+         msgs_per_s={rate:.0} mb_per_s={mb:.2} p50_us={} p99_us={} p999_us={} \
+         concurrency={concurrency} transport={transport} encoding={encoding}",
+        args.size, lat.p50, lat.p99, lat.p999
+    );
+}

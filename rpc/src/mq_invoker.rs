@@ -1,0 +1,86 @@
+//! MQ-RPC, the client side: a call goes to a broker MQ and its reply comes straight back on
+//! the same connection, routed by the broker (see `docs/protocol.md`, "RPC commands").
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use qbus_client::protocol::{Command, Frame, Header, RouteStats};
+use qbus_client::Broker;
+
+use crate::error::RpcError;
+use crate::invoker::{call_frame, exchange, Call, InvokeFuture, Invoker};
+
+/// Calls whatever [`MqRpcService`](crate::MqRpcService) consumes an MQ, through any
+/// [`Broker`] handle: one broker, brokers found through trackers (the call goes to a broker
+/// holding the MQ), or the embedded broker. Cheap to clone.
+///
+/// A call to an MQ nobody consumes fails at once with [`RpcError::NoResponders`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use qbus_rpc::{MqInvoker, RpcClient};
+/// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+/// let invoker = MqInvoker::new(broker, "greeter-rpc");
+/// let greeting: String = RpcClient::new(invoker, "Greeter").call("hello", &("you",)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MqInvoker {
+    broker: Broker,
+    mq: Arc<str>,
+}
+
+impl MqInvoker {
+    /// An invoker sending calls to `mq` through `broker`.
+    pub fn new(broker: Broker, mq: &str) -> MqInvoker {
+        MqInvoker {
+            broker,
+            mq: mq.into(),
+        }
+    }
+
+    /// The MQ calls go to.
+    pub fn mq(&self) -> &str {
+        &self.mq
+    }
+
+    /// The broker handle calls go through.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+}
+
+impl Invoker for MqInvoker {
+    fn invoke(&self, call: Call) -> InvokeFuture {
+        let (broker, mq) = (self.broker.clone(), self.mq.clone());
+        let frame = call_frame(&call, Some(&mq));
+        Box::pin(async move {
+            exchange(broker.send_request(&mq, frame), call.timeout, || {
+                format!("MQ {mq:?}")
+            })
+            .await
+        })
+    }
+}
+
+/// The table of MQ-RPC callers awaiting a reply on the broker that holds `mq` (over an HA
+/// handle, one of them): how many wait now, the limits, and what became of past ones.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+/// let stats = qbus_rpc::route_stats(&broker, "greeter-rpc").await?;
+/// println!("{} of {} reply routes in use", stats.pending, stats.capacity);
+/// # Ok(()) }
+/// ```
+pub async fn route_stats(broker: &Broker, mq: &str) -> Result<RouteStats, RpcError> {
+    let frame = Frame::with_body(
+        Header::request(Command::QueryRoutes, Some(mq)),
+        Bytes::new(),
+    );
+    let reply = async { broker.send_request(mq, frame).await?.await }
+        .await
+        .map_err(|e| RpcError::from_client(e, mq))?;
+    rmp_serde::from_slice(&reply.body)
+        .map_err(|e| RpcError::Codec(format!("QueryRoutes reply is not a RouteStats map: {e}")))
+}

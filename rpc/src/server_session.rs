@@ -1,0 +1,159 @@
+//! One connection to an [`RpcServer`](crate::RpcServer): the wire protocol of the broker port,
+//! answering `Hello`, `Heartbeat` and `Call`, each call run as its own task so slow calls
+//! never hold up fast ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use qbus_client::link::{tcp_link, Link};
+use qbus_client::protocol::{
+    Command, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::processor::RpcProcessor;
+use crate::server::RpcServerOptions;
+
+/// A connection silent this long is closed (clients heartbeat every 5 s by default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long calls running at shutdown may take to finish before they are stopped.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves one client until it closes, fails, or `shutdown` fires (then the calls running
+/// finish, within [`SHUTDOWN_GRACE`]). Calls still running when the client goes away are
+/// stopped: nobody is left to read their replies.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: String,
+    processor: RpcProcessor,
+    options: Arc<RpcServerOptions>,
+    shutdown: CancellationToken,
+) {
+    let span = tracing::info_span!("rpc_session", %peer);
+    run(stream, processor, options, shutdown)
+        .instrument(span)
+        .await
+}
+
+async fn run(
+    stream: TcpStream,
+    processor: RpcProcessor,
+    options: Arc<RpcServerOptions>,
+    shutdown: CancellationToken,
+) {
+    tracing::debug!("session opened");
+    let Link {
+        tx,
+        rx: mut inbound,
+    } = tcp_link(stream, options.max_frame);
+    let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+    let mut calls = JoinSet::new();
+    loop {
+        let item = tokio::select! {
+            item = tokio::time::timeout(IDLE_TIMEOUT, inbound.next()) => item,
+            _ = shutdown.cancelled() => break,
+        };
+        let frame = match item {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "closing connection after bad input");
+                let status = match e {
+                    WireError::FrameTooLarge { .. } => Status::TooLarge,
+                    _ => Status::BadRequest,
+                };
+                let bad = Header::error(Command::Hello, 0, status, e.to_string());
+                let _ = tx.send(Frame::new(bad)).await;
+                break;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                tracing::info!(idle = ?IDLE_TIMEOUT, "closing idle connection");
+                break;
+            }
+        };
+        let request = &frame.header;
+        if request.is_reply() {
+            continue;
+        }
+        let reply = match request.cmd {
+            Command::Hello => hello(request, options.max_frame),
+            Command::Heartbeat => Frame::new(Header::reply_to(request)),
+            Command::Call => {
+                // Waiting for a permit stops reading: a client with too many calls running
+                // is slowed by TCP itself.
+                let permit = tokio::select! {
+                    permit = permits.clone().acquire_owned() => permit,
+                    _ = shutdown.cancelled() => break,
+                };
+                let Ok(permit) = permit else { break };
+                let (tx, processor) = (tx.clone(), processor.clone());
+                calls.spawn(async move {
+                    answer(frame, &processor, &tx).await;
+                    drop(permit);
+                });
+                while calls.try_join_next().is_some() {}
+                continue;
+            }
+            other => Frame::new(Header::error(
+                other,
+                request.id,
+                Status::UnknownCommand,
+                format!(
+                    "{other:?} is not served here: this is a qbus RPC server, which answers \
+                     Hello, Heartbeat and Call (protocol {PROTOCOL_VERSION})"
+                ),
+            )),
+        };
+        if tx.send(reply).await.is_err() {
+            break;
+        }
+    }
+    if shutdown.is_cancelled() {
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while calls.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "stopping calls still running at shutdown");
+        }
+    }
+    calls.shutdown().await;
+    tracing::debug!("session closed");
+}
+
+/// Runs one call and sends its reply.
+async fn answer(frame: Frame, processor: &RpcProcessor, tx: &mpsc::Sender<Frame>) {
+    let Frame { header, body } = frame;
+    // Nothing waited before this server got the call, so a reply always comes back.
+    let Some(reply) = processor
+        .dispatch(header.encoding.as_deref(), body, Duration::ZERO)
+        .await
+    else {
+        return;
+    };
+    let mut out = Header::reply_to(&header);
+    out.encoding = reply.encoding.header_value();
+    let _ = tx.send(Frame::with_body(out, reply.body)).await;
+}
+
+fn hello(request: &Header, max_frame: usize) -> Frame {
+    let info = ServerInfo {
+        protocol: PROTOCOL_VERSION,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        max_frame: max_frame as u64,
+    };
+    match rmp_serde::to_vec_named(&info) {
+        Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
+        Err(e) => Frame::new(Header::error(
+            request.cmd,
+            request.id,
+            Status::Internal,
+            format!("cannot encode the server info: {e}"),
+        )),
+    }
+}

@@ -1,0 +1,6 @@
+#[qbus_rpc::service]
+struct Greeter {
+    name: String,
+}
+
+fn main() {}
