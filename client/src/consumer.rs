@@ -142,6 +142,9 @@ pub struct Delivery {
     pub tag: Option<String>,
     /// Key given by the producer.
     pub key: Option<String>,
+    /// Message id given by the producer (always set for sends through an HA handle): two
+    /// deliveries with one id are the same message sent twice after a failover.
+    pub id: Option<u128>,
     /// The payload.
     pub body: Bytes,
     /// 1 for the first delivery, more for redeliveries.
@@ -513,6 +516,7 @@ impl Fetcher {
                 timestamp_ms: record.timestamp_ms,
                 tag: record.tag.map(str::to_owned),
                 key: record.key.map(str::to_owned),
+                id: record.id,
                 body: body.slice(record.body_range.clone()),
                 attempt: attempts.get(i).copied().unwrap_or(1),
                 acker: self.acker.clone(),

@@ -3,7 +3,7 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
-use crate::protocol::record::{encode_record, RECORD_OVERHEAD};
+use crate::protocol::record::{encode_record_meta, RecordMeta, RECORD_OVERHEAD};
 
 /// A message to produce: a body plus optional tag (consumers filter on it) and key.
 ///
@@ -20,6 +20,9 @@ pub struct Message {
     pub tag: Option<String>,
     /// Key (at most 65535 bytes).
     pub key: Option<String>,
+    /// Message id for deduplication by consumers. Sends through an HA handle get a random
+    /// one when none is set, so a resend after failover can be recognised.
+    pub id: Option<u128>,
 }
 
 impl Message {
@@ -29,6 +32,7 @@ impl Message {
             body: body.into(),
             tag: None,
             key: None,
+            id: None,
         }
     }
 
@@ -44,8 +48,15 @@ impl Message {
         self
     }
 
+    /// Sets the message id.
+    pub fn with_id(mut self, id: u128) -> Message {
+        self.id = Some(id);
+        self
+    }
+
     pub(crate) fn encoded_len(&self) -> usize {
         RECORD_OVERHEAD
+            + if self.id.is_some() { 16 } else { 0 }
             + self.body.len()
             + self.tag.as_ref().map_or(0, String::len)
             + self.key.as_ref().map_or(0, String::len)
@@ -53,14 +64,12 @@ impl Message {
 
     /// Appends this message as a record (offset and time are set by the broker).
     pub(crate) fn encode(&self, dst: &mut BytesMut) -> Result<()> {
-        encode_record(
-            dst,
-            0,
-            0,
-            self.tag.as_deref(),
-            self.key.as_deref(),
-            &self.body,
-        )?;
+        let meta = RecordMeta {
+            tag: self.tag.as_deref(),
+            key: self.key.as_deref(),
+            id: self.id,
+        };
+        encode_record_meta(dst, 0, 0, &meta, &self.body)?;
         Ok(())
     }
 }

@@ -120,7 +120,12 @@ impl Producer {
         };
         let mut body = BytesMut::new();
         let mut count = 0u32;
-        for message in messages {
+        for mut message in messages {
+            if want_key && message.id.is_none() {
+                // HA sends may be retried on another broker: give consumers a way to
+                // recognise the second copy.
+                message.id = Some(rand::random());
+            }
             body.reserve(message.encoded_len());
             message.encode(&mut body)?;
             count += 1;

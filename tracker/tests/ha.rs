@@ -94,6 +94,7 @@ async fn consume_all(client: &qbus_client::Broker, mq: &str, expected: &[String]
         .unwrap();
     let mut missing: HashSet<&str> = expected.iter().map(String::as_str).collect();
     let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut ids: HashMap<String, u128> = HashMap::new();
     let deadline = Instant::now() + LIMIT;
     while !missing.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -107,6 +108,12 @@ async fn consume_all(client: &qbus_client::Broker, mq: &str, expected: &[String]
         };
         let body = String::from_utf8(delivery.body.to_vec()).unwrap();
         missing.remove(body.as_str());
+        let id = delivery.id.expect("HA sends carry a message id");
+        assert_eq!(
+            *ids.entry(body.clone()).or_insert(id),
+            id,
+            "a resent copy of {body} keeps its message id"
+        );
         *seen.entry(body).or_default() += 1;
         delivery.ack().await.unwrap();
     }

@@ -8,9 +8,10 @@
 //! u32 crc          CRC-32 (IEEE) of every byte after this field
 //! u64 offset       position in the MQ (0 from producers; set by the broker)
 //! u64 timestamp    milliseconds since the Unix epoch (set by the broker)
-//! u8  flags        reserved, 0
+//! u8  flags        bit 0: a 16-byte message id follows the key; other bits 0
 //! u8  tag_len      then tag_len bytes of UTF-8
 //! u16 key_len      then key_len bytes of UTF-8
+//! [u128 id]        when flags bit 0 is set: the producer's message id
 //! body             the rest
 //! ```
 //! All integers are big-endian.
@@ -19,8 +20,11 @@ use std::ops::Range;
 
 use bytes::BufMut;
 
-/// Bytes of a record that are not tag, key or body.
+/// Bytes of a record that are not tag, key, id or body.
 pub const RECORD_OVERHEAD: usize = 28;
+/// Flag bit: the record carries a 16-byte message id after its key.
+pub const RECORD_FLAG_ID: u8 = 1;
+const ID_LEN: usize = 16;
 const FIXED_AFTER_LEN: usize = RECORD_OVERHEAD - 4;
 
 /// Why bytes are not a valid record.
@@ -54,6 +58,12 @@ pub enum RecordError {
         /// `tag` or `key`.
         field: &'static str,
     },
+    /// Flag bits this version does not know (written by a newer peer).
+    #[error("record flags {flags:#04x} are not understood by this version")]
+    UnknownFlags {
+        /// The flags byte.
+        flags: u8,
+    },
     /// Tag longer than 255 bytes or key longer than 65535 bytes.
     #[error("record {field} is {len} bytes; the limit is {max}")]
     FieldTooLong {
@@ -77,6 +87,8 @@ pub struct RecordRef<'a> {
     pub tag: Option<&'a str>,
     /// Key, used for affinity and deduplication.
     pub key: Option<&'a str>,
+    /// Message id set by the producer; a resend after failover carries the same one.
+    pub id: Option<u128>,
     /// The payload.
     pub body: &'a [u8],
     /// Where the body lies in the parsed buffer (for zero-copy slicing).
@@ -85,7 +97,18 @@ pub struct RecordRef<'a> {
     pub size: usize,
 }
 
-/// Appends one record. Fails only when the tag or key is too long.
+/// The optional fields of a record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordMeta<'a> {
+    /// Tag for consumer-side filters.
+    pub tag: Option<&'a str>,
+    /// Key for affinity.
+    pub key: Option<&'a str>,
+    /// Message id for deduplication.
+    pub id: Option<u128>,
+}
+
+/// Appends one record without an id. Fails only when the tag or key is too long.
 pub fn encode_record(
     dst: &mut impl BufMut,
     offset: u64,
@@ -94,8 +117,22 @@ pub fn encode_record(
     key: Option<&str>,
     body: &[u8],
 ) -> Result<usize, RecordError> {
-    let tag = tag.unwrap_or("").as_bytes();
-    let key = key.unwrap_or("").as_bytes();
+    let meta = RecordMeta { tag, key, id: None };
+    encode_record_meta(dst, offset, timestamp_ms, &meta, body)
+}
+
+/// Appends one record with every optional field. Fails only when the tag or key is too long.
+pub fn encode_record_meta(
+    dst: &mut impl BufMut,
+    offset: u64,
+    timestamp_ms: u64,
+    meta: &RecordMeta<'_>,
+    body: &[u8],
+) -> Result<usize, RecordError> {
+    let tag = meta.tag.unwrap_or("").as_bytes();
+    let key = meta.key.unwrap_or("").as_bytes();
+    let id = meta.id.map(u128::to_be_bytes);
+    let id: &[u8] = id.as_ref().map_or(&[], |id| id.as_slice());
     if tag.len() > u8::MAX as usize {
         return Err(RecordError::FieldTooLong {
             field: "tag",
@@ -110,23 +147,25 @@ pub fn encode_record(
             max: u16::MAX as usize,
         });
     }
-    let size = RECORD_OVERHEAD + tag.len() + key.len() + body.len();
+    let size = RECORD_OVERHEAD + tag.len() + key.len() + id.len() + body.len();
     let mut crc = crc32fast::Hasher::new();
     let mut fixed = [0u8; FIXED_AFTER_LEN - 4];
     fixed[0..8].copy_from_slice(&offset.to_be_bytes());
     fixed[8..16].copy_from_slice(&timestamp_ms.to_be_bytes());
-    fixed[16] = 0;
+    fixed[16] = if id.is_empty() { 0 } else { RECORD_FLAG_ID };
     fixed[17] = tag.len() as u8;
     fixed[18..20].copy_from_slice(&(key.len() as u16).to_be_bytes());
     crc.update(&fixed);
     crc.update(tag);
     crc.update(key);
+    crc.update(id);
     crc.update(body);
     dst.put_u32((size - 4) as u32);
     dst.put_u32(crc.finalize());
     dst.put_slice(&fixed);
     dst.put_slice(tag);
     dst.put_slice(key);
+    dst.put_slice(id);
     dst.put_slice(body);
     Ok(size)
 }
@@ -163,9 +202,19 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         b.copy_from_slice(&rec[at..at + 8]);
         u64::from_be_bytes(b)
     };
+    let flags = rec[24];
+    if flags & !RECORD_FLAG_ID != 0 {
+        return Err(RecordError::UnknownFlags { flags });
+    }
     let tag_len = rec[25] as usize;
     let key_len = u16::from_be_bytes([rec[26], rec[27]]) as usize;
-    let body_start = RECORD_OVERHEAD + tag_len + key_len;
+    let key_end = RECORD_OVERHEAD + tag_len + key_len;
+    let id_len = if flags & RECORD_FLAG_ID != 0 {
+        ID_LEN
+    } else {
+        0
+    };
+    let body_start = key_end + id_len;
     if body_start > size {
         return Err(RecordError::BadLength { len: size - 4 });
     }
@@ -181,7 +230,12 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         offset: be64(8),
         timestamp_ms: be64(16),
         tag: text(RECORD_OVERHEAD..RECORD_OVERHEAD + tag_len, "tag")?,
-        key: text(RECORD_OVERHEAD + tag_len..body_start, "key")?,
+        key: text(RECORD_OVERHEAD + tag_len..key_end, "key")?,
+        id: (id_len > 0).then(|| {
+            let mut id = [0u8; ID_LEN];
+            id.copy_from_slice(&rec[key_end..body_start]);
+            u128::from_be_bytes(id)
+        }),
         body: &rec[body_start..],
         body_range: body_start..size,
         size,
@@ -286,6 +340,36 @@ mod tests {
             })
             .collect();
         assert_eq!(bodies, vec![b"a".to_vec(), b"bb".to_vec()]);
+    }
+
+    #[test]
+    fn ids_round_trip_and_are_checksummed() {
+        let meta = RecordMeta {
+            tag: Some("t"),
+            key: Some("k"),
+            id: Some(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+        };
+        let mut buf = Vec::new();
+        encode_record_meta(&mut buf, 1, 2, &meta, b"body").unwrap();
+        let rec = parse_record(&buf).unwrap();
+        assert_eq!(
+            (rec.tag, rec.key, rec.id, rec.body),
+            (Some("t"), Some("k"), meta.id, &b"body"[..])
+        );
+        let mut bad = buf.clone();
+        bad[RECORD_OVERHEAD + 3] ^= 1;
+        assert!(matches!(
+            parse_record(&bad),
+            Err(RecordError::Checksum { .. })
+        ));
+        let mut future = buf;
+        future[24] |= 0x80;
+        let crc = crc32fast::hash(&future[8..]);
+        future[4..8].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            parse_record(&future),
+            Err(RecordError::UnknownFlags { .. })
+        ));
     }
 
     #[test]
