@@ -15,7 +15,8 @@ pub struct Settings {
     /// Address to listen on [default: 0.0.0.0]
     #[arg(long, env = "QBUS_TRACKER_BIND")]
     pub bind: Option<String>,
-    /// Port for the binary protocol and HTTP (GET /topology) [default: 16666]
+    /// Port for the binary protocol and HTTP (monitor page, /api/stats, /metrics,
+    /// /topology) [default: 16666]
     #[arg(long, env = "QBUS_TRACKER_PORT")]
     pub port: Option<u16>,
     /// Reports in a row a node may miss before it is dropped (its lease) [default: 3]

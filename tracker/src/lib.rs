@@ -7,14 +7,19 @@
 //! - [`server`]: start-up, the accept loop and shutdown ([`run`]).
 //! - [`table`]: the nodes, their leases, and numbered changes for subscribers.
 //! - [`session`]: one binary-protocol connection (report, subscribe, query).
-//! - [`http`]: `GET /topology` as JSON on the same port.
+//! - [`http`]: HTTP on the same port: the monitor page, `GET /api/stats` ([`stats`]),
+//!   `GET /metrics` ([`prometheus`]) and `GET /topology`.
+//! - [`metrics`]: counters of reports, pushes and requests since the start.
 //!
 //! The protocol (commands 40 to 43) is in `docs/protocol.md`, section "Tracker commands".
 
 pub mod config;
 pub mod http;
+pub mod metrics;
+pub mod prometheus;
 pub mod server;
 pub mod session;
+pub mod stats;
 pub mod table;
 
 pub use config::{Config, Settings};

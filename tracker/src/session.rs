@@ -122,16 +122,19 @@ fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
             }
         }
         Command::Heartbeat => Frame::new(Header::reply_to(request)),
-        Command::Report => match rmp_serde::from_slice::<BrokerState>(&frame.body) {
-            Ok(state) => match table.report(conn, state, Instant::now()) {
-                Ok(()) => Frame::new(Header::reply_to(request)),
-                Err(e) => error(Status::BadRequest, e.to_string()),
-            },
-            Err(e) => error(
-                Status::BadRequest,
-                format!("report body is not a BrokerState map: {e}"),
-            ),
-        },
+        Command::Report => {
+            table.metrics().report_received();
+            match rmp_serde::from_slice::<BrokerState>(&frame.body) {
+                Ok(state) => match table.report(conn, state, Instant::now()) {
+                    Ok(()) => Frame::new(Header::reply_to(request)),
+                    Err(e) => error(Status::BadRequest, e.to_string()),
+                },
+                Err(e) => error(
+                    Status::BadRequest,
+                    format!("report body is not a BrokerState map: {e}"),
+                ),
+            }
+        }
         Command::QueryTopology => snapshot_reply(request, &table.snapshot()),
         Command::TopologyUpdate => error(
             Status::BadRequest,
@@ -196,5 +199,6 @@ async fn forward(
         if out.send(push).await.is_err() {
             return;
         }
+        table.metrics().update_pushed();
     }
 }

@@ -8,6 +8,9 @@
 //!   (`lease_reports` times its own report interval) runs out;
 //! - until the tracker is ready (after its warm-up), every update says `ready: false`;
 //!   becoming ready is announced with a full snapshot.
+//!
+//! Each node also keeps the time of its last report, so the monitor can show how fresh
+//! every entry is ([`Table::status`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use qbus_client::topology::{BrokerState, TopologyUpdate};
 use tokio::sync::broadcast;
+
+use crate::metrics::Metrics;
 
 /// Changes kept for subscribers that fall behind; one further behind gets a snapshot.
 const BACKLOG: usize = 1024;
@@ -42,7 +47,36 @@ pub enum ReportError {
 struct Entry {
     state: BrokerState,
     conn: u64,
+    /// When its last accepted report arrived (a repeat of the held version counts: it
+    /// proves the node alive).
+    reported: Instant,
     expires: Instant,
+}
+
+/// One node as the monitor shows it.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// What it last reported.
+    pub state: BrokerState,
+    /// Time since that report.
+    pub report_age: Duration,
+    /// Time left before it is dropped unless it reports again.
+    pub lease_left: Duration,
+}
+
+/// The table as the monitor shows it, taken under one lock.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The change counter: changes published since the start.
+    pub seq: u64,
+    /// False during the warm-up.
+    pub ready: bool,
+    /// Reports a node may miss before it is dropped.
+    pub lease_reports: u32,
+    /// Connections subscribed to changes now.
+    pub subscribers: usize,
+    /// Every node, sorted by id.
+    pub nodes: Vec<NodeStatus>,
 }
 
 struct Inner {
@@ -56,6 +90,7 @@ pub struct Table {
     inner: Mutex<Inner>,
     updates: broadcast::Sender<Arc<Published>>,
     lease_reports: u32,
+    metrics: Metrics,
 }
 
 impl Table {
@@ -69,7 +104,13 @@ impl Table {
             }),
             updates: broadcast::channel(BACKLOG).0,
             lease_reports: lease_reports.max(1),
+            metrics: Metrics::new(),
         }
+    }
+
+    /// The tracker's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -98,6 +139,7 @@ impl Table {
             }
             Some(entry) if entry.state.version() == state.version() => {
                 entry.conn = conn;
+                entry.reported = now;
                 entry.expires = expires;
                 false
             }
@@ -116,6 +158,7 @@ impl Table {
                 Entry {
                     state,
                     conn,
+                    reported: now,
                     expires,
                 },
             );
@@ -183,6 +226,26 @@ impl Table {
         snapshot_of(&self.lock())
     }
 
+    /// Every node with the age of its last report and what is left of its lease at `now`.
+    pub fn status(&self, now: Instant) -> Status {
+        let inner = self.lock();
+        Status {
+            seq: inner.seq,
+            ready: inner.ready,
+            lease_reports: self.lease_reports,
+            // Each subscribed connection's forwarder holds exactly one receiver.
+            subscribers: self.updates.receiver_count(),
+            nodes: by_id(&inner)
+                .into_iter()
+                .map(|e| NodeStatus {
+                    state: e.state.clone(),
+                    report_age: now.saturating_duration_since(e.reported),
+                    lease_left: e.expires.saturating_duration_since(now),
+                })
+                .collect(),
+        }
+    }
+
     /// A full snapshot and a receiver of every later update, taken together so nothing
     /// falls between them.
     pub fn subscribe(&self) -> (TopologyUpdate, broadcast::Receiver<Arc<Published>>) {
@@ -211,10 +274,15 @@ impl Table {
     }
 }
 
+/// Every entry, sorted by node id.
+fn by_id(inner: &Inner) -> Vec<&Entry> {
+    let mut entries: Vec<&Entry> = inner.nodes.values().collect();
+    entries.sort_by(|a, b| a.state.id.cmp(&b.state.id));
+    entries
+}
+
 fn sorted(inner: &Inner) -> Vec<BrokerState> {
-    let mut nodes: Vec<BrokerState> = inner.nodes.values().map(|e| e.state.clone()).collect();
-    nodes.sort_by(|a, b| a.id.cmp(&b.id));
-    nodes
+    by_id(inner).into_iter().map(|e| e.state.clone()).collect()
 }
 
 fn snapshot_of(inner: &Inner) -> TopologyUpdate {
@@ -308,6 +376,33 @@ mod tests {
         assert!(ready.ready && ready.full);
         assert_eq!(ready.brokers.len(), 1);
         assert!(table.snapshot().ready);
+    }
+
+    #[test]
+    fn status_tells_report_age_and_lease_left() {
+        let table = Table::new(3, true);
+        let start = Instant::now();
+        table.report(1, state("b", 1, 1), start).unwrap();
+        table.report(1, state("a", 1, 1), start).unwrap();
+        let later = start + Duration::from_millis(150);
+        // A repeat of the held version renews the report time; an older one does not.
+        table.report(1, state("a", 1, 1), later).unwrap();
+        table.report(2, state("b", 0, 9), later).unwrap();
+        let status = table.status(start + Duration::from_millis(200));
+        let ages: Vec<(&str, Duration, Duration)> = status
+            .nodes
+            .iter()
+            .map(|n| (n.state.id.as_str(), n.report_age, n.lease_left))
+            .collect();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            ages,
+            [("a", ms(50), ms(250)), ("b", ms(200), ms(100))],
+            "sorted by id, lease 3 x 100 ms"
+        );
+        assert_eq!((status.seq, status.ready, status.subscribers), (2, true, 0));
+        let (_, _rx) = table.subscribe();
+        assert_eq!(table.status(start).subscribers, 1);
     }
 
     #[test]

@@ -9,8 +9,9 @@ mod support;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use hyper::Method;
 use qbus_client::MqOptions;
-use support::{wait_for, Broker, Tracker, REPORT_INTERVAL};
+use support::{http, wait_for, wait_for_async, Broker, Tracker, REPORT_INTERVAL};
 
 /// Polls the tracker until `done` holds for its broker list; returns how long it took.
 async fn until(
@@ -151,21 +152,14 @@ async fn topology_is_served_as_json_over_http() {
         b.contains(&addr)
     })
     .await;
-    wait_for("the MQ at the tracker", Duration::from_secs(5), || {
-        let json = http_get(tracker.port, "/topology");
-        json.contains("\"jobs\"").then_some(json)
+    let response = wait_for_async("the MQ at the tracker", Duration::from_secs(5), || async {
+        let response = http(tracker.port, Method::GET, "/topology").await;
+        response.body.contains("\"jobs\"").then_some(response)
     })
     .await;
-
-    let response = http_get(tracker.port, "/topology");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/json"),
-        "{head}"
-    );
-    let topology: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.content_type, "application/json");
+    let topology = response.json();
     assert_eq!(topology["ready"], true);
     let brokers = topology["brokers"].as_array().expect("a list of brokers");
     assert_eq!(brokers.len(), 1);
@@ -177,7 +171,10 @@ async fn topology_is_served_as_json_over_http() {
         REPORT_INTERVAL.as_millis() as u64
     );
 
-    assert!(http_get(tracker.port, "/nothing").starts_with("HTTP/1.1 404"));
+    assert_eq!(
+        http(tracker.port, Method::GET, "/nothing").await.status,
+        404
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,20 +218,4 @@ async fn bad_input_gets_an_error_and_the_tracker_keeps_serving() {
     assert!(err.to_string().contains("tracker"), "{err}");
 
     assert!(tracker.query().await.brokers.is_empty(), "still answering");
-}
-
-/// One `GET` over a fresh connection; the whole response as text.
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }

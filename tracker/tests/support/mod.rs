@@ -1,6 +1,6 @@
 //! Test harness: real `qbus-tracker` and `qbus-broker` processes on free loopback ports with
-//! temp stores, killed by PID; helpers to query trackers and to wait for events with a
-//! bounded timeout instead of sleeping.
+//! temp stores, killed by PID; helpers to query trackers (binary protocol and HTTP) and to
+//! wait for events with a bounded timeout instead of sleeping.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -10,6 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
 use qbus_client::ha::query_tracker;
 use qbus_client::topology::TopologyUpdate;
 
@@ -31,6 +35,77 @@ pub async fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() ->
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls the future `check` makes every 10 ms until it yields `Some`, failing the test after
+/// `limit`.
+pub async fn wait_for_async<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A whole HTTP response.
+pub struct HttpReply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One request without a body on a fresh connection, the way `curl` does it; the whole
+/// exchange is bounded by 5 s.
+pub async fn http(port: u16, method: Method, path: &str) -> HttpReply {
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", format!("127.0.0.1:{port}"))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("a response");
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = response.into_body().collect().await.expect("the body");
+        HttpReply {
+            status,
+            content_type,
+            body: String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no reply to {path} within 5 s"))
 }
 
 /// A free port on 127.0.0.1 (the OS picks it; the listener is dropped right away).
