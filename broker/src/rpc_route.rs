@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -22,6 +22,7 @@ use qbus_client::protocol::{Command, Frame, Header, RouteStats, Status, FLAG_ONE
 use tokio::sync::mpsc;
 
 use crate::error::BrokerError;
+use crate::group_commit::AppendWait;
 use crate::registry::Registry;
 
 /// Most callers that may await a reply on one broker at once.
@@ -46,6 +47,9 @@ struct Caller {
     /// The connection's outgoing frames: where its replies go.
     out: mpsc::Sender<Frame>,
     waiting: HashMap<u64, Waiting>,
+    /// Writes of this caller's calls, in order, to the task that reports a failed one;
+    /// dropped with the caller, which ends that task.
+    appends: Option<mpsc::UnboundedSender<(u64, AppendWait)>>,
 }
 
 #[derive(Default)]
@@ -106,6 +110,7 @@ impl Routes {
         let caller = table.callers.entry(conn).or_insert_with(|| Caller {
             out: out.clone(),
             waiting: HashMap::new(),
+            appends: None,
         });
         if caller.waiting.len() >= MAX_PENDING_PER_CONNECTION {
             return Err(BrokerError::Overloaded(format!(
@@ -122,6 +127,28 @@ impl Routes {
         caller.waiting.insert(id, Waiting { deadline, timeout });
         table.total += 1;
         Ok(format!("{:016x}.{conn}.{id}", self.instance))
+    }
+
+    /// Hands the write of call `id` of `conn` to the task watching that caller's writes
+    /// (started with its first call), which tells the caller if the write fails. One task
+    /// per caller, not per call: writes complete in order, a batch at a time, so it wakes
+    /// about once per batch.
+    fn watch_append(self: &Arc<Self>, conn: u64, id: u64, wait: AppendWait) {
+        let mut table = self.table();
+        let Some(caller) = table.callers.get_mut(&conn) else {
+            return; // the caller disconnected meanwhile
+        };
+        let appends = caller.appends.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(watch_appends(
+                Arc::downgrade(self),
+                conn,
+                caller.out.clone(),
+                rx,
+            ));
+            tx
+        });
+        let _ = appends.send((id, wait));
     }
 
     /// Drops call `id` of `conn`; false when it was not waiting.
@@ -328,18 +355,29 @@ async fn call(
         }
     };
     // The caller hears nothing until the reply; only a failed write must reach it now.
-    let routes = routes.clone();
-    let out = out.clone();
-    tokio::spawn(async move {
-        if let Err(e) = wait.wait().await {
-            if routes.forget(conn, header.id) {
-                let e = BrokerError::Store(e);
-                let reply = Header::error(Command::Call, header.id, e.status(), e.to_string());
-                let _ = out.send(Frame::new(reply)).await;
-            }
-        }
-    });
+    routes.watch_append(conn, header.id, wait);
     Ok(())
+}
+
+/// Waits for the writes of one caller's calls in order; a call whose write failed is
+/// dropped from the table and its caller told at once.
+async fn watch_appends(
+    routes: Weak<Routes>,
+    conn: u64,
+    out: mpsc::Sender<Frame>,
+    mut appends: mpsc::UnboundedReceiver<(u64, AppendWait)>,
+) {
+    while let Some((id, wait)) = appends.recv().await {
+        let Err(e) = wait.wait().await else { continue };
+        let Some(routes) = routes.upgrade() else {
+            return;
+        };
+        if routes.forget(conn, id) {
+            let e = BrokerError::Store(e);
+            let reply = Header::error(Command::Call, id, e.status(), e.to_string());
+            let _ = out.send(Frame::new(reply)).await;
+        }
+    }
 }
 
 /// Passes a responder's reply to the caller named by its route.

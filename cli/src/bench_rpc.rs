@@ -182,7 +182,7 @@ pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(
     let warmup = secs("--warmup", args.warmup)?;
     let encoding =
         Encoding::from_header(Some(&args.encoding)).map_err(|e| CliError::Usage(e.to_string()))?;
-    if args.concurrency.iter().any(|&c| c == 0) {
+    if args.concurrency.contains(&0) {
         return Err(CliError::Usage(
             "--concurrency values must be at least 1".into(),
         ));

@@ -173,7 +173,21 @@ impl Connection {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         frame.header.id = id;
         let rx = live.register(id)?;
-        if live.tx.send(frame).await.is_err() {
+        // Most sends find room in the queue; only a full queue waits, in a boxed future so
+        // its state does not weigh on every request's future.
+        let full = match live.tx.try_send(frame) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(frame)) => Some(frame),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                live.forget(id);
+                return Err(live.disconnected());
+            }
+        };
+        let queued = match full {
+            None => true,
+            Some(frame) => Box::pin(live.tx.send(frame)).await.is_ok(),
+        };
+        if !queued {
             live.forget(id);
             return Err(live.disconnected());
         }
@@ -211,6 +225,13 @@ impl Connection {
         if let Some(live) = self.inner.live.load_full() {
             return Ok(live);
         }
+        // Boxed so the connect loop's large state is not part of every request's future
+        // (it is copied, and allocated with it, on every send).
+        Box::pin(self.reconnect()).await
+    }
+
+    /// Connects (or waits for another caller's connect) within the connect deadline.
+    async fn reconnect(&self) -> Result<Arc<Live>> {
         let _one_at_a_time = self.inner.connecting.lock().await;
         if let Some(live) = self.inner.live.load_full() {
             return Ok(live);

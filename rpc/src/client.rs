@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::Encoding;
-use crate::envelope::{RequestOut, ResponseIn, DEFAULT_TIMEOUT};
+use crate::envelope::{ErrorCode, RequestOut, ResponseIn, DEFAULT_TIMEOUT};
 use crate::error::RpcError;
 use crate::invoker::{Call, InvokeFuture, Invoker};
 
@@ -154,6 +154,7 @@ impl RpcClient {
         CallFuture {
             span: tracing::debug_span!("rpc_call", module = %self.module, %method),
             sent: Some(sent),
+            timeout: self.options.timeout,
             module: self.module.clone(),
             method,
             result: PhantomData,
@@ -167,6 +168,7 @@ pub struct CallFuture<R> {
     span: tracing::Span,
     /// The invoker's future, or why the call could not be sent; `None` once resolved.
     sent: Option<Result<InvokeFuture, RpcError>>,
+    timeout: Duration,
     module: Arc<str>,
     method: Cow<'static, str>,
     result: PhantomData<fn() -> R>,
@@ -203,6 +205,11 @@ impl<R: DeserializeOwned> Future for CallFuture<R> {
         Poll::Ready(reply.and_then(
             |reply| match reply.encoding.decode::<ResponseIn<R>>(&reply.body) {
                 Ok(ResponseIn::Result(value)) => Ok(value),
+                // The server's deadline is the caller's, so whichever notices first, the
+                // caller sees the same error.
+                Ok(ResponseIn::Error(error)) if error.code == ErrorCode::DeadlineExceeded => {
+                    Err(RpcError::Timeout(this.timeout))
+                }
                 Ok(ResponseIn::Error(error)) => Err(RpcError::Remote(error)),
                 Err(e) => Err(RpcError::Codec(format!(
                     "cannot decode the reply of {}.{} as {}: {e}",

@@ -64,9 +64,10 @@ impl DirectInvoker {
 impl Invoker for DirectInvoker {
     fn invoke(&self, call: Call) -> InvokeFuture {
         let connection = self.connection.clone();
-        let frame = call_frame(&call, None);
+        // The frame is built inside the send so the future holds it once.
         Box::pin(async move {
-            exchange(connection.send(frame), call.timeout, || connection.addr()).await
+            let send = || connection.send(call_frame(&call, None));
+            exchange(send, call.timeout, || connection.addr()).await
         })
     }
 }

@@ -97,14 +97,24 @@ pub(crate) fn call_frame(call: &Call, mq: Option<&str>) -> Frame {
     Frame::with_body(header, call.body.clone())
 }
 
-/// Sends with `send` and waits for the reply, all within `timeout`; `target` names the
-/// server or MQ in errors (built only when one occurs).
-pub(crate) async fn exchange(
-    send: impl Future<Output = Result<PendingReply, ClientError>>,
+/// Sends with `send` (called once, inside) and waits for the reply, all within `timeout`;
+/// `target` names the server or MQ in errors (built only when one occurs). The send future
+/// is made here rather than passed in so it is stored once in this future, not twice.
+pub(crate) async fn exchange<S, F>(
+    send: S,
     timeout: Duration,
     target: impl FnOnce() -> String,
-) -> Result<Reply, RpcError> {
-    let outcome = tokio::time::timeout(timeout, async { send.await?.await }).await;
+) -> Result<Reply, RpcError>
+where
+    S: FnOnce() -> F,
+    F: Future<Output = Result<PendingReply, ClientError>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let outcome = match tokio::time::timeout_at(deadline, send()).await {
+        Ok(Ok(pending)) => tokio::time::timeout_at(deadline, pending).await,
+        Ok(Err(e)) => Ok(Err(e)),
+        Err(elapsed) => Err(elapsed),
+    };
     match outcome {
         Err(_) => Err(RpcError::Timeout(timeout)),
         Ok(Ok(frame)) => Reply::from_frame(frame),

@@ -76,7 +76,7 @@ pub use ha::HaInvoker;
 pub use invoker::{Call, InvokeFuture, Invoker, Reply};
 pub use mq_invoker::{route_stats, MqInvoker};
 pub use mq_service::{MqRpcService, MqServiceOptions};
-pub use processor::{HandlerFuture, Module, Request, RpcProcessor, Service};
+pub use processor::{HandlerFuture, Module, Request, RpcProcessor, Running, Service, Started};
 /// Turns a trait of `async fn`s into an RPC service; see the [crate example](crate).
 ///
 /// `#[service]` (or `#[service(name = "greeter")]` to choose the module name, by default

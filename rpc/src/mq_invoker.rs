@@ -53,12 +53,10 @@ impl MqInvoker {
 impl Invoker for MqInvoker {
     fn invoke(&self, call: Call) -> InvokeFuture {
         let (broker, mq) = (self.broker.clone(), self.mq.clone());
-        let frame = call_frame(&call, Some(&mq));
+        // The frame is built inside the send so the future holds it once.
         Box::pin(async move {
-            exchange(broker.send_request(&mq, frame), call.timeout, || {
-                format!("MQ {mq:?}")
-            })
-            .await
+            let send = || broker.send_request(&mq, call_frame(&call, Some(&mq)));
+            exchange(send, call.timeout, || format!("MQ {mq:?}")).await
         })
     }
 }

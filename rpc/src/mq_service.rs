@@ -2,18 +2,18 @@
 //! [`RpcProcessor`] with a limit on how many run at once, and sends each reply back to the
 //! broker that stored the call, which routes it to the caller.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use qbus_client::protocol::{Command, Frame, Header, MqOptions, FLAG_ONEWAY};
 use qbus_client::{Broker, ClientError, Consumer, Delivery, StartAt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RpcError;
-use crate::processor::RpcProcessor;
+use crate::invoker::Reply;
+use crate::processor::{RpcProcessor, Started};
 use crate::server_session::SHUTDOWN_GRACE;
 
 /// Settings of an [`MqRpcService`]. Build with the `with_*` methods.
@@ -190,42 +190,60 @@ async fn wait_until_consuming(
     }
 }
 
-/// Takes calls off the consumer, at most `concurrency` running at once.
+/// Takes calls off the consumer, at most `concurrency` running at once. A call whose
+/// handler finishes without waiting is answered in place; one that waits gets a task.
 async fn serve(
     mut consumer: Consumer,
     processor: RpcProcessor,
     concurrency: usize,
     stop: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(concurrency));
     let mut running = JoinSet::new();
+    let mut acks = FuturesUnordered::new();
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            permit = permits.clone().acquire_owned() => permit,
-        };
-        let Ok(permit) = permit else { break };
         let delivery = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            delivery = consumer.next() => delivery,
+            Some(()) = acks.next(), if !acks.is_empty() => continue,
+            Some(_) = running.join_next(), if !running.is_empty() => continue,
+            delivery = consumer.next(), if running.len() < concurrency => delivery,
         };
-        match delivery {
-            Some(Ok(delivery)) => {
-                running.spawn(answer(delivery, processor.clone(), permit));
-            }
+        let delivery = match delivery {
+            Some(Ok(delivery)) => delivery,
             Some(Err(e)) => {
                 tracing::error!(mq = consumer.mq(), error = %e, "MQ-RPC service stopped: cannot consume");
                 break;
             }
             None => break,
+        };
+        let Some(route) = delivery.key.clone() else {
+            tracing::warn!(
+                offset = delivery.offset,
+                "not an MQ-RPC call (its record has no reply route as key); skipped"
+            );
+            acks.push(ack(delivery));
+            continue;
+        };
+        let waited = Duration::from_millis(now_ms().saturating_sub(delivery.timestamp_ms));
+        match processor.start(delivery.tag.as_deref(), delivery.body.clone(), waited) {
+            Started::Done(reply) => {
+                send_reply(&delivery, route, reply).await;
+                acks.push(ack(delivery));
+            }
+            Started::Expired => acks.push(ack(delivery)),
+            Started::Running(call) => {
+                running.spawn(async move {
+                    let reply = call.finish().await;
+                    send_reply(&delivery, route, reply).await;
+                    ack(delivery).await;
+                });
+            }
         }
-        while running.try_join_next().is_some() {}
     }
     // Calls fetched but not started go back to the MQ for another instance.
     drop(consumer);
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while acks.next().await.is_some() {}
         while running.join_next().await.is_some() {}
     })
     .await;
@@ -234,38 +252,25 @@ async fn serve(
     }
 }
 
-/// Runs one call and routes its reply back through the broker it came from.
-async fn answer(delivery: Delivery, processor: RpcProcessor, permit: OwnedSemaphorePermit) {
-    match delivery.key.clone() {
-        Some(route) => {
-            let waited = Duration::from_millis(now_ms().saturating_sub(delivery.timestamp_ms));
-            let reply = processor
-                .dispatch(delivery.tag.as_deref(), delivery.body.clone(), waited)
-                .await;
-            if let Some(reply) = reply {
-                let mut header = Header::request(Command::Route, None);
-                header.route = Some(route);
-                header.encoding = reply.encoding.header_value();
-                // The broker answers a failed route only by counting it; a reply frame per
-                // call would halve what the link carries.
-                header.flags = FLAG_ONEWAY;
-                let sent = delivery
-                    .connection()
-                    .send_oneway(Frame::with_body(header, reply.body))
-                    .await;
-                if let Err(e) = sent {
-                    tracing::debug!(offset = delivery.offset, error = %e, "reply lost with its broker connection");
-                }
-            }
-        }
-        None => {
-            tracing::warn!(
-                offset = delivery.offset,
-                "not an MQ-RPC call (its record has no reply route as key); skipped"
-            );
-        }
+/// Sends a reply back through the broker the call came from, which routes it to the caller.
+async fn send_reply(delivery: &Delivery, route: String, reply: Reply) {
+    let mut header = Header::request(Command::Route, None);
+    header.route = Some(route);
+    header.encoding = reply.encoding.header_value();
+    // The broker answers a failed route only by counting it; a reply frame per call would
+    // halve what the link carries.
+    header.flags = FLAG_ONEWAY;
+    let sent = delivery
+        .connection()
+        .send_oneway(Frame::with_body(header, reply.body))
+        .await;
+    if let Err(e) = sent {
+        tracing::debug!(offset = delivery.offset, error = %e, "reply lost with its broker connection");
     }
-    drop(permit);
+}
+
+/// Acknowledges a call once answered: until then a service that dies leaves it to another.
+async fn ack(delivery: Delivery) {
     if let Err(e) = delivery.ack().await {
         tracing::debug!(offset = delivery.offset, error = %e, "ack failed; the broker will redeliver the call");
     }

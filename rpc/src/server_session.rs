@@ -1,6 +1,7 @@
 //! One connection to an [`RpcServer`](crate::RpcServer): the wire protocol of the broker port,
-//! answering `Hello`, `Heartbeat` and `Call`, each call run as its own task so slow calls
-//! never hold up fast ones.
+//! answering `Hello`, `Heartbeat` and `Call`. A call whose handler finishes without waiting
+//! is answered in place; one that waits runs as its own task, so slow calls never hold up
+//! fast ones.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,12 +12,13 @@ use qbus_client::protocol::{
     Command, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::processor::RpcProcessor;
+use crate::invoker::Reply;
+use crate::processor::{RpcProcessor, Started};
 use crate::server::RpcServerOptions;
 
 /// A connection silent this long is closed (clients heartbeat every 5 s by default).
@@ -84,20 +86,30 @@ async fn run(
             Command::Hello => hello(request, options.max_frame),
             Command::Heartbeat => Frame::new(Header::reply_to(request)),
             Command::Call => {
-                // Waiting for a permit stops reading: a client with too many calls running
-                // is slowed by TCP itself.
-                let permit = tokio::select! {
-                    permit = permits.clone().acquire_owned() => permit,
-                    _ = shutdown.cancelled() => break,
-                };
-                let Ok(permit) = permit else { break };
-                let (tx, processor) = (tx.clone(), processor.clone());
-                calls.spawn(async move {
-                    answer(frame, &processor, &tx).await;
-                    drop(permit);
-                });
-                while calls.try_join_next().is_some() {}
-                continue;
+                let Frame { header, body } = frame;
+                match processor.start(header.encoding.as_deref(), body, Duration::ZERO) {
+                    Started::Done(reply) => reply_frame(&header, reply),
+                    // Only calls that waited before they got here (MQ-RPC) can expire.
+                    Started::Expired => continue,
+                    Started::Running(running) => {
+                        // Waiting for a permit stops reading: a client with too many calls
+                        // running is slowed by TCP itself. At shutdown a call already begun
+                        // still finishes (the drain below waits for it).
+                        let permit = tokio::select! {
+                            biased;
+                            permit = permits.clone().acquire_owned() => permit.ok(),
+                            _ = shutdown.cancelled() => None,
+                        };
+                        let tx = tx.clone();
+                        calls.spawn(async move {
+                            let reply = running.finish().await;
+                            let _ = tx.send(reply_frame(&header, reply)).await;
+                            drop(permit);
+                        });
+                        while calls.try_join_next().is_some() {}
+                        continue;
+                    }
+                }
             }
             other => Frame::new(Header::error(
                 other,
@@ -126,19 +138,11 @@ async fn run(
     tracing::debug!("session closed");
 }
 
-/// Runs one call and sends its reply.
-async fn answer(frame: Frame, processor: &RpcProcessor, tx: &mpsc::Sender<Frame>) {
-    let Frame { header, body } = frame;
-    // Nothing waited before this server got the call, so a reply always comes back.
-    let Some(reply) = processor
-        .dispatch(header.encoding.as_deref(), body, Duration::ZERO)
-        .await
-    else {
-        return;
-    };
-    let mut out = Header::reply_to(&header);
-    out.encoding = reply.encoding.header_value();
-    let _ = tx.send(Frame::with_body(out, reply.body)).await;
+/// The `Call` reply to `request` carrying `reply`.
+fn reply_frame(request: &Header, reply: Reply) -> Frame {
+    let mut header = Header::reply_to(request);
+    header.encoding = reply.encoding.header_value();
+    Frame::with_body(header, reply.body)
 }
 
 fn hello(request: &Header, max_frame: usize) -> Frame {

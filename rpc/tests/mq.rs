@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use qbus_broker::{Config, EmbeddedBroker};
 use qbus_client::{Broker, MqOptions};
-use qbus_rpc::{route_stats, Invoker, MqInvoker, MqRpcService, RpcClient, RpcError};
+use qbus_rpc::{
+    route_stats, Invoker, MqInvoker, MqRpcService, MqServiceOptions, RpcClient, RpcError,
+};
 use serde_json::json;
 use support::greeter::{self, GreeterClient, Probe};
 use support::{plain, scenarios, KillOnDrop, Process};
@@ -222,4 +224,32 @@ async fn routed_replies_leave_the_table_empty() {
     let broker = Broker::connect(&fixture.broker.addr()).await.unwrap();
     let stats = route_stats(&broker, MQ).await.unwrap();
     assert_eq!((stats.pending, stats.routed), (0, 10));
+}
+
+/// The service runs at most its concurrency limit of calls at once; the rest wait their
+/// turn in the MQ and are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_limits_its_concurrency() {
+    let process = Process::broker(None);
+    let broker = Broker::connect(&process.addr()).await.unwrap();
+    let (processor, probe) = greeter::processor("limited");
+    let options = MqServiceOptions::default().with_concurrency(2);
+    let _service = MqRpcService::start_with(&broker, MQ, processor, options)
+        .await
+        .unwrap();
+    let greeter = GreeterClient::new(MqInvoker::new(broker, MQ));
+    let calls = (0..6).map(|_| greeter.slow(100));
+    let started = Instant::now();
+    for reply in futures_util::future::join_all(calls).await {
+        assert_eq!(reply.unwrap(), 100);
+    }
+    assert_eq!(
+        probe.most_running.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -34,6 +34,9 @@ pub struct Probe {
     pub started: watch::Sender<usize>,
     pub finished: Arc<AtomicUsize>,
     pub stopped: Arc<AtomicUsize>,
+    /// Slow calls running now, and the most that ever ran at once.
+    pub running: Arc<AtomicUsize>,
+    pub most_running: Arc<AtomicUsize>,
 }
 
 impl Default for Probe {
@@ -42,6 +45,8 @@ impl Default for Probe {
             started: watch::channel(0).0,
             finished: Arc::new(AtomicUsize::new(0)),
             stopped: Arc::new(AtomicUsize::new(0)),
+            running: Arc::new(AtomicUsize::new(0)),
+            most_running: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -78,6 +83,7 @@ struct StopWatch<'a> {
 
 impl Drop for StopWatch<'_> {
     fn drop(&mut self) {
+        self.probe.running.fetch_sub(1, Ordering::SeqCst);
         if !self.done {
             self.probe.stopped.fetch_add(1, Ordering::SeqCst);
         }
@@ -100,11 +106,13 @@ impl Greeter for Friendly {
     }
 
     async fn slow(&self, millis: u64) -> u64 {
+        self.probe.started.send_modify(|n| *n += 1);
+        let now = self.probe.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.probe.most_running.fetch_max(now, Ordering::SeqCst);
         let mut watch = StopWatch {
             probe: &self.probe,
             done: false,
         };
-        self.probe.started.send_modify(|n| *n += 1);
         tokio::time::sleep(Duration::from_millis(millis)).await;
         watch.done = true;
         self.probe.finished.fetch_add(1, Ordering::SeqCst);
