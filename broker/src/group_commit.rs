@@ -26,6 +26,8 @@ type AppendReply = oneshot::Sender<Result<(Appended, Durability), StoreError>>;
 
 /// Most bytes of one MQ's appends joined into a single write.
 const MAX_WRITE: usize = 8 << 20;
+/// Under `--fsync always`, how long writes of unsynced MQs may wait for an fsync.
+const UNSYNCED_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most requests taken into one batch.
 const MAX_BATCH: usize = 8192;
 /// Requests that may wait for the commit thread before senders are made to wait.
@@ -37,12 +39,15 @@ enum Job {
         records: BytesMut,
         /// Records in `records`, so jobs can share one write and still get their offsets.
         count: u64,
+        /// Whether the reply waits for the fsync (false: acknowledged once written).
+        wait_sync: bool,
         reply: AppendReply,
     },
     Cursor {
         cursor: SharedCursor,
         /// Read when the job runs, so a newer value queued behind never loses to an older one.
         committed: Arc<AtomicU64>,
+        wait_sync: bool,
         reply: oneshot::Sender<Result<Durability, StoreError>>,
     },
     Retain {
@@ -124,17 +129,23 @@ impl Committer {
     /// Queues whole records for appending (offsets are assigned by the commit thread) and
     /// returns a receiver that resolves once they are as durable as the policy promises and
     /// visible to consumers. Queuing order is append order.
+    ///
+    /// With `wait_sync` false the records are acknowledged and shown to consumers as soon as
+    /// they are written (durability `written`), even when the policy fsyncs: for MQs whose
+    /// messages are worth less than the fsync's latency, such as RPC requests.
     pub async fn submit_append(
         &self,
         log: &SharedLog,
         records: BytesMut,
         count: u32,
+        wait_sync: bool,
     ) -> Result<AppendWait, StoreError> {
         let (reply, wait) = oneshot::channel();
         let job = Job::Append {
             log: log.clone(),
             records,
             count: count.into(),
+            wait_sync,
             reply,
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
@@ -147,20 +158,27 @@ impl Committer {
         log: &SharedLog,
         records: BytesMut,
         count: u32,
+        wait_sync: bool,
     ) -> Result<(Appended, Durability), StoreError> {
-        self.submit_append(log, records, count).await?.wait().await
+        self.submit_append(log, records, count, wait_sync)
+            .await?
+            .wait()
+            .await
     }
 
-    /// Persists a group cursor with the same durability as appends.
+    /// Persists a group cursor with the same durability as its MQ's appends (`wait_sync` as
+    /// in [`Committer::submit_append`]).
     pub async fn store_cursor(
         &self,
         cursor: &SharedCursor,
         committed: &Arc<AtomicU64>,
+        wait_sync: bool,
     ) -> Result<Durability, StoreError> {
         let (reply, wait) = oneshot::channel();
         let job = Job::Cursor {
             cursor: cursor.clone(),
             committed: committed.clone(),
+            wait_sync,
             reply,
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
@@ -228,6 +246,10 @@ impl Dirty {
         }
     }
 
+    fn is_dirty(&self) -> bool {
+        !self.logs.is_empty() || !self.cursors.is_empty()
+    }
+
     fn sync(&mut self) -> Result<(), StoreError> {
         let mut first_error = None;
         for log in self.logs.drain(..) {
@@ -249,22 +271,52 @@ struct Staged {
     log: SharedLog,
     records: BytesMut,
     waiters: Vec<(AppendReply, u64)>,
+    wait_sync: bool,
+}
+
+/// What a batch wrote and owes replies for, finished together at one durability.
+#[derive(Default)]
+struct Outcomes {
+    written: Vec<SharedLog>,
+    done: Vec<Done>,
+}
+
+impl Outcomes {
+    /// Makes the written records visible, then replies with `durability`, or with the
+    /// fsync's error.
+    fn finish(&mut self, durability: Durability, synced: &Result<(), StoreError>) {
+        for log in self.written.drain(..) {
+            log.lock().expect("log lock poisoned").publish();
+        }
+        let synced = || synced.as_ref().map(|_| ()).map_err(clone_error);
+        for item in self.done.drain(..) {
+            match item {
+                Done::Append(reply, result) => {
+                    let result =
+                        result.and_then(|appended| synced().map(|_| (appended, durability)));
+                    let _ = reply.send(result);
+                }
+                Done::Cursor(reply, result) => {
+                    let _ = reply.send(result.and_then(|_| synced().map(|_| durability)));
+                }
+                Done::Sync(reply) => {
+                    let _ = reply.send(synced());
+                }
+            }
+        }
+    }
 }
 
 impl Staged {
     /// Writes the gathered records and hands each waiter its share of the offsets.
-    fn write(
-        self,
-        now: u64,
-        dirty: &mut Dirty,
-        written: &mut Vec<SharedLog>,
-        done: &mut Vec<Done>,
-    ) {
+    fn write(self, now: u64, dirty: &mut Dirty, synced: &mut Outcomes, unsynced: &mut Outcomes) {
         let Staged {
             log,
             mut records,
             waiters,
+            wait_sync,
         } = self;
+        let Outcomes { written, done } = if wait_sync { synced } else { unsynced };
         let result = log
             .lock()
             .expect("log lock poisoned")
@@ -304,10 +356,10 @@ enum Done {
 
 fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogram) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut done = Vec::with_capacity(MAX_BATCH);
+    let mut synced = Outcomes::default();
+    let mut unsynced = Outcomes::default();
     let mut dirty = Dirty::default();
     let mut staged: Vec<Staged> = Vec::new();
-    let mut written: Vec<SharedLog> = Vec::new();
     let mut last_sync = std::time::Instant::now();
     loop {
         if rx.blocking_recv_many(&mut batch, MAX_BATCH) == 0 {
@@ -321,6 +373,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                     log,
                     records,
                     count,
+                    wait_sync,
                     reply,
                 } => {
                     let fits = |s: &Staged| s.records.len() + records.len() <= MAX_WRITE;
@@ -328,7 +381,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                     if let Some(full) = at.filter(|&at| !fits(&staged[at])) {
                         staged
                             .swap_remove(full)
-                            .write(now, &mut dirty, &mut written, &mut done);
+                            .write(now, &mut dirty, &mut synced, &mut unsynced);
                     }
                     let at = match staged.iter().position(|s| Arc::ptr_eq(&s.log, &log)) {
                         Some(at) => at,
@@ -337,6 +390,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                                 log,
                                 records: BytesMut::new(),
                                 waiters: Vec::new(),
+                                wait_sync,
                             });
                             staged.len() - 1
                         }
@@ -352,6 +406,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                 Job::Cursor {
                     cursor,
                     committed,
+                    wait_sync,
                     reply,
                 } => {
                     let result = cursor
@@ -361,7 +416,12 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                     if result.is_ok() {
                         dirty.add_cursor(&cursor);
                     }
-                    done.push(Done::Cursor(reply, result));
+                    let outcomes = if wait_sync {
+                        &mut synced
+                    } else {
+                        &mut unsynced
+                    };
+                    outcomes.done.push(Done::Cursor(reply, result));
                 }
                 Job::Retain { log, reply } => {
                     let result = log
@@ -370,25 +430,29 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                         .enforce_retention(now);
                     let _ = reply.send(result);
                 }
-                Job::Sync(reply) => done.push(Done::Sync(reply)),
+                Job::Sync(reply) => synced.done.push(Done::Sync(reply)),
                 Job::Tick => {}
                 Job::Stop => stop = true,
             }
         }
         for entry in staged.drain(..) {
-            entry.write(now, &mut dirty, &mut written, &mut done);
+            entry.write(now, &mut dirty, &mut synced, &mut unsynced);
         }
+        unsynced.finish(Durability::Written, &Ok(()));
+        let dirty_for = |age| dirty.is_dirty() && last_sync.elapsed() >= age;
         let must_sync = match policy {
-            FsyncPolicy::Always => true,
-            FsyncPolicy::Interval(every) => last_sync.elapsed() >= every,
+            // Only when a reply waits for it: a batch of unsynced MQs alone must not stall
+            // the thread in fsync, yet their data still reaches the disk within a second.
+            FsyncPolicy::Always => !synced.done.is_empty() || dirty_for(UNSYNCED_FLUSH),
+            FsyncPolicy::Interval(every) => dirty_for(every),
             FsyncPolicy::Never => false,
         } || stop
-            || done.iter().any(|d| matches!(d, Done::Sync(_)));
+            || synced.done.iter().any(|d| matches!(d, Done::Sync(_)));
         let mut sync_result = Ok(());
         if must_sync {
             // A batch of only reads or syncs has nothing to flush: timing it would fill the
             // histogram with zeros.
-            let flushing = !dirty.logs.is_empty() || !dirty.cursors.is_empty();
+            let flushing = dirty.is_dirty();
             let started = std::time::Instant::now();
             sync_result = dirty.sync();
             last_sync = std::time::Instant::now();
@@ -399,26 +463,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                 tracing::error!(error = %e, "fsync failed");
             }
         }
-        for log in written.drain(..) {
-            log.lock().expect("log lock poisoned").publish();
-        }
-        let durability = durability_of(policy);
-        let synced = || sync_result.as_ref().map(|_| ()).map_err(clone_error);
-        for item in done.drain(..) {
-            match item {
-                Done::Append(reply, result) => {
-                    let result =
-                        result.and_then(|appended| synced().map(|_| (appended, durability)));
-                    let _ = reply.send(result);
-                }
-                Done::Cursor(reply, result) => {
-                    let _ = reply.send(result.and_then(|_| synced().map(|_| durability)));
-                }
-                Done::Sync(reply) => {
-                    let _ = reply.send(synced());
-                }
-            }
-        }
+        synced.finish(durability_of(policy), &sync_result);
         if stop {
             // Jobs queued behind the stop fail with "shutting down" when `rx` drops.
             return;

@@ -183,6 +183,11 @@ impl Mq {
         &self.options
     }
 
+    /// Whether produces and acks wait for the fsync (the `sync` option, default true).
+    pub fn wait_sync(&self) -> bool {
+        self.options.sync.unwrap_or(true)
+    }
+
     /// The log, for the commit thread.
     pub fn log(&self) -> &SharedLog {
         &self.log
@@ -207,7 +212,9 @@ impl Mq {
         count: u32,
     ) -> Result<AppendWait, BrokerError> {
         let bytes = records.len() as u64;
-        let wait = committer.submit_append(&self.log, records, count).await?;
+        let wait = committer
+            .submit_append(&self.log, records, count, self.wait_sync())
+            .await?;
         self.counters.produced(count.into(), bytes);
         Ok(wait)
     }
@@ -258,7 +265,7 @@ impl Mq {
             .persisted
             .fetch_max(group.state().committed(), Ordering::AcqRel);
         committer
-            .store_cursor(&group.cursor, &group.persisted)
+            .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
             .await?;
         Ok(group)
     }
@@ -421,10 +428,12 @@ impl Mq {
         }
         let durability = if group.persisted.fetch_max(committed, Ordering::AcqRel) < committed {
             committer
-                .store_cursor(&group.cursor, &group.persisted)
+                .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
                 .await?
-        } else {
+        } else if self.wait_sync() {
             committer.durability()
+        } else {
+            Durability::Written
         };
         Ok((acked, durability))
     }
@@ -507,6 +516,7 @@ impl Mq {
                 ack_timeout_ms: Some(self.limits.ack_timeout.as_millis() as u64),
                 max_deliveries: Some(self.limits.max_deliveries),
                 dead_letter_mq: Some(self.dead_letter_mq()),
+                sync: Some(self.wait_sync()),
             },
             groups,
         }

@@ -277,3 +277,36 @@ async fn sigterm_shuts_down_cleanly() {
         seen.insert(consumer.next().await.unwrap().unwrap().offset);
     }
 }
+
+/// An MQ created with `sync: false` is acknowledged once written, while other MQs of the
+/// same broker still wait for the fsync; both keep their messages across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_mq_sync_option() {
+    let mut broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    let fast = MqOptions {
+        sync: Some(false),
+        ..MqOptions::default()
+    };
+    client.create_mq("fast", fast).await.unwrap();
+    client
+        .create_mq("safe", MqOptions::default())
+        .await
+        .unwrap();
+    let info = client.query_mq("fast").await.unwrap();
+    assert_eq!(info.options.sync, Some(false));
+    for _ in 0..10 {
+        let fast = client.producer("fast").send("f").await.unwrap();
+        let safe = client.producer("safe").send("s").await.unwrap();
+        assert_eq!(fast.durability, Durability::Written);
+        assert_eq!(safe.durability, Durability::Synced);
+    }
+    assert_eq!(broker.terminate().code(), Some(0));
+    broker.restart();
+    let client = broker.client().await;
+    assert_eq!(client.query_mq("fast").await.unwrap().depth(), 10);
+    assert_eq!(
+        client.query_mq("fast").await.unwrap().options.sync,
+        Some(false)
+    );
+}

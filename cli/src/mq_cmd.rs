@@ -46,6 +46,10 @@ pub struct CreateArgs {
     /// Dead-letter MQ [default: <NAME>.DLQ]
     #[arg(long, value_name = "MQ")]
     dead_letter: Option<String>,
+    /// Acknowledge produces once written, without waiting for the broker's fsync (for
+    /// messages worth less than an fsync, e.g. RPC requests)
+    #[arg(long)]
+    no_sync: bool,
 }
 
 pub async fn run(broker: &Broker, cmd: MqCommand) -> Result<(), CliError> {
@@ -72,6 +76,7 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         ack_timeout_ms: args.ack_timeout_ms,
         max_deliveries: args.max_deliveries,
         dead_letter_mq: args.dead_letter,
+        sync: args.no_sync.then_some(false),
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -90,6 +95,11 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "dead-letter",
             options.dead_letter_mq.clone(),
             info.options.dead_letter_mq.clone(),
+        ),
+        (
+            "no-sync",
+            options.sync.map(|v| (!v).to_string()),
+            info.options.sync.map(|v| (!v).to_string()),
         ),
     ]
     .into_iter()

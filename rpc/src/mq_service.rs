@@ -24,7 +24,9 @@ pub struct MqServiceOptions {
     pub group: Option<String>,
     /// Calls run at once; the rest wait in the MQ. Default 64.
     pub concurrency: usize,
-    /// Create the MQ when it does not exist. Default true.
+    /// Create the MQ when it does not exist. Default true. A created MQ acknowledges calls
+    /// once written, without waiting for the broker's fsync: a call is worth less than the
+    /// fsync's latency, and a caller whose broker crashes gets an error either way.
     pub create_mq: bool,
     /// How long `start` waits for the broker to count the service as a consumer (until it
     /// does, callers get "no responders"). Default 5 s.
@@ -109,10 +111,11 @@ impl MqRpcService {
     ) -> Result<MqRpcService, RpcError> {
         let failed = |e: ClientError| RpcError::from_client(e, mq);
         if options.create_mq {
-            broker
-                .create_mq(mq, MqOptions::default())
-                .await
-                .map_err(failed)?;
+            let options = MqOptions {
+                sync: Some(false),
+                ..MqOptions::default()
+            };
+            broker.create_mq(mq, options).await.map_err(failed)?;
         }
         let group = options.group.clone().unwrap_or_else(|| mq.to_owned());
         let concurrency = options.concurrency.max(1);

@@ -200,7 +200,7 @@ pub async fn ack_timeout_and_dead_letters(connect: &Connect) {
     let options = MqOptions {
         ack_timeout_ms: Some(300),
         max_deliveries: Some(2),
-        dead_letter_mq: None,
+        ..MqOptions::default()
     };
     broker.create_mq("slow", options).await.unwrap();
     broker.producer("slow").send("poison").await.unwrap();

@@ -12,6 +12,10 @@ pub struct MqOptions {
     pub max_deliveries: Option<u32>,
     /// Where records go after `max_deliveries` (default `<mq>.DLQ`).
     pub dead_letter_mq: Option<String>,
+    /// Whether produces wait for the fsync under `--fsync always` (default true). False
+    /// acknowledges them once written (`written` durability) and shows them to consumers at
+    /// once: for messages worth less than an fsync's latency, such as RPC requests.
+    pub sync: Option<bool>,
 }
 
 /// State of a consumer group, part of [`MqInfo`].
