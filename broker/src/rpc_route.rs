@@ -6,6 +6,10 @@
 //! connection, correlation id). An entry leaves the table when its reply is routed, when its
 //! deadline passes (the caller then gets a `504`), or when its caller disconnects.
 //!
+//! Callers inside the broker (the HTTP gateway, `POST /rpc/{mq}`) take the same path through
+//! [`call_once`]: the same checks, the same table and deadline, with the reply handed to the
+//! waiting request instead of a connection.
+//!
 //! The stored request is an ordinary record: its **key** is the reply route (an opaque
 //! token naming this broker process, the caller connection and the correlation id), its
 //! **tag** the body's encoding as the caller sent it (none for MessagePack), its body the
@@ -19,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use qbus_client::protocol::record::encode_record;
 use qbus_client::protocol::{Command, Frame, Header, RouteStats, Status, FLAG_ONEWAY};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::BrokerError;
 use crate::group_commit::AppendWait;
@@ -29,12 +33,16 @@ use crate::registry::Registry;
 pub const MAX_PENDING: usize = 65_536;
 /// Most callers one connection may have awaiting a reply at once.
 pub const MAX_PENDING_PER_CONNECTION: usize = 16_384;
-/// Deadline of a call whose header has no `timeout_ms`.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of a call whose header has no `timeout_ms`: the envelope's default, so a call
+/// and its stored request agree.
+pub const DEFAULT_TIMEOUT: Duration = qbus_client::protocol::rpc::DEFAULT_TIMEOUT;
 /// Longest deadline a call may ask for; longer ones are cut to this.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 /// Status of the reply a caller gets when its deadline passes on the broker.
 pub const STATUS_TIMEOUT: u16 = 504;
+/// Longest reply route (`{instance:016x}.{conn}.{id}`, both ids `u64`), the key of a stored
+/// call: what a call's record holds besides its body.
+pub const MAX_ROUTE_LEN: usize = 16 + 1 + 20 + 1 + 20;
 
 /// A call awaiting its reply.
 struct Waiting {
@@ -42,10 +50,56 @@ struct Waiting {
     timeout: Duration,
 }
 
-/// One caller connection and its calls awaiting a reply.
+/// Where a caller's replies go.
+enum ReplyTo {
+    /// A binary connection's outgoing frames: the replies of all its calls.
+    Connection(mpsc::Sender<Frame>),
+    /// A request inside the broker awaiting the reply of its one call ([`call_once`]);
+    /// `None` once that reply is on its way.
+    Once(Option<oneshot::Sender<Frame>>),
+}
+
+impl ReplyTo {
+    /// Where the reply of one of this caller's calls goes; `None` when a one-call caller's
+    /// reply was already taken.
+    fn outlet(&mut self) -> Option<Outlet> {
+        match self {
+            ReplyTo::Connection(out) => Some(Outlet::Connection(out.clone())),
+            ReplyTo::Once(once) => once.take().map(Outlet::Once),
+        }
+    }
+}
+
+/// Where one reply goes, taken from the table.
+enum Outlet {
+    Connection(mpsc::Sender<Frame>),
+    Once(oneshot::Sender<Frame>),
+}
+
+impl Outlet {
+    /// Passes `reply` on without waiting; false when the caller is gone. A caller reading
+    /// slowly must not stall whoever sends (a responder's connection, the sweeper), so a
+    /// full connection gets its reply from a task.
+    fn send(self, reply: Frame) -> bool {
+        match self {
+            Outlet::Connection(out) => match out.try_send(reply) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(reply)) => {
+                    tokio::spawn(async move {
+                        let _ = out.send(reply).await;
+                    });
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+            Outlet::Once(once) => once.send(reply).is_ok(),
+        }
+    }
+}
+
+/// One caller (a connection, or a request inside the broker) and its calls awaiting a reply.
 struct Caller {
-    /// The connection's outgoing frames: where its replies go.
-    out: mpsc::Sender<Frame>,
+    reply_to: ReplyTo,
     waiting: HashMap<u64, Waiting>,
     /// Writes of this caller's calls, in order, to the task that reports a failed one;
     /// dropped with the caller, which ends that task.
@@ -93,11 +147,12 @@ impl Routes {
         self.table.lock().expect("route table poisoned")
     }
 
-    /// Remembers call `id` of connection `conn` until `timeout` from now; returns its route.
+    /// Remembers call `id` of caller `conn` until `timeout` from now; returns its route.
+    /// `reply_to` is called when this is the caller's first call awaiting a reply.
     fn register(
         &self,
         conn: u64,
-        out: &mpsc::Sender<Frame>,
+        reply_to: impl FnOnce() -> ReplyTo,
         id: u64,
         timeout: Duration,
     ) -> Result<String, BrokerError> {
@@ -108,7 +163,7 @@ impl Routes {
             )));
         }
         let caller = table.callers.entry(conn).or_insert_with(|| Caller {
-            out: out.clone(),
+            reply_to: reply_to(),
             waiting: HashMap::new(),
             appends: None,
         });
@@ -140,12 +195,7 @@ impl Routes {
         };
         let appends = caller.appends.get_or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(watch_appends(
-                Arc::downgrade(self),
-                conn,
-                caller.out.clone(),
-                rx,
-            ));
+            tokio::spawn(watch_appends(Arc::downgrade(self), conn, rx));
             tx
         });
         let _ = appends.send((id, wait));
@@ -165,18 +215,23 @@ impl Routes {
         removed
     }
 
-    /// Takes the caller named by `route`: its connection and its correlation id.
-    fn take(&self, route: &str) -> Option<(mpsc::Sender<Frame>, u64)> {
+    /// Takes call `id` of `conn` out of the table, with where its reply goes.
+    fn take_call(&self, conn: u64, id: u64) -> Option<Outlet> {
+        let mut table = self.table();
+        let caller = table.callers.get_mut(&conn)?;
+        caller.waiting.remove(&id)?;
+        let outlet = caller.reply_to.outlet();
+        table.total -= 1;
+        outlet
+    }
+
+    /// Takes the call named by `route`: where its reply goes and its correlation id.
+    fn take(&self, route: &str) -> Option<(Outlet, u64)> {
         let (instance, conn, id) = parse_route(route)?;
         if instance != self.instance {
             return None;
         }
-        let mut table = self.table();
-        let caller = table.callers.get_mut(&conn)?;
-        caller.waiting.remove(&id)?;
-        let out = caller.out.clone();
-        table.total -= 1;
-        Some((out, id))
+        Some((self.take_call(conn, id)?, id))
     }
 
     /// Forgets every call of a closed connection.
@@ -194,29 +249,29 @@ impl Routes {
         let mut late = Vec::new();
         {
             let mut table = self.table();
+            let mut dropped = 0;
             for caller in table.callers.values_mut() {
-                let out = &caller.out;
+                let reply_to = &mut caller.reply_to;
                 caller.waiting.retain(|&id, waiting| {
                     let keep = waiting.deadline > now;
                     if !keep {
-                        late.push((out.clone(), id, waiting.timeout));
+                        dropped += 1;
+                        late.extend(
+                            reply_to
+                                .outlet()
+                                .map(|outlet| (outlet, id, waiting.timeout)),
+                        );
                     }
                     keep
                 });
             }
-            table.total -= late.len();
+            table.total -= dropped;
+            self.expired.fetch_add(dropped as u64, Ordering::Relaxed);
         }
-        self.expired.fetch_add(late.len() as u64, Ordering::Relaxed);
-        for (out, id, timeout) in late {
-            let header = Header::error(
-                Command::Call,
-                id,
-                Status::from_code(STATUS_TIMEOUT),
-                format!("no responder routed a reply within the call's deadline of {timeout:?}"),
-            );
-            // The caller's own timer fires at the same deadline; this reply only spares
-            // callers without one, so it is not worth waiting for room.
-            let _ = out.try_send(Frame::new(header));
+        for (outlet, id, timeout) in late {
+            // The caller's own timer fires at the same deadline; this reply spares callers
+            // without one.
+            outlet.send(Frame::new(deadline_passed(id, timeout)));
         }
     }
 
@@ -244,9 +299,21 @@ fn parse_route(route: &str) -> Option<(u64, u64, u64)> {
     parts.next().is_none().then_some((instance, conn, id))
 }
 
-/// Why an RPC command was refused: the status and message of its error reply.
-#[derive(Debug)]
-struct Refusal {
+/// The error reply of a call whose deadline of `timeout` passed with no reply routed.
+fn deadline_passed(id: u64, timeout: Duration) -> Header {
+    Header::error(
+        Command::Call,
+        id,
+        Status::from_code(STATUS_TIMEOUT),
+        format!("no responder routed a reply within the call's deadline of {timeout:?}"),
+    )
+}
+
+/// Why an RPC command got no reply from a responder: the status and message of its error
+/// reply.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
     status: Status,
     message: String,
 }
@@ -257,6 +324,25 @@ impl Refusal {
             status,
             message: message.into(),
         }
+    }
+
+    /// The status of the error reply (`404` no such MQ, `503` no responders, `504` deadline
+    /// passed, ...; see `docs/protocol.md`, "RPC commands").
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// What went wrong, for a person.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The refusal an error reply frame carries.
+    fn from_reply(header: Header) -> Refusal {
+        Refusal::new(
+            Status::from_code(header.status),
+            header.error.unwrap_or_default(),
+        )
     }
 }
 
@@ -281,7 +367,10 @@ pub async fn handle(
         frame.header.has_flag(FLAG_ONEWAY),
     );
     let outcome = match cmd {
-        Command::Call => call(registry, conn, out, frame).await.map(|()| None),
+        Command::Call => {
+            let reply_to = || ReplyTo::Connection(out.clone());
+            call(registry, conn, reply_to, frame).await.map(|()| None)
+        }
         Command::Route => route(registry.routes(), frame),
         Command::QueryRoutes => query(registry.routes(), &frame.header).map(Some),
         other => Err(Refusal::new(
@@ -304,11 +393,20 @@ pub async fn handle(
     }
 }
 
-/// Stores a call in its MQ and remembers its caller.
+/// The deadline of a call whose header asks for `timeout_ms`: [`DEFAULT_TIMEOUT`] when it
+/// names none, at most [`MAX_TIMEOUT`].
+pub fn call_timeout(timeout_ms: Option<u32>) -> Duration {
+    timeout_ms
+        .map_or(DEFAULT_TIMEOUT, |ms| Duration::from_millis(ms.into()))
+        .min(MAX_TIMEOUT)
+}
+
+/// Stores a call in its MQ and remembers its caller `conn`; `reply_to` says where the
+/// caller's replies go, should this be its first call awaiting one.
 async fn call(
     registry: &Registry,
     conn: u64,
-    out: &mpsc::Sender<Frame>,
+    reply_to: impl FnOnce() -> ReplyTo,
     frame: Frame,
 ) -> Result<(), Refusal> {
     let Frame { header, body } = frame;
@@ -326,12 +424,9 @@ async fn call(
             format!("no responders: nothing consumes MQ {name:?}; start an MQ-RPC service on it"),
         ));
     }
-    let timeout = header
-        .timeout_ms
-        .map_or(DEFAULT_TIMEOUT, |ms| Duration::from_millis(ms.into()))
-        .min(MAX_TIMEOUT);
+    let timeout = call_timeout(header.timeout_ms);
     let routes = registry.routes();
-    let route = routes.register(conn, out, header.id, timeout)?;
+    let route = routes.register(conn, reply_to, header.id, timeout)?;
     let mut record = BytesMut::with_capacity(body.len() + route.len() + 64);
     let stored = match encode_record(
         &mut record,
@@ -359,12 +454,66 @@ async fn call(
     Ok(())
 }
 
+/// Makes one MQ-RPC call for a caller inside the broker (the HTTP gateway). `request` is a
+/// `Call` frame (mq, timeout_ms, encoding; body: the request envelope), stored and routed
+/// exactly as one from a connection. Resolves to the reply frame (status `200`, body the
+/// responder's response envelope, in its `encoding`), or to why there is none: refused at
+/// once (`404` no such MQ, `503` no responders, `429` table full, `400`), the write failed
+/// (`500`), or no reply came within the deadline (`504`).
+///
+/// Dropping the future abandons the call, as closing a connection does.
+pub async fn call_once(registry: &Registry, request: Frame) -> Result<Frame, Refusal> {
+    let routes = registry.routes();
+    // A caller of its own: its one call shares no table entry, and leaving drops it whole.
+    let conn = registry.connection_id();
+    let _leave = Leave { routes, conn };
+    let id = request.header.id;
+    let timeout = call_timeout(request.header.timeout_ms);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (tx, mut rx) = oneshot::channel();
+    call(registry, conn, move || ReplyTo::Once(Some(tx)), request).await?;
+    let reply = match tokio::time::timeout_at(deadline, &mut rx).await {
+        Ok(reply) => reply,
+        // Answer at the deadline itself, not at the sweeper's next round.
+        Err(_) if routes.forget(conn, id) => {
+            routes.expired.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::from_reply(deadline_passed(id, timeout)));
+        }
+        // The reply left the table just as the deadline passed: it is in the channel.
+        Err(_) => rx.await,
+    };
+    // The sender only goes unused if the table dropped the caller, which only `_leave` does.
+    let reply = reply.map_err(|_| {
+        Refusal::new(
+            Status::Internal,
+            "the call left the reply table without a reply",
+        )
+    })?;
+    if reply.header.status == Status::Ok.code() {
+        Ok(reply)
+    } else {
+        Err(Refusal::from_reply(reply.header))
+    }
+}
+
+/// Takes a caller inside the broker out of the table however its call ends; a call still
+/// waiting (its HTTP client went away) counts as abandoned, as a closed connection's do.
+struct Leave<'a> {
+    routes: &'a Routes,
+    conn: u64,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.routes.disconnect(self.conn);
+    }
+}
+
 /// Waits for the writes of one caller's calls in order; a call whose write failed is
 /// dropped from the table and its caller told at once.
 async fn watch_appends(
     routes: Weak<Routes>,
     conn: u64,
-    out: mpsc::Sender<Frame>,
     mut appends: mpsc::UnboundedReceiver<(u64, AppendWait)>,
 ) {
     while let Some((id, wait)) = appends.recv().await {
@@ -372,10 +521,14 @@ async fn watch_appends(
         let Some(routes) = routes.upgrade() else {
             return;
         };
-        if routes.forget(conn, id) {
+        if let Some(outlet) = routes.take_call(conn, id) {
             let e = BrokerError::Store(e);
-            let reply = Header::error(Command::Call, id, e.status(), e.to_string());
-            let _ = out.send(Frame::new(reply)).await;
+            outlet.send(Frame::new(Header::error(
+                Command::Call,
+                id,
+                e.status(),
+                e.to_string(),
+            )));
         }
     }
 }
@@ -396,7 +549,7 @@ fn route(routes: &Routes, frame: Frame) -> Result<Option<Frame>, Refusal> {
             format!("no caller awaits route {route:?}: {why}"),
         )
     };
-    let Some((out, id)) = routes.take(route) else {
+    let Some((outlet, id)) = routes.take(route) else {
         return Err(gone(
             "its deadline passed, it disconnected, or the call was stored before this broker \
              restarted",
@@ -409,15 +562,8 @@ fn route(routes: &Routes, frame: Frame) -> Result<Option<Frame>, Refusal> {
         encoding: header.encoding.clone(),
         ..Header::default()
     };
-    match out.try_send(Frame::with_body(reply, body)) {
-        Ok(()) => {}
-        // A caller reading slowly must not stall the responder's connection.
-        Err(mpsc::error::TrySendError::Full(reply)) => {
-            tokio::spawn(async move {
-                let _ = out.send(reply).await;
-            });
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => return Err(gone("it disconnected")),
+    if !outlet.send(Frame::with_body(reply, body)) {
+        return Err(gone("it disconnected"));
     }
     routes.routed.fetch_add(1, Ordering::Relaxed);
     if header.has_flag(FLAG_ONEWAY) {
@@ -441,11 +587,16 @@ mod tests {
         mpsc::channel(16)
     }
 
+    /// Replies to the connection whose outgoing frames go to `out`.
+    fn to(out: &mpsc::Sender<Frame>) -> impl FnOnce() -> ReplyTo + '_ {
+        move || ReplyTo::Connection(out.clone())
+    }
+
     #[test]
     fn a_route_names_one_call_of_one_broker_once() {
         let routes = Routes::new();
         let (out, _rx) = channel();
-        let route = routes.register(7, &out, 42, DEFAULT_TIMEOUT).unwrap();
+        let route = routes.register(7, to(&out), 42, DEFAULT_TIMEOUT).unwrap();
         assert_eq!(routes.stats().pending, 1);
         let other = Routes::new();
         assert!(other.take(&route).is_none(), "another broker instance");
@@ -463,9 +614,9 @@ mod tests {
         let routes = Routes::new();
         let (out, _rx) = channel();
         for id in 0..3 {
-            routes.register(1, &out, id, DEFAULT_TIMEOUT).unwrap();
+            routes.register(1, to(&out), id, DEFAULT_TIMEOUT).unwrap();
         }
-        let kept = routes.register(2, &out, 0, DEFAULT_TIMEOUT).unwrap();
+        let kept = routes.register(2, to(&out), 0, DEFAULT_TIMEOUT).unwrap();
         routes.disconnect(1);
         let stats = routes.stats();
         assert_eq!((stats.pending, stats.abandoned), (1, 3));
@@ -477,10 +628,10 @@ mod tests {
         let routes = Routes::new();
         let (out, mut rx) = channel();
         routes
-            .register(1, &out, 5, Duration::from_millis(10))
+            .register(1, to(&out), 5, Duration::from_millis(10))
             .unwrap();
         routes
-            .register(1, &out, 6, Duration::from_secs(60))
+            .register(1, to(&out), 6, Duration::from_secs(60))
             .unwrap();
         routes.expire(Instant::now() + Duration::from_secs(1));
         let stats = routes.stats();
@@ -494,23 +645,54 @@ mod tests {
     }
 
     #[test]
+    fn a_one_call_caller_gets_its_reply_or_its_timeout_once() {
+        let routes = Routes::new();
+        let (tx, mut rx) = oneshot::channel();
+        let route = routes
+            .register(1, move || ReplyTo::Once(Some(tx)), 0, DEFAULT_TIMEOUT)
+            .unwrap();
+        let (outlet, id) = routes.take(&route).unwrap();
+        assert!(outlet.send(Frame::new(Header::reply_to(&Header::default()))));
+        assert_eq!((id, rx.try_recv().unwrap().header.status), (0, 200));
+
+        let (tx, mut rx) = oneshot::channel();
+        routes
+            .register(2, move || ReplyTo::Once(Some(tx)), 0, Duration::ZERO)
+            .unwrap();
+        routes.expire(Instant::now() + Duration::from_secs(1));
+        assert_eq!(rx.try_recv().unwrap().header.status, STATUS_TIMEOUT);
+        let stats = routes.stats();
+        assert_eq!((stats.pending, stats.routed, stats.expired), (0, 0, 1));
+    }
+
+    #[test]
+    fn routes_fit_their_length_bound() {
+        let routes = Routes::new();
+        let (out, _rx) = channel();
+        let route = routes
+            .register(u64::MAX, to(&out), u64::MAX, DEFAULT_TIMEOUT)
+            .unwrap();
+        assert_eq!(route.len(), MAX_ROUTE_LEN);
+    }
+
+    #[test]
     fn the_table_is_bounded_and_ids_are_unique() {
         let routes = Routes::new();
         let (out, _rx) = channel();
-        routes.register(1, &out, 1, DEFAULT_TIMEOUT).unwrap();
+        routes.register(1, to(&out), 1, DEFAULT_TIMEOUT).unwrap();
         assert_eq!(
             routes
-                .register(1, &out, 1, DEFAULT_TIMEOUT)
+                .register(1, to(&out), 1, DEFAULT_TIMEOUT)
                 .unwrap_err()
                 .status(),
             Status::BadRequest
         );
         for id in 2..=MAX_PENDING_PER_CONNECTION as u64 {
-            routes.register(1, &out, id, DEFAULT_TIMEOUT).unwrap();
+            routes.register(1, to(&out), id, DEFAULT_TIMEOUT).unwrap();
         }
         assert_eq!(
             routes
-                .register(1, &out, 0, DEFAULT_TIMEOUT)
+                .register(1, to(&out), 0, DEFAULT_TIMEOUT)
                 .unwrap_err()
                 .status(),
             Status::Overloaded

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_client::link::{tcp_link, Link};
+use qbus_client::serve::{accept, Connections};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -19,6 +19,9 @@ use crate::rates;
 use crate::registry::Registry;
 use crate::session;
 use crate::store::StoreError;
+
+/// How long connections may take to close at shutdown before they are stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +47,7 @@ pub struct Core {
     registry: Arc<Registry>,
     commit_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     shutdown: CancellationToken,
-    sessions: tokio::sync::Mutex<JoinSet<()>>,
+    sessions: tokio::sync::Mutex<Connections>,
 }
 
 impl Core {
@@ -66,7 +69,7 @@ impl Core {
             registry,
             commit_thread: std::sync::Mutex::new(Some(commit_thread)),
             shutdown,
-            sessions: tokio::sync::Mutex::new(JoinSet::new()),
+            sessions: tokio::sync::Mutex::new(Connections::default()),
         })
     }
 
@@ -106,23 +109,14 @@ impl Core {
 
     /// Runs a connection's task in the set that shutdown waits for.
     async fn spawn(&self, connection: impl Future<Output = ()> + Send + 'static) {
-        let mut sessions = self.sessions.lock().await;
-        while sessions.try_join_next().is_some() {}
-        sessions.spawn(connection);
+        self.sessions.lock().await.spawn(connection);
     }
 
     /// Closes every session, writes and fsyncs what is queued, and stops the commit thread.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        let mut sessions = std::mem::take(&mut *self.sessions.lock().await);
-        if tokio::time::timeout(Duration::from_secs(5), async {
-            while sessions.join_next().await.is_some() {}
-        })
-        .await
-        .is_err()
-        {
-            sessions.abort_all();
-        }
+        let sessions = std::mem::take(&mut *self.sessions.lock().await);
+        sessions.close(SHUTDOWN_GRACE).await;
         self.registry.committer().stop().await;
         let thread = self
             .commit_thread
@@ -179,18 +173,8 @@ pub async fn run(
         // this broker at once.
         tokio::spawn(reporting.run(core.registry().clone(), addr, shutdown.child_token()));
     }
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => core.accept(stream, peer).await,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        }
+    while let Some((stream, peer)) = accept(&listener, &shutdown).await {
+        core.accept(stream, peer).await;
     }
     drop(listener);
     core.shutdown().await;

@@ -1,7 +1,8 @@
 //! qbus client: the wire protocol and the SDK.
 //!
 //! - [`protocol`]: frames, header, record format and status codes (no I/O).
-//! - [`link`]: moving frames over TCP or inside one process.
+//! - [`link`]: moving frames over TCP or inside one process; [`serve`]: its serving side
+//!   (accept loop, frame read loop with idle limit), shared by the qbus servers.
 //! - [`connection`]: one multiplexed, self-reconnecting connection.
 //! - [`Broker`]: the handle users hold; admin calls and the factory for
 //!   [`Producer`]s and [`Consumer`]s.
@@ -34,6 +35,7 @@ pub mod link;
 mod message;
 mod producer;
 pub mod protocol;
+pub mod serve;
 pub mod topology;
 
 pub use broker::Broker;

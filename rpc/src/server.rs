@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_client::protocol::DEFAULT_MAX_FRAME;
+use qbus_client::serve::{accept, Connections};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::processor::RpcProcessor;
@@ -228,36 +229,19 @@ async fn accept_loop(
     options: Arc<RpcServerOptions>,
     shutdown: CancellationToken,
 ) {
-    let mut sessions = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    sessions.spawn(server_session::serve(
-                        stream,
-                        peer.to_string(),
-                        processor.clone(),
-                        options.clone(),
-                        shutdown.child_token(),
-                    ));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        }
-        while sessions.try_join_next().is_some() {}
+    let mut sessions = Connections::default();
+    while let Some((stream, peer)) = accept(&listener, &shutdown).await {
+        sessions.spawn(server_session::serve(
+            stream,
+            peer.to_string(),
+            processor.clone(),
+            options.clone(),
+            shutdown.child_token(),
+        ));
     }
     drop(listener);
     // Each session drains its calls within the grace period; this bound is a backstop.
-    let all_closed = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
-        while sessions.join_next().await.is_some() {}
-    })
-    .await;
-    if all_closed.is_err() {
-        sessions.abort_all();
-    }
+    sessions
+        .close(SHUTDOWN_GRACE + Duration::from_secs(1))
+        .await;
 }

@@ -6,11 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use qbus_client::link::{tcp_link, Link};
-use qbus_client::protocol::{
-    Command, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION,
-};
+use qbus_client::protocol::{Command, Frame, Header, ServerInfo, Status, PROTOCOL_VERSION};
+use qbus_client::serve::next_frame;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -55,29 +53,7 @@ async fn run(
     } = tcp_link(stream, options.max_frame);
     let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
     let mut calls = JoinSet::new();
-    loop {
-        let item = tokio::select! {
-            item = tokio::time::timeout(IDLE_TIMEOUT, inbound.next()) => item,
-            _ = shutdown.cancelled() => break,
-        };
-        let frame = match item {
-            Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(e))) => {
-                tracing::warn!(error = %e, "closing connection after bad input");
-                let status = match e {
-                    WireError::FrameTooLarge { .. } => Status::TooLarge,
-                    _ => Status::BadRequest,
-                };
-                let bad = Header::error(Command::Hello, 0, status, e.to_string());
-                let _ = tx.send(Frame::new(bad)).await;
-                break;
-            }
-            Ok(None) => break,
-            Err(_) => {
-                tracing::info!(idle = ?IDLE_TIMEOUT, "closing idle connection");
-                break;
-            }
-        };
+    while let Some(frame) = next_frame(&mut inbound, &tx, IDLE_TIMEOUT, &shutdown).await {
         let request = &frame.header;
         if request.is_reply() {
             continue;

@@ -6,7 +6,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use qbus_server_kit::config::{listen_addr, read_toml};
 use serde::Deserialize;
+
+pub use qbus_server_kit::units::parse_duration;
+pub use qbus_server_kit::ConfigError;
 
 /// Settings as given by one source; unset fields fall through to the next source.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -41,24 +45,12 @@ impl Settings {
 
     /// Reads a TOML file of settings.
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            key: "config".into(),
-            message: format!("cannot read {}: {e}", path.display()),
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError {
-            key: "config".into(),
-            message: format!("{}: {}", path.display(), e.message()),
-        })
+        read_toml(path)
     }
 
     /// Validates and applies defaults.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let bind = self.bind.unwrap_or_else(|| "0.0.0.0".into());
-        let port = self.port.unwrap_or(DEFAULT_PORT);
-        let listen: SocketAddr = format!("{bind}:{port}").parse().map_err(|_| ConfigError {
-            key: "bind".into(),
-            message: format!("{bind:?} is not an IP address"),
-        })?;
+        let listen = listen_addr(self.bind, self.port.unwrap_or(DEFAULT_PORT))?;
         let lease_reports = self.lease_reports.unwrap_or(3);
         if lease_reports == 0 {
             return Err(ConfigError {
@@ -67,10 +59,7 @@ impl Settings {
             });
         }
         let warmup = match self.warmup {
-            Some(text) => parse_duration(&text).map_err(|message| ConfigError {
-                key: "warmup".into(),
-                message,
-            })?,
+            Some(text) => parse_duration(&text).map_err(ConfigError::at("warmup"))?,
             None => Duration::from_secs(3),
         };
         Ok(Config {
@@ -83,16 +72,6 @@ impl Settings {
 
 /// The tracker's default port.
 pub const DEFAULT_PORT: u16 = 16666;
-
-/// A setting that cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid setting {key}: {message}")]
-pub struct ConfigError {
-    /// The key, as in the config file.
-    pub key: String,
-    /// What is wrong.
-    pub message: String,
-}
 
 /// Resolved tracker configuration.
 ///
@@ -122,23 +101,6 @@ impl Config {
             warmup: Duration::ZERO,
         }
     }
-}
-
-/// Parses `500ms`, `30s`, `10m`, `2h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m or 2h"))?;
-    let ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(format!("{s:?} has no unit: use ms, s, m or h")),
-    };
-    Ok(Duration::from_millis(n.saturating_mul(ms)))
 }
 
 #[cfg(test)]

@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
-use hyper::server::conn::http1;
+use hyper::header::{HeaderValue, ALLOW};
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use qbus_server_kit::http::{bytes, json_pretty, serve_connection, text, Reply};
+use qbus_server_kit::sniff;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -59,22 +59,7 @@ impl Resource {
 
 /// True when the connection speaks HTTP, judged by its first byte (not consumed).
 pub async fn sniff(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(TIMEOUT, stream.peek(&mut first))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("nothing sent within {TIMEOUT:?}"),
-            )
-        })??;
-    if peeked == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "closed before sending anything",
-        ));
-    }
-    Ok(first[0].is_ascii_uppercase())
+    sniff::is_http(stream, TIMEOUT).await
 }
 
 /// Serves HTTP on `stream` until the peer closes it, it idles out, or `shutdown` fires.
@@ -89,24 +74,10 @@ pub async fn serve(table: Arc<Table>, stream: TcpStream, shutdown: CancellationT
         let (table, local) = (table.clone(), local.clone());
         async move { Ok::<_, Infallible>(route(&table, &local, &request)) }
     });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    let ended = tokio::select! {
-        ended = connection.as_mut() => ended,
-        _ = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, "http connection ended");
-    }
+    serve_connection(TokioIo::new(stream), service, TIMEOUT, &shutdown).await;
 }
 
-fn route(table: &Table, local: &str, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(table: &Table, local: &str, request: &Request<Incoming>) -> Reply {
     table.metrics().http_request();
     let Some(resource) = Resource::of(request.uri().path()) else {
         return text(
@@ -123,49 +94,19 @@ fn route(table: &Table, local: &str, request: &Request<Incoming>) -> Response<Fu
     }
     let stats = || Stats::collect(table, local.to_owned(), Instant::now());
     match resource {
-        Resource::Monitor => reply(
+        Resource::Monitor => bytes(
             StatusCode::OK,
             "text/html; charset=utf-8",
             Bytes::from_static(PAGE.as_bytes()),
         ),
-        Resource::Stats => json(&stats()),
-        Resource::Metrics => reply(
+        Resource::Stats => json_pretty(StatusCode::OK, &stats()),
+        Resource::Metrics => bytes(
             StatusCode::OK,
             prometheus::CONTENT_TYPE,
             prometheus::render(&stats()).into(),
         ),
-        Resource::Topology => json(&table.snapshot()),
+        Resource::Topology => json_pretty(StatusCode::OK, &table.snapshot()),
     }
-}
-
-/// A JSON response, indented for people reading it with `curl`.
-fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
-    match serde_json::to_vec_pretty(value) {
-        Ok(body) => reply(StatusCode::OK, "application/json", body.into()),
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("cannot encode the reply: {e}\n"),
-        ),
-    }
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    reply(
-        status,
-        "text/plain; charset=utf-8",
-        Bytes::from(body.to_owned()),
-    )
-}
-
-/// A response with a body of the given type. Every reply describes live state, so none
-/// may be cached.
-fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }
 
 #[cfg(test)]

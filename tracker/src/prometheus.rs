@@ -2,14 +2,13 @@
 //! 0.0.4): for each family a `# HELP` and a `# TYPE` line, then its samples.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 
 use qbus_client::topology::NodeKind;
+use qbus_server_kit::prometheus::Exposition;
 
 use crate::stats::{NodeStats, Stats};
 
-/// Content type of the text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use qbus_server_kit::prometheus::CONTENT_TYPE;
 
 /// Renders `stats`.
 pub fn render(stats: &Stats) -> String {
@@ -108,48 +107,12 @@ pub fn render(stats: &Stats) -> String {
         out.family(name, "counter", help);
         out.sample(name, &[], value);
     }
-    out.text
+    out.finish()
 }
 
 /// The node's kind as it is on the wire (`broker`, `rpc`, or as sent).
 fn kind_of(node: &NodeStats) -> String {
     node.state.kind.clone().into()
-}
-
-/// The text being built. Writing to a `String` cannot fail, so `write!` results are dropped.
-#[derive(Default)]
-struct Exposition {
-    text: String,
-}
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (label, value)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{label}=\"{}\"", escape(value));
-            }
-            self.text.push('}');
-        }
-        let _ = writeln!(self.text, " {value}");
-    }
-}
-
-/// Escapes a label value: backslash, double quote and newline.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', r"\\")
-        .replace('"', r#"\""#)
-        .replace('\n', r"\n")
 }
 
 #[cfg(test)]

@@ -2,14 +2,13 @@
 //! accept loop that sends each connection to the binary protocol or to HTTP by its first
 //! byte.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qbus_client::link::tcp_link;
 use qbus_client::protocol::DEFAULT_MAX_FRAME;
+use qbus_client::serve::{accept, Connections};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -19,6 +18,8 @@ use crate::table::Table;
 
 /// How often leases are checked; a node is dropped at most this late.
 const SWEEP_EVERY: Duration = Duration::from_millis(50);
+/// How long connections may take to close at shutdown before they are stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a tracker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,34 +69,21 @@ pub async fn run(
         tokio::spawn(warm_up(table.clone(), config.warmup, background.clone()));
     }
     tracing::info!(addr = ?listener.local_addr().ok(), warmup = ?config.warmup, "tracker listening");
-    let next_conn = AtomicU64::new(1);
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    while connections.try_join_next().is_some() {}
-                    let conn = next_conn.fetch_add(1, Ordering::Relaxed);
-                    connections.spawn(serve(table.clone(), stream, conn, peer.to_string(), shutdown.child_token()));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        }
+    let mut next_conn: u64 = 1;
+    let mut connections = Connections::default();
+    while let Some((stream, peer)) = accept(&listener, &shutdown).await {
+        let conn = next_conn;
+        next_conn += 1;
+        connections.spawn(serve(
+            table.clone(),
+            stream,
+            conn,
+            peer.to_string(),
+            shutdown.child_token(),
+        ));
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(5), async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        connections.abort_all();
-    }
+    connections.close(SHUTDOWN_GRACE).await;
     tracing::info!("tracker stopped");
     Ok(())
 }

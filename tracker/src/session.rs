@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use qbus_client::link::Link;
 use qbus_client::protocol::{
-    Command, Frame, Header, ServerInfo, Status, WireError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    Command, Frame, Header, ServerInfo, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
+use qbus_client::serve::next_frame;
 use qbus_client::topology::{BrokerState, TopologyUpdate};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -40,35 +40,7 @@ async fn run(table: Arc<Table>, link: Link, conn: u64, shutdown: CancellationTok
         rx: mut inbound,
     } = link;
     let mut forwarder: Option<JoinHandle<()>> = None;
-    loop {
-        let item = tokio::select! {
-            item = tokio::time::timeout(IDLE_TIMEOUT, inbound.next()) => item,
-            _ = shutdown.cancelled() => break,
-        };
-        let frame = match item {
-            Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(e))) => {
-                tracing::warn!(error = %e, "closing connection after bad input");
-                let status = match e {
-                    WireError::FrameTooLarge { .. } => Status::TooLarge,
-                    _ => Status::BadRequest,
-                };
-                let _ = out
-                    .send(Frame::new(Header::error(
-                        Command::Hello,
-                        0,
-                        status,
-                        e.to_string(),
-                    )))
-                    .await;
-                break;
-            }
-            Ok(None) => break,
-            Err(_) => {
-                tracing::info!(idle = ?IDLE_TIMEOUT, "closing idle connection");
-                break;
-            }
-        };
+    while let Some(frame) = next_frame(&mut inbound, &out, IDLE_TIMEOUT, &shutdown).await {
         if frame.header.is_reply() {
             continue;
         }

@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use hyper::Method;
 use qbus_client::protocol::{Command, Frame, Header};
 use qbus_client::topology::{BrokerState, NodeKind};
 use qbus_client::{Connection, ConnectionOptions, MqOptions};
+use qbus_testkit::{chromium, prometheus};
 use serde_json::Value;
 use support::{http, wait_for_async, Broker, Tracker, REPORT_INTERVAL};
 
@@ -132,79 +133,10 @@ async fn stats_json_lists_the_brokers_with_report_age_and_the_services() {
     assert_eq!(missing.status, 404, "{}", missing.body);
 }
 
-/// Parses the Prometheus text format strictly: every line is a `# HELP`, a `# TYPE` or a
-/// sample of a family declared before it, names and labels are well formed, counters end in
-/// `_total`, values are numbers, no series repeats. Returns each series (`name{labels}`)
-/// with its value.
+/// The tracker's `/metrics` parsed strictly (see [`prometheus::parse`]): it has counters and
+/// gauges only. Returns each series (`name{labels}`) with its value.
 fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
-    fn valid_name(name: &str) -> bool {
-        let mut chars = name.chars();
-        chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-    }
-    assert!(
-        text.ends_with('\n'),
-        "the exposition must end with a newline"
-    );
-    let mut types: BTreeMap<String, String> = BTreeMap::new();
-    let mut helped = BTreeSet::new();
-    let mut series = BTreeMap::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').expect("HELP has a text");
-            assert!(valid_name(name) && !help.is_empty(), "{line}");
-            assert!(helped.insert(name.to_owned()), "second HELP: {line}");
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE has a kind");
-            assert!(valid_name(name), "{line}");
-            assert!(["counter", "gauge"].contains(&kind), "{line}");
-            if kind == "counter" {
-                assert!(name.ends_with("_total"), "counter without _total: {line}");
-            }
-            assert!(
-                types.insert(name.to_owned(), kind.to_owned()).is_none(),
-                "{line}"
-            );
-            continue;
-        }
-        assert!(
-            !line.starts_with('#') && !line.is_empty(),
-            "stray line {line:?}"
-        );
-        let (key, value) = line.rsplit_once(' ').expect("sample has a value");
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        assert!(value.is_finite(), "{line}");
-        let name = key.split('{').next().unwrap_or_default();
-        assert!(valid_name(name), "{line}");
-        let labels = &key[name.len()..];
-        if !labels.is_empty() {
-            let inner = labels
-                .strip_prefix('{')
-                .and_then(|l| l.strip_suffix("\"}"))
-                .unwrap_or_else(|| panic!("bad labels in {line:?}"));
-            for pair in inner.split("\",") {
-                let (label, quoted) = pair.split_once("=\"").expect("label=\"value\"");
-                assert!(valid_name(label), "{line}");
-                assert!(!quoted.replace("\\\"", "").contains('"'), "{line}");
-            }
-        }
-        assert!(types.contains_key(name), "sample before its TYPE: {line}");
-        assert!(helped.contains(name), "sample without HELP: {line}");
-        if types[name] == "counter" {
-            assert!(value >= 0.0, "negative counter: {line}");
-        }
-        assert!(
-            series.insert(key.to_owned(), value).is_none(),
-            "repeated {key}"
-        );
-    }
-    series
+    prometheus::parse(text, &["counter", "gauge"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,59 +219,10 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
     }
 }
 
-/// The headless Chromium to drive: `$CHROMIUM`, or `chromium` on the `PATH`.
-fn chromium() -> PathBuf {
-    if let Some(path) = std::env::var_os("CHROMIUM") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("chromium"))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "headless Chromium is needed for the tracker page test and is not installed: \
-                 run `apt-get install -y chromium` (scripts/test.sh installs it when missing) \
-                 or set CHROMIUM to its path"
-            )
-        })
-}
-
-/// Runs headless Chromium on `url` with `action` (`--dump-dom` or `--screenshot=...`),
-/// letting the page run for three seconds of virtual time; returns its standard output.
+/// Runs headless Chromium on `url` with `action` (`--dump-dom` or `--screenshot=...`);
+/// returns its standard output.
 async fn run_chromium(url: &str, action: &str) -> String {
-    let profile = tempfile::tempdir().expect("profile dir");
-    let mut profile_arg = std::ffi::OsString::from("--user-data-dir=");
-    profile_arg.push(profile.path());
-    let run = tokio::process::Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=3000",
-            "--window-size=1280,1000",
-        ])
-        .arg(profile_arg)
-        .arg(action)
-        .arg(url)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(15), run)
-        .await
-        .expect("chromium finished within 15 s")
-        .expect("chromium runs");
-    assert!(
-        output.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    chromium::run_chromium(url, action, (1280, 1000)).await
 }
 
 /// The part of a dumped DOM from the start of `marker` to the next `end`.

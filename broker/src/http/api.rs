@@ -30,6 +30,15 @@ use crate::registry::FetchRequest;
 const FRAME_HEADER_ROOM: usize = 512;
 /// Largest JSON body of a create (MQ options are three small fields).
 const MAX_OPTIONS_BODY: usize = 64 * 1024;
+/// What [`body_limit`] is, as errors name it.
+pub(crate) const BODY_LIMIT: &str = "max-frame less the record and frame headers";
+
+/// Largest body of a message whose tag and key take `tag_and_key` bytes: `max-frame` less
+/// the record header and room for the frame header, so the message can also be fetched
+/// over the binary protocol.
+pub(crate) fn body_limit(max_frame: usize, tag_and_key: usize) -> usize {
+    max_frame.saturating_sub(FRAME_HEADER_ROOM + RECORD_OVERHEAD + tag_and_key)
+}
 
 /// A messaging operation, named by the `cmd` field or implied by the URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,18 +177,17 @@ async fn produce(
     let key = fields.get("key")?.filter(|k| !k.is_empty());
     // Before reading the body: an unknown MQ should not cost an upload.
     let mq = ctx.registry.get(mq_name)?;
-    let max_frame = ctx.registry.config().max_frame;
-    let envelope = FRAME_HEADER_ROOM + RECORD_OVERHEAD + tag.map_or(0, str::len);
-    let limit = max_frame.saturating_sub(envelope + key.map_or(0, str::len));
+    let (tag_len, key_len) = (tag.map_or(0, str::len), key.map_or(0, str::len));
+    let limit = body_limit(ctx.registry.config().max_frame, tag_len + key_len);
     let payload = body::read(
         parts,
         body,
         limit,
-        "max-frame less the record and frame headers",
+        BODY_LIMIT,
         ctx.registry.config().http_timeout,
     )
     .await?;
-    let mut record = BytesMut::with_capacity(envelope + payload.len());
+    let mut record = BytesMut::with_capacity(RECORD_OVERHEAD + tag_len + key_len + payload.len());
     encode_record(&mut record, 0, 0, tag, key, &payload)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let wait = mq.submit(ctx.registry.committer(), record, 1).await?;

@@ -5,6 +5,7 @@
 //!   [`body`]: request bodies with a size limit and a deadline.
 //! - [`stats`], [`prometheus`], [`monitor`]: `GET /api/stats`, `GET /metrics` and the
 //!   monitor page at `GET /`.
+//! - [`rpc_gateway`]: `POST /rpc/{mq}`, an MQ-RPC call with a JSON envelope.
 //! - [`reply`]: responses and JSON errors; [`io`]: the deadline on stalled writes.
 //!
 //! Every request runs the same registry functions as the binary protocol; this module only
@@ -17,6 +18,7 @@ pub mod io;
 pub mod monitor;
 pub mod prometheus;
 pub mod reply;
+pub mod rpc_gateway;
 pub mod sniff;
 pub mod stats;
 
@@ -173,6 +175,7 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
             allow(allowed)?;
             api::run(ctx, op, Some(mq), parts, body).await
         }
+        ["rpc", mq] => Ok(rpc_gateway::call(ctx, mq, parts, body).await),
         _ => Err(no_route(parts)),
     }
 }

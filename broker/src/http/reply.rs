@@ -54,6 +54,16 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What went wrong and what to change.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// The response for this error.
     pub fn into_reply(self) -> Reply {
         json(

@@ -6,12 +6,14 @@
 //! - [`status`]: stable numeric status codes.
 //! - [`admin`]: bodies of the administrative commands.
 //! - [`route`]: the MQ-RPC reply table as `QueryRoutes` describes it.
+//! - [`rpc`]: the RPC request and response envelopes carried by `Call` and `Route`.
 
 pub mod admin;
 pub mod frame;
 pub mod header;
 pub mod record;
 pub mod route;
+pub mod rpc;
 pub mod status;
 
 pub use admin::{GroupInfo, MqInfo, MqOptions, ServerInfo};

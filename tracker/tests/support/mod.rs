@@ -2,60 +2,23 @@
 //! temp stores, killed by PID; helpers to query trackers (binary protocol and HTTP) and to
 //! wait for events with a bounded timeout instead of sleeping.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use qbus_client::ha::query_tracker;
 use qbus_client::topology::TopologyUpdate;
+use qbus_testkit::process::{broker_command, built_binary, tracker_command, ServerProcess};
+
+pub use qbus_testkit::{free_port, wait_for, wait_for_async};
 
 /// Report interval of the brokers in these tests: short, so leases and warm-ups are short.
 pub const REPORT_INTERVAL: Duration = Duration::from_millis(200);
 /// Warm-up of the trackers in these tests: longer than one report interval.
 pub const WARMUP: Duration = Duration::from_millis(500);
-
-/// Polls `check` every 10 ms until it returns `Some`, failing the test after `limit`.
-pub async fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Polls the future `check` makes every 10 ms until it yields `Some`, failing the test after
-/// `limit`.
-pub async fn wait_for_async<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// A whole HTTP response.
 pub struct HttpReply {
@@ -74,142 +37,26 @@ impl HttpReply {
 /// One request without a body on a fresh connection, the way `curl` does it; the whole
 /// exchange is bounded by 5 s.
 pub async fn http(port: u16, method: Method, path: &str) -> HttpReply {
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("HTTP handshake");
-        tokio::spawn(connection);
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", format!("127.0.0.1:{port}"))
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        let response = sender.send_request(request).await.expect("a response");
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
+    let addr = format!("127.0.0.1:{port}");
+    let exchange = qbus_testkit::http::once(&addr, method, path, &[], "");
+    let reply = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no reply to {path} within 5 s"));
+    HttpReply {
+        status: reply.status.as_u16(),
+        content_type: reply
+            .headers
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
-            .to_owned();
-        let body = response.into_body().collect().await.expect("the body");
-        HttpReply {
-            status,
-            content_type,
-            body: String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("no reply to {path} within 5 s"))
-}
-
-/// A free port on 127.0.0.1 (the OS picks it; the listener is dropped right away).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
-
-/// The `qbus-broker` binary, built once per test run: it belongs to another package, so
-/// cargo does not build it for this one's tests.
-fn broker_binary() -> &'static PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let tracker = PathBuf::from(env!("CARGO_BIN_EXE_qbus-tracker"));
-        let dir = tracker.parent().expect("binary directory");
-        let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-        let mut build = Command::new(env!("CARGO"));
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "qbus-broker",
-            "--bin",
-            "qbus-broker",
-            "--manifest-path",
-            manifest,
-        ]);
-        if profile == "release" {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build for qbus-broker");
-        assert!(status.success(), "building qbus-broker failed");
-        dir.join("qbus-broker")
-    })
-}
-
-/// A child process that is killed when dropped.
-struct Proc {
-    child: Option<Child>,
-    name: &'static str,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, mut command: Command, port: u16) -> Proc {
-        command.env("RUST_LOG", "warn").stdin(Stdio::null());
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let mut proc = Proc {
-            child: Some(child),
-            name,
-        };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(Ok(Some(status))) = proc.child.as_mut().map(|c| c.try_wait()) {
-                panic!("{name} exited at start-up: {status}");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "{name} did not listen on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        proc
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("not running")
-    }
-
-    /// SIGKILL, and reaps the process.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(
-            status.success(),
-            "kill {signal} {} ({})",
-            self.pid(),
-            self.name
-        );
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
+            .to_owned(),
+        body: reply.text(),
     }
 }
 
 /// A `qbus-tracker` process.
 pub struct Tracker {
-    proc: Proc,
+    proc: ServerProcess,
     pub port: u16,
     warmup: Duration,
 }
@@ -229,11 +76,9 @@ impl Tracker {
         }
     }
 
-    fn spawn(port: u16, warmup: Duration) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qbus-tracker"));
-        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--warmup", &format!("{}ms", warmup.as_millis())]);
-        Proc::spawn("qbus-tracker", cmd, port)
+    fn spawn(port: u16, warmup: Duration) -> ServerProcess {
+        let binary = PathBuf::from(env!("CARGO_BIN_EXE_qbus-tracker"));
+        ServerProcess::start("qbus-tracker", tracker_command(&binary, port, warmup), port)
     }
 
     pub fn addr(&self) -> String {
@@ -270,7 +115,7 @@ impl Tracker {
 
 /// A `qbus-broker` process reporting to trackers.
 pub struct Broker {
-    proc: Proc,
+    proc: ServerProcess,
     pub port: u16,
     store: PathBuf,
     trackers: Vec<String>,
@@ -300,14 +145,18 @@ impl Broker {
         }
     }
 
-    fn spawn(port: u16, store: &std::path::Path, trackers: &[String], interval: Duration) -> Proc {
-        let mut cmd = Command::new(broker_binary());
-        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--store")
-            .arg(store)
-            .args(["--tracker", &trackers.join(",")])
+    fn spawn(
+        port: u16,
+        store: &std::path::Path,
+        trackers: &[String],
+        interval: Duration,
+    ) -> ServerProcess {
+        // qbus-broker belongs to another package, so cargo does not build it for these tests.
+        let binary = built_binary("qbus-broker", "qbus-broker");
+        let mut cmd: Command = broker_command(&binary, port, store);
+        cmd.args(["--tracker", &trackers.join(",")])
             .args(["--report-interval", &format!("{}ms", interval.as_millis())]);
-        Proc::spawn("qbus-broker", cmd, port)
+        ServerProcess::start("qbus-broker", cmd, port)
     }
 
     pub fn addr(&self) -> String {

@@ -1,0 +1,177 @@
+//! The serving side of links, shared by every qbus server (`qbus-broker`, `qbus-tracker` and
+//! the RPC server of `qbus-rpc`): accepting TCP connections until shutdown, reading one
+//! connection's frames with an idle limit and a clear error reply to bad input, and the set
+//! of connection tasks that shutdown waits for.
+//!
+//! ```no_run
+//! # async fn demo(listener: tokio::net::TcpListener) {
+//! use std::time::Duration;
+//! use qbus_client::link::tcp_link;
+//! use qbus_client::protocol::DEFAULT_MAX_FRAME;
+//! use qbus_client::serve::{accept, next_frame, Connections};
+//!
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let mut connections = Connections::default();
+//! while let Some((stream, _peer)) = accept(&listener, &shutdown).await {
+//!     let shutdown = shutdown.child_token();
+//!     connections.spawn(async move {
+//!         let mut link = tcp_link(stream, DEFAULT_MAX_FRAME);
+//!         let idle = Duration::from_secs(30);
+//!         while let Some(frame) = next_frame(&mut link.rx, &link.tx, idle, &shutdown).await {
+//!             // ... answer `frame` on `link.tx`
+//!             # drop(frame);
+//!         }
+//!     });
+//! }
+//! connections.close(Duration::from_secs(5)).await;
+//! # }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::link::FrameStream;
+use crate::protocol::{Command, Frame, Header, Status, WireError};
+
+/// How long [`accept`] waits after a failed accept before it tries again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The next connection on `listener`, or `None` once `shutdown` fires. A failed accept (out
+/// of file descriptors and the like) is logged and retried after a pause instead of
+/// spinning.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => return Some(connection),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            _ = shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// The next frame a peer sends on `inbound`, or `None` when the connection should close:
+/// the peer closed it, it stayed silent for `idle`, `shutdown` fired, or it sent bad input.
+/// Bad input is answered on `out` first with an error frame saying what was wrong
+/// (`TooLarge` for an oversized frame, else `BadRequest`), so the peer is never left
+/// guessing why it was disconnected.
+pub async fn next_frame(
+    inbound: &mut FrameStream,
+    out: &mpsc::Sender<Frame>,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) -> Option<Frame> {
+    let item = tokio::select! {
+        item = tokio::time::timeout(idle, inbound.next()) => item,
+        _ = shutdown.cancelled() => return None,
+    };
+    match item {
+        Ok(Some(Ok(frame))) => Some(frame),
+        Ok(Some(Err(e))) => {
+            tracing::warn!(error = %e, "closing connection after bad input");
+            let status = match e {
+                WireError::FrameTooLarge { .. } => Status::TooLarge,
+                _ => Status::BadRequest,
+            };
+            let bad = Header::error(Command::Hello, 0, status, e.to_string());
+            let _ = out.send(Frame::new(bad)).await;
+            None
+        }
+        Ok(None) => None,
+        Err(_) => {
+            tracing::info!(?idle, "closing idle connection");
+            None
+        }
+    }
+}
+
+/// The tasks serving a server's connections, so shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct Connections {
+    tasks: JoinSet<()>,
+}
+
+impl Connections {
+    /// Runs `connection` in the set, first dropping the tasks already finished so the set
+    /// does not grow.
+    pub fn spawn(&mut self, connection: impl Future<Output = ()> + Send + 'static) {
+        while self.tasks.try_join_next().is_some() {}
+        self.tasks.spawn(connection);
+    }
+
+    /// Waits up to `grace` for every connection to finish, then stops the rest. True when
+    /// all finished in time.
+    pub async fn close(mut self, grace: Duration) -> bool {
+        let finished = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !finished {
+            self.tasks.abort_all();
+        }
+        finished
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::memory_link_pair;
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_then_idle_close() {
+        let (mut server, client) = memory_link_pair();
+        let shutdown = CancellationToken::new();
+        let idle = Duration::from_secs(30);
+        let ping = Frame::new(Header::request(Command::Heartbeat, None));
+        client.tx.send(ping).await.unwrap();
+        let got = next_frame(&mut server.rx, &server.tx, idle, &shutdown).await;
+        assert_eq!(got.map(|f| f.header.cmd), Some(Command::Heartbeat));
+        // Paused time: the idle limit passes at once with nothing sent.
+        assert!(next_frame(&mut server.rx, &server.tx, idle, &shutdown)
+            .await
+            .is_none());
+        shutdown.cancel();
+        assert!(next_frame(&mut server.rx, &server.tx, idle, &shutdown)
+            .await
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_answered_before_the_close() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut inbound: FrameStream =
+            futures_util::stream::iter([Err(WireError::FrameTooLarge { size: 9, max: 8 })]).boxed();
+        let shutdown = CancellationToken::new();
+        let idle = Duration::from_secs(1);
+        assert!(next_frame(&mut inbound, &tx, idle, &shutdown)
+            .await
+            .is_none());
+        let reply = rx.recv().await.unwrap();
+        assert_eq!(reply.header.status, Status::TooLarge.code());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_stops_what_outlives_the_grace() {
+        let mut connections = Connections::default();
+        connections.spawn(async {});
+        assert!(Connections::default().close(Duration::from_secs(1)).await);
+        connections.spawn(std::future::pending());
+        assert!(!connections.close(Duration::from_secs(1)).await);
+    }
+}

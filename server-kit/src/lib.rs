@@ -1,0 +1,23 @@
+//! What the qbus servers (`qbus-broker`, `qbus-tracker`) share, so each is written once:
+//!
+//! - [`launch`]: a server binary's `main`: logging, settings layered over a TOML file, the
+//!   runtime, and exit codes.
+//! - [`signals`]: SIGINT and SIGTERM as a shutdown token.
+//! - [`config`]: [`ConfigError`] naming the bad key, and reading a TOML settings file.
+//! - [`units`]: durations (`30s`) and sizes (`64MiB`) in settings.
+//! - [`sniff`]: HTTP or the binary protocol, decided by a connection's first byte.
+//! - [`http`]: serving one HTTP/1.1 connection until shutdown, and building replies.
+//! - [`prometheus`]: writing the Prometheus text exposition format.
+//!
+//! The wire-level parts servers share (the accept loop, the frame read loop) are in
+//! `qbus_client::serve`, since the RPC server uses them too.
+
+pub mod config;
+pub mod http;
+pub mod launch;
+pub mod prometheus;
+pub mod signals;
+pub mod sniff;
+pub mod units;
+
+pub use config::ConfigError;

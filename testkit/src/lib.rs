@@ -1,0 +1,66 @@
+//! The harness the qbus crates' tests share (a dev-dependency only):
+//!
+//! - [`free_port`], [`wait_for`], [`wait_for_async`]: ports that parallel tests never share,
+//!   and bounded waits instead of sleeps.
+//! - [`process`]: the workspace's server binaries (`qbus-broker`, `qbus-tracker`, `qbus`) as
+//!   child processes on free loopback ports, killed when dropped.
+//! - [`http`]: an HTTP/1.1 client connection, as `curl` would use it.
+//! - [`prometheus`]: a strict parser of the Prometheus text format.
+//! - [`chromium`]: headless Chromium to load a monitor page.
+
+#![allow(clippy::unwrap_used)] // a harness fails loudly by design
+
+pub mod chromium;
+pub mod http;
+pub mod process;
+pub mod prometheus;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+/// How often the waits poll.
+const POLL: Duration = Duration::from_millis(10);
+
+/// A free port on 127.0.0.1 (the OS picks it; the listener is dropped right away).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Polls `check` every 10 ms until it returns `Some`, failing the test after `limit`.
+pub async fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls the future `check` makes every 10 ms until it yields `Some`, failing the test after
+/// `limit`.
+pub async fn wait_for_async<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
