@@ -6,7 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use qbus_server_kit::config::{listen_addr, read_toml};
 use serde::Deserialize;
+
+pub use qbus_server_kit::units::{parse_duration, parse_size};
+pub use qbus_server_kit::ConfigError;
 
 /// When appended data is flushed to disk with fsync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,41 +53,6 @@ impl std::fmt::Display for FsyncPolicy {
             FsyncPolicy::Never => f.write_str("never"),
         }
     }
-}
-
-/// Parses `500ms`, `30s`, `10m`, `2h`, `7d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m, 2h or 7d"))?;
-    let ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("{s:?} has no unit: use ms, s, m, h or d")),
-    };
-    Ok(Duration::from_millis(n.saturating_mul(ms)))
-}
-
-/// Parses `4096`, `64KiB`, `64MiB`, `10GiB` (also KB/MB/GB as powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 4096, 64KiB, 64MiB or 10GiB"))?;
-    let scale: u64 = match unit {
-        "" | "B" => 1,
-        "KiB" | "KB" | "K" => 1 << 10,
-        "MiB" | "MB" | "M" => 1 << 20,
-        "GiB" | "GB" | "G" => 1 << 30,
-        _ => return Err(format!("{s:?} has an unknown unit: use KiB, MiB or GiB")),
-    };
-    Ok(n.saturating_mul(scale))
 }
 
 /// Settings as given by one source; unset fields fall through to the next source.
@@ -164,27 +133,13 @@ impl Settings {
 
     /// Reads a TOML file of settings.
     pub fn from_file(path: &std::path::Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            key: "config".into(),
-            message: format!("cannot read {}: {e}", path.display()),
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError {
-            key: "config".into(),
-            message: format!("{}: {}", path.display(), e.message()),
-        })
+        read_toml(path)
     }
 
     /// Validates and applies defaults.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let bad = |key: &str| {
-            let key = key.to_owned();
-            move |message: String| ConfigError { key, message }
-        };
-        let bind = self.bind.unwrap_or_else(|| "0.0.0.0".into());
-        let port = self.port.unwrap_or(15555);
-        let listen: SocketAddr = format!("{bind}:{port}")
-            .parse()
-            .map_err(|_| bad("bind")(format!("{bind:?} is not an IP address")))?;
+        let bad = ConfigError::at;
+        let listen = listen_addr(self.bind, self.port.unwrap_or(15555))?;
         let size = |key: &str, value: Option<String>| {
             value.map(|v| parse_size(&v).map_err(bad(key))).transpose()
         };
@@ -230,16 +185,6 @@ impl Settings {
             )?,
         })
     }
-}
-
-/// A setting that cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid setting {key}: {message}")]
-pub struct ConfigError {
-    /// The key, as in the config file.
-    pub key: String,
-    /// What is wrong.
-    pub message: String,
 }
 
 /// Resolved broker configuration.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use qbus_broker::{bind, run, Settings};
-use tokio_util::sync::CancellationToken;
+use qbus_server_kit::launch;
 
 /// The qbus MQ broker.
 #[derive(Parser)]
@@ -20,40 +20,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let settings = match &args.config {
-        Some(path) => Settings::from_file(path).map(|file| args.settings.clone().or(file)),
-        None => Ok(args.settings.clone()),
-    };
-    let config = match settings.and_then(Settings::resolve) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("qbus-broker: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("qbus-broker: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let listener = match bind(&config).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                eprintln!("qbus-broker: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+    launch::init_tracing();
+    let config = launch::layered(args.settings, args.config.as_deref(), Settings::or)
+        .and_then(Settings::resolve);
+    launch::run("qbus-broker", config, |config, shutdown| async move {
+        let listener = bind(&config).await?;
         tracing::info!(
             listen = %config.listen,
             store = %config.store.display(),
@@ -61,28 +32,6 @@ fn main() -> ExitCode {
             "starting qbus-broker {}",
             env!("CARGO_PKG_VERSION")
         );
-        match run(listener, config, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("qbus-broker: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        run(listener, config, shutdown).await
     })
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    shutdown.cancel();
 }

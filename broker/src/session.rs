@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures_util::StreamExt;
 use qbus_client::link::Link;
 use qbus_client::protocol::record::records;
 use qbus_client::protocol::{
-    Command, Frame, Header, MqOptions, ServerInfo, Status, WireError, FLAG_ONEWAY,
-    FLAG_START_AT_END, FLAG_START_AT_OFFSET, PROTOCOL_VERSION,
+    Command, Frame, Header, MqOptions, Status, FLAG_ONEWAY, FLAG_START_AT_END,
+    FLAG_START_AT_OFFSET, PROTOCOL_VERSION,
 };
+use qbus_client::serve::{hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -69,35 +69,8 @@ async fn run(registry: Arc<Registry>, link: Link, conn: u64, shutdown: Cancellat
         consumed: HashSet::new(),
     };
     let replier = tokio::spawn(reply_in_order(pending, out.clone()));
-    loop {
-        let item = tokio::select! {
-            item = tokio::time::timeout(IDLE_TIMEOUT, inbound.next()) => item,
-            _ = shutdown.cancelled() => break,
-        };
-        match item {
-            Ok(Some(Ok(frame))) => session.handle(frame).await,
-            Ok(Some(Err(e))) => {
-                tracing::warn!(error = %e, "closing connection after bad input");
-                let status = match e {
-                    WireError::FrameTooLarge { .. } => Status::TooLarge,
-                    _ => Status::BadRequest,
-                };
-                let _ = out
-                    .send(Frame::new(Header::error(
-                        Command::Hello,
-                        0,
-                        status,
-                        e.to_string(),
-                    )))
-                    .await;
-                break;
-            }
-            Ok(None) => break,
-            Err(_) => {
-                tracing::info!(idle = ?IDLE_TIMEOUT, "closing idle connection");
-                break;
-            }
-        }
+    while let Some(frame) = next_frame(&mut inbound, &out, IDLE_TIMEOUT, &shutdown).await {
+        session.handle(frame).await;
         // Reap finished request tasks so the set does not grow.
         while session.tasks.try_join_next().is_some() {}
     }
@@ -234,13 +207,8 @@ impl Session {
     }
 
     async fn hello(&self, request: &Header) -> Result<(), Failure> {
-        let info = ServerInfo {
-            protocol: PROTOCOL_VERSION,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            max_frame: self.registry.config().max_frame as u64,
-        };
-        let body = rmp_serde::to_vec_named(&info).unwrap_or_default();
-        self.reply(Frame::with_body(Header::reply_to(request), body.into()))
+        let max_frame = self.registry.config().max_frame;
+        self.reply(hello_reply(request, env!("CARGO_PKG_VERSION"), max_frame))
             .await
     }
 

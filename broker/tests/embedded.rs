@@ -9,7 +9,8 @@ use std::sync::Arc;
 use qbus_broker::{Config, EmbeddedBroker};
 use support::scenarios::{self, Connect};
 
-async fn embedded() -> (Arc<EmbeddedBroker>, Connect, tempfile::TempDir) {
+/// An embedded broker with a temp store (both kept while it is held) and a [`Connect`] to it.
+async fn embedded() -> ((Arc<EmbeddedBroker>, tempfile::TempDir), Connect) {
     let dir = tempfile::tempdir().unwrap();
     let broker = Arc::new(
         EmbeddedBroker::start(Config::with_store(dir.path()))
@@ -21,20 +22,11 @@ async fn embedded() -> (Arc<EmbeddedBroker>, Connect, tempfile::TempDir) {
         let broker = for_connect.broker();
         Box::pin(async move { broker })
     });
-    (broker, connect, dir)
+    ((broker, dir), connect)
 }
 
-macro_rules! embedded_scenarios {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let (_broker, connect, _dir) = embedded().await;
-            scenarios::$name(&connect).await;
-        }
-    )*};
-}
-
-embedded_scenarios!(
+scenarios::scenario_tests!(
+    embedded:
     round_trip,
     two_groups_each_get_everything,
     one_group_splits_messages,

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper::{HeaderMap, Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, StatusCode};
 use qbus_client::{Message, MqOptions};
+use qbus_testkit::http::{once, Http, Reply};
+use qbus_testkit::{chromium, prometheus, wait_for_async};
 use serde_json::Value;
 use support::BrokerProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,118 +26,15 @@ use tokio::net::TcpStream;
 /// Bound on every wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
 
-/// One HTTP/1.1 keep-alive connection.
-struct Http {
-    sender: SendRequest<Full<Bytes>>,
-    addr: String,
-}
-
-/// A whole response.
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
-    }
-}
-
-impl Http {
-    async fn connect(addr: &str) -> Http {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("HTTP handshake");
-        tokio::spawn(connection);
-        Http {
-            sender,
-            addr: addr.to_owned(),
-        }
-    }
-
-    async fn send(
-        &mut self,
-        method: Method,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Bytes>,
-    ) -> Reply {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.addr);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let request = request.body(Full::new(body.into())).expect("request");
-        self.sender.ready().await.expect("connection usable");
-        let response = tokio::time::timeout(WAIT * 2, self.sender.send_request(request))
-            .await
-            .expect("a reply in time")
-            .expect("a reply");
-        let (parts, body) = response.into_parts();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.expect("reply body").to_bytes(),
-        }
-    }
-
-    async fn get(&mut self, path: &str) -> Reply {
-        self.send(Method::GET, path, &[], Bytes::new()).await
-    }
-
-    async fn post(&mut self, path: &str, body: impl Into<Bytes>) -> Reply {
-        self.send(Method::POST, path, &[], body).await
-    }
-}
-
-/// One request on a fresh connection, the way `curl` does it.
-async fn once(
-    addr: &str,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Reply {
-    Http::connect(addr)
-        .await
-        .send(method, path, headers, body)
-        .await
-}
-
 /// Polls `check` until it yields a value, for at most [`WAIT`].
-async fn until<T, F, Fut>(what: &str, mut check: F) -> T
+async fn until<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_async(what, WAIT, check).await
 }
 
-/// The stats of `group` of `mq` from `/api/stats`, if it exists.
 async fn group_stats(addr: &str, mq: &str, group: &str) -> Option<Value> {
     let stats = once(addr, Method::GET, "/api/stats", &[], Bytes::new())
         .await
@@ -567,116 +463,10 @@ async fn binary_protocol_shares_the_port_with_http() {
     );
 }
 
-/// Parses the Prometheus text format strictly: every line is a `# HELP`, a `# TYPE` or a
-/// sample of a family declared before it, names and labels are well formed, values are
-/// numbers, histograms are cumulative and end in `+Inf` equal to `_count`. Returns each
-/// series (`name{labels}`) with its value.
+/// The broker's `/metrics` parsed strictly (see [`prometheus::parse`]). Returns each series
+/// (`name{labels}`) with its value.
 fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
-    fn valid_name(name: &str) -> bool {
-        let mut chars = name.chars();
-        chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-    }
-    assert!(
-        text.ends_with('\n'),
-        "the exposition must end with a newline"
-    );
-    let mut types: BTreeMap<String, String> = BTreeMap::new();
-    let mut helped = std::collections::BTreeSet::new();
-    let mut series = BTreeMap::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').expect("HELP has a text");
-            assert!(valid_name(name) && !help.is_empty(), "{line}");
-            assert!(helped.insert(name.to_owned()), "second HELP: {line}");
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE has a kind");
-            assert!(valid_name(name), "{line}");
-            assert!(
-                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
-                "{line}"
-            );
-            if kind == "counter" {
-                assert!(name.ends_with("_total"), "counter without _total: {line}");
-            }
-            assert!(
-                types.insert(name.to_owned(), kind.to_owned()).is_none(),
-                "{line}"
-            );
-            continue;
-        }
-        assert!(
-            !line.starts_with('#') && !line.is_empty(),
-            "stray line {line:?}"
-        );
-        let (key, value) = line.rsplit_once(' ').expect("sample has a value");
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
-        };
-        let name = key.split('{').next().unwrap_or_default();
-        assert!(valid_name(name), "{line}");
-        if let Some(labels) = key.strip_prefix(name) {
-            if !labels.is_empty() {
-                let inner = labels
-                    .strip_prefix('{')
-                    .and_then(|l| l.strip_suffix('}'))
-                    .unwrap_or_else(|| panic!("bad labels in {line:?}"));
-                for pair in inner.split("\",") {
-                    let (label, quoted) = pair.split_once("=\"").expect("label=\"value\"");
-                    assert!(valid_name(label), "{line}");
-                    assert!(!quoted.trim_end_matches('"').contains('"'), "{line}");
-                }
-            }
-        }
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .filter_map(|suffix| name.strip_suffix(suffix))
-            .find(|base| types.get(*base).is_some_and(|k| k == "histogram"))
-            .unwrap_or(name);
-        assert!(types.contains_key(family), "sample before its TYPE: {line}");
-        assert!(helped.contains(family), "sample without HELP: {line}");
-        assert!(
-            series.insert(key.to_owned(), value).is_none(),
-            "repeated {key}"
-        );
-    }
-    for (name, kind) in &types {
-        if kind != "histogram" {
-            continue;
-        }
-        let prefix = format!("{name}_bucket{{le=\"");
-        let buckets: Vec<(f64, f64)> = series
-            .iter()
-            .filter_map(|(key, value)| {
-                let le = key.strip_prefix(&prefix)?.strip_suffix("\"}")?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                Some((le, *value))
-            })
-            .collect();
-        let mut sorted = buckets.clone();
-        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-        assert!(
-            sorted.windows(2).all(|w| w[0].1 <= w[1].1),
-            "{name} not cumulative"
-        );
-        let inf = sorted.last().expect("histogram buckets");
-        assert!(inf.0.is_infinite(), "{name} lacks +Inf");
-        assert_eq!(Some(&inf.1), series.get(&format!("{name}_count")));
-        assert!(series.contains_key(&format!("{name}_sum")));
-    }
-    series
+    prometheus::parse(text, prometheus::ALL_KINDS)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,59 +577,13 @@ async fn stats_json_and_page_describe_the_broker() {
     assert_eq!(stats["mqs"][0]["traffic"]["messages_in"], 1);
 }
 
-/// The headless Chromium to drive: `$CHROMIUM`, or `chromium` on the `PATH`.
-fn chromium() -> PathBuf {
-    if let Some(path) = std::env::var_os("CHROMIUM") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("chromium"))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "headless Chromium is needed for the monitor page test and is not installed: \
-                 run `apt-get install -y chromium` (.ci/run installs it when missing) or set \
-                 CHROMIUM to its path"
-            )
-        })
-}
+/// The browser window for the monitor page, in pixels.
+const WINDOW: (u32, u32) = (1280, 800);
 
-/// Runs headless Chromium on `url` with `action` (`--dump-dom` or `--screenshot=...`),
-/// letting the page run for three seconds of virtual time; returns its standard output.
+/// Runs headless Chromium on `url` with `action` (`--dump-dom`) in a [`WINDOW`]; returns its
+/// standard output.
 async fn run_chromium(url: &str, action: &str) -> String {
-    let profile = tempfile::tempdir().expect("profile dir");
-    let mut profile_arg = std::ffi::OsString::from("--user-data-dir=");
-    profile_arg.push(profile.path());
-    let run = tokio::process::Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=3000",
-            "--window-size=1280,800",
-        ])
-        .arg(profile_arg)
-        .arg(action)
-        .arg(url)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(15), run)
-        .await
-        .expect("chromium finished within 15 s")
-        .expect("chromium runs");
-    assert!(
-        output.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    chromium::run_chromium(url, action, WINDOW).await
 }
 
 /// The table row of `mq` in a dumped DOM.
@@ -886,12 +630,5 @@ async fn monitor_page_in_headless_chromium() {
     );
 
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("monitor.png");
-    let _ = std::fs::remove_file(&shot);
-    run_chromium(&url, &format!("--screenshot={}", shot.display())).await;
-    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
-    assert!(
-        size > 10_000,
-        "screenshot {} is {size} bytes",
-        shot.display()
-    );
+    chromium::screenshot(&url, &shot, WINDOW).await;
 }

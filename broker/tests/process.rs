@@ -22,17 +22,15 @@ fn connect_to(broker: &BrokerProcess) -> Connect {
     })
 }
 
-macro_rules! process_scenarios {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            let broker = BrokerProcess::start(&[]);
-            scenarios::$name(&connect_to(&broker)).await;
-        }
-    )*};
+/// A broker process on a free port and a [`Connect`] to it.
+async fn process() -> (BrokerProcess, Connect) {
+    let broker = BrokerProcess::start(&[]);
+    let connect = connect_to(&broker);
+    (broker, connect)
 }
 
-process_scenarios!(
+scenarios::scenario_tests!(
+    process:
     round_trip,
     two_groups_each_get_everything,
     one_group_splits_messages,

@@ -1,7 +1,7 @@
 //! The serving side of links, shared by every qbus server (`qbus-broker`, `qbus-tracker` and
 //! the RPC server of `qbus-rpc`): accepting TCP connections until shutdown, reading one
 //! connection's frames with an idle limit and a clear error reply to bad input, and the set
-//! of connection tasks that shutdown waits for.
+//! of connection tasks that shutdown waits for; and the `Hello` reply every server gives.
 //!
 //! ```no_run
 //! # async fn demo(listener: tokio::net::TcpListener) {
@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::link::FrameStream;
-use crate::protocol::{Command, Frame, Header, Status, WireError};
+use crate::protocol::{Command, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION};
 
 /// How long [`accept`] waits after a failed accept before it tries again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -96,6 +96,25 @@ pub async fn next_frame(
             tracing::info!(?idle, "closing idle connection");
             None
         }
+    }
+}
+
+/// The reply to a `Hello` request: the protocol this server speaks, its software `version`
+/// and the largest frame it accepts.
+pub fn hello_reply(request: &Header, version: &str, max_frame: usize) -> Frame {
+    let info = ServerInfo {
+        protocol: PROTOCOL_VERSION,
+        version: version.to_owned(),
+        max_frame: max_frame as u64,
+    };
+    match rmp_serde::to_vec_named(&info) {
+        Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
+        Err(e) => Frame::new(Header::error(
+            request.cmd,
+            request.id,
+            Status::Internal,
+            format!("cannot encode the server info: {e}"),
+        )),
     }
 }
 
@@ -164,6 +183,18 @@ mod tests {
             .is_none());
         let reply = rx.recv().await.unwrap();
         assert_eq!(reply.header.status, Status::TooLarge.code());
+    }
+
+    #[test]
+    fn hello_says_what_the_server_speaks() {
+        let request = Header::request(Command::Hello, None);
+        let reply = hello_reply(&request, "9.9.9", 4096);
+        assert_eq!(reply.header.status, Status::Ok.code());
+        let info: ServerInfo = rmp_serde::from_slice(&reply.body).unwrap();
+        assert_eq!(
+            (info.protocol, info.version.as_str(), info.max_frame),
+            (PROTOCOL_VERSION, "9.9.9", 4096)
+        );
     }
 
     #[tokio::test(start_paused = true)]

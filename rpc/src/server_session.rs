@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_client::link::{tcp_link, Link};
-use qbus_client::protocol::{Command, Frame, Header, ServerInfo, Status, PROTOCOL_VERSION};
-use qbus_client::serve::next_frame;
+use qbus_client::protocol::{Command, Frame, Header, Status, PROTOCOL_VERSION};
+use qbus_client::serve::{hello_reply, next_frame};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -59,7 +59,7 @@ async fn run(
             continue;
         }
         let reply = match request.cmd {
-            Command::Hello => hello(request, options.max_frame),
+            Command::Hello => hello_reply(request, env!("CARGO_PKG_VERSION"), options.max_frame),
             Command::Heartbeat => Frame::new(Header::reply_to(request)),
             Command::Call => {
                 let Frame { header, body } = frame;
@@ -119,21 +119,4 @@ fn reply_frame(request: &Header, reply: Reply) -> Frame {
     let mut header = Header::reply_to(request);
     header.encoding = reply.encoding.header_value();
     Frame::with_body(header, reply.body)
-}
-
-fn hello(request: &Header, max_frame: usize) -> Frame {
-    let info = ServerInfo {
-        protocol: PROTOCOL_VERSION,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        max_frame: max_frame as u64,
-    };
-    match rmp_serde::to_vec_named(&info) {
-        Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
-        Err(e) => Frame::new(Header::error(
-            request.cmd,
-            request.id,
-            Status::Internal,
-            format!("cannot encode the server info: {e}"),
-        )),
-    }
 }

@@ -92,29 +92,8 @@ async fn mq() -> Mq {
     }
 }
 
-macro_rules! scenarios_over {
-    ($fixture:ident: $($name:ident),* $(,)?) => {
-        mod $fixture {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let fixture = super::$fixture().await;
-                    scenarios::$name(fixture.invoker.clone()).await;
-                }
-            )*
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn deadline() {
-                let fixture = super::$fixture().await;
-                scenarios::deadline(fixture.invoker.clone(), &fixture.probe).await;
-            }
-        }
-    };
-}
-
-scenarios_over!(direct: typed_and_dynamic, application_errors, unknown_method_and_bad_params, concurrent_calls);
-scenarios_over!(mq: typed_and_dynamic, application_errors, unknown_method_and_bad_params, concurrent_calls);
+scenarios::scenarios_over!(direct: typed_and_dynamic, application_errors, unknown_method_and_bad_params, concurrent_calls);
+scenarios::scenarios_over!(mq: typed_and_dynamic, application_errors, unknown_method_and_bad_params, concurrent_calls);
 
 /// Calls spread over every registered server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,15 +127,7 @@ async fn killed_server_fails_its_call_and_the_next_goes_to_the_survivor() {
     };
     let killed = Instant::now();
     victim.abort();
-    match call.await.unwrap() {
-        Err(RpcError::Disconnected { .. }) => {}
-        other => panic!("expected a disconnect, got {other:?}"),
-    }
-    assert!(
-        killed.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        killed.elapsed()
-    );
+    scenarios::fails_disconnected(call, killed).await;
     for _ in 0..5 {
         assert_eq!(greeter.whoami().await.unwrap(), survivor);
     }

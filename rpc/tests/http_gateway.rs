@@ -9,12 +9,13 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use qbus_client::{Broker, MqOptions};
+use qbus_client::Broker;
 use qbus_rpc::{route_stats, MqRpcService};
+use qbus_testkit::http::once;
 use serde_json::{json, Value};
 use support::greeter::{self, Probe};
 use support::{wait_for, Process};
@@ -85,23 +86,24 @@ async fn send(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (StatusCode, Value) {
-    let (mut sender, _connection) = connect(addr).await;
-    let response = tokio::time::timeout(
-        WAIT,
-        sender.send_request(request(method, path, headers, body)),
+    let reply = once(
+        addr,
+        method,
+        path,
+        headers,
+        Bytes::copy_from_slice(body.as_bytes()),
     )
-    .await
-    .expect("a reply in time")
-    .unwrap();
-    let status = response.status();
-    let content_type = response.headers().get("content-type").cloned();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
+    .await;
+    let (status, body) = (reply.status, &reply.body);
     assert_eq!(
-        content_type.as_ref().and_then(|v| v.to_str().ok()),
+        reply
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("application/json"),
         "{status}: {body:?}"
     );
-    let json = serde_json::from_slice(&body)
+    let json = serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {body:?}"));
     (status, json)
 }
@@ -210,12 +212,7 @@ async fn json_calls_get_json_results_and_errors() {
 /// Nothing consuming the MQ, or no MQ at all: an error at once, not at the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_responders_fail_fast() {
-    let process = Process::broker(None);
-    let broker = Broker::connect(&process.addr()).await.unwrap();
-    broker
-        .create_mq("idle", MqOptions::default())
-        .await
-        .unwrap();
+    let (process, _broker) = Process::broker_with_idle_mq("idle").await;
     let envelope = json!({"module": "Greeter", "method": "hello", "params": ["x"]}).to_string();
     for (mq, expected) in [
         ("idle", StatusCode::SERVICE_UNAVAILABLE),

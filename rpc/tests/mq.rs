@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qbus_broker::{Config, EmbeddedBroker};
-use qbus_client::{Broker, MqOptions};
+use qbus_client::Broker;
 use qbus_rpc::{
     route_stats, Invoker, MqInvoker, MqRpcService, MqServiceOptions, RpcClient, RpcError,
 };
@@ -77,39 +77,13 @@ async fn embedded() -> Embedded {
     }
 }
 
-macro_rules! scenarios_over {
-    ($fixture:ident: $($name:ident),* $(,)?) => {
-        mod $fixture {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let fixture = super::$fixture().await;
-                    scenarios::$name(fixture.invoker.clone()).await;
-                }
-            )*
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn deadline() {
-                let fixture = super::$fixture().await;
-                scenarios::deadline(fixture.invoker.clone(), &fixture.probe).await;
-            }
-        }
-    };
-}
-
-scenarios_over!(single: typed_and_dynamic, application_errors, unknown_method_and_bad_params, concurrent_calls);
-scenarios_over!(embedded: typed_and_dynamic, application_errors, unknown_method_and_bad_params, concurrent_calls);
+scenarios::scenarios_over!(single: typed_and_dynamic, application_errors, unknown_method_and_bad_params, concurrent_calls);
+scenarios::scenarios_over!(embedded: typed_and_dynamic, application_errors, unknown_method_and_bad_params, concurrent_calls);
 
 /// Nobody consuming the MQ (or no MQ at all) fails a call at once, not at its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_responders_fail_fast() {
-    let process = Process::broker(None);
-    let broker = Broker::connect(&process.addr()).await.unwrap();
-    broker
-        .create_mq("idle", MqOptions::default())
-        .await
-        .unwrap();
+    let (process, broker) = Process::broker_with_idle_mq("idle").await;
     for mq in ["idle", "missing"] {
         let client = RpcClient::new(MqInvoker::new(broker.clone(), mq), "Greeter");
         let started = Instant::now();
@@ -200,11 +174,7 @@ async fn plain_json_client_gets_json_replies() {
         tokio::task::spawn_blocking(move || plain::json_call(&addr, Some(MQ), &request))
             .await
             .unwrap();
-    assert_eq!(
-        (&header[0], &header[1], &header[2]),
-        (&json!(30), &json!(7), &json!(200))
-    );
-    assert_eq!(header[14], json!("json"));
+    plain::assert_json_reply(&header);
     let reply: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(reply, json!({"result": [3, "raw"]}));
 }

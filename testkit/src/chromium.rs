@@ -1,7 +1,7 @@
 //! Headless Chromium, to load a monitor page as a browser does and dump its DOM or take a
 //! screenshot.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The headless Chromium to drive: `$CHROMIUM`, or `chromium` on the `PATH`.
@@ -58,4 +58,17 @@ pub async fn run_chromium(url: &str, action: &str, (width, height): (u32, u32)) 
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Takes a screenshot of `url` in a window of `window` pixels into `path` (replacing an
+/// older one), and checks it holds a picture (over 10 kB).
+pub async fn screenshot(url: &str, path: &Path, window: (u32, u32)) {
+    let _ = std::fs::remove_file(path);
+    run_chromium(url, &format!("--screenshot={}", path.display()), window).await;
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 10_000,
+        "screenshot {} is {size} bytes",
+        path.display()
+    );
 }

@@ -62,21 +62,26 @@ pub fn built_binary(package: &str, name: &str) -> PathBuf {
 }
 
 /// `binary` listening on `127.0.0.1:port` with its store in `store`, as `qbus-broker` takes
-/// them.
+/// them; it logs warnings only and reads no stdin.
 pub fn broker_command(binary: &Path, port: u16, store: &Path) -> Command {
-    let mut cmd = Command::new(binary);
-    cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .arg("--store")
-        .arg(store);
+    let mut cmd = server_command(binary, port);
+    cmd.arg("--store").arg(store);
     cmd
 }
 
 /// `binary` listening on `127.0.0.1:port` with the given warm-up, as `qbus-tracker` takes
-/// them.
+/// them; it logs warnings only and reads no stdin.
 pub fn tracker_command(binary: &Path, port: u16, warmup: Duration) -> Command {
+    let mut cmd = server_command(binary, port);
+    cmd.args(["--warmup", &format!("{}ms", warmup.as_millis())]);
+    cmd
+}
+
+fn server_command(binary: &Path, port: u16) -> Command {
     let mut cmd = Command::new(binary);
     cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--warmup", &format!("{}ms", warmup.as_millis())]);
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
     cmd
 }
 

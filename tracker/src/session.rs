@@ -6,10 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qbus_client::link::Link;
-use qbus_client::protocol::{
-    Command, Frame, Header, ServerInfo, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
-};
-use qbus_client::serve::next_frame;
+use qbus_client::protocol::{Command, Frame, Header, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use qbus_client::serve::{hello_reply, next_frame};
 use qbus_client::topology::{BrokerState, TopologyUpdate};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
@@ -82,17 +80,7 @@ fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
         Frame::new(Header::error(request.cmd, request.id, status, message))
     };
     match request.cmd {
-        Command::Hello => {
-            let info = ServerInfo {
-                protocol: PROTOCOL_VERSION,
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-                max_frame: DEFAULT_MAX_FRAME as u64,
-            };
-            match rmp_serde::to_vec_named(&info) {
-                Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
-                Err(e) => error(Status::Internal, e.to_string()),
-            }
-        }
+        Command::Hello => hello_reply(request, env!("CARGO_PKG_VERSION"), DEFAULT_MAX_FRAME),
         Command::Heartbeat => Frame::new(Header::reply_to(request)),
         Command::Report => {
             table.metrics().report_received();

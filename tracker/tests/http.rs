@@ -219,10 +219,13 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
     }
 }
 
-/// Runs headless Chromium on `url` with `action` (`--dump-dom` or `--screenshot=...`);
-/// returns its standard output.
+/// The browser window for the monitor page, in pixels.
+const WINDOW: (u32, u32) = (1280, 1000);
+
+/// Runs headless Chromium on `url` with `action` (`--dump-dom`) in a [`WINDOW`]; returns its
+/// standard output.
 async fn run_chromium(url: &str, action: &str) -> String {
-    chromium::run_chromium(url, action, (1280, 1000)).await
+    chromium::run_chromium(url, action, WINDOW).await
 }
 
 /// The part of a dumped DOM from the start of `marker` to the next `end`.
@@ -319,12 +322,5 @@ async fn tracker_page_in_headless_chromium() {
     );
 
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tracker.png");
-    let _ = std::fs::remove_file(&shot);
-    run_chromium(&url, &format!("--screenshot={}", shot.display())).await;
-    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
-    assert!(
-        size > 10_000,
-        "screenshot {} is {size} bytes",
-        shot.display()
-    );
+    chromium::screenshot(&url, &shot, WINDOW).await;
 }

@@ -29,10 +29,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+use qbus_server_kit::http::serve_connection;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -85,21 +85,7 @@ async fn run(stream: TcpStream, conn: u64, registry: Arc<Registry>, shutdown: Ca
     let io = TokioIo::new(io::WriteDeadline::new(stream, timeout));
     // The header timeout also runs while a keep-alive connection waits for its next request,
     // so idle connections close after `timeout` too.
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
-        .serve_connection(io, service);
-    tokio::pin!(connection);
-    let ended = tokio::select! {
-        ended = connection.as_mut() => ended,
-        _ = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, "http connection ended");
-    }
+    serve_connection(io, service, timeout, &shutdown).await;
     // HTTP clients ack on later connections, so what this one took stays held until acked
     // or timed out; it just stops counting as a consumer.
     registry.detach(conn);

@@ -1,13 +1,12 @@
 //! `GET /metrics`: the stats snapshot in the Prometheus text exposition format (version
 //! 0.0.4): for each family a `# HELP` and a `# TYPE` line, then its samples.
 
-use std::fmt::Write;
+use qbus_server_kit::prometheus::Exposition;
 
 use super::stats::Stats;
 use crate::metrics::{HistogramReading, Protocol};
 
-/// Content type of the text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use qbus_server_kit::prometheus::CONTENT_TYPE;
 
 /// Renders `stats`.
 pub fn render(stats: &Stats) -> String {
@@ -152,59 +151,24 @@ pub fn render(stats: &Stats) -> String {
         }
     }
 
-    out.histogram(
+    histogram(
+        &mut out,
         "qbus_fsync_seconds",
         "Time the commit thread spent in fsync per batch.",
         &stats.fsync,
     );
-    out.text
+    out.finish()
 }
 
-/// The text being built. Writing to a `String` cannot fail, so `write!` results are dropped.
-#[derive(Default)]
-struct Exposition {
-    text: String,
-}
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (label, value)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{label}=\"{}\"", escape(value));
-            }
-            self.text.push('}');
-        }
-        let _ = writeln!(self.text, " {value}");
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, reading: &HistogramReading) {
-        self.family(name, "histogram", help);
-        let bucket = format!("{name}_bucket");
-        for (bound, count) in &reading.buckets {
-            let le = bound.map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-            self.sample(&bucket, &[("le", &le)], count);
-        }
-        self.sample(&format!("{name}_sum"), &[], reading.sum_seconds);
-        self.sample(&format!("{name}_count"), &[], reading.count);
-    }
-}
-
-/// Escapes a label value: backslash, double quote and newline.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', r"\\")
-        .replace('"', r#"\""#)
-        .replace('\n', r"\n")
+/// Writes a latency histogram as a `histogram` family.
+fn histogram(out: &mut Exposition, name: &str, help: &str, reading: &HistogramReading) {
+    out.histogram(
+        name,
+        help,
+        &reading.buckets,
+        reading.sum_seconds,
+        reading.count,
+    );
 }
 
 #[cfg(test)]
@@ -218,17 +182,12 @@ mod tests {
         let h = LatencyHistogram::new(&[0.001, 0.5]);
         h.observe(Duration::from_millis(2));
         let mut out = Exposition::default();
-        out.histogram("x_seconds", "Help.", &h.read());
+        histogram(&mut out, "x_seconds", "Help.", &h.read());
         assert_eq!(
-            out.text,
+            out.finish(),
             "# HELP x_seconds Help.\n# TYPE x_seconds histogram\n\
              x_seconds_bucket{le=\"0.001\"} 0\nx_seconds_bucket{le=\"0.5\"} 1\n\
              x_seconds_bucket{le=\"+Inf\"} 1\nx_seconds_sum 0.002\nx_seconds_count 1\n"
         );
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), r#"a\"b\\c\nd"#);
     }
 }

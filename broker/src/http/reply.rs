@@ -1,20 +1,15 @@
 //! Building responses: JSON bodies, and errors as JSON carrying the binary protocol's
 //! status codes so a client handles both transports the same way.
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
-use hyper::{Response, StatusCode};
+use hyper::StatusCode;
 use qbus_client::protocol::Status;
 use serde::Serialize;
 
 use crate::error::BrokerError;
 
-/// Every response body is built whole before it is sent (bounded by `max-frame`).
-pub type Reply = Response<Full<Bytes>>;
-
-/// Content type of JSON replies.
-pub const JSON: &str = "application/json";
+// Every response body is built whole before it is sent (bounded by `max-frame`), and none
+// may be cached: they describe live state.
+pub use qbus_server_kit::http::{bytes, json, Reply, JSON};
 
 /// Why a request failed: an HTTP status (the protocol's code where one applies) and a
 /// message that says what to change.
@@ -80,31 +75,6 @@ impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> ApiError {
         ApiError::new(e.status(), e.to_string())
     }
-}
-
-/// A JSON response.
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
-    match serde_json::to_vec(value) {
-        Ok(body) => bytes(status, JSON, Bytes::from(body)),
-        // Our reply types are plain structs with string keys; this cannot happen, but a
-        // broken reply must not take the connection down.
-        Err(e) => bytes(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain; charset=utf-8",
-            Bytes::from(format!("cannot encode the reply: {e}")),
-        ),
-    }
-}
-
-/// A response with a body of the given type. Replies describe live state, so none may be
-/// cached.
-pub fn bytes(status: StatusCode, content_type: &'static str, body: Bytes) -> Reply {
-    let mut reply = Response::new(Full::new(body));
-    *reply.status_mut() = status;
-    let headers = reply.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    reply
 }
 
 #[cfg(test)]

@@ -1,43 +1,21 @@
 //! Test harness: real `qbus-broker` processes on free loopback ports with temp stores, and
 //! the client scenarios that every kind of broker (process or embedded) must pass.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(dead_code, unused_imports)] // each test binary uses a different part of the harness
 
 pub mod scenarios;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use qbus_client::Broker;
+use qbus_testkit::process::{broker_command, ServerProcess};
 
-/// Bounded wait used instead of sleeps: polls `check` until it returns `Some`.
-pub async fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A free port on 127.0.0.1 (the OS picks it; the listener is dropped right away).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
+pub use qbus_testkit::{free_port, wait_for};
 
 /// A `qbus-broker` child process; killed when dropped.
 pub struct BrokerProcess {
-    child: Option<Child>,
+    process: Option<ServerProcess>,
     pub port: u16,
     pub store: PathBuf,
     extra: Vec<String>,
@@ -50,7 +28,7 @@ impl BrokerProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = dir.path().join("store");
         let mut broker = BrokerProcess {
-            child: None,
+            process: None,
             port: free_port(),
             store,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -62,33 +40,15 @@ impl BrokerProcess {
 
     /// The command line for this broker (for tests that want to watch it fail).
     pub fn command(port: u16, store: &Path, extra: &[String]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qbus-broker"));
-        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--store")
-            .arg(store)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
+        let binary = Path::new(env!("CARGO_BIN_EXE_qbus-broker"));
+        let mut cmd = broker_command(binary, port, store);
+        cmd.args(extra);
         cmd
     }
 
     fn spawn(&mut self) {
-        let child = BrokerProcess::command(self.port, &self.store, &self.extra)
-            .spawn()
-            .expect("spawn qbus-broker");
-        self.child = Some(child);
-        let addr = self.addr();
-        let start = Instant::now();
-        while std::net::TcpStream::connect(&addr).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("qbus-broker exited at start-up: {status}");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "broker did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let command = BrokerProcess::command(self.port, &self.store, &self.extra);
+        self.process = Some(ServerProcess::start("qbus-broker", command, self.port));
     }
 
     pub fn addr(&self) -> String {
@@ -96,39 +56,20 @@ impl BrokerProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child
-            .as_ref()
-            .map(Child::id)
-            .expect("broker not running")
+        self.process.as_ref().expect("broker not running").pid()
     }
 
     /// SIGKILL: no flush, no goodbye.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill9();
         }
     }
 
     /// SIGTERM, and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("broker not running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill -TERM");
-        assert!(status.success());
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "broker ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut process = self.process.take().expect("broker not running");
+        process.terminate()
     }
 
     /// Starts the broker again on the same port and store.
@@ -141,11 +82,5 @@ impl BrokerProcess {
         Broker::connect(&self.addr())
             .await
             .expect("connect to broker")
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }

@@ -11,6 +11,20 @@ use qbus_client::{Broker, Delivery, Message, MqOptions, StartAt, Status};
 
 pub type Connect = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Broker> + Send>> + Send + Sync>;
 
+/// One test per named scenario, each against a new broker from `fixture`: an async fn of the
+/// test file returning what keeps the broker running and the [`Connect`] to it.
+#[allow(unused_macros)] // not every test file runs the scenarios
+macro_rules! scenario_tests {
+    ($fixture:ident: $($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (_broker, connect) = $fixture().await;
+            $crate::support::scenarios::$name(&connect).await;
+        }
+    )*};
+}
+pub(crate) use scenario_tests;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn next(consumer: &mut qbus_client::Consumer) -> Delivery {

@@ -51,3 +51,17 @@ pub fn json_call(addr: &str, mq: Option<&str>, body: &Value) -> (Vec<Value>, Vec
     let header: Vec<Value> = rmp_serde::from_slice(&rest[..header_len]).expect("reply header");
     (header, rest[header_len..].to_vec())
 }
+
+/// Checks that `header` is the reply to [`json_call`]'s call (command 30, id 7), successful
+/// (200) and with a JSON body.
+pub fn assert_json_reply(header: &[Value]) {
+    assert_eq!(
+        (&header[0], &header[1], &header[2]),
+        (
+            &serde_json::json!(30),
+            &serde_json::json!(7),
+            &serde_json::json!(200)
+        )
+    );
+    assert_eq!(header[14], serde_json::json!("json"));
+}

@@ -9,6 +9,31 @@ use serde_json::json;
 
 use super::greeter::{GreetError, GreeterClient, Probe};
 
+/// Runs the named scenarios, and [`deadline`], as tests in a module named after `fixture`:
+/// an async fn of the test file returning something with an `invoker` and a `probe`.
+#[allow(unused_macros)] // some test files run the scenarios one by one
+macro_rules! scenarios_over {
+    ($fixture:ident: $($name:ident),* $(,)?) => {
+        mod $fixture {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let fixture = super::$fixture().await;
+                    $crate::support::scenarios::$name(fixture.invoker.clone()).await;
+                }
+            )*
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deadline() {
+                let fixture = super::$fixture().await;
+                $crate::support::scenarios::deadline(fixture.invoker.clone(), &fixture.probe)
+                    .await;
+            }
+        }
+    };
+}
+pub(crate) use scenarios_over;
+
 /// Typed proxy calls, dynamic calls, and both encodings.
 pub async fn typed_and_dynamic(invoker: Arc<dyn Invoker>) {
     let greeter = GreeterClient::from_rpc(RpcClient::from_shared(invoker.clone(), "Greeter"));
@@ -135,4 +160,20 @@ pub async fn concurrent_calls(invoker: Arc<dyn Invoker>) {
     for (i, reply) in replies.into_iter().enumerate() {
         assert_eq!(reply.unwrap(), (i as u64, format!("call-{i}")));
     }
+}
+
+/// A call to a server killed at `killed` fails at once as disconnected instead of hanging.
+pub async fn fails_disconnected<T: std::fmt::Debug>(
+    call: tokio::task::JoinHandle<Result<T, RpcError>>,
+    killed: Instant,
+) {
+    match call.await.unwrap() {
+        Err(RpcError::Disconnected { .. }) => {}
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        killed.elapsed()
+    );
 }
