@@ -25,7 +25,7 @@ impl Ha {
         let body: Bytes = rmp_serde::to_vec_named(options)
             .map_err(|e| ClientError::Protocol(e.to_string()))?
             .into();
-        let mut targets = self.live_brokers();
+        let mut targets = self.some_live_brokers().await;
         if let Some(n) = self.shared.options.create_on {
             let candidates: Vec<Candidate> = targets
                 .iter()
@@ -181,6 +181,23 @@ impl Ha {
             (true, _) => Ok(()),
             (false, Some(e)) => Err(e),
             (false, None) => Err(no_live_broker(mq)),
+        }
+    }
+
+    /// The live brokers; when there are none yet, waits up to the first-topology wait for
+    /// one to report, so a client started together with its cluster can create MQs.
+    async fn some_live_brokers(&self) -> Vec<Arc<Node>> {
+        let deadline = tokio::time::Instant::now() + self.shared.options.first_topology;
+        let mut changes = self.watch();
+        loop {
+            let live = self.live_brokers();
+            if !live.is_empty() {
+                return live;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return live },
+                _ = tokio::time::sleep_until(deadline) => return live,
+            }
         }
     }
 
