@@ -212,36 +212,6 @@ impl Committer {
     }
 }
 
-/// How long the thread polls for more work before it parks.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(SPIN_US);
-const SPIN_US: u64 = 30;
-
-/// Polls the queue for a short while. Under steady load the next request comes within
-/// microseconds, and catching it here saves the futex wake-up of a parked thread on both
-/// sides, which costs more than the polling.
-fn spin_recv(rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) -> bool {
-    let start = std::time::Instant::now();
-    loop {
-        match rx.try_recv() {
-            Ok(job) => {
-                batch.push(job);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-                return true;
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => return false,
-            Err(mpsc::error::TryRecvError::Empty) if start.elapsed() < SPIN => {
-                std::thread::yield_now();
-            }
-            Err(mpsc::error::TryRecvError::Empty) => return false,
-        }
-    }
-}
-
 fn durability_of(policy: FsyncPolicy) -> Durability {
     if policy == FsyncPolicy::Always {
         Durability::Synced
@@ -392,7 +362,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
     let mut staged: Vec<Staged> = Vec::new();
     let mut last_sync = std::time::Instant::now();
     loop {
-        if !spin_recv(&mut rx, &mut batch) && rx.blocking_recv_many(&mut batch, MAX_BATCH) == 0 {
+        if rx.blocking_recv_many(&mut batch, MAX_BATCH) == 0 {
             break;
         }
         let now = now_ms();
