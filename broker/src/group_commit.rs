@@ -317,10 +317,14 @@ impl Staged {
             wait_sync,
         } = self;
         let Outcomes { written, done } = if wait_sync { synced } else { unsynced };
-        let result = log
-            .lock()
-            .expect("log lock poisoned")
-            .append(&mut records, now);
+        let result = {
+            let mut writer = log.lock().expect("log lock poisoned");
+            let result = writer.append(&mut records, now);
+            if let Ok(appended) = &result {
+                writer.keep_for_readers(appended.first_offset, appended.count, records.freeze());
+            }
+            result
+        };
         match result {
             Ok(appended) => {
                 dirty.add_log(&log);

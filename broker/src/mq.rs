@@ -338,12 +338,19 @@ impl Mq {
             if from >= self.reader.end_offset() {
                 return Ok(None);
             }
-            let reader = self.reader.clone();
-            let hint = *read_pos;
-            let batch =
-                tokio::task::spawn_blocking(move || reader.read(from, hint, room, MAX_FETCH_BYTES))
+            // Consumers that keep up read what was just written: from memory, no file I/O.
+            let batch = match self.reader.read_recent(from, room, MAX_FETCH_BYTES) {
+                Some(batch) => batch,
+                None => {
+                    let reader = self.reader.clone();
+                    let hint = *read_pos;
+                    tokio::task::spawn_blocking(move || {
+                        reader.read(from, hint, room, MAX_FETCH_BYTES)
+                    })
                     .await
-                    .map_err(|e| BrokerError::BadRequest(format!("read task failed: {e}")))??;
+                    .map_err(|e| BrokerError::BadRequest(format!("read task failed: {e}")))??
+                }
+            };
             *read_pos = Some(batch.next_pos);
             let mut offsets = Vec::with_capacity(batch.count);
             let body = match tag {

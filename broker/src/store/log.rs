@@ -10,6 +10,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
+use bytes::Bytes;
+
 use qbus_client::protocol::record::{peek_record_size, stamp_record, RecordError, RECORD_OVERHEAD};
 use tokio::sync::watch;
 
@@ -17,6 +19,7 @@ use super::index::{wants_entry, Entry};
 use super::reader::{LogReader, SegmentView, SharedView, View};
 use super::recovery::{list_segments, recover_segment};
 use super::segment::Segment;
+use super::tail::{Chunk, Tail};
 use super::StoreError;
 
 /// Segment positions are 32-bit in the index.
@@ -66,6 +69,8 @@ pub struct MqLog {
     dir_unsynced: bool,
     view: SharedView,
     end: watch::Sender<u64>,
+    /// Appended records handed to [`MqLog::keep_for_readers`], shown with the next publish.
+    unpublished_tail: Vec<Chunk>,
 }
 
 impl MqLog {
@@ -101,6 +106,7 @@ impl MqLog {
             first_offset,
             end_offset,
             size_bytes: total_bytes,
+            tail: Tail::default(),
         }));
         let (end, end_rx) = watch::channel(end_offset);
         tracing::debug!(
@@ -120,6 +126,7 @@ impl MqLog {
             dir_unsynced,
             view,
             end,
+            unpublished_tail: Vec::new(),
         };
         Ok((log, reader))
     }
@@ -216,6 +223,16 @@ impl MqLog {
         self.view.write().expect("log view lock poisoned")
     }
 
+    /// Keeps `records`, just appended at `first` (`count` of them, stamped), in memory so
+    /// readers of the newest records need not touch the files once they are published.
+    pub fn keep_for_readers(&mut self, first: u64, count: u64, records: Bytes) {
+        self.unpublished_tail.push(Chunk {
+            first,
+            count,
+            data: records,
+        });
+    }
+
     /// Makes every appended record visible to readers and wakes the end watchers.
     pub fn publish(&mut self) {
         let unpublished = self
@@ -242,6 +259,9 @@ impl MqLog {
         }
         view.end_offset = end;
         view.size_bytes = self.total_bytes;
+        for chunk in self.unpublished_tail.drain(..) {
+            view.tail.push(chunk);
+        }
         drop(view);
         self.end.send_replace(end);
     }
@@ -441,6 +461,30 @@ mod tests {
                 assert_eq!(decode(&got), expected(from, from + 3));
             }
         }
+    }
+
+    #[test]
+    fn recent_records_are_read_from_memory_only_once_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, reader) = MqLog::open(tmp.path(), config(1 << 20)).unwrap();
+        for (from, to) in [(0, 10), (10, 25)] {
+            let mut records = batch(from, to);
+            let appended = log.append(&mut records, 7).unwrap();
+            log.keep_for_readers(appended.first_offset, appended.count, records.into());
+        }
+        assert!(
+            reader.read_recent(0, 100, 1 << 20).is_none(),
+            "not published yet"
+        );
+        log.publish();
+        let recent = reader.read_recent(12, 100, 1 << 20).unwrap();
+        let from_disk = reader.read(12, None, recent.count, 1 << 20).unwrap();
+        assert_eq!(decode(&recent), decode(&from_disk));
+        assert_eq!((recent.count, recent.next_offset), (13, 25));
+        assert!(
+            reader.read_recent(25, 1, 1).is_none(),
+            "nothing past the end"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod log;
 pub mod reader;
 mod recovery;
 mod segment;
+mod tail;
 #[cfg(test)]
 mod testutil;
 

@@ -17,6 +17,7 @@ use qbus_client::protocol::record::{parse_record, peek_record_size, RecordError,
 use tokio::sync::watch;
 
 use super::index::{OffsetIndex, INDEX_INTERVAL};
+use super::tail::Tail;
 use super::StoreError;
 
 /// A segment as readers see it: only published records.
@@ -39,6 +40,8 @@ pub(crate) struct View {
     pub(crate) first_offset: u64,
     pub(crate) end_offset: u64,
     pub(crate) size_bytes: u64,
+    /// The newest published records, in memory.
+    pub(crate) tail: Tail,
 }
 
 /// The lock around the view, shared by the writer and every reader.
@@ -147,6 +150,31 @@ impl LogReader {
         let mut rx = self.end.clone();
         rx.borrow_and_update();
         rx
+    }
+
+    /// Like [`read`](Self::read) for records still in the in-memory tail of the log, without
+    /// blocking: `None` when `from` is not there (read the files then). Records there were
+    /// verified when produced and have not touched the disk since.
+    pub fn read_recent(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Option<ReadBatch> {
+        if max_records == 0 {
+            return None;
+        }
+        let view = self.view();
+        if from < view.first_offset || from >= view.end_offset {
+            return None;
+        }
+        let cached = view.tail.read(from, max_records, max_bytes)?;
+        Some(ReadBatch {
+            data: cached.data,
+            count: cached.count,
+            next_offset: cached.next_offset,
+            next_pos: ReadPos::unknown(cached.next_offset),
+        })
     }
 
     /// Reads whole records from `from` (clamped up to the first offset) up to the published
