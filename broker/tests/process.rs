@@ -90,9 +90,7 @@ async fn confirmed_messages_survive_kill_9() {
             expected += 1;
             batch.push(d);
         }
-        futures_util::future::try_join_all(batch.iter().map(|d| d.ack()))
-            .await
-            .unwrap();
+        consumer.ack_all(&batch).await.unwrap();
         batch.clear();
     }
     let info = client.query_mq("durable").await.unwrap();

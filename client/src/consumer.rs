@@ -221,6 +221,26 @@ impl Consumer {
         &self.group
     }
 
+    /// Acknowledges many deliveries with one request per broker they came from, and
+    /// resolves once the brokers have recorded every ack. Cheaper than awaiting
+    /// [`Delivery::ack`] for each when handling a batch from [`recv_batch`](Self::recv_batch).
+    pub async fn ack_all(&self, deliveries: &[Delivery]) -> Result<()> {
+        let mut by_broker: Vec<(&Acker, Vec<DeliveryToken>)> = Vec::new();
+        for delivery in deliveries {
+            match by_broker
+                .iter_mut()
+                .find(|(acker, _)| acker.tx.same_channel(&delivery.acker.tx))
+            {
+                Some((_, tokens)) => tokens.push(delivery.token()),
+                None => by_broker.push((&delivery.acker, vec![delivery.token()])),
+            }
+        }
+        let requests = by_broker
+            .into_iter()
+            .map(|(acker, tokens)| acker.settle_now(tokens, false));
+        futures_util::future::try_join_all(requests).await.map(drop)
+    }
+
     /// The next delivery; `None` after a fatal error has been returned.
     pub async fn recv(&mut self) -> Option<Result<Delivery>> {
         self.rx.recv().await
@@ -312,6 +332,7 @@ struct Acker {
     tx: mpsc::Sender<Settle>,
     /// The connection the deliveries came over.
     connection: Connection,
+    target: Arc<Target>,
 }
 
 impl std::fmt::Debug for Acker {
@@ -325,8 +346,25 @@ const ACK_BATCH: usize = 4096;
 impl Acker {
     fn spawn(connection: Connection, target: Arc<Target>) -> Acker {
         let (tx, rx) = mpsc::channel(ACK_BATCH);
-        tokio::spawn(Acker::run(connection.clone(), target, rx));
-        Acker { tx, connection }
+        tokio::spawn(Acker::run(connection.clone(), target.clone(), rx));
+        Acker {
+            tx,
+            connection,
+            target,
+        }
+    }
+
+    /// Sends one ack (or nack) request for `tokens` and waits for the broker's answer.
+    async fn settle_now(&self, tokens: Vec<DeliveryToken>, nack: bool) -> Result<()> {
+        let cmd = if nack { Command::Nack } else { Command::Ack };
+        let mut header = Header::request(cmd, Some(&self.target.mq));
+        header.group = Some(self.target.group.clone());
+        header.tokens = tokens;
+        self.connection
+            .send(Frame::new(header))
+            .await?
+            .await
+            .map(drop)
     }
 
     async fn settle(&self, token: DeliveryToken, nack: bool) -> Result<()> {
