@@ -90,7 +90,7 @@ async fn confirmed_messages_survive_kill_9() {
             expected += 1;
             batch.push(d);
         }
-        consumer.ack_all(&batch).await.unwrap();
+        qbus_client::Delivery::ack_all(&batch).await.unwrap();
         batch.clear();
     }
     let info = client.query_mq("durable").await.unwrap();

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
-use qbus_client::{Broker, Durability, Message, MqOptions, PendingReceipt, Producer};
+use futures_util::StreamExt;
+use qbus_client::{Broker, Delivery, Durability, Message, MqOptions, PendingReceipt, Producer};
 
 use crate::error::CliError;
 use crate::histogram::{Latencies, Summary};
@@ -235,16 +235,10 @@ async fn consume(broker: &Broker, args: ConsumeBench) -> Result<(), CliError> {
         tokio::select! {
             biased;
             Some(ack) = acks.next(), if !acks.is_empty() => {
-                ack?;
-                acked += 1;
-                // Take every other ack already confirmed without another trip through select.
-                while let Some(Some(ack)) = acks.next().now_or_never() {
-                    ack?;
-                    acked += 1;
-                }
+                acked += ack?;
             }
             batch = consumer.recv_batch(want),
-                if want > 0 && (acks.is_empty() || acks.len() + want <= ACK_WINDOW) =>
+                if want > 0 && (received - acked) as usize + want <= ACK_WINDOW.max(want) =>
             {
                 let batch = batch?;
                 if batch.is_empty() {
@@ -257,13 +251,10 @@ async fn consume(broker: &Broker, args: ConsumeBench) -> Result<(), CliError> {
                 latencies.record(now - last_batch);
                 last_batch = now;
                 received += batch.len() as u64;
-                for delivery in batch {
-                    bytes += delivery.body.len() as u64;
-                    // Each ack is one queue send and one reply wait; exempt from Tokio's
-                    // cooperative budget, or a thousand of them polled in one task run out
-                    // of it and are all re-woken, again and again.
-                    acks.push(tokio::task::unconstrained(async move { delivery.ack().await }));
-                }
+                bytes += batch.iter().map(|d| d.body.len() as u64).sum::<u64>();
+                acks.push(async move {
+                    Delivery::ack_all(&batch).await.map(|()| batch.len() as u64)
+                });
             }
         }
     }

@@ -161,6 +161,27 @@ impl Delivery {
         }
     }
 
+    /// Acknowledges many deliveries with one request per broker they came from, and
+    /// resolves once the brokers have recorded every ack. Cheaper than awaiting
+    /// [`Delivery::ack`] for each when handling a batch from
+    /// [`Consumer::recv_batch`].
+    pub async fn ack_all(deliveries: &[Delivery]) -> Result<()> {
+        let mut by_broker: Vec<(&Acker, Vec<DeliveryToken>)> = Vec::new();
+        for delivery in deliveries {
+            match by_broker
+                .iter_mut()
+                .find(|(acker, _)| acker.tx.same_channel(&delivery.acker.tx))
+            {
+                Some((_, tokens)) => tokens.push(delivery.token()),
+                None => by_broker.push((&delivery.acker, vec![delivery.token()])),
+            }
+        }
+        let requests = by_broker
+            .into_iter()
+            .map(|(acker, tokens)| acker.settle_now(tokens, false));
+        futures_util::future::try_join_all(requests).await.map(drop)
+    }
+
     /// Acknowledges the message; resolves when the broker has recorded the ack.
     pub async fn ack(&self) -> Result<()> {
         self.acker.settle(self.token(), false).await
@@ -219,26 +240,6 @@ impl Consumer {
     /// The group consumed for.
     pub fn group(&self) -> &str {
         &self.group
-    }
-
-    /// Acknowledges many deliveries with one request per broker they came from, and
-    /// resolves once the brokers have recorded every ack. Cheaper than awaiting
-    /// [`Delivery::ack`] for each when handling a batch from [`recv_batch`](Self::recv_batch).
-    pub async fn ack_all(&self, deliveries: &[Delivery]) -> Result<()> {
-        let mut by_broker: Vec<(&Acker, Vec<DeliveryToken>)> = Vec::new();
-        for delivery in deliveries {
-            match by_broker
-                .iter_mut()
-                .find(|(acker, _)| acker.tx.same_channel(&delivery.acker.tx))
-            {
-                Some((_, tokens)) => tokens.push(delivery.token()),
-                None => by_broker.push((&delivery.acker, vec![delivery.token()])),
-            }
-        }
-        let requests = by_broker
-            .into_iter()
-            .map(|(acker, tokens)| acker.settle_now(tokens, false));
-        futures_util::future::try_join_all(requests).await.map(drop)
     }
 
     /// The next delivery; `None` after a fatal error has been returned.
