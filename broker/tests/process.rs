@@ -306,3 +306,35 @@ async fn per_mq_sync_option() {
         Some(false)
     );
 }
+
+/// A consumer keeps working across a broker restart: its fetch loop reconnects and the
+/// group resumes where it was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_survives_a_broker_restart() {
+    let mut broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("steady", MqOptions::default())
+        .await
+        .unwrap();
+    client.producer("steady").send("before").await.unwrap();
+    let mut consumer = client.consumer("steady").subscribe().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first.body[..], b"before");
+    first.ack().await.unwrap();
+
+    broker.restart(); // kill -9, same port and store
+    let producer = broker.client().await.producer("steady");
+    producer.send("after").await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("the consumer resumed after the restart")
+        .unwrap()
+        .unwrap();
+    assert_eq!((next.offset, &next.body[..]), (1, &b"after"[..]));
+    next.ack().await.unwrap();
+}
