@@ -18,7 +18,7 @@ use qbus_rpc::{route_stats, MqRpcService};
 use qbus_testkit::http::once;
 use serde_json::{json, Value};
 use support::greeter::{self, Probe};
-use support::{wait_for, Process};
+use support::{wait_for, wait_for_async, Process};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -313,14 +313,10 @@ async fn a_caller_that_leaves_frees_its_entry() {
     // Closing the socket is all the broker sees.
     connection.abort();
     call.abort();
-    let started = Instant::now();
-    loop {
+    let stats = wait_for_async("the closed caller's entry to be freed", WAIT, || async {
         let stats = route_stats(&fixture.broker, MQ).await.unwrap();
-        if stats.pending == 0 {
-            assert_eq!(stats.abandoned, 1);
-            break;
-        }
-        assert!(started.elapsed() < WAIT, "entry still pending: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (stats.pending == 0).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats.abandoned, 1);
 }

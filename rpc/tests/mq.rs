@@ -16,7 +16,7 @@ use qbus_rpc::{
 };
 use serde_json::json;
 use support::greeter::{self, GreeterClient, Probe};
-use support::{plain, scenarios, KillOnDrop, Process};
+use support::{plain, scenarios, wait_for_async, KillOnDrop, Process};
 
 const MQ: &str = "greeter-rpc";
 
@@ -152,16 +152,16 @@ async fn killed_caller_frees_its_pending_entry() {
     assert_eq!(route_stats(&broker, MQ).await.unwrap().pending, 1);
     caller.0.kill().unwrap();
     caller.0.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = route_stats(&broker, MQ).await.unwrap();
-        if stats.pending == 0 {
-            assert_eq!(stats.abandoned, 1);
-            break;
-        }
-        assert!(Instant::now() < deadline, "entry still pending: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let stats = wait_for_async(
+        "the killed caller's entry to be freed",
+        Duration::from_secs(10),
+        || async {
+            let stats = route_stats(&broker, MQ).await.unwrap();
+            (stats.pending == 0).then_some(stats)
+        },
+    )
+    .await;
+    assert_eq!(stats.abandoned, 1);
 }
 
 /// A JSON call sent raw to the broker gets the responder's JSON reply.

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use qbus_client::ha::HaOptions;
 use qbus_client::{Message, MqOptions, Producer};
-use support::{tracker_url, wait_for, wait_for_brokers, Broker, Tracker, REPORT_INTERVAL, WARMUP};
+use support::{
+    tracker_url, wait_for, wait_for_async, wait_for_brokers, Broker, Tracker, REPORT_INTERVAL,
+    WARMUP,
+};
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -228,15 +231,16 @@ async fn cached_topology_outlives_every_tracker() {
     let mut live = vec![addrs[0].clone(), addrs[1].clone()];
     live.sort();
     for tracker in [&t1, &t2] {
-        loop {
-            let mut seen = tracker.broker_addrs().await;
-            seen.sort();
-            if seen == live {
-                break;
-            }
-            assert!(restarted.elapsed() < LIMIT, "tracker has {seen:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for_async(
+            "a restarted tracker to list the live brokers",
+            LIMIT,
+            || async {
+                let mut seen = tracker.broker_addrs().await;
+                seen.sort();
+                (seen == live).then_some(())
+            },
+        )
+        .await;
     }
     let back = restarted.elapsed();
     eprintln!("trackers had the topology back {back:?} after restarting");

@@ -21,16 +21,11 @@ async fn until(
     done: impl Fn(&[String]) -> bool,
 ) -> Duration {
     let start = Instant::now();
-    loop {
-        if done(&tracker.broker_addrs().await) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_async(what, limit, || async {
+        done(&tracker.broker_addrs().await).then_some(())
+    })
+    .await;
+    start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use qbus_client::{Broker, Delivery, Message, MqOptions, StartAt, Status};
+use qbus_testkit::wait_for_async;
 
 pub type Connect = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Broker> + Send>> + Send + Sync>;
 
@@ -229,17 +230,11 @@ pub async fn ack_timeout_and_dead_letters(connect: &Connect) {
     broker.producer("slow").send("never acked").await.unwrap();
     let _one = next(&mut consumer).await;
     let _two = next(&mut consumer).await;
-    let mut dlq = None;
-    for _ in 0..200 {
-        if let Ok(info) = broker.query_mq("slow.DLQ").await {
-            if info.depth() == 1 {
-                dlq = Some(info);
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(dlq.is_some(), "message reached the dead-letter MQ");
+    wait_for_async("the message to reach the dead-letter MQ", WAIT, || async {
+        let info = broker.query_mq("slow.DLQ").await.ok()?;
+        (info.depth() == 1).then_some(())
+    })
+    .await;
     let mut dead = broker.consumer("slow.DLQ").subscribe().await.unwrap();
     assert_eq!(&next(&mut dead).await.body[..], b"never acked");
 }
@@ -260,13 +255,11 @@ pub async fn start_at_end(connect: &Connect) {
         .await
         .unwrap();
     // The group is created by its first fetch; wait until it exists before producing.
-    for _ in 0..200 {
+    wait_for_async("the group to be created", WAIT, || async {
         let info = broker.query_mq("late").await.unwrap();
-        if info.groups.iter().any(|g| g.name == "new") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        info.groups.iter().any(|g| g.name == "new").then_some(())
+    })
+    .await;
     broker.producer("late").send("fresh").await.unwrap();
     let d = next(&mut consumer).await;
     assert_eq!((d.offset, &d.body[..]), (5, &b"fresh"[..]));

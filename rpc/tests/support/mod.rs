@@ -17,7 +17,7 @@ use std::time::Duration;
 use qbus_testkit::process::{broker_command, tracker_command, ServerProcess};
 
 pub use qbus_testkit::process::{binary, KillOnDrop};
-pub use qbus_testkit::{free_port, wait_for};
+pub use qbus_testkit::{free_port, wait_for, wait_for_async};
 
 /// A server child process killed when dropped.
 pub struct Process {
