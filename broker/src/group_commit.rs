@@ -33,23 +33,35 @@ const MAX_BATCH: usize = 8192;
 /// Requests that may wait for the commit thread before senders are made to wait.
 const QUEUE: usize = 16 * 1024;
 
+/// One append request: whole records for one log.
+struct Append {
+    log: SharedLog,
+    records: BytesMut,
+    /// Records in `records`, so appends can share one write and still get their offsets.
+    count: u64,
+    /// Whether the reply waits for the fsync (false: acknowledged once written).
+    wait_sync: bool,
+    reply: AppendReply,
+}
+
+/// One store of a group's cursor.
+struct CursorStore {
+    cursor: SharedCursor,
+    /// Read when the job runs, so a newer value queued behind never loses to an older one.
+    committed: Arc<AtomicU64>,
+    wait_sync: bool,
+    reply: oneshot::Sender<Result<Durability, StoreError>>,
+}
+
+/// What a [`CommitBatch`] holds.
+enum Work {
+    Append(Append),
+    Cursor(CursorStore),
+}
+
 enum Job {
-    Append {
-        log: SharedLog,
-        records: BytesMut,
-        /// Records in `records`, so jobs can share one write and still get their offsets.
-        count: u64,
-        /// Whether the reply waits for the fsync (false: acknowledged once written).
-        wait_sync: bool,
-        reply: AppendReply,
-    },
-    Cursor {
-        cursor: SharedCursor,
-        /// Read when the job runs, so a newer value queued behind never loses to an older one.
-        committed: Arc<AtomicU64>,
-        wait_sync: bool,
-        reply: oneshot::Sender<Result<Durability, StoreError>>,
-    },
+    /// Appends and cursor stores queued together (the requests of one burst), in order.
+    Batch(Vec<Work>),
     Retain {
         log: SharedLog,
         reply: oneshot::Sender<Result<u64, StoreError>>,
@@ -62,12 +74,82 @@ enum Job {
     Stop,
 }
 
-/// An append in progress.
-pub struct AppendWait(oneshot::Receiver<Result<(Appended, Durability), StoreError>>);
+/// Appends and cursor stores gathered to be handed to the commit thread together: a session
+/// joins the produces, calls and acks of one read from its socket, so a burst of small
+/// requests costs the thread one wake-up and each file one write.
+///
+/// Each item resolves its own wait once the batch is [submitted](Committer::submit) and the
+/// item is as durable as the broker's fsync policy promises (or, with `wait_sync` false, once
+/// written: for MQs whose messages are worth less than the fsync's latency, such as RPC
+/// requests). A batch dropped unsubmitted fails its waits.
+#[derive(Default)]
+pub struct CommitBatch {
+    work: Vec<Work>,
+    bytes: usize,
+}
 
-impl AppendWait {
-    /// Waits for the append to be durable and visible.
-    pub async fn wait(self) -> Result<(Appended, Durability), StoreError> {
+impl CommitBatch {
+    /// Adds whole, verified records for `log` (offsets are assigned by the commit thread);
+    /// the wait resolves once they are durable and visible to consumers.
+    pub fn append(
+        &mut self,
+        log: &SharedLog,
+        records: BytesMut,
+        count: u32,
+        wait_sync: bool,
+    ) -> StoreWait<(Appended, Durability)> {
+        let (reply, wait) = oneshot::channel();
+        self.bytes += records.len();
+        self.work.push(Work::Append(Append {
+            log: log.clone(),
+            records,
+            count: count.into(),
+            wait_sync,
+            reply,
+        }));
+        StoreWait(wait)
+    }
+
+    /// Adds a store of `cursor` with the value `committed` holds when the commit thread
+    /// gets to it.
+    pub fn store_cursor(
+        &mut self,
+        cursor: &SharedCursor,
+        committed: &Arc<AtomicU64>,
+        wait_sync: bool,
+    ) -> StoreWait<Durability> {
+        let (reply, wait) = oneshot::channel();
+        self.work.push(Work::Cursor(CursorStore {
+            cursor: cursor.clone(),
+            committed: committed.clone(),
+            wait_sync,
+            reply,
+        }));
+        StoreWait(wait)
+    }
+
+    /// Bytes of records added so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// A write in progress on the commit thread.
+pub struct StoreWait<T>(oneshot::Receiver<Result<T, StoreError>>);
+
+/// An append in progress: resolves to its offsets and durability.
+pub type AppendWait = StoreWait<(Appended, Durability)>;
+
+impl<T> StoreWait<T> {
+    /// A wait that has nothing to wait for.
+    pub fn ready(value: T) -> StoreWait<T> {
+        let (reply, wait) = oneshot::channel();
+        let _ = reply.send(Ok(value));
+        StoreWait(wait)
+    }
+
+    /// Waits for the write to be durable (and an append's records visible).
+    pub async fn wait(self) -> Result<T, StoreError> {
         self.0.await.map_err(|_| stopped())?
     }
 }
@@ -126,63 +208,29 @@ impl Committer {
         durability_of(self.policy)
     }
 
-    /// Queues whole records for appending (offsets are assigned by the commit thread) and
-    /// returns a receiver that resolves once they are as durable as the policy promises and
-    /// visible to consumers. Queuing order is append order.
-    ///
-    /// With `wait_sync` false the records are acknowledged and shown to consumers as soon as
-    /// they are written (durability `written`), even when the policy fsyncs: for MQs whose
-    /// messages are worth less than the fsync's latency, such as RPC requests.
-    pub async fn submit_append(
-        &self,
-        log: &SharedLog,
-        records: BytesMut,
-        count: u32,
-        wait_sync: bool,
-    ) -> Result<AppendWait, StoreError> {
-        let (reply, wait) = oneshot::channel();
-        let job = Job::Append {
-            log: log.clone(),
-            records,
-            count: count.into(),
-            wait_sync,
-            reply,
-        };
-        self.tx.send(job).await.map_err(|_| stopped())?;
-        Ok(AppendWait(wait))
-    }
-
-    /// Appends whole records and waits for them (see [`Committer::submit_append`]).
-    pub async fn append(
-        &self,
-        log: &SharedLog,
-        records: BytesMut,
-        count: u32,
-        wait_sync: bool,
-    ) -> Result<(Appended, Durability), StoreError> {
-        self.submit_append(log, records, count, wait_sync)
-            .await?
-            .wait()
+    /// Hands a batch to the thread with one message (and at most one wake-up). Queuing
+    /// order is write order.
+    pub async fn submit(&self, batch: CommitBatch) -> Result<(), StoreError> {
+        if batch.work.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send(Job::Batch(batch.work))
             .await
+            .map_err(|_| stopped())
     }
 
-    /// Persists a group cursor with the same durability as its MQ's appends (`wait_sync` as
-    /// in [`Committer::submit_append`]).
+    /// Stores a group cursor on its own and waits for it (see [`CommitBatch`]).
     pub async fn store_cursor(
         &self,
         cursor: &SharedCursor,
         committed: &Arc<AtomicU64>,
         wait_sync: bool,
     ) -> Result<Durability, StoreError> {
-        let (reply, wait) = oneshot::channel();
-        let job = Job::Cursor {
-            cursor: cursor.clone(),
-            committed: committed.clone(),
-            wait_sync,
-            reply,
-        };
-        self.tx.send(job).await.map_err(|_| stopped())?;
-        wait.await.map_err(|_| stopped())?
+        let mut batch = CommitBatch::default();
+        let wait = batch.store_cursor(cursor, committed, wait_sync);
+        self.submit(batch).await?;
+        wait.wait().await
     }
 
     /// Applies retention to a log; returns its new first offset.
@@ -349,6 +397,70 @@ impl Staged {
     }
 }
 
+/// Adds `append` to the write gathered for its log, first writing what is gathered if the
+/// two would not fit in one write.
+fn stage(
+    staged: &mut Vec<Staged>,
+    append: Append,
+    now: u64,
+    (dirty, synced, unsynced): (&mut Dirty, &mut Outcomes, &mut Outcomes),
+) {
+    let Append {
+        log,
+        records,
+        count,
+        wait_sync,
+        reply,
+    } = append;
+    let at = staged.iter().position(|s| Arc::ptr_eq(&s.log, &log));
+    if let Some(full) = at.filter(|&at| staged[at].records.len() + records.len() > MAX_WRITE) {
+        staged.swap_remove(full).write(now, dirty, synced, unsynced);
+    }
+    let at = match staged.iter().position(|s| Arc::ptr_eq(&s.log, &log)) {
+        Some(at) => at,
+        None => {
+            staged.push(Staged {
+                log,
+                records: BytesMut::new(),
+                waiters: Vec::new(),
+                wait_sync,
+            });
+            staged.len() - 1
+        }
+    };
+    let entry = &mut staged[at];
+    if entry.records.is_empty() {
+        entry.records = records;
+    } else {
+        entry.records.extend_from_slice(&records);
+    }
+    entry.waiters.push((reply, count));
+}
+
+/// Writes a cursor; its reply waits with the rest of its durability class.
+fn store_cursor(
+    store: CursorStore,
+    dirty: &mut Dirty,
+    synced: &mut Outcomes,
+    unsynced: &mut Outcomes,
+) {
+    let CursorStore {
+        cursor,
+        committed,
+        wait_sync,
+        reply,
+    } = store;
+    let result = cursor
+        .lock()
+        .expect("cursor lock poisoned")
+        .store(committed.load(Ordering::Acquire));
+    if result.is_ok() {
+        dirty.add_cursor(&cursor);
+    }
+    let outcomes = if wait_sync { synced } else { unsynced };
+    outcomes.done.push(Done::Cursor(reply, result));
+}
+
 enum Done {
     Append(AppendReply, Result<Appended, StoreError>),
     Cursor(
@@ -373,59 +485,18 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
         let mut stop = false;
         for job in batch.drain(..) {
             match job {
-                Job::Append {
-                    log,
-                    records,
-                    count,
-                    wait_sync,
-                    reply,
-                } => {
-                    let fits = |s: &Staged| s.records.len() + records.len() <= MAX_WRITE;
-                    let at = staged.iter().position(|s| Arc::ptr_eq(&s.log, &log));
-                    if let Some(full) = at.filter(|&at| !fits(&staged[at])) {
-                        staged
-                            .swap_remove(full)
-                            .write(now, &mut dirty, &mut synced, &mut unsynced);
-                    }
-                    let at = match staged.iter().position(|s| Arc::ptr_eq(&s.log, &log)) {
-                        Some(at) => at,
-                        None => {
-                            staged.push(Staged {
-                                log,
-                                records: BytesMut::new(),
-                                waiters: Vec::new(),
-                                wait_sync,
-                            });
-                            staged.len() - 1
+                Job::Batch(work) => {
+                    for item in work {
+                        match item {
+                            Work::Append(append) => {
+                                let outcomes = (&mut dirty, &mut synced, &mut unsynced);
+                                stage(&mut staged, append, now, outcomes);
+                            }
+                            Work::Cursor(store) => {
+                                store_cursor(store, &mut dirty, &mut synced, &mut unsynced);
+                            }
                         }
-                    };
-                    let entry = &mut staged[at];
-                    if entry.records.is_empty() {
-                        entry.records = records;
-                    } else {
-                        entry.records.extend_from_slice(&records);
                     }
-                    entry.waiters.push((reply, count));
-                }
-                Job::Cursor {
-                    cursor,
-                    committed,
-                    wait_sync,
-                    reply,
-                } => {
-                    let result = cursor
-                        .lock()
-                        .expect("cursor lock poisoned")
-                        .store(committed.load(Ordering::Acquire));
-                    if result.is_ok() {
-                        dirty.add_cursor(&cursor);
-                    }
-                    let outcomes = if wait_sync {
-                        &mut synced
-                    } else {
-                        &mut unsynced
-                    };
-                    outcomes.done.push(Done::Cursor(reply, result));
                 }
                 Job::Retain { log, reply } => {
                     let result = log
@@ -484,5 +555,56 @@ fn clone_error(e: &StoreError) -> StoreError {
     StoreError::Io {
         path: "<fsync>".into(),
         source: std::io::Error::other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LogConfig;
+    use qbus_client::protocol::record::encode_record;
+
+    fn records(n: usize) -> BytesMut {
+        let mut out = BytesMut::new();
+        for i in 0..n {
+            encode_record(&mut out, 0, 0, None, None, format!("{i}").as_bytes()).unwrap();
+        }
+        out
+    }
+
+    fn log(dir: &std::path::Path) -> SharedLog {
+        let (log, _reader) = MqLog::open(dir, LogConfig::default()).unwrap();
+        Arc::new(Mutex::new(log))
+    }
+
+    #[tokio::test]
+    async fn one_batch_gives_each_append_its_own_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (log(&dir.path().join("a")), log(&dir.path().join("b")));
+        let (committer, thread) = Committer::start(FsyncPolicy::Always).unwrap();
+        let mut batch = CommitBatch::default();
+        let first = batch.append(&a, records(2), 2, true);
+        let other = batch.append(&b, records(1), 1, false);
+        let second = batch.append(&a, records(3), 3, true);
+        assert_eq!(batch.bytes(), records(6).len());
+        committer.submit(batch).await.unwrap();
+        let (first, durability) = first.wait().await.unwrap();
+        assert_eq!((first.first_offset, first.count), (0, 2));
+        assert_eq!(durability, Durability::Synced);
+        let (second, _) = second.wait().await.unwrap();
+        assert_eq!((second.first_offset, second.count), (2, 3));
+        let (other, durability) = other.wait().await.unwrap();
+        assert_eq!((other.first_offset, durability), (0, Durability::Written));
+
+        // An unsubmitted batch fails its waits instead of leaving them hanging.
+        let mut dropped = CommitBatch::default();
+        let lost = dropped.append(&a, records(1), 1, true);
+        drop(dropped);
+        assert!(lost.wait().await.is_err());
+
+        committer.stop().await;
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
     }
 }

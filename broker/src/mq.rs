@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use crate::consumer_group::ConsumerGroup;
 use crate::error::{validate_name, BrokerError};
-use crate::group_commit::{AppendWait, Committer, SharedCursor, SharedLog};
+use crate::group_commit::{AppendWait, CommitBatch, Committer, SharedCursor, SharedLog, StoreWait};
 use crate::metrics::MqCounters;
 use crate::store::{CursorFile, LogConfig, LogReader, MqLog, ReadPos, StoreError};
 
@@ -203,30 +203,24 @@ impl Mq {
         &self.counters
     }
 
-    /// Queues `count` whole, verified records for appending; the returned wait resolves
-    /// once they are durable (see [`Committer::submit_append`]).
-    pub async fn submit(
-        &self,
-        committer: &Committer,
-        records: BytesMut,
-        count: u32,
-    ) -> Result<AppendWait, BrokerError> {
-        let bytes = records.len() as u64;
-        let wait = committer
-            .submit_append(&self.log, records, count, self.wait_sync())
-            .await?;
-        self.counters.produced(count.into(), bytes);
-        Ok(wait)
+    /// Adds `count` whole, verified records to `batch`; the returned wait resolves once
+    /// the batch is submitted and they are durable (see [`CommitBatch`]).
+    pub fn stage(&self, batch: &mut CommitBatch, records: BytesMut, count: u32) -> AppendWait {
+        self.counters.produced(count.into(), records.len() as u64);
+        batch.append(&self.log, records, count, self.wait_sync())
     }
 
-    /// Appends whole, verified records and waits for them.
+    /// Appends whole, verified records on their own and waits for them.
     pub async fn append(
         &self,
         committer: &Committer,
         records: BytesMut,
         count: u32,
     ) -> Result<(crate::store::Appended, Durability), BrokerError> {
-        Ok(self.submit(committer, records, count).await?.wait().await?)
+        let mut batch = CommitBatch::default();
+        let wait = self.stage(&mut batch, records, count);
+        committer.submit(batch).await?;
+        Ok(wait.wait().await?)
     }
 
     /// The group `name`, created at `start` if new.
@@ -417,14 +411,15 @@ impl Mq {
         Ok(self.read_offsets(&pairs).await?.body.into())
     }
 
-    /// Acknowledges deliveries and persists the group's cursor if it moved. Returns how
-    /// many were acknowledged and the durability of the cursor.
-    pub async fn ack(
+    /// Acknowledges deliveries and adds a store of the group's cursor to `batch` if it
+    /// moved. Returns how many were acknowledged and a wait for the cursor's durability.
+    pub fn ack(
         &self,
         committer: &Committer,
+        batch: &mut CommitBatch,
         group: &Group,
         tokens: &[DeliveryToken],
-    ) -> Result<(usize, Durability), BrokerError> {
+    ) -> (usize, StoreWait<Durability>) {
         let (acked, committed) = {
             let mut state = group.state();
             let acked = state.ack(tokens);
@@ -433,16 +428,14 @@ impl Mq {
         if acked > 0 {
             group.changed.notify_waiters();
         }
-        let durability = if group.persisted.fetch_max(committed, Ordering::AcqRel) < committed {
-            committer
-                .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
-                .await?
+        let stored = if group.persisted.fetch_max(committed, Ordering::AcqRel) < committed {
+            batch.store_cursor(&group.cursor, &group.persisted, self.wait_sync())
         } else if self.wait_sync() {
-            committer.durability()
+            StoreWait::ready(committer.durability())
         } else {
-            Durability::Written
+            StoreWait::ready(Durability::Written)
         };
-        Ok((acked, durability))
+        (acked, stored)
     }
 
     /// Releases deliveries for immediate redelivery.

@@ -10,7 +10,7 @@ use qbus_client::protocol::{DeliveryToken, Durability, MqOptions};
 
 use crate::config::Config;
 use crate::error::{validate_name, BrokerError};
-use crate::group_commit::Committer;
+use crate::group_commit::{CommitBatch, Committer, StoreWait};
 use crate::metrics::BrokerMetrics;
 use crate::mq::{Fetched, Group, Limits, Mq, Start};
 use crate::rpc_route::Routes;
@@ -286,18 +286,33 @@ impl Registry {
         }
     }
 
-    /// Acknowledges deliveries of `group` (the MQ's name when `None`); returns how many were
-    /// acknowledged and how durable the group's cursor is.
+    /// Acknowledges deliveries of `group` (the MQ's name when `None`) on their own; returns
+    /// how many were acknowledged and how durable the group's cursor is.
     pub async fn ack(
         &self,
         mq: &str,
         group: Option<&str>,
         tokens: &[DeliveryToken],
     ) -> Result<(usize, Durability), BrokerError> {
+        let mut batch = CommitBatch::default();
+        let (acked, stored) = self.stage_ack(&mut batch, mq, group, tokens)?;
+        self.committer.submit(batch).await?;
+        Ok((acked, stored.wait().await?))
+    }
+
+    /// Acknowledges deliveries; a store of the group's cursor, if it moved, joins `batch`.
+    /// Returns how many were acknowledged and a wait for the cursor's durability.
+    pub fn stage_ack(
+        &self,
+        batch: &mut CommitBatch,
+        mq: &str,
+        group: Option<&str>,
+        tokens: &[DeliveryToken],
+    ) -> Result<(usize, StoreWait<Durability>), BrokerError> {
         let (mq, group) = self.existing_group(mq, group)?;
-        let (acked, durability) = mq.ack(&self.committer, &group, tokens).await?;
+        let (acked, stored) = mq.ack(&self.committer, batch, &group, tokens);
         mq.counters().acked(acked as u64);
-        Ok((acked, durability))
+        Ok((acked, stored))
     }
 
     /// Gives deliveries back for immediate redelivery; returns how many were released.

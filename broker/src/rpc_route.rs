@@ -26,7 +26,7 @@ use qbus_client::protocol::{Command, Frame, Header, RouteStats, Status, FLAG_ONE
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::BrokerError;
-use crate::group_commit::AppendWait;
+use crate::group_commit::{AppendWait, CommitBatch};
 use crate::registry::Registry;
 
 /// Most callers that may await a reply on one broker at once.
@@ -353,13 +353,14 @@ impl From<BrokerError> for Refusal {
 }
 
 /// Runs `Call`, `Route` and `QueryRoutes` for connection `conn`, whose outgoing frames go
-/// to `out`. Returns the reply to send now, if any: a stored call is answered later, by its
-/// route or its deadline.
-pub async fn handle(
+/// to `out`; a call's record joins `batch`. Returns the reply to send now, if any: a stored
+/// call is answered later, by its route or its deadline.
+pub fn handle(
     registry: &Registry,
     conn: u64,
     out: &mpsc::Sender<Frame>,
     frame: Frame,
+    batch: &mut CommitBatch,
 ) -> Option<Frame> {
     let (cmd, id, oneway) = (
         frame.header.cmd,
@@ -369,7 +370,7 @@ pub async fn handle(
     let outcome = match cmd {
         Command::Call => {
             let reply_to = || ReplyTo::Connection(out.clone());
-            call(registry, conn, reply_to, frame).await.map(|()| None)
+            call(registry, conn, reply_to, frame, batch).map(|()| None)
         }
         Command::Route => route(registry.routes(), frame),
         Command::QueryRoutes => query(registry.routes(), &frame.header).map(Some),
@@ -401,13 +402,14 @@ pub fn call_timeout(timeout_ms: Option<u32>) -> Duration {
         .min(MAX_TIMEOUT)
 }
 
-/// Stores a call in its MQ and remembers its caller `conn`; `reply_to` says where the
-/// caller's replies go, should this be its first call awaiting one.
-async fn call(
+/// Adds a call to `batch` for its MQ and remembers its caller `conn`; `reply_to` says
+/// where the caller's replies go, should this be its first call awaiting one.
+fn call(
     registry: &Registry,
     conn: u64,
     reply_to: impl FnOnce() -> ReplyTo,
     frame: Frame,
+    batch: &mut CommitBatch,
 ) -> Result<(), Refusal> {
     let Frame { header, body } = frame;
     let name = header.mq.as_deref().ok_or_else(|| {
@@ -428,27 +430,12 @@ async fn call(
     let routes = registry.routes();
     let route = routes.register(conn, reply_to, header.id, timeout)?;
     let mut record = BytesMut::with_capacity(body.len() + route.len() + 64);
-    let stored = match encode_record(
-        &mut record,
-        0,
-        0,
-        header.encoding.as_deref(),
-        Some(&route),
-        &body,
-    ) {
-        Ok(_) => mq
-            .submit(registry.committer(), record, 1)
-            .await
-            .map_err(Refusal::from),
-        Err(e) => Err(Refusal::new(Status::BadRequest, format!("bad call: {e}"))),
-    };
-    let wait = match stored {
-        Ok(wait) => wait,
-        Err(refusal) => {
-            routes.forget(conn, header.id);
-            return Err(refusal);
-        }
-    };
+    let encoding = header.encoding.as_deref();
+    if let Err(e) = encode_record(&mut record, 0, 0, encoding, Some(&route), &body) {
+        routes.forget(conn, header.id);
+        return Err(Refusal::new(Status::BadRequest, format!("bad call: {e}")));
+    }
+    let wait = mq.stage(batch, record, 1);
     // The caller hears nothing until the reply; only a failed write must reach it now.
     routes.watch_append(conn, header.id, wait);
     Ok(())
@@ -471,7 +458,16 @@ pub async fn call_once(registry: &Registry, request: Frame) -> Result<Frame, Ref
     let timeout = call_timeout(request.header.timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
     let (tx, mut rx) = oneshot::channel();
-    call(registry, conn, move || ReplyTo::Once(Some(tx)), request).await?;
+    let mut batch = CommitBatch::default();
+    call(
+        registry,
+        conn,
+        move || ReplyTo::Once(Some(tx)),
+        request,
+        &mut batch,
+    )?;
+    // A failed submit fails the call's write, which the caller hears of as from the disk.
+    let _ = registry.committer().submit(batch).await;
     let reply = match tokio::time::timeout_at(deadline, &mut rx).await {
         Ok(reply) => reply,
         // Answer at the deadline itself, not at the sweeper's next round.

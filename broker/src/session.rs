@@ -12,14 +12,14 @@ use qbus_client::protocol::{
     Command, Frame, Header, MqOptions, Status, FLAG_ONEWAY, FLAG_START_AT_END,
     FLAG_START_AT_OFFSET, PROTOCOL_VERSION,
 };
-use qbus_client::serve::{hello_reply, next_frame};
+use qbus_client::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::BrokerError;
-use crate::group_commit::AppendWait;
+use crate::group_commit::{AppendWait, CommitBatch};
 use crate::metrics::Protocol;
 use crate::mq::Start;
 use crate::registry::{FetchRequest, Registry};
@@ -29,6 +29,11 @@ use crate::rpc_route;
 const MAX_FETCHES: usize = 64;
 /// Produce replies waiting for the disk per connection; more makes the reader wait.
 const PRODUCE_PIPELINE: usize = 4096;
+/// Most requests already received handled as one burst before their appends go to the
+/// commit thread (well below `PRODUCE_PIPELINE`, whose receipts wait for those appends).
+const MAX_BURST: usize = 256;
+/// Most bytes of records a burst gathers before handing them over.
+const MAX_BURST_BYTES: usize = 1 << 20;
 /// A connection silent this long is closed (clients heartbeat every 5 s by default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,6 +42,8 @@ struct Session {
     conn: u64,
     out: mpsc::Sender<Frame>,
     produced: mpsc::Sender<(Header, AppendWait)>,
+    /// Appends of the burst being handled, submitted together at its end.
+    batch: CommitBatch,
     fetches: Arc<Semaphore>,
     tasks: JoinSet<()>,
     /// MQs and groups this connection consumed from, to release its deliveries when it
@@ -64,13 +71,33 @@ async fn run(registry: Arc<Registry>, link: Link, conn: u64, shutdown: Cancellat
         conn,
         out: out.clone(),
         produced,
+        batch: CommitBatch::default(),
         fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
         tasks: JoinSet::new(),
         consumed: HashSet::new(),
     };
     let replier = tokio::spawn(reply_in_order(pending, out.clone()));
-    while let Some(frame) = next_frame(&mut inbound, &out, IDLE_TIMEOUT, &shutdown).await {
+    let mut open = true;
+    while open {
+        let Some(frame) = next_frame(&mut inbound, &out, IDLE_TIMEOUT, &shutdown).await else {
+            break;
+        };
         session.handle(frame).await;
+        // The requests that arrived with it join its burst: however many small produces and
+        // calls one read brought, the commit thread takes them with one wake-up.
+        let mut handled = 1;
+        while handled < MAX_BURST && session.batch.bytes() < MAX_BURST_BYTES {
+            match buffered_frame(&mut inbound, &out).await {
+                Some(Some(frame)) => session.handle(frame).await,
+                Some(None) => {
+                    open = false;
+                    break;
+                }
+                None => break,
+            }
+            handled += 1;
+        }
+        session.submit_batch().await;
         // Reap finished request tasks so the set does not grow.
         while session.tasks.try_join_next().is_some() {}
     }
@@ -152,13 +179,14 @@ impl Session {
             }
             Command::Produce => self.produce(frame).await,
             Command::Fetch => self.fetch(frame.header),
-            Command::Ack | Command::Nack => self.settle(frame.header),
+            Command::Ack | Command::Nack => self.settle(frame.header).await,
             Command::CreateMq | Command::QueryMq | Command::ListMq | Command::RemoveMq => {
                 self.admin(frame);
                 Ok(())
             }
             Command::Call | Command::Route | Command::QueryRoutes => {
-                match rpc_route::handle(&self.registry, self.conn, &self.out, frame).await {
+                let (registry, out) = (&self.registry, &self.out);
+                match rpc_route::handle(registry, self.conn, out, frame, &mut self.batch) {
                     Some(reply) => self.reply(reply).await,
                     None => Ok(()),
                 }
@@ -240,15 +268,16 @@ impl Session {
             }
             Err(e) => return Err(Failure::new(&header, e)),
         };
-        let wait = match mq
-            .submit(self.registry.committer(), BytesMut::from(body), count)
-            .await
-        {
-            Ok(wait) => wait,
-            Err(e) => return Err(Failure::new(&header, e)),
-        };
+        let wait = mq.stage(&mut self.batch, BytesMut::from(body), count);
         let _ = self.produced.send((header, wait)).await;
         Ok(())
+    }
+
+    /// Hands the burst's appends to the commit thread. Should it be gone (shutdown), each
+    /// append's wait fails and its produce or call is answered with the error.
+    async fn submit_batch(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        let _ = self.registry.committer().submit(batch).await;
     }
 
     fn fetch(&mut self, request: Header) -> Result<(), Failure> {
@@ -281,13 +310,30 @@ impl Session {
         Ok(())
     }
 
-    fn settle(&mut self, request: Header) -> Result<(), Failure> {
-        let registry = self.registry.clone();
+    async fn settle(&mut self, request: Header) -> Result<(), Failure> {
+        let failed = |e| Failure::new(&request, e);
+        let mq = required(&request.mq, "mq").map_err(failed)?;
+        let group = request.group.as_deref();
+        let mut header = Header::reply_to(&request);
+        if request.cmd == Command::Nack {
+            let released = self.registry.nack(mq, group, &request.tokens);
+            header.count = Some(released.map_err(failed)? as u32);
+            return self.reply(Frame::new(header)).await;
+        }
+        let registry = &self.registry;
+        let (acked, stored) = registry
+            .stage_ack(&mut self.batch, mq, group, &request.tokens)
+            .map_err(failed)?;
         let out = self.out.clone();
+        // The reply waits for the cursor's write, which goes with the burst's batch.
         self.tasks.spawn(async move {
-            let reply = match settle(&registry, &request).await {
-                Ok(frame) => frame,
-                Err(e) => Frame::new(error_header(&request, &e)),
+            let reply = match stored.wait().await {
+                Ok(durability) => {
+                    header.count = Some(acked as u32);
+                    header.durability = Some(durability);
+                    Frame::new(header)
+                }
+                Err(e) => Frame::new(error_header(&request, &BrokerError::Store(e))),
             };
             let _ = out.send(reply).await;
         });
@@ -334,20 +380,6 @@ async fn fetch(
     header.count = Some(fetched.attempts.len() as u32);
     header.attempts = fetched.attempts;
     Ok(Frame::with_body(header, fetched.body))
-}
-
-async fn settle(registry: &Registry, request: &Header) -> Result<Frame, BrokerError> {
-    let mq = required(&request.mq, "mq")?;
-    let group = request.group.as_deref();
-    let mut header = Header::reply_to(request);
-    if request.cmd == Command::Ack {
-        let (acked, durability) = registry.ack(mq, group, &request.tokens).await?;
-        header.count = Some(acked as u32);
-        header.durability = Some(durability);
-    } else {
-        header.count = Some(registry.nack(mq, group, &request.tokens)? as u32);
-    }
-    Ok(Frame::new(header))
 }
 
 async fn admin(registry: &Registry, frame: &Frame) -> Result<Frame, BrokerError> {

@@ -31,7 +31,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -80,8 +80,33 @@ pub async fn next_frame(
         _ = shutdown.cancelled() => return None,
     };
     match item {
-        Ok(Some(Ok(frame))) => Some(frame),
-        Ok(Some(Err(e))) => {
+        Ok(item) => received(item, out).await,
+        Err(_) => {
+            tracing::info!(?idle, "closing idle connection");
+            None
+        }
+    }
+}
+
+/// A frame the peer has already sent, without waiting for the network: `Some(Some(frame))`,
+/// `Some(None)` when the connection should close (as [`next_frame`] says it), `None` when
+/// nothing whole is buffered. Servers use it to handle a burst of requests together.
+pub async fn buffered_frame(
+    inbound: &mut FrameStream,
+    out: &mpsc::Sender<Frame>,
+) -> Option<Option<Frame>> {
+    let item = inbound.next().now_or_never()?;
+    Some(received(item, out).await)
+}
+
+/// What [`next_frame`] and [`buffered_frame`] make of an item of the stream.
+async fn received(
+    item: Option<Result<Frame, WireError>>,
+    out: &mpsc::Sender<Frame>,
+) -> Option<Frame> {
+    match item {
+        Some(Ok(frame)) => Some(frame),
+        Some(Err(e)) => {
             tracing::warn!(error = %e, "closing connection after bad input");
             let status = match e {
                 WireError::FrameTooLarge { .. } => Status::TooLarge,
@@ -91,11 +116,7 @@ pub async fn next_frame(
             let _ = out.send(Frame::new(bad)).await;
             None
         }
-        Ok(None) => None,
-        Err(_) => {
-            tracing::info!(?idle, "closing idle connection");
-            None
-        }
+        None => None,
     }
 }
 

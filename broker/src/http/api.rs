@@ -21,7 +21,6 @@ use super::fields::Fields;
 use super::reply::{json, ApiError, Reply};
 use super::stats::MqStats;
 use super::Context;
-use crate::error::BrokerError;
 use crate::mq::Start;
 use crate::registry::FetchRequest;
 
@@ -190,8 +189,7 @@ async fn produce(
     let mut record = BytesMut::with_capacity(RECORD_OVERHEAD + tag_len + key_len + payload.len());
     encode_record(&mut record, 0, 0, tag, key, &payload)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let wait = mq.submit(ctx.registry.committer(), record, 1).await?;
-    let (appended, durability) = wait.wait().await.map_err(BrokerError::from)?;
+    let (appended, durability) = mq.append(ctx.registry.committer(), record, 1).await?;
     Ok(json(
         StatusCode::OK,
         &Receipt {
