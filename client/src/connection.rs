@@ -168,26 +168,50 @@ impl Connection {
 
     /// Sends a request and returns a future for its reply. The request is queued in call
     /// order, so requests sent one after another from one task keep their order on the wire.
-    pub async fn send(&self, mut frame: Frame) -> Result<PendingReply> {
+    pub async fn send(&self, frame: Frame) -> Result<PendingReply> {
+        // The common case (connected, room in the queue) takes no await, which keeps this
+        // future small: it is allocated and moved with every request's.
+        match self.try_send(frame) {
+            Attempt::Done(sent) => sent,
+            Attempt::Wait(frame) => Box::pin(self.send_waiting(*frame)).await,
+        }
+    }
+
+    /// Sends at once when connected with room in the queue.
+    fn try_send(&self, mut frame: Frame) -> Attempt {
+        let Some(live) = self.inner.live.load_full() else {
+            return Attempt::Wait(Box::new(frame));
+        };
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        frame.header.id = id;
+        let rx = match live.register(id) {
+            Ok(rx) => rx,
+            Err(e) => return Attempt::Done(Err(e)),
+        };
+        match live.tx.try_send(frame) {
+            Ok(()) => Attempt::Done(Ok(PendingReply {
+                rx,
+                live: Some(live),
+                id,
+            })),
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                live.forget(id);
+                Attempt::Wait(Box::new(frame))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                live.forget(id);
+                Attempt::Done(Err(live.disconnected()))
+            }
+        }
+    }
+
+    /// Sends once connected and the queue has room.
+    async fn send_waiting(&self, mut frame: Frame) -> Result<PendingReply> {
         let live = self.live().await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         frame.header.id = id;
         let rx = live.register(id)?;
-        // Most sends find room in the queue; only a full queue waits, in a boxed future so
-        // its state does not weigh on every request's future.
-        let full = match live.tx.try_send(frame) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(frame)) => Some(frame),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                live.forget(id);
-                return Err(live.disconnected());
-            }
-        };
-        let queued = match full {
-            None => true,
-            Some(frame) => Box::pin(live.tx.send(frame)).await.is_ok(),
-        };
-        if !queued {
+        if live.tx.send(frame).await.is_err() {
             live.forget(id);
             return Err(live.disconnected());
         }
@@ -315,11 +339,14 @@ async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inn
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    // Set per frame and turned into `last_heard` at the next tick: reading the clock for
+    // every reply would cost more than the frame's own handling.
+    let mut heard = false;
     loop {
         tokio::select! {
             item = rx.next() => match item {
                 Some(Ok(frame)) => {
-                    last_heard = Instant::now();
+                    heard = true;
                     if frame.header.id != 0 {
                         live.complete(frame);
                     }
@@ -331,6 +358,9 @@ async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inn
                 None => break,
             },
             _ = ticker.tick() => {
+                if std::mem::take(&mut heard) {
+                    last_heard = Instant::now();
+                }
                 let silent = last_heard.elapsed();
                 if silent >= heartbeat * 3 {
                     tracing::warn!(addr = %live.addr, ?silent, "peer silent, closing connection");
@@ -350,6 +380,14 @@ async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inn
             inner.live.store(None);
         }
     }
+}
+
+/// What [`Connection::try_send`] made of a request.
+enum Attempt {
+    /// Sent, or failed for good.
+    Done(Result<PendingReply>),
+    /// Not connected, or the queue is full: send it the waiting way.
+    Wait(Box<Frame>),
 }
 
 /// The reply to one request; resolves to an error for error statuses and lost connections.
