@@ -37,8 +37,8 @@ pub struct ConsumerGroup {
     deadlines: VecDeque<(Instant, u64, u32)>,
     /// Deliveries held per connection, for the in-flight cap and the consumer count.
     held: HashMap<u64, u32>,
-    /// Connections fetching for this group now.
-    consumers: HashMap<u64, u32>,
+    /// Connections consuming for this group (see [`ConsumerGroup::has_consumers`]).
+    consumers: HashMap<u64, Presence>,
     dead_lettered: u64,
     redelivered: u64,
 }
@@ -197,14 +197,34 @@ impl ConsumerGroup {
         released
     }
 
-    /// Marks `conn` as consuming (one more active fetch).
+    /// Marks `conn` as consuming: one more fetch of it waiting.
     pub fn join(&mut self, conn: u64) {
-        *self.consumers.entry(conn).or_default() += 1;
+        self.consumers.entry(conn).or_default().fetching += 1;
     }
 
-    /// True while some connection consumes for this group.
-    pub fn has_consumers(&self) -> bool {
-        !self.consumers.is_empty()
+    /// One fetch of `conn` ended at `now`.
+    pub fn fetch_ended(&mut self, conn: u64, now: Instant) {
+        if let Some(presence) = self.consumers.get_mut(&conn) {
+            presence.fetching = presence.fetching.saturating_sub(1);
+            presence.last_fetch = Some(now);
+        }
+    }
+
+    /// True while some connection consumes for this group: it has a fetch waiting, holds
+    /// deliveries, or fetched within [`CONSUMER_GRACE`]. A consumer that stopped (an MQ-RPC
+    /// service shut down) stops counting soon after, even if its connection stays open.
+    pub fn has_consumers(&self, now: Instant) -> bool {
+        self.consumers
+            .iter()
+            .any(|(&conn, presence)| self.is_present(conn, presence, now))
+    }
+
+    fn is_present(&self, conn: u64, presence: &Presence, now: Instant) -> bool {
+        presence.fetching > 0
+            || self.held_by(conn) > 0
+            || presence
+                .last_fetch
+                .is_some_and(|at| now.saturating_duration_since(at) < CONSUMER_GRACE)
     }
 
     /// Releases every delivery `conn` holds and forgets it as a consumer. Returns how many
@@ -241,7 +261,7 @@ impl ConsumerGroup {
     }
 
     /// A snapshot for `QueryMq`.
-    pub fn info(&self, end: u64) -> GroupInfo {
+    pub fn info(&self, end: u64, now: Instant) -> GroupInfo {
         let committed = self.committed();
         GroupInfo {
             name: self.name.clone(),
@@ -251,7 +271,11 @@ impl ConsumerGroup {
             lag: end
                 .saturating_sub(committed)
                 .saturating_sub(self.acked_between(committed)),
-            consumers: self.consumers.len() as u32,
+            consumers: self
+                .consumers
+                .iter()
+                .filter(|&(&conn, presence)| self.is_present(conn, presence, now))
+                .count() as u32,
             dead_lettered: self.dead_lettered,
             redelivered: self.redelivered,
         }
@@ -286,6 +310,19 @@ impl ConsumerGroup {
         }
     }
 }
+
+/// A connection's fetches of one group, for telling whether it still consumes.
+#[derive(Debug, Default)]
+struct Presence {
+    /// Fetches waiting now.
+    fetching: u32,
+    /// When its last fetch ended.
+    last_fetch: Option<Instant>,
+}
+
+/// How long a connection still counts as a consumer after its last fetch ended, when it
+/// has none waiting and holds nothing: longer than a consumer takes between two fetches.
+pub const CONSUMER_GRACE: Duration = Duration::from_secs(2);
 
 /// The default ack timeout, when neither the MQ nor the broker config sets one.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -344,10 +381,34 @@ mod tests {
         g.join(1);
         g.join(2);
         assert_eq!(g.leave(1), 2);
-        assert_eq!(g.info(4).consumers, 1);
+        assert_eq!(g.info(4, now).consumers, 1);
         let again = g.take_redeliveries(10, 16, 2, now);
         assert_eq!(again.deliver, vec![(0, 2), (1, 2)]);
         assert_eq!(g.held_by(2), 4);
+    }
+
+    #[test]
+    fn a_consumer_counts_while_fetching_holding_or_just_fetched() {
+        let now = Instant::now();
+        let later = now + CONSUMER_GRACE;
+        let mut g = ConsumerGroup::new("g", 0);
+        assert!(!g.has_consumers(now));
+        g.join(1);
+        assert!(g.has_consumers(later), "a fetch waiting");
+        g.fetch_ended(1, now);
+        assert!(g.has_consumers(now), "between two fetches");
+        assert!(!g.has_consumers(later), "gone quiet");
+        assert_eq!(g.info(0, later).consumers, 0);
+        g.deliver_new(1, &[0], 1, now);
+        assert!(g.has_consumers(later), "holding a delivery");
+        assert_eq!(g.ack(&[token(0, 1)]), 1);
+        assert!(!g.has_consumers(later));
+        g.fetch_ended(2, now);
+        assert_eq!(
+            g.info(0, now).consumers,
+            1,
+            "a fetch ending never adds a consumer"
+        );
     }
 
     #[test]
@@ -366,7 +427,7 @@ mod tests {
         let out = g.take_redeliveries(1, 3, 1, now);
         assert_eq!((out.deliver.len(), out.dead), (0, vec![0]));
         assert_eq!(g.committed(), 1);
-        assert_eq!(g.info(1).dead_lettered, 1);
+        assert_eq!(g.info(1, now).dead_lettered, 1);
     }
 
     #[test]
@@ -400,7 +461,7 @@ mod tests {
         g.deliver_new(5, &[0, 4], 1, now);
         g.truncate_before(3);
         assert_eq!((g.committed(), g.held_by(1)), (4, 1));
-        let info = g.info(5);
+        let info = g.info(5, Instant::now());
         assert_eq!((info.in_flight, info.lag), (1, 1));
     }
 }

@@ -74,6 +74,26 @@ impl Group {
     }
 }
 
+/// A fetch under way: its connection counts as a consumer of the group until it ends,
+/// however it ends.
+struct Fetching<'a> {
+    group: &'a Group,
+    conn: u64,
+}
+
+impl<'a> Fetching<'a> {
+    fn start(group: &'a Group, conn: u64) -> Fetching<'a> {
+        group.state().join(conn);
+        Fetching { group, conn }
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.group.state().fetch_ended(self.conn, Instant::now());
+    }
+}
+
 /// Records handed out by one fetch.
 #[derive(Debug, Default)]
 pub struct Fetched {
@@ -276,7 +296,7 @@ impl Mq {
     ) -> Result<Fetched, BrokerError> {
         let give_up = tokio::time::Instant::now() + wait;
         let mut end = self.reader.subscribe_end();
-        group.state().join(conn);
+        let _fetching = Fetching::start(group, conn);
         loop {
             let changed = group.changed.notified();
             tokio::pin!(changed);
@@ -473,13 +493,15 @@ impl Mq {
         }
     }
 
-    /// True while some connection consumes from any group (MQ-RPC's "is anyone there").
+    /// True while some connection consumes from any group (MQ-RPC's "is anyone there"; see
+    /// [`ConsumerGroup::has_consumers`]).
     pub fn has_consumers(&self) -> bool {
+        let now = Instant::now();
         self.groups
             .lock()
             .expect("groups poisoned")
             .values()
-            .any(|group| group.state().has_consumers())
+            .any(|group| group.state().has_consumers(now))
     }
 
     /// Releases deliveries past their ack deadline and drops records lost to retention.
@@ -498,12 +520,13 @@ impl Mq {
     /// A description for `QueryMq`.
     pub fn info(&self) -> MqInfo {
         let end = self.reader.end_offset();
+        let now = Instant::now();
         let mut groups: Vec<_> = self
             .groups
             .lock()
             .expect("groups poisoned")
             .values()
-            .map(|g| g.state().info(end))
+            .map(|g| g.state().info(end, now))
             .collect();
         groups.sort_by(|a, b| a.name.cmp(&b.name));
         MqInfo {

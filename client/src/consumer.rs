@@ -481,10 +481,11 @@ impl Fetcher {
             let fetch = self
                 .connection
                 .request_with_wait(self.request(), self.spec.long_poll);
+            tokio::pin!(fetch);
             let reply = tokio::select! {
-                reply = fetch => reply,
-                _ = self.tx.closed() => return,
-                _ = self.stop.cancelled() => return,
+                reply = &mut fetch => reply,
+                _ = self.tx.closed() => return self.give_back(fetch).await,
+                _ = self.stop.cancelled() => return self.give_back(fetch).await,
             };
             match reply.and_then(|frame| self.deliveries(frame)) {
                 Ok(deliveries) => {
@@ -523,6 +524,18 @@ impl Fetcher {
                     return;
                 }
             }
+        }
+    }
+
+    /// Waits out the fetch still on the broker when the consumer stops and gives back what
+    /// it brings. Abandoned, its deliveries would stay held by this connection until their
+    /// ack timeout, and the broker would go on counting the connection as a consumer.
+    async fn give_back(&self, fetch: impl Future<Output = Result<Frame>>) {
+        let Ok(deliveries) = fetch.await.and_then(|frame| self.deliveries(frame)) else {
+            return;
+        };
+        for delivery in deliveries {
+            self.acker.settle_later(delivery.token(), true);
         }
     }
 
