@@ -9,7 +9,11 @@ use qbus_client::protocol::{DeliveryToken, GroupInfo};
 /// A delivery awaiting its ack.
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
+    /// Deliveries so far, this one included; unique per delivery, so a token names one.
     attempt: u32,
+    /// Deliveries given back unseen (see [`ConsumerGroup::nack`]): they do not count
+    /// toward the delivery limit.
+    unseen: u32,
     /// Connection holding it; `None` once released for redelivery.
     holder: Option<u64>,
 }
@@ -88,6 +92,7 @@ impl ConsumerGroup {
                 offset,
                 InFlight {
                     attempt: 1,
+                    unseen: 0,
                     holder: Some(conn),
                 },
             );
@@ -117,7 +122,7 @@ impl ConsumerGroup {
             if entry.holder.is_some() {
                 continue; // already out again
             }
-            if entry.attempt >= max_deliveries {
+            if entry.attempt - entry.unseen >= max_deliveries {
                 self.in_flight.remove(&offset);
                 self.dead_lettered += 1;
                 out.dead.push(offset);
@@ -171,12 +176,20 @@ impl ConsumerGroup {
         }
     }
 
-    /// Releases deliveries for immediate redelivery. Returns how many were released.
-    pub fn nack(&mut self, tokens: &[DeliveryToken]) -> usize {
+    /// Releases deliveries for immediate redelivery. With `unseen` the consumer gives them
+    /// back without having handed them to its application (it stopped with them prefetched),
+    /// so they do not count toward the delivery limit. Returns how many were released.
+    pub fn nack(&mut self, tokens: &[DeliveryToken], unseen: bool) -> usize {
         let mut released = 0;
         for token in tokens {
-            if self.release(token.offset, Some(token.attempt)) {
-                released += 1;
+            if !self.release(token.offset, Some(token.attempt)) {
+                continue;
+            }
+            released += 1;
+            if unseen {
+                if let Some(entry) = self.in_flight.get_mut(&token.offset) {
+                    entry.unseen += 1;
+                }
             }
         }
         released
@@ -388,6 +401,24 @@ mod tests {
     }
 
     #[test]
+    fn deliveries_given_back_unseen_do_not_count() {
+        let now = Instant::now();
+        let mut g = ConsumerGroup::new("g", 0);
+        g.deliver_new(1, &[0], 1, now);
+        assert_eq!(g.nack(&[token(0, 1)], true), 1);
+        // With a limit of one delivery, the record still goes out again: to the consumer it
+        // is a redelivery (attempt 2), to the limit still its first.
+        let again = g.take_redeliveries(10, 1, 2, now);
+        assert_eq!((again.deliver, again.dead), (vec![(0, 2)], vec![]));
+        assert_eq!(
+            g.expire(now),
+            1,
+            "only the current attempt's deadline releases it"
+        );
+        assert_eq!(g.take_redeliveries(10, 1, 2, now).dead, vec![0]);
+    }
+
+    #[test]
     fn a_consumer_counts_while_fetching_holding_or_just_fetched() {
         let now = Instant::now();
         let later = now + CONSUMER_GRACE;
@@ -417,13 +448,13 @@ mod tests {
         let mut g = ConsumerGroup::new("g", 0);
         g.deliver_new(1, &[0], 1, now);
         for attempt in 2..=3 {
-            g.nack(&[token(0, attempt - 1)]);
+            g.nack(&[token(0, attempt - 1)], false);
             assert_eq!(
                 g.take_redeliveries(1, 3, 1, now).deliver,
                 vec![(0, attempt)]
             );
         }
-        g.nack(&[token(0, 3)]);
+        g.nack(&[token(0, 3)], false);
         let out = g.take_redeliveries(1, 3, 1, now);
         assert_eq!((out.deliver.len(), out.dead), (0, vec![0]));
         assert_eq!(g.committed(), 1);

@@ -458,9 +458,9 @@ impl Mq {
         (acked, stored)
     }
 
-    /// Releases deliveries for immediate redelivery.
-    pub fn nack(&self, group: &Group, tokens: &[DeliveryToken]) -> usize {
-        let released = group.state().nack(tokens);
+    /// Releases deliveries for immediate redelivery (`unseen`: see [`ConsumerGroup::nack`]).
+    pub fn nack(&self, group: &Group, tokens: &[DeliveryToken], unseen: bool) -> usize {
+        let released = group.state().nack(tokens, unseen);
         if released > 0 {
             group.changed.notify_waiters();
         }

@@ -316,14 +316,17 @@ impl Registry {
     }
 
     /// Gives deliveries back for immediate redelivery; returns how many were released.
+    /// `unseen`: the consumer never handed them to its application, so they do not count
+    /// toward the delivery limit.
     pub fn nack(
         &self,
         mq: &str,
         group: Option<&str>,
         tokens: &[DeliveryToken],
+        unseen: bool,
     ) -> Result<usize, BrokerError> {
         let (mq, group) = self.existing_group(mq, group)?;
-        Ok(mq.nack(&group, tokens))
+        Ok(mq.nack(&group, tokens, unseen))
     }
 
     fn existing_group(

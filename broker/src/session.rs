@@ -10,7 +10,7 @@ use qbus_client::link::Link;
 use qbus_client::protocol::record::records;
 use qbus_client::protocol::{
     Command, Frame, Header, MqOptions, Status, FLAG_ONEWAY, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, PROTOCOL_VERSION,
+    FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_client::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
@@ -29,8 +29,8 @@ use crate::rpc_route;
 const MAX_FETCHES: usize = 64;
 /// Produce replies waiting for the disk per connection; more makes the reader wait.
 const PRODUCE_PIPELINE: usize = 4096;
-/// Most requests already received handled as one burst before their appends go to the
-/// commit thread (well below `PRODUCE_PIPELINE`, whose receipts wait for those appends).
+/// Most requests already received handled as one burst before their writes go to the
+/// commit thread (well below `PRODUCE_PIPELINE`, whose receipts wait for those writes).
 const MAX_BURST: usize = 256;
 /// Most bytes of records a burst gathers before handing them over.
 const MAX_BURST_BYTES: usize = 1 << 20;
@@ -42,7 +42,7 @@ struct Session {
     conn: u64,
     out: mpsc::Sender<Frame>,
     produced: mpsc::Sender<(Header, AppendWait)>,
-    /// Appends of the burst being handled, submitted together at its end.
+    /// Appends and cursor stores of the burst being handled, submitted together at its end.
     batch: CommitBatch,
     fetches: Arc<Semaphore>,
     tasks: JoinSet<()>,
@@ -273,8 +273,8 @@ impl Session {
         Ok(())
     }
 
-    /// Hands the burst's appends to the commit thread. Should it be gone (shutdown), each
-    /// append's wait fails and its produce or call is answered with the error.
+    /// Hands the burst's appends and cursor stores to the commit thread. Should it be gone
+    /// (shutdown), each wait fails and its produce, call or ack is answered with the error.
     async fn submit_batch(&mut self) {
         let batch = std::mem::take(&mut self.batch);
         let _ = self.registry.committer().submit(batch).await;
@@ -316,7 +316,8 @@ impl Session {
         let group = request.group.as_deref();
         let mut header = Header::reply_to(&request);
         if request.cmd == Command::Nack {
-            let released = self.registry.nack(mq, group, &request.tokens);
+            let unseen = request.has_flag(FLAG_UNSEEN);
+            let released = self.registry.nack(mq, group, &request.tokens, unseen);
             header.count = Some(released.map_err(failed)? as u32);
             return self.reply(Frame::new(header)).await;
         }

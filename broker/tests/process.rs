@@ -35,6 +35,7 @@ scenarios::scenario_tests!(
     two_groups_each_get_everything,
     one_group_splits_messages,
     closed_consumer_is_redelivered,
+    stopped_consumer_gives_back_unseen,
     ack_timeout_and_dead_letters,
     start_at_end,
 );

@@ -20,6 +20,7 @@ use crate::error::{ClientError, Result};
 use crate::protocol::record::records;
 use crate::protocol::{
     Command, DeliveryToken, Frame, Header, Status, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
+    FLAG_UNSEEN,
 };
 
 /// Where a group that does not exist yet starts reading.
@@ -178,18 +179,18 @@ impl Delivery {
         }
         let requests = by_broker
             .into_iter()
-            .map(|(acker, tokens)| acker.settle_now(tokens, false));
+            .map(|(acker, tokens)| acker.settle_now(tokens, Verdict::Ack));
         futures_util::future::try_join_all(requests).await.map(drop)
     }
 
     /// Acknowledges the message; resolves when the broker has recorded the ack.
     pub async fn ack(&self) -> Result<()> {
-        self.acker.settle(self.token(), false).await
+        self.acker.settle(self.token(), Verdict::Ack).await
     }
 
     /// Gives the message back for immediate redelivery.
     pub async fn nack(&self) -> Result<()> {
-        self.acker.settle(self.token(), true).await
+        self.acker.settle(self.token(), Verdict::Nack).await
     }
 
     /// The connection to the broker this delivery came from: where an answer that must
@@ -311,7 +312,9 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         self.rx.close();
         while let Ok(Ok(delivery)) = self.rx.try_recv() {
-            delivery.acker.settle_later(delivery.token(), true);
+            delivery
+                .acker
+                .settle_later(delivery.token(), Verdict::Unseen);
         }
     }
 }
@@ -323,8 +326,39 @@ struct Target {
 
 struct Settle {
     token: DeliveryToken,
-    nack: bool,
+    verdict: Verdict,
     done: Option<oneshot::Sender<Result<()>>>,
+}
+
+/// What a consumer tells the broker of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Handled.
+    Ack,
+    /// Not handled: deliver it again (another attempt).
+    Nack,
+    /// Never handed to the application (the consumer stopped with it prefetched): deliver
+    /// it again without counting an attempt against the MQ's delivery limit.
+    Unseen,
+}
+
+impl Verdict {
+    const ALL: [Verdict; 3] = [Verdict::Ack, Verdict::Nack, Verdict::Unseen];
+
+    /// The request telling the broker this of `tokens`.
+    fn request(self, target: &Target, tokens: Vec<DeliveryToken>) -> Frame {
+        let cmd = match self {
+            Verdict::Ack => Command::Ack,
+            Verdict::Nack | Verdict::Unseen => Command::Nack,
+        };
+        let mut header = Header::request(cmd, Some(&target.mq));
+        header.group = Some(target.group.clone());
+        header.tokens = tokens;
+        if self == Verdict::Unseen {
+            header.flags |= FLAG_UNSEEN;
+        }
+        Frame::new(header)
+    }
 }
 
 /// Collects acks and nacks from every delivery of a consumer and sends them in batches.
@@ -355,24 +389,17 @@ impl Acker {
         }
     }
 
-    /// Sends one ack (or nack) request for `tokens` and waits for the broker's answer.
-    async fn settle_now(&self, tokens: Vec<DeliveryToken>, nack: bool) -> Result<()> {
-        let cmd = if nack { Command::Nack } else { Command::Ack };
-        let mut header = Header::request(cmd, Some(&self.target.mq));
-        header.group = Some(self.target.group.clone());
-        header.tokens = tokens;
-        self.connection
-            .send(Frame::new(header))
-            .await?
-            .await
-            .map(drop)
+    /// Sends one request for `tokens` and waits for the broker's answer.
+    async fn settle_now(&self, tokens: Vec<DeliveryToken>, verdict: Verdict) -> Result<()> {
+        let request = verdict.request(&self.target, tokens);
+        self.connection.send(request).await?.await.map(drop)
     }
 
-    async fn settle(&self, token: DeliveryToken, nack: bool) -> Result<()> {
+    async fn settle(&self, token: DeliveryToken, verdict: Verdict) -> Result<()> {
         let (done, wait) = oneshot::channel();
         let request = Settle {
             token,
-            nack,
+            verdict,
             done: Some(done),
         };
         self.tx
@@ -383,10 +410,10 @@ impl Acker {
     }
 
     /// Queues a settle without waiting for it (used on drop and for auto-ack).
-    fn settle_later(&self, token: DeliveryToken, nack: bool) {
+    fn settle_later(&self, token: DeliveryToken, verdict: Verdict) {
         let request = Settle {
             token,
-            nack,
+            verdict,
             done: None,
         };
         if self.tx.try_send(request).is_err() {
@@ -400,16 +427,15 @@ impl Acker {
     async fn run(connection: Connection, target: Arc<Target>, mut rx: mpsc::Receiver<Settle>) {
         let mut batch = Vec::with_capacity(ACK_BATCH);
         while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
-            let (nacks, acks): (Vec<Settle>, Vec<Settle>) =
-                batch.drain(..).partition(|settle| settle.nack);
-            for (cmd, settles) in [(Command::Ack, acks), (Command::Nack, nacks)] {
+            for verdict in Verdict::ALL {
+                let settles: Vec<Settle> = batch
+                    .extract_if(.., |settle| settle.verdict == verdict)
+                    .collect();
                 if settles.is_empty() {
                     continue;
                 }
-                let mut header = Header::request(cmd, Some(&target.mq));
-                header.group = Some(target.group.clone());
-                header.tokens = settles.iter().map(|s| s.token).collect();
-                let sent = connection.send(Frame::new(header)).await;
+                let tokens = settles.iter().map(|s| s.token).collect();
+                let sent = connection.send(verdict.request(&target, tokens)).await;
                 tokio::spawn(async move {
                     let outcome = match sent {
                         Ok(reply) => reply.await.map(drop),
@@ -493,14 +519,14 @@ impl Fetcher {
                     let mut deliveries = deliveries.into_iter();
                     while let Some(delivery) = deliveries.next() {
                         if self.spec.auto_ack {
-                            self.acker.settle_later(delivery.token(), false);
+                            self.acker.settle_later(delivery.token(), Verdict::Ack);
                         }
                         if let Err(mpsc::error::SendError(Ok(unhandled))) =
                             self.tx.send(Ok(delivery)).await
                         {
                             // The consumer is gone: give back what it will never see.
                             for delivery in std::iter::once(unhandled).chain(deliveries) {
-                                self.acker.settle_later(delivery.token(), true);
+                                self.acker.settle_later(delivery.token(), Verdict::Unseen);
                             }
                             return;
                         }
@@ -535,7 +561,7 @@ impl Fetcher {
             return;
         };
         for delivery in deliveries {
-            self.acker.settle_later(delivery.token(), true);
+            self.acker.settle_later(delivery.token(), Verdict::Unseen);
         }
     }
 

@@ -117,7 +117,9 @@ pub async fn run(
         }
         Op::Nack => {
             let tokens = tokens(&fields)?;
-            let released = ctx.registry.nack(mq, fields.get("group")?, &tokens)?;
+            let released = ctx
+                .registry
+                .nack(mq, fields.get("group")?, &tokens, false)?;
             Ok(json(StatusCode::OK, &Released { released }))
         }
         Op::Create => {

@@ -208,6 +208,54 @@ pub async fn closed_consumer_is_redelivered(connect: &Connect) {
     assert_eq!(again, taken);
 }
 
+/// A consumer dropped with messages prefetched but never handed out gives them back
+/// without spending their delivery attempts: with a limit of one delivery they still reach
+/// the next consumer instead of the dead-letter MQ. Its connection stays open meanwhile, so
+/// only the give-back can release them before the ack timeout.
+pub async fn stopped_consumer_gives_back_unseen(connect: &Connect) {
+    let broker = connect().await;
+    let options = MqOptions {
+        max_deliveries: Some(1),
+        ..MqOptions::default()
+    };
+    broker.create_mq("once", options).await.unwrap();
+    produce_numbers(&broker, "once", 10).await;
+    let quitter = connect().await;
+    let mut prefetching = quitter
+        .consumer("once")
+        .group("w")
+        .batch(10)
+        .subscribe()
+        .await
+        .unwrap();
+    let seen = next(&mut prefetching).await;
+    seen.ack().await.unwrap();
+    wait_for_async("the other nine to be prefetched", WAIT, || async {
+        let info = broker.query_mq("once").await.ok()?;
+        let group = info.groups.iter().find(|g| g.name == "w")?;
+        (group.in_flight == 9).then_some(())
+    })
+    .await;
+    drop(prefetching);
+    let mut consumer = broker
+        .consumer("once")
+        .group("w")
+        .batch(10)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut rest = HashSet::new();
+    while rest.len() < 9 {
+        let d = next(&mut consumer).await;
+        assert_ne!(d.offset, seen.offset);
+        rest.insert(d.offset);
+        d.ack().await.unwrap();
+    }
+    let info = broker.query_mq("once").await.unwrap();
+    assert_eq!(info.groups[0].dead_lettered, 0);
+    drop(quitter);
+}
+
 /// An unacknowledged delivery comes back after the ack timeout; too many attempts send it
 /// to the dead-letter MQ.
 pub async fn ack_timeout_and_dead_letters(connect: &Connect) {

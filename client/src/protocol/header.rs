@@ -160,6 +160,10 @@ pub const FLAG_ONEWAY: u32 = 1;
 pub const FLAG_START_AT_END: u32 = 1 << 1;
 /// Header flag on a fetch: a group created by this fetch starts at `offset`.
 pub const FLAG_START_AT_OFFSET: u32 = 1 << 2;
+/// Header flag on a nack: the consumer gives the deliveries back without having handed them
+/// to its application (it stopped with them prefetched); they do not count toward the MQ's
+/// delivery limit.
+pub const FLAG_UNSEEN: u32 = 1 << 3;
 
 /// The header of every frame. Field order is the wire order; do not reorder.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

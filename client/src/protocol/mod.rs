@@ -20,7 +20,7 @@ pub use admin::{GroupInfo, MqInfo, MqOptions, ServerInfo};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
     Command, DeliveryToken, Durability, Header, FLAG_ONEWAY, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET,
+    FLAG_START_AT_OFFSET, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
