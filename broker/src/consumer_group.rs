@@ -45,6 +45,8 @@ pub struct ConsumerGroup {
     consumers: HashMap<u64, Presence>,
     dead_lettered: u64,
     redelivered: u64,
+    /// Removed from its MQ: fetches still holding it return empty.
+    retired: bool,
 }
 
 impl ConsumerGroup {
@@ -60,6 +62,7 @@ impl ConsumerGroup {
             consumers: HashMap::new(),
             dead_lettered: 0,
             redelivered: 0,
+            retired: false,
         }
     }
 
@@ -208,6 +211,16 @@ impl ConsumerGroup {
             }
         }
         released
+    }
+
+    /// Marks the group removed from its MQ.
+    pub fn retire(&mut self) {
+        self.retired = true;
+    }
+
+    /// Whether the group was removed from its MQ.
+    pub fn is_retired(&self) -> bool {
+        self.retired
     }
 
     /// Marks `conn` as consuming: one more fetch of it waiting.

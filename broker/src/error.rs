@@ -10,6 +10,25 @@ pub enum BrokerError {
     /// The MQ does not exist.
     #[error("MQ {0:?} does not exist")]
     NoSuchMq(String),
+    /// The consumer group does not exist.
+    #[error("MQ {mq:?} has no consumer group {group:?}")]
+    NoSuchGroup {
+        /// The MQ.
+        mq: String,
+        /// The group asked for.
+        group: String,
+    },
+    /// The consumer group has consumers attached, so it cannot be removed.
+    #[error(
+        "consumer group {group:?} of MQ {mq:?} has consumers attached; stop them first \
+         (a consumer counts until 2 s after its last fetch)"
+    )]
+    GroupInUse {
+        /// The MQ.
+        mq: String,
+        /// The group.
+        group: String,
+    },
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -28,7 +47,8 @@ impl BrokerError {
     /// The status code sent to the client.
     pub fn status(&self) -> Status {
         match self {
-            BrokerError::NoSuchMq(_) => Status::NotFound,
+            BrokerError::NoSuchMq(_) | BrokerError::NoSuchGroup { .. } => Status::NotFound,
+            BrokerError::GroupInUse { .. } => Status::Conflict,
             BrokerError::BadRequest(_) => Status::BadRequest,
             BrokerError::Overloaded(_) => Status::Overloaded,
             BrokerError::Store(_) => Status::Internal,

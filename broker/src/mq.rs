@@ -261,10 +261,7 @@ impl Mq {
                 offset.clamp(self.reader.first_offset(), self.reader.end_offset())
             }
         };
-        let path = self
-            .dir
-            .join(GROUPS_DIR)
-            .join(format!("{name}{CURSOR_SUFFIX}"));
+        let path = self.cursor_path(name);
         let (cursor, _) = tokio::task::spawn_blocking(move || CursorFile::open(&path))
             .await
             .map_err(|e| BrokerError::BadRequest(format!("group creation failed: {e}")))??;
@@ -306,6 +303,9 @@ impl Mq {
             let ack_deadline = Instant::now() + self.limits.ack_timeout;
             let (room, redo) = {
                 let mut state = group.state();
+                if state.is_retired() {
+                    return Ok(Fetched::default());
+                }
                 let room = (self
                     .limits
                     .max_in_flight
@@ -465,6 +465,50 @@ impl Mq {
             group.changed.notify_waiters();
         }
         released
+    }
+
+    /// Deletes group `name` with its cursor file, refused while a consumer is attached.
+    /// Deliveries it had in flight are forgotten; a fetch under that name later creates the
+    /// group afresh.
+    pub async fn remove_group(&self, name: &str) -> Result<(), BrokerError> {
+        let group = {
+            let mut groups = self.groups.lock().expect("groups poisoned");
+            let group = groups.get(name).ok_or_else(|| BrokerError::NoSuchGroup {
+                mq: self.name.clone(),
+                group: name.to_owned(),
+            })?;
+            let mut state = group.state();
+            if state.has_consumers(Instant::now()) {
+                return Err(BrokerError::GroupInUse {
+                    mq: self.name.clone(),
+                    group: name.to_owned(),
+                });
+            }
+            state.retire();
+            drop(state);
+            groups.remove(name)
+        };
+        // A fetch that found the group just before it went joins it after the check above:
+        // woken, it sees the group retired and returns empty.
+        if let Some(group) = group {
+            group.changed.notify_waiters();
+        }
+        let path = self.cursor_path(name);
+        tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Io { path, source: e })
+            }
+            _ => Ok(()),
+        })
+        .await
+        .map_err(|e| BrokerError::BadRequest(format!("group removal failed: {e}")))??;
+        Ok(())
+    }
+
+    fn cursor_path(&self, group: &str) -> PathBuf {
+        self.dir
+            .join(GROUPS_DIR)
+            .join(format!("{group}{CURSOR_SUFFIX}"))
     }
 
     /// An existing group.

@@ -195,6 +195,14 @@ impl Registry {
         Ok(())
     }
 
+    /// Deletes consumer group `group` of `mq`, refused while a consumer is attached.
+    pub async fn remove_group(&self, mq: &str, group: &str) -> Result<(), BrokerError> {
+        self.get(mq)?.remove_group(group).await?;
+        tracing::info!(mq, group, "consumer group removed");
+        self.changed();
+        Ok(())
+    }
+
     /// Moves records that reached their delivery limit to the MQ's dead-letter MQ.
     pub async fn dead_letter(&self, mq: &Mq, offsets: &[u64]) -> Result<(), BrokerError> {
         let records = mq.read_records(offsets).await?;
@@ -336,9 +344,12 @@ impl Registry {
     ) -> Result<(Arc<Mq>, Arc<Group>), BrokerError> {
         let mq = self.get(mq)?;
         let name = group.unwrap_or(mq.name());
-        let group = mq.existing_group(name).ok_or_else(|| {
-            BrokerError::BadRequest(format!("no group {name:?} on {}", mq.name()))
-        })?;
+        let group = mq
+            .existing_group(name)
+            .ok_or_else(|| BrokerError::NoSuchGroup {
+                mq: mq.name().to_owned(),
+                group: name.to_owned(),
+            })?;
         Ok((mq, group))
     }
 

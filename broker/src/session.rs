@@ -180,7 +180,11 @@ impl Session {
             Command::Produce => self.produce(frame).await,
             Command::Fetch => self.fetch(frame.header),
             Command::Ack | Command::Nack => self.settle(frame.header).await,
-            Command::CreateMq | Command::QueryMq | Command::ListMq | Command::RemoveMq => {
+            Command::CreateMq
+            | Command::QueryMq
+            | Command::ListMq
+            | Command::RemoveMq
+            | Command::RemoveGroup => {
                 self.admin(frame);
                 Ok(())
             }
@@ -405,6 +409,13 @@ async fn admin(registry: &Registry, frame: &Frame) -> Result<Frame, BrokerError>
         }
         Command::RemoveMq => {
             registry.remove(required(&request.mq, "mq")?).await?;
+            Vec::new()
+        }
+        Command::RemoveGroup => {
+            let mq = required(&request.mq, "mq")?;
+            registry
+                .remove_group(mq, required(&request.group, "group")?)
+                .await?;
             Vec::new()
         }
         other => {

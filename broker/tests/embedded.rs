@@ -32,6 +32,7 @@ scenarios::scenario_tests!(
     one_group_splits_messages,
     closed_consumer_is_redelivered,
     stopped_consumer_gives_back_unseen,
+    removed_group_starts_afresh,
     ack_timeout_and_dead_letters,
     start_at_end,
 );

@@ -283,7 +283,7 @@ async fn errors_are_json_with_the_protocol_status_codes() {
             "not offset:attempt",
         ),
         (
-            400,
+            404,
             once(
                 &addr,
                 Method::POST,
@@ -292,7 +292,12 @@ async fn errors_are_json_with_the_protocol_status_codes() {
                 "",
             )
             .await,
-            "no group \"nobody\"",
+            "no consumer group \"nobody\"",
+        ),
+        (
+            404,
+            once(&addr, Method::DELETE, "/mq/small/groups/nobody", &[], "").await,
+            "no consumer group \"nobody\"",
         ),
         (
             400,

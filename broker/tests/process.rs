@@ -36,6 +36,7 @@ scenarios::scenario_tests!(
     one_group_splits_messages,
     closed_consumer_is_redelivered,
     stopped_consumer_gives_back_unseen,
+    removed_group_starts_afresh,
     ack_timeout_and_dead_letters,
     start_at_end,
 );
@@ -338,4 +339,40 @@ async fn consumer_survives_a_broker_restart() {
         .unwrap();
     assert_eq!((next.offset, &next.body[..]), (1, &b"after"[..]));
     next.ack().await.unwrap();
+}
+
+/// A removed group stays removed across a restart: its cursor file is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_group_stays_removed_after_restart() {
+    let mut broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("gone", MqOptions::default())
+        .await
+        .unwrap();
+    client.producer("gone").send("x").await.unwrap();
+    let reader = broker.client().await;
+    let mut consumer = reader
+        .consumer("gone")
+        .group("old")
+        .subscribe()
+        .await
+        .unwrap();
+    let only = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    only.ack().await.unwrap();
+    drop((consumer, reader));
+    qbus_testkit::wait_for_async(
+        "the group to be removed",
+        Duration::from_secs(20),
+        || async { client.remove_group("gone", "old").await.ok() },
+    )
+    .await;
+
+    broker.restart(); // kill -9, same port and store
+    let info = broker.client().await.query_mq("gone").await.unwrap();
+    assert!(info.groups.is_empty(), "{:?}", info.groups);
 }

@@ -12,7 +12,9 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use qbus_client::{Broker, Delivery, Durability, Message, MqOptions, PendingReceipt, Producer};
+use qbus_client::{
+    Broker, Delivery, Durability, Message, MqOptions, PendingReceipt, Producer, Status,
+};
 
 use crate::error::CliError;
 use crate::histogram::{Latencies, Summary};
@@ -223,6 +225,8 @@ async fn consume(broker: &Broker, args: ConsumeBench) -> Result<(), CliError> {
         .consumer(&args.mq)
         .group(group.clone())
         .batch(args.batch)
+        // Short polls: the fetch still waiting when the run ends holds up removing the group.
+        .long_poll(Duration::from_millis(100))
         .subscribe()
         .await?;
     let mut latencies = Latencies::with_capacity(1024);
@@ -285,7 +289,21 @@ async fn consume(broker: &Broker, args: ConsumeBench) -> Result<(), CliError> {
         "{}",
         result_line("consume", size, received, args.batch, &rate, &lat)
     );
-    Ok(())
+    remove_group(broker, &args.mq, &group).await
+}
+
+/// Removes the benchmark's group once the broker no longer counts its consumer (a moment
+/// after its last fetch), so runs leave nothing behind.
+async fn remove_group(broker: &Broker, mq: &str, group: &str) -> Result<(), CliError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match broker.remove_group(mq, group).await {
+            Err(e) if e.status() == Some(Status::Conflict) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            done => return done.map_err(CliError::from),
+        }
+    }
 }
 
 /// Produces `missing` messages of `args.size` bytes in big batches.

@@ -1,4 +1,4 @@
-//! `qbus mq ...`: create, list, describe and remove MQs.
+//! `qbus mq ...`: create, list, describe and remove MQs, and remove consumer groups.
 
 use clap::{Args, Subcommand};
 use qbus_client::protocol::GroupInfo;
@@ -31,6 +31,14 @@ pub enum MqCommand {
         /// MQ name
         name: String,
     },
+    /// Remove a consumer group of an MQ: its place and its deliveries in flight (refused
+    /// while a consumer of it is attached)
+    RemoveGroup {
+        /// MQ name
+        name: String,
+        /// Group name
+        group: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +68,11 @@ pub async fn run(broker: &Broker, cmd: MqCommand) -> Result<(), CliError> {
         MqCommand::Remove { name } => {
             broker.remove_mq(&name).await?;
             println!("removed {name}");
+            Ok(())
+        }
+        MqCommand::RemoveGroup { name, group } => {
+            broker.remove_group(&name, &group).await?;
+            println!("removed group {group} of {name}");
             Ok(())
         }
     }

@@ -160,7 +160,12 @@ impl Broker {
         };
         let body =
             rmp_serde::to_vec_named(&options).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let reply = admin(connection, Command::CreateMq, Some(mq), body.into()).await?;
+        let reply = admin(
+            connection,
+            Header::request(Command::CreateMq, Some(mq)),
+            body.into(),
+        )
+        .await?;
         decode(&reply.body)
     }
 
@@ -171,7 +176,12 @@ impl Broker {
             Kind::Ha(ha) => return ha.query_mq(mq).await,
             Kind::Single(connection) => connection,
         };
-        let reply = admin(connection, Command::QueryMq, Some(mq), Bytes::new()).await?;
+        let reply = admin(
+            connection,
+            Header::request(Command::QueryMq, Some(mq)),
+            Bytes::new(),
+        )
+        .await?;
         decode(&reply.body)
     }
 
@@ -181,7 +191,12 @@ impl Broker {
             Kind::Ha(ha) => return ha.list_mqs().await,
             Kind::Single(connection) => connection,
         };
-        let reply = admin(connection, Command::ListMq, None, Bytes::new()).await?;
+        let reply = admin(
+            connection,
+            Header::request(Command::ListMq, None),
+            Bytes::new(),
+        )
+        .await?;
         decode(&reply.body)
     }
 
@@ -191,9 +206,34 @@ impl Broker {
             Kind::Ha(ha) => return ha.remove_mq(mq).await,
             Kind::Single(connection) => connection,
         };
-        admin(connection, Command::RemoveMq, Some(mq), Bytes::new())
-            .await
-            .map(drop)
+        admin(
+            connection,
+            Header::request(Command::RemoveMq, Some(mq)),
+            Bytes::new(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Deletes consumer group `group` of `mq`: its place in the MQ and its deliveries in
+    /// flight; a consumer subscribing later under that name starts afresh. Refused with
+    /// [`Status::Conflict`](crate::protocol::Status) while a consumer of the group is
+    /// attached, [`Status::NotFound`](crate::protocol::Status) if there is no such group.
+    /// Over an HA handle, on every broker that has it.
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: qbus_client::Broker) -> qbus_client::Result<()> {
+    /// broker.remove_group("orders", "old-billing").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn remove_group(&self, mq: &str, group: &str) -> Result<()> {
+        let mut request = Header::request(Command::RemoveGroup, Some(mq));
+        request.group = Some(group.to_owned());
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.remove_everywhere(mq, request).await,
+            Kind::Single(connection) => connection,
+        };
+        admin(connection, request, Bytes::new()).await.map(drop)
     }
 
     /// Sends a request about `mq` to a broker holding it and returns its pending reply, for
@@ -230,15 +270,8 @@ impl Broker {
     }
 }
 
-async fn admin(
-    connection: &Connection,
-    cmd: Command,
-    mq: Option<&str>,
-    body: Bytes,
-) -> Result<Frame> {
-    connection
-        .request(Frame::with_body(Header::request(cmd, mq), body))
-        .await
+async fn admin(connection: &Connection, request: Header, body: Bytes) -> Result<Frame> {
+    connection.request(Frame::with_body(request, body)).await
 }
 
 fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {

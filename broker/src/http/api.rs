@@ -56,6 +56,8 @@ pub enum Op {
     Query,
     /// Delete an MQ and its data.
     Remove,
+    /// Delete a consumer group of an MQ.
+    RemoveGroup,
     /// Describe every MQ.
     List,
 }
@@ -72,13 +74,14 @@ impl FromStr for Op {
             "create" => Op::Create,
             "query" => Op::Query,
             "remove" => Op::Remove,
+            "remove_group" => Op::RemoveGroup,
             "list" => Op::List,
             _ => {
                 return Err(ApiError::new(
                     Status::UnknownCommand,
                     format!(
                         "unknown cmd {cmd:?}: use produce, consume, ack, nack, create, query, \
-                         remove or list"
+                         remove, remove_group or list"
                     ),
                 ))
             }
@@ -135,6 +138,7 @@ pub async fn run(
             ctx.registry.remove(mq).await?;
             Ok(json(StatusCode::OK, &Removed { removed: mq }))
         }
+        Op::RemoveGroup => remove_group(ctx, mq, fields.required("group")?).await,
         Op::List => {
             let all: Vec<MqStats> = ctx.registry.list().iter().map(|m| MqStats::of(m)).collect();
             Ok(json(StatusCode::OK, &all))
@@ -165,6 +169,12 @@ struct Released {
 #[derive(Serialize)]
 struct Removed<'a> {
     removed: &'a str,
+}
+
+/// Deletes consumer group `group` of `mq` (`DELETE /mq/{mq}/groups/{group}`).
+pub async fn remove_group(ctx: &Context, mq: &str, group: &str) -> Result<Reply, ApiError> {
+    ctx.registry.remove_group(mq, group).await?;
+    Ok(json(StatusCode::OK, &Removed { removed: group }))
 }
 
 async fn produce(

@@ -161,6 +161,10 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
             allow(allowed)?;
             api::run(ctx, op, Some(mq), parts, body).await
         }
+        ["mq", mq, "groups", group] => {
+            allow(&[Method::DELETE])?;
+            api::remove_group(ctx, mq, group).await
+        }
         ["rpc", mq] => Ok(rpc_gateway::call(ctx, mq, parts, body).await),
         _ => Err(no_route(parts)),
     }

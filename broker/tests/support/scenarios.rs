@@ -256,6 +256,52 @@ pub async fn stopped_consumer_gives_back_unseen(connect: &Connect) {
     drop(quitter);
 }
 
+/// A group is removed only once no consumer is attached; its name then starts afresh.
+pub async fn removed_group_starts_afresh(connect: &Connect) {
+    let broker = connect().await;
+    broker
+        .create_mq("regroup", MqOptions::default())
+        .await
+        .unwrap();
+    produce_numbers(&broker, "regroup", 3).await;
+    let reader = connect().await;
+    let mut consumer = reader
+        .consumer("regroup")
+        .group("g")
+        .subscribe()
+        .await
+        .unwrap();
+    let first = next(&mut consumer).await;
+    assert_eq!(first.offset, 0);
+    first.ack().await.unwrap();
+    let refused = broker.remove_group("regroup", "g").await.unwrap_err();
+    assert_eq!(refused.status(), Some(Status::Conflict), "{refused}");
+
+    drop(consumer);
+    drop(reader); // the connection closes: its consumer is gone at once
+    wait_for_async("the group to be removed", WAIT, || async {
+        match broker.remove_group("regroup", "g").await {
+            Ok(()) => Some(()),
+            Err(e) if e.status() == Some(Status::Conflict) => None,
+            Err(e) => panic!("removal failed: {e}"),
+        }
+    })
+    .await;
+    let info = broker.query_mq("regroup").await.unwrap();
+    assert!(info.groups.iter().all(|g| g.name != "g"), "{info:?}");
+    let again = broker.remove_group("regroup", "g").await.unwrap_err();
+    assert_eq!(again.status(), Some(Status::NotFound), "{again}");
+
+    let mut fresh = broker
+        .consumer("regroup")
+        .group("g")
+        .subscribe()
+        .await
+        .unwrap();
+    let restart = next(&mut fresh).await;
+    assert_eq!(restart.offset, 0, "a removed group's name starts over");
+}
+
 /// An unacknowledged delivery comes back after the ack timeout; too many attempts send it
 /// to the dead-letter MQ.
 pub async fn ack_timeout_and_dead_letters(connect: &Connect) {

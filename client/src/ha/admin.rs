@@ -47,7 +47,8 @@ impl Ha {
         if targets.is_empty() {
             return Err(no_live_broker(mq));
         }
-        let replies = request_all(&targets, Command::CreateMq, Some(mq), body).await;
+        let replies =
+            request_all(&targets, Header::request(Command::CreateMq, Some(mq)), body).await;
         let (infos, errors) = split(replies);
         if infos.is_empty() {
             return Err(first_error(mq, errors));
@@ -118,7 +119,12 @@ impl Ha {
         } else {
             holders
         };
-        let replies = request_all(&targets, Command::QueryMq, Some(mq), Bytes::new()).await;
+        let replies = request_all(
+            &targets,
+            Header::request(Command::QueryMq, Some(mq)),
+            Bytes::new(),
+        )
+        .await;
         let (infos, errors) = split(replies);
         if infos.is_empty() {
             return Err(first_error(mq, errors));
@@ -129,7 +135,12 @@ impl Ha {
     /// Every MQ of every live broker, summed per name, sorted by name.
     pub(crate) async fn list_mqs(&self) -> Result<Vec<MqInfo>> {
         let targets = self.live_brokers();
-        let replies = request_all(&targets, Command::ListMq, None, Bytes::new()).await;
+        let replies = request_all(
+            &targets,
+            Header::request(Command::ListMq, None),
+            Bytes::new(),
+        )
+        .await;
         let mut by_name: BTreeMap<String, Vec<MqInfo>> = BTreeMap::new();
         let mut answered = false;
         let mut last_error = None;
@@ -158,29 +169,41 @@ impl Ha {
 
     /// Deletes `mq` on every live broker that has it.
     pub(crate) async fn remove_mq(&self, mq: &str) -> Result<()> {
+        self.remove_everywhere(mq, Header::request(Command::RemoveMq, Some(mq)))
+            .await
+    }
+
+    /// Sends a removal of (something of) `mq` to every live broker. Succeeds when one of
+    /// them removed it and every other lacked it; a broker that failed otherwise (a group
+    /// with consumers there, a broker gone mid-request) fails the whole, so the caller
+    /// knows something is left to remove.
+    pub(crate) async fn remove_everywhere(&self, mq: &str, request: Header) -> Result<()> {
         let targets = self.live_brokers();
         if targets.is_empty() {
             return Err(no_live_broker(mq));
         }
-        let replies = request_all(&targets, Command::RemoveMq, Some(mq), Bytes::new()).await;
+        let what = request.cmd;
+        let replies = request_all(&targets, request, Bytes::new()).await;
         let mut removed = false;
-        let mut failure = None;
+        let mut absent = None;
+        let mut failed = None;
         for (addr, reply) in replies {
             match reply {
                 Ok(_) => removed = true,
                 Err(e) if e.status() == Some(Status::NotFound) => {
-                    failure.get_or_insert(e);
+                    absent.get_or_insert(e);
                 }
                 Err(e) => {
-                    tracing::warn!(broker = %addr, %mq, error = %e, "MQ not removed on this broker");
-                    failure = Some(e);
+                    tracing::warn!(broker = %addr, %mq, error = %e, "{what:?} failed on this broker");
+                    failed = Some(e);
                 }
             }
         }
-        match (removed, failure) {
-            (true, _) => Ok(()),
-            (false, Some(e)) => Err(e),
-            (false, None) => Err(no_live_broker(mq)),
+        match (failed, removed, absent) {
+            (Some(e), _, _) => Err(e),
+            (None, true, _) => Ok(()),
+            (None, false, Some(e)) => Err(e),
+            (None, false, None) => Err(no_live_broker(mq)),
         }
     }
 
@@ -215,12 +238,11 @@ impl Ha {
 
 async fn request_all(
     targets: &[Arc<Node>],
-    cmd: Command,
-    mq: Option<&str>,
+    request: Header,
     body: Bytes,
 ) -> ByBroker<Result<Frame>> {
     join_all(targets.iter().map(|node| {
-        let frame = Frame::with_body(Header::request(cmd, mq), body.clone());
+        let frame = Frame::with_body(request.clone(), body.clone());
         async move { (node.addr.clone(), node.conn.request(frame).await) }
     }))
     .await

@@ -29,6 +29,9 @@ pub enum Command {
     ListMq,
     /// Deletes `mq` with its data and groups.
     RemoveMq,
+    /// Deletes consumer group `group` of `mq` (its cursor and deliveries in flight); refused
+    /// with `409` while a consumer is attached.
+    RemoveGroup,
     /// Broker to tracker: the body is the broker's full
     /// [`BrokerState`](crate::topology::BrokerState); the reply is empty.
     Report,
@@ -69,6 +72,7 @@ impl From<u8> for Command {
             21 => Command::QueryMq,
             22 => Command::ListMq,
             23 => Command::RemoveMq,
+            24 => Command::RemoveGroup,
             30 => Command::Call,
             31 => Command::Route,
             32 => Command::QueryRoutes,
@@ -94,6 +98,7 @@ impl From<Command> for u8 {
             Command::QueryMq => 21,
             Command::ListMq => 22,
             Command::RemoveMq => 23,
+            Command::RemoveGroup => 24,
             Command::Call => 30,
             Command::Route => 31,
             Command::QueryRoutes => 32,
