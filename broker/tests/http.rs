@@ -624,14 +624,25 @@ async fn monitor_page_in_headless_chromium() {
     for i in 3..7 {
         http.post("/mq/browser-orders", format!("order {i}")).await;
     }
-    let consumed = http.get("/mq/browser-orders/next?group=viewers").await;
+    // On a connection of its own, which closes: the group is left without consumers.
+    let next = "/mq/browser-orders/next?group=viewers";
+    let consumed = once(&addr, Method::GET, next, &[], "").await;
     assert_eq!(consumed.status, 200);
+    until("the HTTP consumer to leave", || async {
+        let group = group_stats(&addr, "browser-orders", "viewers").await?;
+        (group["consumers"] == 0).then_some(())
+    })
+    .await;
     let dom = run_chromium(&url, "--dump-dom").await;
     let row = mq_row(&dom, "browser-orders");
     assert!(row.contains("data-depth=\"7\""), "depth 7 expected: {row}");
     assert!(
         row.contains("data-group=\"viewers\""),
         "group chip expected: {row}"
+    );
+    assert!(
+        row.contains("data-remove-group=\"viewers\""),
+        "a group without consumers can be removed from the page: {row}"
     );
 
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("monitor.png");
