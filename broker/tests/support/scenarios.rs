@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use qbus_client::{Broker, Delivery, Message, MqOptions, StartAt, Status};
+use qbus_client::{Broker, Consumer, Delivery, Message, MqOptions, StartAt, Status};
 use qbus_testkit::wait_for_async;
 
 pub type Connect = Box<dyn Fn() -> Pin<Box<dyn Future<Output = Broker> + Send>> + Send + Sync>;
@@ -45,6 +45,12 @@ async fn produce_numbers(broker: &Broker, mq: &str, n: u32) {
     for (i, receipt) in pending.into_iter().enumerate() {
         assert_eq!(receipt.await.expect("confirmed").offset, i as u64);
     }
+}
+
+/// A consumer of `group` on `mq` fetching up to `batch` messages at a time.
+async fn group_consumer(broker: &Broker, mq: &str, group: &str, batch: u32) -> Consumer {
+    let builder = broker.consumer(mq).group(group).batch(batch);
+    builder.subscribe().await.expect("subscribe")
 }
 
 /// Produce, consume, ack: order, tags, keys, receipts and MQ info all line up.
@@ -116,13 +122,7 @@ pub async fn two_groups_each_get_everything(connect: &Connect) {
         .unwrap();
     produce_numbers(&broker, "fanout", 500).await;
     for group in ["g1", "g2"] {
-        let mut consumer = broker
-            .consumer("fanout")
-            .group(group)
-            .batch(64)
-            .subscribe()
-            .await
-            .unwrap();
+        let mut consumer = group_consumer(&broker, "fanout", group, 64).await;
         for i in 0..500u64 {
             let d = next(&mut consumer).await;
             assert_eq!(d.offset, i);
@@ -136,20 +136,8 @@ pub async fn one_group_splits_messages(connect: &Connect) {
     let (a, b) = (connect().await, connect().await);
     a.create_mq("split", MqOptions::default()).await.unwrap();
     produce_numbers(&a, "split", 2000).await;
-    let mut ca = a
-        .consumer("split")
-        .group("workers")
-        .batch(50)
-        .subscribe()
-        .await
-        .unwrap();
-    let mut cb = b
-        .consumer("split")
-        .group("workers")
-        .batch(50)
-        .subscribe()
-        .await
-        .unwrap();
+    let mut ca = group_consumer(&a, "split", "workers", 50).await;
+    let mut cb = group_consumer(&b, "split", "workers", 50).await;
     let mut seen = HashSet::new();
     let (mut from_a, mut from_b) = (0, 0);
     while seen.len() < 2000 {
@@ -177,13 +165,7 @@ pub async fn closed_consumer_is_redelivered(connect: &Connect) {
         .unwrap();
     produce_numbers(&survivor, "redo", 10).await;
     let doomed = connect().await;
-    let mut held = doomed
-        .consumer("redo")
-        .group("w")
-        .batch(10)
-        .subscribe()
-        .await
-        .unwrap();
+    let mut held = group_consumer(&doomed, "redo", "w", 10).await;
     let mut taken = HashSet::new();
     for _ in 0..10 {
         taken.insert(next(&mut held).await.offset);
@@ -191,13 +173,7 @@ pub async fn closed_consumer_is_redelivered(connect: &Connect) {
     assert_eq!(taken.len(), 10);
     drop(held);
     drop(doomed); // closes the connection with 10 unacknowledged deliveries
-    let mut consumer = survivor
-        .consumer("redo")
-        .group("w")
-        .batch(10)
-        .subscribe()
-        .await
-        .unwrap();
+    let mut consumer = group_consumer(&survivor, "redo", "w", 10).await;
     let mut again = HashSet::new();
     while again.len() < 10 {
         let d = next(&mut consumer).await;
@@ -221,13 +197,7 @@ pub async fn stopped_consumer_gives_back_unseen(connect: &Connect) {
     broker.create_mq("once", options).await.unwrap();
     produce_numbers(&broker, "once", 10).await;
     let quitter = connect().await;
-    let mut prefetching = quitter
-        .consumer("once")
-        .group("w")
-        .batch(10)
-        .subscribe()
-        .await
-        .unwrap();
+    let mut prefetching = group_consumer(&quitter, "once", "w", 10).await;
     let seen = next(&mut prefetching).await;
     seen.ack().await.unwrap();
     wait_for_async("the other nine to be prefetched", WAIT, || async {
@@ -237,13 +207,7 @@ pub async fn stopped_consumer_gives_back_unseen(connect: &Connect) {
     })
     .await;
     drop(prefetching);
-    let mut consumer = broker
-        .consumer("once")
-        .group("w")
-        .batch(10)
-        .subscribe()
-        .await
-        .unwrap();
+    let mut consumer = group_consumer(&broker, "once", "w", 10).await;
     let mut rest = HashSet::new();
     while rest.len() < 9 {
         let d = next(&mut consumer).await;
@@ -265,12 +229,7 @@ pub async fn removed_group_starts_afresh(connect: &Connect) {
         .unwrap();
     produce_numbers(&broker, "regroup", 3).await;
     let reader = connect().await;
-    let mut consumer = reader
-        .consumer("regroup")
-        .group("g")
-        .subscribe()
-        .await
-        .unwrap();
+    let mut consumer = group_consumer(&reader, "regroup", "g", 16).await;
     let first = next(&mut consumer).await;
     assert_eq!(first.offset, 0);
     first.ack().await.unwrap();
@@ -292,12 +251,7 @@ pub async fn removed_group_starts_afresh(connect: &Connect) {
     let again = broker.remove_group("regroup", "g").await.unwrap_err();
     assert_eq!(again.status(), Some(Status::NotFound), "{again}");
 
-    let mut fresh = broker
-        .consumer("regroup")
-        .group("g")
-        .subscribe()
-        .await
-        .unwrap();
+    let mut fresh = group_consumer(&broker, "regroup", "g", 16).await;
     let restart = next(&mut fresh).await;
     assert_eq!(restart.offset, 0, "a removed group's name starts over");
 }
