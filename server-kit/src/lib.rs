@@ -8,6 +8,7 @@
 //! - [`sniff`]: HTTP or the binary protocol, decided by a connection's first byte.
 //! - [`http`]: serving one HTTP/1.1 connection until shutdown, and building replies.
 //! - [`prometheus`]: writing the Prometheus text exposition format.
+//! - [`page`]: the look and script helpers the monitor pages share.
 //!
 //! The wire-level parts servers share (the accept loop, the frame read loop) are in
 //! `qbus_client::serve`, since the RPC server uses them too.
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod http;
 pub mod launch;
+pub mod page;
 pub mod prometheus;
 pub mod signals;
 pub mod sniff;
