@@ -17,6 +17,24 @@ function el(tag, cls, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
+// Fills `cell` with a chip per consumer group (name · consumers · lag), `title(g)` its
+// tooltip; `extra(chip, g)`, if given, adds to it.
+function renderGroupChips(cell, groups, title, extra) {
+  cell.replaceChildren();
+  if (!groups.length) { cell.appendChild(el("span", "none", "no consumer group")); return; }
+  const chips = el("div", "chips");
+  for (const g of groups) {
+    const chip = el("span", "chip");
+    chip.dataset.group = g.name;
+    chip.appendChild(el("b", "", g.name));
+    chip.appendChild(document.createTextNode("· " + g.consumers + " ·"));
+    chip.appendChild(el("span", "lag", "lag " + fmtInt(g.lag)));
+    chip.title = title(g);
+    if (extra) extra(chip, g);
+    chips.appendChild(chip);
+  }
+  cell.appendChild(chips);
+}
 // Marks the header's live indicator up or down.
 function setLive(up, text) {
   $("live").classList.toggle("down", !up);
