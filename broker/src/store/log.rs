@@ -382,15 +382,8 @@ fn stamp(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::{batch, body, decode};
+    use crate::store::testutil::{batch, body, config, decode};
     use crate::store::ReadPos;
-
-    fn config(segment_bytes: u64) -> LogConfig {
-        LogConfig {
-            segment_bytes,
-            ..LogConfig::default()
-        }
-    }
 
     /// Appends records `0..n` in batches of 1 to 9 records, then publishes.
     fn fill(log: &mut MqLog, n: u64) {

@@ -271,15 +271,8 @@ mod tests {
     use qbus_client::protocol::record::encode_record;
 
     use super::*;
-    use crate::store::testutil::{batch, body, decode};
-    use crate::store::{LogConfig, LogReader, MqLog};
-
-    fn config(segment_bytes: u64) -> LogConfig {
-        LogConfig {
-            segment_bytes,
-            ..LogConfig::default()
-        }
-    }
+    use crate::store::testutil::{batch, body, config, decode};
+    use crate::store::{LogReader, MqLog};
 
     fn write(dir: &Path, segment_bytes: u64, n: u64) {
         let (mut log, _) = MqLog::open(dir, config(segment_bytes)).unwrap();

@@ -3,6 +3,15 @@
 use qbus_client::protocol::record::{encode_record, records};
 
 use super::reader::ReadBatch;
+use super::LogConfig;
+
+/// Default settings but for a segment size of `segment_bytes`.
+pub(crate) fn config(segment_bytes: u64) -> LogConfig {
+    LogConfig {
+        segment_bytes,
+        ..LogConfig::default()
+    }
+}
 
 /// The body of the test record with number `n`: its size varies with `n`.
 pub(crate) fn body(n: u64) -> Vec<u8> {

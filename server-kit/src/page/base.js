@@ -35,6 +35,43 @@ function renderGroupChips(cell, groups, title, extra) {
   }
   cell.appendChild(chips);
 }
+// Sizes `canvas` for the screen (`height` until laid out), clears it and draws its baseline;
+// returns what the chart functions below draw with.
+function chartCanvas(canvas, height) {
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 180, h = canvas.clientHeight || height;
+  if (canvas.width !== w * ratio) { canvas.width = w * ratio; canvas.height = h * ratio; }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  const style = getComputedStyle(document.documentElement);
+  ctx.strokeStyle = style.getPropertyValue("--line");
+  ctx.beginPath(); ctx.moveTo(0, h - 1.5); ctx.lineTo(w, h - 1.5); ctx.stroke();
+  // Values up to `max` map onto the chart's height above the baseline.
+  const y = (v, max) => h - 2 - (v / max) * (h - 6);
+  return { ctx, w, h, style, y };
+}
+// A line through `points` ([x, y] pairs) in the colour of CSS variable `color`.
+function drawLine(chart, points, color) {
+  const { ctx, style } = chart;
+  ctx.beginPath();
+  points.forEach(([px, py], i) => (i ? ctx.lineTo(px, py) : ctx.moveTo(px, py)));
+  ctx.strokeStyle = style.getPropertyValue(color);
+  ctx.lineWidth = 1.5;
+  ctx.stroke();
+}
+// `points` as an accent line over a soft area down to the baseline.
+function drawArea(chart, points) {
+  const { ctx, h, style } = chart;
+  ctx.beginPath();
+  ctx.moveTo(points[0][0], h - 2);
+  for (const [px, py] of points) ctx.lineTo(px, py);
+  ctx.lineTo(points[points.length - 1][0], h - 2);
+  ctx.closePath();
+  ctx.fillStyle = style.getPropertyValue("--accent-soft");
+  ctx.fill();
+  drawLine(chart, points, "--accent");
+}
 // Marks the header's live indicator up or down.
 function setLive(up, text) {
   $("live").classList.toggle("down", !up);
