@@ -321,11 +321,7 @@ async fn consumer_survives_a_broker_restart() {
         .unwrap();
     client.producer("steady").send("before").await.unwrap();
     let mut consumer = client.consumer("steady").subscribe().await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(20), consumer.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = scenarios::next(&mut consumer).await;
     assert_eq!(&first.body[..], b"before");
     first.ack().await.unwrap();
 
@@ -358,11 +354,7 @@ async fn removed_group_stays_removed_after_restart() {
         .subscribe()
         .await
         .unwrap();
-    let only = tokio::time::timeout(Duration::from_secs(20), consumer.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let only = scenarios::next(&mut consumer).await;
     only.ack().await.unwrap();
     drop((consumer, reader));
     qbus_testkit::wait_for_async(

@@ -28,7 +28,8 @@ pub(crate) use scenario_tests;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn next(consumer: &mut qbus_client::Consumer) -> Delivery {
+/// The consumer's next delivery, failing the test after [`WAIT`].
+pub async fn next(consumer: &mut qbus_client::Consumer) -> Delivery {
     tokio::time::timeout(WAIT, consumer.next())
         .await
         .expect("no delivery in time")
