@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::StreamExt;
-use rand::Rng;
+use qbus_wire::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -262,14 +262,14 @@ impl Connection {
         }
         let started = Instant::now();
         let deadline = started + self.inner.options.connect_timeout;
-        let mut delay = Duration::from_millis(20);
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         loop {
             let reason = match tokio::time::timeout_at(deadline, self.open()).await {
                 Ok(Ok(live)) => return Ok(live),
                 Ok(Err(reason)) => reason,
                 Err(_) => "timed out".to_owned(),
             };
-            let jittered = delay.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+            let jittered = backoff.next_wait();
             if Instant::now() + jittered >= deadline {
                 return Err(ClientError::Connect {
                     addr: self.addr(),
@@ -279,7 +279,6 @@ impl Connection {
             }
             tracing::debug!(addr = %self.addr(), %reason, retry_in = ?jittered, "connect failed");
             tokio::time::sleep(jittered).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 

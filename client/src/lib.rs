@@ -1,12 +1,11 @@
-//! qbus client: the wire protocol and the SDK.
+//! qbus client: the SDK.
 //!
-//! - [`protocol`]: frames, header, record format and status codes (no I/O).
-//! - [`link`]: moving frames over TCP or inside one process; [`serve`]: its serving side
-//!   (accept loop, frame read loop with idle limit), shared by the qbus servers.
+//! - [`protocol`]: the wire protocol of `qbus-wire`, re-exported (frames, header, record
+//!   format, status codes; no I/O), as are [`link`] and [`serve`].
 //! - [`connection`]: one multiplexed, self-reconnecting connection.
 //! - [`Broker`]: the handle users hold; admin calls and the factory for
 //!   [`Producer`]s and [`Consumer`]s.
-//! - [`topology`]: what brokers report to trackers and trackers to clients.
+//! - [`topology`]: the merged cluster view an HA client works from.
 //! - [`ha`]: the HA kind of `Broker` (`tracker://...`): cached topology, balancing, key
 //!   affinity, failover; and the reporter brokers use.
 //!
@@ -31,12 +30,11 @@ pub mod connection;
 mod consumer;
 mod error;
 pub mod ha;
-pub mod link;
 mod message;
 mod producer;
-pub mod protocol;
-pub mod serve;
 pub mod topology;
+
+pub use qbus_wire::{link, protocol, serve};
 
 pub use broker::Broker;
 pub use connection::{Connection, ConnectionOptions};

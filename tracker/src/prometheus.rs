@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use qbus_client::topology::NodeKind;
 use qbus_server_kit::prometheus::Exposition;
+use qbus_wire::topology::NodeKind;
 
 use crate::stats::{NodeStats, Stats};
 
@@ -119,7 +119,7 @@ fn kind_of(node: &NodeStats) -> String {
 mod tests {
     use super::*;
     use crate::table::Table;
-    use qbus_client::topology::BrokerState;
+    use qbus_wire::topology::BrokerState;
     use std::time::Instant;
 
     #[test]

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qbus_client::link::tcp_link;
-use qbus_client::protocol::DEFAULT_MAX_FRAME;
-use qbus_client::serve::{accept, Connections};
+use qbus_wire::link::tcp_link;
+use qbus_wire::protocol::DEFAULT_MAX_FRAME;
+use qbus_wire::serve::{accept, Connections};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 

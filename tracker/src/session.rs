@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qbus_client::link::Link;
-use qbus_client::protocol::{Command, Frame, Header, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
-use qbus_client::serve::{hello_reply, next_frame};
-use qbus_client::topology::{BrokerState, TopologyUpdate};
+use qbus_wire::link::Link;
+use qbus_wire::protocol::{Command, Frame, Header, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use qbus_wire::serve::{hello_reply, next_frame};
+use qbus_wire::topology::{BrokerState, TopologyUpdate};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

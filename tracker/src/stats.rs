@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use qbus_client::protocol::PROTOCOL_VERSION;
-use qbus_client::topology::BrokerState;
+use qbus_wire::protocol::PROTOCOL_VERSION;
+use qbus_wire::topology::BrokerState;
 use serde::Serialize;
 
 use crate::table::Table;
@@ -127,7 +127,7 @@ fn millis(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qbus_client::topology::NodeKind;
+    use qbus_wire::topology::NodeKind;
 
     #[test]
     fn services_are_gathered_from_every_node() {

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use qbus_client::topology::{BrokerState, TopologyUpdate};
+use qbus_wire::topology::{BrokerState, TopologyUpdate};
 use tokio::sync::broadcast;
 
 use crate::metrics::Metrics;

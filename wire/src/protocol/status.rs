@@ -24,8 +24,10 @@ pub enum Status {
     Internal,
     /// The command number is not known to this server.
     UnknownCommand,
-    /// The server is shutting down.
+    /// The server is shutting down, or (MQ-RPC) nothing consumes the MQ.
     Unavailable,
+    /// The request's deadline passed before its answer came (RPC calls).
+    DeadlineExceeded,
     /// A code this version does not know (sent by a newer peer).
     Other(u16),
 }
@@ -43,6 +45,7 @@ impl Status {
             Status::Internal => 500,
             Status::UnknownCommand => 501,
             Status::Unavailable => 503,
+            Status::DeadlineExceeded => 504,
             Status::Other(code) => code,
         }
     }
@@ -59,6 +62,7 @@ impl Status {
             500 => Status::Internal,
             501 => Status::UnknownCommand,
             503 => Status::Unavailable,
+            504 => Status::DeadlineExceeded,
             other => Status::Other(other),
         }
     }
@@ -76,6 +80,7 @@ impl fmt::Display for Status {
             Status::Internal => "internal error",
             Status::UnknownCommand => "unknown command",
             Status::Unavailable => "unavailable",
+            Status::DeadlineExceeded => "deadline exceeded",
             Status::Other(_) => "status",
         };
         write!(f, "{} {}", self.code(), name)
@@ -88,7 +93,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in [200, 400, 404, 409, 413, 429, 500, 501, 503, 299] {
+        for code in [200, 400, 404, 409, 413, 429, 500, 501, 503, 504, 299] {
             assert_eq!(Status::from_code(code).code(), code);
         }
         assert_eq!(Status::from_code(299), Status::Other(299));

@@ -6,9 +6,9 @@
 //! ```no_run
 //! # async fn demo(listener: tokio::net::TcpListener) {
 //! use std::time::Duration;
-//! use qbus_client::link::tcp_link;
-//! use qbus_client::protocol::DEFAULT_MAX_FRAME;
-//! use qbus_client::serve::{accept, next_frame, Connections};
+//! use qbus_wire::link::tcp_link;
+//! use qbus_wire::protocol::DEFAULT_MAX_FRAME;
+//! use qbus_wire::serve::{accept, next_frame, Connections};
 //!
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let mut connections = Connections::default();

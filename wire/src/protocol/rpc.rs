@@ -98,7 +98,7 @@ impl std::fmt::Display for ErrorCode {
 /// `{"code": 404, "message": "...", "detail": "..."}` (`detail` only when there is one).
 ///
 /// ```
-/// use qbus_client::protocol::rpc::{ErrorCode, RemoteError};
+/// use qbus_wire::protocol::rpc::{ErrorCode, RemoteError};
 /// let error = RemoteError::new(ErrorCode::NotFound, "no method Greeter.bye")
 ///     .with_detail("Greeter has: fail, hello");
 /// assert_eq!(

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// `QueryRoutes`, a MessagePack map so fields can be added.
 ///
 /// ```
-/// use qbus_client::protocol::RouteStats;
+/// use qbus_wire::protocol::RouteStats;
 /// let stats = RouteStats { pending: 3, capacity: 65_536, ..RouteStats::default() };
 /// assert!(stats.pending < stats.capacity);
 /// ```

@@ -112,7 +112,7 @@ fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
 /// Decodes one frame from the start of `src`, returning it and the bytes it used.
 ///
 /// ```
-/// use qbus_client::protocol::{decode, encode, Command, Frame, Header, DEFAULT_MAX_FRAME};
+/// use qbus_wire::protocol::{decode, encode, Command, Frame, Header, DEFAULT_MAX_FRAME};
 /// let frame = Frame::new(Header::request(Command::Heartbeat, None));
 /// let mut buf = bytes::BytesMut::new();
 /// encode(&frame, &mut buf).unwrap();
