@@ -4,12 +4,9 @@
 //! dispatches and turns an error into one `qbus: <error>` line on stderr with exit status 1.
 
 mod bench;
-mod bench_failover;
-mod bench_rpc;
 mod call;
 mod consume;
 mod error;
-mod histogram;
 mod mq_cmd;
 mod output;
 mod produce;
@@ -72,7 +69,7 @@ enum Command {
     Consume(consume::ConsumeArgs),
     /// Measure produce or consume throughput and latency
     #[command(subcommand)]
-    Bench(bench_failover::BenchScenario),
+    Bench(bench::BenchScenario),
     /// Print the brokers, MQs and services the trackers know
     Topology(topology::TopologyArgs),
     /// Call an RPC method with JSON arguments and print its JSON result
@@ -123,18 +120,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Mq(cmd) => mq_cmd::run(&broker().await?, cmd).await,
         Command::Produce(args) => produce::run(&broker().await?, args).await,
         Command::Consume(args) => consume::run(&broker().await?, args).await,
-        Command::Bench(bench_failover::BenchScenario::Load(cmd)) => {
-            bench::run(&broker().await?, cmd).await
-        }
-        Command::Bench(bench_failover::BenchScenario::Failover(args)) => {
-            bench_failover::run(args).await
-        }
-        Command::Bench(bench_failover::BenchScenario::Rpc(args)) => {
-            bench_rpc::run(args, &cli.broker, cli.connect_timeout).await
-        }
-        Command::Bench(bench_failover::BenchScenario::RpcServe(args)) => {
-            bench_rpc::serve(args, &cli.broker, cli.connect_timeout).await
-        }
+        Command::Bench(scenario) => bench::run(scenario, &cli.broker, cli.connect_timeout).await,
         Command::Topology(args) => topology::run(args, timeout(cli.connect_timeout)?).await,
         Command::Call(args) => call::run(args, &cli.broker, cli.connect_timeout).await,
     }

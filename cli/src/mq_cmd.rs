@@ -1,11 +1,11 @@
 //! `qbus mq ...`: create, list, describe and remove MQs, and remove consumer groups.
 
 use clap::{Args, Subcommand};
-use qbus_client::protocol::GroupInfo;
 use qbus_client::{Broker, MqInfo, MqOptions};
+use serde::Serialize;
 
 use crate::error::CliError;
-use crate::output::{human_bytes, json_array, table, JsonObject};
+use crate::output::{human_bytes, table};
 
 #[derive(Debug, Subcommand)]
 pub enum MqCommand {
@@ -140,7 +140,8 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
 async fn list(broker: &Broker, json: bool) -> Result<(), CliError> {
     let mqs = broker.list_mqs().await?;
     if json {
-        println!("{}", json_array(mqs.iter().map(info_json)));
+        let all: Vec<MqJson> = mqs.iter().map(MqJson::from).collect();
+        println!("{}", to_json(&all)?);
         return Ok(());
     }
     let mut rows = vec![vec![
@@ -169,7 +170,7 @@ async fn list(broker: &Broker, json: bool) -> Result<(), CliError> {
 async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
     let mq = broker.query_mq(name).await?;
     if json {
-        println!("{}", info_json(&mq));
+        println!("{}", to_json(&MqJson::from(&mq))?);
         return Ok(());
     }
     let lines = [
@@ -227,40 +228,31 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={}",
+        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),
+        or_default(options.sync.map(|v| v.to_string())),
     )
 }
 
-fn info_json(mq: &MqInfo) -> String {
-    let options = JsonObject::new()
-        .opt_num("ack_timeout_ms", mq.options.ack_timeout_ms)
-        .opt_num("max_deliveries", mq.options.max_deliveries)
-        .opt_str("dead_letter_mq", mq.options.dead_letter_mq.as_deref())
-        .finish();
-    JsonObject::new()
-        .str("name", &mq.name)
-        .num("first_offset", mq.first_offset)
-        .num("next_offset", mq.next_offset)
-        .num("depth", mq.depth())
-        .num("size_bytes", mq.size_bytes)
-        .num("segments", mq.segments)
-        .raw("options", options)
-        .raw("groups", json_array(mq.groups.iter().map(group_json)))
-        .finish()
+/// An MQ as `--json` prints it: what the broker described, and its depth.
+#[derive(Serialize)]
+struct MqJson<'a> {
+    #[serde(flatten)]
+    info: &'a MqInfo,
+    depth: u64,
 }
 
-fn group_json(g: &GroupInfo) -> String {
-    JsonObject::new()
-        .str("name", &g.name)
-        .num("committed", g.committed)
-        .num("next", g.next)
-        .num("in_flight", g.in_flight)
-        .num("lag", g.lag)
-        .num("consumers", g.consumers)
-        .num("dead_lettered", g.dead_lettered)
-        .num("redelivered", g.redelivered)
-        .finish()
+impl<'a> From<&'a MqInfo> for MqJson<'a> {
+    fn from(info: &'a MqInfo) -> Self {
+        MqJson {
+            info,
+            depth: info.depth(),
+        }
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Result<String, CliError> {
+    Ok(serde_json::to_string(value).map_err(std::io::Error::from)?)
 }

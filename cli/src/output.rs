@@ -1,4 +1,4 @@
-//! Output helpers: aligned text tables, human-readable sizes and a minimal JSON writer.
+//! Output helpers: aligned text tables and human-readable sizes.
 
 use std::fmt::Write;
 
@@ -46,77 +46,6 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// A JSON string literal for `s`.
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A JSON object built field by field, in insertion order.
-#[derive(Debug, Default)]
-pub struct JsonObject {
-    fields: Vec<(String, String)>,
-}
-
-impl JsonObject {
-    pub fn new() -> JsonObject {
-        JsonObject::default()
-    }
-
-    /// Adds a field whose value is already JSON.
-    pub fn raw(mut self, key: &str, json: String) -> JsonObject {
-        self.fields.push((key.to_owned(), json));
-        self
-    }
-
-    pub fn str(self, key: &str, value: &str) -> JsonObject {
-        self.raw(key, json_string(value))
-    }
-
-    pub fn num(self, key: &str, value: impl Into<u64>) -> JsonObject {
-        self.raw(key, value.into().to_string())
-    }
-
-    pub fn opt_num(self, key: &str, value: Option<impl Into<u64>>) -> JsonObject {
-        let json = value.map_or_else(|| "null".to_owned(), |v| v.into().to_string());
-        self.raw(key, json)
-    }
-
-    pub fn opt_str(self, key: &str, value: Option<&str>) -> JsonObject {
-        let json = value.map_or_else(|| "null".to_owned(), json_string);
-        self.raw(key, json)
-    }
-
-    pub fn finish(self) -> String {
-        let fields: Vec<String> = self
-            .fields
-            .into_iter()
-            .map(|(key, value)| format!("{}:{value}", json_string(&key)))
-            .collect();
-        format!("{{{}}}", fields.join(","))
-    }
-}
-
-/// A JSON array of already-encoded values.
-pub fn json_array(items: impl IntoIterator<Item = String>) -> String {
-    format!("[{}]", items.into_iter().collect::<Vec<_>>().join(","))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,17 +64,5 @@ mod tests {
         assert_eq!(human_bytes(10), "10 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(64 << 20), "64.0 MiB");
-    }
-
-    #[test]
-    fn json() {
-        assert_eq!(json_string("a\"b\\\n\u{1}"), r#""a\"b\\\n\u0001""#);
-        let obj = JsonObject::new()
-            .str("name", "x")
-            .num("n", 3u32)
-            .opt_str("dl", None)
-            .finish();
-        assert_eq!(obj, r#"{"name":"x","n":3,"dl":null}"#);
-        assert_eq!(json_array(vec!["1".into(), "2".into()]), "[1,2]");
     }
 }

@@ -5,17 +5,19 @@
 //! - [`signals`]: SIGINT and SIGTERM as a shutdown token.
 //! - [`config`]: [`ConfigError`] naming the bad key, and reading a TOML settings file.
 //! - [`units`]: durations (`30s`) and sizes (`64MiB`) in settings.
+//! - [`listen`]: binding the listen address, [`BindError`] saying what to do when it fails.
 //! - [`sniff`]: HTTP or the binary protocol, decided by a connection's first byte.
 //! - [`http`]: serving one HTTP/1.1 connection until shutdown, and building replies.
 //! - [`prometheus`]: writing the Prometheus text exposition format.
 //! - [`page`]: the look and script helpers the monitor pages share.
 //!
 //! The wire-level parts servers share (the accept loop, the frame read loop) are in
-//! `qbus_client::serve`, since the RPC server uses them too.
+//! `qbus_wire::serve`, since the RPC server uses them too.
 
 pub mod config;
 pub mod http;
 pub mod launch;
+pub mod listen;
 pub mod page;
 pub mod prometheus;
 pub mod signals;
@@ -23,3 +25,4 @@ pub mod sniff;
 pub mod units;
 
 pub use config::ConfigError;
+pub use listen::BindError;

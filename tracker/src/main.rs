@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             "starting qbus-tracker {}",
             env!("CARGO_PKG_VERSION")
         );
-        run(listener, config, shutdown).await
+        run(listener, config, shutdown).await;
+        Ok::<(), qbus_tracker::BindError>(())
     })
 }

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qbus_server_kit::listen::{self, BindError};
+use qbus_server_kit::sniff::is_http;
 use qbus_wire::link::tcp_link;
 use qbus_wire::protocol::DEFAULT_MAX_FRAME;
 use qbus_wire::serve::{accept, Connections};
@@ -21,27 +23,9 @@ const SWEEP_EVERY: Duration = Duration::from_millis(50);
 /// How long connections may take to close at shutdown before they are stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Why a tracker could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The listen address is unusable.
-    #[error("cannot listen on {addr}: {source} (is another tracker on this port? use --port)")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
 /// Binds the configured address.
-pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
-    TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })
+pub async fn bind(config: &Config) -> Result<TcpListener, BindError> {
+    listen::bind(config.listen).await
 }
 
 /// Runs a tracker on `listener` until `shutdown` fires.
@@ -57,11 +41,7 @@ pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
 /// shutdown.cancel();
 /// # Ok(()) }
 /// ```
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<(), StartError> {
+pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) {
     let table = Arc::new(Table::new(config.lease_reports, config.warmup.is_zero()));
     let background = shutdown.child_token();
     tokio::spawn(sweep(table.clone(), background.clone()));
@@ -85,7 +65,6 @@ pub async fn run(
     drop(listener);
     connections.close(SHUTDOWN_GRACE).await;
     tracing::info!("tracker stopped");
-    Ok(())
 }
 
 async fn serve(
@@ -95,7 +74,7 @@ async fn serve(
     peer: String,
     shutdown: CancellationToken,
 ) {
-    match http::sniff(&stream).await {
+    match is_http(&stream, http::TIMEOUT).await {
         Ok(true) => http::serve(table, stream, shutdown).await,
         Ok(false) => {
             let link = tcp_link(stream, DEFAULT_MAX_FRAME);

@@ -22,8 +22,9 @@ use qbus_rpc::{
     RpcProcessor, RpcServer,
 };
 
+use super::histogram::Latencies;
+use super::secs;
 use crate::error::CliError;
-use crate::histogram::Latencies;
 
 /// The service the benchmark calls: the payload straight back.
 #[service(name = "Bench")]
@@ -171,10 +172,6 @@ fn start_server(
         )));
     }
     Ok((child, line.trim().to_owned()))
-}
-
-fn secs(flag: &str, value: f64) -> Result<Duration, CliError> {
-    Duration::try_from_secs_f64(value).map_err(|_| CliError::Usage(format!("bad {flag} {value}")))
 }
 
 pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(), CliError> {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use qbus_server_kit::prometheus::Exposition;
 use qbus_wire::topology::NodeKind;
 
-use crate::stats::{NodeStats, Stats};
+use super::stats::{NodeStats, Stats};
 
 pub use qbus_server_kit::prometheus::CONTENT_TYPE;
 

@@ -3,12 +3,12 @@
 //!
 //! - `GET /`: the monitor page, one self-contained file (`monitor.html`) compiled in;
 //! - `GET /api/stats`: the tracker, every node with its report age, and the DirectRPC
-//!   services, as JSON ([`Stats`]); the page draws itself from it;
+//!   services, as JSON ([`stats`]); the page draws itself from it;
 //! - `GET /metrics`: the same in the Prometheus text format ([`prometheus`]);
 //! - `GET /topology`: the current snapshot as subscribers get it, as JSON.
 //!
-//! A connection is HTTP when its first byte is a capital letter (the start of a method); a
-//! binary frame starts with a length byte below 0x41.
+//! A connection is HTTP when its first byte is a capital letter (the start of a method, see
+//! `qbus_server_kit::sniff`); a binary frame starts with a length byte below 0x41.
 
 use std::convert::Infallible;
 use std::sync::{Arc, LazyLock};
@@ -21,16 +21,19 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use qbus_server_kit::http::{bytes, json_pretty, serve_connection, text, Reply};
-use qbus_server_kit::{page, sniff};
+use qbus_server_kit::page;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::prometheus;
-use crate::stats::Stats;
+use self::stats::Stats;
 use crate::table::Table;
 
-/// How long a new or idle keep-alive connection may stay silent.
-const TIMEOUT: Duration = Duration::from_secs(30);
+mod prometheus;
+mod stats;
+
+/// How long a new or idle keep-alive connection may stay silent (and, before the first
+/// byte tells HTTP from binary, any new connection).
+pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The monitor page. Self-contained (styles and script inline, nothing loaded from
 /// elsewhere), so it works on a machine without internet access; the look the monitor
@@ -57,11 +60,6 @@ impl Resource {
             _ => None,
         }
     }
-}
-
-/// True when the connection speaks HTTP, judged by its first byte (not consumed).
-pub async fn sniff(stream: &TcpStream) -> std::io::Result<bool> {
-    sniff::is_http(stream, TIMEOUT).await
 }
 
 /// Serves HTTP on `stream` until the peer closes it, it idles out, or `shutdown` fires.

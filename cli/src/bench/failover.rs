@@ -20,30 +20,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::{Args, Subcommand};
+use clap::Args;
 use futures_util::StreamExt;
 use qbus_client::ha::HaOptions;
 use qbus_client::{Broker, Message, MqOptions};
 
-use crate::bench::BenchCommand;
+use super::histogram::Latencies;
+use super::secs;
 use crate::error::CliError;
-use crate::histogram::Latencies;
-
-/// Every `qbus bench` scenario: the load scenarios against a running broker, and those that
-/// start their own servers (failover, RPC).
-#[derive(Debug, Subcommand)]
-pub enum BenchScenario {
-    #[command(flatten)]
-    Load(BenchCommand),
-    /// Kill a broker while producing through trackers: latency around the kill, longest
-    /// gap, lost and duplicated messages (starts its own cluster on loopback)
-    Failover(FailoverBench),
-    /// RPC latency and throughput, DirectRPC or MQ-RPC (starts its own server)
-    Rpc(crate::bench_rpc::RpcBench),
-    /// Serve the RPC benchmark's service (`qbus bench rpc` starts it)
-    #[command(hide = true)]
-    RpcServe(crate::bench_rpc::RpcServe),
-}
 
 #[derive(Debug, Args)]
 pub struct FailoverBench {
@@ -242,13 +226,6 @@ async fn read_back(client: &Broker, confirmed: &[u64]) -> Result<(usize, usize),
         }
     }
     Ok((missing, duplicates))
-}
-
-fn secs(flag: &str, value: f64) -> Result<Duration, CliError> {
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| CliError::Usage(format!("{flag} must be a positive number of seconds")))
 }
 
 /// Polls `done` every 10 ms for up to [`WAIT`].

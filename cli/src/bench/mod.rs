@@ -1,0 +1,66 @@
+//! `qbus bench`: the benchmark scenarios, each in its own room.
+//!
+//! - `produce.rs`, `consume.rs`: load against a running broker (`--broker`).
+//! - `failover.rs`: starts a tracker and brokers on loopback and kills one mid-run.
+//! - `rpc.rs`: DirectRPC and MQ-RPC calls against a service it starts.
+//! - `report.rs`: the summary and `RESULT` line they print; `histogram.rs`: latencies.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use crate::error::CliError;
+
+mod consume;
+mod failover;
+mod histogram;
+mod produce;
+mod report;
+mod rpc;
+
+pub(crate) use consume::ACK_WINDOW;
+
+/// Every `qbus bench` scenario: the load scenarios against a running broker, and those that
+/// start their own servers (failover, RPC).
+#[derive(Debug, Subcommand)]
+pub enum BenchScenario {
+    /// Send COUNT messages of SIZE bytes keeping IN_FLIGHT requests unconfirmed
+    Produce(produce::ProduceBench),
+    /// Consume COUNT messages with a fresh group (filling the MQ first if needed)
+    Consume(consume::ConsumeBench),
+    /// Kill a broker while producing through trackers: latency around the kill, longest
+    /// gap, lost and duplicated messages (starts its own cluster on loopback)
+    Failover(failover::FailoverBench),
+    /// RPC latency and throughput, DirectRPC or MQ-RPC (starts its own server)
+    Rpc(rpc::RpcBench),
+    /// Serve the RPC benchmark's service (`qbus bench rpc` starts it)
+    #[command(hide = true)]
+    RpcServe(rpc::RpcServe),
+}
+
+/// Runs `scenario`; those that need a broker connect to `broker` (the `--broker` address).
+pub async fn run(
+    scenario: BenchScenario,
+    broker: &str,
+    connect_timeout: f64,
+) -> Result<(), CliError> {
+    match scenario {
+        BenchScenario::Produce(args) => {
+            produce::run(&crate::connect(broker, connect_timeout).await?, args).await
+        }
+        BenchScenario::Consume(args) => {
+            consume::run(&crate::connect(broker, connect_timeout).await?, args).await
+        }
+        BenchScenario::Failover(args) => failover::run(args).await,
+        BenchScenario::Rpc(args) => rpc::run(args, broker, connect_timeout).await,
+        BenchScenario::RpcServe(args) => rpc::serve(args, broker, connect_timeout).await,
+    }
+}
+
+/// `value` seconds, given as `flag`, as a positive duration.
+fn secs(flag: &str, value: f64) -> Result<Duration, CliError> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| CliError::Usage(format!("{flag} must be a positive number of seconds")))
+}
