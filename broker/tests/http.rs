@@ -574,7 +574,7 @@ async fn stats_json_and_page_describe_the_broker() {
     let b = &stats["broker"];
     assert_eq!(b["address"], addr.as_str());
     assert_eq!(b["fsync_policy"], "interval:50");
-    assert_eq!(b["store"], broker.store.display().to_string());
+    assert_eq!(b["store"], broker.store().display().to_string());
     assert_eq!(b["connections"]["binary"], 1);
     assert!(b["store_bytes"].as_u64() > Some(0));
     assert_eq!(stats["mqs"][0]["name"], "described");

@@ -223,8 +223,8 @@ async fn corrupt_produce_is_refused() {
 #[test]
 fn start_up_errors_are_one_clear_line() {
     let broker = BrokerProcess::start(&[]);
-    let other_port = support::free_port();
-    let out = BrokerProcess::command(other_port, &broker.store, &[])
+    let other_port = qbus_testkit::reserve_port();
+    let out = BrokerProcess::command(other_port.get(), broker.store(), &[])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -232,20 +232,16 @@ fn start_up_errors_are_one_clear_line() {
     assert!(stderr.contains("is in use by another broker"), "{stderr}");
 
     let dir = tempfile::tempdir().unwrap();
-    let out = BrokerProcess::command(broker.port, dir.path(), &[])
+    let out = BrokerProcess::command(broker.port(), dir.path(), &[])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot listen on"), "{stderr}");
 
-    let out = BrokerProcess::command(
-        other_port,
-        dir.path(),
-        &["--fsync".into(), "sometimes".into()],
-    )
-    .output()
-    .unwrap();
+    let out = BrokerProcess::command(other_port.get(), dir.path(), &["--fsync", "sometimes"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("invalid setting fsync"), "{stderr}");

@@ -13,12 +13,12 @@ use qbus_rpc::{
     HaInvoker, Invoker, MqInvoker, MqRpcService, RpcClient, RpcError, RpcServer, RpcServerOptions,
 };
 use support::greeter::{self, GreeterClient, Probe};
-use support::{scenarios, wait_for, Process};
+use support::{broker_reporting_to, scenarios, tracker, wait_for, BrokerProcess, TrackerProcess};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 /// An RPC server in this process, registered at `tracker`.
-async fn registered(tracker: &Process, name: &str) -> (RpcServer, Probe) {
+async fn registered(tracker: &TrackerProcess, name: &str) -> (RpcServer, Probe) {
     let (processor, probe) = greeter::processor(name);
     let options = RpcServerOptions::default().with_trackers([tracker.addr()]);
     let server = RpcServer::bind_with("127.0.0.1:0", processor, options)
@@ -27,7 +27,7 @@ async fn registered(tracker: &Process, name: &str) -> (RpcServer, Probe) {
     (server, probe)
 }
 
-async fn ha_invoker(tracker: &Process, servers: usize) -> HaInvoker {
+async fn ha_invoker(tracker: &TrackerProcess, servers: usize) -> HaInvoker {
     let invoker = HaInvoker::connect(&format!("tracker://{}", tracker.addr()))
         .await
         .unwrap();
@@ -40,14 +40,14 @@ async fn ha_invoker(tracker: &Process, servers: usize) -> HaInvoker {
 }
 
 struct Direct {
-    _tracker: Process,
+    _tracker: TrackerProcess,
     _server: RpcServer,
     invoker: Arc<dyn Invoker>,
     probe: Probe,
 }
 
 async fn direct() -> Direct {
-    let tracker = Process::tracker();
+    let tracker = tracker();
     let (server, probe) = registered(&tracker, "only").await;
     let invoker = ha_invoker(&tracker, 1).await;
     Direct {
@@ -59,16 +59,16 @@ async fn direct() -> Direct {
 }
 
 struct Mq {
-    _tracker: Process,
-    _broker: Process,
+    _tracker: TrackerProcess,
+    _broker: BrokerProcess,
     _service: MqRpcService,
     invoker: Arc<dyn Invoker>,
     probe: Probe,
 }
 
 async fn mq() -> Mq {
-    let tracker = Process::tracker();
-    let broker = Process::broker(Some(&tracker.addr()));
+    let tracker = tracker();
+    let broker = broker_reporting_to(&tracker);
     let cluster = format!("tracker://{}", tracker.addr());
     let service_side = Broker::connect(&cluster).await.unwrap();
     let (processor, probe) = greeter::processor("mq");
@@ -98,7 +98,7 @@ scenarios::scenarios_over!(mq: typed_and_dynamic, application_errors, unknown_me
 /// Calls spread over every registered server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_balanced_over_the_servers() {
-    let tracker = Process::tracker();
+    let tracker = tracker();
     let (_a, _) = registered(&tracker, "a").await;
     let (_b, _) = registered(&tracker, "b").await;
     let greeter = GreeterClient::new(ha_invoker(&tracker, 2).await);
@@ -113,7 +113,7 @@ async fn calls_are_balanced_over_the_servers() {
 /// surviving server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_server_fails_its_call_and_the_next_goes_to_the_survivor() {
-    let tracker = Process::tracker();
+    let tracker = tracker();
     let (a, probe_a) = registered(&tracker, "a").await;
     let (b, probe_b) = registered(&tracker, "b").await;
     let greeter =
@@ -136,7 +136,7 @@ async fn killed_server_fails_its_call_and_the_next_goes_to_the_survivor() {
 /// With no server registered for a module, a call fails at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_registered_server_fails_fast() {
-    let tracker = Process::tracker();
+    let tracker = tracker();
     let invoker = ha_invoker(&tracker, 0).await;
     let started = Instant::now();
     match RpcClient::new(invoker, "Greeter")

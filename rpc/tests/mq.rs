@@ -16,7 +16,7 @@ use qbus_rpc::{
 };
 use serde_json::json;
 use support::greeter::{self, GreeterClient, Probe};
-use support::{plain, scenarios, wait_for_async, KillOnDrop, Process};
+use support::{plain, scenarios, wait_for_async, BrokerProcess, KillOnDrop};
 
 const MQ: &str = "greeter-rpc";
 
@@ -33,14 +33,14 @@ async fn serve(
 }
 
 struct Single {
-    broker: Process,
+    broker: BrokerProcess,
     _service: MqRpcService,
     invoker: Arc<dyn Invoker>,
     probe: Probe,
 }
 
 async fn single() -> Single {
-    let broker = Process::broker(None);
+    let broker = BrokerProcess::start(&[]);
     let (service, invoker, probe) = serve(
         &Broker::connect(&broker.addr()).await.unwrap(),
         Broker::connect(&broker.addr()).await.unwrap(),
@@ -83,7 +83,7 @@ scenarios::scenarios_over!(embedded: typed_and_dynamic, application_errors, unkn
 /// Nobody consuming the MQ (or no MQ at all) fails a call at once, not at its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_responders_fail_fast() {
-    let (process, broker) = Process::broker_with_idle_mq("idle").await;
+    let (process, broker) = BrokerProcess::with_idle_mq("idle").await;
     for mq in ["idle", "missing"] {
         let client = RpcClient::new(MqInvoker::new(broker.clone(), mq), "Greeter");
         let started = Instant::now();
@@ -205,7 +205,7 @@ async fn routed_replies_leave_the_table_empty() {
 /// turn in the MQ and are all answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_limits_its_concurrency() {
-    let process = Process::broker(None);
+    let process = BrokerProcess::start(&[]);
     let broker = Broker::connect(&process.addr()).await.unwrap();
     let (processor, probe) = greeter::processor("limited");
     let options = MqServiceOptions::default().with_concurrency(2);

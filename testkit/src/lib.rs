@@ -1,9 +1,11 @@
 //! The harness the qbus crates' tests share (a dev-dependency only):
 //!
-//! - [`free_port`], [`wait_for`], [`wait_for_async`]: ports that parallel tests never share,
-//!   and bounded waits instead of sleeps.
-//! - [`process`]: the workspace's server binaries (`qbus-broker`, `qbus-tracker`, `qbus`) as
-//!   child processes on free loopback ports, killed when dropped.
+//! - [`ports`]: loopback ports that parallel tests never share ([`reserve_port`]).
+//! - [`wait_for`], [`wait_for_async`]: bounded waits instead of sleeps.
+//! - [`process`]: the workspace's server binaries as child processes on reserved loopback
+//!   ports, killed when dropped: [`BrokerProcess`](process::BrokerProcess) and
+//!   [`TrackerProcess`](process::TrackerProcess).
+//! - [`greeter`]: the RPC service the tests call (`#[service] trait Greeter`), with a probe.
 //! - [`http`]: an HTTP/1.1 client connection, as `curl` would use it.
 //! - [`prometheus`]: a strict parser of the Prometheus text format.
 //! - [`chromium`]: headless Chromium to load a monitor page.
@@ -11,24 +13,19 @@
 #![allow(clippy::unwrap_used)] // a harness fails loudly by design
 
 pub mod chromium;
+pub mod greeter;
 pub mod http;
+pub mod ports;
 pub mod process;
 pub mod prometheus;
 
+pub use ports::reserve_port;
+
 use std::future::Future;
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 /// How often the waits poll.
 const POLL: Duration = Duration::from_millis(10);
-
-/// A free port on 127.0.0.1 (the OS picks it; the listener is dropped right away).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
 
 /// Polls `check` every 10 ms until it returns `Some`, failing the test after `limit`.
 pub async fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {

@@ -1,10 +1,16 @@
-//! The workspace's binaries as child processes: found next to the test executable, started
-//! on a free loopback port, waited for until they listen, killed by PID when dropped.
+//! The workspace's binaries as child processes: built (or found) next to the test
+//! executable, started on a reserved loopback port, waited for until they listen, killed by
+//! PID when dropped. [`BrokerProcess`] and [`TrackerProcess`] are the one wrapper of each
+//! server that every test tree uses.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use qbus_client::topology::TopologyUpdate;
+
+use crate::ports::{reserve_port, Port};
 
 /// The longest a server may take to listen after it is started.
 const START_LIMIT: Duration = Duration::from_secs(20);
@@ -61,28 +67,220 @@ pub fn built_binary(package: &str, name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// `binary` listening on `127.0.0.1:port` with its store in `store`, as `qbus-broker` takes
-/// them; it logs warnings only and reads no stdin.
-pub fn broker_command(binary: &Path, port: u16, store: &Path) -> Command {
-    let mut cmd = server_command(binary, port);
-    cmd.arg("--store").arg(store);
-    cmd
-}
-
-/// `binary` listening on `127.0.0.1:port` with the given warm-up, as `qbus-tracker` takes
-/// them; it logs warnings only and reads no stdin.
-pub fn tracker_command(binary: &Path, port: u16, warmup: Duration) -> Command {
-    let mut cmd = server_command(binary, port);
-    cmd.args(["--warmup", &format!("{}ms", warmup.as_millis())]);
-    cmd
-}
-
+/// `binary` listening on `127.0.0.1:port`, logging warnings only, reading no stdin.
 fn server_command(binary: &Path, port: u16) -> Command {
     let mut cmd = Command::new(binary);
     cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
     cmd
+}
+
+/// A `qbus-broker` child process on a reserved loopback port, with a temp store unless
+/// given one; killed by PID when dropped.
+///
+/// ```no_run
+/// use qbus_testkit::process::BrokerProcess;
+/// let mut broker = BrokerProcess::start(&["--fsync", "never"]);
+/// let addr = broker.addr(); // 127.0.0.1:<port>
+/// broker.restart(); // kill -9, then the same port, store and flags
+/// ```
+#[derive(Debug)]
+pub struct BrokerProcess {
+    server: Option<ServerProcess>,
+    port: Port,
+    store: PathBuf,
+    args: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl BrokerProcess {
+    /// Starts a broker with a fresh temp store and `args` after the port and store flags.
+    pub fn start(args: &[&str]) -> BrokerProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = dir.path().join("store");
+        let mut broker = BrokerProcess::on_store(&store, args);
+        broker._dir = Some(dir);
+        broker
+    }
+
+    /// Starts a broker on the store directory `store`, which outlives it.
+    pub fn on_store(store: &Path, args: &[&str]) -> BrokerProcess {
+        let mut broker = BrokerProcess {
+            server: None,
+            port: reserve_port(),
+            store: store.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            _dir: None,
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// The command line of a broker on `port` and `store` with `args`, not started (for
+    /// tests that watch it fail).
+    pub fn command(port: u16, store: &Path, args: &[&str]) -> Command {
+        let mut cmd = server_command(&broker_binary(), port);
+        cmd.arg("--store").arg(store).args(args);
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let command = BrokerProcess::command(self.port.get(), &self.store, &args);
+        self.server = Some(ServerProcess::start(
+            "qbus-broker",
+            command,
+            self.port.get(),
+        ));
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port.get()
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        self.port.addr()
+    }
+
+    /// Its store directory.
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
+    fn running(&self) -> &ServerProcess {
+        self.server.as_ref().expect("broker not running")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.running().pid()
+    }
+
+    /// SIGKILL: no flush, no goodbye; waits for the exit.
+    pub fn kill9(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.kill9();
+        }
+    }
+
+    /// SIGTERM, and waits (at most 20 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.server.take().expect("broker not running").terminate()
+    }
+
+    /// SIGSTOP: the process (and its reports) freeze with its connections open.
+    pub fn freeze(&self) {
+        self.running().signal("-STOP");
+    }
+
+    /// SIGCONT after [`BrokerProcess::freeze`].
+    pub fn thaw(&self) {
+        self.running().signal("-CONT");
+    }
+
+    /// Kills it (if running) and starts it again on the same port, store and flags.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// A client of this broker alone.
+    pub async fn client(&self) -> qbus_client::Broker {
+        qbus_client::Broker::connect(&self.addr())
+            .await
+            .expect("connect to the broker")
+    }
+
+    /// A broker holding the MQ `mq`, which nothing consumes, and a client of it.
+    pub async fn with_idle_mq(mq: &str) -> (BrokerProcess, qbus_client::Broker) {
+        let process = BrokerProcess::start(&[]);
+        let broker = process.client().await;
+        broker
+            .create_mq(mq, qbus_client::MqOptions::default())
+            .await
+            .expect("create the MQ");
+        (process, broker)
+    }
+}
+
+/// A `qbus-tracker` child process on a reserved loopback port; killed by PID when dropped.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use qbus_testkit::process::TrackerProcess;
+/// let tracker = TrackerProcess::start(Duration::ZERO); // ready at once
+/// let url = format!("tracker://{}", tracker.addr());
+/// ```
+#[derive(Debug)]
+pub struct TrackerProcess {
+    server: ServerProcess,
+    port: Port,
+    warmup: Duration,
+}
+
+impl TrackerProcess {
+    /// Starts a tracker whose view counts as complete after `warmup`.
+    pub fn start(warmup: Duration) -> TrackerProcess {
+        let port = reserve_port();
+        TrackerProcess {
+            server: TrackerProcess::spawn(port.get(), warmup),
+            port,
+            warmup,
+        }
+    }
+
+    fn spawn(port: u16, warmup: Duration) -> ServerProcess {
+        let binary = built_binary("qbus-tracker", "qbus-tracker");
+        let mut cmd = server_command(&binary, port);
+        cmd.args(["--warmup", &format!("{}ms", warmup.as_millis())]);
+        ServerProcess::start("qbus-tracker", cmd, port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port.get()
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        self.port.addr()
+    }
+
+    /// SIGKILL: no goodbye.
+    pub fn kill9(&mut self) {
+        self.server.kill9();
+    }
+
+    /// Kills it and starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.server.kill9();
+        self.server = TrackerProcess::spawn(self.port.get(), self.warmup);
+    }
+
+    /// The tracker's own view, by a one-shot `QueryTopology`.
+    pub async fn query(&self) -> TopologyUpdate {
+        qbus_client::ha::query_tracker(&self.addr(), Default::default())
+            .await
+            .expect("query the tracker")
+    }
+
+    /// Addresses of the nodes the tracker lists.
+    pub async fn broker_addrs(&self) -> Vec<String> {
+        self.query()
+            .await
+            .brokers
+            .into_iter()
+            .map(|b| b.addr)
+            .collect()
+    }
+}
+
+/// `qbus-broker`, built for this test run when its package is not the one under test.
+fn broker_binary() -> PathBuf {
+    built_binary("qbus-broker", "qbus-broker")
 }
 
 /// A server child process listening on a loopback port; killed when dropped.

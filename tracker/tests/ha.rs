@@ -16,14 +16,14 @@ use futures_util::StreamExt;
 use qbus_client::ha::HaOptions;
 use qbus_client::{Message, MqOptions, Producer};
 use support::{
-    tracker_url, wait_for, wait_for_async, wait_for_brokers, Broker, Tracker, REPORT_INTERVAL,
-    WARMUP,
+    broker, tracker, tracker_url, wait_for, wait_for_async, wait_for_brokers, BrokerProcess,
+    TrackerProcess, REPORT_INTERVAL, WARMUP,
 };
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-async fn ha_client(trackers: &[&Tracker]) -> qbus_client::Broker {
+async fn ha_client(trackers: &[&TrackerProcess]) -> qbus_client::Broker {
     qbus_client::Broker::connect(&tracker_url(trackers))
         .await
         .expect("connect through the trackers")
@@ -129,9 +129,9 @@ async fn consume_all(client: &qbus_client::Broker, mq: &str, expected: &[String]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_rides_through_a_broker_kill_without_losing_messages() {
     const WINDOW: usize = 8;
-    let (t1, t2) = (Tracker::start(), Tracker::start());
-    let mut brokers: Vec<Broker> = (0..3).map(|_| Broker::start(&[&t1, &t2])).collect();
-    let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
+    let (t1, t2) = (tracker(), tracker());
+    let mut brokers: Vec<BrokerProcess> = (0..3).map(|_| broker(&[&t1, &t2])).collect();
+    let addrs: Vec<String> = brokers.iter().map(BrokerProcess::addr).collect();
     let client = ha_client(&[&t1, &t2]).await;
     wait_for_brokers(&client, None, &addrs, LIMIT).await;
     client
@@ -180,9 +180,9 @@ async fn producer_rides_through_a_broker_kill_without_losing_messages() {
 /// within a report interval and the client then forgets the dead broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_topology_outlives_every_tracker() {
-    let (mut t1, mut t2) = (Tracker::start(), Tracker::start());
-    let mut brokers: Vec<Broker> = (0..3).map(|_| Broker::start(&[&t1, &t2])).collect();
-    let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
+    let (mut t1, mut t2) = (tracker(), tracker());
+    let mut brokers: Vec<BrokerProcess> = (0..3).map(|_| broker(&[&t1, &t2])).collect();
+    let addrs: Vec<String> = brokers.iter().map(BrokerProcess::addr).collect();
     let client = ha_client(&[&t1, &t2]).await;
     wait_for_brokers(&client, None, &addrs, LIMIT).await;
     client
@@ -268,9 +268,9 @@ async fn receive(consumer: &mut qbus_client::Consumer, n: usize) {
 /// before it joined reads its messages too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_broker_gets_traffic_within_3s() {
-    let tracker = Tracker::start();
-    let first: Vec<Broker> = (0..2).map(|_| Broker::start(&[&tracker])).collect();
-    let addrs: Vec<String> = first.iter().map(Broker::addr).collect();
+    let tracker = tracker();
+    let first: Vec<BrokerProcess> = (0..2).map(|_| broker(&[&tracker])).collect();
+    let addrs: Vec<String> = first.iter().map(BrokerProcess::addr).collect();
     let client = ha_client(&[&tracker]).await;
     wait_for_brokers(&client, None, &addrs, LIMIT).await;
     client
@@ -290,22 +290,18 @@ async fn a_joining_broker_gets_traffic_within_3s() {
     wait_count(&count, 50).await;
 
     let joined = Instant::now();
-    let newcomer = Broker::start(&[&tracker]);
-    let direct = newcomer.direct().await;
+    let newcomer = broker(&[&tracker]);
+    let direct = newcomer.client().await;
     direct
         .create_mq("events", MqOptions::default())
         .await
         .unwrap();
-    loop {
-        if direct.query_mq("events").await.unwrap().depth() > 0 {
-            break;
-        }
-        assert!(
-            joined.elapsed() < Duration::from_secs(3),
-            "the new broker got nothing in 3 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_async(
+        "the new broker to store a message",
+        Duration::from_secs(3),
+        || async { (direct.query_mq("events").await.unwrap().depth() > 0).then_some(()) },
+    )
+    .await;
     let used = joined.elapsed();
     stop.cancel();
     let produced = producing.await.unwrap();
@@ -326,9 +322,9 @@ async fn a_joining_broker_gets_traffic_within_3s() {
 /// A broker that reports to only one of two trackers is still used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_known_to_one_tracker_is_used() {
-    let (t1, t2) = (Tracker::start(), Tracker::start());
-    let both = Broker::start(&[&t1, &t2]);
-    let one = Broker::start(&[&t2]);
+    let (t1, t2) = (tracker(), tracker());
+    let both = broker(&[&t1, &t2]);
+    let one = broker(&[&t2]);
     let client = ha_client(&[&t1, &t2]).await;
     wait_for_brokers(&client, None, &[both.addr(), one.addr()], LIMIT).await;
     assert!(!t1.broker_addrs().await.contains(&one.addr()));
@@ -342,7 +338,7 @@ async fn a_broker_known_to_one_tracker_is_used() {
     for i in 0..20 {
         producer.send(format!("{i}")).await.unwrap();
     }
-    let depth = one.direct().await.query_mq("split").await.unwrap().depth();
+    let depth = one.client().await.query_mq("split").await.unwrap().depth();
     assert_eq!(depth, 10, "round-robin over both brokers");
 }
 
@@ -350,9 +346,9 @@ async fn a_broker_known_to_one_tracker_is_used() {
 /// warms up, and it rebuilds its view from the brokers' next reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_empty_tracker_makes_no_client_forget_live_brokers() {
-    let mut tracker = Tracker::start();
-    let brokers: Vec<Broker> = (0..3).map(|_| Broker::start(&[&tracker])).collect();
-    let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
+    let mut tracker = tracker();
+    let brokers: Vec<BrokerProcess> = (0..3).map(|_| broker(&[&tracker])).collect();
+    let addrs: Vec<String> = brokers.iter().map(BrokerProcess::addr).collect();
     let client = ha_client(&[&tracker]).await;
     wait_for_brokers(&client, None, &addrs, LIMIT).await;
 
@@ -377,19 +373,15 @@ async fn a_restarted_empty_tracker_makes_no_client_forget_live_brokers() {
         !first.ready,
         "a restarted tracker says it is still warming up"
     );
-    let started = Instant::now();
-    loop {
-        let view = tracker.query().await;
-        if view.ready && view.brokers.len() == 3 {
-            break;
-        }
-        assert!(
-            started.elapsed() < WARMUP + LIMIT,
-            "tracker has {:?}",
-            view.brokers.len()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_async(
+        "the tracker to be ready with 3 brokers",
+        WARMUP + LIMIT,
+        || async {
+            let view = tracker.query().await;
+            (view.ready && view.brokers.len() == 3).then_some(())
+        },
+    )
+    .await;
     wait_for("the client to resubscribe", LIMIT, || {
         client.ha_status().unwrap().trackers[0]
             .connected
@@ -408,7 +400,9 @@ async fn a_restarted_empty_tracker_makes_no_client_forget_live_brokers() {
 /// No tracker answers: a clear error within the bounded wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_tracker_is_a_clear_error() {
-    let port = support::free_port();
+    // Held for the whole test, so no other test's server listens there.
+    let reserved = qbus_testkit::reserve_port();
+    let port = reserved.get();
     let options = HaOptions::default().with_first_topology(Duration::from_millis(300));
     let started = Instant::now();
     let err = qbus_client::Broker::connect_ha(&format!("tracker://127.0.0.1:{port}"), options)
@@ -424,9 +418,9 @@ async fn no_tracker_is_a_clear_error() {
 /// key sticks to one broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_on_some_brokers_and_keys_stick() {
-    let tracker = Tracker::start();
-    let brokers: Vec<Broker> = (0..3).map(|_| Broker::start(&[&tracker])).collect();
-    let addrs: Vec<String> = brokers.iter().map(Broker::addr).collect();
+    let tracker = tracker();
+    let brokers: Vec<BrokerProcess> = (0..3).map(|_| broker(&[&tracker])).collect();
+    let addrs: Vec<String> = brokers.iter().map(BrokerProcess::addr).collect();
     let url = tracker_url(&[&tracker]);
     let client = qbus_client::Broker::connect_ha(&url, HaOptions::default().with_create_on(2))
         .await
@@ -466,7 +460,7 @@ async fn create_on_some_brokers_and_keys_stick() {
     for broker in brokers.iter().filter(|b| holders.contains(&b.addr())) {
         depths.push(
             broker
-                .direct()
+                .client()
                 .await
                 .query_mq("pairs")
                 .await

@@ -17,14 +17,14 @@ use qbus_client::topology::{BrokerState, NodeKind};
 use qbus_client::{Connection, ConnectionOptions, MqOptions};
 use qbus_testkit::{chromium, prometheus};
 use serde_json::Value;
-use support::{http, wait_for_async, Broker, Tracker, REPORT_INTERVAL};
+use support::{broker, http, wait_for_async, TrackerProcess, REPORT_INTERVAL};
 
 /// Bound on every wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Registers a DirectRPC node offering `services` at `tracker`, the way an `RpcServer` with
 /// trackers does; it stays listed while the returned connection is open.
-async fn register_rpc_node(tracker: &Tracker, addr: &str, services: &[&str]) -> Connection {
+async fn register_rpc_node(tracker: &TrackerProcess, addr: &str, services: &[&str]) -> Connection {
     let connection = Connection::new(
         qbus_client::link::TcpConnector::new(tracker.addr(), 1 << 20),
         ConnectionOptions::default(),
@@ -73,15 +73,15 @@ fn depth(stats: &Value, id: &str, mq: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_json_lists_the_brokers_with_report_age_and_the_services() {
-    let tracker = Tracker::with_warmup(Duration::ZERO);
-    let (a, b) = (Broker::start(&[&tracker]), Broker::start(&[&tracker]));
+    let tracker = TrackerProcess::start(Duration::ZERO);
+    let (a, b) = (broker(&[&tracker]), broker(&[&tracker]));
     let _rpc = register_rpc_node(&tracker, "127.0.0.1:1", &["calc"]).await;
-    a.direct()
+    a.client()
         .await
         .create_mq("jobs", MqOptions::default())
         .await
         .unwrap();
-    let stats = stats_when(tracker.port, "both brokers and the MQ", |s| {
+    let stats = stats_when(tracker.port(), "both brokers and the MQ", |s| {
         node(s, &b.addr()).is_some() && depth(s, &a.addr(), "jobs").is_some()
     })
     .await;
@@ -119,7 +119,7 @@ async fn stats_json_lists_the_brokers_with_report_age_and_the_services() {
     // time: the age falls back instead of growing until the lease runs out.
     let age = |s: &Value| node(s, &a.addr()).and_then(|n| n["report_age_ms"].as_u64());
     let oldest = std::cell::Cell::new(age(&stats).unwrap());
-    stats_when(tracker.port, "a repeated report to renew the age", |s| {
+    stats_when(tracker.port(), "a repeated report to renew the age", |s| {
         let now = age(s).unwrap();
         let renewed = now < oldest.get();
         oldest.set(now);
@@ -127,9 +127,9 @@ async fn stats_json_lists_the_brokers_with_report_age_and_the_services() {
     })
     .await;
 
-    let wrong = http(tracker.port, Method::POST, "/api/stats").await;
+    let wrong = http(tracker.port(), Method::POST, "/api/stats").await;
     assert_eq!(wrong.status, 405, "{}", wrong.body);
-    let missing = http(tracker.port, Method::GET, "/api/nothing").await;
+    let missing = http(tracker.port(), Method::GET, "/api/nothing").await;
     assert_eq!(missing.status, 404, "{}", missing.body);
 }
 
@@ -141,8 +141,8 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_counters_move() {
-    let tracker = Tracker::with_warmup(Duration::ZERO);
-    let (a, b) = (Broker::start(&[&tracker]), Broker::start(&[&tracker]));
+    let tracker = TrackerProcess::start(Duration::ZERO);
+    let (a, b) = (broker(&[&tracker]), broker(&[&tracker]));
     // A subscriber, so changes are pushed somewhere.
     let client = qbus_client::Broker::connect(&support::tracker_url(&[&tracker]))
         .await
@@ -152,7 +152,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
     let _rpc = register_rpc_node(&tracker, "127.0.0.1:1", &["calc"]).await;
 
     let scrape = || async {
-        let reply = http(tracker.port, Method::GET, "/metrics").await;
+        let reply = http(tracker.port(), Method::GET, "/metrics").await;
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert_eq!(
             reply.content_type,
@@ -191,7 +191,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
 
     // A new MQ is a change: the broker reports it, the tracker publishes it and pushes it to
     // the subscriber; meanwhile the periodic reports keep arriving.
-    a.direct()
+    a.client()
         .await
         .create_mq("metered", MqOptions::default())
         .await
@@ -245,10 +245,10 @@ fn mq_row<'a>(dom: &'a str, addr: &str, mq: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracker_page_in_headless_chromium() {
-    let tracker = Tracker::with_warmup(Duration::ZERO);
-    let (a, b) = (Broker::start(&[&tracker]), Broker::start(&[&tracker]));
+    let tracker = TrackerProcess::start(Duration::ZERO);
+    let (a, b) = (broker(&[&tracker]), broker(&[&tracker]));
     let _rpc = register_rpc_node(&tracker, "127.0.0.1:1", &["calc", "inventory"]).await;
-    let (direct_a, direct_b) = (a.direct().await, b.direct().await);
+    let (direct_a, direct_b) = (a.client().await, b.client().await);
     for direct in [&direct_a, &direct_b] {
         direct
             .create_mq("browser-orders", MqOptions::default())
@@ -269,7 +269,7 @@ async fn tracker_page_in_headless_chromium() {
         .unwrap();
     // Brokers report fresh depths every interval; the page can only show what the tracker
     // holds.
-    stats_when(tracker.port, "depths 3 and 1 at the tracker", |s| {
+    stats_when(tracker.port(), "depths 3 and 1 at the tracker", |s| {
         depth(s, &a.addr(), "browser-orders") == Some(3)
             && depth(s, &b.addr(), "browser-orders") == Some(1)
     })
@@ -301,17 +301,21 @@ async fn tracker_page_in_headless_chromium() {
         .subscribe()
         .await
         .unwrap();
-    stats_when(tracker.port, "depth 7 and the group at the tracker", |s| {
-        let groups = node(s, &a.addr()).and_then(|n| {
-            n["mqs"]
-                .as_array()?
-                .iter()
-                .find(|m| m["name"] == "browser-orders")
-                .map(|m| m["groups"].to_string())
-        });
-        depth(s, &a.addr(), "browser-orders") == Some(7)
-            && groups.is_some_and(|g| g.contains("\"viewers\""))
-    })
+    stats_when(
+        tracker.port(),
+        "depth 7 and the group at the tracker",
+        |s| {
+            let groups = node(s, &a.addr()).and_then(|n| {
+                n["mqs"]
+                    .as_array()?
+                    .iter()
+                    .find(|m| m["name"] == "browser-orders")
+                    .map(|m| m["groups"].to_string())
+            });
+            depth(s, &a.addr(), "browser-orders") == Some(7)
+                && groups.is_some_and(|g| g.contains("\"viewers\""))
+        },
+    )
     .await;
     let dom = run_chromium(&url, "--dump-dom").await;
     let row = mq_row(&dom, &a.addr(), "browser-orders");

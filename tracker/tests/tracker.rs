@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 use qbus_client::MqOptions;
-use support::{http, wait_for, wait_for_async, Broker, Tracker, REPORT_INTERVAL};
+use support::{
+    broker, broker_reporting_every, http, wait_for, wait_for_async, TrackerProcess, REPORT_INTERVAL,
+};
 
 /// Polls the tracker until `done` holds for its broker list; returns how long it took.
 async fn until(
-    tracker: &Tracker,
+    tracker: &TrackerProcess,
     what: &str,
     limit: Duration,
     done: impl Fn(&[String]) -> bool,
@@ -30,10 +32,10 @@ async fn until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_are_dropped_on_close_at_once_and_on_silence_after_their_lease() {
-    let tracker = Tracker::with_warmup(Duration::ZERO);
+    let tracker = TrackerProcess::start(Duration::ZERO);
     let interval = Duration::from_millis(300);
-    let mut killed = Broker::with_interval(&[&tracker], interval);
-    let frozen = Broker::with_interval(&[&tracker], interval);
+    let mut killed = broker_reporting_every(&[&tracker], interval);
+    let frozen = broker_reporting_every(&[&tracker], interval);
     let (k, f) = (killed.addr(), frozen.addr());
     until(&tracker, "both brokers", Duration::from_secs(5), |b| {
         b.contains(&k) && b.contains(&f)
@@ -81,14 +83,14 @@ async fn brokers_are_dropped_on_close_at_once_and_on_silence_after_their_lease()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_reach_subscribers_within_100ms() {
-    let tracker = Tracker::with_warmup(Duration::ZERO);
+    let tracker = TrackerProcess::start(Duration::ZERO);
     // A long interval: only change reports can explain a quick update.
-    let broker = Broker::with_interval(&[&tracker], Duration::from_secs(10));
+    let broker = broker_reporting_every(&[&tracker], Duration::from_secs(10));
     let client = qbus_client::Broker::connect(&support::tracker_url(&[&tracker]))
         .await
         .unwrap();
     support::wait_for_brokers(&client, None, &[broker.addr()], Duration::from_secs(5)).await;
-    let direct = broker.direct().await;
+    let direct = broker.client().await;
 
     let created = Instant::now();
     direct
@@ -134,10 +136,10 @@ async fn changes_reach_subscribers_within_100ms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_is_served_as_json_over_http() {
-    let tracker = Tracker::with_warmup(Duration::ZERO);
-    let broker = Broker::start(&[&tracker]);
+    let tracker = TrackerProcess::start(Duration::ZERO);
+    let broker = broker(&[&tracker]);
     broker
-        .direct()
+        .client()
         .await
         .create_mq("jobs", MqOptions::default())
         .await
@@ -148,7 +150,7 @@ async fn topology_is_served_as_json_over_http() {
     })
     .await;
     let response = wait_for_async("the MQ at the tracker", Duration::from_secs(5), || async {
-        let response = http(tracker.port, Method::GET, "/topology").await;
+        let response = http(tracker.port(), Method::GET, "/topology").await;
         response.body.contains("\"jobs\"").then_some(response)
     })
     .await;
@@ -167,16 +169,16 @@ async fn topology_is_served_as_json_over_http() {
     );
 
     assert_eq!(
-        http(tracker.port, Method::GET, "/nothing").await.status,
+        http(tracker.port(), Method::GET, "/nothing").await.status,
         404
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_an_error_and_the_tracker_keeps_serving() {
-    let tracker = Tracker::with_warmup(Duration::ZERO);
+    let tracker = TrackerProcess::start(Duration::ZERO);
     // A length prefix far over the frame limit.
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", tracker.port)).unwrap();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", tracker.port())).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();

@@ -1,4 +1,4 @@
-//! The service every test calls, with counters a test can watch.
+//! `Greeter`, the RPC service the tests of every tree call, with counters a test can watch.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -3,16 +3,15 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod support;
-
 use std::process::Output;
 
 use qbus_client::Broker;
 use qbus_rpc::{MqRpcService, RpcServer};
-use support::{greeter, Process};
+use qbus_testkit::greeter;
+use qbus_testkit::process::BrokerProcess;
 
 async fn qbus(args: &[&str]) -> Output {
-    tokio::process::Command::new(support::binary("qbus"))
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_qbus"))
         .args(args)
         .output()
         .await
@@ -55,7 +54,7 @@ async fn direct_calls_print_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mq_calls_print_json() {
-    let broker = Process::broker(None);
+    let broker = BrokerProcess::start(&[]);
     let (processor, _) = greeter::processor("cli");
     let client = Broker::connect(&broker.addr()).await.unwrap();
     let _service = MqRpcService::start(&client, "cli-rpc", processor)

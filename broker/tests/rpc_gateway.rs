@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,10 +13,11 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use qbus_client::Broker;
 use qbus_rpc::{route_stats, MqRpcService};
+use qbus_testkit::greeter::{self, Probe};
 use qbus_testkit::http::once;
+use qbus_testkit::process::BrokerProcess;
+use qbus_testkit::{wait_for, wait_for_async};
 use serde_json::{json, Value};
-use support::greeter::{self, Probe};
-use support::{wait_for, wait_for_async, Process};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -28,14 +27,14 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// A broker process with the test `Greeter` served on [`MQ`].
 struct Fixture {
-    process: Process,
+    process: BrokerProcess,
     broker: Broker,
     _service: MqRpcService,
     probe: Probe,
 }
 
 async fn fixture() -> Fixture {
-    let process = Process::broker(None);
+    let process = BrokerProcess::start(&[]);
     let broker = Broker::connect(&process.addr()).await.unwrap();
     let (processor, probe) = greeter::processor("http");
     let service = MqRpcService::start(&broker, MQ, processor).await.unwrap();
@@ -212,7 +211,7 @@ async fn json_calls_get_json_results_and_errors() {
 /// Nothing consuming the MQ, or no MQ at all: an error at once, not at the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_responders_fail_fast() {
-    let (process, _broker) = Process::broker_with_idle_mq("idle").await;
+    let (process, _broker) = BrokerProcess::with_idle_mq("idle").await;
     let envelope = json!({"module": "Greeter", "method": "hello", "params": ["x"]}).to_string();
     for (mq, expected) in [
         ("idle", StatusCode::SERVICE_UNAVAILABLE),
