@@ -12,6 +12,9 @@ use serde::Deserialize;
 pub use qbus_server_kit::units::{parse_duration, parse_size};
 pub use qbus_server_kit::ConfigError;
 
+/// The ack timeout when neither the MQ nor the settings give one.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// When appended data is flushed to disk with fsync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -173,8 +176,7 @@ impl Settings {
             segment_size: size("segment-size", self.segment_size)?.unwrap_or(64 << 20),
             retention_size: size("retention-size", self.retention_size)?,
             retention_age: duration("retention-age", self.retention_age)?,
-            ack_timeout: duration("ack-timeout", self.ack_timeout)?
-                .unwrap_or(crate::consumer_group::DEFAULT_ACK_TIMEOUT),
+            ack_timeout: duration("ack-timeout", self.ack_timeout)?.unwrap_or(DEFAULT_ACK_TIMEOUT),
             max_deliveries,
             max_in_flight: self.max_in_flight.unwrap_or(65_536).max(1),
             http_timeout,

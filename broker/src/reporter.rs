@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
-use crate::registry::Registry;
+use crate::queue::registry::Registry;
 
 /// Default time between two reports without a change.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);

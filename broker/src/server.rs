@@ -12,11 +12,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::group_commit::Committer;
 use crate::http;
 use crate::metrics::Protocol;
-use crate::rates;
-use crate::registry::Registry;
+use crate::queue::group_commit::Committer;
+use crate::queue::registry::Registry;
 use crate::session;
 use crate::store::StoreError;
 
@@ -61,10 +60,7 @@ impl Core {
         let registry = Arc::new(registry);
         let shutdown = CancellationToken::new();
         tokio::spawn(sweep(registry.clone(), shutdown.clone()));
-        tokio::spawn(rates::sample_every_second(
-            registry.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(sample_rates(registry.clone(), shutdown.clone()));
         Ok(Core {
             registry,
             commit_thread: std::sync::Mutex::new(Some(commit_thread)),
@@ -144,6 +140,25 @@ async fn sweep(registry: Arc<Registry>, shutdown: CancellationToken) {
         if ticks.is_multiple_of(50) {
             registry.retain().await;
         }
+    }
+}
+
+/// Samples every MQ's counters once a second until `shutdown` fires.
+async fn sample_rates(registry: Arc<Registry>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // After a stall, resume the rhythm rather than taking a burst of back-to-back samples.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let totals = registry
+            .list()
+            .iter()
+            .map(|mq| (mq.name().to_owned(), mq.counters().read()))
+            .collect::<Vec<_>>();
+        registry.metrics().rates().sample(totals);
     }
 }
 

@@ -19,11 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::BrokerError;
-use crate::group_commit::{AppendWait, CommitBatch};
 use crate::metrics::Protocol;
-use crate::mq::Start;
-use crate::registry::{FetchRequest, Registry};
-use crate::rpc_route;
+use crate::queue::group::Start;
+use crate::queue::group_commit::{AppendWait, CommitBatch};
+use crate::queue::registry::{FetchRequest, Registry};
+use crate::rpc;
 
 /// Long polls one connection may have waiting at once.
 const MAX_FETCHES: usize = 64;
@@ -190,7 +190,8 @@ impl Session {
             }
             Command::Call | Command::Route | Command::QueryRoutes => {
                 let (registry, out) = (&self.registry, &self.out);
-                match rpc_route::handle(registry, self.conn, out, frame, &mut self.batch) {
+                let replies = registry.routes();
+                match rpc::call::handle(registry, replies, self.conn, out, frame, &mut self.batch) {
                     Some(reply) => self.reply(reply).await,
                     None => Ok(()),
                 }

@@ -21,8 +21,8 @@ use super::fields::Fields;
 use super::reply::{json, ApiError, Reply};
 use super::stats::MqStats;
 use super::Context;
-use crate::mq::Start;
-use crate::registry::FetchRequest;
+use crate::queue::group::Start;
+use crate::queue::registry::FetchRequest;
 
 /// Room left in `max-frame` for the binary frame header, so a message produced over HTTP can
 /// also be fetched over the binary protocol.

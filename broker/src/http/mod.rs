@@ -40,9 +40,9 @@ use tracing::Instrument;
 use self::api::Op;
 use self::fields::Fields;
 use self::reply::{json, ApiError, Reply};
+use crate::metrics::rates::RATE_HISTORY;
 use crate::metrics::Protocol;
-use crate::rates::RATE_HISTORY;
-use crate::registry::Registry;
+use crate::queue::registry::Registry;
 
 /// What the requests of one HTTP connection share.
 pub struct Context {

@@ -4,10 +4,10 @@
 use qbus_client::protocol::{MqInfo, PROTOCOL_VERSION};
 use serde::Serialize;
 
+use crate::metrics::rates::Rates;
 use crate::metrics::{HistogramReading, MqTraffic, Protocol};
-use crate::mq::Mq;
-use crate::rates::Rates;
-use crate::registry::Registry;
+use crate::queue::mq::Mq;
+use crate::queue::registry::Registry;
 
 /// The whole snapshot.
 #[derive(Debug, Serialize)]

@@ -2,37 +2,25 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use qbus_client::protocol::record::records;
 use qbus_client::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
-use tokio::sync::Notify;
 
-use crate::consumer_group::ConsumerGroup;
+use super::group::{Fetching, Group, Start};
+use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
 use crate::error::{validate_name, BrokerError};
-use crate::group_commit::{AppendWait, CommitBatch, Committer, SharedCursor, SharedLog, StoreWait};
 use crate::metrics::MqCounters;
-use crate::store::{CursorFile, LogConfig, LogReader, MqLog, ReadPos, StoreError};
+use crate::store::{CursorFile, LogConfig, LogReader, MqLog, StoreError};
 
 const OPTIONS_FILE: &str = "mq.options";
 const GROUPS_DIR: &str = "groups";
 const CURSOR_SUFFIX: &str = ".cursor";
 /// Most bytes of records put in one fetch reply.
 pub const MAX_FETCH_BYTES: usize = 1 << 20;
-
-/// Where a group created by a fetch starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// Oldest retained record.
-    Earliest,
-    /// The end: only records produced from now on.
-    Latest,
-    /// A given offset (clamped to what is retained).
-    Offset(u64),
-}
 
 /// Options with the broker's defaults applied.
 #[derive(Debug, Clone)]
@@ -43,55 +31,6 @@ pub struct Limits {
     pub max_deliveries: u32,
     /// Unacknowledged deliveries per connection and group.
     pub max_in_flight: u32,
-}
-
-/// A consumer group with its persistence and wake-ups.
-pub struct Group {
-    state: Mutex<ConsumerGroup>,
-    cursor: SharedCursor,
-    /// Highest committed offset handed to the commit thread.
-    persisted: Arc<AtomicU64>,
-    /// Serialises reads of new records so two consumers never get the same batch; holds
-    /// the file position of `next` so sequential reads skip the index.
-    read_pos: tokio::sync::Mutex<Option<ReadPos>>,
-    /// Signalled when deliveries are released or acknowledged.
-    changed: Notify,
-}
-
-impl Group {
-    fn new(name: &str, committed: u64, cursor: CursorFile) -> Arc<Group> {
-        Arc::new(Group {
-            state: Mutex::new(ConsumerGroup::new(name, committed)),
-            cursor: Arc::new(Mutex::new(cursor)),
-            persisted: Arc::new(AtomicU64::new(committed)),
-            read_pos: tokio::sync::Mutex::new(None),
-            changed: Notify::new(),
-        })
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, ConsumerGroup> {
-        self.state.lock().expect("group state poisoned")
-    }
-}
-
-/// A fetch under way: its connection counts as a consumer of the group until it ends,
-/// however it ends.
-struct Fetching<'a> {
-    group: &'a Group,
-    conn: u64,
-}
-
-impl<'a> Fetching<'a> {
-    fn start(group: &'a Group, conn: u64) -> Fetching<'a> {
-        group.state().join(conn);
-        Fetching { group, conn }
-    }
-}
-
-impl Drop for Fetching<'_> {
-    fn drop(&mut self) {
-        self.group.state().fetch_ended(self.conn, Instant::now());
-    }
 }
 
 /// Records handed out by one fetch.
@@ -458,7 +397,7 @@ impl Mq {
         (acked, stored)
     }
 
-    /// Releases deliveries for immediate redelivery (`unseen`: see [`ConsumerGroup::nack`]).
+    /// Releases deliveries for immediate redelivery (`unseen`: see `GroupLedger::nack`).
     pub fn nack(&self, group: &Group, tokens: &[DeliveryToken], unseen: bool) -> usize {
         let released = group.state().nack(tokens, unseen);
         if released > 0 {
@@ -530,7 +469,7 @@ impl Mq {
     }
 
     /// Stops counting `conn` as a consumer of any group, keeping what it holds (see
-    /// [`ConsumerGroup::detach`]).
+    /// `GroupLedger::detach`).
     pub fn detach(&self, conn: u64) {
         for group in self.groups.lock().expect("groups poisoned").values() {
             group.state().detach(conn);
@@ -538,7 +477,7 @@ impl Mq {
     }
 
     /// True while some connection consumes from any group (MQ-RPC's "is anyone there"; see
-    /// [`ConsumerGroup::has_consumers`]).
+    /// `GroupLedger::has_consumers`).
     pub fn has_consumers(&self) -> bool {
         let now = Instant::now();
         self.groups

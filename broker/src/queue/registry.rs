@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use qbus_client::protocol::{DeliveryToken, Durability, MqOptions};
 
+use super::group::{Group, Start};
+use super::group_commit::{CommitBatch, Committer, StoreWait};
+use super::mq::{Fetched, Limits, Mq};
 use crate::config::Config;
 use crate::error::{validate_name, BrokerError};
-use crate::group_commit::{CommitBatch, Committer, StoreWait};
 use crate::metrics::BrokerMetrics;
-use crate::mq::{Fetched, Group, Limits, Mq, Start};
-use crate::rpc_route::Routes;
+use crate::rpc::reply_table::ReplyTable;
 use crate::store::{LogConfig, StoreError, StoreLock};
 
 /// Longest long-poll a fetch may ask for.
@@ -51,7 +52,7 @@ pub struct Registry {
     /// Bumped on every change the trackers must hear of (see [`Registry::watch_changes`]).
     changes: tokio::sync::watch::Sender<u64>,
     /// MQ-RPC callers awaiting a reply.
-    routes: Arc<Routes>,
+    routes: Arc<ReplyTable>,
     _lock: StoreLock,
 }
 
@@ -97,7 +98,7 @@ impl Registry {
             started,
             metrics: Arc::new(BrokerMetrics::default()),
             changes: tokio::sync::watch::channel(0).0,
-            routes: Arc::new(Routes::new()),
+            routes: Arc::new(ReplyTable::new()),
             _lock: lock,
         })
     }
@@ -256,7 +257,7 @@ impl Registry {
     }
 
     /// The MQ-RPC callers awaiting a reply.
-    pub fn routes(&self) -> &Arc<Routes> {
+    pub fn routes(&self) -> &Arc<ReplyTable> {
         &self.routes
     }
 
