@@ -25,7 +25,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 
-pub use config::{Config, FsyncPolicy, Settings};
+pub use config::{Config, FsyncPolicy, Reporting, Settings};
 pub use embedded::EmbeddedBroker;
 pub use error::BrokerError;
 pub use server::{bind, run, StartError};

@@ -16,6 +16,7 @@ use crate::http;
 use crate::metrics::Protocol;
 use crate::queue::group_commit::Committer;
 use crate::queue::registry::Registry;
+use crate::reporter;
 use crate::session;
 use crate::store::StoreError;
 
@@ -183,10 +184,16 @@ pub async fn run(
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "broker listening");
     if let (Some(reporting), Some(local)) = (reporting, local) {
-        let addr = reporting.advertised(local);
+        let addr = reporter::advertised(&reporting, local);
         // A child token: on shutdown the tracker connections close and the trackers drop
         // this broker at once.
-        tokio::spawn(reporting.run(core.registry().clone(), addr, shutdown.child_token()));
+        let registry = core.registry().clone();
+        tokio::spawn(reporter::run(
+            reporting,
+            registry,
+            addr,
+            shutdown.child_token(),
+        ));
     }
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
         core.accept(stream, peer).await;
