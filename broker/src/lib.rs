@@ -14,6 +14,7 @@
 //! - `embedded`: the broker inside an application, no socket.
 
 pub mod config;
+pub mod core;
 pub mod embedded;
 pub mod error;
 pub mod http;

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Reporting;
-use crate::queue::registry::Registry;
+use crate::core::Core;
 
 /// Changes arriving together are reported together: the first one waits this long.
 const DEBOUNCE: Duration = Duration::from_millis(40);
@@ -38,19 +38,14 @@ pub fn advertised(reporting: &Reporting, listening: SocketAddr) -> String {
     SocketAddr::new(ip, listening.port()).to_string()
 }
 
-/// Reports `registry` as `addr` to the trackers of `reporting` until `stop` fires (the
+/// Reports `core`'s MQs as `addr` to the trackers of `reporting` until `stop` fires (the
 /// trackers then drop the broker).
-pub async fn run(
-    reporting: Reporting,
-    registry: Arc<Registry>,
-    addr: String,
-    stop: CancellationToken,
-) {
+pub async fn run(reporting: Reporting, core: Arc<Core>, addr: String, stop: CancellationToken) {
     let epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     tracing::info!(advertise = %addr, trackers = ?reporting.trackers, interval = ?reporting.interval, "reporting to trackers");
-    let mut changes = registry.watch_changes();
+    let mut changes = core.watch_changes();
     let (publish, state) = watch::channel(Arc::new(BrokerState {
         id: addr.clone(),
         addr,
@@ -58,7 +53,7 @@ pub async fn run(
         epoch,
         seq: 1,
         report_interval_ms: reporting.interval.as_millis() as u64,
-        mqs: mqs(&registry),
+        mqs: mqs(&core),
         services: Vec::new(),
     }));
     let sending = tokio::spawn(reporter::report(
@@ -84,7 +79,7 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        let now = mqs(&registry);
+        let now = mqs(&core);
         if now != publish.borrow().mqs {
             publish.send_modify(|state| {
                 let state = Arc::make_mut(state);
@@ -105,8 +100,8 @@ fn facing(tracker: &str) -> Option<IpAddr> {
 }
 
 /// Every MQ as the trackers see it.
-fn mqs(registry: &Registry) -> Vec<MqState> {
-    registry
+fn mqs(core: &Core) -> Vec<MqState> {
+    core.registry()
         .list()
         .iter()
         .map(|mq| {

@@ -50,7 +50,7 @@ async fn forward(
         return Err(super::not_allowed(parts, &[Method::POST]).into());
     }
     let asked = Fields::new(parts)?.parse::<u64>("timeout", "a deadline in milliseconds")?;
-    let config = ctx.registry.config();
+    let config = ctx.core.config();
     // The call is stored as a record tagged with its encoding and keyed by its reply route.
     let limit = api::body_limit(config.max_frame, ENCODING.len() + MAX_ROUTE_LEN);
     let raw = body::read(parts, body, limit, api::BODY_LIMIT, config.http_timeout).await?;
@@ -100,12 +100,12 @@ async fn forward(
     header.timeout_ms = Some(timeout_ms);
     header.encoding = Some(ENCODING.to_owned());
     tracing::debug!(module = %head.module, method = %head.method, ?timeout, "calling");
-    let registry = &ctx.registry;
+    let core = &ctx.core;
     let reply = call::call_once(
-        registry,
-        registry.routes(),
-        registry.committer(),
-        registry.connection_id(),
+        core.registry(),
+        core.replies(),
+        core.committer(),
+        core.connection_id(),
         Frame::with_body(header, envelope.into()),
     )
     .await?;

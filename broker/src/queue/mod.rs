@@ -12,3 +12,19 @@ pub mod group_commit;
 pub mod group_ledger;
 pub mod mq;
 pub mod registry;
+
+use crate::error::BrokerError;
+use crate::store::StoreError;
+
+/// Runs file work that blocks on a thread of its own, off the async workers. Should that
+/// task panic, the fault is the broker's, not the request's: it answers as an internal
+/// error (`what failed: why`).
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, BrokerError> {
+    let done = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("{what} failed: {e}")))?;
+    Ok(done?)
+}

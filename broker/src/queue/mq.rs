@@ -10,8 +10,10 @@ use bytes::{Bytes, BytesMut};
 use qbus_client::protocol::record::records;
 use qbus_client::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
 
+use super::blocking;
 use super::group::{Fetching, Group, Start};
 use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
+use super::group_ledger::Redeliveries;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
 use crate::store::{CursorFile, LogConfig, LogReader, MqLog, StoreError};
@@ -40,8 +42,25 @@ pub struct Fetched {
     pub body: Bytes,
     /// Delivery attempt of each record, in order.
     pub attempts: Vec<u32>,
-    /// Offsets that reached the delivery limit and must be dead-lettered by the caller.
-    pub dead: Vec<u64>,
+    /// Records that reached the delivery limit, for the caller to move to the dead-letter MQ.
+    pub dead: DeadLetters,
+}
+
+/// Records a fetch retired after too many deliveries, read whole: the MQ does not reach
+/// for its dead-letter MQ itself, whoever holds the MQ table hands them over.
+#[derive(Debug, Default)]
+pub struct DeadLetters {
+    /// Whole records back to back.
+    pub records: BytesMut,
+    /// How many.
+    pub count: u32,
+}
+
+impl DeadLetters {
+    /// True when the fetch retired nothing.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
 }
 
 /// One MQ.
@@ -201,9 +220,7 @@ impl Mq {
             }
         };
         let path = self.cursor_path(name);
-        let (cursor, _) = tokio::task::spawn_blocking(move || CursorFile::open(&path))
-            .await
-            .map_err(|e| BrokerError::BadRequest(format!("group creation failed: {e}")))??;
+        let (cursor, _) = blocking("group creation", move || CursorFile::open(&path)).await?;
         let group = {
             let mut groups = self.groups.lock().expect("groups poisoned");
             groups
@@ -258,9 +275,7 @@ impl Mq {
                 (room, redo)
             };
             if !redo.deliver.is_empty() || !redo.dead.is_empty() {
-                let mut fetched = self.read_offsets(&redo.deliver).await?;
-                fetched.dead = redo.dead;
-                return Ok(fetched);
+                return self.read_redeliveries(redo).await;
             }
             if room > 0 {
                 if let Some(fetched) = self.fetch_new(group, conn, room, tag, ack_deadline).await? {
@@ -297,11 +312,10 @@ impl Mq {
                 None => {
                     let reader = self.reader.clone();
                     let hint = *read_pos;
-                    tokio::task::spawn_blocking(move || {
+                    blocking("read task", move || {
                         reader.read(from, hint, room, MAX_FETCH_BYTES)
                     })
-                    .await
-                    .map_err(|e| BrokerError::BadRequest(format!("read task failed: {e}")))??
+                    .await?
                 }
             };
             *read_pos = Some(batch.next_pos);
@@ -334,7 +348,7 @@ impl Mq {
                 return Ok(Some(Fetched {
                     body,
                     attempts: vec![1; offsets.len()],
-                    dead: Vec::new(),
+                    dead: DeadLetters::default(),
                 }));
             }
             if batch.count == 0 {
@@ -343,31 +357,32 @@ impl Mq {
         }
     }
 
-    /// Reads the records at `offsets` (redeliveries), each with its attempt.
-    async fn read_offsets(&self, offsets: &[(u64, u32)]) -> Result<Fetched, BrokerError> {
+    /// Reads the records to deliver again, each with its attempt, and those to dead-letter.
+    async fn read_redeliveries(&self, redo: Redeliveries) -> Result<Fetched, BrokerError> {
+        let attempts = redo.deliver.iter().map(|&(_, attempt)| attempt).collect();
+        let dead_count = redo.dead.len() as u32;
         let reader = self.reader.clone();
-        let wanted = offsets.to_vec();
-        let body = tokio::task::spawn_blocking(move || -> Result<BytesMut, StoreError> {
-            let mut body = BytesMut::new();
-            for (offset, _) in wanted {
-                let batch = reader.read(offset, None, 1, 1)?;
-                body.extend_from_slice(&batch.data);
-            }
-            Ok(body)
+        let (body, dead) = blocking("read task", move || {
+            let read = |offsets: &mut dyn Iterator<Item = u64>| {
+                let mut records = BytesMut::new();
+                for offset in offsets {
+                    let batch = reader.read(offset, None, 1, 1)?;
+                    records.extend_from_slice(&batch.data);
+                }
+                Ok::<_, StoreError>(records)
+            };
+            let body = read(&mut redo.deliver.iter().map(|&(offset, _)| offset))?;
+            Ok((body, read(&mut redo.dead.into_iter())?))
         })
-        .await
-        .map_err(|e| BrokerError::BadRequest(format!("read task failed: {e}")))??;
+        .await?;
         Ok(Fetched {
             body: body.freeze(),
-            attempts: offsets.iter().map(|&(_, attempt)| attempt).collect(),
-            dead: Vec::new(),
+            attempts,
+            dead: DeadLetters {
+                records: dead,
+                count: dead_count,
+            },
         })
-    }
-
-    /// Reads single records, for dead-lettering.
-    pub async fn read_records(&self, offsets: &[u64]) -> Result<BytesMut, BrokerError> {
-        let pairs: Vec<(u64, u32)> = offsets.iter().map(|&o| (o, 0)).collect();
-        Ok(self.read_offsets(&pairs).await?.body.into())
     }
 
     /// Acknowledges deliveries and adds a store of the group's cursor to `batch` if it
@@ -433,15 +448,13 @@ impl Mq {
             group.changed.notify_waiters();
         }
         let path = self.cursor_path(name);
-        tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+        blocking("group removal", move || match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(StoreError::Io { path, source: e })
             }
             _ => Ok(()),
         })
         .await
-        .map_err(|e| BrokerError::BadRequest(format!("group removal failed: {e}")))??;
-        Ok(())
     }
 
     fn cursor_path(&self, group: &str) -> PathBuf {
