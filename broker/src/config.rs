@@ -74,6 +74,8 @@ pub struct Settings {
     /// Directory holding the MQs [default: ./store]
     #[arg(long, env = "QBUS_STORE")]
     pub store: Option<PathBuf>,
+    // The doc is the flag's --help text, so `<ms>` stays as written, not as HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// always | interval:<ms> | never [default: always]
     #[arg(long, env = "QBUS_FSYNC")]
     pub fsync: Option<String>,

@@ -1,32 +1,40 @@
 //! qbus broker: durable MQs with consumer groups, as a server (`qbus-broker`) or embedded.
 //!
-//! - `config`: settings from flags, environment and a TOML file.
-//! - `server`: start-up, the accept loop and clean shutdown ([`run`]).
-//! - `session`: one client connection's requests.
+//! What outside users need is at the crate root: [`Settings`] and [`Config`], [`run`] and
+//! [`bind`] for a server, [`EmbeddedBroker`] for a broker inside an application, and the
+//! errors. The rooms, from the doors down:
+//!
+//! - `server`: start-up, the background tasks, the accept loop and clean shutdown.
+//! - `embedded`: the broker inside an application, no socket.
+//! - `session`: one binary connection's requests.
 //! - `http/`: HTTP/1.1 on the same port: the messaging API, `/api/stats`, `/metrics`, the
 //!   monitor page and the RPC gateway.
 //! - `reporter`: reporting this broker's MQs to the trackers (`--tracker`).
-//! - `rpc/`: MQ-RPC calls stored in MQs, and the reply table that routes replies back.
-//! - `queue/`: the queue engine: the MQ table, one MQ, consumer groups and their ledger,
-//!   the commit thread.
-//! - `metrics/`: the counters behind stats and `/metrics`, and their per-second rates.
+//! - `core`: what every door shares: the MQ table, the commit thread, the reply table,
+//!   counters, the change feed the reporter follows; the fetch loop and dead-lettering.
+//! - `queue/`: the queue engine: the MQ table, one MQ, a live group and its pure ledger, the
+//!   commit thread.
+//! - `rpc/`: MQ-RPC: `Call` and `Route` handling, and the reply table.
+//! - `metrics/`: counters, the fsync histogram and per-second rates behind stats.
 //! - `store/`: segment files, indexes, recovery, cursors, the store lock.
-//! - `embedded`: the broker inside an application, no socket.
+//! - `config`: settings from flags, environment and a TOML file; `error`: errors and their
+//!   wire statuses.
 
-pub mod config;
-pub mod core;
-pub mod embedded;
-pub mod error;
-pub mod http;
-pub mod metrics;
-pub mod queue;
-pub mod reporter;
-pub mod rpc;
-pub mod server;
-pub mod session;
-pub mod store;
+mod config;
+mod core;
+mod embedded;
+mod error;
+mod http;
+mod metrics;
+mod queue;
+mod reporter;
+mod rpc;
+mod server;
+mod session;
+mod store;
 
-pub use config::{Config, FsyncPolicy, Reporting, Settings};
+pub use config::{Config, ConfigError, FsyncPolicy, Reporting, Settings};
 pub use embedded::EmbeddedBroker;
 pub use error::BrokerError;
 pub use server::{bind, run, StartError};
+pub use store::StoreError;

@@ -31,9 +31,6 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// Every protocol, in label order.
-    pub const ALL: [Protocol; 2] = [Protocol::Binary, Protocol::Http];
-
     /// The label value.
     pub fn name(self) -> &'static str {
         match self {

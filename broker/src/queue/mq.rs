@@ -156,11 +156,6 @@ impl Mq {
         &self.dir
     }
 
-    /// The options it was created with.
-    pub fn options(&self) -> &MqOptions {
-        &self.options
-    }
-
     /// Whether produces and acks wait for the fsync (the `sync` option, default true).
     pub fn wait_sync(&self) -> bool {
         self.options.sync.unwrap_or(true)
@@ -169,11 +164,6 @@ impl Mq {
     /// The log, for the commit thread.
     pub fn log(&self) -> &SharedLog {
         &self.log
-    }
-
-    /// The read side of the log.
-    pub fn reader(&self) -> &LogReader {
-        &self.reader
     }
 
     /// Messages and bytes through this MQ since the broker started.

@@ -107,12 +107,6 @@ pub struct ReplyTable {
     unroutable: AtomicU64,
 }
 
-impl Default for ReplyTable {
-    fn default() -> Self {
-        ReplyTable::new()
-    }
-}
-
 impl ReplyTable {
     /// An empty table.
     pub fn new() -> ReplyTable {
