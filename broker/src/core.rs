@@ -223,3 +223,56 @@ impl Core {
         self.metrics.rates().sample(totals);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::testutil::{produce, read, tokens, Commit};
+
+    fn fetch_now(mq: &str) -> FetchRequest<'_> {
+        FetchRequest {
+            mq,
+            group: None,
+            tag: None,
+            start: Start::Earliest,
+            count: 10,
+            wait: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn fetch_moves_dead_records_to_the_dead_letter_mq_and_reports_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let core = Core::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
+        let mut changes = core.watch_changes();
+        let options = MqOptions {
+            max_deliveries: Some(1),
+            ..MqOptions::default()
+        };
+        let mq = core.create("jobs", options).await.unwrap();
+        assert!(changes.has_changed().unwrap(), "an MQ created");
+        changes.borrow_and_update();
+        let (records, count) = produce(&["poison"]);
+        mq.append(&commit.committer, records, count).await.unwrap();
+
+        let first = core.fetch(1, &fetch_now("jobs")).await.unwrap();
+        assert_eq!(read(&first.body), [(0, "poison".into())]);
+        assert!(changes.has_changed().unwrap(), "a group created");
+        changes.borrow_and_update();
+        let released = core
+            .registry()
+            .nack("jobs", None, &tokens(&first.body, &first.attempts), false)
+            .unwrap();
+        assert_eq!(released, 1);
+
+        let second = core.fetch(1, &fetch_now("jobs")).await.unwrap();
+        assert!(second.attempts.is_empty() && second.dead.is_empty());
+        assert!(changes.has_changed().unwrap(), "the dead-letter MQ created");
+        let dlq = core.registry().get("jobs.DLQ").unwrap();
+        let dead = core.fetch(1, &fetch_now("jobs.DLQ")).await.unwrap();
+        assert_eq!(read(&dead.body), [(0, "poison".into())]);
+        assert_eq!(dlq.info().next_offset, 1);
+        commit.stop().await;
+    }
+}

@@ -28,3 +28,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| BrokerError::Internal(format!("{what} failed: {e}")))?;
     Ok(done?)
 }
+
+#[cfg(test)]
+pub(crate) mod testutil;

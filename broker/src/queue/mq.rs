@@ -547,3 +547,141 @@ fn corrupt(mq: &Mq, e: qbus_client::protocol::record::RecordError) -> BrokerErro
         reason: e,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::testutil::{produce, read, tokens, Commit};
+
+    fn limits() -> Limits {
+        Limits {
+            ack_timeout: Duration::from_secs(30),
+            max_deliveries: 16,
+            max_in_flight: 1024,
+        }
+    }
+
+    fn open(dir: &Path, options: Option<MqOptions>) -> Mq {
+        Mq::open("orders", dir, options, LogConfig::default(), &limits()).unwrap()
+    }
+
+    async fn append(mq: &Mq, commit: &Commit, bodies: &[&str]) {
+        let (records, count) = produce(bodies);
+        mq.append(&commit.committer, records, count).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn produce_then_fetch_then_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let mq = open(dir.path(), Some(MqOptions::default()));
+        append(&mq, &commit, &["a", "b", "c"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+
+        let fetched = mq.fetch(&group, 1, 2, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&fetched.body), [(0, "a".into()), (1, "b".into())]);
+        assert_eq!(fetched.attempts, [1, 1]);
+        assert!(fetched.dead.is_empty());
+        let rest = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&rest.body), [(2, "c".into())]);
+        let empty = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert!(empty.attempts.is_empty(), "everything is out");
+
+        let mut batch = CommitBatch::default();
+        let (acked, stored) = mq.ack(
+            &commit.committer,
+            &mut batch,
+            &group,
+            &tokens(&fetched.body, &fetched.attempts),
+        );
+        commit.committer.submit(batch).await.unwrap();
+        assert_eq!(
+            (acked, stored.wait().await.unwrap()),
+            (2, Durability::Synced)
+        );
+        let info = mq.info();
+        assert_eq!(
+            (
+                info.next_offset,
+                info.groups[0].committed,
+                info.groups[0].in_flight
+            ),
+            (3, 2, 1)
+        );
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_records_options_and_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let options = MqOptions {
+            max_deliveries: Some(3),
+            ..MqOptions::default()
+        };
+        let mq = open(dir.path(), Some(options));
+        append(&mq, &commit, &["a", "b", "c"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+        let fetched = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        let mut batch = CommitBatch::default();
+        let (_, stored) = mq.ack(
+            &commit.committer,
+            &mut batch,
+            &group,
+            &tokens(&fetched.body, &fetched.attempts),
+        );
+        commit.committer.submit(batch).await.unwrap();
+        stored.wait().await.unwrap();
+        drop((group, mq));
+
+        let mq = open(dir.path(), None);
+        let info = mq.info();
+        assert_eq!((info.first_offset, info.next_offset), (0, 3));
+        assert_eq!(info.options.max_deliveries, Some(3));
+        assert_eq!(
+            (info.groups[0].name.as_str(), info.groups[0].committed),
+            ("g", 1)
+        );
+        let group = mq.existing_group("g").expect("the group is back");
+        let fetched = mq.fetch(&group, 2, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&fetched.body), [(1, "b".into()), (2, "c".into())]);
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn records_past_their_delivery_limit_come_back_as_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let options = MqOptions {
+            max_deliveries: Some(1),
+            ..MqOptions::default()
+        };
+        let mq = open(dir.path(), Some(options));
+        append(&mq, &commit, &["poison", "fine"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+        let fetched = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            mq.nack(&group, &tokens(&fetched.body, &fetched.attempts), false),
+            1
+        );
+
+        let again = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert!(again.attempts.is_empty(), "nothing redelivered");
+        assert_eq!(again.dead.count, 1);
+        assert_eq!(read(&again.dead.records), [(0, "poison".into())]);
+        let next = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&next.body), [(1, "fine".into())]);
+        assert!(next.dead.is_empty());
+        assert_eq!(mq.info().groups[0].dead_lettered, 1);
+        commit.stop().await;
+    }
+}

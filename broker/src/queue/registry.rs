@@ -263,3 +263,120 @@ fn limits(config: &Config) -> Limits {
         max_in_flight: config.max_in_flight,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::queue::group::Start;
+    use crate::queue::testutil::{produce, read, tokens, Commit};
+
+    fn names(registry: &Registry) -> Vec<String> {
+        registry
+            .list()
+            .iter()
+            .map(|mq| mq.name().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn create_find_list_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let registry =
+            Registry::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
+        assert!(names(&registry).is_empty());
+
+        let (orders, created) = registry
+            .create("orders", MqOptions::default())
+            .await
+            .unwrap();
+        assert!(created);
+        let (again, created) = registry
+            .create("orders", MqOptions::default())
+            .await
+            .unwrap();
+        assert!(
+            !created && Arc::ptr_eq(&orders, &again),
+            "create finds what exists"
+        );
+        registry
+            .create("audit", MqOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(names(&registry), ["audit", "orders"]);
+        assert!(Arc::ptr_eq(&registry.get("orders").unwrap(), &orders));
+        assert!(matches!(
+            registry.create("../x", MqOptions::default()).await,
+            Err(BrokerError::BadRequest(_))
+        ));
+
+        registry.remove("orders").await.unwrap();
+        assert!(!dir.path().join("orders").exists());
+        assert!(matches!(
+            registry.get("orders"),
+            Err(BrokerError::NoSuchMq(_))
+        ));
+        assert!(matches!(
+            registry.remove("orders").await,
+            Err(BrokerError::NoSuchMq(_))
+        ));
+        assert_eq!(names(&registry), ["audit"]);
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn one_store_one_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let config = Config::with_store(dir.path());
+        let registry = Registry::open(config.clone(), commit.committer.clone()).unwrap();
+        let second = Registry::open(config.clone(), commit.committer.clone());
+        assert!(matches!(second, Err(StoreError::Locked { .. })));
+        drop(registry);
+        Registry::open(config, commit.committer.clone()).unwrap();
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn reopening_the_store_keeps_records_and_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let config = Config::with_store(dir.path());
+        let registry = Registry::open(config.clone(), commit.committer.clone()).unwrap();
+        let (mq, _) = registry
+            .create("orders", MqOptions::default())
+            .await
+            .unwrap();
+        let (records, count) = produce(&["a", "b", "c"]);
+        mq.append(&commit.committer, records, count).await.unwrap();
+        let group = mq
+            .group(&commit.committer, "billing", Start::Earliest)
+            .await
+            .unwrap();
+        let fetched = mq.fetch(&group, 1, 2, None, Duration::ZERO).await.unwrap();
+        let acked = registry
+            .ack(
+                "orders",
+                Some("billing"),
+                &tokens(&fetched.body, &fetched.attempts),
+            )
+            .await
+            .unwrap();
+        assert_eq!(acked, (2, Durability::Synced));
+        drop((group, mq, registry));
+
+        let registry = Registry::open(config, commit.committer.clone()).unwrap();
+        assert_eq!(names(&registry), ["orders"]);
+        let (mq, group) = registry.existing_group("orders", Some("billing")).unwrap();
+        assert_eq!(mq.info().groups[0].committed, 2);
+        let fetched = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&fetched.body), [(2, "c".into())]);
+        assert!(matches!(
+            registry.existing_group("orders", Some("nobody")),
+            Err(BrokerError::NoSuchGroup { .. })
+        ));
+        commit.stop().await;
+    }
+}
