@@ -6,11 +6,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use qbus_client::ha::parse_trackers;
 use qbus_server_kit::config::{listen_addr, read_toml};
 use serde::Deserialize;
 
 pub use qbus_server_kit::units::{parse_duration, parse_size};
 pub use qbus_server_kit::ConfigError;
+
+/// Time between two reports to the trackers without a change, when the settings give none.
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(2);
+/// The ack timeout when neither the MQ nor the settings give one.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// When appended data is flushed to disk with fsync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +74,8 @@ pub struct Settings {
     /// Directory holding the MQs [default: ./store]
     #[arg(long, env = "QBUS_STORE")]
     pub store: Option<PathBuf>,
+    // The doc is the flag's --help text, so `<ms>` stays as written, not as HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// always | interval:<ms> | never [default: always]
     #[arg(long, env = "QBUS_FSYNC")]
     pub fsync: Option<String>,
@@ -173,12 +181,11 @@ impl Settings {
             segment_size: size("segment-size", self.segment_size)?.unwrap_or(64 << 20),
             retention_size: size("retention-size", self.retention_size)?,
             retention_age: duration("retention-age", self.retention_age)?,
-            ack_timeout: duration("ack-timeout", self.ack_timeout)?
-                .unwrap_or(crate::consumer_group::DEFAULT_ACK_TIMEOUT),
+            ack_timeout: duration("ack-timeout", self.ack_timeout)?.unwrap_or(DEFAULT_ACK_TIMEOUT),
             max_deliveries,
             max_in_flight: self.max_in_flight.unwrap_or(65_536).max(1),
             http_timeout,
-            reporting: crate::reporter::Reporting::resolve(
+            reporting: Reporting::resolve(
                 self.tracker,
                 self.advertise,
                 duration("report-interval", self.report_interval)?,
@@ -214,7 +221,68 @@ pub struct Config {
     pub http_timeout: Duration,
     /// Reporting to trackers, when any are configured. Done by [`run`](crate::run), which
     /// knows the listening address; an embedded broker does not report.
-    pub reporting: Option<crate::reporter::Reporting>,
+    pub reporting: Option<Reporting>,
+}
+
+/// Where and how often to report; part of [`Config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reporting {
+    /// Tracker addresses.
+    pub trackers: Vec<String>,
+    /// `--advertise`, if given.
+    pub advertise: Option<String>,
+    /// Time between two reports without a change.
+    pub interval: Duration,
+}
+
+impl Reporting {
+    /// Checks the `tracker`, `advertise` and `report-interval` settings; `None` without
+    /// trackers.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use qbus_broker::Reporting;
+    /// let reporting = Reporting::resolve(Some("10.0.0.1:16666,10.0.0.2:16667".into()), None, None)
+    ///     .unwrap()
+    ///     .unwrap();
+    /// assert_eq!(reporting.trackers.len(), 2);
+    /// assert_eq!(reporting.interval, Duration::from_secs(2));
+    /// assert!(Reporting::resolve(None, None, None).unwrap().is_none());
+    /// ```
+    pub fn resolve(
+        tracker: Option<String>,
+        advertise: Option<String>,
+        interval: Option<Duration>,
+    ) -> Result<Option<Reporting>, ConfigError> {
+        let bad = |key: &str, message: String| ConfigError {
+            key: key.into(),
+            message,
+        };
+        if let Some(addr) = &advertise {
+            let port = addr
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p > 0) {
+                return Err(bad(
+                    "advertise",
+                    format!("{addr:?} is not HOST:PORT with a port from 1 to 65535"),
+                ));
+            }
+        }
+        let interval = interval.unwrap_or(DEFAULT_REPORT_INTERVAL);
+        if interval < Duration::from_millis(10) {
+            return Err(bad("report-interval", "must be at least 10ms".into()));
+        }
+        let Some(tracker) = tracker else {
+            return Ok(None);
+        };
+        let trackers = parse_trackers(&tracker).map_err(|e| bad("tracker", e.to_string()))?;
+        Ok(Some(Reporting {
+            trackers,
+            advertise,
+            interval,
+        }))
+    }
 }
 
 impl Config {
@@ -271,5 +339,15 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.key, "fsync");
         assert!(toml::from_str::<Settings>("prot = 1").is_err());
+    }
+
+    #[test]
+    fn settings_are_checked_with_their_key() {
+        let err = Reporting::resolve(Some("nowhere".into()), None, None).unwrap_err();
+        assert_eq!(err.key, "tracker");
+        let err = Reporting::resolve(Some("a:1".into()), Some("host".into()), None).unwrap_err();
+        assert_eq!(err.key, "advertise");
+        let err = Reporting::resolve(Some("a:1".into()), None, Some(Duration::ZERO)).unwrap_err();
+        assert_eq!(err.key, "report-interval");
     }
 }

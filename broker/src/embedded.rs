@@ -9,7 +9,7 @@ use qbus_client::link::{memory_link_pair, Connector, Link};
 use qbus_client::{Broker, ConnectionOptions};
 
 use crate::config::Config;
-use crate::server::{Core, StartError};
+use crate::server::{Running, StartError};
 
 /// A broker running in this process.
 ///
@@ -24,14 +24,14 @@ use crate::server::{Core, StartError};
 /// # Ok(()) }
 /// ```
 pub struct EmbeddedBroker {
-    core: Arc<Core>,
+    running: Arc<Running>,
 }
 
 impl EmbeddedBroker {
     /// Opens the store in `config.store` and starts the broker (no listener).
     pub async fn start(config: Config) -> Result<EmbeddedBroker, StartError> {
         Ok(EmbeddedBroker {
-            core: Arc::new(Core::start(config).await?),
+            running: Arc::new(Running::start(config).await?),
         })
     }
 
@@ -39,7 +39,7 @@ impl EmbeddedBroker {
     pub fn broker(&self) -> Broker {
         Broker::from_connector(
             InProcess {
-                core: self.core.clone(),
+                running: self.running.clone(),
             },
             ConnectionOptions::default(),
         )
@@ -47,19 +47,19 @@ impl EmbeddedBroker {
 
     /// Stops the broker after syncing what it holds. Client handles fail afterwards.
     pub async fn shutdown(self) {
-        self.core.shutdown().await;
+        self.running.shutdown().await;
     }
 }
 
 struct InProcess {
-    core: Arc<Core>,
+    running: Arc<Running>,
 }
 
 impl Connector for InProcess {
     fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Link>> + Send + '_>> {
         Box::pin(async move {
             let (client, server) = memory_link_pair();
-            self.core.serve(server, "in-process".into()).await;
+            self.running.serve(server, "in-process".into()).await;
             Ok(client)
         })
     }

@@ -35,6 +35,9 @@ pub enum BrokerError {
     /// The peer holds too much; it must ack first.
     #[error("{0}")]
     Overloaded(String),
+    /// The broker failed, not the request (a task it ran panicked).
+    #[error("{0}")]
+    Internal(String),
     /// Storage failed.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
@@ -51,7 +54,7 @@ impl BrokerError {
             BrokerError::GroupInUse { .. } => Status::Conflict,
             BrokerError::BadRequest(_) => Status::BadRequest,
             BrokerError::Overloaded(_) => Status::Overloaded,
-            BrokerError::Store(_) => Status::Internal,
+            BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
             BrokerError::ShuttingDown => Status::Unavailable,
         }
     }

@@ -9,148 +9,87 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use qbus_client::ha::{parse_trackers, reporter};
+use qbus_client::ha::reporter;
 use qbus_client::topology::{BrokerState, GroupState, MqState, NodeKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ConfigError;
-use crate::registry::Registry;
+use crate::config::Reporting;
+use crate::core::Core;
 
-/// Default time between two reports without a change.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 /// Changes arriving together are reported together: the first one waits this long.
 const DEBOUNCE: Duration = Duration::from_millis(40);
 
-/// Where and how often to report; part of [`Config`](crate::Config).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reporting {
-    /// Tracker addresses.
-    pub trackers: Vec<String>,
-    /// `--advertise`, if given.
-    pub advertise: Option<String>,
-    /// Time between two reports without a change.
-    pub interval: Duration,
+/// The address clients should use: `--advertise`, else the listen address with its
+/// unspecified IP (0.0.0.0) replaced by the local address facing the first tracker.
+pub fn advertised(reporting: &Reporting, listening: SocketAddr) -> String {
+    if let Some(addr) = &reporting.advertise {
+        return addr.clone();
+    }
+    let ip = if listening.ip().is_unspecified() {
+        reporting
+            .trackers
+            .first()
+            .and_then(|tracker| facing(tracker))
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+    } else {
+        listening.ip()
+    };
+    SocketAddr::new(ip, listening.port()).to_string()
 }
 
-impl Reporting {
-    /// Checks the `tracker`, `advertise` and `report-interval` settings; `None` without
-    /// trackers.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use qbus_broker::reporter::Reporting;
-    /// let reporting = Reporting::resolve(Some("10.0.0.1:16666,10.0.0.2:16667".into()), None, None)
-    ///     .unwrap()
-    ///     .unwrap();
-    /// assert_eq!(reporting.trackers.len(), 2);
-    /// assert_eq!(reporting.interval, Duration::from_secs(2));
-    /// assert!(Reporting::resolve(None, None, None).unwrap().is_none());
-    /// ```
-    pub fn resolve(
-        tracker: Option<String>,
-        advertise: Option<String>,
-        interval: Option<Duration>,
-    ) -> Result<Option<Reporting>, ConfigError> {
-        let bad = |key: &str, message: String| ConfigError {
-            key: key.into(),
-            message,
-        };
-        if let Some(addr) = &advertise {
-            let port = addr
-                .rsplit_once(':')
-                .map(|(host, port)| (host, port.parse::<u16>()));
-            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p > 0) {
-                return Err(bad(
-                    "advertise",
-                    format!("{addr:?} is not HOST:PORT with a port from 1 to 65535"),
-                ));
-            }
-        }
-        let interval = interval.unwrap_or(DEFAULT_INTERVAL);
-        if interval < Duration::from_millis(10) {
-            return Err(bad("report-interval", "must be at least 10ms".into()));
-        }
-        let Some(tracker) = tracker else {
-            return Ok(None);
-        };
-        let trackers = parse_trackers(&tracker).map_err(|e| bad("tracker", e.to_string()))?;
-        Ok(Some(Reporting {
-            trackers,
-            advertise,
-            interval,
-        }))
-    }
-
-    /// The address clients should use: `--advertise`, else the listen address with its
-    /// unspecified IP (0.0.0.0) replaced by the local address facing the first tracker.
-    pub fn advertised(&self, listening: SocketAddr) -> String {
-        if let Some(addr) = &self.advertise {
-            return addr.clone();
-        }
-        let ip = if listening.ip().is_unspecified() {
-            self.trackers
-                .first()
-                .and_then(|tracker| facing(tracker))
-                .unwrap_or(IpAddr::from([127, 0, 0, 1]))
-        } else {
-            listening.ip()
-        };
-        SocketAddr::new(ip, listening.port()).to_string()
-    }
-
-    /// Reports `registry` as `addr` until `stop` fires (the trackers then drop the broker).
-    pub async fn run(self, registry: Arc<Registry>, addr: String, stop: CancellationToken) {
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        tracing::info!(advertise = %addr, trackers = ?self.trackers, interval = ?self.interval, "reporting to trackers");
-        let mut changes = registry.watch_changes();
-        let (publish, state) = watch::channel(Arc::new(BrokerState {
-            id: addr.clone(),
-            addr,
-            kind: NodeKind::Broker,
-            epoch,
-            seq: 1,
-            report_interval_ms: self.interval.as_millis() as u64,
-            mqs: mqs(&registry),
-            services: Vec::new(),
-        }));
-        let sending = tokio::spawn(reporter::report(
-            self.trackers,
-            state,
-            self.interval,
-            stop.clone(),
-        ));
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(DEBOUNCE) => {}
-                        _ = stop.cancelled() => break,
-                    }
-                    changes.borrow_and_update();
+/// Reports `core`'s MQs as `addr` to the trackers of `reporting` until `stop` fires (the
+/// trackers then drop the broker).
+pub async fn run(reporting: Reporting, core: Arc<Core>, addr: String, stop: CancellationToken) {
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    tracing::info!(advertise = %addr, trackers = ?reporting.trackers, interval = ?reporting.interval, "reporting to trackers");
+    let mut changes = core.watch_changes();
+    let (publish, state) = watch::channel(Arc::new(BrokerState {
+        id: addr.clone(),
+        addr,
+        kind: NodeKind::Broker,
+        epoch,
+        seq: 1,
+        report_interval_ms: reporting.interval.as_millis() as u64,
+        mqs: mqs(&core),
+        services: Vec::new(),
+    }));
+    let sending = tokio::spawn(reporter::report(
+        reporting.trackers,
+        state,
+        reporting.interval,
+        stop.clone(),
+    ));
+    let mut tick = tokio::time::interval(reporting.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
                 }
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => break,
+                tokio::select! {
+                    _ = tokio::time::sleep(DEBOUNCE) => {}
+                    _ = stop.cancelled() => break,
+                }
+                changes.borrow_and_update();
             }
-            let now = mqs(&registry);
-            if now != publish.borrow().mqs {
-                publish.send_modify(|state| {
-                    let state = Arc::make_mut(state);
-                    state.seq += 1;
-                    state.mqs = now;
-                });
-            }
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
         }
-        drop(publish);
-        let _ = sending.await;
+        let now = mqs(&core);
+        if now != publish.borrow().mqs {
+            publish.send_modify(|state| {
+                let state = Arc::make_mut(state);
+                state.seq += 1;
+                state.mqs = now;
+            });
+        }
     }
+    drop(publish);
+    let _ = sending.await;
 }
 
 /// The local IP the OS would use to reach `tracker` (no packet is sent).
@@ -161,8 +100,8 @@ fn facing(tracker: &str) -> Option<IpAddr> {
 }
 
 /// Every MQ as the trackers see it.
-fn mqs(registry: &Registry) -> Vec<MqState> {
-    registry
+fn mqs(core: &Core) -> Vec<MqState> {
+    core.registry()
         .list()
         .iter()
         .map(|mq| {
@@ -190,27 +129,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn settings_are_checked_with_their_key() {
-        let err = Reporting::resolve(Some("nowhere".into()), None, None).unwrap_err();
-        assert_eq!(err.key, "tracker");
-        let err = Reporting::resolve(Some("a:1".into()), Some("host".into()), None).unwrap_err();
-        assert_eq!(err.key, "advertise");
-        let err = Reporting::resolve(Some("a:1".into()), None, Some(Duration::ZERO)).unwrap_err();
-        assert_eq!(err.key, "report-interval");
-    }
-
-    #[test]
     fn advertised_address() {
         let reporting = Reporting::resolve(Some("127.0.0.1:16666".into()), None, None)
             .unwrap()
             .unwrap();
         assert_eq!(
-            reporting.advertised("127.0.0.2:9".parse().unwrap()),
+            advertised(&reporting, "127.0.0.2:9".parse().unwrap()),
             "127.0.0.2:9"
         );
         // 0.0.0.0 becomes the address facing the tracker: loopback for a local tracker.
         assert_eq!(
-            reporting.advertised("0.0.0.0:9".parse().unwrap()),
+            advertised(&reporting, "0.0.0.0:9".parse().unwrap()),
             "127.0.0.1:9"
         );
         let given = Reporting {
@@ -218,7 +147,7 @@ mod tests {
             ..reporting
         };
         assert_eq!(
-            given.advertised("0.0.0.0:9".parse().unwrap()),
+            advertised(&given, "0.0.0.0:9".parse().unwrap()),
             "broker-1.example:15555"
         );
     }

@@ -1,5 +1,6 @@
 //! Starting and stopping a broker: the store, the commit thread, the background sweeper, and
-//! the TCP accept loop. The embedded broker uses the same [`Core`] without a socket.
+//! the TCP accept loop. The embedded broker uses the same [`Running`] broker without a
+//! socket.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,11 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::group_commit::Committer;
+use crate::core::Core;
 use crate::http;
 use crate::metrics::Protocol;
-use crate::rates;
-use crate::registry::Registry;
+use crate::queue::group_commit::Committer;
+use crate::reporter;
 use crate::session;
 use crate::store::StoreError;
 
@@ -42,64 +43,57 @@ pub enum StartError {
     Thread(std::io::Error),
 }
 
-/// A running broker without its listener: store, commit thread and sweeper.
-pub struct Core {
-    registry: Arc<Registry>,
+/// A running broker without its listener: its core, the commit thread, the background
+/// tasks, and the connections it serves.
+pub struct Running {
+    core: Arc<Core>,
     commit_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     shutdown: CancellationToken,
     sessions: tokio::sync::Mutex<Connections>,
 }
 
-impl Core {
+impl Running {
     /// Opens the store and starts the background work. Call inside a Tokio runtime.
-    pub async fn start(config: Config) -> Result<Core, StartError> {
+    pub async fn start(config: Config) -> Result<Running, StartError> {
         let (committer, commit_thread) =
             Committer::start(config.fsync).map_err(StartError::Thread)?;
-        let registry = tokio::task::spawn_blocking(move || Registry::open(config, committer))
+        let core = tokio::task::spawn_blocking(move || Core::open(config, committer))
             .await
             .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
-        let registry = Arc::new(registry);
+        let core = Arc::new(core);
         let shutdown = CancellationToken::new();
-        tokio::spawn(sweep(registry.clone(), shutdown.clone()));
-        tokio::spawn(rates::sample_every_second(
-            registry.clone(),
-            shutdown.clone(),
-        ));
-        Ok(Core {
-            registry,
+        tokio::spawn(sweep(core.clone(), shutdown.clone()));
+        tokio::spawn(sample_rates(core.clone(), shutdown.clone()));
+        Ok(Running {
+            core,
             commit_thread: std::sync::Mutex::new(Some(commit_thread)),
             shutdown,
             sessions: tokio::sync::Mutex::new(Connections::default()),
         })
     }
 
-    /// The broker's MQs.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    /// The broker's core.
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
     }
 
     /// Serves one client link in the background.
     pub async fn serve(&self, link: Link, peer: String) {
-        let session = session::serve(
-            self.registry.clone(),
-            link,
-            peer,
-            self.shutdown.child_token(),
-        );
+        let session = session::serve(self.core.clone(), link, peer, self.shutdown.child_token());
         self.spawn(session).await;
     }
 
     /// Serves one TCP connection in the background, as HTTP/1.1 or the binary protocol
     /// depending on its first byte (see [`http::sniff`]).
     pub async fn accept(&self, stream: TcpStream, peer: SocketAddr) {
-        let registry = self.registry.clone();
+        let core = self.core.clone();
         let shutdown = self.shutdown.child_token();
         self.spawn(async move {
             match http::sniff::sniff(&stream, http::sniff::FIRST_BYTE_TIMEOUT).await {
-                Ok(Protocol::Http) => http::serve(stream, peer, registry, shutdown).await,
+                Ok(Protocol::Http) => http::serve(stream, peer, core, shutdown).await,
                 Ok(Protocol::Binary) => {
-                    let link = tcp_link(stream, registry.config().max_frame);
-                    session::serve(registry, link, peer.to_string(), shutdown).await
+                    let link = tcp_link(stream, core.config().max_frame);
+                    session::serve(core, link, peer.to_string(), shutdown).await
                 }
                 Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
             }
@@ -117,7 +111,7 @@ impl Core {
         self.shutdown.cancel();
         let sessions = std::mem::take(&mut *self.sessions.lock().await);
         sessions.close(SHUTDOWN_GRACE).await;
-        self.registry.committer().stop().await;
+        self.core.committer().stop().await;
         let thread = self
             .commit_thread
             .lock()
@@ -131,7 +125,7 @@ impl Core {
 }
 
 /// Redelivers expired deliveries and applies retention in the background.
-async fn sweep(registry: Arc<Registry>, shutdown: CancellationToken) {
+async fn sweep(core: Arc<Core>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut ticks: u64 = 0;
     loop {
@@ -139,11 +133,25 @@ async fn sweep(registry: Arc<Registry>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        registry.sweep();
+        core.sweep();
         ticks += 1;
         if ticks.is_multiple_of(50) {
-            registry.retain().await;
+            core.registry().retain().await;
         }
+    }
+}
+
+/// Samples every MQ's counters once a second until `shutdown` fires.
+async fn sample_rates(core: Arc<Core>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // After a stall, resume the rhythm rather than taking a burst of back-to-back samples.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        core.sample_rates();
     }
 }
 
@@ -164,19 +172,20 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let reporting = config.reporting.clone();
-    let core = Core::start(config).await?;
+    let running = Running::start(config).await?;
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "broker listening");
     if let (Some(reporting), Some(local)) = (reporting, local) {
-        let addr = reporting.advertised(local);
+        let addr = reporter::advertised(&reporting, local);
         // A child token: on shutdown the tracker connections close and the trackers drop
         // this broker at once.
-        tokio::spawn(reporting.run(core.registry().clone(), addr, shutdown.child_token()));
+        let core = running.core().clone();
+        tokio::spawn(reporter::run(reporting, core, addr, shutdown.child_token()));
     }
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
-        core.accept(stream, peer).await;
+        running.accept(stream, peer).await;
     }
     drop(listener);
-    core.shutdown().await;
+    running.shutdown().await;
     Ok(())
 }

@@ -18,12 +18,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::core::{Core, FetchRequest};
 use crate::error::BrokerError;
-use crate::group_commit::{AppendWait, CommitBatch};
 use crate::metrics::Protocol;
-use crate::mq::Start;
-use crate::registry::{FetchRequest, Registry};
-use crate::rpc_route;
+use crate::queue::group::Start;
+use crate::queue::group_commit::{AppendWait, CommitBatch};
+use crate::rpc;
 
 /// Long polls one connection may have waiting at once.
 const MAX_FETCHES: usize = 64;
@@ -38,7 +38,7 @@ const MAX_BURST_BYTES: usize = 1 << 20;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Session {
-    registry: Arc<Registry>,
+    core: Arc<Core>,
     conn: u64,
     out: mpsc::Sender<Frame>,
     produced: mpsc::Sender<(Header, AppendWait)>,
@@ -52,22 +52,22 @@ struct Session {
 }
 
 /// Serves one link until the peer closes it, it fails, or `shutdown` fires.
-pub async fn serve(registry: Arc<Registry>, link: Link, peer: String, shutdown: CancellationToken) {
-    let conn = registry.connection_id();
+pub async fn serve(core: Arc<Core>, link: Link, peer: String, shutdown: CancellationToken) {
+    let conn = core.connection_id();
     let span = tracing::info_span!("session", conn, %peer);
-    run(registry, link, conn, shutdown).instrument(span).await
+    run(core, link, conn, shutdown).instrument(span).await
 }
 
-async fn run(registry: Arc<Registry>, link: Link, conn: u64, shutdown: CancellationToken) {
+async fn run(core: Arc<Core>, link: Link, conn: u64, shutdown: CancellationToken) {
     tracing::debug!("session opened");
-    let _open = registry.metrics().connection(Protocol::Binary);
+    let _open = core.metrics().connection(Protocol::Binary);
     let Link {
         tx: out,
         rx: mut inbound,
     } = link;
     let (produced, pending) = mpsc::channel(PRODUCE_PIPELINE);
     let mut session = Session {
-        registry: registry.clone(),
+        core: core.clone(),
         conn,
         out: out.clone(),
         produced,
@@ -105,9 +105,9 @@ async fn run(registry: Arc<Registry>, link: Link, conn: u64, shutdown: Cancellat
     drop(session.produced);
     let _ = replier.await;
     if !session.consumed.is_empty() {
-        registry.disconnect(conn);
+        core.disconnect(conn);
     }
-    registry.routes().disconnect(conn);
+    core.replies().disconnect(conn);
     tracing::debug!("session closed");
 }
 
@@ -189,8 +189,9 @@ impl Session {
                 Ok(())
             }
             Command::Call | Command::Route | Command::QueryRoutes => {
-                let (registry, out) = (&self.registry, &self.out);
-                match rpc_route::handle(registry, self.conn, out, frame, &mut self.batch) {
+                let (core, out) = (&self.core, &self.out);
+                let (registry, replies) = (core.registry(), core.replies());
+                match rpc::call::handle(registry, replies, self.conn, out, frame, &mut self.batch) {
                     Some(reply) => self.reply(reply).await,
                     None => Ok(()),
                 }
@@ -239,7 +240,7 @@ impl Session {
     }
 
     async fn hello(&self, request: &Header) -> Result<(), Failure> {
-        let max_frame = self.registry.config().max_frame;
+        let max_frame = self.core.config().max_frame;
         self.reply(hello_reply(request, env!("CARGO_PKG_VERSION"), max_frame))
             .await
     }
@@ -247,7 +248,7 @@ impl Session {
     async fn produce(&mut self, frame: Frame) -> Result<(), Failure> {
         let Frame { header, body } = frame;
         let checked = (|| {
-            let mq = self.registry.get(required(&header.mq, "mq")?)?;
+            let mq = self.core.registry().get(required(&header.mq, "mq")?)?;
             let mut count = 0u32;
             for record in records(&body) {
                 record.map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
@@ -281,7 +282,7 @@ impl Session {
     /// (shutdown), each wait fails and its produce, call or ack is answered with the error.
     async fn submit_batch(&mut self) {
         let batch = std::mem::take(&mut self.batch);
-        let _ = self.registry.committer().submit(batch).await;
+        let _ = self.core.committer().submit(batch).await;
     }
 
     fn fetch(&mut self, request: Header) -> Result<(), Failure> {
@@ -298,14 +299,14 @@ impl Session {
         };
         if self.consumed.insert((mq.clone(), group.clone())) {
             // A consumer joined: the trackers hear of it within the reporter's debounce.
-            self.registry.changed();
+            self.core.changed();
         }
-        let registry = self.registry.clone();
+        let core = self.core.clone();
         let out = self.out.clone();
         let conn = self.conn;
         self.tasks.spawn(async move {
             let _permit = permit;
-            let reply = match fetch(&registry, conn, &request, &mq, &group).await {
+            let reply = match fetch(&core, conn, &request, &mq, &group).await {
                 Ok(frame) => frame,
                 Err(e) => Frame::new(error_header(&request, &e)),
             };
@@ -321,11 +322,14 @@ impl Session {
         let mut header = Header::reply_to(&request);
         if request.cmd == Command::Nack {
             let unseen = request.has_flag(FLAG_UNSEEN);
-            let released = self.registry.nack(mq, group, &request.tokens, unseen);
+            let released = self
+                .core
+                .registry()
+                .nack(mq, group, &request.tokens, unseen);
             header.count = Some(released.map_err(failed)? as u32);
             return self.reply(Frame::new(header)).await;
         }
-        let registry = &self.registry;
+        let registry = self.core.registry();
         let (acked, stored) = registry
             .stage_ack(&mut self.batch, mq, group, &request.tokens)
             .map_err(failed)?;
@@ -346,10 +350,10 @@ impl Session {
     }
 
     fn admin(&mut self, frame: Frame) {
-        let registry = self.registry.clone();
+        let core = self.core.clone();
         let out = self.out.clone();
         self.tasks.spawn(async move {
-            let reply = match admin(&registry, &frame).await {
+            let reply = match admin(&core, &frame).await {
                 Ok(frame) => frame,
                 Err(e) => Frame::new(error_header(&frame.header, &e)),
             };
@@ -359,7 +363,7 @@ impl Session {
 }
 
 async fn fetch(
-    registry: &Registry,
+    core: &Core,
     conn: u64,
     request: &Header,
     mq_name: &str,
@@ -380,14 +384,14 @@ async fn fetch(
         count: request.count.unwrap_or(1) as usize,
         wait: Duration::from_millis(request.timeout_ms.unwrap_or(0).into()),
     };
-    let fetched = registry.fetch(conn, &fetch).await?;
+    let fetched = core.fetch(conn, &fetch).await?;
     let mut header = Header::reply_to(request);
     header.count = Some(fetched.attempts.len() as u32);
     header.attempts = fetched.attempts;
     Ok(Frame::with_body(header, fetched.body))
 }
 
-async fn admin(registry: &Registry, frame: &Frame) -> Result<Frame, BrokerError> {
+async fn admin(core: &Core, frame: &Frame) -> Result<Frame, BrokerError> {
     let request = &frame.header;
     let body = match request.cmd {
         Command::CreateMq => {
@@ -397,24 +401,21 @@ async fn admin(registry: &Registry, frame: &Frame) -> Result<Frame, BrokerError>
                 rmp_serde::from_slice(&frame.body)
                     .map_err(|e| BrokerError::BadRequest(format!("bad MQ options: {e}")))?
             };
-            let mq = registry
-                .create(required(&request.mq, "mq")?, options)
-                .await?;
+            let mq = core.create(required(&request.mq, "mq")?, options).await?;
             encode_body(&mq.info())
         }
-        Command::QueryMq => encode_body(&registry.get(required(&request.mq, "mq")?)?.info()),
+        Command::QueryMq => encode_body(&core.registry().get(required(&request.mq, "mq")?)?.info()),
         Command::ListMq => {
-            let all: Vec<_> = registry.list().iter().map(|mq| mq.info()).collect();
+            let all: Vec<_> = core.registry().list().iter().map(|mq| mq.info()).collect();
             encode_body(&all)
         }
         Command::RemoveMq => {
-            registry.remove(required(&request.mq, "mq")?).await?;
+            core.remove(required(&request.mq, "mq")?).await?;
             Vec::new()
         }
         Command::RemoveGroup => {
             let mq = required(&request.mq, "mq")?;
-            registry
-                .remove_group(mq, required(&request.group, "group")?)
+            core.remove_group(mq, required(&request.group, "group")?)
                 .await?;
             Vec::new()
         }

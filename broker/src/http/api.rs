@@ -21,8 +21,8 @@ use super::fields::Fields;
 use super::reply::{json, ApiError, Reply};
 use super::stats::MqStats;
 use super::Context;
-use crate::mq::Start;
-use crate::registry::FetchRequest;
+use crate::core::FetchRequest;
+use crate::queue::group::Start;
 
 /// Room left in `max-frame` for the binary frame header, so a message produced over HTTP can
 /// also be fetched over the binary protocol.
@@ -109,7 +109,11 @@ pub async fn run(
         Op::Consume => consume(ctx, mq, &fields).await,
         Op::Ack => {
             let tokens = tokens(&fields)?;
-            let (acked, durability) = ctx.registry.ack(mq, fields.get("group")?, &tokens).await?;
+            let (acked, durability) = ctx
+                .core
+                .registry()
+                .ack(mq, fields.get("group")?, &tokens)
+                .await?;
             Ok(json(
                 StatusCode::OK,
                 &Acked {
@@ -121,26 +125,33 @@ pub async fn run(
         Op::Nack => {
             let tokens = tokens(&fields)?;
             let released = ctx
-                .registry
+                .core
+                .registry()
                 .nack(mq, fields.get("group")?, &tokens, false)?;
             Ok(json(StatusCode::OK, &Released { released }))
         }
         Op::Create => {
             let options = options(ctx, parts, body).await?;
-            let created = ctx.registry.create(mq, options).await?;
+            let created = ctx.core.create(mq, options).await?;
             Ok(json(StatusCode::OK, &MqStats::of(&created)))
         }
         Op::Query => {
-            let found = ctx.registry.get(mq)?;
+            let found = ctx.core.registry().get(mq)?;
             Ok(json(StatusCode::OK, &MqStats::of(&found)))
         }
         Op::Remove => {
-            ctx.registry.remove(mq).await?;
+            ctx.core.remove(mq).await?;
             Ok(json(StatusCode::OK, &Removed { removed: mq }))
         }
         Op::RemoveGroup => remove_group(ctx, mq, fields.required("group")?).await,
         Op::List => {
-            let all: Vec<MqStats> = ctx.registry.list().iter().map(|m| MqStats::of(m)).collect();
+            let all: Vec<MqStats> = ctx
+                .core
+                .registry()
+                .list()
+                .iter()
+                .map(|m| MqStats::of(m))
+                .collect();
             Ok(json(StatusCode::OK, &all))
         }
     }
@@ -173,7 +184,7 @@ struct Removed<'a> {
 
 /// Deletes consumer group `group` of `mq` (`DELETE /mq/{mq}/groups/{group}`).
 pub async fn remove_group(ctx: &Context, mq: &str, group: &str) -> Result<Reply, ApiError> {
-    ctx.registry.remove_group(mq, group).await?;
+    ctx.core.remove_group(mq, group).await?;
     Ok(json(StatusCode::OK, &Removed { removed: group }))
 }
 
@@ -187,21 +198,21 @@ async fn produce(
     let tag = fields.get("tag")?.filter(|t| !t.is_empty());
     let key = fields.get("key")?.filter(|k| !k.is_empty());
     // Before reading the body: an unknown MQ should not cost an upload.
-    let mq = ctx.registry.get(mq_name)?;
+    let mq = ctx.core.registry().get(mq_name)?;
     let (tag_len, key_len) = (tag.map_or(0, str::len), key.map_or(0, str::len));
-    let limit = body_limit(ctx.registry.config().max_frame, tag_len + key_len);
+    let limit = body_limit(ctx.core.config().max_frame, tag_len + key_len);
     let payload = body::read(
         parts,
         body,
         limit,
         BODY_LIMIT,
-        ctx.registry.config().http_timeout,
+        ctx.core.config().http_timeout,
     )
     .await?;
     let mut record = BytesMut::with_capacity(RECORD_OVERHEAD + tag_len + key_len + payload.len());
     encode_record(&mut record, 0, 0, tag, key, &payload)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let (appended, durability) = mq.append(ctx.registry.committer(), record, 1).await?;
+    let (appended, durability) = mq.append(ctx.core.committer(), record, 1).await?;
     Ok(json(
         StatusCode::OK,
         &Receipt {
@@ -235,7 +246,7 @@ async fn consume(ctx: &Context, mq: &str, fields: &Fields<'_>) -> Result<Reply, 
         count: 1,
         wait: Duration::from_millis(wait_ms),
     };
-    let fetched = ctx.registry.fetch(ctx.conn, &request).await?;
+    let fetched = ctx.core.fetch(ctx.conn, &request).await?;
     let Some(&attempt) = fetched.attempts.first() else {
         let mut empty = Response::new(Full::new(Bytes::new()));
         *empty.status_mut() = StatusCode::NO_CONTENT;
@@ -321,7 +332,7 @@ fn parse_tokens(list: &str) -> Result<Vec<DeliveryToken>, ApiError> {
 
 /// MQ options from a JSON body; an empty body means the broker's defaults.
 async fn options(ctx: &Context, parts: &Parts, body: Incoming) -> Result<MqOptions, ApiError> {
-    let deadline = ctx.registry.config().http_timeout;
+    let deadline = ctx.core.config().http_timeout;
     let raw = body::read(parts, body, MAX_OPTIONS_BODY, "MQ options", deadline).await?;
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(MqOptions::default());

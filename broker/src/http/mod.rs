@@ -8,7 +8,7 @@
 //! - [`rpc_gateway`]: `POST /rpc/{mq}`, an MQ-RPC call with a JSON envelope.
 //! - [`reply`]: responses and JSON errors; [`io`]: the deadline on stalled writes.
 //!
-//! Every request runs the same registry functions as the binary protocol; this module only
+//! Every request runs the same core functions as the binary protocol; this module only
 //! translates.
 
 pub mod api;
@@ -40,13 +40,13 @@ use tracing::Instrument;
 use self::api::Op;
 use self::fields::Fields;
 use self::reply::{json, ApiError, Reply};
+use crate::core::Core;
+use crate::metrics::rates::RATE_HISTORY;
 use crate::metrics::Protocol;
-use crate::rates::RATE_HISTORY;
-use crate::registry::Registry;
 
 /// What the requests of one HTTP connection share.
 pub struct Context {
-    registry: Arc<Registry>,
+    core: Arc<Core>,
     /// Deliveries made on this connection are held under this id until acked or timed out.
     conn: u64,
     /// The address the client reached, shown on the monitor page.
@@ -59,19 +59,19 @@ pub struct Context {
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    registry: Arc<Registry>,
+    core: Arc<Core>,
     shutdown: CancellationToken,
 ) {
-    let conn = registry.connection_id();
+    let conn = core.connection_id();
     let span = tracing::info_span!("http", conn, %peer);
-    run(stream, conn, registry, shutdown).instrument(span).await
+    run(stream, conn, core, shutdown).instrument(span).await
 }
 
-async fn run(stream: TcpStream, conn: u64, registry: Arc<Registry>, shutdown: CancellationToken) {
-    let _open = registry.metrics().connection(Protocol::Http);
-    let timeout = registry.config().http_timeout;
+async fn run(stream: TcpStream, conn: u64, core: Arc<Core>, shutdown: CancellationToken) {
+    let _open = core.metrics().connection(Protocol::Http);
+    let timeout = core.config().http_timeout;
     let ctx = Arc::new(Context {
-        registry: registry.clone(),
+        core: core.clone(),
         conn,
         local: stream
             .local_addr()
@@ -88,11 +88,11 @@ async fn run(stream: TcpStream, conn: u64, registry: Arc<Registry>, shutdown: Ca
     serve_connection(io, service, timeout, &shutdown).await;
     // HTTP clients ack on later connections, so what this one took stays held until acked
     // or timed out; it just stops counting as a consumer.
-    registry.detach(conn);
+    core.detach(conn);
 }
 
 async fn handle(ctx: &Context, request: Request<Incoming>) -> Reply {
-    ctx.registry.metrics().http_request();
+    ctx.core.metrics().http_request();
     let (parts, body) = request.into_parts();
     match route(ctx, &parts, body).await {
         Ok(reply) => reply,
@@ -125,12 +125,12 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
                 .parse::<usize>("history", "a number of seconds")?
                 .unwrap_or(1)
                 .min(RATE_HISTORY);
-            let stats = stats::collect(&ctx.registry, ctx.local.clone(), seconds);
+            let stats = stats::collect(&ctx.core, ctx.local.clone(), seconds);
             Ok(json(StatusCode::OK, &stats))
         }
         ["metrics"] => {
             allow(&[Method::GET, Method::HEAD])?;
-            let stats = stats::collect(&ctx.registry, ctx.local.clone(), 0);
+            let stats = stats::collect(&ctx.core, ctx.local.clone(), 0);
             let text = Bytes::from(prometheus::render(&stats));
             Ok(reply::bytes(StatusCode::OK, prometheus::CONTENT_TYPE, text))
         }

@@ -1,6 +1,6 @@
 //! The RPC gateway, `POST /rpc/{mq}` (`docs/http.md`, "RPC gateway"): an HTTP caller's JSON
 //! request envelope goes to the MQ-RPC service consuming `mq` by the path a binary `Call`
-//! takes ([`rpc_route::call_once`]: the same checks, reply table and deadline), and the
+//! takes ([`call::call_once`]: the same checks, reply table and deadline), and the
 //! service's JSON response envelope comes back as the reply.
 //!
 //! Every failure, the service's or the broker's, answers in the envelope's error shape,
@@ -21,7 +21,8 @@ use tracing::Instrument;
 use super::fields::Fields;
 use super::reply::{self, ApiError, Reply, JSON};
 use super::{api, body, Context};
-use crate::rpc_route::{self, Refusal};
+use crate::rpc::call::{self, Refusal};
+use crate::rpc::reply_table::{MAX_ROUTE_LEN, STATUS_TIMEOUT};
 
 /// The `encoding` of the calls the gateway makes (`docs/protocol.md`, "RPC commands").
 const ENCODING: &str = "json";
@@ -49,9 +50,9 @@ async fn forward(
         return Err(super::not_allowed(parts, &[Method::POST]).into());
     }
     let asked = Fields::new(parts)?.parse::<u64>("timeout", "a deadline in milliseconds")?;
-    let config = ctx.registry.config();
+    let config = ctx.core.config();
     // The call is stored as a record tagged with its encoding and keyed by its reply route.
-    let limit = api::body_limit(config.max_frame, ENCODING.len() + rpc_route::MAX_ROUTE_LEN);
+    let limit = api::body_limit(config.max_frame, ENCODING.len() + MAX_ROUTE_LEN);
     let raw = body::read(parts, body, limit, api::BODY_LIMIT, config.http_timeout).await?;
 
     // Head and params are read apart, as a service reads them; the params stay the JSON
@@ -65,7 +66,7 @@ async fn forward(
     };
     let head: RequestHead<'_> = serde_json::from_slice(&raw).map_err(not_envelope)?;
     let params: RequestParams<&RawValue> = serde_json::from_slice(&raw).map_err(not_envelope)?;
-    let timeout = rpc_route::call_timeout(
+    let timeout = call::call_timeout(
         asked
             .or(head.timeout_ms)
             .map(|ms| u32::try_from(ms).unwrap_or(u32::MAX)),
@@ -99,8 +100,15 @@ async fn forward(
     header.timeout_ms = Some(timeout_ms);
     header.encoding = Some(ENCODING.to_owned());
     tracing::debug!(module = %head.module, method = %head.method, ?timeout, "calling");
-    let reply =
-        rpc_route::call_once(&ctx.registry, Frame::with_body(header, envelope.into())).await?;
+    let core = &ctx.core;
+    let reply = call::call_once(
+        core.registry(),
+        core.replies(),
+        core.committer(),
+        core.connection_id(),
+        Frame::with_body(header, envelope.into()),
+    )
+    .await?;
 
     // The service's envelope goes back as it came; only its kind sets the status.
     let status = match serde_json::from_slice::<ResponseIn<IgnoredAny>>(&reply.body) {
@@ -130,7 +138,7 @@ impl From<Refusal> for RemoteError {
     /// The detail tells the caller the broker answered, not a service, and whether the call
     /// may have run: what it needs to know before retrying.
     fn from(refusal: Refusal) -> RemoteError {
-        let detail = if refusal.status().code() == rpc_route::STATUS_TIMEOUT {
+        let detail = if refusal.status().code() == STATUS_TIMEOUT {
             "from the broker: no reply came back in time; a service may still have run the call"
         } else {
             "from the broker: no service ran the call"

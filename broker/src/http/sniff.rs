@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use qbus_server_kit::sniff::{is_http, starts_like_http};
+use qbus_server_kit::sniff::is_http;
 use tokio::net::TcpStream;
 
 use crate::metrics::Protocol;
@@ -13,18 +13,14 @@ use crate::metrics::Protocol;
 /// established connection idle.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Classifies a first byte. Anything that does not start like HTTP goes to the binary
-/// protocol, so garbage gets its clear error reply.
-pub fn classify(first: u8) -> Protocol {
-    protocol(starts_like_http(first))
-}
-
 /// Waits up to `limit` for the first byte of `stream` and classifies it without consuming
 /// it. Fails when the peer closes first or stays silent for `limit`.
 pub async fn sniff(stream: &TcpStream, limit: Duration) -> std::io::Result<Protocol> {
     is_http(stream, limit).await.map(protocol)
 }
 
+/// Anything that does not start like HTTP goes to the binary protocol, so garbage gets its
+/// clear error reply.
 fn protocol(http: bool) -> Protocol {
     if http {
         Protocol::Http
@@ -36,6 +32,11 @@ fn protocol(http: bool) -> Protocol {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qbus_server_kit::sniff::starts_like_http;
+
+    fn classify(first: u8) -> Protocol {
+        protocol(starts_like_http(first))
+    }
 
     #[test]
     fn methods_are_http_and_frames_are_binary() {

@@ -4,10 +4,10 @@
 use qbus_client::protocol::{MqInfo, PROTOCOL_VERSION};
 use serde::Serialize;
 
+use crate::core::Core;
+use crate::metrics::rates::Rates;
 use crate::metrics::{HistogramReading, MqTraffic, Protocol};
-use crate::mq::Mq;
-use crate::rates::Rates;
-use crate::registry::Registry;
+use crate::queue::mq::Mq;
 
 /// The whole snapshot.
 #[derive(Debug, Serialize)]
@@ -95,10 +95,11 @@ impl MqStats {
 
 /// Takes a snapshot with the last `seconds` of rates per MQ; `address` is where the caller
 /// reached the broker.
-pub fn collect(registry: &Registry, address: String, seconds: usize) -> Stats {
-    let metrics = registry.metrics();
+pub fn collect(core: &Core, address: String, seconds: usize) -> Stats {
+    let metrics = core.metrics();
     let (rate_samples, mut rates) = metrics.rates().recent(seconds);
-    let mqs: Vec<MqStats> = registry
+    let mqs: Vec<MqStats> = core
+        .registry()
         .list()
         .iter()
         .map(|mq| MqStats {
@@ -110,13 +111,13 @@ pub fn collect(registry: &Registry, address: String, seconds: usize) -> Stats {
         binary: read(Protocol::Binary),
         http: read(Protocol::Http),
     };
-    let config = registry.config();
+    let config = core.config();
     Stats {
         broker: BrokerStats {
             address,
             version: env!("CARGO_PKG_VERSION"),
             protocol: PROTOCOL_VERSION,
-            uptime_ms: u64::try_from(registry.started().elapsed().as_millis()).unwrap_or(u64::MAX),
+            uptime_ms: u64::try_from(core.started().elapsed().as_millis()).unwrap_or(u64::MAX),
             store: config.store.display().to_string(),
             store_bytes: mqs.iter().map(|m| m.info.size_bytes).sum(),
             fsync_policy: config.fsync.to_string(),
@@ -126,7 +127,7 @@ pub fn collect(registry: &Registry, address: String, seconds: usize) -> Stats {
             http_requests: metrics.http_requests(),
             rate_samples,
         },
-        fsync: registry.committer().fsync_latency().read(),
+        fsync: core.committer().fsync_latency().read(),
         mqs,
     }
 }

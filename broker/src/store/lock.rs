@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::StoreError;
 
@@ -17,7 +17,6 @@ const LOCK_FILE: &str = "LOCK";
 pub struct StoreLock {
     // Closing the file releases the lock.
     _file: File,
-    path: PathBuf,
 }
 
 impl StoreLock {
@@ -46,12 +45,7 @@ impl StoreLock {
         }
         file.set_len(0).map_err(StoreError::io(&path))?;
         writeln!(file, "{}", std::process::id()).map_err(StoreError::io(&path))?;
-        Ok(StoreLock { _file: file, path })
-    }
-
-    /// Path of the lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(StoreLock { _file: file })
     }
 }
 
@@ -64,7 +58,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("store");
         let lock = StoreLock::acquire(&dir).unwrap();
-        let pid = std::fs::read_to_string(lock.path()).unwrap();
+        let pid = std::fs::read_to_string(dir.join(LOCK_FILE)).unwrap();
         assert_eq!(pid.trim(), std::process::id().to_string());
 
         let err = StoreLock::acquire(&dir).unwrap_err();

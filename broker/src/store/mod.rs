@@ -30,7 +30,7 @@ use qbus_client::protocol::record::RecordError;
 pub use cursor::CursorFile;
 pub use lock::StoreLock;
 pub use log::{Appended, LogConfig, MqLog};
-pub use reader::{LogReader, ReadBatch, ReadPos};
+pub use reader::{LogReader, ReadPos};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,43 +1,26 @@
-//! MQ-RPC on the broker: a `Call` is stored in its MQ like any message, and the reply a
-//! responder sends with `Route` goes straight back to the caller's connection (no reply
-//! queues). The wire side is in `docs/protocol.md`, "RPC commands".
+//! The reply table of MQ-RPC: the callers awaiting a reply, keyed by (caller connection,
+//! correlation id), bounded per broker and per connection. An entry leaves the table when
+//! its reply is routed, when its deadline passes (the caller then gets a `504`), or when
+//! its caller disconnects.
 //!
-//! Between the two the broker remembers the caller in a bounded table keyed by (caller
-//! connection, correlation id). An entry leaves the table when its reply is routed, when its
-//! deadline passes (the caller then gets a `504`), or when its caller disconnects.
-//!
-//! Callers inside the broker (the HTTP gateway, `POST /rpc/{mq}`) take the same path through
-//! [`call_once`]: the same checks, the same table and deadline, with the reply handed to the
-//! waiting request instead of a connection.
-//!
-//! The stored request is an ordinary record: its **key** is the reply route (an opaque
-//! token naming this broker process, the caller connection and the correlation id), its
-//! **tag** the body's encoding as the caller sent it (none for MessagePack), its body the
-//! caller's request envelope, untouched.
+//! A reply route (`{instance:016x}.{conn}.{id}`, the key of a stored call) names one entry
+//! of one broker process.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use qbus_client::protocol::record::encode_record;
-use qbus_client::protocol::{Command, Frame, Header, RouteStats, Status, FLAG_ONEWAY};
+use qbus_client::protocol::{Command, Frame, Header, RouteStats, Status};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::BrokerError;
-use crate::group_commit::{AppendWait, CommitBatch};
-use crate::registry::Registry;
+use crate::queue::group_commit::AppendWait;
 
 /// Most callers that may await a reply on one broker at once.
 pub const MAX_PENDING: usize = 65_536;
 /// Most callers one connection may have awaiting a reply at once.
 pub const MAX_PENDING_PER_CONNECTION: usize = 16_384;
-/// Deadline of a call whose header has no `timeout_ms`: the envelope's default, so a call
-/// and its stored request agree.
-pub const DEFAULT_TIMEOUT: Duration = qbus_client::protocol::rpc::DEFAULT_TIMEOUT;
-/// Longest deadline a call may ask for; longer ones are cut to this.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 /// Status of the reply a caller gets when its deadline passes on the broker.
 pub const STATUS_TIMEOUT: u16 = 504;
 /// Longest reply route (`{instance:016x}.{conn}.{id}`, both ids `u64`), the key of a stored
@@ -51,10 +34,10 @@ struct Waiting {
 }
 
 /// Where a caller's replies go.
-enum ReplyTo {
+pub enum ReplyTo {
     /// A binary connection's outgoing frames: the replies of all its calls.
     Connection(mpsc::Sender<Frame>),
-    /// A request inside the broker awaiting the reply of its one call ([`call_once`]);
+    /// A request inside the broker awaiting the reply of its one call (`rpc::call::call_once`);
     /// `None` once that reply is on its way.
     Once(Option<oneshot::Sender<Frame>>),
 }
@@ -113,7 +96,7 @@ struct Table {
 }
 
 /// The table of MQ-RPC callers awaiting a reply, shared by every session of a broker.
-pub struct Routes {
+pub struct ReplyTable {
     /// Different in every broker process, so a route stored before a restart never names
     /// a caller that got the same connection and correlation ids afterwards.
     instance: u64,
@@ -124,16 +107,10 @@ pub struct Routes {
     unroutable: AtomicU64,
 }
 
-impl Default for Routes {
-    fn default() -> Self {
-        Routes::new()
-    }
-}
-
-impl Routes {
+impl ReplyTable {
     /// An empty table.
-    pub fn new() -> Routes {
-        Routes {
+    pub fn new() -> ReplyTable {
+        ReplyTable {
             instance: rand::random(),
             table: Mutex::new(Table::default()),
             routed: AtomicU64::new(0),
@@ -149,7 +126,7 @@ impl Routes {
 
     /// Remembers call `id` of caller `conn` until `timeout` from now; returns its route.
     /// `reply_to` is called when this is the caller's first call awaiting a reply.
-    fn register(
+    pub fn register(
         &self,
         conn: u64,
         reply_to: impl FnOnce() -> ReplyTo,
@@ -188,7 +165,7 @@ impl Routes {
     /// (started with its first call), which tells the caller if the write fails. One task
     /// per caller, not per call: writes complete in order, a batch at a time, so it wakes
     /// about once per batch.
-    fn watch_append(self: &Arc<Self>, conn: u64, id: u64, wait: AppendWait) {
+    pub fn watch_append(self: &Arc<Self>, conn: u64, id: u64, wait: AppendWait) {
         let mut table = self.table();
         let Some(caller) = table.callers.get_mut(&conn) else {
             return; // the caller disconnected meanwhile
@@ -202,7 +179,7 @@ impl Routes {
     }
 
     /// Drops call `id` of `conn`; false when it was not waiting.
-    fn forget(&self, conn: u64, id: u64) -> bool {
+    pub fn forget(&self, conn: u64, id: u64) -> bool {
         let mut table = self.table();
         let removed = table
             .callers
@@ -232,6 +209,42 @@ impl Routes {
             return None;
         }
         Some((self.take_call(conn, id)?, id))
+    }
+
+    /// Drops call `id` of `conn` because its deadline passed, counted as expired; false
+    /// when it was not waiting (its reply left the table just before).
+    pub fn expire_call(&self, conn: u64, id: u64) -> bool {
+        let expired = self.forget(conn, id);
+        if expired {
+            self.expired.fetch_add(1, Ordering::Relaxed);
+        }
+        expired
+    }
+
+    /// Passes a responder's reply to the caller named by `route`; `reply` builds it for the
+    /// call's correlation id.
+    pub fn route_reply(
+        &self,
+        route: &str,
+        reply: impl FnOnce(u64) -> Frame,
+    ) -> Result<(), Unroutable> {
+        let sent = match self.take(route) {
+            None => Err(Unroutable::NoCaller),
+            Some((outlet, id)) => {
+                if outlet.send(reply(id)) {
+                    Ok(())
+                } else {
+                    Err(Unroutable::Disconnected)
+                }
+            }
+        };
+        let counter = if sent.is_ok() {
+            &self.routed
+        } else {
+            &self.unroutable
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        sent
     }
 
     /// Forgets every call of a closed connection.
@@ -290,6 +303,16 @@ impl Routes {
     }
 }
 
+/// Why a responder's reply reached no caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unroutable {
+    /// No call awaits the route: its deadline passed, its caller disconnected, or it was
+    /// stored before this broker restarted.
+    NoCaller,
+    /// The call was waiting but its caller disconnected as the reply came.
+    Disconnected,
+}
+
 /// Splits `"{instance:016x}.{conn}.{id}"`.
 fn parse_route(route: &str) -> Option<(u64, u64, u64)> {
     let mut parts = route.split('.');
@@ -300,7 +323,7 @@ fn parse_route(route: &str) -> Option<(u64, u64, u64)> {
 }
 
 /// The error reply of a call whose deadline of `timeout` passed with no reply routed.
-fn deadline_passed(id: u64, timeout: Duration) -> Header {
+pub fn deadline_passed(id: u64, timeout: Duration) -> Header {
     Header::error(
         Command::Call,
         id,
@@ -309,215 +332,19 @@ fn deadline_passed(id: u64, timeout: Duration) -> Header {
     )
 }
 
-/// Why an RPC command got no reply from a responder: the status and message of its error
-/// reply.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Refusal {
-    status: Status,
-    message: String,
-}
-
-impl Refusal {
-    fn new(status: Status, message: impl Into<String>) -> Refusal {
-        Refusal {
-            status,
-            message: message.into(),
-        }
-    }
-
-    /// The status of the error reply (`404` no such MQ, `503` no responders, `504` deadline
-    /// passed, ...; see `docs/protocol.md`, "RPC commands").
-    pub fn status(&self) -> Status {
-        self.status
-    }
-
-    /// What went wrong, for a person.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-
-    /// The refusal an error reply frame carries.
-    fn from_reply(header: Header) -> Refusal {
-        Refusal::new(
-            Status::from_code(header.status),
-            header.error.unwrap_or_default(),
-        )
-    }
-}
-
-impl From<BrokerError> for Refusal {
-    fn from(e: BrokerError) -> Self {
-        Refusal::new(e.status(), e.to_string())
-    }
-}
-
-/// Runs `Call`, `Route` and `QueryRoutes` for connection `conn`, whose outgoing frames go
-/// to `out`; a call's record joins `batch`. Returns the reply to send now, if any: a stored
-/// call is answered later, by its route or its deadline.
-pub fn handle(
-    registry: &Registry,
-    conn: u64,
-    out: &mpsc::Sender<Frame>,
-    frame: Frame,
-    batch: &mut CommitBatch,
-) -> Option<Frame> {
-    let (cmd, id, oneway) = (
-        frame.header.cmd,
-        frame.header.id,
-        frame.header.has_flag(FLAG_ONEWAY),
-    );
-    let outcome = match cmd {
-        Command::Call => {
-            let reply_to = || ReplyTo::Connection(out.clone());
-            call(registry, conn, reply_to, frame, batch).map(|()| None)
-        }
-        Command::Route => route(registry.routes(), frame),
-        Command::QueryRoutes => query(registry.routes(), &frame.header).map(Some),
-        other => Err(Refusal::new(
-            Status::BadRequest,
-            format!("{other:?} is not an RPC command"),
-        )),
-    };
-    match outcome {
-        Ok(reply) => reply,
-        Err(refusal) if oneway => {
-            tracing::debug!(?cmd, error = %refusal.message, "one-way RPC command refused");
-            None
-        }
-        Err(refusal) => Some(Frame::new(Header::error(
-            cmd,
-            id,
-            refusal.status,
-            refusal.message,
-        ))),
-    }
-}
-
-/// The deadline of a call whose header asks for `timeout_ms`: [`DEFAULT_TIMEOUT`] when it
-/// names none, at most [`MAX_TIMEOUT`].
-pub fn call_timeout(timeout_ms: Option<u32>) -> Duration {
-    timeout_ms
-        .map_or(DEFAULT_TIMEOUT, |ms| Duration::from_millis(ms.into()))
-        .min(MAX_TIMEOUT)
-}
-
-/// Adds a call to `batch` for its MQ and remembers its caller `conn`; `reply_to` says
-/// where the caller's replies go, should this be its first call awaiting one.
-fn call(
-    registry: &Registry,
-    conn: u64,
-    reply_to: impl FnOnce() -> ReplyTo,
-    frame: Frame,
-    batch: &mut CommitBatch,
-) -> Result<(), Refusal> {
-    let Frame { header, body } = frame;
-    let name = header.mq.as_deref().ok_or_else(|| {
-        Refusal::new(
-            Status::BadRequest,
-            "a Call to a broker needs an mq (the MQ its responders consume); DirectRPC calls \
-             go to an RPC server",
-        )
-    })?;
-    let mq = registry.get(name)?;
-    if !mq.has_consumers() {
-        return Err(Refusal::new(
-            Status::Unavailable,
-            format!("no responders: nothing consumes MQ {name:?}; start an MQ-RPC service on it"),
-        ));
-    }
-    let timeout = call_timeout(header.timeout_ms);
-    let routes = registry.routes();
-    let route = routes.register(conn, reply_to, header.id, timeout)?;
-    let mut record = BytesMut::with_capacity(body.len() + route.len() + 64);
-    let encoding = header.encoding.as_deref();
-    if let Err(e) = encode_record(&mut record, 0, 0, encoding, Some(&route), &body) {
-        routes.forget(conn, header.id);
-        return Err(Refusal::new(Status::BadRequest, format!("bad call: {e}")));
-    }
-    let wait = mq.stage(batch, record, 1);
-    // The caller hears nothing until the reply; only a failed write must reach it now.
-    routes.watch_append(conn, header.id, wait);
-    Ok(())
-}
-
-/// Makes one MQ-RPC call for a caller inside the broker (the HTTP gateway). `request` is a
-/// `Call` frame (mq, timeout_ms, encoding; body: the request envelope), stored and routed
-/// exactly as one from a connection. Resolves to the reply frame (status `200`, body the
-/// responder's response envelope, in its `encoding`), or to why there is none: refused at
-/// once (`404` no such MQ, `503` no responders, `429` table full, `400`), the write failed
-/// (`500`), or no reply came within the deadline (`504`).
-///
-/// Dropping the future abandons the call, as closing a connection does.
-pub async fn call_once(registry: &Registry, request: Frame) -> Result<Frame, Refusal> {
-    let routes = registry.routes();
-    // A caller of its own: its one call shares no table entry, and leaving drops it whole.
-    let conn = registry.connection_id();
-    let _leave = Leave { routes, conn };
-    let id = request.header.id;
-    let timeout = call_timeout(request.header.timeout_ms);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let (tx, mut rx) = oneshot::channel();
-    let mut batch = CommitBatch::default();
-    call(
-        registry,
-        conn,
-        move || ReplyTo::Once(Some(tx)),
-        request,
-        &mut batch,
-    )?;
-    // A failed submit fails the call's write, which the caller hears of as from the disk.
-    let _ = registry.committer().submit(batch).await;
-    let reply = match tokio::time::timeout_at(deadline, &mut rx).await {
-        Ok(reply) => reply,
-        // Answer at the deadline itself, not at the sweeper's next round.
-        Err(_) if routes.forget(conn, id) => {
-            routes.expired.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::from_reply(deadline_passed(id, timeout)));
-        }
-        // The reply left the table just as the deadline passed: it is in the channel.
-        Err(_) => rx.await,
-    };
-    // The sender only goes unused if the table dropped the caller, which only `_leave` does.
-    let reply = reply.map_err(|_| {
-        Refusal::new(
-            Status::Internal,
-            "the call left the reply table without a reply",
-        )
-    })?;
-    if reply.header.status == Status::Ok.code() {
-        Ok(reply)
-    } else {
-        Err(Refusal::from_reply(reply.header))
-    }
-}
-
-/// Takes a caller inside the broker out of the table however its call ends; a call still
-/// waiting (its HTTP client went away) counts as abandoned, as a closed connection's do.
-struct Leave<'a> {
-    routes: &'a Routes,
-    conn: u64,
-}
-
-impl Drop for Leave<'_> {
-    fn drop(&mut self) {
-        self.routes.disconnect(self.conn);
-    }
-}
-
 /// Waits for the writes of one caller's calls in order; a call whose write failed is
 /// dropped from the table and its caller told at once.
 async fn watch_appends(
-    routes: Weak<Routes>,
+    replies: Weak<ReplyTable>,
     conn: u64,
     mut appends: mpsc::UnboundedReceiver<(u64, AppendWait)>,
 ) {
     while let Some((id, wait)) = appends.recv().await {
         let Err(e) = wait.wait().await else { continue };
-        let Some(routes) = routes.upgrade() else {
+        let Some(replies) = replies.upgrade() else {
             return;
         };
-        if let Some(outlet) = routes.take_call(conn, id) {
+        if let Some(outlet) = replies.take_call(conn, id) {
             let e = BrokerError::Store(e);
             outlet.send(Frame::new(Header::error(
                 Command::Call,
@@ -529,55 +356,10 @@ async fn watch_appends(
     }
 }
 
-/// Passes a responder's reply to the caller named by its route.
-fn route(routes: &Routes, frame: Frame) -> Result<Option<Frame>, Refusal> {
-    let Frame { header, body } = frame;
-    let route = header.route.as_deref().ok_or_else(|| {
-        Refusal::new(
-            Status::BadRequest,
-            "a Route needs a route (the key of the request record)",
-        )
-    })?;
-    let gone = |why: &str| {
-        routes.unroutable.fetch_add(1, Ordering::Relaxed);
-        Refusal::new(
-            Status::NotFound,
-            format!("no caller awaits route {route:?}: {why}"),
-        )
-    };
-    let Some((outlet, id)) = routes.take(route) else {
-        return Err(gone(
-            "its deadline passed, it disconnected, or the call was stored before this broker \
-             restarted",
-        ));
-    };
-    let reply = Header {
-        cmd: Command::Call,
-        id,
-        status: Status::Ok.code(),
-        encoding: header.encoding.clone(),
-        ..Header::default()
-    };
-    if !outlet.send(Frame::with_body(reply, body)) {
-        return Err(gone("it disconnected"));
-    }
-    routes.routed.fetch_add(1, Ordering::Relaxed);
-    if header.has_flag(FLAG_ONEWAY) {
-        return Ok(None);
-    }
-    Ok(Some(Frame::new(Header::reply_to(&header))))
-}
-
-/// The reply to `QueryRoutes`.
-fn query(routes: &Routes, request: &Header) -> Result<Frame, Refusal> {
-    let body = rmp_serde::to_vec_named(&routes.stats())
-        .map_err(|e| Refusal::new(Status::Internal, format!("cannot encode the reply: {e}")))?;
-    Ok(Frame::with_body(Header::reply_to(request), body.into()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qbus_client::protocol::rpc::DEFAULT_TIMEOUT;
 
     fn channel() -> (mpsc::Sender<Frame>, mpsc::Receiver<Frame>) {
         mpsc::channel(16)
@@ -590,47 +372,47 @@ mod tests {
 
     #[test]
     fn a_route_names_one_call_of_one_broker_once() {
-        let routes = Routes::new();
+        let replies = ReplyTable::new();
         let (out, _rx) = channel();
-        let route = routes.register(7, to(&out), 42, DEFAULT_TIMEOUT).unwrap();
-        assert_eq!(routes.stats().pending, 1);
-        let other = Routes::new();
+        let route = replies.register(7, to(&out), 42, DEFAULT_TIMEOUT).unwrap();
+        assert_eq!(replies.stats().pending, 1);
+        let other = ReplyTable::new();
         assert!(other.take(&route).is_none(), "another broker instance");
-        let (_, id) = routes.take(&route).unwrap();
+        let (_, id) = replies.take(&route).unwrap();
         assert_eq!(id, 42);
-        assert!(routes.take(&route).is_none(), "taken once");
-        assert_eq!(routes.stats().pending, 0);
+        assert!(replies.take(&route).is_none(), "taken once");
+        assert_eq!(replies.stats().pending, 0);
         for junk in ["", "x", "1.2", "zz.1.2", "1.2.3.4", "1.-2.3"] {
-            assert!(routes.take(junk).is_none(), "{junk}");
+            assert!(replies.take(junk).is_none(), "{junk}");
         }
     }
 
     #[test]
     fn disconnect_frees_only_that_callers_entries() {
-        let routes = Routes::new();
+        let replies = ReplyTable::new();
         let (out, _rx) = channel();
         for id in 0..3 {
-            routes.register(1, to(&out), id, DEFAULT_TIMEOUT).unwrap();
+            replies.register(1, to(&out), id, DEFAULT_TIMEOUT).unwrap();
         }
-        let kept = routes.register(2, to(&out), 0, DEFAULT_TIMEOUT).unwrap();
-        routes.disconnect(1);
-        let stats = routes.stats();
+        let kept = replies.register(2, to(&out), 0, DEFAULT_TIMEOUT).unwrap();
+        replies.disconnect(1);
+        let stats = replies.stats();
         assert_eq!((stats.pending, stats.abandoned), (1, 3));
-        assert!(routes.take(&kept).is_some());
+        assert!(replies.take(&kept).is_some());
     }
 
     #[test]
     fn expired_calls_are_dropped_and_their_callers_told() {
-        let routes = Routes::new();
+        let replies = ReplyTable::new();
         let (out, mut rx) = channel();
-        routes
+        replies
             .register(1, to(&out), 5, Duration::from_millis(10))
             .unwrap();
-        routes
+        replies
             .register(1, to(&out), 6, Duration::from_secs(60))
             .unwrap();
-        routes.expire(Instant::now() + Duration::from_secs(1));
-        let stats = routes.stats();
+        replies.expire(Instant::now() + Duration::from_secs(1));
+        let stats = replies.stats();
         assert_eq!((stats.pending, stats.expired), (1, 1));
         let told = rx.try_recv().unwrap();
         assert_eq!(
@@ -642,30 +424,30 @@ mod tests {
 
     #[test]
     fn a_one_call_caller_gets_its_reply_or_its_timeout_once() {
-        let routes = Routes::new();
+        let replies = ReplyTable::new();
         let (tx, mut rx) = oneshot::channel();
-        let route = routes
+        let route = replies
             .register(1, move || ReplyTo::Once(Some(tx)), 0, DEFAULT_TIMEOUT)
             .unwrap();
-        let (outlet, id) = routes.take(&route).unwrap();
+        let (outlet, id) = replies.take(&route).unwrap();
         assert!(outlet.send(Frame::new(Header::reply_to(&Header::default()))));
         assert_eq!((id, rx.try_recv().unwrap().header.status), (0, 200));
 
         let (tx, mut rx) = oneshot::channel();
-        routes
+        replies
             .register(2, move || ReplyTo::Once(Some(tx)), 0, Duration::ZERO)
             .unwrap();
-        routes.expire(Instant::now() + Duration::from_secs(1));
+        replies.expire(Instant::now() + Duration::from_secs(1));
         assert_eq!(rx.try_recv().unwrap().header.status, STATUS_TIMEOUT);
-        let stats = routes.stats();
+        let stats = replies.stats();
         assert_eq!((stats.pending, stats.routed, stats.expired), (0, 0, 1));
     }
 
     #[test]
     fn routes_fit_their_length_bound() {
-        let routes = Routes::new();
+        let replies = ReplyTable::new();
         let (out, _rx) = channel();
-        let route = routes
+        let route = replies
             .register(u64::MAX, to(&out), u64::MAX, DEFAULT_TIMEOUT)
             .unwrap();
         assert_eq!(route.len(), MAX_ROUTE_LEN);
@@ -673,27 +455,27 @@ mod tests {
 
     #[test]
     fn the_table_is_bounded_and_ids_are_unique() {
-        let routes = Routes::new();
+        let replies = ReplyTable::new();
         let (out, _rx) = channel();
-        routes.register(1, to(&out), 1, DEFAULT_TIMEOUT).unwrap();
+        replies.register(1, to(&out), 1, DEFAULT_TIMEOUT).unwrap();
         assert_eq!(
-            routes
+            replies
                 .register(1, to(&out), 1, DEFAULT_TIMEOUT)
                 .unwrap_err()
                 .status(),
             Status::BadRequest
         );
         for id in 2..=MAX_PENDING_PER_CONNECTION as u64 {
-            routes.register(1, to(&out), id, DEFAULT_TIMEOUT).unwrap();
+            replies.register(1, to(&out), id, DEFAULT_TIMEOUT).unwrap();
         }
         assert_eq!(
-            routes
+            replies
                 .register(1, to(&out), 0, DEFAULT_TIMEOUT)
                 .unwrap_err()
                 .status(),
             Status::Overloaded
         );
-        assert!(routes.forget(1, 1));
-        assert!(!routes.forget(1, 1));
+        assert!(replies.forget(1, 1));
+        assert!(!replies.forget(1, 1));
     }
 }

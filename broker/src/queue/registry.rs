@@ -1,42 +1,19 @@
-//! The set of MQs in a store directory: opening them at start, creating, removing, and the
+//! The MQ table of a store directory: opening every MQ at start, creating, removing, and the
 //! periodic sweep for ack timeouts and retention.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use qbus_client::protocol::{DeliveryToken, Durability, MqOptions};
 
+use super::blocking;
+use super::group::Group;
+use super::group_commit::{CommitBatch, Committer, StoreWait};
+use super::mq::{Limits, Mq};
 use crate::config::Config;
 use crate::error::{validate_name, BrokerError};
-use crate::group_commit::{CommitBatch, Committer, StoreWait};
-use crate::metrics::BrokerMetrics;
-use crate::mq::{Fetched, Group, Limits, Mq, Start};
-use crate::rpc_route::Routes;
 use crate::store::{LogConfig, StoreError, StoreLock};
-
-/// Longest long-poll a fetch may ask for.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
-/// Most records one fetch may ask for.
-pub const MAX_FETCH_COUNT: usize = 1 << 16;
-
-/// What a fetch asks for; the binary protocol and HTTP fill it from their own requests.
-#[derive(Debug, Clone)]
-pub struct FetchRequest<'a> {
-    /// The MQ.
-    pub mq: &'a str,
-    /// The consumer group; the MQ's name when `None`.
-    pub group: Option<&'a str>,
-    /// Only records with this tag.
-    pub tag: Option<&'a str>,
-    /// Where the group starts if this fetch creates it.
-    pub start: Start,
-    /// Most records wanted (1 to [`MAX_FETCH_COUNT`]).
-    pub count: usize,
-    /// How long to wait for a record (at most [`MAX_WAIT`]).
-    pub wait: Duration,
-}
 
 /// Every MQ of one broker.
 pub struct Registry {
@@ -45,13 +22,6 @@ pub struct Registry {
     mqs: RwLock<HashMap<String, Arc<Mq>>>,
     /// Serialises create and remove so two creators never open one directory twice.
     admin: tokio::sync::Mutex<()>,
-    next_conn: AtomicU64,
-    started: Instant,
-    metrics: Arc<BrokerMetrics>,
-    /// Bumped on every change the trackers must hear of (see [`Registry::watch_changes`]).
-    changes: tokio::sync::watch::Sender<u64>,
-    /// MQ-RPC callers awaiting a reply.
-    routes: Arc<Routes>,
     _lock: StoreLock,
 }
 
@@ -93,11 +63,6 @@ impl Registry {
             committer,
             mqs: RwLock::new(mqs),
             admin: tokio::sync::Mutex::new(()),
-            next_conn: AtomicU64::new(1),
-            started,
-            metrics: Arc::new(BrokerMetrics::default()),
-            changes: tokio::sync::watch::channel(0).0,
-            routes: Arc::new(Routes::new()),
             _lock: lock,
         })
     }
@@ -105,21 +70,6 @@ impl Registry {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
-    }
-
-    /// The commit thread.
-    pub fn committer(&self) -> &Committer {
-        &self.committer
-    }
-
-    /// When the broker started.
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
-    /// A fresh connection id.
-    pub fn connection_id(&self) -> u64 {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The MQ `name`.
@@ -145,32 +95,34 @@ impl Registry {
         all
     }
 
-    /// Creates `name`, or returns it if it exists.
-    pub async fn create(&self, name: &str, options: MqOptions) -> Result<Arc<Mq>, BrokerError> {
+    /// Creates `name`, or finds it if it exists; true when it was created.
+    pub async fn create(
+        &self,
+        name: &str,
+        options: MqOptions,
+    ) -> Result<(Arc<Mq>, bool), BrokerError> {
         validate_name("MQ", name)?;
         if let Some(dlq) = &options.dead_letter_mq {
             validate_name("dead-letter MQ", dlq)?;
         }
         let _admin = self.admin.lock().await;
         if let Ok(mq) = self.get(name) {
-            return Ok(mq);
+            return Ok((mq, false));
         }
         let dir = self.config.store.join(name);
         let (log_config, limits) = (log_config(&self.config), limits(&self.config));
         let owned = name.to_owned();
-        let mq = tokio::task::spawn_blocking(move || {
+        let mq = blocking("create", move || {
             Mq::open(&owned, &dir, Some(options), log_config, &limits)
         })
-        .await
-        .map_err(|e| BrokerError::BadRequest(format!("create failed: {e}")))??;
+        .await?;
         let mq = Arc::new(mq);
         self.mqs
             .write()
             .expect("mq table poisoned")
             .insert(name.to_owned(), mq.clone());
         tracing::info!(mq = name, "MQ created");
-        self.changed();
-        Ok(mq)
+        Ok((mq, true))
     }
 
     /// Deletes `name` with its data.
@@ -185,13 +137,11 @@ impl Registry {
         // Let appends already queued finish before the files go.
         self.committer.sync().await?;
         let dir = mq.dir().to_owned();
-        tokio::task::spawn_blocking(move || {
+        blocking("remove", move || {
             std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })
         })
-        .await
-        .map_err(|e| BrokerError::BadRequest(format!("remove failed: {e}")))??;
+        .await?;
         tracing::info!(mq = name, "MQ removed");
-        self.changed();
         Ok(())
     }
 
@@ -199,24 +149,6 @@ impl Registry {
     pub async fn remove_group(&self, mq: &str, group: &str) -> Result<(), BrokerError> {
         self.get(mq)?.remove_group(group).await?;
         tracing::info!(mq, group, "consumer group removed");
-        self.changed();
-        Ok(())
-    }
-
-    /// Moves records that reached their delivery limit to the MQ's dead-letter MQ.
-    pub async fn dead_letter(&self, mq: &Mq, offsets: &[u64]) -> Result<(), BrokerError> {
-        let records = mq.read_records(offsets).await?;
-        let dlq = self
-            .create(&mq.dead_letter_mq(), MqOptions::default())
-            .await?;
-        dlq.append(&self.committer, records, offsets.len() as u32)
-            .await?;
-        tracing::info!(
-            mq = mq.name(),
-            dlq = dlq.name(),
-            count = offsets.len(),
-            "dead-lettered"
-        );
         Ok(())
     }
 
@@ -225,19 +157,6 @@ impl Registry {
         for mq in self.list() {
             mq.disconnect(conn);
         }
-        self.changed();
-    }
-
-    /// A receiver that wakes on every change the trackers must hear of: an MQ created or
-    /// removed, a group created, a consumer joining or leaving. The broker's reporter
-    /// follows it (see [`crate::reporter`]).
-    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
-    /// Records a change the trackers must hear of.
-    pub fn changed(&self) {
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Stops counting a closed HTTP connection as a consumer. Unlike [`Registry::disconnect`]
@@ -246,51 +165,6 @@ impl Registry {
     pub fn detach(&self, conn: u64) {
         for mq in self.list() {
             mq.detach(conn);
-        }
-        self.changed();
-    }
-
-    /// Connection and request counters.
-    pub fn metrics(&self) -> &Arc<BrokerMetrics> {
-        &self.metrics
-    }
-
-    /// The MQ-RPC callers awaiting a reply.
-    pub fn routes(&self) -> &Arc<Routes> {
-        &self.routes
-    }
-
-    /// Hands records to connection `conn`, creating the group if new, and moves records past
-    /// their delivery limit to the dead-letter MQ on the way. Returns when records are
-    /// delivered or the wait ends (then empty).
-    pub async fn fetch(
-        &self,
-        conn: u64,
-        request: &FetchRequest<'_>,
-    ) -> Result<Fetched, BrokerError> {
-        let mq = self.get(request.mq)?;
-        let group_name = request.group.unwrap_or(request.mq);
-        let created = mq.existing_group(group_name).is_none();
-        let group = mq.group(&self.committer, group_name, request.start).await?;
-        if created {
-            self.changed();
-        }
-        let count = request.count.clamp(1, MAX_FETCH_COUNT);
-        let give_up = tokio::time::Instant::now() + request.wait.min(MAX_WAIT);
-        loop {
-            let wait = give_up.saturating_duration_since(tokio::time::Instant::now());
-            let fetched = mq.fetch(&group, conn, count, request.tag, wait).await?;
-            if !fetched.dead.is_empty() {
-                self.dead_letter(&mq, &fetched.dead).await?;
-                // Only dead records came out: look again for live ones (each round retires
-                // at least one record, so this ends).
-                if fetched.attempts.is_empty() {
-                    continue;
-                }
-            }
-            mq.counters()
-                .delivered(fetched.attempts.len() as u64, fetched.body.len() as u64);
-            return Ok(fetched);
         }
     }
 
@@ -337,7 +211,8 @@ impl Registry {
         Ok(mq.nack(&group, tokens, unseen))
     }
 
-    fn existing_group(
+    /// The MQ `mq` and its existing group `group` (the MQ's name when `None`).
+    pub fn existing_group(
         &self,
         mq: &str,
         group: Option<&str>,
@@ -353,13 +228,11 @@ impl Registry {
         Ok((mq, group))
     }
 
-    /// Releases expired deliveries everywhere and drops MQ-RPC calls past their deadline.
-    pub fn sweep(&self) {
-        let now = Instant::now();
+    /// Releases deliveries past their ack deadline in every MQ.
+    pub fn sweep(&self, now: Instant) {
         for mq in self.list() {
             mq.sweep(now);
         }
-        self.routes.expire(now);
     }
 
     /// Applies retention to every MQ.
@@ -388,5 +261,122 @@ fn limits(config: &Config) -> Limits {
         ack_timeout: config.ack_timeout,
         max_deliveries: config.max_deliveries,
         max_in_flight: config.max_in_flight,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::queue::group::Start;
+    use crate::queue::testutil::{produce, read, tokens, Commit};
+
+    fn names(registry: &Registry) -> Vec<String> {
+        registry
+            .list()
+            .iter()
+            .map(|mq| mq.name().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn create_find_list_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let registry =
+            Registry::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
+        assert!(names(&registry).is_empty());
+
+        let (orders, created) = registry
+            .create("orders", MqOptions::default())
+            .await
+            .unwrap();
+        assert!(created);
+        let (again, created) = registry
+            .create("orders", MqOptions::default())
+            .await
+            .unwrap();
+        assert!(
+            !created && Arc::ptr_eq(&orders, &again),
+            "create finds what exists"
+        );
+        registry
+            .create("audit", MqOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(names(&registry), ["audit", "orders"]);
+        assert!(Arc::ptr_eq(&registry.get("orders").unwrap(), &orders));
+        assert!(matches!(
+            registry.create("../x", MqOptions::default()).await,
+            Err(BrokerError::BadRequest(_))
+        ));
+
+        registry.remove("orders").await.unwrap();
+        assert!(!dir.path().join("orders").exists());
+        assert!(matches!(
+            registry.get("orders"),
+            Err(BrokerError::NoSuchMq(_))
+        ));
+        assert!(matches!(
+            registry.remove("orders").await,
+            Err(BrokerError::NoSuchMq(_))
+        ));
+        assert_eq!(names(&registry), ["audit"]);
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn one_store_one_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let config = Config::with_store(dir.path());
+        let registry = Registry::open(config.clone(), commit.committer.clone()).unwrap();
+        let second = Registry::open(config.clone(), commit.committer.clone());
+        assert!(matches!(second, Err(StoreError::Locked { .. })));
+        drop(registry);
+        Registry::open(config, commit.committer.clone()).unwrap();
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn reopening_the_store_keeps_records_and_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let config = Config::with_store(dir.path());
+        let registry = Registry::open(config.clone(), commit.committer.clone()).unwrap();
+        let (mq, _) = registry
+            .create("orders", MqOptions::default())
+            .await
+            .unwrap();
+        let (records, count) = produce(&["a", "b", "c"]);
+        mq.append(&commit.committer, records, count).await.unwrap();
+        let group = mq
+            .group(&commit.committer, "billing", Start::Earliest)
+            .await
+            .unwrap();
+        let fetched = mq.fetch(&group, 1, 2, None, Duration::ZERO).await.unwrap();
+        let acked = registry
+            .ack(
+                "orders",
+                Some("billing"),
+                &tokens(&fetched.body, &fetched.attempts),
+            )
+            .await
+            .unwrap();
+        assert_eq!(acked, (2, Durability::Synced));
+        drop((group, mq, registry));
+
+        let registry = Registry::open(config, commit.committer.clone()).unwrap();
+        assert_eq!(names(&registry), ["orders"]);
+        let (mq, group) = registry.existing_group("orders", Some("billing")).unwrap();
+        assert_eq!(mq.info().groups[0].committed, 2);
+        let fetched = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&fetched.body), [(2, "c".into())]);
+        assert!(matches!(
+            registry.existing_group("orders", Some("nobody")),
+            Err(BrokerError::NoSuchGroup { .. })
+        ));
+        commit.stop().await;
     }
 }

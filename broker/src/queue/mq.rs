@@ -2,37 +2,27 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use qbus_client::protocol::record::records;
 use qbus_client::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
-use tokio::sync::Notify;
 
-use crate::consumer_group::ConsumerGroup;
+use super::blocking;
+use super::group::{Fetching, Group, Start};
+use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
+use super::group_ledger::Redeliveries;
 use crate::error::{validate_name, BrokerError};
-use crate::group_commit::{AppendWait, CommitBatch, Committer, SharedCursor, SharedLog, StoreWait};
 use crate::metrics::MqCounters;
-use crate::store::{CursorFile, LogConfig, LogReader, MqLog, ReadPos, StoreError};
+use crate::store::{CursorFile, LogConfig, LogReader, MqLog, StoreError};
 
 const OPTIONS_FILE: &str = "mq.options";
 const GROUPS_DIR: &str = "groups";
 const CURSOR_SUFFIX: &str = ".cursor";
 /// Most bytes of records put in one fetch reply.
 pub const MAX_FETCH_BYTES: usize = 1 << 20;
-
-/// Where a group created by a fetch starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// Oldest retained record.
-    Earliest,
-    /// The end: only records produced from now on.
-    Latest,
-    /// A given offset (clamped to what is retained).
-    Offset(u64),
-}
 
 /// Options with the broker's defaults applied.
 #[derive(Debug, Clone)]
@@ -45,55 +35,6 @@ pub struct Limits {
     pub max_in_flight: u32,
 }
 
-/// A consumer group with its persistence and wake-ups.
-pub struct Group {
-    state: Mutex<ConsumerGroup>,
-    cursor: SharedCursor,
-    /// Highest committed offset handed to the commit thread.
-    persisted: Arc<AtomicU64>,
-    /// Serialises reads of new records so two consumers never get the same batch; holds
-    /// the file position of `next` so sequential reads skip the index.
-    read_pos: tokio::sync::Mutex<Option<ReadPos>>,
-    /// Signalled when deliveries are released or acknowledged.
-    changed: Notify,
-}
-
-impl Group {
-    fn new(name: &str, committed: u64, cursor: CursorFile) -> Arc<Group> {
-        Arc::new(Group {
-            state: Mutex::new(ConsumerGroup::new(name, committed)),
-            cursor: Arc::new(Mutex::new(cursor)),
-            persisted: Arc::new(AtomicU64::new(committed)),
-            read_pos: tokio::sync::Mutex::new(None),
-            changed: Notify::new(),
-        })
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, ConsumerGroup> {
-        self.state.lock().expect("group state poisoned")
-    }
-}
-
-/// A fetch under way: its connection counts as a consumer of the group until it ends,
-/// however it ends.
-struct Fetching<'a> {
-    group: &'a Group,
-    conn: u64,
-}
-
-impl<'a> Fetching<'a> {
-    fn start(group: &'a Group, conn: u64) -> Fetching<'a> {
-        group.state().join(conn);
-        Fetching { group, conn }
-    }
-}
-
-impl Drop for Fetching<'_> {
-    fn drop(&mut self) {
-        self.group.state().fetch_ended(self.conn, Instant::now());
-    }
-}
-
 /// Records handed out by one fetch.
 #[derive(Debug, Default)]
 pub struct Fetched {
@@ -101,8 +42,25 @@ pub struct Fetched {
     pub body: Bytes,
     /// Delivery attempt of each record, in order.
     pub attempts: Vec<u32>,
-    /// Offsets that reached the delivery limit and must be dead-lettered by the caller.
-    pub dead: Vec<u64>,
+    /// Records that reached the delivery limit, for the caller to move to the dead-letter MQ.
+    pub dead: DeadLetters,
+}
+
+/// Records a fetch retired after too many deliveries, read whole: the MQ does not reach
+/// for its dead-letter MQ itself, whoever holds the MQ table hands them over.
+#[derive(Debug, Default)]
+pub struct DeadLetters {
+    /// Whole records back to back.
+    pub records: BytesMut,
+    /// How many.
+    pub count: u32,
+}
+
+impl DeadLetters {
+    /// True when the fetch retired nothing.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
 }
 
 /// One MQ.
@@ -198,11 +156,6 @@ impl Mq {
         &self.dir
     }
 
-    /// The options it was created with.
-    pub fn options(&self) -> &MqOptions {
-        &self.options
-    }
-
     /// Whether produces and acks wait for the fsync (the `sync` option, default true).
     pub fn wait_sync(&self) -> bool {
         self.options.sync.unwrap_or(true)
@@ -211,11 +164,6 @@ impl Mq {
     /// The log, for the commit thread.
     pub fn log(&self) -> &SharedLog {
         &self.log
-    }
-
-    /// The read side of the log.
-    pub fn reader(&self) -> &LogReader {
-        &self.reader
     }
 
     /// Messages and bytes through this MQ since the broker started.
@@ -262,9 +210,7 @@ impl Mq {
             }
         };
         let path = self.cursor_path(name);
-        let (cursor, _) = tokio::task::spawn_blocking(move || CursorFile::open(&path))
-            .await
-            .map_err(|e| BrokerError::BadRequest(format!("group creation failed: {e}")))??;
+        let (cursor, _) = blocking("group creation", move || CursorFile::open(&path)).await?;
         let group = {
             let mut groups = self.groups.lock().expect("groups poisoned");
             groups
@@ -319,9 +265,7 @@ impl Mq {
                 (room, redo)
             };
             if !redo.deliver.is_empty() || !redo.dead.is_empty() {
-                let mut fetched = self.read_offsets(&redo.deliver).await?;
-                fetched.dead = redo.dead;
-                return Ok(fetched);
+                return self.read_redeliveries(redo).await;
             }
             if room > 0 {
                 if let Some(fetched) = self.fetch_new(group, conn, room, tag, ack_deadline).await? {
@@ -358,11 +302,10 @@ impl Mq {
                 None => {
                     let reader = self.reader.clone();
                     let hint = *read_pos;
-                    tokio::task::spawn_blocking(move || {
+                    blocking("read task", move || {
                         reader.read(from, hint, room, MAX_FETCH_BYTES)
                     })
-                    .await
-                    .map_err(|e| BrokerError::BadRequest(format!("read task failed: {e}")))??
+                    .await?
                 }
             };
             *read_pos = Some(batch.next_pos);
@@ -395,7 +338,7 @@ impl Mq {
                 return Ok(Some(Fetched {
                     body,
                     attempts: vec![1; offsets.len()],
-                    dead: Vec::new(),
+                    dead: DeadLetters::default(),
                 }));
             }
             if batch.count == 0 {
@@ -404,31 +347,32 @@ impl Mq {
         }
     }
 
-    /// Reads the records at `offsets` (redeliveries), each with its attempt.
-    async fn read_offsets(&self, offsets: &[(u64, u32)]) -> Result<Fetched, BrokerError> {
+    /// Reads the records to deliver again, each with its attempt, and those to dead-letter.
+    async fn read_redeliveries(&self, redo: Redeliveries) -> Result<Fetched, BrokerError> {
+        let attempts = redo.deliver.iter().map(|&(_, attempt)| attempt).collect();
+        let dead_count = redo.dead.len() as u32;
         let reader = self.reader.clone();
-        let wanted = offsets.to_vec();
-        let body = tokio::task::spawn_blocking(move || -> Result<BytesMut, StoreError> {
-            let mut body = BytesMut::new();
-            for (offset, _) in wanted {
-                let batch = reader.read(offset, None, 1, 1)?;
-                body.extend_from_slice(&batch.data);
-            }
-            Ok(body)
+        let (body, dead) = blocking("read task", move || {
+            let read = |offsets: &mut dyn Iterator<Item = u64>| {
+                let mut records = BytesMut::new();
+                for offset in offsets {
+                    let batch = reader.read(offset, None, 1, 1)?;
+                    records.extend_from_slice(&batch.data);
+                }
+                Ok::<_, StoreError>(records)
+            };
+            let body = read(&mut redo.deliver.iter().map(|&(offset, _)| offset))?;
+            Ok((body, read(&mut redo.dead.into_iter())?))
         })
-        .await
-        .map_err(|e| BrokerError::BadRequest(format!("read task failed: {e}")))??;
+        .await?;
         Ok(Fetched {
             body: body.freeze(),
-            attempts: offsets.iter().map(|&(_, attempt)| attempt).collect(),
-            dead: Vec::new(),
+            attempts,
+            dead: DeadLetters {
+                records: dead,
+                count: dead_count,
+            },
         })
-    }
-
-    /// Reads single records, for dead-lettering.
-    pub async fn read_records(&self, offsets: &[u64]) -> Result<BytesMut, BrokerError> {
-        let pairs: Vec<(u64, u32)> = offsets.iter().map(|&o| (o, 0)).collect();
-        Ok(self.read_offsets(&pairs).await?.body.into())
     }
 
     /// Acknowledges deliveries and adds a store of the group's cursor to `batch` if it
@@ -458,7 +402,7 @@ impl Mq {
         (acked, stored)
     }
 
-    /// Releases deliveries for immediate redelivery (`unseen`: see [`ConsumerGroup::nack`]).
+    /// Releases deliveries for immediate redelivery (`unseen`: see `GroupLedger::nack`).
     pub fn nack(&self, group: &Group, tokens: &[DeliveryToken], unseen: bool) -> usize {
         let released = group.state().nack(tokens, unseen);
         if released > 0 {
@@ -494,15 +438,13 @@ impl Mq {
             group.changed.notify_waiters();
         }
         let path = self.cursor_path(name);
-        tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+        blocking("group removal", move || match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(StoreError::Io { path, source: e })
             }
             _ => Ok(()),
         })
         .await
-        .map_err(|e| BrokerError::BadRequest(format!("group removal failed: {e}")))??;
-        Ok(())
     }
 
     fn cursor_path(&self, group: &str) -> PathBuf {
@@ -530,7 +472,7 @@ impl Mq {
     }
 
     /// Stops counting `conn` as a consumer of any group, keeping what it holds (see
-    /// [`ConsumerGroup::detach`]).
+    /// `GroupLedger::detach`).
     pub fn detach(&self, conn: u64) {
         for group in self.groups.lock().expect("groups poisoned").values() {
             group.state().detach(conn);
@@ -538,7 +480,7 @@ impl Mq {
     }
 
     /// True while some connection consumes from any group (MQ-RPC's "is anyone there"; see
-    /// [`ConsumerGroup::has_consumers`]).
+    /// `GroupLedger::has_consumers`).
     pub fn has_consumers(&self) -> bool {
         let now = Instant::now();
         self.groups
@@ -604,4 +546,142 @@ fn corrupt(mq: &Mq, e: qbus_client::protocol::record::RecordError) -> BrokerErro
         position: 0,
         reason: e,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::testutil::{produce, read, tokens, Commit};
+
+    fn limits() -> Limits {
+        Limits {
+            ack_timeout: Duration::from_secs(30),
+            max_deliveries: 16,
+            max_in_flight: 1024,
+        }
+    }
+
+    fn open(dir: &Path, options: Option<MqOptions>) -> Mq {
+        Mq::open("orders", dir, options, LogConfig::default(), &limits()).unwrap()
+    }
+
+    async fn append(mq: &Mq, commit: &Commit, bodies: &[&str]) {
+        let (records, count) = produce(bodies);
+        mq.append(&commit.committer, records, count).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn produce_then_fetch_then_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let mq = open(dir.path(), Some(MqOptions::default()));
+        append(&mq, &commit, &["a", "b", "c"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+
+        let fetched = mq.fetch(&group, 1, 2, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&fetched.body), [(0, "a".into()), (1, "b".into())]);
+        assert_eq!(fetched.attempts, [1, 1]);
+        assert!(fetched.dead.is_empty());
+        let rest = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&rest.body), [(2, "c".into())]);
+        let empty = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert!(empty.attempts.is_empty(), "everything is out");
+
+        let mut batch = CommitBatch::default();
+        let (acked, stored) = mq.ack(
+            &commit.committer,
+            &mut batch,
+            &group,
+            &tokens(&fetched.body, &fetched.attempts),
+        );
+        commit.committer.submit(batch).await.unwrap();
+        assert_eq!(
+            (acked, stored.wait().await.unwrap()),
+            (2, Durability::Synced)
+        );
+        let info = mq.info();
+        assert_eq!(
+            (
+                info.next_offset,
+                info.groups[0].committed,
+                info.groups[0].in_flight
+            ),
+            (3, 2, 1)
+        );
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_records_options_and_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let options = MqOptions {
+            max_deliveries: Some(3),
+            ..MqOptions::default()
+        };
+        let mq = open(dir.path(), Some(options));
+        append(&mq, &commit, &["a", "b", "c"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+        let fetched = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        let mut batch = CommitBatch::default();
+        let (_, stored) = mq.ack(
+            &commit.committer,
+            &mut batch,
+            &group,
+            &tokens(&fetched.body, &fetched.attempts),
+        );
+        commit.committer.submit(batch).await.unwrap();
+        stored.wait().await.unwrap();
+        drop((group, mq));
+
+        let mq = open(dir.path(), None);
+        let info = mq.info();
+        assert_eq!((info.first_offset, info.next_offset), (0, 3));
+        assert_eq!(info.options.max_deliveries, Some(3));
+        assert_eq!(
+            (info.groups[0].name.as_str(), info.groups[0].committed),
+            ("g", 1)
+        );
+        let group = mq.existing_group("g").expect("the group is back");
+        let fetched = mq.fetch(&group, 2, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&fetched.body), [(1, "b".into()), (2, "c".into())]);
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn records_past_their_delivery_limit_come_back_as_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let options = MqOptions {
+            max_deliveries: Some(1),
+            ..MqOptions::default()
+        };
+        let mq = open(dir.path(), Some(options));
+        append(&mq, &commit, &["poison", "fine"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+        let fetched = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            mq.nack(&group, &tokens(&fetched.body, &fetched.attempts), false),
+            1
+        );
+
+        let again = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert!(again.attempts.is_empty(), "nothing redelivered");
+        assert_eq!(again.dead.count, 1);
+        assert_eq!(read(&again.dead.records), [(0, "poison".into())]);
+        let next = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&next.body), [(1, "fine".into())]);
+        assert!(next.dead.is_empty());
+        assert_eq!(mq.info().groups[0].dead_lettered, 1);
+        commit.stop().await;
+    }
 }

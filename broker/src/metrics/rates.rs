@@ -3,14 +3,9 @@
 //! now shows the recent past at once instead of starting from an empty chart.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
-use tokio::time::MissedTickBehavior;
-use tokio_util::sync::CancellationToken;
-
-use crate::metrics::MqTraffic;
-use crate::registry::Registry;
+use super::traffic::MqTraffic;
 
 /// Seconds of history kept per MQ.
 pub const RATE_HISTORY: usize = 120;
@@ -80,25 +75,6 @@ impl RateHistory {
             })
             .collect();
         (book.samples, rates)
-    }
-}
-
-/// Samples every MQ's counters once a second until `shutdown` fires.
-pub async fn sample_every_second(registry: Arc<Registry>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // After a stall, resume the rhythm rather than taking a burst of back-to-back samples.
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let totals = registry
-            .list()
-            .iter()
-            .map(|mq| (mq.name().to_owned(), mq.counters().read()))
-            .collect::<Vec<_>>();
-        registry.metrics().rates().sample(totals);
     }
 }
 

@@ -11,7 +11,7 @@ use qbus_client::protocol::{DeliveryToken, GroupInfo};
 struct InFlight {
     /// Deliveries so far, this one included; unique per delivery, so a token names one.
     attempt: u32,
-    /// Deliveries given back unseen (see [`ConsumerGroup::nack`]): they do not count
+    /// Deliveries given back unseen (see [`GroupLedger::nack`]): they do not count
     /// toward the delivery limit.
     unseen: u32,
     /// Connection holding it; `None` once released for redelivery.
@@ -29,7 +29,7 @@ pub struct Redeliveries {
 
 /// Delivery state of one group of one MQ.
 #[derive(Debug)]
-pub struct ConsumerGroup {
+pub struct GroupLedger {
     name: String,
     /// Next offset never delivered to this group.
     next: u64,
@@ -41,7 +41,7 @@ pub struct ConsumerGroup {
     deadlines: VecDeque<(Instant, u64, u32)>,
     /// Deliveries held per connection, for the in-flight cap and the consumer count.
     held: HashMap<u64, u32>,
-    /// Connections consuming for this group (see [`ConsumerGroup::has_consumers`]).
+    /// Connections consuming for this group (see [`GroupLedger::has_consumers`]).
     consumers: HashMap<u64, Presence>,
     dead_lettered: u64,
     redelivered: u64,
@@ -49,10 +49,10 @@ pub struct ConsumerGroup {
     retired: bool,
 }
 
-impl ConsumerGroup {
+impl GroupLedger {
     /// A group whose every offset below `committed` is acknowledged.
-    pub fn new(name: &str, committed: u64) -> ConsumerGroup {
-        ConsumerGroup {
+    pub fn new(name: &str, committed: u64) -> GroupLedger {
+        GroupLedger {
             name: name.to_owned(),
             next: committed,
             in_flight: BTreeMap::new(),
@@ -350,9 +350,6 @@ struct Presence {
 /// has none waiting and holds nothing: longer than a consumer takes between two fetches.
 pub const CONSUMER_GRACE: Duration = Duration::from_secs(2);
 
-/// The default ack timeout, when neither the MQ nor the broker config sets one.
-pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,7 +361,7 @@ mod tests {
     #[test]
     fn acks_advance_the_committed_cursor_in_order() {
         let now = Instant::now();
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         g.deliver_new(3, &[0, 1, 2], 7, now);
         assert_eq!((g.committed(), g.next(), g.held_by(7)), (0, 3, 3));
         assert_eq!(g.ack(&[token(1, 1)]), 1);
@@ -377,7 +374,7 @@ mod tests {
 
     #[test]
     fn filtered_records_count_as_done() {
-        let mut g = ConsumerGroup::new("g", 10);
+        let mut g = GroupLedger::new("g", 10);
         g.deliver_new(20, &[12], 1, Instant::now());
         assert_eq!(g.committed(), 12);
         g.ack(&[token(12, 1)]);
@@ -387,7 +384,7 @@ mod tests {
     #[test]
     fn late_ack_of_an_earlier_attempt_is_ignored() {
         let now = Instant::now();
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         g.deliver_new(1, &[0], 1, now);
         assert_eq!(g.expire(now), 1);
         let again = g.take_redeliveries(10, 16, 2, now);
@@ -401,7 +398,7 @@ mod tests {
     #[test]
     fn a_closed_connection_releases_its_deliveries_only() {
         let now = Instant::now();
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         g.deliver_new(2, &[0, 1], 1, now);
         g.deliver_new(4, &[2, 3], 2, now);
         g.join(1);
@@ -416,7 +413,7 @@ mod tests {
     #[test]
     fn deliveries_given_back_unseen_do_not_count() {
         let now = Instant::now();
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         g.deliver_new(1, &[0], 1, now);
         assert_eq!(g.nack(&[token(0, 1)], true), 1);
         // With a limit of one delivery, the record still goes out again: to the consumer it
@@ -435,7 +432,7 @@ mod tests {
     fn a_consumer_counts_while_fetching_holding_or_just_fetched() {
         let now = Instant::now();
         let later = now + CONSUMER_GRACE;
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         assert!(!g.has_consumers(now));
         g.join(1);
         assert!(g.has_consumers(later), "a fetch waiting");
@@ -458,7 +455,7 @@ mod tests {
     #[test]
     fn deliveries_past_the_limit_go_dead() {
         let now = Instant::now();
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         g.deliver_new(1, &[0], 1, now);
         for attempt in 2..=3 {
             g.nack(&[token(0, attempt - 1)], false);
@@ -477,7 +474,7 @@ mod tests {
     #[test]
     fn acked_deliveries_do_not_pile_up_deadlines() {
         let now = Instant::now();
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         for round in 0..100u64 {
             let offsets: Vec<u64> = (round * 100..round * 100 + 100).collect();
             g.deliver_new(round * 100 + 100, &offsets, 1, now);
@@ -491,7 +488,7 @@ mod tests {
     #[test]
     fn expiry_respects_deadlines() {
         let now = Instant::now();
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         g.deliver_new(1, &[0], 1, now + Duration::from_secs(5));
         assert_eq!(g.expire(now), 0);
         assert_eq!(g.expire(now + Duration::from_secs(6)), 1);
@@ -501,7 +498,7 @@ mod tests {
     #[test]
     fn retention_drops_deleted_records() {
         let now = Instant::now();
-        let mut g = ConsumerGroup::new("g", 0);
+        let mut g = GroupLedger::new("g", 0);
         g.deliver_new(5, &[0, 4], 1, now);
         g.truncate_before(3);
         assert_eq!((g.committed(), g.held_by(1)), (4, 1));

@@ -1,0 +1,84 @@
+//! Messages and bytes through one MQ since the broker started.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Messages and bytes that went through one MQ since the broker started.
+#[derive(Debug, Default)]
+pub struct MqCounters {
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_out: AtomicU64,
+    acked: AtomicU64,
+}
+
+/// A reading of [`MqCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MqTraffic {
+    /// Records accepted for appending.
+    pub messages_in: u64,
+    /// Bytes of those records (record format, headers included).
+    pub bytes_in: u64,
+    /// Records delivered to consumers, redeliveries included.
+    pub messages_out: u64,
+    /// Bytes of those records.
+    pub bytes_out: u64,
+    /// Deliveries acknowledged.
+    pub acked: u64,
+}
+
+impl MqCounters {
+    /// Counts records accepted for appending.
+    pub fn produced(&self, messages: u64, bytes: u64) {
+        self.messages_in.fetch_add(messages, Ordering::Relaxed);
+        self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts records handed to a consumer.
+    pub fn delivered(&self, messages: u64, bytes: u64) {
+        self.messages_out.fetch_add(messages, Ordering::Relaxed);
+        self.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts acknowledged deliveries.
+    pub fn acked(&self, messages: u64) {
+        self.acked.fetch_add(messages, Ordering::Relaxed);
+    }
+
+    /// The current totals.
+    pub fn read(&self) -> MqTraffic {
+        MqTraffic {
+            messages_in: self.messages_in.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            messages_out: self.messages_out.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mq_counters_add_up() {
+        let c = MqCounters::default();
+        c.produced(3, 300);
+        c.delivered(2, 200);
+        c.delivered(1, 100);
+        c.acked(2);
+        assert_eq!(
+            c.read(),
+            MqTraffic {
+                messages_in: 3,
+                bytes_in: 300,
+                messages_out: 3,
+                bytes_out: 300,
+                acked: 2
+            }
+        );
+    }
+}

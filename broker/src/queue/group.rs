@@ -1,0 +1,73 @@
+//! The live consumer group: its ledger behind a lock, its cursor file, and the wake-up of
+//! fetches waiting on it. What the rules are is in [`GroupLedger`]; this is where they meet
+//! the commit thread and waiting consumers.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use super::group_commit::SharedCursor;
+use super::group_ledger::GroupLedger;
+use crate::store::{CursorFile, ReadPos};
+
+/// Where a group created by a fetch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Oldest retained record.
+    Earliest,
+    /// The end: only records produced from now on.
+    Latest,
+    /// A given offset (clamped to what is retained).
+    Offset(u64),
+}
+
+/// A consumer group with its persistence and wake-ups.
+pub struct Group {
+    state: Mutex<GroupLedger>,
+    pub(super) cursor: SharedCursor,
+    /// Highest committed offset handed to the commit thread.
+    pub(super) persisted: Arc<AtomicU64>,
+    /// Serialises reads of new records so two consumers never get the same batch; holds
+    /// the file position of `next` so sequential reads skip the index.
+    pub(super) read_pos: tokio::sync::Mutex<Option<ReadPos>>,
+    /// Signalled when deliveries are released or acknowledged.
+    pub(super) changed: Notify,
+}
+
+impl Group {
+    pub(super) fn new(name: &str, committed: u64, cursor: CursorFile) -> Arc<Group> {
+        Arc::new(Group {
+            state: Mutex::new(GroupLedger::new(name, committed)),
+            cursor: Arc::new(Mutex::new(cursor)),
+            persisted: Arc::new(AtomicU64::new(committed)),
+            read_pos: tokio::sync::Mutex::new(None),
+            changed: Notify::new(),
+        })
+    }
+
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, GroupLedger> {
+        self.state.lock().expect("group state poisoned")
+    }
+}
+
+/// A fetch under way: its connection counts as a consumer of the group until it ends,
+/// however it ends.
+pub(super) struct Fetching<'a> {
+    group: &'a Group,
+    conn: u64,
+}
+
+impl<'a> Fetching<'a> {
+    pub(super) fn start(group: &'a Group, conn: u64) -> Fetching<'a> {
+        group.state().join(conn);
+        Fetching { group, conn }
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.group.state().fetch_ended(self.conn, Instant::now());
+    }
+}

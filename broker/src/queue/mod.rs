@@ -1,0 +1,33 @@
+//! The queue engine: every MQ of the store directory, how records are handed out and
+//! acknowledged, and the thread that makes it durable.
+//!
+//! - [`registry`]: the MQ table: opening the store, creating and removing MQs, the sweep.
+//! - [`mq`]: one MQ: its log, its groups, fetch and ack.
+//! - [`group`]: one live consumer group: its ledger, cursor file and waiting fetches.
+//! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
+//! - [`group_commit`]: the thread that writes and fsyncs for everyone at once.
+
+pub mod group;
+pub mod group_commit;
+pub mod group_ledger;
+pub mod mq;
+pub mod registry;
+
+use crate::error::BrokerError;
+use crate::store::StoreError;
+
+/// Runs file work that blocks on a thread of its own, off the async workers. Should that
+/// task panic, the fault is the broker's, not the request's: it answers as an internal
+/// error (`what failed: why`).
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, BrokerError> {
+    let done = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("{what} failed: {e}")))?;
+    Ok(done?)
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,280 @@
+//! MQ-RPC on the broker: a `Call` is stored in its MQ like any message, and the reply a
+//! responder sends with `Route` goes straight back to the caller's connection (no reply
+//! queues). The wire side is in `docs/protocol.md`, "RPC commands".
+//!
+//! Between the two the broker remembers the caller in its reply table
+//! ([`ReplyTable`]).
+//!
+//! Callers inside the broker (the HTTP gateway, `POST /rpc/{mq}`) take the same path through
+//! [`call_once`]: the same checks, the same table and deadline, with the reply handed to the
+//! waiting request instead of a connection.
+//!
+//! The stored request is an ordinary record: its **key** is the reply route (an opaque
+//! token naming this broker process, the caller connection and the correlation id), its
+//! **tag** the body's encoding as the caller sent it (none for MessagePack), its body the
+//! caller's request envelope, untouched.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use qbus_client::protocol::record::encode_record;
+use qbus_client::protocol::{Command, Frame, Header, Status, FLAG_ONEWAY};
+use tokio::sync::{mpsc, oneshot};
+
+use super::reply_table::{deadline_passed, ReplyTable, ReplyTo, Unroutable};
+use crate::error::BrokerError;
+use crate::queue::group_commit::{CommitBatch, Committer};
+use crate::queue::registry::Registry;
+
+/// Deadline of a call whose header has no `timeout_ms`: the envelope's default, so a call
+/// and its stored request agree.
+pub const DEFAULT_TIMEOUT: Duration = qbus_client::protocol::rpc::DEFAULT_TIMEOUT;
+/// Longest deadline a call may ask for; longer ones are cut to this.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// Why an RPC command got no reply from a responder: the status and message of its error
+/// reply.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    status: Status,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: Status, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// The status of the error reply (`404` no such MQ, `503` no responders, `504` deadline
+    /// passed, ...; see `docs/protocol.md`, "RPC commands").
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// What went wrong, for a person.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The refusal an error reply frame carries.
+    fn from_reply(header: Header) -> Refusal {
+        Refusal::new(
+            Status::from_code(header.status),
+            header.error.unwrap_or_default(),
+        )
+    }
+}
+
+impl From<BrokerError> for Refusal {
+    fn from(e: BrokerError) -> Self {
+        Refusal::new(e.status(), e.to_string())
+    }
+}
+
+/// Runs `Call`, `Route` and `QueryRoutes` for connection `conn`, whose outgoing frames go
+/// to `out`; a call's record joins `batch`. Returns the reply to send now, if any: a stored
+/// call is answered later, by its route or its deadline.
+pub fn handle(
+    registry: &Registry,
+    replies: &Arc<ReplyTable>,
+    conn: u64,
+    out: &mpsc::Sender<Frame>,
+    frame: Frame,
+    batch: &mut CommitBatch,
+) -> Option<Frame> {
+    let (cmd, id, oneway) = (
+        frame.header.cmd,
+        frame.header.id,
+        frame.header.has_flag(FLAG_ONEWAY),
+    );
+    let outcome = match cmd {
+        Command::Call => {
+            let reply_to = || ReplyTo::Connection(out.clone());
+            call(registry, replies, conn, reply_to, frame, batch).map(|()| None)
+        }
+        Command::Route => route(replies, frame),
+        Command::QueryRoutes => query(replies, &frame.header).map(Some),
+        other => Err(Refusal::new(
+            Status::BadRequest,
+            format!("{other:?} is not an RPC command"),
+        )),
+    };
+    match outcome {
+        Ok(reply) => reply,
+        Err(refusal) if oneway => {
+            tracing::debug!(?cmd, error = %refusal.message, "one-way RPC command refused");
+            None
+        }
+        Err(refusal) => Some(Frame::new(Header::error(
+            cmd,
+            id,
+            refusal.status,
+            refusal.message,
+        ))),
+    }
+}
+
+/// The deadline of a call whose header asks for `timeout_ms`: [`DEFAULT_TIMEOUT`] when it
+/// names none, at most [`MAX_TIMEOUT`].
+pub fn call_timeout(timeout_ms: Option<u32>) -> Duration {
+    timeout_ms
+        .map_or(DEFAULT_TIMEOUT, |ms| Duration::from_millis(ms.into()))
+        .min(MAX_TIMEOUT)
+}
+
+/// Adds a call to `batch` for its MQ and remembers its caller `conn`; `reply_to` says
+/// where the caller's replies go, should this be its first call awaiting one.
+fn call(
+    registry: &Registry,
+    replies: &Arc<ReplyTable>,
+    conn: u64,
+    reply_to: impl FnOnce() -> ReplyTo,
+    frame: Frame,
+    batch: &mut CommitBatch,
+) -> Result<(), Refusal> {
+    let Frame { header, body } = frame;
+    let name = header.mq.as_deref().ok_or_else(|| {
+        Refusal::new(
+            Status::BadRequest,
+            "a Call to a broker needs an mq (the MQ its responders consume); DirectRPC calls \
+             go to an RPC server",
+        )
+    })?;
+    let mq = registry.get(name)?;
+    if !mq.has_consumers() {
+        return Err(Refusal::new(
+            Status::Unavailable,
+            format!("no responders: nothing consumes MQ {name:?}; start an MQ-RPC service on it"),
+        ));
+    }
+    let timeout = call_timeout(header.timeout_ms);
+    let route = replies.register(conn, reply_to, header.id, timeout)?;
+    let mut record = BytesMut::with_capacity(body.len() + route.len() + 64);
+    let encoding = header.encoding.as_deref();
+    if let Err(e) = encode_record(&mut record, 0, 0, encoding, Some(&route), &body) {
+        replies.forget(conn, header.id);
+        return Err(Refusal::new(Status::BadRequest, format!("bad call: {e}")));
+    }
+    let wait = mq.stage(batch, record, 1);
+    // The caller hears nothing until the reply; only a failed write must reach it now.
+    replies.watch_append(conn, header.id, wait);
+    Ok(())
+}
+
+/// Makes one MQ-RPC call for a caller inside the broker (the HTTP gateway). `request` is a
+/// `Call` frame (mq, timeout_ms, encoding; body: the request envelope), stored and routed
+/// exactly as one from a connection. Resolves to the reply frame (status `200`, body the
+/// responder's response envelope, in its `encoding`), or to why there is none: refused at
+/// once (`404` no such MQ, `503` no responders, `429` table full, `400`), the write failed
+/// (`500`), or no reply came within the deadline (`504`).
+///
+/// `conn` is a connection id of its own: the call shares no table entry with another
+/// caller, and leaving drops it whole. Dropping the future abandons the call, as closing a
+/// connection does.
+pub async fn call_once(
+    registry: &Registry,
+    replies: &Arc<ReplyTable>,
+    committer: &Committer,
+    conn: u64,
+    request: Frame,
+) -> Result<Frame, Refusal> {
+    let _leave = Leave { replies, conn };
+    let id = request.header.id;
+    let timeout = call_timeout(request.header.timeout_ms);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (tx, mut rx) = oneshot::channel();
+    let mut batch = CommitBatch::default();
+    call(
+        registry,
+        replies,
+        conn,
+        move || ReplyTo::Once(Some(tx)),
+        request,
+        &mut batch,
+    )?;
+    // A failed submit fails the call's write, which the caller hears of as from the disk.
+    let _ = committer.submit(batch).await;
+    let reply = match tokio::time::timeout_at(deadline, &mut rx).await {
+        Ok(reply) => reply,
+        // Answer at the deadline itself, not at the sweeper's next round.
+        Err(_) if replies.expire_call(conn, id) => {
+            return Err(Refusal::from_reply(deadline_passed(id, timeout)));
+        }
+        // The reply left the table just as the deadline passed: it is in the channel.
+        Err(_) => rx.await,
+    };
+    // The sender only goes unused if the table dropped the caller, which only `_leave` does.
+    let reply = reply.map_err(|_| {
+        Refusal::new(
+            Status::Internal,
+            "the call left the reply table without a reply",
+        )
+    })?;
+    if reply.header.status == Status::Ok.code() {
+        Ok(reply)
+    } else {
+        Err(Refusal::from_reply(reply.header))
+    }
+}
+
+/// Takes a caller inside the broker out of the table however its call ends; a call still
+/// waiting (its HTTP client went away) counts as abandoned, as a closed connection's do.
+struct Leave<'a> {
+    replies: &'a ReplyTable,
+    conn: u64,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.replies.disconnect(self.conn);
+    }
+}
+
+/// Passes a responder's reply to the caller named by its route.
+fn route(replies: &ReplyTable, frame: Frame) -> Result<Option<Frame>, Refusal> {
+    let Frame { header, body } = frame;
+    let route = header.route.as_deref().ok_or_else(|| {
+        Refusal::new(
+            Status::BadRequest,
+            "a Route needs a route (the key of the request record)",
+        )
+    })?;
+    let reply = |id| {
+        let reply = Header {
+            cmd: Command::Call,
+            id,
+            status: Status::Ok.code(),
+            encoding: header.encoding.clone(),
+            ..Header::default()
+        };
+        Frame::with_body(reply, body)
+    };
+    if let Err(why) = replies.route_reply(route, reply) {
+        let why = match why {
+            Unroutable::NoCaller => {
+                "its deadline passed, it disconnected, or the call was stored before this \
+                 broker restarted"
+            }
+            Unroutable::Disconnected => "it disconnected",
+        };
+        return Err(Refusal::new(
+            Status::NotFound,
+            format!("no caller awaits route {route:?}: {why}"),
+        ));
+    }
+    if header.has_flag(FLAG_ONEWAY) {
+        return Ok(None);
+    }
+    Ok(Some(Frame::new(Header::reply_to(&header))))
+}
+
+/// The reply to `QueryRoutes`.
+fn query(replies: &ReplyTable, request: &Header) -> Result<Frame, Refusal> {
+    let body = rmp_serde::to_vec_named(&replies.stats())
+        .map_err(|e| Refusal::new(Status::Internal, format!("cannot encode the reply: {e}")))?;
+    Ok(Frame::with_body(Header::reply_to(request), body.into()))
+}
