@@ -301,6 +301,73 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `qbus-broker.toml` as shipped, with every `# key = value` line uncommented.
+    fn shipped_file_uncommented() -> String {
+        let text = include_str!("../qbus-broker.toml");
+        text.lines()
+            .filter_map(|line| line.strip_prefix("# "))
+            .filter(|line| {
+                line.split_once(" = ")
+                    .is_some_and(|(key, _)| !key.contains(' '))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_shipped_settings_file_names_every_key_and_its_defaults() {
+        let text = shipped_file_uncommented();
+        let file: Settings = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let keys: Vec<&str> = text.lines().filter_map(|l| l.split(" = ").next()).collect();
+        for flag in [
+            "bind",
+            "port",
+            "store",
+            "fsync",
+            "max-frame",
+            "segment-size",
+        ] {
+            assert!(keys.contains(&flag), "{flag} missing from qbus-broker.toml");
+        }
+        assert_eq!(keys.len(), 15, "one line per setting: {keys:?}");
+        let shipped = file.resolve().unwrap();
+        let defaults = Settings::default().resolve().unwrap();
+        // Retention, trackers and the advertised address have no default; the file shows
+        // an example of each. Every other value it shows is the default.
+        assert_eq!(
+            (
+                shipped.listen,
+                &shipped.store,
+                shipped.fsync,
+                shipped.max_frame
+            ),
+            (
+                defaults.listen,
+                &defaults.store,
+                defaults.fsync,
+                defaults.max_frame
+            )
+        );
+        assert_eq!(
+            (
+                shipped.segment_size,
+                shipped.ack_timeout,
+                shipped.max_deliveries
+            ),
+            (
+                defaults.segment_size,
+                defaults.ack_timeout,
+                defaults.max_deliveries
+            )
+        );
+        assert_eq!(
+            (shipped.max_in_flight, shipped.http_timeout),
+            (defaults.max_in_flight, defaults.http_timeout)
+        );
+        let reporting = shipped.reporting.expect("the example trackers");
+        assert_eq!(reporting.interval, Duration::from_secs(2));
+    }
+
     #[test]
     fn parses_units() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qbus_client::protocol::MqOptions;
+use qbus_wire::protocol::MqOptions;
 use tokio::sync::watch;
 
 use crate::config::Config;

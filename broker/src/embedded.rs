@@ -5,8 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use qbus_client::link::{memory_link_pair, Connector, Link};
 use qbus_client::{Broker, ConnectionOptions};
+use qbus_wire::link::{memory_link_pair, Connector, Link};
 
 use crate::config::Config;
 use crate::server::{Running, StartError};

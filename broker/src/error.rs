@@ -1,6 +1,6 @@
 //! Errors of broker operations, each mapped to a wire status.
 
-use qbus_client::protocol::Status;
+use qbus_wire::protocol::Status;
 
 use crate::store::StoreError;
 

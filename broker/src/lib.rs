@@ -36,5 +36,6 @@ mod store;
 pub use config::{Config, ConfigError, FsyncPolicy, Reporting, Settings};
 pub use embedded::EmbeddedBroker;
 pub use error::BrokerError;
+pub use qbus_server_kit::BindError;
 pub use server::{bind, run, StartError};
 pub use store::StoreError;

@@ -7,10 +7,11 @@
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use qbus_client::ha::reporter;
-use qbus_client::topology::{BrokerState, GroupState, MqState, NodeKind};
+use qbus_wire::now_ms;
+use qbus_wire::topology::{BrokerState, GroupState, MqState, NodeKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -41,9 +42,7 @@ pub fn advertised(reporting: &Reporting, listening: SocketAddr) -> String {
 /// Reports `core`'s MQs as `addr` to the trackers of `reporting` until `stop` fires (the
 /// trackers then drop the broker).
 pub async fn run(reporting: Reporting, core: Arc<Core>, addr: String, stop: CancellationToken) {
-    let epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let epoch = now_ms();
     tracing::info!(advertise = %addr, trackers = ?reporting.trackers, interval = ?reporting.interval, "reporting to trackers");
     let mut changes = core.watch_changes();
     let (publish, state) = watch::channel(Arc::new(BrokerState {

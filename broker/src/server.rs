@@ -7,15 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qbus_client::link::{tcp_link, Link};
-use qbus_client::serve::{accept, Connections};
+use qbus_server_kit::listen::{self, BindError};
+use qbus_server_kit::sniff::is_http;
+use qbus_wire::link::{tcp_link, Link};
+use qbus_wire::serve::{accept, Connections};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::core::Core;
 use crate::http;
-use crate::metrics::Protocol;
 use crate::queue::group_commit::Committer;
 use crate::reporter;
 use crate::session;
@@ -23,6 +24,9 @@ use crate::store::StoreError;
 
 /// How long connections may take to close at shutdown before they are stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a new connection may stay silent before its first byte tells HTTP from binary:
+/// as long as the binary protocol lets an established connection idle.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,13 +35,8 @@ pub enum StartError {
     #[error("{0}")]
     Store(#[from] StoreError),
     /// The listen address is unusable.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// A thread could not be started.
     #[error("cannot start the commit thread: {0}")]
     Thread(std::io::Error),
@@ -84,14 +83,14 @@ impl Running {
     }
 
     /// Serves one TCP connection in the background, as HTTP/1.1 or the binary protocol
-    /// depending on its first byte (see [`http::sniff`]).
+    /// depending on its first byte (see `qbus_server_kit::sniff`).
     pub async fn accept(&self, stream: TcpStream, peer: SocketAddr) {
         let core = self.core.clone();
         let shutdown = self.shutdown.child_token();
         self.spawn(async move {
-            match http::sniff::sniff(&stream, http::sniff::FIRST_BYTE_TIMEOUT).await {
-                Ok(Protocol::Http) => http::serve(stream, peer, core, shutdown).await,
-                Ok(Protocol::Binary) => {
+            match is_http(&stream, FIRST_BYTE_TIMEOUT).await {
+                Ok(true) => http::serve(stream, peer, core, shutdown).await,
+                Ok(false) => {
                     let link = tcp_link(stream, core.config().max_frame);
                     session::serve(core, link, peer.to_string(), shutdown).await
                 }
@@ -156,13 +155,8 @@ async fn sample_rates(core: Arc<Core>, shutdown: CancellationToken) {
 }
 
 /// Binds the configured address.
-pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
-    TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })
+pub async fn bind(config: &Config) -> Result<TcpListener, BindError> {
+    listen::bind(config.listen).await
 }
 
 /// Runs a broker on `listener` until `shutdown` fires, then stops cleanly.

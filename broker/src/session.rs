@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use qbus_client::link::Link;
-use qbus_client::protocol::record::records;
-use qbus_client::protocol::{
+use qbus_wire::link::Link;
+use qbus_wire::protocol::record::records;
+use qbus_wire::protocol::{
     Command, Frame, Header, MqOptions, Status, FLAG_ONEWAY, FLAG_START_AT_END,
     FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
-use qbus_client::serve::{buffered_frame, hello_reply, next_frame};
+use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;

@@ -42,6 +42,18 @@ pub async fn is_http(stream: &TcpStream, limit: Duration) -> std::io::Result<boo
 mod tests {
     use super::*;
 
+    #[test]
+    fn methods_are_http_and_frames_are_binary() {
+        for method in ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"] {
+            assert!(starts_like_http(method.as_bytes()[0]), "{method}");
+        }
+        // The largest frame a server accepts is 1 GiB: its first length byte is 0x40.
+        let largest = (1u32 << 30).to_be_bytes();
+        assert!(!starts_like_http(largest[0]));
+        assert!(!starts_like_http(0));
+        assert!(!starts_like_http(b'g'), "methods are case-sensitive");
+    }
+
     #[tokio::test]
     async fn peeks_without_consuming_and_fails_on_silence() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -12,8 +12,8 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
-use qbus_client::protocol::record::{encode_record, parse_record, RECORD_OVERHEAD};
-use qbus_client::protocol::{DeliveryToken, MqOptions, Status};
+use qbus_wire::protocol::record::{encode_record, parse_record, RECORD_OVERHEAD};
+use qbus_wire::protocol::{DeliveryToken, MqOptions, Status};
 use serde::Serialize;
 
 use super::body;

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::http::request::Parts;
 use hyper::StatusCode;
-use qbus_client::protocol::Status;
+use qbus_wire::protocol::Status;
 
 use super::reply::ApiError;
 

@@ -1,6 +1,5 @@
 //! HTTP/1.1 on the broker port, next to the binary protocol (`docs/http.md`).
 //!
-//! - [`sniff`]: HTTP or binary, decided by a connection's first byte.
 //! - [`api`]: the messaging API, zbus style and plain URLs; [`fields`]: its control fields;
 //!   [`body`]: request bodies with a size limit and a deadline.
 //! - [`stats`], [`prometheus`], [`monitor`]: `GET /api/stats`, `GET /metrics` and the
@@ -19,7 +18,6 @@ pub mod monitor;
 pub mod prometheus;
 pub mod reply;
 pub mod rpc_gateway;
-pub mod sniff;
 pub mod stats;
 
 use std::convert::Infallible;
@@ -185,7 +183,7 @@ fn not_allowed(parts: &Parts, allowed: &[Method]) -> ApiError {
 
 fn no_route(parts: &Parts) -> ApiError {
     ApiError::new(
-        qbus_client::protocol::Status::NotFound,
+        qbus_wire::protocol::Status::NotFound,
         format!(
             "no route for {} {}: see docs/http.md for the API",
             parts.method,

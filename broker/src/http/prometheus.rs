@@ -108,7 +108,7 @@ pub fn render(stats: &Stats) -> String {
         }
     }
 
-    type PerGroup = fn(&qbus_client::protocol::GroupInfo) -> u64;
+    type PerGroup = fn(&qbus_wire::protocol::GroupInfo) -> u64;
     let per_group: [(&str, &str, &str, PerGroup); 5] = [
         (
             "qbus_group_lag",

@@ -2,7 +2,7 @@
 //! status codes so a client handles both transports the same way.
 
 use hyper::StatusCode;
-use qbus_client::protocol::Status;
+use qbus_wire::protocol::Status;
 use serde::Serialize;
 
 use crate::error::BrokerError;

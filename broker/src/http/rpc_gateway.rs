@@ -10,10 +10,10 @@
 use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use hyper::{Method, StatusCode};
-use qbus_client::protocol::rpc::{
+use qbus_wire::protocol::rpc::{
     ErrorCode, RemoteError, RequestHead, RequestOut, RequestParams, ResponseIn, ResponseOut,
 };
-use qbus_client::protocol::{Command, Frame, Header};
+use qbus_wire::protocol::{Command, Frame, Header, Status};
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use tracing::Instrument;
@@ -22,7 +22,7 @@ use super::fields::Fields;
 use super::reply::{self, ApiError, Reply, JSON};
 use super::{api, body, Context};
 use crate::rpc::call::{self, Refusal};
-use crate::rpc::reply_table::{MAX_ROUTE_LEN, STATUS_TIMEOUT};
+use crate::rpc::reply_table::MAX_ROUTE_LEN;
 
 /// The `encoding` of the calls the gateway makes (`docs/protocol.md`, "RPC commands").
 const ENCODING: &str = "json";
@@ -138,7 +138,7 @@ impl From<Refusal> for RemoteError {
     /// The detail tells the caller the broker answered, not a service, and whether the call
     /// may have run: what it needs to know before retrying.
     fn from(refusal: Refusal) -> RemoteError {
-        let detail = if refusal.status().code() == STATUS_TIMEOUT {
+        let detail = if refusal.status() == Status::DeadlineExceeded {
             "from the broker: no reply came back in time; a service may still have run the call"
         } else {
             "from the broker: no service ran the call"

@@ -1,7 +1,7 @@
 //! A snapshot of the broker for `GET /api/stats` (JSON), which `/metrics` and the monitor
 //! page are drawn from as well, so the three always agree.
 
-use qbus_client::protocol::{MqInfo, PROTOCOL_VERSION};
+use qbus_wire::protocol::{MqInfo, PROTOCOL_VERSION};
 use serde::Serialize;
 
 use crate::core::Core;

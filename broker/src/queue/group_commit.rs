@@ -7,10 +7,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use qbus_client::protocol::Durability;
+use qbus_wire::now_ms;
+use qbus_wire::protocol::Durability;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::FsyncPolicy;
@@ -266,12 +266,6 @@ fn durability_of(policy: FsyncPolicy) -> Durability {
     } else {
         Durability::Written
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Files written and not yet fsynced.
@@ -562,7 +556,7 @@ fn clone_error(e: &StoreError) -> StoreError {
 mod tests {
     use super::*;
     use crate::store::LogConfig;
-    use qbus_client::protocol::record::encode_record;
+    use qbus_wire::protocol::record::encode_record;
 
     fn records(n: usize) -> BytesMut {
         let mut out = BytesMut::new();

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use qbus_client::protocol::{DeliveryToken, GroupInfo};
+use qbus_wire::protocol::{DeliveryToken, GroupInfo};
 
 /// A delivery awaiting its ack.
 #[derive(Debug, Clone, Copy)]

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use qbus_client::protocol::record::records;
-use qbus_client::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
+use qbus_wire::protocol::record::records;
+use qbus_wire::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
 
 use super::blocking;
 use super::group::{Fetching, Group, Start};
@@ -540,7 +540,7 @@ impl Mq {
     }
 }
 
-fn corrupt(mq: &Mq, e: qbus_client::protocol::record::RecordError) -> BrokerError {
+fn corrupt(mq: &Mq, e: qbus_wire::protocol::record::RecordError) -> BrokerError {
     BrokerError::Store(StoreError::Corrupt {
         file: mq.dir.clone(),
         position: 0,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use qbus_client::protocol::{DeliveryToken, Durability, MqOptions};
+use qbus_wire::protocol::{DeliveryToken, Durability, MqOptions};
 
 use super::blocking;
 use super::group::Group;

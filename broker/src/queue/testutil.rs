@@ -3,8 +3,8 @@
 use std::thread::JoinHandle;
 
 use bytes::BytesMut;
-use qbus_client::protocol::record::{encode_record, records};
-use qbus_client::protocol::DeliveryToken;
+use qbus_wire::protocol::record::{encode_record, records};
+use qbus_wire::protocol::DeliveryToken;
 
 use super::group_commit::Committer;
 use crate::config::FsyncPolicy;

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use qbus_client::protocol::record::encode_record;
-use qbus_client::protocol::{Command, Frame, Header, Status, FLAG_ONEWAY};
+use qbus_wire::protocol::record::encode_record;
+use qbus_wire::protocol::{Command, Frame, Header, Status, FLAG_ONEWAY};
 use tokio::sync::{mpsc, oneshot};
 
 use super::reply_table::{deadline_passed, ReplyTable, ReplyTo, Unroutable};
@@ -29,7 +29,7 @@ use crate::queue::registry::Registry;
 
 /// Deadline of a call whose header has no `timeout_ms`: the envelope's default, so a call
 /// and its stored request agree.
-pub const DEFAULT_TIMEOUT: Duration = qbus_client::protocol::rpc::DEFAULT_TIMEOUT;
+pub const DEFAULT_TIMEOUT: Duration = qbus_wire::protocol::rpc::DEFAULT_TIMEOUT;
 /// Longest deadline a call may ask for; longer ones are cut to this.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 /// Why an RPC command got no reply from a responder: the status and message of its error

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use qbus_client::protocol::{Command, Frame, Header, RouteStats, Status};
+use qbus_wire::protocol::{Command, Frame, Header, RouteStats, Status};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::BrokerError;
@@ -21,8 +21,6 @@ use crate::queue::group_commit::AppendWait;
 pub const MAX_PENDING: usize = 65_536;
 /// Most callers one connection may have awaiting a reply at once.
 pub const MAX_PENDING_PER_CONNECTION: usize = 16_384;
-/// Status of the reply a caller gets when its deadline passes on the broker.
-pub const STATUS_TIMEOUT: u16 = 504;
 /// Longest reply route (`{instance:016x}.{conn}.{id}`, both ids `u64`), the key of a stored
 /// call: what a call's record holds besides its body.
 pub const MAX_ROUTE_LEN: usize = 16 + 1 + 20 + 1 + 20;
@@ -327,7 +325,7 @@ pub fn deadline_passed(id: u64, timeout: Duration) -> Header {
     Header::error(
         Command::Call,
         id,
-        Status::from_code(STATUS_TIMEOUT),
+        Status::DeadlineExceeded,
         format!("no responder routed a reply within the call's deadline of {timeout:?}"),
     )
 }
@@ -359,7 +357,7 @@ async fn watch_appends(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qbus_client::protocol::rpc::DEFAULT_TIMEOUT;
+    use qbus_wire::protocol::rpc::DEFAULT_TIMEOUT;
 
     fn channel() -> (mpsc::Sender<Frame>, mpsc::Receiver<Frame>) {
         mpsc::channel(16)
@@ -417,7 +415,7 @@ mod tests {
         let told = rx.try_recv().unwrap();
         assert_eq!(
             (told.header.cmd, told.header.id, told.header.status),
-            (Command::Call, 5, STATUS_TIMEOUT)
+            (Command::Call, 5, Status::DeadlineExceeded.code())
         );
         assert!(rx.try_recv().is_err());
     }
@@ -438,7 +436,10 @@ mod tests {
             .register(2, move || ReplyTo::Once(Some(tx)), 0, Duration::ZERO)
             .unwrap();
         replies.expire(Instant::now() + Duration::from_secs(1));
-        assert_eq!(rx.try_recv().unwrap().header.status, STATUS_TIMEOUT);
+        assert_eq!(
+            rx.try_recv().unwrap().header.status,
+            Status::DeadlineExceeded.code()
+        );
         let stats = replies.stats();
         assert_eq!((stats.pending, stats.routed, stats.expired), (0, 0, 1));
     }

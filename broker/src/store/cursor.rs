@@ -112,15 +112,6 @@ impl CursorFile {
         }
         Ok(())
     }
-
-    /// Deletes the cursor file.
-    // Not called by the broker, which removes a group's cursor file by its path (the
-    // cursor may still be queued in a commit batch); kept for its test until one needs it.
-    #[allow(dead_code)]
-    pub fn destroy(self) -> Result<(), StoreError> {
-        drop(self.file);
-        std::fs::remove_file(&self.path).map_err(StoreError::io(&self.path))
-    }
 }
 
 fn encode(seq: u64, committed: u64) -> [u8; SLOT_SIZE] {
@@ -191,7 +182,7 @@ mod tests {
     }
 
     #[test]
-    fn unchanged_value_is_not_rewritten_and_destroy_removes_the_file() {
+    fn unchanged_value_is_not_rewritten() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("group.cursor");
         let (mut cursor, _) = CursorFile::open(&path).unwrap();
@@ -199,8 +190,6 @@ mod tests {
         cursor.store(7).unwrap();
         assert_eq!(cursor.seq, 1);
         cursor.sync().unwrap();
-        cursor.destroy().unwrap();
-        assert!(!path.exists());
     }
 
     #[test]

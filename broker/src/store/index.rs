@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use qbus_client::protocol::record::RECORD_OVERHEAD;
+use qbus_wire::protocol::record::RECORD_OVERHEAD;
 
 use super::StoreError;
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use bytes::Bytes;
 
-use qbus_client::protocol::record::{peek_record_size, stamp_record, RecordError, RECORD_OVERHEAD};
+use qbus_wire::protocol::record::{peek_record_size, stamp_record, RecordError, RECORD_OVERHEAD};
 use tokio::sync::watch;
 
 use super::index::{wants_entry, Entry};
@@ -321,23 +321,6 @@ impl MqLog {
         result
     }
 
-    /// Deletes the log: its directory and everything in it. Readers see an empty log from
-    /// now on and end watchers are closed.
-    // Not called by the broker, which removes an MQ's whole directory (its groups too)
-    // once the MQ left the table; kept for its test until one needs it.
-    #[allow(dead_code)]
-    pub fn destroy(self) -> Result<(), StoreError> {
-        {
-            let mut view = self.view();
-            view.segments.clear();
-            view.first_offset = view.end_offset;
-            view.size_bytes = 0;
-        }
-        let dir = self.dir.clone();
-        drop(self);
-        std::fs::remove_dir_all(&dir).map_err(StoreError::io(&dir))
-    }
-
     /// Offset the next appended record will get.
     pub fn next_offset(&self) -> u64 {
         self.active.next_offset()
@@ -520,7 +503,7 @@ mod tests {
 
         // A record bigger than max_bytes still comes out whole.
         let mut big = Vec::new();
-        qbus_client::protocol::record::encode_record(&mut big, 0, 0, None, None, &[7u8; 100_000])
+        qbus_wire::protocol::record::encode_record(&mut big, 0, 0, None, None, &[7u8; 100_000])
             .unwrap();
         log.append(&mut big, 5).unwrap();
         log.publish();
@@ -625,7 +608,7 @@ mod tests {
         let first = log.enforce_retention(1_300).unwrap();
         assert!(first > 0 && first < 200 + 9, "{first}");
         let got = reader.read(0, None, 1, 1 << 20).unwrap();
-        let rec = qbus_client::protocol::record::parse_record(&got.data).unwrap();
+        let rec = qbus_wire::protocol::record::parse_record(&got.data).unwrap();
         assert_eq!(rec.offset, first);
         // The segment holding `first` has a newer last record than the cut-off.
         assert!(reader.read(first, None, 1000, 1 << 20).unwrap().count > 0);
@@ -634,19 +617,6 @@ mod tests {
         assert_eq!(reader.segment_count(), 1);
         assert_eq!(read_all(&reader, 0, 100, true), expected(last, 400));
         assert_eq!(log.next_offset(), 400);
-    }
-
-    #[test]
-    fn destroy_removes_the_directory_and_closes_watchers() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("mq");
-        let (mut log, reader) = MqLog::open(&dir, config(500)).unwrap();
-        fill(&mut log, 100);
-        let end = reader.subscribe_end();
-        log.destroy().unwrap();
-        assert!(!dir.exists());
-        assert!(end.has_changed().is_err());
-        assert_eq!(reader.read(0, None, 10, 1 << 20).unwrap().count, 0);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
 //!
-//! The record format is the wire format (`qbus_client::protocol::record`): the bytes a
+//! The record format is the wire format (`qbus_wire::protocol::record`): the bytes a
 //! producer sends are stamped with offset and time and written as they are, and a fetch
 //! returns them as they lie in the file, checksum verified.
 
@@ -25,7 +25,7 @@ mod testutil;
 
 use std::path::{Path, PathBuf};
 
-use qbus_client::protocol::record::RecordError;
+use qbus_wire::protocol::record::RecordError;
 
 pub use cursor::CursorFile;
 pub use lock::StoreLock;

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
-use qbus_client::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
+use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
 use tokio::sync::watch;
 
 use super::index::{OffsetIndex, INDEX_INTERVAL};

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use qbus_client::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
+use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
 
 use super::index::{wants_entry, Entry, IndexFile, OffsetIndex};
 use super::segment::{index_path, log_path, open_log_file, parse_log_name, Recovered};
@@ -268,7 +268,7 @@ mod tests {
     use std::path::PathBuf;
     use std::time::Instant;
 
-    use qbus_client::protocol::record::encode_record;
+    use qbus_wire::protocol::record::encode_record;
 
     use super::*;
     use crate::store::testutil::{batch, body, config, decode};

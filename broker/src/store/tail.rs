@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use qbus_client::protocol::record::peek_record_size;
+use qbus_wire::protocol::record::peek_record_size;
 
 /// Most bytes of records kept per log: enough for a fetch or two of a busy MQ, small enough
 /// that thousands of MQs stay cheap.
@@ -122,7 +122,7 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qbus_client::protocol::record::{encode_record, records};
+    use qbus_wire::protocol::record::{encode_record, records};
 
     fn chunk(first: u64, count: u64, size: usize) -> Chunk {
         let mut data = Vec::new();

@@ -1,6 +1,6 @@
 //! Helpers shared by the store's tests.
 
-use qbus_client::protocol::record::{encode_record, records};
+use qbus_wire::protocol::record::{encode_record, records};
 
 use super::reader::ReadBatch;
 use super::LogConfig;
