@@ -11,9 +11,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::processor::RpcProcessor;
-use crate::registration::Registration;
-use crate::server_session::{self, SHUTDOWN_GRACE};
+use crate::server::processor::RpcProcessor;
+use crate::server::registration::Registration;
+use crate::server::session::{self, SHUTDOWN_GRACE};
 
 /// Settings of an [`RpcServer`]. Build with the `with_*` methods.
 ///
@@ -231,7 +231,7 @@ async fn accept_loop(
 ) {
     let mut sessions = Connections::default();
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
-        sessions.spawn(server_session::serve(
+        sessions.spawn(session::serve(
             stream,
             peer.to_string(),
             processor.clone(),

@@ -15,9 +15,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::invoker::Reply;
-use crate::processor::{RpcProcessor, Started};
-use crate::server::RpcServerOptions;
+use crate::client::invoker::Reply;
+use crate::server::direct::RpcServerOptions;
+use crate::server::processor::{RpcProcessor, Started};
 
 /// A connection silent this long is closed (clients heartbeat every 5 s by default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
