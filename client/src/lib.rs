@@ -8,7 +8,8 @@
 //!   [`Producer`]s and [`Consumer`]s.
 //! - [`topology`]: what brokers report to trackers and trackers to clients.
 //! - [`ha`]: the HA kind of `Broker` (`tracker://...`): cached topology, balancing, key
-//!   affinity, failover; and the reporter brokers use.
+//!   affinity, failover.
+//! - [`reporter`]: a node (broker or DirectRPC server) reporting its state to the trackers.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), qbus_client::ClientError> {
@@ -35,6 +36,7 @@ pub mod link;
 mod message;
 mod producer;
 pub mod protocol;
+pub mod reporter;
 pub mod serve;
 pub mod topology;
 
