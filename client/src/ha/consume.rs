@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Ha;
-use crate::consumer::{spawn_fetcher, FetchSpec};
+use crate::consumer::fetcher::{spawn_fetcher, FetchSpec};
 use crate::error::Result;
 use crate::Delivery;
 
