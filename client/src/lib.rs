@@ -4,8 +4,14 @@
 //! - [`link`]: moving frames over TCP or inside one process; [`serve`]: its serving side
 //!   (accept loop, frame read loop with idle limit), shared by the qbus servers.
 //! - [`connection`]: one multiplexed, self-reconnecting connection.
-//! - [`Broker`]: the handle users hold; admin calls and the factory for
-//!   [`Producer`]s and [`Consumer`]s.
+//! - [`Broker`] (`broker`): the handle users hold; admin calls and the factory for
+//!   producers and consumers.
+//! - `transport`: what a handle and everything made from it talk through, one broker or
+//!   many; the only place that tells the kinds apart.
+//! - [`Producer`] (`producer`): confirmed, pipelined, batched and one-way sends.
+//! - [`Consumer`] (`consumer/`): the builder and the stream, each [`Delivery`] with its
+//!   acker, and the fetch loop feeding them.
+//! - [`Message`] (`message`): what a producer sends; [`ClientError`] (`error`).
 //! - [`topology`]: what brokers report to trackers and trackers to clients.
 //! - [`ha`]: the HA kind of `Broker` (`tracker://...`): cached topology, balancing, key
 //!   affinity, failover.
@@ -39,6 +45,7 @@ pub mod protocol;
 pub mod reporter;
 pub mod serve;
 pub mod topology;
+mod transport;
 
 pub use broker::Broker;
 pub use connection::{Connection, ConnectionOptions};

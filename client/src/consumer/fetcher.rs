@@ -28,7 +28,7 @@ pub enum StartAt {
 }
 
 /// What every fetch loop of one consumer shares.
-pub(crate) struct FetchSpec {
+pub(super) struct FetchSpec {
     pub(super) target: Arc<Target>,
     pub(super) tag: Option<String>,
     pub(super) start: StartAt,
@@ -40,16 +40,9 @@ pub(crate) struct FetchSpec {
     pub(super) tolerate_missing: bool,
 }
 
-impl FetchSpec {
-    /// The MQ consumed.
-    pub(crate) fn mq(&self) -> &str {
-        &self.target.mq
-    }
-}
-
 /// Starts a fetch loop on `connection` (with its own acker) that feeds `tx` until the
 /// consumer is dropped or `stop` fires.
-pub(crate) fn spawn_fetcher(
+pub(super) fn spawn_fetcher(
     spec: &Arc<FetchSpec>,
     connection: Connection,
     tx: mpsc::Sender<Result<Delivery>>,

@@ -6,7 +6,7 @@
 //! - `fetcher`: the loop that long-polls one broker and feeds the stream, and [`StartAt`].
 
 mod delivery;
-pub(crate) mod fetcher;
+mod fetcher;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,10 +17,9 @@ use std::time::Duration;
 use futures_core::Stream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, Kind};
 use crate::error::Result;
+use crate::transport::Transport;
 
 pub use delivery::Delivery;
 pub use fetcher::StartAt;
@@ -28,10 +27,10 @@ pub use fetcher::StartAt;
 use delivery::{Target, Verdict};
 use fetcher::{spawn_fetcher, FetchSpec};
 
-/// Options for a consumer; see [`Broker::consumer`].
+/// Options for a consumer; see [`Broker::consumer`](crate::Broker::consumer).
 #[derive(Debug, Clone)]
 pub struct ConsumerBuilder {
-    broker: Broker,
+    transport: Transport,
     mq: String,
     group: Option<String>,
     tag: Option<String>,
@@ -42,9 +41,9 @@ pub struct ConsumerBuilder {
 }
 
 impl ConsumerBuilder {
-    pub(crate) fn new(broker: Broker, mq: &str) -> ConsumerBuilder {
+    pub(crate) fn new(transport: Transport, mq: &str) -> ConsumerBuilder {
         ConsumerBuilder {
-            broker,
+            transport,
             mq: mq.to_owned(),
             group: None,
             tag: None,
@@ -95,7 +94,7 @@ impl ConsumerBuilder {
     /// Starts consuming. Fails if the MQ does not exist. Over an HA handle, consumes from
     /// every broker holding the MQ, following brokers as they join and leave.
     pub async fn subscribe(self) -> Result<Consumer> {
-        self.broker.query_mq(&self.mq).await?;
+        self.transport.query_mq(&self.mq).await?;
         let group = self.group.clone().unwrap_or_else(|| self.mq.clone());
         let (tx, rx) = mpsc::channel(self.batch as usize * 2);
         let spec = Arc::new(FetchSpec {
@@ -108,14 +107,12 @@ impl ConsumerBuilder {
             batch: self.batch,
             long_poll: self.long_poll,
             auto_ack: self.auto_ack,
-            tolerate_missing: matches!(self.broker.kind(), Kind::Ha(_)),
+            tolerate_missing: self.transport.is_cluster(),
         });
-        match self.broker.kind() {
-            Kind::Single(connection) => {
-                spawn_fetcher(&spec, connection.clone(), tx, CancellationToken::new());
-            }
-            Kind::Ha(ha) => crate::ha::consume::follow_holders(ha, spec, tx),
-        }
+        self.transport
+            .follow_holders(&self.mq, tx, move |connection, tx, stop| {
+                spawn_fetcher(&spec, connection, tx, stop)
+            });
         Ok(Consumer {
             rx,
             mq: self.mq,

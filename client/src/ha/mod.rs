@@ -347,10 +347,6 @@ impl Ha {
             unreachable: self.shared.pool.unreachable(),
         }
     }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
 }
 
 impl Shared {
