@@ -13,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::invoker::Reply;
 use crate::error::RpcError;
-use crate::server::processor::{RpcProcessor, Started};
-use crate::server::session::SHUTDOWN_GRACE;
+use crate::server::processor::{RpcProcessor, Started, SHUTDOWN_GRACE};
 
 /// Settings of an [`MqRpcService`]. Build with the `with_*` methods.
 #[derive(Debug, Clone)]

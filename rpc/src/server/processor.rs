@@ -23,6 +23,10 @@ use crate::envelope::{
 };
 use crate::error::RpcError;
 
+/// How long calls running at shutdown may take to finish before they are stopped, on
+/// either door.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// What a handler resolves to: the encoded response envelope, or a framework error.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, RemoteError>> + Send>>;
 
