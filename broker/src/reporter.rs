@@ -3,13 +3,13 @@
 //! (MQ created or removed, group created, consumer joined or left) and every
 //! `--report-interval` (2 s by default) with fresh depths; the trackers drop the broker when
 //! its connection closes or it misses its reports. The sending itself (one connection per
-//! tracker, retried every interval) is the client crate's `qbus_client::ha::reporter`.
+//! tracker, retried every interval) is the client crate's `qbus_client::reporter`.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qbus_client::ha::reporter;
+use qbus_client::reporter;
 use qbus_wire::now_ms;
 use qbus_wire::topology::{BrokerState, GroupState, MqState, NodeKind};
 use tokio::sync::watch;

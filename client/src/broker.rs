@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::connection::{Connection, ConnectionOptions, PendingReply};
@@ -11,8 +10,9 @@ use crate::error::{ClientError, Result};
 use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME};
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
-use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions, DEFAULT_MAX_FRAME};
+use crate::protocol::{Frame, MqInfo, MqOptions, DEFAULT_MAX_FRAME};
 use crate::topology::Topology;
+use crate::transport::Transport;
 
 /// A handle on qbus: one broker over TCP (`host:port`), an embedded broker in this process
 /// (see `qbus_broker::EmbeddedBroker`), or a cluster found through trackers
@@ -31,16 +31,7 @@ use crate::topology::Topology;
 /// ```
 #[derive(Debug, Clone)]
 pub struct Broker {
-    kind: Kind,
-}
-
-/// What is behind a [`Broker`] handle.
-#[derive(Debug, Clone)]
-pub(crate) enum Kind {
-    /// One broker, over TCP or in this process.
-    Single(Connection),
-    /// Brokers found through trackers.
-    Ha(Ha),
+    transport: Transport,
 }
 
 impl Broker {
@@ -85,7 +76,7 @@ impl Broker {
         let connection = Connection::new(TcpConnector::new(target, DEFAULT_MAX_FRAME), options);
         connection.ensure_connected().await?;
         Ok(Broker {
-            kind: Kind::Single(connection),
+            transport: Transport::single(connection),
         })
     }
 
@@ -105,7 +96,7 @@ impl Broker {
     pub async fn connect_ha(trackers: &str, options: HaOptions) -> Result<Broker> {
         let trackers = parse_trackers(trackers)?;
         Ok(Broker {
-            kind: Kind::Ha(Ha::connect(trackers, options).await?),
+            transport: Transport::ha(Ha::connect(trackers, options).await?),
         })
     }
 
@@ -113,106 +104,55 @@ impl Broker {
     /// lazily, on the first call.
     pub fn from_connector(connector: impl Connector, options: ConnectionOptions) -> Broker {
         Broker {
-            kind: Kind::Single(Connection::new(connector, options)),
+            transport: Transport::single(Connection::new(connector, options)),
         }
     }
 
     /// The cluster as the trackers describe it, for an HA handle; `None` for one broker.
     pub fn topology(&self) -> Option<Arc<Topology>> {
-        match &self.kind {
-            Kind::Ha(ha) => Some(ha.topology()),
-            Kind::Single(_) => None,
-        }
+        self.transport.topology()
     }
 
     /// A receiver that sees each new topology of an HA handle; `None` for one broker.
     pub fn watch_topology(&self) -> Option<watch::Receiver<Arc<Topology>>> {
-        match &self.kind {
-            Kind::Ha(ha) => Some(ha.watch()),
-            Kind::Single(_) => None,
-        }
+        self.transport.watch_topology()
     }
 
     /// Trackers and unreachable brokers of an HA handle; `None` for one broker.
     pub fn ha_status(&self) -> Option<HaStatus> {
-        match &self.kind {
-            Kind::Ha(ha) => Some(ha.status()),
-            Kind::Single(_) => None,
-        }
+        self.transport.ha_status()
     }
 
     /// A producer for `mq`.
     pub fn producer(&self, mq: &str) -> Producer {
-        Producer::new(self.clone(), mq)
+        Producer::new(self.transport.clone(), mq)
     }
 
     /// Starts building a consumer of `mq`.
     pub fn consumer(&self, mq: &str) -> ConsumerBuilder {
-        ConsumerBuilder::new(self.clone(), mq)
+        ConsumerBuilder::new(self.transport.clone(), mq)
     }
 
     /// Creates `mq`. Creating an MQ that exists succeeds and returns it as it is. Over an
     /// HA handle, creates it on every live broker (or [`HaOptions::create_on`] of them).
     pub async fn create_mq(&self, mq: &str, options: MqOptions) -> Result<MqInfo> {
-        let connection = match &self.kind {
-            Kind::Ha(ha) => return ha.create_mq(mq, &options).await,
-            Kind::Single(connection) => connection,
-        };
-        let body =
-            rmp_serde::to_vec_named(&options).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let reply = admin(
-            connection,
-            Header::request(Command::CreateMq, Some(mq)),
-            body.into(),
-        )
-        .await?;
-        decode(&reply.body)
+        self.transport.create_mq(mq, options).await
     }
 
     /// Describes `mq`; a [`Status::NotFound`](crate::protocol::Status) error if it is absent.
     /// Over an HA handle, the sum of its copies on every broker holding it.
     pub async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
-        let connection = match &self.kind {
-            Kind::Ha(ha) => return ha.query_mq(mq).await,
-            Kind::Single(connection) => connection,
-        };
-        let reply = admin(
-            connection,
-            Header::request(Command::QueryMq, Some(mq)),
-            Bytes::new(),
-        )
-        .await?;
-        decode(&reply.body)
+        self.transport.query_mq(mq).await
     }
 
     /// Describes every MQ, sorted by name (over an HA handle, summed over brokers).
     pub async fn list_mqs(&self) -> Result<Vec<MqInfo>> {
-        let connection = match &self.kind {
-            Kind::Ha(ha) => return ha.list_mqs().await,
-            Kind::Single(connection) => connection,
-        };
-        let reply = admin(
-            connection,
-            Header::request(Command::ListMq, None),
-            Bytes::new(),
-        )
-        .await?;
-        decode(&reply.body)
+        self.transport.list_mqs().await
     }
 
     /// Deletes `mq` with its messages and groups (over an HA handle, on every broker).
     pub async fn remove_mq(&self, mq: &str) -> Result<()> {
-        let connection = match &self.kind {
-            Kind::Ha(ha) => return ha.remove_mq(mq).await,
-            Kind::Single(connection) => connection,
-        };
-        admin(
-            connection,
-            Header::request(Command::RemoveMq, Some(mq)),
-            Bytes::new(),
-        )
-        .await
-        .map(drop)
+        self.transport.remove_mq(mq).await
     }
 
     /// Deletes consumer group `group` of `mq`: its place in the MQ and its deliveries in
@@ -227,13 +167,7 @@ impl Broker {
     /// # Ok(()) }
     /// ```
     pub async fn remove_group(&self, mq: &str, group: &str) -> Result<()> {
-        let mut request = Header::request(Command::RemoveGroup, Some(mq));
-        request.group = Some(group.to_owned());
-        let connection = match &self.kind {
-            Kind::Ha(ha) => return ha.remove_everywhere(mq, request).await,
-            Kind::Single(connection) => connection,
-        };
-        admin(connection, request, Bytes::new()).await.map(drop)
+        self.transport.remove_group(mq, group).await
     }
 
     /// Sends a request about `mq` to a broker holding it and returns its pending reply, for
@@ -251,31 +185,8 @@ impl Broker {
     /// # Ok(()) }
     /// ```
     pub async fn send_request(&self, mq: &str, frame: Frame) -> Result<PendingReply> {
-        match &self.kind {
-            Kind::Single(connection) => connection.send(frame).await,
-            Kind::Ha(ha) => {
-                let send = |conn: Connection| {
-                    let frame = frame.clone();
-                    async move { conn.send(frame).await }
-                };
-                let (_, reply) = ha.shared().route(mq, None, &mut Vec::new(), send).await?;
-                Ok(reply)
-            }
-        }
+        self.transport.send_request(mq, frame).await
     }
-
-    /// What is behind the handle.
-    pub(crate) fn kind(&self) -> &Kind {
-        &self.kind
-    }
-}
-
-async fn admin(connection: &Connection, request: Header, body: Bytes) -> Result<Frame> {
-    connection.request(Frame::with_body(request, body)).await
-}
-
-fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    rmp_serde::from_slice(body).map_err(|e| ClientError::Protocol(format!("bad reply body: {e}")))
 }
 
 /// Checks an address string and returns the `host:port` to dial.

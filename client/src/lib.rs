@@ -3,11 +3,18 @@
 //! - [`protocol`]: the wire protocol of `qbus-wire`, re-exported (frames, header, record
 //!   format, status codes; no I/O), as are [`link`] and [`serve`].
 //! - [`connection`]: one multiplexed, self-reconnecting connection.
-//! - [`Broker`]: the handle users hold; admin calls and the factory for
-//!   [`Producer`]s and [`Consumer`]s.
+//! - [`Broker`] (`broker`): the handle users hold; admin calls and the factory for
+//!   producers and consumers.
+//! - `transport`: what a handle and everything made from it talk through, one broker or
+//!   many; the only place that tells the kinds apart.
+//! - [`Producer`] (`producer`): confirmed, pipelined, batched and one-way sends.
+//! - [`Consumer`] (`consumer/`): the builder and the stream, each [`Delivery`] with its
+//!   acker, and the fetch loop feeding them.
+//! - [`Message`] (`message`): what a producer sends; [`ClientError`] (`error`).
 //! - [`topology`]: the merged cluster view an HA client works from.
 //! - [`ha`]: the HA kind of `Broker` (`tracker://...`): cached topology, balancing, key
-//!   affinity, failover; and the reporter brokers use.
+//!   affinity, failover.
+//! - [`reporter`]: a node (broker or DirectRPC server) reporting its state to the trackers.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), qbus_client::ClientError> {
@@ -32,7 +39,9 @@ mod error;
 pub mod ha;
 mod message;
 mod producer;
+pub mod reporter;
 pub mod topology;
+mod transport;
 
 pub use qbus_wire::{link, protocol, serve};
 

@@ -6,12 +6,10 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::broker::{Broker, Kind};
-use crate::connection::PendingReply;
 use crate::error::{ClientError, Result};
-use crate::ha::failover::HaReply;
 use crate::message::Message;
 use crate::protocol::{Command, Durability, Frame, Header, FLAG_ONEWAY};
+use crate::transport::{PendingFrame, Transport};
 
 /// What the broker confirmed for a send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,14 +34,14 @@ pub struct Receipt {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Producer {
-    broker: Broker,
+    transport: Transport,
     mq: Arc<str>,
 }
 
 impl Producer {
-    pub(crate) fn new(broker: Broker, mq: &str) -> Producer {
+    pub(crate) fn new(transport: Transport, mq: &str) -> Producer {
         Producer {
-            broker,
+            transport,
             mq: mq.into(),
         }
     }
@@ -75,45 +73,30 @@ impl Producer {
         &self,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<PendingReceipt> {
-        let reply = match self.broker.kind() {
-            Kind::Single(connection) => {
-                let (frame, _) = self.frame(messages, 0, false)?;
-                Reply::Single(connection.send(frame).await?)
-            }
-            Kind::Ha(ha) => {
-                let (frame, key) = self.frame(messages, 0, true)?;
-                Reply::Ha(Box::new(ha.send(&self.mq, key, frame).await?))
-            }
-        };
+        let (frame, key) = self.frame(messages, 0)?;
+        let reply = self.transport.send(&self.mq, key, frame).await?;
         Ok(PendingReceipt { reply })
     }
 
     /// Sends one message with no confirmation: `Ok` means it was queued on a live
     /// connection, not that it was stored (at most once).
     pub async fn send_oneway(&self, message: impl Into<Message>) -> Result<()> {
-        let message = std::iter::once(message.into());
-        match self.broker.kind() {
-            Kind::Single(connection) => {
-                let (frame, _) = self.frame(message, FLAG_ONEWAY, false)?;
-                connection.send_oneway(frame).await
-            }
-            Kind::Ha(ha) => {
-                let (frame, key) = self.frame(message, FLAG_ONEWAY, true)?;
-                ha.send_oneway(&self.mq, key.as_deref(), frame).await
-            }
-        }
+        let (frame, key) = self.frame(std::iter::once(message.into()), FLAG_ONEWAY)?;
+        self.transport
+            .send_oneway(&self.mq, key.as_deref(), frame)
+            .await
     }
 
-    /// The produce frame for `messages`, and the first message's key when `want_key` (an
-    /// HA handle routes by it).
+    /// The produce frame for `messages`, and over several brokers the first message's key
+    /// (the broker is chosen by it).
     fn frame(
         &self,
         messages: impl IntoIterator<Item = Message>,
         flags: u32,
-        want_key: bool,
     ) -> Result<(Frame, Option<String>)> {
+        let cluster = self.transport.is_cluster();
         let mut messages = messages.into_iter().peekable();
-        let key = if want_key {
+        let key = if cluster {
             messages.peek().and_then(|m| m.key.clone())
         } else {
             None
@@ -121,7 +104,7 @@ impl Producer {
         let mut body = BytesMut::new();
         let mut count = 0u32;
         for mut message in messages {
-            if want_key && message.id.is_none() {
+            if cluster && message.id.is_none() {
                 // HA sends may be retried on another broker: give consumers a way to
                 // recognise the second copy.
                 message.id = Some(rand::random());
@@ -146,13 +129,7 @@ impl Producer {
 /// message again to another broker if the first one fails before confirming.
 #[derive(Debug)]
 pub struct PendingReceipt {
-    reply: Reply,
-}
-
-#[derive(Debug)]
-enum Reply {
-    Single(PendingReply),
-    Ha(Box<HaReply>),
+    reply: PendingFrame,
 }
 
 impl IntoFuture for PendingReceipt {
@@ -161,11 +138,7 @@ impl IntoFuture for PendingReceipt {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let reply = match self.reply {
-                Reply::Single(reply) => reply.await?,
-                Reply::Ha(reply) => reply.wait().await?,
-            };
-            let header = reply.header;
+            let header = self.reply.wait().await?.header;
             match (header.offset, header.durability) {
                 (Some(offset), Some(durability)) => Ok(Receipt {
                     offset,

@@ -3,16 +3,14 @@
 //!
 //! - [`service`]: the attribute on a trait of `async fn`s that generates the typed client
 //!   proxy (`GreeterClient`) and the server side (`GreeterServer`).
-//! - [`processor`]: [`RpcProcessor`], module + method → handler, deadlines enforced.
-//! - [`client`]: [`RpcClient`], typed and dynamic calls of one module over any invoker.
-//! - [`invoker`]: the [`Invoker`] trait; [`direct`]: [`DirectInvoker`] to one
-//!   [`RpcServer`]; [`mq_invoker`]: [`MqInvoker`] through a broker MQ; [`ha`]:
-//!   [`HaInvoker`] among the servers registered at the trackers.
-//! - [`server`]: [`RpcServer`], DirectRPC on its own port (with `server_session` serving
-//!   one connection and `registration` reporting to trackers).
-//! - [`mq_service`]: [`MqRpcService`], serving the calls of an MQ.
-//! - [`envelope`]: the request and response bodies and the stable error shape;
-//!   [`codec`]: MessagePack and JSON; [`error`]: [`RpcError`].
+//! - [`client`]: the calling half: [`RpcClient`] (typed and dynamic calls of one module),
+//!   the [`Invoker`] trait and its kinds, [`DirectInvoker`] to one [`RpcServer`],
+//!   [`MqInvoker`] through a broker MQ, [`HaInvoker`] among the servers at the trackers.
+//! - [`server`]: the serving half: [`RpcProcessor`] (module + method → handler, deadlines
+//!   enforced), [`RpcServer`] (DirectRPC on its own port, registered at trackers) and
+//!   [`MqRpcService`] (serving the calls of an MQ).
+//! - [`envelope`]: the request and response bodies and the stable error shape, shared by
+//!   both halves; [`codec`]: MessagePack and JSON; [`error`]: [`RpcError`].
 //!
 //! ```
 //! # async fn demo() -> Result<(), qbus_rpc::RpcError> {
@@ -55,28 +53,18 @@
 
 pub mod client;
 pub mod codec;
-pub mod direct;
 pub mod envelope;
 pub mod error;
-pub mod ha;
-pub mod invoker;
-pub mod mq_invoker;
-pub mod mq_service;
-pub mod processor;
-mod registration;
 pub mod server;
-mod server_session;
 
-pub use client::{CallFuture, CallOptions, RpcClient};
+pub use client::direct::DirectInvoker;
+pub use client::ha::HaInvoker;
+pub use client::invoker::{Call, InvokeFuture, Invoker, Reply};
+pub use client::mq::{route_stats, MqInvoker};
+pub use client::rpc_client::{CallFuture, CallOptions, RpcClient};
 pub use codec::{Encoding, UnknownEncoding};
-pub use direct::DirectInvoker;
 pub use envelope::{ErrorCode, RemoteError, DEFAULT_TIMEOUT};
 pub use error::RpcError;
-pub use ha::HaInvoker;
-pub use invoker::{Call, InvokeFuture, Invoker, Reply};
-pub use mq_invoker::{route_stats, MqInvoker};
-pub use mq_service::{MqRpcService, MqServiceOptions};
-pub use processor::{HandlerFuture, Module, Request, RpcProcessor, Running, Service, Started};
 /// Turns a trait of `async fn`s into an RPC service; see the [crate example](crate).
 ///
 /// `#[service]` (or `#[service(name = "greeter")]` to choose the module name, by default
@@ -94,7 +82,11 @@ pub use processor::{HandlerFuture, Module, Request, RpcProcessor, Running, Servi
 /// return such a value (or nothing). Anything else is refused with a compile error that
 /// points at it.
 pub use qbus_rpc_macros::service;
-pub use server::{RpcServer, RpcServerError, RpcServerOptions};
+pub use server::direct::{RpcServer, RpcServerError, RpcServerOptions};
+pub use server::mq::{MqRpcService, MqServiceOptions};
+pub use server::processor::{
+    HandlerFuture, Module, Request, RpcProcessor, Running, Service, Started,
+};
 
 /// Support for the code `#[service]` generates; not a public API.
 #[doc(hidden)]

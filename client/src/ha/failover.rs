@@ -80,6 +80,17 @@ impl Ha {
             .await
             .map(drop)
     }
+
+    /// Sends a request frame for `mq` to a holder chosen as for a message without a key,
+    /// moving on to the next while it cannot be sent; once sent, it is never sent again.
+    pub(crate) async fn send_request(&self, mq: &str, frame: Frame) -> Result<PendingReply> {
+        let send = |conn: Connection| {
+            let frame = frame.clone();
+            async move { conn.send(frame).await }
+        };
+        let (_, reply) = self.shared.route(mq, None, &mut Vec::new(), send).await?;
+        Ok(reply)
+    }
 }
 
 impl HaReply {

@@ -9,8 +9,7 @@
 //! Inside: `views` (the merging rules), `tracker_link` (one subscription per tracker),
 //! `pool` (one connection per broker, local down marks and probes), `failover` (sending
 //! with retry on another broker), `admin` (MQ admin across brokers), `consume` (a consumer
-//! over every broker holding its MQ), `selector` ([`Selector`]) and `affinity` (keys), and
-//! the public [`reporter`] that brokers and DirectRPC servers use to report.
+//! over every broker holding its MQ), `selector` ([`Selector`]) and `affinity` (keys).
 //!
 //! Address form: `tracker://HOST:PORT[,HOST:PORT...]`, one or more trackers separated by
 //! commas (see [`parse_trackers`]). All trackers are equal; two are the usual setup.
@@ -34,7 +33,6 @@ mod affinity;
 pub(crate) mod consume;
 pub(crate) mod failover;
 mod pool;
-pub mod reporter;
 mod selector;
 mod tracker_link;
 mod views;
@@ -348,10 +346,6 @@ impl Ha {
                 .collect(),
             unreachable: self.shared.pool.unreachable(),
         }
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 }
 

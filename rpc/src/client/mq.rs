@@ -7,8 +7,8 @@ use bytes::Bytes;
 use qbus_client::protocol::{Command, Frame, Header, RouteStats};
 use qbus_client::Broker;
 
+use crate::client::invoker::{call_frame, exchange, Call, InvokeFuture, Invoker};
 use crate::error::RpcError;
-use crate::invoker::{call_frame, exchange, Call, InvokeFuture, Invoker};
 
 /// Calls whatever [`MqRpcService`](crate::MqRpcService) consumes an MQ, through any
 /// [`Broker`] handle: one broker, brokers found through trackers (the call goes to a broker

@@ -12,10 +12,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::client::invoker::{Call, InvokeFuture, Invoker};
 use crate::codec::Encoding;
 use crate::envelope::{ErrorCode, RequestOut, ResponseIn, DEFAULT_TIMEOUT};
 use crate::error::RpcError;
-use crate::invoker::{Call, InvokeFuture, Invoker};
 
 /// How calls are made; every field has a default and a builder method on the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

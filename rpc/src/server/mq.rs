@@ -11,10 +11,9 @@ use qbus_client::{Broker, ClientError, Consumer, Delivery, StartAt};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::client::invoker::Reply;
 use crate::error::RpcError;
-use crate::invoker::Reply;
-use crate::processor::{RpcProcessor, Started};
-use crate::server_session::SHUTDOWN_GRACE;
+use crate::server::processor::{RpcProcessor, Started, SHUTDOWN_GRACE};
 
 /// Settings of an [`MqRpcService`]. Build with the `with_*` methods.
 #[derive(Debug, Clone)]

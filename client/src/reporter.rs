@@ -27,7 +27,7 @@ use crate::topology::BrokerState;
 /// # async fn demo() {
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use qbus_client::ha::reporter::report;
+/// use qbus_client::reporter::report;
 /// use qbus_client::topology::{BrokerState, NodeKind};
 ///
 /// let state = BrokerState {

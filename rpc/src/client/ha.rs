@@ -12,9 +12,9 @@ use qbus_client::ha::HaOptions;
 use qbus_client::topology::Topology;
 use qbus_client::{Broker, ConnectionOptions};
 
-use crate::direct::DirectInvoker;
+use crate::client::direct::DirectInvoker;
+use crate::client::invoker::{Call, InvokeFuture, Invoker, Reply};
 use crate::error::RpcError;
-use crate::invoker::{Call, InvokeFuture, Invoker, Reply};
 
 /// How long a server that failed a call is passed over (unless no other is left).
 const AVOID_FOR: Duration = Duration::from_secs(5);

@@ -15,14 +15,21 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::invoker::Reply;
-use crate::processor::{RpcProcessor, Started};
-use crate::server::RpcServerOptions;
+use crate::client::invoker::Reply;
+use crate::server::processor::{RpcProcessor, Started, SHUTDOWN_GRACE};
 
 /// A connection silent this long is closed (clients heartbeat every 5 s by default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long calls running at shutdown may take to finish before they are stopped.
-pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What a session takes from the server's options, copied out so a session does not
+/// depend on the server that spawns it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// Largest frame accepted.
+    pub(super) max_frame: usize,
+    /// Calls running at once before the connection is no longer read.
+    pub(super) max_in_flight: usize,
+}
 
 /// Serves one client until it closes, fails, or `shutdown` fires (then the calls running
 /// finish, within [`SHUTDOWN_GRACE`]). Calls still running when the client goes away are
@@ -31,11 +38,11 @@ pub(crate) async fn serve(
     stream: TcpStream,
     peer: String,
     processor: RpcProcessor,
-    options: Arc<RpcServerOptions>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
     let span = tracing::info_span!("rpc_session", %peer);
-    run(stream, processor, options, shutdown)
+    run(stream, processor, limits, shutdown)
         .instrument(span)
         .await
 }
@@ -43,15 +50,15 @@ pub(crate) async fn serve(
 async fn run(
     stream: TcpStream,
     processor: RpcProcessor,
-    options: Arc<RpcServerOptions>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
     tracing::debug!("session opened");
     let Link {
         tx,
         rx: mut inbound,
-    } = tcp_link(stream, options.max_frame);
-    let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+    } = tcp_link(stream, limits.max_frame);
+    let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let mut calls = JoinSet::new();
     while let Some(frame) = next_frame(&mut inbound, &tx, IDLE_TIMEOUT, &shutdown).await {
         let request = &frame.header;
@@ -59,7 +66,7 @@ async fn run(
             continue;
         }
         let reply = match request.cmd {
-            Command::Hello => hello_reply(request, env!("CARGO_PKG_VERSION"), options.max_frame),
+            Command::Hello => hello_reply(request, env!("CARGO_PKG_VERSION"), limits.max_frame),
             Command::Heartbeat => Frame::new(Header::reply_to(request)),
             Command::Call => {
                 let Frame { header, body } = frame;

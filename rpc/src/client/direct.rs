@@ -5,8 +5,8 @@ use qbus_client::link::TcpConnector;
 use qbus_client::protocol::DEFAULT_MAX_FRAME;
 use qbus_client::{Connection, ConnectionOptions};
 
+use crate::client::invoker::{call_frame, exchange, Call, InvokeFuture, Invoker};
 use crate::error::RpcError;
-use crate::invoker::{call_frame, exchange, Call, InvokeFuture, Invoker};
 
 /// Calls an [`RpcServer`](crate::RpcServer) at one address. Cheap to clone; clones share
 /// the connection, which carries any number of calls at once and reconnects when needed.

@@ -1,4 +1,4 @@
-//! The server side: an [`RpcProcessor`] maps module + method to a handler and runs calls
+//! The dispatch table: an [`RpcProcessor`] maps module + method to a handler and runs calls
 //! against it, enforcing each call's deadline. The [`RpcServer`](crate::RpcServer) (DirectRPC)
 //! and the [`MqRpcService`](crate::MqRpcService) (MQ-RPC) both hand it what they receive.
 
@@ -15,13 +15,17 @@ use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::client::{CallFuture, RpcClient};
+use crate::client::invoker::{Call, InvokeFuture, Invoker, Reply};
+use crate::client::rpc_client::{CallFuture, RpcClient};
 use crate::codec::Encoding;
 use crate::envelope::{
     error_body, ErrorCode, RemoteError, RequestHead, RequestParams, ResponseOut, DEFAULT_TIMEOUT,
 };
 use crate::error::RpcError;
-use crate::invoker::{Call, InvokeFuture, Invoker, Reply};
+
+/// How long calls running at shutdown may take to finish before they are stopped, on
+/// either door.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// What a handler resolves to: the encoded response envelope, or a framework error.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Bytes, RemoteError>> + Send>>;
@@ -208,7 +212,7 @@ impl RpcProcessor {
     /// Calls `module.method` in this process, without a trait: `params` is a tuple (or
     /// array) of the arguments, `R` the result type (`serde_json::Value` takes any). The
     /// call goes through the same envelope, deadline and errors as a remote one; for a
-    /// remote server, [`RpcClient`](crate::RpcClient) does the same over any invoker.
+    /// remote server, [`RpcClient`] does the same over any invoker.
     ///
     /// ```
     /// # async fn demo() -> Result<(), qbus_rpc::RpcError> {

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use qbus_client::ha::reporter::report;
+use qbus_client::reporter::report;
 use qbus_client::topology::{BrokerState, NodeKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

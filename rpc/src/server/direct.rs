@@ -2,7 +2,6 @@
 //! wire protocol as a broker, so the SDK's connections, heartbeats and framing serve it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_client::protocol::DEFAULT_MAX_FRAME;
@@ -11,9 +10,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::processor::RpcProcessor;
-use crate::registration::Registration;
-use crate::server_session::{self, SHUTDOWN_GRACE};
+use crate::server::processor::{RpcProcessor, SHUTDOWN_GRACE};
+use crate::server::registration::Registration;
+use crate::server::session::{self, Limits};
 
 /// Settings of an [`RpcServer`]. Build with the `with_*` methods.
 ///
@@ -178,12 +177,11 @@ impl RpcServer {
         };
         let shutdown = CancellationToken::new();
         tracing::info!(addr = %local_addr, modules = ?processor.modules(), "RPC server listening");
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            processor,
-            Arc::new(options),
-            shutdown.clone(),
-        ));
+        let limits = Limits {
+            max_frame: options.max_frame,
+            max_in_flight: options.max_in_flight,
+        };
+        let accept = tokio::spawn(accept_loop(listener, processor, limits, shutdown.clone()));
         Ok(RpcServer {
             local_addr,
             shutdown,
@@ -226,16 +224,16 @@ impl Drop for RpcServer {
 async fn accept_loop(
     listener: TcpListener,
     processor: RpcProcessor,
-    options: Arc<RpcServerOptions>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
     let mut sessions = Connections::default();
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
-        sessions.spawn(server_session::serve(
+        sessions.spawn(session::serve(
             stream,
             peer.to_string(),
             processor.clone(),
-            options.clone(),
+            limits,
             shutdown.child_token(),
         ));
     }

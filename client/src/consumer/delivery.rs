@@ -1,0 +1,215 @@
+//! A received message and the acker that settles it: acks and nacks from every delivery of
+//! a consumer, sent in batches, one acker per broker connection.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::connection::Connection;
+use crate::error::{ClientError, Result};
+use crate::protocol::{Command, DeliveryToken, Frame, Header, FLAG_UNSEEN};
+
+/// A received message. Call [`ack`](Delivery::ack) once it is handled, or it is delivered
+/// again after the MQ's ack timeout.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Offset in the MQ.
+    pub offset: u64,
+    /// When the broker stored it, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Tag given by the producer.
+    pub tag: Option<String>,
+    /// Key given by the producer.
+    pub key: Option<String>,
+    /// Message id given by the producer (always set for sends through an HA handle): two
+    /// deliveries with one id are the same message sent twice after a failover.
+    pub id: Option<u128>,
+    /// The payload.
+    pub body: Bytes,
+    /// 1 for the first delivery, more for redeliveries.
+    pub attempt: u32,
+    pub(super) acker: Acker,
+}
+
+impl Delivery {
+    /// Names this delivery for ack and nack.
+    pub fn token(&self) -> DeliveryToken {
+        DeliveryToken {
+            offset: self.offset,
+            attempt: self.attempt,
+        }
+    }
+
+    /// Acknowledges many deliveries with one request per broker they came from, and
+    /// resolves once the brokers have recorded every ack. Cheaper than awaiting
+    /// [`Delivery::ack`] for each when handling a batch from
+    /// [`Consumer::recv_batch`](crate::Consumer::recv_batch).
+    pub async fn ack_all(deliveries: &[Delivery]) -> Result<()> {
+        let mut by_broker: Vec<(&Acker, Vec<DeliveryToken>)> = Vec::new();
+        for delivery in deliveries {
+            match by_broker
+                .iter_mut()
+                .find(|(acker, _)| acker.tx.same_channel(&delivery.acker.tx))
+            {
+                Some((_, tokens)) => tokens.push(delivery.token()),
+                None => by_broker.push((&delivery.acker, vec![delivery.token()])),
+            }
+        }
+        let requests = by_broker
+            .into_iter()
+            .map(|(acker, tokens)| acker.settle_now(tokens, Verdict::Ack));
+        futures_util::future::try_join_all(requests).await.map(drop)
+    }
+
+    /// Acknowledges the message; resolves when the broker has recorded the ack.
+    pub async fn ack(&self) -> Result<()> {
+        self.acker.settle(self.token(), Verdict::Ack).await
+    }
+
+    /// Gives the message back for immediate redelivery.
+    pub async fn nack(&self) -> Result<()> {
+        self.acker.settle(self.token(), Verdict::Nack).await
+    }
+
+    /// The connection to the broker this delivery came from: where an answer that must
+    /// reach that very broker goes (an MQ-RPC reply is routed by the broker that stored
+    /// the request).
+    pub fn connection(&self) -> &Connection {
+        &self.acker.connection
+    }
+}
+
+/// The group of an MQ that a consumer reads for.
+pub(super) struct Target {
+    pub(super) mq: String,
+    pub(super) group: String,
+}
+
+struct Settle {
+    token: DeliveryToken,
+    verdict: Verdict,
+    done: Option<oneshot::Sender<Result<()>>>,
+}
+
+/// What a consumer tells the broker of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Handled.
+    Ack,
+    /// Not handled: deliver it again (another attempt).
+    Nack,
+    /// Never handed to the application (the consumer stopped with it prefetched): deliver
+    /// it again without counting an attempt against the MQ's delivery limit.
+    Unseen,
+}
+
+impl Verdict {
+    const ALL: [Verdict; 3] = [Verdict::Ack, Verdict::Nack, Verdict::Unseen];
+
+    /// The request telling the broker this of `tokens`.
+    fn request(self, target: &Target, tokens: Vec<DeliveryToken>) -> Frame {
+        let cmd = match self {
+            Verdict::Ack => Command::Ack,
+            Verdict::Nack | Verdict::Unseen => Command::Nack,
+        };
+        let mut header = Header::request(cmd, Some(&target.mq));
+        header.group = Some(target.group.clone());
+        header.tokens = tokens;
+        if self == Verdict::Unseen {
+            header.flags |= FLAG_UNSEEN;
+        }
+        Frame::new(header)
+    }
+}
+
+/// Collects acks and nacks from every delivery of a consumer and sends them in batches.
+#[derive(Clone)]
+pub(super) struct Acker {
+    tx: mpsc::Sender<Settle>,
+    /// The connection the deliveries came over.
+    connection: Connection,
+    target: Arc<Target>,
+}
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Acker")
+    }
+}
+
+const ACK_BATCH: usize = 4096;
+
+impl Acker {
+    pub(super) fn spawn(connection: Connection, target: Arc<Target>) -> Acker {
+        let (tx, rx) = mpsc::channel(ACK_BATCH);
+        tokio::spawn(Acker::run(connection.clone(), target.clone(), rx));
+        Acker {
+            tx,
+            connection,
+            target,
+        }
+    }
+
+    /// Sends one request for `tokens` and waits for the broker's answer.
+    async fn settle_now(&self, tokens: Vec<DeliveryToken>, verdict: Verdict) -> Result<()> {
+        let request = verdict.request(&self.target, tokens);
+        self.connection.send(request).await?.await.map(drop)
+    }
+
+    async fn settle(&self, token: DeliveryToken, verdict: Verdict) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        let request = Settle {
+            token,
+            verdict,
+            done: Some(done),
+        };
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        wait.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Queues a settle without waiting for it (used on drop and for auto-ack).
+    pub(super) fn settle_later(&self, token: DeliveryToken, verdict: Verdict) {
+        let request = Settle {
+            token,
+            verdict,
+            done: None,
+        };
+        if self.tx.try_send(request).is_err() {
+            tracing::debug!(
+                ?token,
+                "ack queue full; the broker will redeliver after its timeout"
+            );
+        }
+    }
+
+    async fn run(connection: Connection, target: Arc<Target>, mut rx: mpsc::Receiver<Settle>) {
+        let mut batch = Vec::with_capacity(ACK_BATCH);
+        while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
+            for verdict in Verdict::ALL {
+                let settles: Vec<Settle> = batch
+                    .extract_if(.., |settle| settle.verdict == verdict)
+                    .collect();
+                if settles.is_empty() {
+                    continue;
+                }
+                let tokens = settles.iter().map(|s| s.token).collect();
+                let sent = connection.send(verdict.request(&target, tokens)).await;
+                tokio::spawn(async move {
+                    let outcome = match sent {
+                        Ok(reply) => reply.await.map(drop),
+                        Err(e) => Err(e),
+                    };
+                    for settle in settles {
+                        if let Some(done) = settle.done {
+                            let _ = done.send(outcome.clone());
+                        }
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The fetch loop: long-polls one broker for a consumer's group and feeds the consumer's
+//! channel, retrying with backoff while the broker cannot be reached.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::delivery::{Acker, Delivery, Target, Verdict};
+use crate::connection::Connection;
+use crate::error::Result;
+use crate::protocol::record::records;
+use crate::protocol::{Command, Frame, Header, Status, FLAG_START_AT_END, FLAG_START_AT_OFFSET};
+
+/// Where a group that does not exist yet starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartAt {
+    /// The oldest retained message (the default).
+    #[default]
+    Earliest,
+    /// Only messages produced from now on.
+    Latest,
+    /// A given offset.
+    Offset(u64),
+}
+
+/// What every fetch loop of one consumer shares.
+pub(super) struct FetchSpec {
+    pub(super) target: Arc<Target>,
+    pub(super) tag: Option<String>,
+    pub(super) start: StartAt,
+    pub(super) batch: u32,
+    pub(super) long_poll: Duration,
+    pub(super) auto_ack: bool,
+    /// Over an HA handle one broker lacking the MQ does not end the stream: the topology
+    /// may be a report behind, so that fetch loop retries with backoff.
+    pub(super) tolerate_missing: bool,
+}
+
+/// Starts a fetch loop on `connection` (with its own acker) that feeds `tx` until the
+/// consumer is dropped or `stop` fires.
+pub(super) fn spawn_fetcher(
+    spec: &Arc<FetchSpec>,
+    connection: Connection,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+) {
+    let acker = Acker::spawn(connection.clone(), spec.target.clone());
+    let fetcher = Fetcher {
+        spec: spec.clone(),
+        connection,
+        acker,
+        tx,
+        stop,
+    };
+    tokio::spawn(fetcher.run());
+}
+
+/// The background loop that long-polls one broker and feeds the consumer's channel.
+struct Fetcher {
+    spec: Arc<FetchSpec>,
+    connection: Connection,
+    acker: Acker,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+}
+
+impl Fetcher {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let fetch = self
+                .connection
+                .request_with_wait(self.request(), self.spec.long_poll);
+            tokio::pin!(fetch);
+            let reply = tokio::select! {
+                reply = &mut fetch => reply,
+                _ = self.tx.closed() => return self.give_back(fetch).await,
+                _ = self.stop.cancelled() => return self.give_back(fetch).await,
+            };
+            match reply.and_then(|frame| self.deliveries(frame)) {
+                Ok(deliveries) => {
+                    backoff = Duration::from_millis(50);
+                    let mut deliveries = deliveries.into_iter();
+                    while let Some(delivery) = deliveries.next() {
+                        if self.spec.auto_ack {
+                            self.acker.settle_later(delivery.token(), Verdict::Ack);
+                        }
+                        if let Err(mpsc::error::SendError(Ok(unhandled))) =
+                            self.tx.send(Ok(delivery)).await
+                        {
+                            // The consumer is gone: give back what it will never see.
+                            for delivery in std::iter::once(unhandled).chain(deliveries) {
+                                self.acker.settle_later(delivery.token(), Verdict::Unseen);
+                            }
+                            return;
+                        }
+                    }
+                }
+                Err(e)
+                    if e.is_transport()
+                        || (self.spec.tolerate_missing && e.status() == Some(Status::NotFound)) =>
+                {
+                    let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+                    tracing::warn!(mq = %self.spec.target.mq, broker = %self.connection.addr(), error = %e, retry_in = ?wait, "fetch failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.tx.closed() => return,
+                        _ = self.stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    let _ = self.tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits out the fetch still on the broker when the consumer stops and gives back what
+    /// it brings. Abandoned, its deliveries would stay held by this connection until their
+    /// ack timeout, and the broker would go on counting the connection as a consumer.
+    async fn give_back(&self, fetch: impl Future<Output = Result<Frame>>) {
+        let Ok(deliveries) = fetch.await.and_then(|frame| self.deliveries(frame)) else {
+            return;
+        };
+        for delivery in deliveries {
+            self.acker.settle_later(delivery.token(), Verdict::Unseen);
+        }
+    }
+
+    fn request(&self) -> Frame {
+        let spec = &self.spec;
+        let mut header = Header::request(Command::Fetch, Some(&spec.target.mq));
+        header.group = Some(spec.target.group.clone());
+        header.tag = spec.tag.clone();
+        header.count = Some(spec.batch);
+        header.timeout_ms = Some(spec.long_poll.as_millis().min(u32::MAX as u128) as u32);
+        match spec.start {
+            StartAt::Earliest => {}
+            StartAt::Latest => header.flags |= FLAG_START_AT_END,
+            StartAt::Offset(offset) => {
+                header.flags |= FLAG_START_AT_OFFSET;
+                header.offset = Some(offset);
+            }
+        }
+        Frame::new(header)
+    }
+
+    fn deliveries(&self, frame: Frame) -> Result<Vec<Delivery>> {
+        let body = frame.body;
+        let attempts = frame.header.attempts;
+        let mut out = Vec::with_capacity(attempts.len());
+        for (i, record) in records(&body).enumerate() {
+            let record = record?;
+            out.push(Delivery {
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms,
+                tag: record.tag.map(str::to_owned),
+                key: record.key.map(str::to_owned),
+                id: record.id,
+                body: body.slice(record.body_range.clone()),
+                attempt: attempts.get(i).copied().unwrap_or(1),
+                acker: self.acker.clone(),
+            });
+        }
+        Ok(out)
+    }
+}

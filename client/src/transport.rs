@@ -1,0 +1,234 @@
+//! What a [`Broker`](crate::Broker) handle and everything made from it talk through: one
+//! broker (over TCP, or in this process through a connector) or the brokers found through
+//! trackers. This is the one place that tells the kinds apart, so the handle, its producers
+//! and its consumers work the same over all of them without asking which one they hold.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::{Connection, PendingReply};
+use crate::error::{ClientError, Result};
+use crate::ha::failover::HaReply;
+use crate::ha::{Ha, HaStatus};
+use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions};
+use crate::topology::Topology;
+
+/// The brokers behind a handle. Cheap to clone; clones share the connections (and, over
+/// HA, keep the topology followed while one lives).
+#[derive(Debug, Clone)]
+pub(crate) struct Transport {
+    kind: Kind,
+}
+
+/// Private so that no other module matches on it.
+#[derive(Debug, Clone)]
+enum Kind {
+    /// One broker, over TCP or in this process.
+    Single(Connection),
+    /// Brokers found through trackers.
+    Ha(Ha),
+}
+
+impl Transport {
+    /// One broker, reached over `connection`.
+    pub(crate) fn single(connection: Connection) -> Transport {
+        Transport {
+            kind: Kind::Single(connection),
+        }
+    }
+
+    /// The brokers an HA handle finds through its trackers.
+    pub(crate) fn ha(ha: Ha) -> Transport {
+        Transport { kind: Kind::Ha(ha) }
+    }
+
+    /// True when several brokers stand behind it: a send may then be sent again to another
+    /// broker (so its messages need ids, and a key picks the broker), and a broker may lack
+    /// an MQ the topology, a report behind, says it holds.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Ha(_))
+    }
+
+    /// The cluster as the trackers describe it; `None` for one broker.
+    pub(crate) fn topology(&self) -> Option<Arc<Topology>> {
+        match &self.kind {
+            Kind::Ha(ha) => Some(ha.topology()),
+            Kind::Single(_) => None,
+        }
+    }
+
+    /// A receiver of each new topology; `None` for one broker.
+    pub(crate) fn watch_topology(&self) -> Option<watch::Receiver<Arc<Topology>>> {
+        match &self.kind {
+            Kind::Ha(ha) => Some(ha.watch()),
+            Kind::Single(_) => None,
+        }
+    }
+
+    /// Trackers and unreachable brokers; `None` for one broker.
+    pub(crate) fn ha_status(&self) -> Option<HaStatus> {
+        match &self.kind {
+            Kind::Ha(ha) => Some(ha.status()),
+            Kind::Single(_) => None,
+        }
+    }
+
+    /// Creates `mq` (over HA on every live broker, or `create_on` of them).
+    pub(crate) async fn create_mq(&self, mq: &str, options: MqOptions) -> Result<MqInfo> {
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.create_mq(mq, &options).await,
+            Kind::Single(connection) => connection,
+        };
+        let body =
+            rmp_serde::to_vec_named(&options).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let reply = admin(
+            connection,
+            Header::request(Command::CreateMq, Some(mq)),
+            body.into(),
+        )
+        .await?;
+        decode(&reply.body)
+    }
+
+    /// Describes `mq` (over HA, summed over its copies).
+    pub(crate) async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.query_mq(mq).await,
+            Kind::Single(connection) => connection,
+        };
+        let reply = admin(
+            connection,
+            Header::request(Command::QueryMq, Some(mq)),
+            Bytes::new(),
+        )
+        .await?;
+        decode(&reply.body)
+    }
+
+    /// Describes every MQ, sorted by name (over HA, summed over brokers).
+    pub(crate) async fn list_mqs(&self) -> Result<Vec<MqInfo>> {
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.list_mqs().await,
+            Kind::Single(connection) => connection,
+        };
+        let reply = admin(
+            connection,
+            Header::request(Command::ListMq, None),
+            Bytes::new(),
+        )
+        .await?;
+        decode(&reply.body)
+    }
+
+    /// Deletes `mq` (over HA, on every broker).
+    pub(crate) async fn remove_mq(&self, mq: &str) -> Result<()> {
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.remove_mq(mq).await,
+            Kind::Single(connection) => connection,
+        };
+        admin(
+            connection,
+            Header::request(Command::RemoveMq, Some(mq)),
+            Bytes::new(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Deletes group `group` of `mq` (over HA, on every broker that has it).
+    pub(crate) async fn remove_group(&self, mq: &str, group: &str) -> Result<()> {
+        let mut request = Header::request(Command::RemoveGroup, Some(mq));
+        request.group = Some(group.to_owned());
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.remove_everywhere(mq, request).await,
+            Kind::Single(connection) => connection,
+        };
+        admin(connection, request, Bytes::new()).await.map(drop)
+    }
+
+    /// Sends a request about `mq` once and returns its pending reply (over HA to a holder,
+    /// moving on while it cannot be sent).
+    pub(crate) async fn send_request(&self, mq: &str, frame: Frame) -> Result<PendingReply> {
+        match &self.kind {
+            Kind::Single(connection) => connection.send(frame).await,
+            Kind::Ha(ha) => ha.send_request(mq, frame).await,
+        }
+    }
+
+    /// Sends a produce frame for `mq` and returns its pending reply. Over HA `key` (the
+    /// first message's) picks the broker, and the reply sends the frame again elsewhere if
+    /// that broker fails before answering.
+    pub(crate) async fn send(
+        &self,
+        mq: &Arc<str>,
+        key: Option<String>,
+        frame: Frame,
+    ) -> Result<PendingFrame> {
+        let waiting = match &self.kind {
+            Kind::Single(connection) => Waiting::Single(connection.send(frame).await?),
+            Kind::Ha(ha) => Waiting::Ha(Box::new(ha.send(mq, key, frame).await?)),
+        };
+        Ok(PendingFrame { waiting })
+    }
+
+    /// Sends a frame that gets no reply (over HA, failing over only while sending).
+    pub(crate) async fn send_oneway(
+        &self,
+        mq: &Arc<str>,
+        key: Option<&str>,
+        frame: Frame,
+    ) -> Result<()> {
+        match &self.kind {
+            Kind::Single(connection) => connection.send_oneway(frame).await,
+            Kind::Ha(ha) => ha.send_oneway(mq, key, frame).await,
+        }
+    }
+
+    /// Calls `start` with a connection to each broker holding `mq`, a clone of `tx` and the
+    /// token that stops what it started: once for one broker; over HA for every holder, then
+    /// for brokers that join while `tx`'s receiver lives, stopping those that leave.
+    pub(crate) fn follow_holders<T, F>(&self, mq: &str, tx: mpsc::Sender<T>, start: F)
+    where
+        T: Send + 'static,
+        F: Fn(Connection, mpsc::Sender<T>, CancellationToken) + Send + 'static,
+    {
+        match &self.kind {
+            Kind::Single(connection) => start(connection.clone(), tx, CancellationToken::new()),
+            Kind::Ha(ha) => crate::ha::consume::follow_holders(ha, mq, tx, start),
+        }
+    }
+}
+
+/// The reply to a frame sent with [`Transport::send`]; over HA, waiting for it may send the
+/// frame again to another broker.
+#[derive(Debug)]
+pub(crate) struct PendingFrame {
+    waiting: Waiting,
+}
+
+#[derive(Debug)]
+enum Waiting {
+    Single(PendingReply),
+    Ha(Box<HaReply>),
+}
+
+impl PendingFrame {
+    /// Waits for the reply.
+    pub(crate) async fn wait(self) -> Result<Frame> {
+        match self.waiting {
+            Waiting::Single(reply) => reply.await,
+            Waiting::Ha(reply) => reply.wait().await,
+        }
+    }
+}
+
+async fn admin(connection: &Connection, request: Header, body: Bytes) -> Result<Frame> {
+    connection.request(Frame::with_body(request, body)).await
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(body).map_err(|e| ClientError::Protocol(format!("bad reply body: {e}")))
+}
