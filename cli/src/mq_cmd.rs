@@ -51,7 +51,7 @@ pub struct CreateArgs {
     /// Deliveries of one message before it moves to the dead-letter MQ [broker default]
     #[arg(long, value_name = "N")]
     max_deliveries: Option<u32>,
-    /// Dead-letter MQ [default: <NAME>.DLQ]
+    /// Dead-letter MQ [default: NAME.DLQ, after the MQ's name]
     #[arg(long, value_name = "MQ")]
     dead_letter: Option<String>,
     /// Acknowledge produces once written, without waiting for the broker's fsync (for

@@ -1,9 +1,9 @@
 //! The `#[service]` attribute of `qbus-rpc` (use it as `qbus_rpc::service`; its
 //! documentation is there).
 //!
-//! - [`parse`](mod@parse): checks the trait and reads it into a model, with errors that point
+//! - `parse.rs`: checks the trait and reads it into a model, with errors that point
 //!   at the user's code.
-//! - [`expand`](mod@expand): writes the trait, the client proxy and the server installer.
+//! - `expand.rs`: writes the trait, the client proxy and the server installer.
 
 mod expand;
 mod parse;
