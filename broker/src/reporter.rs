@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use qbus_client::reporter;
 use qbus_wire::now_ms;
-use qbus_wire::topology::{BrokerState, GroupState, MqState, NodeKind};
+use qbus_wire::topology::{GroupState, MqState, NodeKind, NodeState};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +45,7 @@ pub async fn run(reporting: Reporting, core: Arc<Core>, addr: String, stop: Canc
     let epoch = now_ms();
     tracing::info!(advertise = %addr, trackers = ?reporting.trackers, interval = ?reporting.interval, "reporting to trackers");
     let mut changes = core.watch_changes();
-    let (publish, state) = watch::channel(Arc::new(BrokerState {
+    let (publish, state) = watch::channel(Arc::new(NodeState {
         id: addr.clone(),
         addr,
         kind: NodeKind::Broker,

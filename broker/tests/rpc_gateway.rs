@@ -12,7 +12,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use qbus_client::Broker;
-use qbus_rpc::{route_stats, MqRpcService};
+use qbus_rpc::MqRpcService;
 use qbus_testkit::greeter::{self, Probe};
 use qbus_testkit::http::once;
 use qbus_testkit::process::BrokerProcess;
@@ -204,7 +204,7 @@ async fn json_calls_get_json_results_and_errors() {
     error(status, &body);
 
     // Five calls reached the service, each routed back through the table, none left in it.
-    let stats = route_stats(&fixture.broker, MQ).await.unwrap();
+    let stats = fixture.broker.route_stats(MQ).await.unwrap();
     assert_eq!((stats.pending, stats.routed, stats.abandoned), (0, 5, 0));
 }
 
@@ -290,7 +290,7 @@ async fn the_deadline_is_504_and_stops_the_handler() {
         .await;
     }
     assert_eq!(fixture.probe.finished(), 0);
-    let stats = route_stats(&fixture.broker, MQ).await.unwrap();
+    let stats = fixture.broker.route_stats(MQ).await.unwrap();
     assert_eq!(stats.pending, 0);
 }
 
@@ -308,12 +308,12 @@ async fn a_caller_that_leaves_frees_its_entry() {
     ));
     let call = tokio::spawn(pending);
     fixture.probe.until_started(1).await;
-    assert_eq!(route_stats(&fixture.broker, MQ).await.unwrap().pending, 1);
+    assert_eq!(fixture.broker.route_stats(MQ).await.unwrap().pending, 1);
     // Closing the socket is all the broker sees.
     connection.abort();
     call.abort();
     let stats = wait_for_async("the closed caller's entry to be freed", WAIT, || async {
-        let stats = route_stats(&fixture.broker, MQ).await.unwrap();
+        let stats = fixture.broker.route_stats(MQ).await.unwrap();
         (stats.pending == 0).then_some(stats)
     })
     .await;

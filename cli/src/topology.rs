@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use futures_util::future::join_all;
 use qbus_client::ha::{parse_trackers, query_tracker};
-use qbus_client::topology::{BrokerState, NodeKind, TopologyUpdate};
+use qbus_client::topology::{NodeKind, NodeState, TopologyUpdate};
 use qbus_client::ConnectionOptions;
 
 use crate::error::CliError;
@@ -60,7 +60,7 @@ fn render(trackers: &[String], answers: &[Result<TopologyUpdate, CliError>]) -> 
         "NODES".to_owned(),
     ]];
     // Newest report per node, and the trackers listing it.
-    let mut nodes: BTreeMap<String, (BrokerState, Vec<usize>)> = BTreeMap::new();
+    let mut nodes: BTreeMap<String, (NodeState, Vec<usize>)> = BTreeMap::new();
     for (i, (tracker, answer)) in trackers.iter().zip(answers).enumerate() {
         match answer {
             Ok(view) => {
@@ -156,7 +156,7 @@ mod tests {
 
     #[test]
     fn newest_report_wins_and_trackers_are_counted() {
-        let broker = |seq, depth| BrokerState {
+        let broker = |seq, depth| NodeState {
             id: "b:1".into(),
             addr: "b:1".into(),
             epoch: 7,
@@ -171,7 +171,7 @@ mod tests {
                     in_flight: 0,
                 }],
             }],
-            ..BrokerState::default()
+            ..NodeState::default()
         };
         let view = |seq, depth| TopologyUpdate {
             ready: true,

@@ -1,16 +1,22 @@
 //! The `Broker` handle: admin calls and the factory for producers and consumers.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
 
 use tokio::sync::watch;
 
-use crate::connection::{Connection, ConnectionOptions, PendingReply};
+use crate::call::{call_frame, PendingCall};
+use crate::connection::{Connection, ConnectionOptions};
 use crate::consumer::ConsumerBuilder;
-use crate::error::{ClientError, Result};
+use crate::error::{decode_reply, ClientError, Result};
 use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME};
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
-use crate::protocol::{Frame, MqInfo, MqOptions, DEFAULT_MAX_FRAME};
+use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions, RouteStats, DEFAULT_MAX_FRAME};
 use crate::topology::Topology;
 use crate::transport::Transport;
 
@@ -170,22 +176,53 @@ impl Broker {
         self.transport.remove_group(mq, group).await
     }
 
-    /// Sends a request about `mq` to a broker holding it and returns its pending reply, for
-    /// commands the SDK has no method of its own for (MQ-RPC's `Call` is one). Over an HA
-    /// handle the frame goes to a holder chosen as for a message without a key, moving on to
-    /// the next while it cannot be sent; once sent it is never sent again, so the caller
-    /// decides what a lost reply means.
+    /// Sends an MQ-RPC call to `mq`: the broker stores it for whatever consumes the MQ and
+    /// routes the responder's reply back here. `body` is the request envelope, `encoding` its
+    /// `encoding` header (`None`: MessagePack), `timeout` its deadline on the broker. Over an
+    /// HA handle the call goes to a holder of `mq` chosen as for a message without a key,
+    /// moving on while it cannot be sent; once sent it is never sent again, since the
+    /// service may have run it.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), qbus_client::ClientError> {
-    /// use qbus_client::protocol::{Command, Frame, Header};
+    /// use std::time::Duration;
     /// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
-    /// let frame = Frame::new(Header::request(Command::QueryMq, Some("orders")));
-    /// let reply = broker.send_request("orders", frame).await?.await?;
+    /// let request = r#"{"module":"Greeter","method":"hello","params":["you"]}"#;
+    /// let pending = broker
+    ///     .send_call("greeter-rpc", request.into(), Some("json".into()), Duration::from_secs(5))
+    ///     .await?;
+    /// let reply = pending.await?;
+    /// println!("{}", String::from_utf8_lossy(&reply.body));
     /// # Ok(()) }
     /// ```
-    pub async fn send_request(&self, mq: &str, frame: Frame) -> Result<PendingReply> {
-        self.transport.send_request(mq, frame).await
+    pub fn send_call<'a>(
+        &'a self,
+        mq: &'a str,
+        body: Bytes,
+        encoding: Option<String>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<PendingCall>> + Send + 'a {
+        // Not an `async fn`, so that a call's future is the send's own and no bigger.
+        let frame = call_frame(Some(mq), body, encoding, timeout);
+        self.transport
+            .send_request(mq, frame)
+            .map(|sent| sent.map(PendingCall::new))
+    }
+
+    /// The table of MQ-RPC callers awaiting a reply on the broker holding `mq` (over an HA
+    /// handle, one of them): how many wait now, the limits, and what became of past ones.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+    /// let stats = broker.route_stats("greeter-rpc").await?;
+    /// println!("{} of {} reply routes in use", stats.pending, stats.capacity);
+    /// # Ok(()) }
+    /// ```
+    pub async fn route_stats(&self, mq: &str) -> Result<RouteStats> {
+        let frame = Frame::new(Header::request(Command::QueryRoutes, Some(mq)));
+        let reply = self.transport.send_request(mq, frame).await?.await?;
+        decode_reply(&reply.body)
     }
 }
 

@@ -93,5 +93,11 @@ impl From<crate::protocol::record::RecordError> for ClientError {
     }
 }
 
+/// Decodes a reply body (a MessagePack map or list of them); a body that does not decode
+/// is the peer's protocol error.
+pub(crate) fn decode_reply<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(body).map_err(|e| ClientError::Protocol(format!("bad reply body: {e}")))
+}
+
 /// Result alias for SDK calls.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -1,7 +1,7 @@
 //! qbus client: the SDK.
 //!
 //! - [`protocol`]: the wire protocol of `qbus-wire`, re-exported (frames, header, record
-//!   format, status codes; no I/O), as are [`link`] and [`serve`].
+//!   format, status codes; no I/O), as is [`link`] (frames over TCP or in-process).
 //! - [`connection`]: one multiplexed, self-reconnecting connection.
 //! - [`Broker`] (`broker`): the handle users hold; admin calls and the factory for
 //!   producers and consumers.
@@ -11,6 +11,9 @@
 //! - [`Consumer`] (`consumer/`): the builder and the stream, each [`Delivery`] with its
 //!   acker, and the fetch loop feeding them.
 //! - [`Message`] (`message`): what a producer sends; [`ClientError`] (`error`).
+//! - `call`: RPC calls to an MQ ([`Broker::send_call`]) or a DirectRPC server
+//!   ([`Connection::send_call`]), their [`PendingCall`], and a responder's answer
+//!   ([`Delivery::reply`]).
 //! - [`topology`]: the merged cluster view an HA client works from.
 //! - [`ha`]: the HA kind of `Broker` (`tracker://...`): cached topology, balancing, key
 //!   affinity, failover.
@@ -32,7 +35,10 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod broker;
+mod call;
 pub mod connection;
 mod consumer;
 mod error;
@@ -43,9 +49,10 @@ pub mod reporter;
 pub mod topology;
 mod transport;
 
-pub use qbus_wire::{link, protocol, serve};
+pub use qbus_wire::{link, protocol};
 
 pub use broker::Broker;
+pub use call::{CallReply, PendingCall};
 pub use connection::{Connection, ConnectionOptions};
 pub use consumer::{Consumer, ConsumerBuilder, Delivery, StartAt};
 pub use error::{ClientError, Result};

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connection::{Connection, ConnectionOptions};
 use crate::link::TcpConnector;
 use crate::protocol::{Command, Frame, Header, DEFAULT_MAX_FRAME};
-use crate::topology::BrokerState;
+use crate::topology::NodeState;
 
 /// Reports the latest value of `state` to every tracker in `trackers` until `stop` fires or
 /// the sender of `state` is dropped. Publish a new state (with a higher `seq`) on every
@@ -28,9 +28,9 @@ use crate::topology::BrokerState;
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use qbus_client::reporter::report;
-/// use qbus_client::topology::{BrokerState, NodeKind};
+/// use qbus_client::topology::{NodeState, NodeKind};
 ///
-/// let state = BrokerState {
+/// let state = NodeState {
 ///     id: "10.0.0.9:18000".into(),
 ///     addr: "10.0.0.9:18000".into(),
 ///     kind: NodeKind::RpcServer,
@@ -38,7 +38,7 @@ use crate::topology::BrokerState;
 ///     seq: 1,
 ///     report_interval_ms: 2000,
 ///     services: vec!["calculator".into()],
-///     ..BrokerState::default()
+///     ..NodeState::default()
 /// };
 /// let (_publish, watch) = tokio::sync::watch::channel(Arc::new(state));
 /// let stop = tokio_util::sync::CancellationToken::new();
@@ -50,7 +50,7 @@ use crate::topology::BrokerState;
 /// ```
 pub async fn report(
     trackers: Vec<String>,
-    state: watch::Receiver<Arc<BrokerState>>,
+    state: watch::Receiver<Arc<NodeState>>,
     interval: Duration,
     stop: CancellationToken,
 ) {
@@ -64,7 +64,7 @@ pub async fn report(
 
 async fn report_to(
     tracker: String,
-    mut state: watch::Receiver<Arc<BrokerState>>,
+    mut state: watch::Receiver<Arc<NodeState>>,
     interval: Duration,
     stop: CancellationToken,
 ) {

@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-pub use qbus_wire::topology::{
-    BrokerState, GroupState, MqState, NodeKind, TopologyUpdate, Version,
-};
+pub use qbus_wire::topology::{GroupState, MqState, NodeKind, NodeState, TopologyUpdate, Version};
 
 /// A broker holding an MQ, as a [`Selector`](crate::ha::Selector) sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,12 +25,12 @@ pub struct Candidate {
 /// The merged view of the cluster an HA client works from; cheap to share behind an `Arc`.
 ///
 /// ```
-/// use qbus_client::topology::{BrokerState, MqState, Topology};
-/// let broker = |id: &str, mqs: &[&str]| BrokerState {
+/// use qbus_client::topology::{NodeState, MqState, Topology};
+/// let broker = |id: &str, mqs: &[&str]| NodeState {
 ///     id: id.into(),
 ///     addr: id.into(),
 ///     mqs: mqs.iter().map(|m| MqState { name: m.to_string(), ..Default::default() }).collect(),
-///     ..BrokerState::default()
+///     ..NodeState::default()
 /// };
 /// let topology = Topology::new([broker("a:1", &["orders"]), broker("b:1", &["orders", "jobs"])]);
 /// assert_eq!(topology.holders("orders").len(), 2);
@@ -41,7 +39,7 @@ pub struct Candidate {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
-    brokers: BTreeMap<String, BrokerState>,
+    brokers: BTreeMap<String, NodeState>,
     /// MQ name to the brokers holding it, sorted by id; built once per change so a send
     /// finds its candidates without scanning.
     holders: HashMap<String, Arc<[Candidate]>>,
@@ -58,8 +56,8 @@ impl Eq for Topology {}
 
 impl Topology {
     /// The topology made of `brokers` (a later entry with the same id replaces an earlier).
-    pub fn new(brokers: impl IntoIterator<Item = BrokerState>) -> Topology {
-        let brokers: BTreeMap<String, BrokerState> =
+    pub fn new(brokers: impl IntoIterator<Item = NodeState>) -> Topology {
+        let brokers: BTreeMap<String, NodeState> =
             brokers.into_iter().map(|b| (b.id.clone(), b)).collect();
         let mut holders: HashMap<String, Vec<Candidate>> = HashMap::new();
         for broker in brokers.values().filter(|b| b.is_broker()) {
@@ -82,12 +80,12 @@ impl Topology {
     }
 
     /// Every node, sorted by id.
-    pub fn brokers(&self) -> impl Iterator<Item = &BrokerState> {
+    pub fn brokers(&self) -> impl Iterator<Item = &NodeState> {
         self.brokers.values()
     }
 
     /// The node with `id`.
-    pub fn broker(&self, id: &str) -> Option<&BrokerState> {
+    pub fn broker(&self, id: &str) -> Option<&NodeState> {
         self.brokers.get(id)
     }
 
@@ -114,7 +112,7 @@ impl Topology {
     }
 
     /// The nodes offering the DirectRPC service `name`, sorted by id.
-    pub fn providers(&self, service: &str) -> Vec<&BrokerState> {
+    pub fn providers(&self, service: &str) -> Vec<&NodeState> {
         self.brokers
             .values()
             .filter(|b| b.services.iter().any(|s| s == service))
@@ -128,7 +126,7 @@ mod tests {
 
     #[test]
     fn rpc_servers_hold_no_mqs_but_offer_services() {
-        let rpc = BrokerState {
+        let rpc = NodeState {
             id: "rpc".into(),
             kind: NodeKind::RpcServer,
             mqs: vec![MqState {
@@ -136,7 +134,7 @@ mod tests {
                 ..MqState::default()
             }],
             services: vec!["calc".into()],
-            ..BrokerState::default()
+            ..NodeState::default()
         };
         let topology = Topology::new([rpc]);
         assert!(topology.holders("ignored").is_empty());

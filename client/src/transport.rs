@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Connection, PendingReply};
-use crate::error::{ClientError, Result};
+use crate::error::{decode_reply, ClientError, Result};
 use crate::ha::failover::HaReply;
 use crate::ha::{Ha, HaStatus};
 use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions};
@@ -90,7 +90,7 @@ impl Transport {
             body.into(),
         )
         .await?;
-        decode(&reply.body)
+        decode_reply(&reply.body)
     }
 
     /// Describes `mq` (over HA, summed over its copies).
@@ -105,7 +105,7 @@ impl Transport {
             Bytes::new(),
         )
         .await?;
-        decode(&reply.body)
+        decode_reply(&reply.body)
     }
 
     /// Describes every MQ, sorted by name (over HA, summed over brokers).
@@ -120,7 +120,7 @@ impl Transport {
             Bytes::new(),
         )
         .await?;
-        decode(&reply.body)
+        decode_reply(&reply.body)
     }
 
     /// Deletes `mq` (over HA, on every broker).
@@ -227,8 +227,4 @@ impl PendingFrame {
 
 async fn admin(connection: &Connection, request: Header, body: Bytes) -> Result<Frame> {
     connection.request(Frame::with_body(request, body)).await
-}
-
-fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    rmp_serde::from_slice(body).map_err(|e| ClientError::Protocol(format!("bad reply body: {e}")))
 }

@@ -51,6 +51,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod codec;
 pub mod envelope;
@@ -60,7 +62,7 @@ pub mod server;
 pub use client::direct::DirectInvoker;
 pub use client::ha::HaInvoker;
 pub use client::invoker::{Call, InvokeFuture, Invoker, Reply};
-pub use client::mq::{route_stats, MqInvoker};
+pub use client::mq::MqInvoker;
 pub use client::rpc_client::{CallFuture, CallOptions, RpcClient};
 pub use codec::{Encoding, UnknownEncoding};
 pub use envelope::{ErrorCode, RemoteError, DEFAULT_TIMEOUT};

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use qbus_broker::{Config, EmbeddedBroker};
 use qbus_client::Broker;
-use qbus_rpc::{
-    route_stats, Invoker, MqInvoker, MqRpcService, MqServiceOptions, RpcClient, RpcError,
-};
+use qbus_rpc::{Invoker, MqInvoker, MqRpcService, MqServiceOptions, RpcClient, RpcError};
 use serde_json::json;
 use support::greeter::{self, GreeterClient, Probe};
 use support::{plain, scenarios, wait_for_async, BrokerProcess, KillOnDrop};
@@ -136,7 +134,7 @@ async fn no_responders_fail_fast() {
 async fn killed_caller_frees_its_pending_entry() {
     let fixture = single().await;
     let broker = Broker::connect(&fixture.broker.addr()).await.unwrap();
-    assert_eq!(route_stats(&broker, MQ).await.unwrap().pending, 0);
+    assert_eq!(broker.route_stats(MQ).await.unwrap().pending, 0);
     let caller = Command::new(support::binary("qbus"))
         .args([
             "--broker",
@@ -154,14 +152,14 @@ async fn killed_caller_frees_its_pending_entry() {
         .unwrap();
     let mut caller = KillOnDrop(caller);
     fixture.probe.until_started(1).await;
-    assert_eq!(route_stats(&broker, MQ).await.unwrap().pending, 1);
+    assert_eq!(broker.route_stats(MQ).await.unwrap().pending, 1);
     caller.0.kill().unwrap();
     caller.0.wait().unwrap();
     let stats = wait_for_async(
         "the killed caller's entry to be freed",
         Duration::from_secs(10),
         || async {
-            let stats = route_stats(&broker, MQ).await.unwrap();
+            let stats = broker.route_stats(MQ).await.unwrap();
             (stats.pending == 0).then_some(stats)
         },
     )
@@ -197,7 +195,7 @@ async fn routed_replies_leave_the_table_empty() {
         );
     }
     let broker = Broker::connect(&fixture.broker.addr()).await.unwrap();
-    let stats = route_stats(&broker, MQ).await.unwrap();
+    let stats = broker.route_stats(MQ).await.unwrap();
     assert_eq!((stats.pending, stats.routed), (0, 10));
 }
 

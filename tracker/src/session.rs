@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::{Command, Frame, Header, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 use qbus_wire::serve::{hello_reply, next_frame};
-use qbus_wire::topology::{BrokerState, TopologyUpdate};
+use qbus_wire::topology::{NodeState, TopologyUpdate};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -84,14 +84,14 @@ fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
         Command::Heartbeat => Frame::new(Header::reply_to(request)),
         Command::Report => {
             table.metrics().report_received();
-            match rmp_serde::from_slice::<BrokerState>(&frame.body) {
+            match rmp_serde::from_slice::<NodeState>(&frame.body) {
                 Ok(state) => match table.report(conn, state, Instant::now()) {
                     Ok(()) => Frame::new(Header::reply_to(request)),
                     Err(e) => error(Status::BadRequest, e.to_string()),
                 },
                 Err(e) => error(
                     Status::BadRequest,
-                    format!("report body is not a BrokerState map: {e}"),
+                    format!("report body is not a NodeState map: {e}"),
                 ),
             }
         }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use qbus_wire::topology::{BrokerState, TopologyUpdate};
+use qbus_wire::topology::{NodeState, TopologyUpdate};
 use tokio::sync::broadcast;
 
 use crate::metrics::Metrics;
@@ -45,7 +45,7 @@ pub enum ReportError {
 }
 
 struct Entry {
-    state: BrokerState,
+    state: NodeState,
     conn: u64,
     /// When its last accepted report arrived (a repeat of the held version counts: it
     /// proves the node alive).
@@ -57,7 +57,7 @@ struct Entry {
 #[derive(Debug, Clone)]
 pub struct NodeStatus {
     /// What it last reported.
-    pub state: BrokerState,
+    pub state: NodeState,
     /// Time since that report.
     pub report_age: Duration,
     /// Time left before it is dropped unless it reports again.
@@ -118,7 +118,7 @@ impl Table {
     }
 
     /// Records a report received on connection `conn`.
-    pub fn report(&self, conn: u64, state: BrokerState, now: Instant) -> Result<(), ReportError> {
+    pub fn report(&self, conn: u64, state: NodeState, now: Instant) -> Result<(), ReportError> {
         if state.id.is_empty() {
             return Err(ReportError::Missing("id"));
         }
@@ -281,7 +281,7 @@ fn by_id(inner: &Inner) -> Vec<&Entry> {
     entries
 }
 
-fn sorted(inner: &Inner) -> Vec<BrokerState> {
+fn sorted(inner: &Inner) -> Vec<NodeState> {
     by_id(inner).into_iter().map(|e| e.state.clone()).collect()
 }
 
@@ -299,14 +299,14 @@ fn snapshot_of(inner: &Inner) -> TopologyUpdate {
 mod tests {
     use super::*;
 
-    fn state(id: &str, epoch: u64, seq: u64) -> BrokerState {
-        BrokerState {
+    fn state(id: &str, epoch: u64, seq: u64) -> NodeState {
+        NodeState {
             id: id.into(),
             addr: id.into(),
             epoch,
             seq,
             report_interval_ms: 100,
-            ..BrokerState::default()
+            ..NodeState::default()
         }
     }
 

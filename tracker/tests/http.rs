@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hyper::Method;
 use qbus_client::protocol::{Command, Frame, Header};
-use qbus_client::topology::{BrokerState, NodeKind};
+use qbus_client::topology::{NodeKind, NodeState};
 use qbus_client::{Connection, ConnectionOptions, MqOptions};
 use qbus_testkit::{chromium, prometheus};
 use serde_json::Value;
@@ -29,7 +29,7 @@ async fn register_rpc_node(tracker: &TrackerProcess, addr: &str, services: &[&st
         qbus_client::link::TcpConnector::new(tracker.addr(), 1 << 20),
         ConnectionOptions::default(),
     );
-    let state = BrokerState {
+    let state = NodeState {
         id: addr.into(),
         addr: addr.into(),
         kind: NodeKind::RpcServer,
@@ -38,7 +38,7 @@ async fn register_rpc_node(tracker: &TrackerProcess, addr: &str, services: &[&st
         // Long enough that the lease outlives the test without further reports.
         report_interval_ms: 60_000,
         services: services.iter().map(|s| s.to_string()).collect(),
-        ..BrokerState::default()
+        ..NodeState::default()
     };
     let report = Frame::with_body(
         Header::request(Command::Report, None),

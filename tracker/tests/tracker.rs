@@ -196,7 +196,7 @@ async fn bad_input_gets_an_error_and_the_tracker_keeps_serving() {
     );
     let report = qbus_client::protocol::Frame::with_body(
         qbus_client::protocol::Header::request(qbus_client::protocol::Command::Report, None),
-        rmp_serde::to_vec_named(&qbus_client::topology::BrokerState::default())
+        rmp_serde::to_vec_named(&qbus_client::topology::NodeState::default())
             .unwrap()
             .into(),
     );

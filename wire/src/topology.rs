@@ -1,7 +1,7 @@
 //! What nodes tell trackers and trackers tell clients about the cluster: which brokers
 //! exist, which MQs each holds, and which DirectRPC servers offer which services.
 //!
-//! Brokers (and DirectRPC servers) send their [`BrokerState`] to every tracker; trackers send
+//! Brokers (and DirectRPC servers) send their [`NodeState`] to every tracker; trackers send
 //! [`TopologyUpdate`]s to their subscribers; an HA client merges what every tracker says into
 //! one view (`qbus_client::topology::Topology`). All of them are MessagePack maps on the wire (field names as here), so
 //! fields can be added without breaking older peers.
@@ -86,21 +86,21 @@ impl MqState {
 /// Everything one node tells the trackers about itself; the body of a `Report`.
 ///
 /// ```
-/// use qbus_wire::topology::{BrokerState, MqState};
-/// let state = BrokerState {
+/// use qbus_wire::topology::{NodeState, MqState};
+/// let state = NodeState {
 ///     id: "10.0.0.7:15555".into(),
 ///     addr: "10.0.0.7:15555".into(),
 ///     epoch: 1_700_000_000_000,
 ///     seq: 3,
 ///     mqs: vec![MqState { name: "orders".into(), depth: 42, groups: vec![] }],
-///     ..BrokerState::default()
+///     ..NodeState::default()
 /// };
 /// assert!(state.holds("orders"));
 /// assert_eq!(state.version().seq, 3);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct BrokerState {
+pub struct NodeState {
     /// Stable identity of the node (a broker uses its advertised address).
     pub id: String,
     /// Where clients connect (`host:port`).
@@ -119,7 +119,7 @@ pub struct BrokerState {
     pub services: Vec<String>,
 }
 
-impl BrokerState {
+impl NodeState {
     /// The version of this report.
     pub fn version(&self) -> Version {
         Version {
@@ -158,7 +158,7 @@ pub struct TopologyUpdate {
     /// True for a full snapshot (`brokers` is everything), false for a change.
     pub full: bool,
     /// Nodes added or changed (all of them in a snapshot).
-    pub brokers: Vec<BrokerState>,
+    pub brokers: Vec<NodeState>,
     /// Ids of nodes that left (changes only).
     pub removed: Vec<String>,
 }
@@ -195,7 +195,7 @@ mod tests {
             future_field: 1,
         })
         .unwrap();
-        let state: BrokerState = rmp_serde::from_slice(&bytes).unwrap();
+        let state: NodeState = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!((state.id.as_str(), state.seq), ("a", 9));
         assert!(state.is_broker() && state.mqs.is_empty());
     }

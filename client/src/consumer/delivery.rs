@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::call::route_frame;
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::protocol::{Command, DeliveryToken, Frame, Header, FLAG_UNSEEN};
@@ -72,11 +73,21 @@ impl Delivery {
         self.acker.settle(self.token(), Verdict::Nack).await
     }
 
-    /// The connection to the broker this delivery came from: where an answer that must
-    /// reach that very broker goes (an MQ-RPC reply is routed by the broker that stored
-    /// the request).
-    pub fn connection(&self) -> &Connection {
-        &self.acker.connection
+    /// Answers the MQ-RPC call this delivery carries (its key is the caller's reply route):
+    /// `body` is the response envelope, `encoding` its `encoding` header. The reply goes to
+    /// the broker the call came from, which alone can route it to the caller; it is sent
+    /// one-way, so `Ok` means it left, not that a caller still waited for it.
+    pub async fn reply(&self, body: Bytes, encoding: Option<String>) -> Result<()> {
+        let route = self.key.clone().ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "the record at offset {} is not an MQ-RPC call: it has no reply route as key",
+                self.offset
+            ))
+        })?;
+        self.acker
+            .connection
+            .send_oneway(route_frame(route, body, encoding))
+            .await
     }
 }
 

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use qbus_wire::Backoff;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -70,7 +70,7 @@ struct Fetcher {
 
 impl Fetcher {
     async fn run(self) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let fetch = self
                 .connection
@@ -83,7 +83,7 @@ impl Fetcher {
             };
             match reply.and_then(|frame| self.deliveries(frame)) {
                 Ok(deliveries) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     let mut deliveries = deliveries.into_iter();
                     while let Some(delivery) = deliveries.next() {
                         if self.spec.auto_ack {
@@ -104,14 +104,13 @@ impl Fetcher {
                     if e.is_transport()
                         || (self.spec.tolerate_missing && e.status() == Some(Status::NotFound)) =>
                 {
-                    let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+                    let wait = backoff.next_wait();
                     tracing::warn!(mq = %self.spec.target.mq, broker = %self.connection.addr(), error = %e, retry_in = ?wait, "fetch failed");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.tx.closed() => return,
                         _ = self.stop.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => {
                     let _ = self.tx.send(Err(e)).await;

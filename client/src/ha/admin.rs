@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 
 use super::{affinity, pool::Node, Ha};
-use crate::error::{ClientError, Result};
+use crate::error::{decode_reply, ClientError, Result};
 use crate::protocol::{Command, Frame, GroupInfo, Header, MqInfo, MqOptions, Status};
 use crate::topology::Candidate;
 
@@ -145,7 +145,7 @@ impl Ha {
         let mut answered = false;
         let mut last_error = None;
         for (addr, reply) in replies {
-            match reply.and_then(|frame| decode::<Vec<MqInfo>>(&frame.body)) {
+            match reply.and_then(|frame| decode_reply::<Vec<MqInfo>>(&frame.body)) {
                 Ok(infos) => {
                     answered = true;
                     for info in infos {
@@ -256,7 +256,7 @@ fn split(replies: ByBroker<Result<Frame>>) -> (ByBroker<MqInfo>, ByBroker<Client
     let mut infos = Vec::new();
     let mut errors = Vec::new();
     for (addr, reply) in replies {
-        match reply.and_then(|frame| decode::<MqInfo>(&frame.body)) {
+        match reply.and_then(|frame| decode_reply::<MqInfo>(&frame.body)) {
             Ok(info) => infos.push((addr, info)),
             Err(e) => errors.push((addr, e)),
         }
@@ -278,10 +278,6 @@ fn no_live_broker(mq: &str) -> ClientError {
         mq: mq.to_owned(),
         reason: "no live broker in the topology (are the brokers started with --tracker?)".into(),
     }
-}
-
-fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    rmp_serde::from_slice(body).map_err(|e| ClientError::Protocol(format!("bad reply body: {e}")))
 }
 
 /// The copies of one MQ summed into one description.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rand::Rng;
+use qbus_wire::Backoff;
 
 use super::Shared;
 use crate::connection::{Connection, ConnectionOptions};
@@ -180,11 +180,11 @@ impl Pool {
 /// Heartbeats a down broker with backoff until it answers (then it is used again) or it
 /// leaves the topology.
 async fn probe(shared: Arc<Shared>, node: Arc<Node>) {
-    let mut delay = PROBE_FIRST;
+    let mut backoff = Backoff::new(PROBE_FIRST, PROBE_MAX);
     let limit =
         shared.options.connection.connect_timeout + shared.options.connection.request_timeout;
     loop {
-        let wait = delay.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+        let wait = backoff.next_wait();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shared.stop.cancelled() => return,
@@ -201,11 +201,10 @@ async fn probe(shared: Arc<Shared>, node: Arc<Node>) {
             tracing::info!(broker = %node.addr, "broker answers again");
             // A failure that raced with this answer needs a probe of its own.
             if node.down.load(Ordering::Relaxed) && !node.probing.swap(true, Ordering::AcqRel) {
-                delay = PROBE_FIRST;
+                backoff.reset();
                 continue;
             }
             return;
         }
-        delay = (delay * 2).min(PROBE_MAX);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use rand::Rng;
+use qbus_wire::Backoff;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -24,7 +24,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Follows tracker `index` until the handle is dropped.
 pub(crate) async fn follow(shared: Arc<Shared>, index: usize) {
     let addr = shared.trackers[index].clone();
-    let mut delay = RETRY_FIRST;
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     loop {
         let outcome = tokio::select! {
             outcome = subscribe(&shared, index, &addr) => outcome,
@@ -32,7 +32,7 @@ pub(crate) async fn follow(shared: Arc<Shared>, index: usize) {
         };
         let reason = match outcome {
             Ended::AfterSnapshot(reason) => {
-                delay = RETRY_FIRST;
+                backoff.reset();
                 tracing::warn!(tracker = %addr, %reason, "lost the tracker; using the cached topology");
                 reason
             }
@@ -42,12 +42,11 @@ pub(crate) async fn follow(shared: Arc<Shared>, index: usize) {
             }
         };
         shared.tracker_lost(index, reason);
-        let wait = delay.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+        let wait = backoff.next_wait();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shared.stop.cancelled() => return,
         }
-        delay = (delay * 2).min(RETRY_MAX);
     }
 }
 

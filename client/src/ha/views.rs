@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use crate::topology::{BrokerState, Topology, TopologyUpdate};
+use crate::topology::{NodeState, Topology, TopologyUpdate};
 
 /// A change numbered out of sequence: the caller must ask the tracker for a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +30,7 @@ struct View {
     ready: bool,
     /// Sequence number of the last update applied.
     seq: u64,
-    brokers: HashMap<String, BrokerState>,
+    brokers: HashMap<String, NodeState>,
 }
 
 /// The views of every configured tracker, by index.
@@ -110,7 +110,7 @@ impl Views {
     }
 }
 
-fn keep_newest(brokers: &mut HashMap<String, BrokerState>, broker: BrokerState) {
+fn keep_newest(brokers: &mut HashMap<String, NodeState>, broker: NodeState) {
     match brokers.get(&broker.id) {
         Some(known) if known.version() > broker.version() => {}
         _ => {
@@ -123,17 +123,17 @@ fn keep_newest(brokers: &mut HashMap<String, BrokerState>, broker: BrokerState) 
 mod tests {
     use super::*;
 
-    fn broker(id: &str, epoch: u64, seq: u64) -> BrokerState {
-        BrokerState {
+    fn broker(id: &str, epoch: u64, seq: u64) -> NodeState {
+        NodeState {
             id: id.into(),
             addr: id.into(),
             epoch,
             seq,
-            ..BrokerState::default()
+            ..NodeState::default()
         }
     }
 
-    fn snapshot(seq: u64, ready: bool, brokers: Vec<BrokerState>) -> TopologyUpdate {
+    fn snapshot(seq: u64, ready: bool, brokers: Vec<NodeState>) -> TopologyUpdate {
         TopologyUpdate {
             seq,
             ready,
@@ -143,7 +143,7 @@ mod tests {
         }
     }
 
-    fn change(seq: u64, brokers: Vec<BrokerState>, removed: &[&str]) -> TopologyUpdate {
+    fn change(seq: u64, brokers: Vec<NodeState>, removed: &[&str]) -> TopologyUpdate {
         TopologyUpdate {
             seq,
             ready: true,
@@ -151,11 +151,7 @@ mod tests {
         }
     }
 
-    fn change_while_warming(
-        seq: u64,
-        brokers: Vec<BrokerState>,
-        removed: &[&str],
-    ) -> TopologyUpdate {
+    fn change_while_warming(seq: u64, brokers: Vec<NodeState>, removed: &[&str]) -> TopologyUpdate {
         TopologyUpdate {
             seq,
             ready: false,

@@ -5,7 +5,7 @@ use qbus_client::link::TcpConnector;
 use qbus_client::protocol::DEFAULT_MAX_FRAME;
 use qbus_client::{Connection, ConnectionOptions};
 
-use crate::client::invoker::{call_frame, exchange, Call, InvokeFuture, Invoker};
+use crate::client::invoker::{exchange, Call, InvokeFuture, Invoker};
 use crate::error::RpcError;
 
 /// Calls an [`RpcServer`](crate::RpcServer) at one address. Cheap to clone; clones share
@@ -66,7 +66,8 @@ impl Invoker for DirectInvoker {
         let connection = self.connection.clone();
         // The frame is built inside the send so the future holds it once.
         Box::pin(async move {
-            let send = || connection.send(call_frame(&call, None));
+            let encoding = call.encoding.header_value();
+            let send = || connection.send_call(call.body.clone(), encoding, call.timeout);
             exchange(send, call.timeout, || connection.addr()).await
         })
     }

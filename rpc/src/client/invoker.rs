@@ -9,15 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use qbus_client::connection::PendingReply;
-use qbus_client::protocol::{Command, Frame, Header};
-use qbus_client::ClientError;
+use qbus_client::{CallReply, ClientError, PendingCall, Status};
 
 use crate::codec::Encoding;
 use crate::error::RpcError;
-
-/// Status a broker gives a call whose deadline passed before any responder replied.
-pub const STATUS_TIMEOUT: u16 = 504;
 
 /// One call on its way out: an encoded request envelope and how long it may take.
 #[derive(Debug, Clone)]
@@ -78,23 +73,15 @@ impl<T: Invoker + ?Sized> Invoker for Box<T> {
 }
 
 impl Reply {
-    /// Reads a `Call` reply frame.
-    pub(crate) fn from_frame(frame: Frame) -> Result<Reply, RpcError> {
-        let encoding = Encoding::from_header(frame.header.encoding.as_deref())
+    /// Reads a call's reply.
+    fn from_call(reply: CallReply) -> Result<Reply, RpcError> {
+        let encoding = Encoding::from_header(reply.encoding.as_deref())
             .map_err(|e| RpcError::Codec(format!("reply: {e}")))?;
         Ok(Reply {
-            body: frame.body,
+            body: reply.body,
             encoding,
         })
     }
-}
-
-/// The `Call` frame for `call`; `mq` is set for MQ-RPC.
-pub(crate) fn call_frame(call: &Call, mq: Option<&str>) -> Frame {
-    let mut header = Header::request(Command::Call, mq);
-    header.timeout_ms = Some(u32::try_from(call.timeout.as_millis()).unwrap_or(u32::MAX));
-    header.encoding = call.encoding.header_value();
-    Frame::with_body(header, call.body.clone())
 }
 
 /// Sends with `send` (called once, inside) and waits for the reply, all within `timeout`;
@@ -107,7 +94,7 @@ pub(crate) async fn exchange<S, F>(
 ) -> Result<Reply, RpcError>
 where
     S: FnOnce() -> F,
-    F: Future<Output = Result<PendingReply, ClientError>>,
+    F: Future<Output = Result<PendingCall, ClientError>>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
     let outcome = match tokio::time::timeout_at(deadline, send()).await {
@@ -117,10 +104,11 @@ where
     };
     match outcome {
         Err(_) => Err(RpcError::Timeout(timeout)),
-        Ok(Ok(frame)) => Reply::from_frame(frame),
-        Ok(Err(ClientError::Server { status, .. })) if status.code() == STATUS_TIMEOUT => {
-            Err(RpcError::Timeout(timeout))
-        }
+        Ok(Ok(reply)) => Reply::from_call(reply),
+        Ok(Err(ClientError::Server {
+            status: Status::DeadlineExceeded,
+            ..
+        })) => Err(RpcError::Timeout(timeout)),
         Ok(Err(e)) => Err(RpcError::from_client(e, &target())),
     }
 }

@@ -3,12 +3,9 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use qbus_client::protocol::{Command, Frame, Header, RouteStats};
 use qbus_client::Broker;
 
-use crate::client::invoker::{call_frame, exchange, Call, InvokeFuture, Invoker};
-use crate::error::RpcError;
+use crate::client::invoker::{exchange, Call, InvokeFuture, Invoker};
 
 /// Calls whatever [`MqRpcService`](crate::MqRpcService) consumes an MQ, through any
 /// [`Broker`] handle: one broker, brokers found through trackers (the call goes to a broker
@@ -55,30 +52,9 @@ impl Invoker for MqInvoker {
         let (broker, mq) = (self.broker.clone(), self.mq.clone());
         // The frame is built inside the send so the future holds it once.
         Box::pin(async move {
-            let send = || broker.send_request(&mq, call_frame(&call, Some(&mq)));
+            let encoding = call.encoding.header_value();
+            let send = || broker.send_call(&mq, call.body.clone(), encoding, call.timeout);
             exchange(send, call.timeout, || format!("MQ {mq:?}")).await
         })
     }
-}
-
-/// The table of MQ-RPC callers awaiting a reply on the broker that holds `mq` (over an HA
-/// handle, one of them): how many wait now, the limits, and what became of past ones.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
-/// let stats = qbus_rpc::route_stats(&broker, "greeter-rpc").await?;
-/// println!("{} of {} reply routes in use", stats.pending, stats.capacity);
-/// # Ok(()) }
-/// ```
-pub async fn route_stats(broker: &Broker, mq: &str) -> Result<RouteStats, RpcError> {
-    let frame = Frame::with_body(
-        Header::request(Command::QueryRoutes, Some(mq)),
-        Bytes::new(),
-    );
-    let reply = async { broker.send_request(mq, frame).await?.await }
-        .await
-        .map_err(|e| RpcError::from_client(e, mq))?;
-    rmp_serde::from_slice(&reply.body)
-        .map_err(|e| RpcError::Codec(format!("QueryRoutes reply is not a RouteStats map: {e}")))
 }

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use qbus_client::protocol::DEFAULT_MAX_FRAME;
-use qbus_client::serve::{accept, Connections};
+use qbus_wire::protocol::DEFAULT_MAX_FRAME;
+use qbus_wire::serve::{accept, Connections};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

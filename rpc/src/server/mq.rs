@@ -2,12 +2,13 @@
 //! [`RpcProcessor`] with a limit on how many run at once, and sends each reply back to the
 //! broker that stored the call, which routes it to the caller.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use qbus_client::protocol::{Command, Frame, Header, MqOptions, FLAG_ONEWAY};
 use qbus_client::{Broker, ClientError, Consumer, Delivery, StartAt};
+use qbus_wire::now_ms;
+use qbus_wire::protocol::MqOptions;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -218,25 +219,25 @@ async fn serve(
             }
             None => break,
         };
-        let Some(route) = delivery.key.clone() else {
+        if delivery.key.is_none() {
             tracing::warn!(
                 offset = delivery.offset,
                 "not an MQ-RPC call (its record has no reply route as key); skipped"
             );
             acks.push(ack(delivery));
             continue;
-        };
+        }
         let waited = Duration::from_millis(now_ms().saturating_sub(delivery.timestamp_ms));
         match processor.start(delivery.tag.as_deref(), delivery.body.clone(), waited) {
             Started::Done(reply) => {
-                send_reply(&delivery, route, reply).await;
+                send_reply(&delivery, reply).await;
                 acks.push(ack(delivery));
             }
             Started::Expired => acks.push(ack(delivery)),
             Started::Running(call) => {
                 running.spawn(async move {
                     let reply = call.finish().await;
-                    send_reply(&delivery, route, reply).await;
+                    send_reply(&delivery, reply).await;
                     ack(delivery).await;
                 });
             }
@@ -255,16 +256,9 @@ async fn serve(
 }
 
 /// Sends a reply back through the broker the call came from, which routes it to the caller.
-async fn send_reply(delivery: &Delivery, route: String, reply: Reply) {
-    let mut header = Header::request(Command::Route, None);
-    header.route = Some(route);
-    header.encoding = reply.encoding.header_value();
-    // The broker answers a failed route only by counting it; a reply frame per call would
-    // halve what the link carries.
-    header.flags = FLAG_ONEWAY;
+async fn send_reply(delivery: &Delivery, reply: Reply) {
     let sent = delivery
-        .connection()
-        .send_oneway(Frame::with_body(header, reply.body))
+        .reply(reply.body, reply.encoding.header_value())
         .await;
     if let Err(e) = sent {
         tracing::debug!(offset = delivery.offset, error = %e, "reply lost with its broker connection");
@@ -276,10 +270,4 @@ async fn ack(delivery: Delivery) {
     if let Err(e) = delivery.ack().await {
         tracing::debug!(offset = delivery.offset, error = %e, "ack failed; the broker will redeliver the call");
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

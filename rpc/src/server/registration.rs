@@ -5,10 +5,11 @@
 //! at once.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use qbus_client::reporter::report;
-use qbus_client::topology::{BrokerState, NodeKind};
+use qbus_client::topology::{NodeKind, NodeState};
+use qbus_wire::now_ms;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// Reports running in the background; stops when dropped.
 pub(crate) struct Registration {
     /// Kept so the reporter keeps reporting: it stops when the sender goes.
-    _state: watch::Sender<Arc<BrokerState>>,
+    _state: watch::Sender<Arc<NodeState>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -29,10 +30,8 @@ impl Registration {
         services: Vec<String>,
         interval: Duration,
     ) -> Registration {
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let state = BrokerState {
+        let epoch = now_ms();
+        let state = NodeState {
             id: addr.clone(),
             addr,
             kind: NodeKind::RpcServer,
@@ -40,7 +39,7 @@ impl Registration {
             seq: 1,
             report_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
             services,
-            ..BrokerState::default()
+            ..NodeState::default()
         };
         let (state, watch) = watch::channel(Arc::new(state));
         let stop = CancellationToken::new();

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use qbus_client::link::{tcp_link, Link};
-use qbus_client::protocol::{Command, Frame, Header, Status, PROTOCOL_VERSION};
-use qbus_client::serve::{hello_reply, next_frame};
+use qbus_wire::link::{tcp_link, Link};
+use qbus_wire::protocol::{Command, Frame, Header, Status, PROTOCOL_VERSION};
+use qbus_wire::serve::{hello_reply, next_frame};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;

@@ -119,18 +119,18 @@ fn kind_of(node: &NodeStats) -> String {
 mod tests {
     use super::*;
     use crate::table::Table;
-    use qbus_wire::topology::BrokerState;
+    use qbus_wire::topology::NodeState;
     use std::time::Instant;
 
     #[test]
     fn every_kind_is_counted_and_label_values_escaped() {
         let table = Table::new(3, true);
-        let node = |id: &str, kind: &str| BrokerState {
+        let node = |id: &str, kind: &str| NodeState {
             id: id.into(),
             addr: id.into(),
             kind: NodeKind::from(kind.to_owned()),
             seq: 1,
-            ..BrokerState::default()
+            ..NodeState::default()
         };
         let now = Instant::now();
         table.report(1, node("a\"b", "broker"), now).unwrap();

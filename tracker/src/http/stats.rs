@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use qbus_wire::protocol::PROTOCOL_VERSION;
-use qbus_wire::topology::BrokerState;
+use qbus_wire::topology::NodeState;
 use serde::Serialize;
 
 use crate::table::Table;
@@ -54,7 +54,7 @@ pub struct NodeStats {
     /// Its report: `id`, `addr`, `kind`, `epoch`, `seq`, `report_interval_ms`, `mqs`,
     /// `services`.
     #[serde(flatten)]
-    pub state: BrokerState,
+    pub state: NodeState,
     /// Milliseconds since its last report.
     pub report_age_ms: u64,
     /// Milliseconds before it is dropped unless it reports again.
@@ -133,13 +133,13 @@ mod tests {
     fn services_are_gathered_from_every_node() {
         let table = Table::new(3, true);
         let now = Instant::now();
-        let node = |id: &str, kind, services: &[&str]| BrokerState {
+        let node = |id: &str, kind, services: &[&str]| NodeState {
             id: id.into(),
             addr: format!("{id}:1"),
             kind,
             seq: 1,
             services: services.iter().map(|s| s.to_string()).collect(),
-            ..BrokerState::default()
+            ..NodeState::default()
         };
         for state in [
             node("b", NodeKind::RpcServer, &["calc", "echo"]),

@@ -33,7 +33,7 @@ pub enum Command {
     /// with `409` while a consumer is attached.
     RemoveGroup,
     /// Broker to tracker: the body is the broker's full
-    /// [`BrokerState`](crate::topology::BrokerState); the reply is empty.
+    /// [`NodeState`](crate::topology::NodeState); the reply is empty.
     Report,
     /// Client to tracker: the reply body is a full
     /// [`TopologyUpdate`](crate::topology::TopologyUpdate); every later change is pushed on
