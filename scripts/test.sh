@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v chromium >/dev/null 2>&1; then
-  echo "scripts/test.sh: installing chromium for the browser tests" >&2
+  echo "scripts/test.sh: chromium is missing; installing Debian's chromium package with apt-get" >&2
+  echo "scripts/test.sh: (the monitor-page tests load the pages in headless Chromium)" >&2
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq

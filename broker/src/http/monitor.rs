@@ -12,7 +12,7 @@ use super::reply::{bytes, Reply};
 
 /// The page, with the look the monitor pages share spliced in once.
 static PAGE: LazyLock<Bytes> =
-    LazyLock::new(|| Bytes::from(page::assemble(include_str!("../monitor.html"))));
+    LazyLock::new(|| Bytes::from(page::assemble(include_str!("monitor.html"))));
 
 /// The page.
 pub fn page() -> Reply {

@@ -25,8 +25,8 @@ use futures_util::StreamExt;
 use qbus_client::ha::HaOptions;
 use qbus_client::{Broker, Message, MqOptions};
 
+use super::args::secs;
 use super::histogram::Latencies;
-use super::secs;
 use crate::error::CliError;
 
 #[derive(Debug, Args)]

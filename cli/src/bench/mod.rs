@@ -3,14 +3,14 @@
 //! - `produce.rs`, `consume.rs`: load against a running broker (`--broker`).
 //! - `failover.rs`: starts a tracker and brokers on loopback and kills one mid-run.
 //! - `rpc.rs`: DirectRPC and MQ-RPC calls against a service it starts.
-//! - `report.rs`: the summary and `RESULT` line they print; `histogram.rs`: latencies.
-
-use std::time::Duration;
+//! - `report.rs`: the summary and `RESULT` line they print; `histogram.rs`: latencies;
+//!   `args.rs`: argument checks the scenarios share.
 
 use clap::Subcommand;
 
 use crate::error::CliError;
 
+mod args;
 mod consume;
 mod failover;
 mod histogram;
@@ -55,12 +55,4 @@ pub async fn run(
         BenchScenario::Rpc(args) => rpc::run(args, broker, connect_timeout).await,
         BenchScenario::RpcServe(args) => rpc::serve(args, broker, connect_timeout).await,
     }
-}
-
-/// `value` seconds, given as `flag`, as a positive duration.
-fn secs(flag: &str, value: f64) -> Result<Duration, CliError> {
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| CliError::Usage(format!("{flag} must be a positive number of seconds")))
 }

@@ -22,8 +22,8 @@ use qbus_rpc::{
     RpcProcessor, RpcServer,
 };
 
+use super::args::secs;
 use super::histogram::Latencies;
-use super::secs;
 use crate::error::CliError;
 
 /// The service the benchmark calls: the payload straight back.

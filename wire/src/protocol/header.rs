@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::status::Status;
+
 /// What a frame asks for. Replies carry the command of their request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(from = "u8", into = "u8")]
@@ -224,18 +226,13 @@ impl Header {
         Header {
             cmd: request.cmd,
             id: request.id,
-            status: super::Status::Ok.code(),
+            status: Status::Ok.code(),
             ..Header::default()
         }
     }
 
     /// An error reply to the request with `cmd` and `id`.
-    pub fn error(
-        cmd: Command,
-        id: u64,
-        status: super::Status,
-        message: impl Into<String>,
-    ) -> Header {
+    pub fn error(cmd: Command, id: u64, status: Status, message: impl Into<String>) -> Header {
         Header {
             cmd,
             id,
