@@ -14,6 +14,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::header::Header;
+use super::header_codec;
 
 /// Default largest frame accepted: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -75,9 +76,6 @@ pub enum WireError {
     /// The header is not valid MessagePack for this protocol version.
     #[error("malformed frame header: {0}")]
     Header(String),
-    /// The header could not be encoded.
-    #[error("cannot encode frame header: {0}")]
-    Encode(String),
     /// The connection failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -105,10 +103,6 @@ fn frame_size(src: &[u8], max: usize) -> Result<Option<(usize, usize)>, WireErro
     Ok(Some((4 + frame_len, header_len)))
 }
 
-fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
-    rmp_serde::from_slice(bytes).map_err(|e| WireError::Header(e.to_string()))
-}
-
 /// Decodes one frame from the start of `src`, returning it and the bytes it used.
 ///
 /// ```
@@ -128,7 +122,7 @@ pub fn decode(src: &[u8], max_frame: usize) -> Result<(Frame, usize), WireError>
     if src.len() < total {
         return Err(eof(total));
     }
-    let header = decode_header(&src[PREFIX_LEN..PREFIX_LEN + header_len])?;
+    let header = header_codec::decode(&src[PREFIX_LEN..PREFIX_LEN + header_len])?;
     let body = Bytes::copy_from_slice(&src[PREFIX_LEN + header_len..total]);
     Ok((Frame { header, body }, total))
 }
@@ -138,11 +132,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
     let start = dst.len();
     dst.reserve(PREFIX_LEN + 64 + frame.body.len());
     dst.put_u64(0); // both lengths, patched below
-    {
-        let mut writer = dst.writer();
-        rmp_serde::encode::write(&mut writer, &frame.header)
-            .map_err(|e| WireError::Encode(e.to_string()))?;
-    }
+    header_codec::encode(&frame.header, dst);
     let header_len = dst.len() - start - PREFIX_LEN;
     dst.extend_from_slice(&frame.body);
     let frame_len = dst.len() - start - 4;
@@ -195,7 +185,7 @@ impl Decoder for FrameCodec {
         }
         let mut raw = src.split_to(total);
         raw.advance(PREFIX_LEN);
-        let header = decode_header(&raw[..header_len])?;
+        let header = header_codec::decode(&raw[..header_len])?;
         raw.advance(header_len);
         Ok(Some(Frame {
             header,

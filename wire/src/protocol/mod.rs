@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod frame;
 pub mod header;
+mod header_codec;
 pub mod record;
 pub mod route;
 pub mod rpc;
