@@ -1,14 +1,20 @@
 //! `qbus bench rpc`: RPC latency and throughput, DirectRPC (`--direct`) or MQ-RPC (`--mq`,
 //! through `--broker`). Unless told to use a running server (`--direct ADDR`, or
-//! `--external` for MQ-RPC), it starts its own server as a child process
-//! (`qbus bench rpc-serve`), so client, server and broker each have their own process.
+//! `--external` for MQ-RPC), it starts the service itself, in one of two shapes:
 //!
-//! For each concurrency level (default `1,64`) it keeps that many calls in flight for
-//! `--duration` seconds after a warm-up, timing every call, and prints a summary and one
-//! machine-readable line in the format of the other benchmarks:
+//! - by default as a child process (`qbus bench rpc-serve`), so caller, service and broker
+//!   each have a process of their own;
+//! - with `--in-process`, in this process, on the same runtime as the caller (its size is
+//!   `--threads`) and on a connection of its own: the shape in which systems such as NATS
+//!   request/reply are usually measured.
+//!
+//! For each payload size (default `16`) and concurrency level (default `1,64`) it keeps that
+//! many calls in flight for `--duration` seconds after a warm-up, timing every call, and
+//! prints a summary and one machine-readable line in the format of the other benchmarks:
 //! `RESULT system=qbus scenario=rpc-latency|rpc-throughput size=.. count=.. window=..
 //! msgs_per_s=.. mb_per_s=.. p50_us=.. p99_us=.. p999_us=.. concurrency=.. transport=..
-//! encoding=..` (`msgs_per_s` counts calls; `rpc-latency` is the run at concurrency 1).
+//! encoding=.. shape=separate|in-process` (`msgs_per_s` counts calls; `rpc-latency` is the
+//! run at concurrency 1).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -52,8 +58,12 @@ pub struct RpcBench {
     #[arg(long, num_args = 0..=1, default_missing_value = "bench-rpc", value_name = "MQ")]
     mq: Option<String>,
     /// MQ-RPC: a service already consumes the MQ (`qbus bench rpc-serve --mq`); start none
-    #[arg(long)]
+    #[arg(long, conflicts_with = "in_process")]
     external: bool,
+    /// Run the service in this process, on the caller's runtime (`--threads`) with its own
+    /// connection, instead of in a child process
+    #[arg(long)]
+    in_process: bool,
     /// Calls in flight, one run per value
     #[arg(
         long,
@@ -68,13 +78,18 @@ pub struct RpcBench {
     /// Seconds of calls before each run, not measured
     #[arg(long, default_value_t = 1.0, value_name = "SECS")]
     warmup: f64,
-    /// Bytes of the string argument (echoed back)
-    #[arg(long, default_value_t = 16)]
-    size: usize,
+    /// Bytes of the string argument (echoed back), one run per value
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "16",
+        value_name = "B[,B...]"
+    )]
+    size: Vec<usize>,
     /// Encoding of calls and replies: msgpack or json
     #[arg(long, default_value = "msgpack")]
     encoding: String,
-    /// Runtime threads of the server this benchmark starts
+    /// Runtime threads of the server this benchmark starts as a child process
     #[arg(long, default_value_t = 1, value_name = "N")]
     server_threads: usize,
 }
@@ -89,7 +104,7 @@ pub struct RpcServe {
     #[arg(long, value_name = "MQ")]
     mq: Option<String>,
     /// MQ-RPC calls run at once
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = SERVICE_CONCURRENCY)]
     concurrency: usize,
 }
 
@@ -99,23 +114,41 @@ fn processor() -> RpcProcessor {
     processor
 }
 
+/// The benchmark's service serving DirectRPC on `addr`.
+async fn serve_direct(addr: &str) -> Result<RpcServer, CliError> {
+    RpcServer::bind(addr, processor())
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))
+}
+
+/// The benchmark's service consuming `mq` through its own connection to `broker`, running
+/// up to `concurrency` calls at once.
+async fn serve_mq(
+    broker: &str,
+    connect_timeout: f64,
+    mq: &str,
+    concurrency: usize,
+) -> Result<MqRpcService, CliError> {
+    let broker = crate::connect(broker, connect_timeout).await?;
+    let options = MqServiceOptions::default().with_concurrency(concurrency);
+    MqRpcService::start_with(&broker, mq, processor(), options)
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))
+}
+
+/// MQ-RPC calls the service runs at once unless told otherwise.
+const SERVICE_CONCURRENCY: usize = 256;
+
 /// `qbus bench rpc-serve`: serves the benchmark's service until killed.
 pub async fn serve(args: RpcServe, broker: &str, connect_timeout: f64) -> Result<(), CliError> {
-    let failed = |e: String| CliError::Failed(e);
     let _running: (Option<RpcServer>, Option<MqRpcService>) = match (&args.listen, &args.mq) {
         (Some(addr), _) => {
-            let server = RpcServer::bind(addr, processor())
-                .await
-                .map_err(|e| failed(e.to_string()))?;
+            let server = serve_direct(addr).await?;
             println!("LISTENING {}", server.local_addr());
             (Some(server), None)
         }
         (_, Some(mq)) => {
-            let broker = crate::connect(broker, connect_timeout).await?;
-            let options = MqServiceOptions::default().with_concurrency(args.concurrency);
-            let service = MqRpcService::start_with(&broker, mq, processor(), options)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
+            let service = serve_mq(broker, connect_timeout, mq, args.concurrency).await?;
             println!("READY");
             (None, Some(service))
         }
@@ -184,10 +217,17 @@ pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(
             "--concurrency values must be at least 1".into(),
         ));
     }
+    // Whatever serves the calls, kept running until the benchmark ends.
     let mut _server = None;
+    let mut _in_process: (Option<RpcServer>, Option<MqRpcService>) = (None, None);
     let (invoker, transport): (Box<dyn Invoker>, &str) = match (&args.direct, &args.mq) {
         (Some(addr), _) => {
-            let addr = if addr.is_empty() {
+            let addr = if addr.is_empty() && args.in_process {
+                let server = serve_direct("127.0.0.1:0").await?;
+                let addr = server.local_addr().to_string();
+                _in_process.0 = Some(server);
+                addr
+            } else if addr.is_empty() {
                 let (child, line) =
                     start_server(&["--listen", "127.0.0.1:0"], broker, args.server_threads)?;
                 _server = Some(child);
@@ -203,7 +243,10 @@ pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(
             (Box::new(invoker), "direct")
         }
         (_, Some(mq)) => {
-            if !args.external {
+            if args.in_process {
+                let service = serve_mq(broker, connect_timeout, mq, SERVICE_CONCURRENCY).await?;
+                _in_process.1 = Some(service);
+            } else if !args.external {
                 let (child, _) = start_server(&["--mq", mq], broker, args.server_threads)?;
                 _server = Some(child);
             }
@@ -213,30 +256,30 @@ pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(
         _ => return Err(CliError::Usage("give --direct or --mq".into())),
     };
     let client = EchoClient::new(invoker).encoding(encoding);
-    let payload = "x".repeat(args.size);
-    for &concurrency in &args.concurrency {
-        if !warmup.is_zero() {
-            measure(
-                &client,
-                &payload,
+    let shape = if args.in_process {
+        "in-process"
+    } else {
+        "separate"
+    };
+    for &size in &args.size {
+        let payload = "x".repeat(size);
+        for &concurrency in &args.concurrency {
+            if !warmup.is_zero() {
+                let mut ignored = Latencies::default();
+                measure(&client, &payload, concurrency, warmup, &mut ignored).await?;
+            }
+            let mut latencies = Latencies::with_capacity(1 << 20);
+            let (calls, elapsed) =
+                measure(&client, &payload, concurrency, duration, &mut latencies).await?;
+            let run = Run {
+                transport,
+                shape,
+                encoding,
+                size,
                 concurrency,
-                warmup,
-                &mut Latencies::default(),
-            )
-            .await?;
+            };
+            report(&run, calls, elapsed, latencies);
         }
-        let mut latencies = Latencies::with_capacity(1 << 20);
-        let (calls, elapsed) =
-            measure(&client, &payload, concurrency, duration, &mut latencies).await?;
-        report(
-            &args,
-            transport,
-            encoding,
-            concurrency,
-            calls,
-            elapsed,
-            latencies,
-        );
     }
     Ok(())
 }
@@ -276,18 +319,26 @@ async fn measure(
     Ok((calls, started.elapsed()))
 }
 
-fn report(
-    args: &RpcBench,
-    transport: &str,
+/// What one measured run was.
+struct Run<'a> {
+    transport: &'a str,
+    shape: &'a str,
     encoding: Encoding,
+    size: usize,
     concurrency: usize,
-    calls: u64,
-    elapsed: Duration,
-    latencies: Latencies,
-) {
+}
+
+fn report(run: &Run<'_>, calls: u64, elapsed: Duration, latencies: Latencies) {
+    let Run {
+        transport,
+        shape,
+        encoding,
+        size,
+        concurrency,
+    } = *run;
     let secs = elapsed.as_secs_f64().max(1e-9);
     let rate = calls as f64 / secs;
-    let mb = rate * args.size as f64 / 1e6;
+    let mb = rate * size as f64 / 1e6;
     let lat = latencies.summarize();
     let scenario = if concurrency == 1 {
         "rpc-latency"
@@ -295,17 +346,16 @@ fn report(
         "rpc-throughput"
     };
     println!(
-        "rpc {transport}: {calls} calls of {} B ({encoding}) with {concurrency} in flight in {secs:.3} s: {rate:.0} calls/s",
-        args.size
+        "rpc {transport} ({shape}): {calls} calls of {size} B ({encoding}) with {concurrency} in flight in {secs:.3} s: {rate:.0} calls/s"
     );
     println!(
         "  call latency, us: min {} mean {} p50 {} p99 {} p99.9 {} max {}",
         lat.min, lat.mean, lat.p50, lat.p99, lat.p999, lat.max
     );
     println!(
-        "RESULT system=qbus scenario={scenario} size={} count={calls} window={concurrency} \
+        "RESULT system=qbus scenario={scenario} size={size} count={calls} window={concurrency} \
          msgs_per_s={rate:.0} mb_per_s={mb:.2} p50_us={} p99_us={} p999_us={} \
-         concurrency={concurrency} transport={transport} encoding={encoding}",
-        args.size, lat.p50, lat.p99, lat.p999
+         concurrency={concurrency} transport={transport} encoding={encoding} shape={shape}",
+        lat.p50, lat.p99, lat.p999
     );
 }
