@@ -104,6 +104,10 @@ pub struct Settings {
     /// connection, and for a client to read a reply [default: 10s]
     #[arg(long, env = "QBUS_HTTP_TIMEOUT")]
     pub http_timeout: Option<String>,
+    /// zbus protocol: close a connection that sends nothing for this long while no
+    /// consume waits on it (zbus servers keep 300 s) [default: 300s]
+    #[arg(long, env = "QBUS_ZBUS_IDLE")]
+    pub zbus_idle: Option<String>,
     /// Trackers to report to, HOST:PORT[,HOST:PORT...] [default: none, no reporting]
     #[arg(long, env = "QBUS_TRACKER", value_name = "ADDR[,ADDR]")]
     pub tracker: Option<String>,
@@ -133,6 +137,7 @@ impl Settings {
             max_deliveries: self.max_deliveries.or(other.max_deliveries),
             max_in_flight: self.max_in_flight.or(other.max_in_flight),
             http_timeout: self.http_timeout.or(other.http_timeout),
+            zbus_idle: self.zbus_idle.or(other.zbus_idle),
             tracker: self.tracker.or(other.tracker),
             advertise: self.advertise.or(other.advertise),
             report_interval: self.report_interval.or(other.report_interval),
@@ -169,6 +174,10 @@ impl Settings {
         if http_timeout.is_zero() {
             return Err(bad("http-timeout")("must be more than 0, e.g. 10s".into()));
         }
+        let zbus_idle = duration("zbus-idle", self.zbus_idle)?.unwrap_or(Duration::from_secs(300));
+        if zbus_idle.is_zero() {
+            return Err(bad("zbus-idle")("must be more than 0, e.g. 300s".into()));
+        }
         Ok(Config {
             listen,
             store: self.store.unwrap_or_else(|| PathBuf::from("./store")),
@@ -185,6 +194,7 @@ impl Settings {
             max_deliveries,
             max_in_flight: self.max_in_flight.unwrap_or(65_536).max(1),
             http_timeout,
+            zbus_idle,
             reporting: Reporting::resolve(
                 self.tracker,
                 self.advertise,
@@ -219,6 +229,8 @@ pub struct Config {
     pub max_in_flight: u32,
     /// HTTP request, idle and reply-write timeout.
     pub http_timeout: Duration,
+    /// zbus connection idle limit.
+    pub zbus_idle: Duration,
     /// Reporting to trackers, when any are configured. Done by [`run`](crate::run), which
     /// knows the listening address; an embedded broker does not report.
     pub reporting: Option<Reporting>,
@@ -329,7 +341,7 @@ mod tests {
         ] {
             assert!(keys.contains(&flag), "{flag} missing from qbus-broker.toml");
         }
-        assert_eq!(keys.len(), 15, "one line per setting: {keys:?}");
+        assert_eq!(keys.len(), 16, "one line per setting: {keys:?}");
         let shipped = file.resolve().unwrap();
         let defaults = Settings::default().resolve().unwrap();
         // Retention, trackers and the advertised address have no default; the file shows
@@ -361,8 +373,16 @@ mod tests {
             )
         );
         assert_eq!(
-            (shipped.max_in_flight, shipped.http_timeout),
-            (defaults.max_in_flight, defaults.http_timeout)
+            (
+                shipped.max_in_flight,
+                shipped.http_timeout,
+                shipped.zbus_idle
+            ),
+            (
+                defaults.max_in_flight,
+                defaults.http_timeout,
+                defaults.zbus_idle
+            )
         );
         let reporting = shipped.reporting.expect("the example trackers");
         assert_eq!(reporting.interval, Duration::from_secs(2));

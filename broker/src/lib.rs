@@ -9,6 +9,8 @@
 //! - `session`: one binary connection's requests.
 //! - `http/`: HTTP/1.1 on the same port: the messaging API, `/api/stats`, `/metrics`, the
 //!   monitor page and the RPC gateway.
+//! - `zbus/`: the zbus 7.x protocol on the same port, for existing zbus clients
+//!   (`docs/zbus.md`).
 //! - `reporter`: reporting this broker's MQs to the trackers (`--tracker`).
 //! - `core`: what every door shares: the MQ table, the commit thread, the reply table,
 //!   counters, the change feed the reporter follows; the fetch loop and dead-lettering.
@@ -32,6 +34,7 @@ mod rpc;
 mod server;
 mod session;
 mod store;
+mod zbus;
 
 pub use config::{Config, ConfigError, FsyncPolicy, Reporting, Settings};
 pub use embedded::EmbeddedBroker;

@@ -21,6 +21,7 @@ use crate::queue::group_commit::Committer;
 use crate::reporter;
 use crate::session;
 use crate::store::StoreError;
+use crate::zbus::{self, sniff::Rewind, Zbus};
 
 /// How long connections may take to close at shutdown before they are stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -49,6 +50,8 @@ pub struct Running {
     commit_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     shutdown: CancellationToken,
     sessions: tokio::sync::Mutex<Connections>,
+    /// What the zbus door's connections share.
+    zbus: Arc<Zbus>,
 }
 
 impl Running {
@@ -68,6 +71,7 @@ impl Running {
             commit_thread: std::sync::Mutex::new(Some(commit_thread)),
             shutdown,
             sessions: tokio::sync::Mutex::new(Connections::default()),
+            zbus: Arc::new(Zbus::default()),
         })
     }
 
@@ -83,13 +87,15 @@ impl Running {
     }
 
     /// Serves one TCP connection in the background, as HTTP/1.1 or the binary protocol
-    /// depending on its first byte (see `qbus_server_kit::sniff`).
+    /// depending on its first byte (see `qbus_server_kit::sniff`), and HTTP-shaped
+    /// connections as zbus or plain HTTP depending on their first request's head.
     pub async fn accept(&self, stream: TcpStream, peer: SocketAddr) {
         let core = self.core.clone();
+        let zbus = self.zbus.clone();
         let shutdown = self.shutdown.child_token();
         self.spawn(async move {
             match is_http(&stream, FIRST_BYTE_TIMEOUT).await {
-                Ok(true) => http::serve(stream, peer, core, shutdown).await,
+                Ok(true) => serve_http_or_zbus(stream, peer, core, zbus, shutdown).await,
                 Ok(false) => {
                     let link = tcp_link(stream, core.config().max_frame);
                     session::serve(core, link, peer.to_string(), shutdown).await
@@ -120,6 +126,34 @@ impl Running {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         tracing::info!("broker stopped");
+    }
+}
+
+/// Serves a connection that starts like HTTP: the zbus door when its first request names a
+/// zbus command (`zbus::sniff`), the HTTP door otherwise; either reads the stream from its
+/// first byte.
+async fn serve_http_or_zbus(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    core: Arc<Core>,
+    zbus: Arc<Zbus>,
+    shutdown: CancellationToken,
+) {
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    // The first byte came; the rest of the head has as long as HTTP gives any head.
+    let head_limit = core.config().http_timeout;
+    match zbus::sniff::first_head(&mut stream, head_limit).await {
+        Ok((head, true)) => {
+            let stream = Rewind::new(head, stream);
+            zbus::session::serve(stream, peer.to_string(), core, zbus, shutdown).await
+        }
+        Ok((head, false)) => {
+            http::serve(Rewind::new(head, stream), peer, local, core, shutdown).await
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
     }
 }
 

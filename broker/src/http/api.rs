@@ -1,9 +1,8 @@
 //! The HTTP messaging API (`docs/http.md`): produce, consume, ack, nack and MQ
-//! administration, reached either zbus style (`cmd` and the other control fields in headers,
-//! payload in the body) or by plain URLs. Both forms end in the same [`Op`] and call the
-//! same registry functions as the binary protocol.
+//! administration by plain URLs, control fields in headers or query parameters, payload in
+//! the body. Each URL names an [`Op`], which calls the same registry functions as the
+//! binary protocol. (Requests naming a `cmd` speak zbus: `crate::zbus`.)
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -39,7 +38,7 @@ pub(crate) fn body_limit(max_frame: usize, tag_and_key: usize) -> usize {
     max_frame.saturating_sub(FRAME_HEADER_ROOM + RECORD_OVERHEAD + tag_and_key)
 }
 
-/// A messaging operation, named by the `cmd` field or implied by the URL.
+/// A messaging operation, implied by the URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// Append the body as one message.
@@ -56,54 +55,19 @@ pub enum Op {
     Query,
     /// Delete an MQ and its data.
     Remove,
-    /// Delete a consumer group of an MQ.
-    RemoveGroup,
     /// Describe every MQ.
     List,
 }
 
-impl FromStr for Op {
-    type Err = ApiError;
-
-    fn from_str(cmd: &str) -> Result<Op, ApiError> {
-        Ok(match cmd.to_ascii_lowercase().as_str() {
-            "produce" => Op::Produce,
-            "consume" => Op::Consume,
-            "ack" => Op::Ack,
-            "nack" => Op::Nack,
-            "create" => Op::Create,
-            "query" => Op::Query,
-            "remove" => Op::Remove,
-            "remove_group" => Op::RemoveGroup,
-            "list" => Op::List,
-            _ => {
-                return Err(ApiError::new(
-                    Status::UnknownCommand,
-                    format!(
-                        "unknown cmd {cmd:?}: use produce, consume, ack, nack, create, query, \
-                         remove, remove_group or list"
-                    ),
-                ))
-            }
-        })
-    }
-}
-
-/// Runs `op`. `mq` is the MQ named in the URL (plain forms); without it the `mq` field is
-/// used (zbus form).
+/// Runs `op` on `mq`, the MQ named in the URL (empty for [`Op::List`]).
 pub async fn run(
     ctx: &Context,
     op: Op,
-    mq: Option<&str>,
+    mq: &str,
     parts: &Parts,
     body: Incoming,
 ) -> Result<Reply, ApiError> {
     let fields = Fields::new(parts)?;
-    let mq = match (op, mq) {
-        (Op::List, _) => "",
-        (_, Some(mq)) => mq,
-        (_, None) => fields.required("mq")?,
-    };
     match op {
         Op::Produce => produce(ctx, mq, &fields, parts, body).await,
         Op::Consume => consume(ctx, mq, &fields).await,
@@ -143,7 +107,6 @@ pub async fn run(
             ctx.core.remove(mq).await?;
             Ok(json(StatusCode::OK, &Removed { removed: mq }))
         }
-        Op::RemoveGroup => remove_group(ctx, mq, fields.required("group")?).await,
         Op::List => {
             let all: Vec<MqStats> = ctx
                 .core
@@ -348,14 +311,6 @@ async fn options(ctx: &Context, parts: &Parts, body: Incoming) -> Result<MqOptio
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn commands_parse_case_insensitively_and_unknown_is_501() {
-        assert_eq!("Produce".parse::<Op>().unwrap(), Op::Produce);
-        assert_eq!("LIST".parse::<Op>().unwrap(), Op::List);
-        let err = "explode".parse::<Op>().unwrap_err().into_reply();
-        assert_eq!(err.status(), 501);
-    }
 
     #[test]
     fn header_values_escape_control_characters_only() {

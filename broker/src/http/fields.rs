@@ -61,7 +61,7 @@ impl<'a> Fields<'a> {
 }
 
 /// Splits `a=1&b=x%20y` into decoded pairs (`+` is a space, as HTML forms send it).
-fn parse_query(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub fn parse_query(query: &str) -> Result<Vec<(String, String)>, ApiError> {
     query
         .split('&')
         .filter(|pair| !pair.is_empty())

@@ -1,6 +1,6 @@
 //! HTTP/1.1 on the broker port, next to the binary protocol (`docs/http.md`).
 //!
-//! - [`api`]: the messaging API, zbus style and plain URLs; [`fields`]: its control fields;
+//! - [`api`]: the messaging API by plain URLs; [`fields`]: its control fields;
 //!   [`body`]: request bodies with a size limit and a deadline.
 //! - [`stats`], [`prometheus`], [`monitor`]: `GET /api/stats`, `GET /metrics` and the
 //!   monitor page at `GET /`.
@@ -31,7 +31,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use qbus_server_kit::http::serve_connection;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -54,27 +54,33 @@ pub struct Context {
 /// Serves HTTP/1.1 on `stream` until the peer closes it, a timeout ends it (`http-timeout`:
 /// a request head or body that does not arrive, an idle keep-alive, a reply nobody reads),
 /// or `shutdown` fires.
-pub async fn serve(
-    stream: TcpStream,
+/// `local` is the address the client reached.
+pub async fn serve<S>(
+    stream: S,
     peer: SocketAddr,
+    local: String,
     core: Arc<Core>,
     shutdown: CancellationToken,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn = core.connection_id();
     let span = tracing::info_span!("http", conn, %peer);
-    run(stream, conn, core, shutdown).instrument(span).await
+    run(stream, conn, local, core, shutdown)
+        .instrument(span)
+        .await
 }
 
-async fn run(stream: TcpStream, conn: u64, core: Arc<Core>, shutdown: CancellationToken) {
+async fn run<S>(stream: S, conn: u64, local: String, core: Arc<Core>, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let _open = core.metrics().connection(Protocol::Http);
     let timeout = core.config().http_timeout;
     let ctx = Arc::new(Context {
         core: core.clone(),
         conn,
-        local: stream
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
+        local,
     });
     let service = service_fn(move |request| {
         let ctx = ctx.clone();
@@ -111,8 +117,13 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
     };
     match segments.as_slice() {
         [] => {
-            if let Some(cmd) = Fields::new(parts)?.get("cmd")? {
-                return api::run(ctx, cmd.parse()?, None, parts, body).await;
+            if Fields::new(parts)?.get("cmd")?.is_some() {
+                // The first request of a connection decides its door (`zbus::sniff`); this
+                // one began as plain HTTP.
+                return Err(ApiError::bad_request(
+                    "a zbus command (cmd) must come first on its connection: open a new one \
+                     for zbus (docs/zbus.md)",
+                ));
             }
             allow(&[Method::GET, Method::HEAD])?;
             Ok(monitor::page())
@@ -134,7 +145,7 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
         }
         ["mq"] => {
             allow(&[Method::GET])?;
-            api::run(ctx, Op::List, None, parts, body).await
+            api::run(ctx, Op::List, "", parts, body).await
         }
         ["mq", mq] => {
             let op = match *method {
@@ -147,7 +158,7 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
                     return Err(not_allowed(parts, &allowed));
                 }
             };
-            api::run(ctx, op, Some(mq), parts, body).await
+            api::run(ctx, op, mq, parts, body).await
         }
         ["mq", mq, action] => {
             let (op, allowed) = match *action {
@@ -157,7 +168,7 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
                 _ => return Err(no_route(parts)),
             };
             allow(allowed)?;
-            api::run(ctx, op, Some(mq), parts, body).await
+            api::run(ctx, op, mq, parts, body).await
         }
         ["mq", mq, "groups", group] => {
             allow(&[Method::DELETE])?;

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::reply_table::{deadline_passed, ReplyTable, ReplyTo, Unroutable};
 use crate::error::BrokerError;
 use crate::queue::group_commit::{CommitBatch, Committer};
+use crate::queue::mq::Mq;
 use crate::queue::registry::Registry;
 
 /// Deadline of a call whose header has no `timeout_ms`: the envelope's default, so a call
@@ -151,18 +152,48 @@ fn call(
             format!("no responders: nothing consumes MQ {name:?}; start an MQ-RPC service on it"),
         ));
     }
-    let timeout = call_timeout(header.timeout_ms);
-    let route = replies.register(conn, reply_to, header.id, timeout)?;
+    let call = StagedCall {
+        conn,
+        id: header.id,
+        timeout: call_timeout(header.timeout_ms),
+        encoding: header.encoding.as_deref(),
+    };
+    stage_call(replies, &mq, reply_to, call, &body, batch).map(drop)
+}
+
+/// One call to store, as [`stage_call`] takes it.
+pub struct StagedCall<'a> {
+    /// The caller's connection.
+    pub conn: u64,
+    /// The call's correlation id, unique among the caller's calls awaiting a reply.
+    pub id: u64,
+    /// Its deadline, from now.
+    pub timeout: Duration,
+    /// The body's encoding, stored as the record's tag (none for MessagePack).
+    pub encoding: Option<&'a str>,
+}
+
+/// Remembers `call` in the reply table and adds its record to `batch` for `mq`; returns its
+/// reply route. Every door's calls take this path (the binary `Call`, the zbus door's
+/// one-way produces), so a responder answers them all with the same `Route`.
+pub fn stage_call(
+    replies: &Arc<ReplyTable>,
+    mq: &Mq,
+    reply_to: impl FnOnce() -> ReplyTo,
+    call: StagedCall<'_>,
+    body: &[u8],
+    batch: &mut CommitBatch,
+) -> Result<String, Refusal> {
+    let route = replies.register(call.conn, reply_to, call.id, call.timeout)?;
     let mut record = BytesMut::with_capacity(body.len() + route.len() + 64);
-    let encoding = header.encoding.as_deref();
-    if let Err(e) = encode_record(&mut record, 0, 0, encoding, Some(&route), &body) {
-        replies.forget(conn, header.id);
+    if let Err(e) = encode_record(&mut record, 0, 0, call.encoding, Some(&route), body) {
+        replies.forget(call.conn, call.id);
         return Err(Refusal::new(Status::BadRequest, format!("bad call: {e}")));
     }
     let wait = mq.stage(batch, record, 1);
     // The caller hears nothing until the reply; only a failed write must reach it now.
-    replies.watch_append(conn, header.id, wait);
-    Ok(())
+    replies.watch_append(call.conn, call.id, wait);
+    Ok(route)
 }
 
 /// Makes one MQ-RPC call for a caller inside the broker (the HTTP gateway). `request` is a

@@ -311,6 +311,11 @@ pub enum Unroutable {
     Disconnected,
 }
 
+/// True when `key` has the shape of a reply route (the key of a stored call).
+pub fn is_route(key: &str) -> bool {
+    parse_route(key).is_some()
+}
+
 /// Splits `"{instance:016x}.{conn}.{id}"`.
 fn parse_route(route: &str) -> Option<(u64, u64, u64)> {
     let mut parts = route.split('.');
