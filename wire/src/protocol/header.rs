@@ -180,7 +180,7 @@ pub struct Header {
     pub cmd: Command,
     /// Correlation id chosen by the requester; the reply carries the same id.
     pub id: u64,
-    /// 0 in requests; a [`Status`](super::Status) code in replies.
+    /// 0 in requests; a [`Status`] code in replies.
     pub status: u16,
     /// The MQ the command acts on.
     pub mq: Option<String>,
