@@ -11,7 +11,8 @@ use crate::client::invoker::{exchange, Call, InvokeFuture, Invoker};
 /// [`Broker`] handle: one broker, brokers found through trackers (the call goes to a broker
 /// holding the MQ), or the embedded broker. Cheap to clone.
 ///
-/// A call to an MQ nobody consumes fails at once with [`RpcError::NoResponders`].
+/// A call to an MQ nobody consumes fails at once with
+/// [`RpcError::NoResponders`](crate::RpcError::NoResponders).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
