@@ -16,10 +16,10 @@ use qbus_wire::protocol::{DeliveryToken, MqOptions, Status};
 use serde::Serialize;
 
 use super::body;
+use super::context::Context;
 use super::fields::Fields;
 use super::reply::{json, ApiError, Reply};
 use super::stats::MqStats;
-use super::Context;
 use crate::core::FetchRequest;
 use crate::queue::group::Start;
 

@@ -5,13 +5,15 @@
 //! - [`stats`], [`prometheus`], [`monitor`]: `GET /api/stats`, `GET /metrics` and the
 //!   monitor page at `GET /`.
 //! - [`rpc_gateway`]: `POST /rpc/{mq}`, an MQ-RPC call with a JSON envelope.
-//! - [`reply`]: responses and JSON errors; [`io`]: the deadline on stalled writes.
+//! - [`reply`]: responses and JSON errors; [`io`]: the deadline on stalled writes;
+//!   `context`: what the requests of one connection share.
 //!
 //! Every request runs the same core functions as the binary protocol; this module only
 //! translates.
 
 pub mod api;
 pub mod body;
+mod context;
 pub mod fields;
 pub mod io;
 pub mod monitor;
@@ -36,20 +38,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::api::Op;
+use self::context::Context;
 use self::fields::Fields;
 use self::reply::{json, ApiError, Reply};
 use crate::core::Core;
 use crate::metrics::rates::RATE_HISTORY;
 use crate::metrics::Protocol;
-
-/// What the requests of one HTTP connection share.
-pub struct Context {
-    core: Arc<Core>,
-    /// Deliveries made on this connection are held under this id until acked or timed out.
-    conn: u64,
-    /// The address the client reached, shown on the monitor page.
-    local: String,
-}
 
 /// Serves HTTP/1.1 on `stream` until the peer closes it, a timeout ends it (`http-timeout`:
 /// a request head or body that does not arrive, an idle keep-alive, a reply nobody reads),

@@ -18,9 +18,10 @@ use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use tracing::Instrument;
 
+use super::context::Context;
 use super::fields::Fields;
 use super::reply::{self, ApiError, Reply, JSON};
-use super::{api, body, Context};
+use super::{api, body};
 use crate::rpc::call::{self, Refusal};
 use crate::rpc::reply_table::MAX_ROUTE_LEN;
 
