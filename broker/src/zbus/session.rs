@@ -186,11 +186,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 /// Passes the reply table's replies to this connection's calls on as zbus replies carrying
 /// each call's own `id`, their envelopes as zbus's (`rpc_envelope`).
 async fn translate_call_replies(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
-    while let Some(Frame { header, body }) = frames.recv().await {
-        let Some(id) = shared.lock_calls().remove(&header.id) else {
+    while let Some(frame) = frames.recv().await {
+        let Some(id) = shared.lock_calls().remove(&frame.header.id) else {
             continue;
         };
-        let mut reply = rpc_envelope::to_zbus(Frame { header, body });
+        let mut reply = rpc_envelope::to_zbus(frame);
         reply.set("id", id);
         if shared.out.send(reply).await.is_err() {
             return;
