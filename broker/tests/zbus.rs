@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::Method;
+use qbus_rpc::{Encoding, ErrorCode, MqInvoker, MqRpcService, RpcClient, RpcError};
+use qbus_testkit::greeter;
 use qbus_testkit::http::once;
+use serde_json::json;
 use support::BrokerProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -365,6 +368,144 @@ async fn route_returns_the_reply_to_the_caller_and_a_lone_rpc_mq_is_service_down
     assert_eq!(reply.status, Some(200));
     assert_eq!(reply.get("content-type"), Some("application/json"));
     assert_eq!(reply.text(), r#"{"result": 3}"#);
+}
+
+/// A zbus RPC call as the Python `Rpc` sends it: a one-way produce with a JSON body.
+fn rpc_call<'a>(mq: &'a str, id: &'a str) -> [(&'a str, &'a str); 5] {
+    [
+        ("cmd", "produce"),
+        ("mq", mq),
+        ("ack", "0"),
+        ("content-type", "application/json"),
+        ("id", id),
+    ]
+}
+
+fn json(msg: &Msg) -> serde_json::Value {
+    assert_eq!(msg.get("content-type"), Some("application/json"), "{msg:?}");
+    serde_json::from_slice(&msg.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zbus_caller_calls_a_rust_service_and_reads_zbus_envelopes() {
+    let broker = BrokerProcess::start(&[]);
+    let client = qbus_client::Broker::connect(&broker.addr()).await.unwrap();
+    let (processor, _probe) = greeter::processor("zbus");
+    let _service = MqRpcService::start(&client, "GreeterRpc", processor)
+        .await
+        .unwrap();
+    let mut caller = Conn::open(&broker.addr()).await;
+
+    let hello = r#"{"module": "Greeter", "method": "hello", "params": ["zbus"]}"#;
+    let ok = caller.invoke(&rpc_call("GreeterRpc", "c1"), hello).await;
+    assert_eq!(ok.status, Some(200));
+    assert_eq!(json(&ok), json!({"result": "Hello, zbus!"}));
+
+    // The method's own error is a result, in zbus as in qbus.
+    let check = r#"{"module": "Greeter", "method": "check", "params": [""]}"#;
+    let rejected = caller.invoke(&rpc_call("GreeterRpc", "c2"), check).await;
+    assert_eq!(rejected.status, Some(200));
+    assert_eq!(
+        json(&rejected),
+        json!({"result": {"Err": {"Rejected": {"reason": "empty name"}}}})
+    );
+
+    // A framework error is a failed status with zbus's `error` and `stackTrace`; the JS
+    // `RpcInvoker` sends its body without a content type.
+    let bye = r#"{"module": "Greeter", "method": "bye", "params": []}"#;
+    let js = [
+        ("cmd", "produce"),
+        ("mq", "GreeterRpc"),
+        ("ack", "false"),
+        ("id", "c3"),
+    ];
+    let missing = caller.invoke(&js, bye).await;
+    assert_eq!(missing.status, Some(404), "{}", missing.text());
+    let body = json(&missing);
+    let (error, trace) = (
+        body["error"].as_str().unwrap(),
+        body["stackTrace"].as_str().unwrap(),
+    );
+    assert!(error.contains("bye"), "{body}");
+    assert!(
+        trace.starts_with("404 not found: ") && trace.contains("bye"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_invoker_calls_a_zbus_service_and_reads_qbus_envelopes() {
+    let broker = BrokerProcess::start(&[]);
+    let addr = broker.addr();
+    let mut admin = Conn::open(&addr).await;
+    create(&mut admin, "PyRpc", "1").await;
+    let client = qbus_client::Broker::connect(&addr).await.unwrap();
+    let rpc = RpcClient::new(MqInvoker::new(client, "PyRpc"), "").encoding(Encoding::Json);
+    let mut service = Conn::open(&addr).await;
+
+    // Serves `call` (made once the service consumes) as the Python `WorkerThread` does:
+    // consume, then route `answer` to the request's `sender` with `reply_code`. Returns the
+    // request the service got and the call's outcome.
+    async fn serve_one<T: Send + 'static>(
+        service: &mut Conn,
+        admin: &mut Conn,
+        call: impl std::future::Future<Output = T> + Send + 'static,
+        reply_code: &str,
+        answer: &str,
+    ) -> (serde_json::Value, T) {
+        service
+            .send(&[("cmd", "consume"), ("mq", "PyRpc"), ("id", "s")], "")
+            .await;
+        until_consumers(admin, "PyRpc", 1).await;
+        let call = tokio::spawn(call);
+        let got = service.next().await.unwrap();
+        assert_eq!(got.get("id"), Some("s"));
+        let sender = got.get("sender").unwrap().to_owned();
+        let rawid = got.get("rawid").unwrap().to_owned();
+        let route = [
+            ("cmd", "route"),
+            ("recver", &sender),
+            ("id", &rawid),
+            ("reply_code", reply_code),
+            ("ack", "0"),
+            ("content-type", "application/json"),
+        ];
+        service.send(&route, answer).await;
+        let outcome = tokio::time::timeout(WAIT, call).await.unwrap().unwrap();
+        (json(&got), outcome)
+    }
+
+    let plus = rpc.call::<_, i64>("plus", &(1, 2));
+    let (request, sum) = serve_one(&mut service, &mut admin, plus, "200", r#"{"result": 3}"#).await;
+    assert_eq!(request["module"], "");
+    assert_eq!(request["method"], "plus");
+    assert_eq!(request["params"], json!([1, 2]));
+    assert_eq!(sum.unwrap(), 3);
+
+    // The Python service's error: status 400, `error` and `stack_trace`.
+    let python = r#"{"error": ":bye method not found", "stack_trace": ":bye method not found"}"#;
+    let bye = rpc.call::<_, i64>("bye", &());
+    match serve_one(&mut service, &mut admin, bye, "400", python)
+        .await
+        .1
+    {
+        Err(RpcError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::BadRequest);
+            assert_eq!(e.message, ":bye method not found");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The JS `RpcProcessor`'s error: status 200 with an `error`.
+    let js = r#"{"error": "method(:bye) not found"}"#;
+    let bye = rpc.call::<_, i64>("bye", &());
+    match serve_one(&mut service, &mut admin, bye, "200", js).await.1 {
+        Err(RpcError::Remote(e)) => {
+            assert_eq!(e.code, ErrorCode::Internal);
+            assert_eq!(e.message, "method(:bye) not found");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 //! - [`sniff`]: telling a zbus connection from plain HTTP by its first request's head.
 //! - [`codec`]: the HTTP-shaped zbus message, decoded and encoded without I/O.
 //! - [`record`]: a zbus message as a qbus record and back; MQ descriptions as zbus's JSON.
+//! - [`rpc_envelope`]: zbus's JSON RPC envelope as qbus's and back, where replies cross.
 //! - [`session`]: one connection: requests answered out of order by `id`, waiting
 //!   consumes, produces, MQ-RPC `route` through the broker's reply table.
 //!
@@ -11,6 +12,7 @@
 
 pub mod codec;
 pub mod record;
+pub mod rpc_envelope;
 pub mod session;
 pub mod sniff;
 

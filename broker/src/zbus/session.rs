@@ -13,7 +13,8 @@
 //!   alone, waiting until one comes; delivery is the ack (zbus consumers never ack). A new
 //!   consume of the same MQ replaces a waiting one, as in zbus (clients re-send a consume
 //!   after their own timeout, with a new `id`).
-//! - `route` hands a reply to the reply table under the route in `recver`.
+//! - `route` hands a reply to the reply table under the route in `recver`, its zbus RPC
+//!   envelope as qbus's; replies to this session's calls get zbus's (`rpc_envelope`).
 //! - `create_mq`, `query_mq`, `remove_mq` administer MQs; `heartbeat` gets no reply.
 
 use std::collections::{HashMap, HashSet};
@@ -23,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use qbus_wire::protocol::record::{encode_record, parse_record};
-use qbus_wire::protocol::{Command, DeliveryToken, Frame, Header, MqOptions, Status};
+use qbus_wire::protocol::{DeliveryToken, Frame, MqOptions, Status};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -33,7 +34,7 @@ use tracing::Instrument;
 
 use super::codec::{CodecError, Message, StartLine, ZbusCodec};
 use super::record::{call_encoding, delivery, is_ack, mq_info, stored_key};
-use super::{mode, Zbus};
+use super::{mode, rpc_envelope, Zbus};
 use crate::core::{Core, FetchRequest, MAX_WAIT};
 use crate::error::BrokerError;
 use crate::http::api::{body_limit, BODY_LIMIT};
@@ -183,22 +184,15 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 }
 
 /// Passes the reply table's replies to this connection's calls on as zbus replies carrying
-/// each call's own `id`.
+/// each call's own `id`, their envelopes as zbus's (`rpc_envelope`).
 async fn translate_call_replies(shared: Arc<Shared>, mut frames: mpsc::Receiver<Frame>) {
-    while let Some(Frame { header, body }) = frames.recv().await {
-        let Some(id) = shared.lock_calls().remove(&header.id) else {
+    while let Some(frame) = frames.recv().await {
+        let Some(id) = shared.lock_calls().remove(&frame.header.id) else {
             continue;
         };
-        let mut reply = Message::reply(header.status);
+        let mut reply = rpc_envelope::to_zbus(frame);
         reply.set("id", id);
-        if header.encoding.as_deref() == Some("json") {
-            reply.set("content-type", "application/json");
-        }
-        let body = match header.error {
-            Some(error) if body.is_empty() => error.into(),
-            _ => body,
-        };
-        if shared.out.send(reply.with_body(body)).await.is_err() {
+        if shared.out.send(reply).await.is_err() {
             return;
         }
     }
@@ -445,17 +439,10 @@ impl Session {
             .get("reply_code")
             .and_then(|code| code.trim().parse().ok())
             .unwrap_or(Status::Ok.code());
-        let encoding = call_encoding(&request).map(str::to_owned);
+        let encoding = call_encoding(&request);
         let body = request.body.clone();
         let routed = self.shared.core.replies().route_reply(recver, |id| {
-            let header = Header {
-                cmd: Command::Call,
-                id,
-                status,
-                encoding,
-                ..Header::default()
-            };
-            Frame::with_body(header, body)
+            rpc_envelope::from_zbus(id, status, encoding, body)
         });
         if let Err(why) = routed {
             // zbus drops a reply whose receiver is gone; so does this door.
