@@ -313,7 +313,11 @@ impl RpcProcessor {
     }
 
     fn handler(&self, module: &str, method: &str) -> Result<Handler, RemoteError> {
-        let Some(methods) = self.modules.get(module) else {
+        // zbus callers name no module by default: a server with one module knows which.
+        let only = (module.is_empty() && self.modules.len() == 1)
+            .then(|| self.modules.values().next())
+            .flatten();
+        let Some(methods) = only.or_else(|| self.modules.get(module)) else {
             return Err(RemoteError::new(
                 ErrorCode::NotFound,
                 format!("no module {module:?} here"),
@@ -451,6 +455,19 @@ mod tests {
     fn code(e: RpcError) -> ErrorCode {
         e.code()
             .unwrap_or_else(|| panic!("not a remote error: {e}"))
+    }
+
+    #[tokio::test]
+    async fn an_empty_module_names_the_only_one() {
+        let echoed: String = RpcClient::new(processor(), "")
+            .call("echo", &("hi",))
+            .await
+            .unwrap();
+        assert_eq!(echoed, "hi");
+        let mut two = processor();
+        two.module("other").method("echo", |_: [(); 0]| async {});
+        let e = RpcClient::new(two, "").call::<_, String>("echo", &("a",));
+        assert_eq!(code(e.await.unwrap_err()), ErrorCode::NotFound);
     }
 
     #[tokio::test]

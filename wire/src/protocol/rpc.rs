@@ -151,8 +151,9 @@ pub struct RequestOut<'a, P: ?Sized> {
 /// The part of a request a server reads before it knows the method's parameter types.
 #[derive(Debug, Deserialize)]
 pub struct RequestHead<'a> {
-    /// The module (service) called.
-    #[serde(borrow)]
+    /// The module (service) called; empty (or absent) names a server's only module, as
+    /// zbus callers send it.
+    #[serde(borrow, default)]
     pub module: Cow<'a, str>,
     /// The method called.
     #[serde(borrow)]
