@@ -5,7 +5,8 @@
 //! - [`mq`]: one MQ: its log, its groups, fetch and ack.
 //! - [`group`]: one live consumer group: its ledger, cursor file and waiting fetches.
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
-//! - [`group_commit`]: the thread that writes and fsyncs for everyone at once.
+//! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
+//!   the store after a failed fsync.
 
 pub mod group;
 pub mod group_commit;

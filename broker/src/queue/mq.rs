@@ -16,7 +16,8 @@ use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWa
 use super::group_ledger::Redeliveries;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
-use crate::store::{CursorFile, LogConfig, LogReader, MqLog, StoreError};
+use crate::store::fsio::{sync_parent, write_durably};
+use crate::store::{CursorFile, FsRef, LogConfig, LogReader, MqLog, StoreError};
 
 const OPTIONS_FILE: &str = "mq.options";
 const GROUPS_DIR: &str = "groups";
@@ -65,6 +66,7 @@ impl DeadLetters {
 
 /// One MQ.
 pub struct Mq {
+    fs: FsRef,
     name: String,
     dir: PathBuf,
     options: MqOptions,
@@ -76,34 +78,42 @@ pub struct Mq {
 }
 
 impl Mq {
-    /// Opens (or creates, writing `options`) the MQ stored in `dir`. Blocking.
+    /// Makes the files of a new MQ with `options` in `dir`, an empty directory nobody else
+    /// sees yet, and makes them durable (files and `dir` synced), so that the registry can
+    /// rename `dir` into place in one step. Blocking.
+    pub fn prepare(fs: &FsRef, dir: &Path, options: &MqOptions) -> Result<(), StoreError> {
+        let groups = dir.join(GROUPS_DIR);
+        fs.create_dir_all(&groups)
+            .map_err(StoreError::io(&groups))?;
+        MqLog::create(fs, dir)?;
+        let options_path = dir.join(OPTIONS_FILE);
+        let bytes = rmp_serde::to_vec_named(options)
+            .map_err(|e| StoreError::io(&options_path)(std::io::Error::other(e)))?;
+        // Syncs `dir` last, which makes the names above durable too.
+        write_durably(&**fs, &options_path, &bytes)
+    }
+
+    /// Opens the MQ stored in `dir` (made by [`Mq::prepare`]). Blocking.
     pub fn open(
+        fs: &FsRef,
         name: &str,
         dir: &Path,
-        options: Option<MqOptions>,
         log_config: LogConfig,
         defaults: &Limits,
     ) -> Result<Mq, StoreError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir.join(GROUPS_DIR)).map_err(io(dir))?;
+        let groups_dir = dir.join(GROUPS_DIR);
+        fs.create_dir_all(&groups_dir)
+            .map_err(StoreError::io(&groups_dir))?;
         let options_path = dir.join(OPTIONS_FILE);
-        let options = match options {
-            Some(options) => {
-                let bytes = rmp_serde::to_vec_named(&options)
-                    .map_err(|e| io(&options_path)(std::io::Error::other(e)))?;
-                std::fs::write(&options_path, bytes).map_err(io(&options_path))?;
-                options
+        let options = match fs.read(&options_path) {
+            Ok(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %options_path.display(), error = %e, "unreadable MQ options, using defaults");
+                MqOptions::default()
+            }),
+            Err(e) => {
+                tracing::warn!(file = %options_path.display(), error = %e, "MQ options missing, using defaults");
+                MqOptions::default()
             }
-            None => match std::fs::read(&options_path) {
-                Ok(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
-                    tracing::warn!(file = %options_path.display(), error = %e, "unreadable MQ options, using defaults");
-                    MqOptions::default()
-                }),
-                Err(_) => MqOptions::default(),
-            },
         };
         let limits = Limits {
             ack_timeout: options
@@ -115,26 +125,23 @@ impl Mq {
                 .max(1),
             max_in_flight: defaults.max_in_flight,
         };
-        let (log, reader) = MqLog::open(dir, log_config)?;
+        let (log, reader) = MqLog::open(fs, dir, log_config)?;
         let mut groups = HashMap::new();
-        let groups_dir = dir.join(GROUPS_DIR);
-        for entry in std::fs::read_dir(&groups_dir).map_err(io(&groups_dir))? {
-            let path = entry.map_err(io(&groups_dir))?.path();
-            let Some(group) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(CURSOR_SUFFIX))
-                .map(str::to_owned)
-            else {
+        for entry in fs.list(&groups_dir).map_err(StoreError::io(&groups_dir))? {
+            let Some(group) = entry.name.strip_suffix(CURSOR_SUFFIX) else {
                 continue;
             };
-            let (cursor, committed) = CursorFile::open(&path)?;
+            if validate_name("group", group).is_err() {
+                continue;
+            }
+            let (cursor, committed) = CursorFile::open(fs, &groups_dir.join(&entry.name))?;
             let committed = committed
                 .unwrap_or(0)
                 .clamp(reader.first_offset(), reader.end_offset());
-            groups.insert(group.clone(), Group::new(&group, committed, cursor));
+            groups.insert(group.to_owned(), Group::new(group, committed, cursor));
         }
         Ok(Mq {
+            fs: fs.clone(),
             name: name.to_owned(),
             dir: dir.to_owned(),
             options,
@@ -210,7 +217,8 @@ impl Mq {
             }
         };
         let path = self.cursor_path(name);
-        let (cursor, _) = blocking("group creation", move || CursorFile::open(&path)).await?;
+        let fs = self.fs.clone();
+        let (cursor, _) = blocking("group creation", move || CursorFile::open(&fs, &path)).await?;
         let group = {
             let mut groups = self.groups.lock().expect("groups poisoned");
             groups
@@ -221,9 +229,18 @@ impl Mq {
         group
             .persisted
             .fetch_max(group.state().committed(), Ordering::AcqRel);
-        committer
+        let stored = committer
             .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
-            .await?;
+            .await;
+        if let Err(e) = stored {
+            // Not durable, so not created: the next attempt stores the cursor again instead
+            // of finding a group a crash could lose.
+            let mut groups = self.groups.lock().expect("groups poisoned");
+            if groups.get(name).is_some_and(|g| Arc::ptr_eq(g, &group)) {
+                groups.remove(name);
+            }
+            return Err(e.into());
+        }
         Ok(group)
     }
 
@@ -438,11 +455,16 @@ impl Mq {
             group.changed.notify_waiters();
         }
         let path = self.cursor_path(name);
-        blocking("group removal", move || match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(StoreError::Io { path, source: e })
+        let fs = self.fs.clone();
+        blocking("group removal", move || {
+            match fs.remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::io(&path)(e));
+                }
+                _ => {}
             }
-            _ => Ok(()),
+            // The removal is acknowledged: a crash must not bring the group back.
+            sync_parent(&*fs, &path)
         })
         .await
     }
@@ -552,6 +574,7 @@ fn corrupt(mq: &Mq, e: qbus_wire::protocol::record::RecordError) -> BrokerError 
 mod tests {
     use super::*;
     use crate::queue::testutil::{produce, read, tokens, Commit};
+    use crate::store::OsFs;
 
     fn limits() -> Limits {
         Limits {
@@ -562,7 +585,11 @@ mod tests {
     }
 
     fn open(dir: &Path, options: Option<MqOptions>) -> Mq {
-        Mq::open("orders", dir, options, LogConfig::default(), &limits()).unwrap()
+        let fs = OsFs::shared();
+        if let Some(options) = options {
+            Mq::prepare(&fs, dir, &options).unwrap();
+        }
+        Mq::open(&fs, "orders", dir, LogConfig::default(), &limits()).unwrap()
     }
 
     async fn append(mq: &Mq, commit: &Commit, bodies: &[&str]) {

@@ -1,14 +1,12 @@
 //! The read side of a log, shared by every fetch of an MQ.
 //!
 //! Readers see a [`View`] of the published segments behind an `RwLock`. A read holds the lock
-//! only to locate its start (index lookup) and clone the segment's `Arc<File>`, then reads
+//! only to locate its start (index lookup) and clone the segment's file handle, then reads
 //! with `read_at` without any lock, so the writer never waits for disk reads and readers
 //! never wait for disk writes. Sealed segments are immutable and the active one only grows
 //! past what is published, so bytes a reader was told about never change under it; a segment
 //! deleted by retention stays readable through the open handle until the read ends.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
@@ -16,6 +14,7 @@ use bytes::Bytes;
 use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
 use tokio::sync::watch;
 
+use super::fsio::FileIo;
 use super::index::{OffsetIndex, INDEX_INTERVAL};
 use super::tail::Tail;
 use super::StoreError;
@@ -28,7 +27,7 @@ pub(crate) struct SegmentView {
     pub(crate) end: u64,
     /// Bytes of published records.
     pub(crate) len: u64,
-    pub(crate) file: Arc<File>,
+    pub(crate) file: Arc<dyn FileIo>,
     pub(crate) path: Arc<Path>,
     pub(crate) index: OffsetIndex,
 }
@@ -94,7 +93,7 @@ struct Span {
     base: u64,
     end: u64,
     len: u64,
-    file: Arc<File>,
+    file: Arc<dyn FileIo>,
     path: Arc<Path>,
     // Where to start: an indexed or hinted record at or before the wanted offset.
     start_offset: u64,
@@ -433,7 +432,7 @@ impl<'a> SpanReader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::{batch, body, decode};
+    use crate::store::testutil::{batch, body, decode, os};
     use crate::store::{LogConfig, MqLog};
 
     #[test]
@@ -451,7 +450,7 @@ mod tests {
             retention_bytes: Some(1 << 20),
             retention_ms: None,
         };
-        let (mut log, reader) = MqLog::open(tmp.path(), config).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config).unwrap();
         let writer = std::thread::spawn(move || {
             for from in (0..N).step_by(25) {
                 log.append(&mut batch(from, from + 25), 1).unwrap();

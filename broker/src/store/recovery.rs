@@ -8,12 +8,11 @@
 //! make recovery cut off good records. Missing or damaged index files are rebuilt.
 
 use std::fmt;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
 
+use super::fsio::{FileIo, Fs, FsRef};
 use super::index::{wants_entry, Entry, IndexFile, OffsetIndex};
 use super::segment::{index_path, log_path, open_log_file, parse_log_name, Recovered};
 use super::StoreError;
@@ -22,11 +21,10 @@ use super::StoreError;
 const SCAN_CHUNK: usize = 1 << 20;
 
 /// Base offsets of the segments in `dir`, oldest first.
-pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+pub(crate) fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<Vec<u64>, StoreError> {
     let mut bases = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(StoreError::io(dir))? {
-        let entry = entry.map_err(StoreError::io(dir))?;
-        if let Some(base) = entry.file_name().to_str().and_then(parse_log_name) {
+    for entry in fs.list(dir).map_err(StoreError::io(dir))? {
+        if let Some(base) = parse_log_name(&entry.name) {
             bases.push(base);
         }
     }
@@ -37,24 +35,26 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
 /// Recovers the segment starting at `base`. `next_base` is the base of the following
 /// segment, `None` for the active (last) one.
 pub(crate) fn recover_segment(
+    fs: &FsRef,
     dir: &Path,
     base: u64,
     next_base: Option<u64>,
 ) -> Result<Recovered, StoreError> {
     let log_path = log_path(dir, base);
-    let file = open_log_file(&log_path, false)?;
-    let len = file.metadata().map_err(StoreError::io(&log_path))?.len();
+    let file = open_log_file(&**fs, &log_path, false)?;
+    let len = file.len().map_err(StoreError::io(&log_path))?;
     let idx_path = index_path(dir, base);
-    let raw = match std::fs::read(&idx_path) {
+    let raw = match fs.read(&idx_path) {
         Ok(raw) => raw,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(StoreError::io(&idx_path)(e)),
     };
-    let (mut index, mut rewrite) = OffsetIndex::decode(&raw, len);
-    rewrite |= raw.is_empty() && len > 0;
+    let (mut index, damaged) = OffsetIndex::decode(&raw, len);
+    let missing = raw.is_empty() && len > 0;
+    let mut rewrite = damaged || missing;
 
     let tail = Tail {
-        file: &file,
+        file: &*file,
         path: &log_path,
         len,
         base,
@@ -83,6 +83,15 @@ pub(crate) fn recover_segment(
         index.extend(&scan.entries);
         rewrite = true;
     }
+    if missing || damaged {
+        // Worth a line: a lost index is harmless, but a damaged one hints at a bad disk.
+        tracing::warn!(
+            file = %idx_path.display(),
+            problem = if missing { "missing or empty" } else { "damaged" },
+            entries = index.len(),
+            "index rebuilt from the log"
+        );
+    }
     if let Some(next_base) = next_base.filter(|&next| scan.next_offset < next) {
         tracing::warn!(
             file = %log_path.display(),
@@ -91,7 +100,7 @@ pub(crate) fn recover_segment(
             "records lost before the next segment; readers skip the gap"
         );
     }
-    let index_file = IndexFile::open(idx_path, &index, rewrite, next_base.is_none())?;
+    let index_file = IndexFile::open(fs, idx_path, &index, rewrite, next_base.is_none());
     Ok(Recovered {
         base,
         next_offset: scan.next_offset,
@@ -144,7 +153,7 @@ struct Scan {
 
 /// The part of a segment file to verify.
 struct Tail<'a> {
-    file: &'a File,
+    file: &'a dyn FileIo,
     path: &'a Path,
     len: u64,
     base: u64,
@@ -238,7 +247,7 @@ impl Tail<'_> {
 
 /// A window of a file read in large chunks.
 struct Chunk<'a> {
-    file: &'a File,
+    file: &'a dyn FileIo,
     path: &'a Path,
     buf: Vec<u8>,
     // File position of `buf[0]`.
@@ -271,11 +280,11 @@ mod tests {
     use qbus_wire::protocol::record::encode_record;
 
     use super::*;
-    use crate::store::testutil::{batch, body, config, decode};
-    use crate::store::{LogReader, MqLog};
+    use crate::store::testutil::{batch, body, config, decode, os};
+    use crate::store::{LogReader, MqLog, OsFs};
 
     fn write(dir: &Path, segment_bytes: u64, n: u64) {
-        let (mut log, _) = MqLog::open(dir, config(segment_bytes)).unwrap();
+        let (mut log, _) = MqLog::open(&os(), dir, config(segment_bytes)).unwrap();
         for from in (0..n).step_by(10) {
             log.append(&mut batch(from, (from + 10).min(n)), 42)
                 .unwrap();
@@ -292,7 +301,7 @@ mod tests {
     }
 
     fn active_log(dir: &Path) -> PathBuf {
-        let bases = list_segments(dir).unwrap();
+        let bases = list_segments(&OsFs, dir).unwrap();
         log_path(dir, *bases.last().unwrap())
     }
 
@@ -321,7 +330,7 @@ mod tests {
         file.set_len(len - 3).unwrap();
         drop(file);
 
-        let (mut log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(3_000)).unwrap();
         assert_eq!(log.next_offset(), 199);
         assert_eq!(all(&reader), expected(0, 199));
         let mut again = batch(199, 210);
@@ -329,7 +338,7 @@ mod tests {
         log.publish();
         assert_eq!(all(&reader), expected(0, 210));
         drop((log, reader));
-        let (log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(3_000)).unwrap();
         assert_eq!(log.next_offset(), 210);
         assert_eq!(all(&reader), expected(0, 210));
     }
@@ -345,7 +354,7 @@ mod tests {
             raw.extend_from_slice(&garbage);
             std::fs::write(&active, raw).unwrap();
 
-            let (mut log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+            let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(3_000)).unwrap();
             assert_eq!(std::fs::metadata(&active).unwrap().len(), len);
             assert_eq!(log.next_offset(), 200);
             log.append(&mut batch(200, 205), 43).unwrap();
@@ -363,7 +372,7 @@ mod tests {
         let mut raw = std::fs::read(&active).unwrap();
         encode_record(&mut raw, 3, 0, None, None, b"stale").unwrap();
         std::fs::write(&active, raw).unwrap();
-        let (log, reader) = MqLog::open(tmp.path(), config(1 << 20)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(1 << 20)).unwrap();
         assert_eq!(log.next_offset(), 50);
         assert_eq!(all(&reader), expected(0, 50));
     }
@@ -371,12 +380,12 @@ mod tests {
     #[test]
     fn a_flipped_byte_in_a_sealed_segment_is_reported_on_read() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(2_000)).unwrap();
         for from in (0..300).step_by(10) {
             log.append(&mut batch(from, from + 10), 42).unwrap();
         }
         log.publish();
-        let bases = list_segments(tmp.path()).unwrap();
+        let bases = list_segments(&OsFs, tmp.path()).unwrap();
         assert!(bases.len() > 3);
         let (base, next_base) = (bases[1], bases[2]);
         let sealed = log_path(tmp.path(), base);
@@ -423,7 +432,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         // Big segments so each has many index entries.
         write(tmp.path(), 20_000, 2_000);
-        let bases = list_segments(tmp.path()).unwrap();
+        let bases = list_segments(&OsFs, tmp.path()).unwrap();
         assert!(bases.len() >= 3);
         let originals: Vec<Vec<u8>> = bases
             .iter()
@@ -447,7 +456,7 @@ mod tests {
         let last = *bases.last().unwrap();
         std::fs::write(index_path(tmp.path(), last), b"").unwrap();
 
-        let (log, reader) = MqLog::open(tmp.path(), config(20_000)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(20_000)).unwrap();
         assert_eq!(log.next_offset(), 2_000);
         for from in (0..2_000).step_by(37) {
             let got = reader.read(from, None, 2, 1 << 20).unwrap();
@@ -464,7 +473,7 @@ mod tests {
     fn a_sealed_segment_that_lost_its_tail_leaves_a_gap() {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), 2_000, 300);
-        let bases = list_segments(tmp.path()).unwrap();
+        let bases = list_segments(&OsFs, tmp.path()).unwrap();
         let (base, next_base) = (bases[1], bases[2]);
         let sealed = log_path(tmp.path(), base);
         let positions = record_positions(&sealed);
@@ -476,7 +485,7 @@ mod tests {
         file.set_len(cut + 5).unwrap();
         drop(file);
 
-        let (log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(2_000)).unwrap();
         assert_eq!(std::fs::metadata(&sealed).unwrap().len(), cut);
         assert_eq!(log.next_offset(), 300);
         let lost = next_base - 2;
@@ -497,7 +506,7 @@ mod tests {
         const SEGMENT: u64 = 8 << 20;
         let tmp = tempfile::tempdir().unwrap();
         {
-            let (mut log, _) = MqLog::open(tmp.path(), config(SEGMENT)).unwrap();
+            let (mut log, _) = MqLog::open(&os(), tmp.path(), config(SEGMENT)).unwrap();
             let mut records = Vec::new();
             for n in 0..BATCH {
                 encode_record(&mut records, 0, 0, None, None, &n.to_be_bytes()).unwrap();
@@ -508,7 +517,7 @@ mod tests {
             log.sync().unwrap();
         }
         let started = Instant::now();
-        let (log, reader) = MqLog::open(tmp.path(), config(SEGMENT)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(SEGMENT)).unwrap();
         let took = started.elapsed();
         println!(
             "reopened {N} records in {} segments in {took:?}",
