@@ -7,6 +7,8 @@
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
 //! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
 //!   the store after a failed fsync.
+//! - `crash_tests` (tests only): the engine on a simulated disk, cut by power loss at random
+//!   points and given failing writes and syncs.
 
 pub mod group;
 pub mod group_commit;
@@ -30,5 +32,7 @@ async fn blocking<T: Send + 'static>(
     Ok(done?)
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -9,6 +9,8 @@
 //! - [`log`]: [`MqLog`], the writer of one MQ's log (append, sync, publish, retention).
 //! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
+//! - `simdisk` (tests only): a simulated disk that keeps only what was synced, for the
+//!   crash tests.
 //!
 //! The record format is the wire format (`qbus_wire::protocol::record`): the bytes a
 //! producer sends are stamped with offset and time and written as they are, and a fetch
@@ -22,6 +24,8 @@ pub mod log;
 pub mod reader;
 mod recovery;
 mod segment;
+#[cfg(test)]
+pub(crate) mod simdisk;
 mod tail;
 #[cfg(test)]
 mod testutil;
