@@ -1,6 +1,6 @@
 //! One MQ: its log, its consumer groups, and the fetch/ack logic that joins them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,9 @@ use super::group_ledger::Redeliveries;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
 use crate::store::fsio::{sync_parent, write_durably};
-use crate::store::{CursorFile, FsRef, LogConfig, LogReader, MqLog, StoreError};
+use crate::store::{
+    CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip, StoreError,
+};
 
 const OPTIONS_FILE: &str = "mq.options";
 const GROUPS_DIR: &str = "groups";
@@ -75,6 +77,9 @@ pub struct Mq {
     reader: LogReader,
     groups: Mutex<HashMap<String, Arc<Group>>>,
     counters: MqCounters,
+    /// Damaged records already logged and counted (file, byte position): once per MQ, not
+    /// once per group that meets them.
+    damage_seen: Mutex<HashSet<(PathBuf, u64)>>,
 }
 
 impl Mq {
@@ -150,6 +155,7 @@ impl Mq {
             reader,
             groups: Mutex::new(groups),
             counters: MqCounters::default(),
+            damage_seen: Mutex::new(HashSet::new()),
         })
     }
 
@@ -308,21 +314,47 @@ impl Mq {
         ack_deadline: Instant,
     ) -> Result<Option<Fetched>, BrokerError> {
         let mut read_pos = group.read_pos.lock().await;
+        // Guards against skipping in place forever, should the log disagree with itself.
+        let mut skipped_at = None;
         loop {
             let from = group.state().next();
             if from >= self.reader.end_offset() {
                 return Ok(None);
             }
             // Consumers that keep up read what was just written: from memory, no file I/O.
-            let batch = match self.reader.read_recent(from, room, MAX_FETCH_BYTES) {
-                Some(batch) => batch,
+            let read = match self.reader.read_recent(from, room, MAX_FETCH_BYTES) {
+                Some(batch) => Read::Batch(batch),
                 None => {
                     let reader = self.reader.clone();
                     let hint = *read_pos;
                     blocking("read task", move || {
-                        reader.read(from, hint, room, MAX_FETCH_BYTES)
+                        match reader.read(from, hint, room, MAX_FETCH_BYTES) {
+                            Err(e) if e.is_damage() => reader.skip_damage(from).map(Read::Skip),
+                            other => other.map(Read::Batch),
+                        }
                     })
                     .await?
+                }
+            };
+            let batch = match read {
+                Read::Batch(batch) => batch,
+                Read::Skip(skip) => {
+                    if skip.lost.is_none() && skipped_at.replace(from) == Some(from) {
+                        return Err(BrokerError::Internal(format!(
+                            "MQ {:?}: reading offset {from} keeps failing on damage it cannot locate",
+                            self.name
+                        )));
+                    }
+                    // The group's cursor moves past lost offsets as past filtered records:
+                    // they can never be delivered.
+                    if let Some(lost) = &skip.lost {
+                        self.report_lost(lost);
+                    }
+                    *read_pos = Some(skip.next_pos);
+                    group
+                        .state()
+                        .deliver_new(skip.next_offset, &[], conn, ack_deadline);
+                    continue;
                 }
             };
             *read_pos = Some(batch.next_pos);
@@ -361,6 +393,27 @@ impl Mq {
             if batch.count == 0 {
                 return Ok(None);
             }
+        }
+    }
+
+    /// Logs and counts damaged records a fetch went past, once per MQ.
+    fn report_lost(&self, lost: &Lost) {
+        let first_time = self
+            .damage_seen
+            .lock()
+            .expect("damage set poisoned")
+            .insert((lost.file.clone(), lost.position));
+        if first_time {
+            tracing::error!(
+                mq = %self.name,
+                first = lost.first,
+                end = lost.end,
+                file = %lost.file.display(),
+                position = lost.position,
+                reason = %lost.reason,
+                "damaged records skipped: offsets first..end cannot be delivered"
+            );
+            self.counters.lost(lost.end - lost.first);
         }
     }
 
@@ -562,6 +615,13 @@ impl Mq {
     }
 }
 
+/// What one read of new records found.
+enum Read {
+    Batch(ReadBatch),
+    /// The read met damage at its first record; where to go on.
+    Skip(Skip),
+}
+
 fn corrupt(mq: &Mq, e: qbus_wire::protocol::record::RecordError) -> BrokerError {
     BrokerError::Store(StoreError::Corrupt {
         file: mq.dir.clone(),
@@ -678,6 +738,49 @@ mod tests {
         let group = mq.existing_group("g").expect("the group is back");
         let fetched = mq.fetch(&group, 2, 10, None, Duration::ZERO).await.unwrap();
         assert_eq!(read(&fetched.body), [(1, "b".into()), (2, "c".into())]);
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn fetches_go_past_a_damaged_record_and_count_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let mq = open(dir.path(), Some(MqOptions::default()));
+        let bodies: Vec<String> = (0..30).map(|i| format!("message {i}")).collect();
+        let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+        append(&mq, &commit, &refs).await;
+        drop(mq);
+        // A flipped body bit in record 12.
+        let segment = dir.path().join("00000000000000000000.log");
+        let mut raw = std::fs::read(&segment).unwrap();
+        let mut at = 0;
+        for _ in 0..12 {
+            at += qbus_wire::protocol::record::peek_record_size(&raw[at..]).unwrap();
+        }
+        raw[at + 30] ^= 0x10;
+        std::fs::write(&segment, &raw).unwrap();
+
+        let mq = open(dir.path(), None);
+        for name in ["g", "h"] {
+            let group = mq
+                .group(&commit.committer, name, Start::Earliest)
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            loop {
+                let fetched = mq
+                    .fetch(&group, 1, 100, None, Duration::ZERO)
+                    .await
+                    .unwrap();
+                if fetched.attempts.is_empty() {
+                    break;
+                }
+                got.extend(read(&fetched.body).into_iter().map(|(offset, _)| offset));
+            }
+            let want: Vec<u64> = (0..30).filter(|&o| o != 12).collect();
+            assert_eq!(got, want, "group {name}: every intact record, in order");
+        }
+        assert_eq!(mq.counters().read().lost, 1, "counted once per MQ");
         commit.stop().await;
     }
 

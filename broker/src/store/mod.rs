@@ -6,6 +6,7 @@
 //! - `index`: the sparse offset index of one segment (`<base>.idx`).
 //! - `segment`: one segment file pair (`<base>.log` + `<base>.idx`), writer side.
 //! - `recovery`: reopening a log: load indexes, verify the tail, truncate a torn tail.
+//! - `resync`: finding the next intact record past a damaged one.
 //! - [`log`]: [`MqLog`], the writer of one MQ's log (append, sync, publish, retention).
 //! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
@@ -23,6 +24,7 @@ pub mod lock;
 pub mod log;
 pub mod reader;
 mod recovery;
+mod resync;
 mod segment;
 #[cfg(test)]
 pub(crate) mod simdisk;
@@ -38,7 +40,7 @@ pub use cursor::CursorFile;
 pub use fsio::{FsRef, OsFs};
 pub use lock::StoreLock;
 pub use log::{Appended, LogConfig, MqLog};
-pub use reader::{LogReader, ReadPos};
+pub use reader::{LogReader, Lost, ReadBatch, ReadPos, Skip};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +114,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True for a damaged record (checksum, structure or offset wrong): the log can be read
+    /// on past it with `LogReader::skip_damage`.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. } | StoreError::OffsetMismatch { .. }
+        )
+    }
+
     /// True when the disk is full or over quota: the write failed, nothing of it is
     /// stored, and the same write can succeed once space returns.
     pub fn is_disk_full(&self) -> bool {

@@ -5,7 +5,9 @@
 //! which also proves the index and the end of the file agree. The active segment gets the
 //! same treatment, and a torn tail (a write cut short by a crash) is truncated there. Any
 //! damage triggers a full scan of that one segment first, so a bad index entry can never
-//! make recovery cut off good records. Missing or damaged index files are rebuilt.
+//! make recovery cut off good records; damage followed by an intact record is damage in the
+//! middle, not a torn tail: the scan resynchronises past it (`resync`) and keeps the rest.
+//! Missing or damaged index files are rebuilt.
 
 use std::fmt;
 use std::path::Path;
@@ -14,6 +16,7 @@ use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, R
 
 use super::fsio::{FileIo, Fs, FsRef};
 use super::index::{wants_entry, Entry, IndexFile, OffsetIndex};
+use super::resync::next_intact;
 use super::segment::{index_path, log_path, open_log_file, parse_log_name, Recovered};
 use super::StoreError;
 
@@ -194,8 +197,31 @@ impl Tail<'_> {
                     scan.last_timestamp = Some(timestamp);
                 }
                 Err(damage) => {
-                    scan.damage = Some((scan.valid_len, damage));
-                    break;
+                    // An intact record further on means damage in the middle, not a torn
+                    // tail: the records after it are kept, only the damaged ones are lost.
+                    let at = scan.valid_len;
+                    let last = self.base + u64::from(u32::MAX);
+                    let wanted = scan.next_offset + 1..self.limit.unwrap_or(last).min(last);
+                    let Some((offset, pos)) =
+                        next_intact(self.file, self.path, at, self.len, wanted)?
+                    else {
+                        scan.damage = Some((at, damage));
+                        break;
+                    };
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        position = at,
+                        reason = %damage,
+                        lost_from = scan.next_offset,
+                        lost_to = offset,
+                        "damaged records skipped; the intact records after them are kept"
+                    );
+                    // Reads of the records after the damage start here, not before it.
+                    let entry = ((offset - self.base) as u32, pos as u32);
+                    scan.entries.push(entry);
+                    last_entry = Some(entry.1);
+                    scan.valid_len = pos;
+                    scan.next_offset = offset;
                 }
             }
         }
@@ -281,7 +307,7 @@ mod tests {
 
     use super::*;
     use crate::store::testutil::{batch, body, config, decode, os};
-    use crate::store::{LogReader, MqLog, OsFs};
+    use crate::store::{LogReader, Lost, MqLog, OsFs};
 
     fn write(dir: &Path, segment_bytes: u64, n: u64) {
         let (mut log, _) = MqLog::open(&os(), dir, config(segment_bytes)).unwrap();
@@ -399,11 +425,11 @@ mod tests {
         // Records before it still read.
         let good = reader.read(base, None, 2, 1 << 20).unwrap();
         assert_eq!(decode(&good), expected(base, base + 2));
-        for (from, pos) in [
-            (victim, None),
-            (base, None),
-            (base + 2, Some(good.next_pos)),
-        ] {
+        // A read that meets it returns the records before it, and stops there.
+        let before = reader.read(base, None, 100, 1 << 20).unwrap();
+        assert_eq!(decode(&before), expected(base, victim));
+        assert_eq!(before.next_offset, victim);
+        for (from, pos) in [(victim, None), (victim, Some(good.next_pos))] {
             let err = reader.read(from, pos, 100, 1 << 20).unwrap_err();
             match &err {
                 StoreError::Corrupt {
@@ -496,6 +522,69 @@ mod tests {
         assert_eq!(all(&reader), want);
         let got = reader.read(lost, None, 1, 1 << 20).unwrap();
         assert_eq!(decode(&got), expected(next_base, next_base + 1));
+    }
+
+    /// Reads the whole log as a consumer does: on damage, skips to the next intact record.
+    /// Returns what was read and what was reported lost.
+    fn read_past_damage(reader: &LogReader) -> (Vec<(u64, Vec<u8>)>, Vec<Lost>) {
+        let (mut out, mut lost) = (Vec::new(), Vec::new());
+        let (mut next, mut pos) = (0, None);
+        while next < reader.end_offset() {
+            match reader.read(next, pos, 7, 1 << 20) {
+                Ok(got) => {
+                    out.extend(decode(&got));
+                    (next, pos) = (got.next_offset, Some(got.next_pos));
+                }
+                Err(e) => {
+                    assert!(e.is_damage(), "{e}");
+                    let skip = reader.skip_damage(next).unwrap();
+                    assert!(skip.next_offset > next || skip.lost.is_none());
+                    lost.extend(skip.lost);
+                    (next, pos) = (skip.next_offset, Some(skip.next_pos));
+                }
+            }
+        }
+        (out, lost)
+    }
+
+    #[test]
+    fn one_damaged_record_loses_only_itself() {
+        const N: u64 = 300;
+        let mut rng = crate::store::simdisk::Rng::new(0x5eed_da7a);
+        for trial in 0..150 {
+            let tmp = tempfile::tempdir().unwrap();
+            write(tmp.path(), 3_000, N);
+            // A random bit of a random record of a random segment: length, checksum, offset,
+            // timestamp, tag or body.
+            let bases = list_segments(&OsFs, tmp.path()).unwrap();
+            let at = rng.below(bases.len() as u64) as usize;
+            let path = log_path(tmp.path(), bases[at]);
+            let positions = record_positions(&path);
+            let victim = rng.below(positions.len() as u64) as usize;
+            let mut raw = std::fs::read(&path).unwrap();
+            let end = positions.get(victim + 1).map_or(raw.len() as u64, |&p| p);
+            let byte = positions[victim] + rng.below(end - positions[victim]);
+            raw[byte as usize] ^= 1 << rng.below(8);
+            std::fs::write(&path, &raw).unwrap();
+            let damaged = bases[at] + victim as u64;
+
+            let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(3_000)).unwrap();
+            let (got, lost) = read_past_damage(&reader);
+            let want: Vec<_> = expected(0, N)
+                .into_iter()
+                .filter(|(o, _)| *o != damaged)
+                .collect();
+            let context = format!("trial {trial}: bit of byte {byte} of record {damaged}");
+            assert_eq!(got, want, "{context}: every intact record, nothing corrupt");
+            if let Some(lost) = lost.first() {
+                assert_eq!((lost.first, lost.end), (damaged, damaged + 1), "{context}");
+                assert_eq!(lost.file, path, "{context}");
+            }
+            // The log goes on where it ended, unless recovery cut a damaged last record.
+            let last = damaged == N - 1;
+            assert_eq!(log.next_offset(), if last { N - 1 } else { N }, "{context}");
+            log.append(&mut batch(N, N + 1), 50).unwrap();
+        }
     }
 
     #[test]
