@@ -18,12 +18,13 @@ use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
 use crate::store::fsio::{sync_parent, write_durably};
 use crate::store::{
-    CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip, StoreError,
+    AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip, StoreError,
 };
 
 const OPTIONS_FILE: &str = "mq.options";
 const GROUPS_DIR: &str = "groups";
 const CURSOR_SUFFIX: &str = ".cursor";
+const ATTEMPTS_SUFFIX: &str = ".attempts";
 /// Most bytes of records put in one fetch reply.
 pub const MAX_FETCH_BYTES: usize = 1 << 20;
 
@@ -143,7 +144,10 @@ impl Mq {
             let committed = committed
                 .unwrap_or(0)
                 .clamp(reader.first_offset(), reader.end_offset());
-            groups.insert(group.to_owned(), Group::new(group, committed, cursor));
+            let attempts_path = groups_dir.join(format!("{group}{ATTEMPTS_SUFFIX}"));
+            let attempts = AttemptsFile::open(fs, &attempts_path, committed)?;
+            let live = Group::new(group, committed, cursor, attempts);
+            groups.insert(group.to_owned(), live);
         }
         Ok(Mq {
             fs: fs.clone(),
@@ -222,14 +226,18 @@ impl Mq {
                 offset.clamp(self.reader.first_offset(), self.reader.end_offset())
             }
         };
-        let path = self.cursor_path(name);
+        let (path, attempts_path) = (self.cursor_path(name), self.attempts_path(name));
         let fs = self.fs.clone();
-        let (cursor, _) = blocking("group creation", move || CursorFile::open(&fs, &path)).await?;
+        let (cursor, attempts) = blocking("group creation", move || {
+            let (cursor, _) = CursorFile::open(&fs, &path)?;
+            Ok((cursor, AttemptsFile::open(&fs, &attempts_path, committed)?))
+        })
+        .await?;
         let group = {
             let mut groups = self.groups.lock().expect("groups poisoned");
             groups
                 .entry(name.to_owned())
-                .or_insert_with(|| Group::new(name, committed, cursor))
+                .or_insert_with(|| Group::new(name, committed, cursor, attempts))
                 .clone()
         };
         group
@@ -288,7 +296,7 @@ impl Mq {
                 (room, redo)
             };
             if !redo.deliver.is_empty() || !redo.dead.is_empty() {
-                return self.read_redeliveries(redo).await;
+                return self.read_redeliveries(group, redo).await;
             }
             if room > 0 {
                 if let Some(fetched) = self.fetch_new(group, conn, room, tag, ack_deadline).await? {
@@ -358,41 +366,79 @@ impl Mq {
                 }
             };
             *read_pos = Some(batch.next_pos);
-            let mut offsets = Vec::with_capacity(batch.count);
-            let body = match tag {
-                None => {
-                    for record in records(&batch.data) {
-                        offsets.push(record.map_err(|e| corrupt(self, e))?.offset);
-                    }
-                    batch.data
+            // (offset, start, size) of each record the tag lets through.
+            let mut picked = Vec::with_capacity(batch.count);
+            let mut at = 0;
+            for record in records(&batch.data) {
+                let record = record.map_err(|e| corrupt(self, e))?;
+                if tag.is_none() || record.tag == tag {
+                    picked.push((record.offset, at, record.size));
                 }
-                Some(tag) => {
-                    let mut kept = BytesMut::new();
-                    let mut at = 0;
-                    for record in records(&batch.data) {
-                        let record = record.map_err(|e| corrupt(self, e))?;
-                        if record.tag == Some(tag) {
-                            offsets.push(record.offset);
-                            kept.extend_from_slice(&batch.data[at..at + record.size]);
-                        }
-                        at += record.size;
-                    }
-                    kept.freeze()
+                at += record.size;
+            }
+            let mut offsets: Vec<u64> = picked.iter().map(|&(offset, _, _)| offset).collect();
+            let (attempts, dead) = {
+                let mut state = group.state();
+                let dead = state.take_exhausted(&offsets, self.limits.max_deliveries);
+                if !dead.is_empty() {
+                    offsets.retain(|o| !dead.contains(o));
                 }
+                let attempts = state.deliver_new(batch.next_offset, &offsets, conn, ack_deadline);
+                (attempts, dead)
             };
-            group
-                .state()
-                .deliver_new(batch.next_offset, &offsets, conn, ack_deadline);
-            if !offsets.is_empty() {
-                return Ok(Some(Fetched {
-                    body,
-                    attempts: vec![1; offsets.len()],
-                    dead: DeadLetters::default(),
-                }));
+            if offsets.is_empty() && dead.is_empty() {
+                if batch.count == 0 {
+                    return Ok(None);
+                }
+                continue;
             }
-            if batch.count == 0 {
-                return Ok(None);
-            }
+            // Deliveries counted on from before a restart: their count goes on counting.
+            let counted: Vec<(u64, u32)> = offsets
+                .iter()
+                .zip(&attempts)
+                .filter(|&(_, &attempt)| attempt > 1)
+                .map(|(&offset, &attempt)| (offset, attempt))
+                .collect();
+            self.store_counts(group, counted).await;
+            let whole = picked.len() == batch.count && dead.is_empty();
+            let (body, dead) = if whole {
+                (batch.data, DeadLetters::default())
+            } else {
+                let (mut kept, mut retired) = (BytesMut::new(), DeadLetters::default());
+                for &(offset, start, size) in &picked {
+                    let bytes = &batch.data[start..start + size];
+                    if dead.contains(&offset) {
+                        retired.records.extend_from_slice(bytes);
+                        retired.count += 1;
+                    } else {
+                        kept.extend_from_slice(bytes);
+                    }
+                }
+                (kept.freeze(), retired)
+            };
+            return Ok(Some(Fetched {
+                body,
+                attempts,
+                dead,
+            }));
+        }
+    }
+
+    /// Stores delivery counts (offset, deliveries) of `group` so they survive a restart.
+    /// A failure costs only extra deliveries after a restart, so it is logged, not fatal.
+    async fn store_counts(&self, group: &Group, counted: Vec<(u64, u32)>) {
+        if counted.is_empty() {
+            return;
+        }
+        let (file, committed) = (group.attempts.clone(), group.state().committed());
+        let stored = blocking("delivery counts", move || {
+            file.lock()
+                .expect("attempts file poisoned")
+                .record(&counted, committed)
+        })
+        .await;
+        if let Err(e) = stored {
+            tracing::warn!(mq = %self.name, error = %e, "cannot store delivery counts");
         }
     }
 
@@ -418,8 +464,13 @@ impl Mq {
     }
 
     /// Reads the records to deliver again, each with its attempt, and those to dead-letter.
-    async fn read_redeliveries(&self, redo: Redeliveries) -> Result<Fetched, BrokerError> {
+    async fn read_redeliveries(
+        &self,
+        group: &Group,
+        redo: Redeliveries,
+    ) -> Result<Fetched, BrokerError> {
         let attempts = redo.deliver.iter().map(|&(_, attempt)| attempt).collect();
+        self.store_counts(group, redo.counted).await;
         let dead_count = redo.dead.len() as u32;
         let reader = self.reader.clone();
         let (body, dead) = blocking("read task", move || {
@@ -507,14 +558,18 @@ impl Mq {
         if let Some(group) = group {
             group.changed.notify_waiters();
         }
-        let path = self.cursor_path(name);
+        let (path, attempts_path) = (self.cursor_path(name), self.attempts_path(name));
         let fs = self.fs.clone();
         blocking("group removal", move || {
-            match fs.remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(StoreError::io(&path)(e));
+            // The counts first: a group a crash brings back keeps its cursor and merely
+            // forgets how often its records went out.
+            for file in [&attempts_path, &path] {
+                match fs.remove_file(file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(StoreError::io(file)(e));
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
             // The removal is acknowledged: a crash must not bring the group back.
             sync_parent(&*fs, &path)
@@ -526,6 +581,12 @@ impl Mq {
         self.dir
             .join(GROUPS_DIR)
             .join(format!("{group}{CURSOR_SUFFIX}"))
+    }
+
+    fn attempts_path(&self, group: &str) -> PathBuf {
+        self.dir
+            .join(GROUPS_DIR)
+            .join(format!("{group}{ATTEMPTS_SUFFIX}"))
     }
 
     /// An existing group.
@@ -781,6 +842,49 @@ mod tests {
             assert_eq!(got, want, "group {name}: every intact record, in order");
         }
         assert_eq!(mq.counters().read().lost, 1, "counted once per MQ");
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn delivery_counts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let options = MqOptions {
+            max_deliveries: Some(3),
+            ..MqOptions::default()
+        };
+        let mq = open(dir.path(), Some(options));
+        append(&mq, &commit, &["poison", "fine"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+        // Delivered twice, given back each time (a consumer that crashes on it).
+        let first = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        mq.nack(&group, &tokens(&first.body, &first.attempts), false);
+        let second = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        assert_eq!(second.attempts, [2]);
+        drop((group, mq));
+
+        // After a restart the count goes on: the third delivery is the last.
+        let mq = open(dir.path(), None);
+        let group = mq.existing_group("g").unwrap();
+        let third = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            (read(&third.body), third.attempts.clone()),
+            (vec![(0, "poison".into())], vec![3])
+        );
+        mq.nack(&group, &tokens(&third.body, &third.attempts), false);
+        drop((group, mq));
+
+        // And after another, it is dead-lettered instead of delivered a fourth time.
+        let mq = open(dir.path(), None);
+        let group = mq.existing_group("g").unwrap();
+        let next = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&next.dead.records), [(0, "poison".into())]);
+        assert_eq!(read(&next.body), [(1, "fine".into())]);
+        assert_eq!(next.attempts, [1]);
+        assert_eq!(mq.info().groups[0].dead_lettered, 1);
         commit.stop().await;
     }
 

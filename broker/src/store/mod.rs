@@ -10,6 +10,7 @@
 //! - [`log`]: [`MqLog`], the writer of one MQ's log (append, sync, publish, retention).
 //! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
+//! - [`attempts`]: [`AttemptsFile`], a group's delivery counts, kept across restarts.
 //! - `simdisk` (tests only): a simulated disk that keeps only what was synced, for the
 //!   crash tests.
 //!
@@ -17,6 +18,7 @@
 //! producer sends are stamped with offset and time and written as they are, and a fetch
 //! returns them as they lie in the file, checksum verified.
 
+pub mod attempts;
 pub mod cursor;
 pub mod fsio;
 mod index;
@@ -36,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 use qbus_wire::protocol::record::RecordError;
 
+pub use attempts::AttemptsFile;
 pub use cursor::CursorFile;
 pub use fsio::{FsRef, OsFs};
 pub use lock::StoreLock;
