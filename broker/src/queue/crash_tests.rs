@@ -410,6 +410,12 @@ async fn after_a_failed_fsync_the_store_refuses_writes_until_restarted() {
         create.is_ok(),
         "creating an MQ does not go through the commit thread"
     );
+    let remove = registry.remove("orders").await.unwrap_err();
+    assert_eq!(remove.status(), qbus_wire::protocol::Status::Unavailable);
+    assert!(
+        registry.get("orders").is_ok(),
+        "a refused removal keeps the MQ"
+    );
     drop((mq, registry));
     commit.stop().await;
 

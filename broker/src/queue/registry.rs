@@ -190,24 +190,29 @@ impl Registry {
             .remove(name)
             .ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))?;
         // Let appends already queued finish before the files go.
-        self.committer.sync().await?;
+        let synced = self.committer.sync().await.map_err(BrokerError::from);
         let dir = mq.dir().to_owned();
         let fs = self.fs.clone();
         let doomed = self.config.store.join(format!("{REMOVING}{name}"));
-        let renamed = blocking("remove", move || {
-            // One rename, made durable, is the removal; deleting the files after it may
-            // take long, and what a crash leaves of them is deleted by the next start.
-            fs.rename(&dir, &doomed).map_err(StoreError::io(&dir))?;
-            let synced = sync_parent(&*fs, &doomed);
-            // Gone for this process either way; only a power cut could bring it back.
-            delete_leftover(&*fs, &doomed);
-            Ok(synced)
-        })
-        .await;
+        let renamed = match synced {
+            Err(e) => Err(e),
+            Ok(()) => {
+                blocking("remove", move || {
+                    // One rename, made durable, is the removal; deleting the files after it may
+                    // take long, and what a crash leaves of them is deleted by the next start.
+                    fs.rename(&dir, &doomed).map_err(StoreError::io(&dir))?;
+                    let synced = sync_parent(&*fs, &doomed);
+                    // Gone for this process either way; only a power cut could bring it back.
+                    delete_leftover(&*fs, &doomed);
+                    Ok(synced)
+                })
+                .await
+            }
+        };
         match renamed {
             Ok(synced) => synced?,
             Err(e) => {
-                // Still in place: keep serving it.
+                // Still in place (a halted store refuses the sync): keep serving it.
                 self.mqs
                     .write()
                     .expect("mq table poisoned")
@@ -327,11 +332,13 @@ impl Registry {
 fn delete_leftover(fs: &dyn Fs, path: &std::path::Path) {
     match fs.remove_dir_all(path) {
         Ok(()) => {
-            tracing::info!(dir = %path.display(), "deleted the leftover of an MQ creation or removal")
+            let dir = path.display();
+            tracing::info!(dir = %dir, "deleted the leftover of an MQ creation or removal");
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            tracing::warn!(dir = %path.display(), error = %e, "cannot delete the leftover of an MQ creation or removal")
+            let dir = path.display();
+            tracing::warn!(dir = %dir, error = %e, "cannot delete the leftover of an MQ creation or removal");
         }
     }
 }

@@ -103,7 +103,9 @@ pub enum StoreError {
     /// The store stopped taking writes after a failure that leaves the files' state
     /// unknown (a failed fsync: the kernel may have dropped the unsynced pages). Only a
     /// restart, which recovers from what is on disk, makes it write again.
-    #[error("the store refuses writes since {cause}; restart the broker to recover from what is on disk")]
+    #[error(
+        "the store refuses writes since {cause}; restart the broker to recover from what is on disk"
+    )]
     Halted {
         /// The failure that stopped it.
         cause: String,
@@ -129,8 +131,9 @@ impl StoreError {
     /// True when the disk is full or over quota: the write failed, nothing of it is
     /// stored, and the same write can succeed once space returns.
     pub fn is_disk_full(&self) -> bool {
+        use std::io::ErrorKind::{QuotaExceeded, StorageFull};
         matches!(self, StoreError::Io { source, .. }
-            if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+            if matches!(source.kind(), StorageFull | QuotaExceeded))
     }
 
     /// A copy for each waiter of one failed write or fsync (an `io::Error` is not `Clone`),

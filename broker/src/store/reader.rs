@@ -185,8 +185,8 @@ impl LogReader {
     /// the index lookup and is ignored when stale. Every returned record's checksum and offset
     /// are verified. A bad record ends the batch before it; a read that starts at one fails
     /// with [`StoreError::Corrupt`] (or `OffsetMismatch`) naming its file and position, and
-    /// [`skip_damage`](Self::skip_damage) says where to go on. A read usually takes one `read_at`; one that reaches the end of a sealed
-    /// segment carries on into the next.
+    /// [`skip_damage`](Self::skip_damage) says where to go on. A read usually takes one
+    /// `read_at`; one that reaches the end of a sealed segment carries on into the next.
     pub fn read(
         &self,
         from: u64,
