@@ -54,6 +54,9 @@ impl BrokerError {
             BrokerError::GroupInUse { .. } => Status::Conflict,
             BrokerError::BadRequest(_) => Status::BadRequest,
             BrokerError::Overloaded(_) => Status::Overloaded,
+            BrokerError::Store(e) if e.is_disk_full() => Status::InsufficientStorage,
+            // Another broker holding the MQ can take the write (HA clients fail over on 503).
+            BrokerError::Store(StoreError::Halted { .. }) => Status::Unavailable,
             BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
             BrokerError::ShuttingDown => Status::Unavailable,
         }

@@ -18,7 +18,8 @@
 //!   commit thread.
 //! - `rpc/`: MQ-RPC: `Call` and `Route` handling, and the reply table.
 //! - `metrics/`: counters, the fsync histogram and per-second rates behind stats.
-//! - `store/`: segment files, indexes, recovery, cursors, the store lock.
+//! - `store/`: segment files, indexes, recovery, cursors, the store lock, and the file
+//!   operations (with their fsyncs) behind one trait.
 //! - `config`: settings from flags, environment and a TOML file; `error`: errors and their
 //!   wire statuses.
 

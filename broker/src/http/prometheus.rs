@@ -62,7 +62,7 @@ pub fn render(stats: &Stats) -> String {
     out.sample("qbus_http_requests_total", &[], broker.http_requests);
 
     type PerMq = fn(&super::stats::MqStats) -> u64;
-    let per_mq: [(&str, &str, &str, PerMq); 7] = [
+    let per_mq: [(&str, &str, &str, PerMq); 8] = [
         (
             "qbus_messages_in_total",
             "counter",
@@ -92,6 +92,12 @@ pub fn render(stats: &Stats) -> String {
             "counter",
             "Deliveries acknowledged.",
             |m| m.traffic.acked,
+        ),
+        (
+            "qbus_messages_lost_total",
+            "counter",
+            "Offsets skipped because their records are damaged on disk.",
+            |m| m.traffic.lost,
         ),
         ("qbus_mq_depth", "gauge", "Messages retained.", |m| m.depth),
         (

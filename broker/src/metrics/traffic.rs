@@ -12,6 +12,7 @@ pub struct MqCounters {
     messages_out: AtomicU64,
     bytes_out: AtomicU64,
     acked: AtomicU64,
+    lost: AtomicU64,
 }
 
 /// A reading of [`MqCounters`].
@@ -27,6 +28,8 @@ pub struct MqTraffic {
     pub bytes_out: u64,
     /// Deliveries acknowledged.
     pub acked: u64,
+    /// Offsets whose records were found damaged on disk and skipped by readers.
+    pub lost: u64,
 }
 
 impl MqCounters {
@@ -47,6 +50,11 @@ impl MqCounters {
         self.acked.fetch_add(messages, Ordering::Relaxed);
     }
 
+    /// Counts offsets skipped because their records are damaged on disk.
+    pub fn lost(&self, messages: u64) {
+        self.lost.fetch_add(messages, Ordering::Relaxed);
+    }
+
     /// The current totals.
     pub fn read(&self) -> MqTraffic {
         MqTraffic {
@@ -55,6 +63,7 @@ impl MqCounters {
             messages_out: self.messages_out.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             acked: self.acked.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
         }
     }
 }
@@ -77,7 +86,8 @@ mod tests {
                 bytes_in: 300,
                 messages_out: 3,
                 bytes_out: 300,
-                acked: 2
+                acked: 2,
+                lost: 0
             }
         );
     }

@@ -2,6 +2,7 @@
 //! fetches waiting on it. What the rules are is in [`GroupLedger`]; this is where they meet
 //! the commit thread and waiting consumers.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -10,7 +11,7 @@ use tokio::sync::Notify;
 
 use super::group_commit::SharedCursor;
 use super::group_ledger::GroupLedger;
-use crate::store::{CursorFile, ReadPos};
+use crate::store::{AttemptsFile, CursorFile, ReadPos};
 
 /// Where a group created by a fetch starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub enum Start {
 pub struct Group {
     state: Mutex<GroupLedger>,
     pub(super) cursor: SharedCursor,
+    /// Delivery counts of redelivered records, kept across restarts.
+    pub(super) attempts: Arc<Mutex<AttemptsFile>>,
     /// Highest committed offset handed to the commit thread.
     pub(super) persisted: Arc<AtomicU64>,
     /// Serialises reads of new records so two consumers never get the same batch; holds
@@ -37,10 +40,20 @@ pub struct Group {
 }
 
 impl Group {
-    pub(super) fn new(name: &str, committed: u64, cursor: CursorFile) -> Arc<Group> {
+    /// A group whose every offset below `committed` is acknowledged; `counts` are the
+    /// delivery counts `attempts` held for records above it.
+    pub(super) fn new(
+        name: &str,
+        committed: u64,
+        cursor: CursorFile,
+        (attempts, counts): (AttemptsFile, BTreeMap<u64, u32>),
+    ) -> Arc<Group> {
+        let mut ledger = GroupLedger::new(name, committed);
+        ledger.restore_counts(counts);
         Arc::new(Group {
-            state: Mutex::new(GroupLedger::new(name, committed)),
+            state: Mutex::new(ledger),
             cursor: Arc::new(Mutex::new(cursor)),
+            attempts: Arc::new(Mutex::new(attempts)),
             persisted: Arc::new(AtomicU64::new(committed)),
             read_pos: tokio::sync::Mutex::new(None),
             changed: Notify::new(),

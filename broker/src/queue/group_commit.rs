@@ -324,13 +324,17 @@ struct Outcomes {
 }
 
 impl Outcomes {
-    /// Makes the written records visible, then replies with `durability`, or with the
-    /// fsync's error.
+    /// Makes the written records visible, then replies with `durability`; or, when the
+    /// fsync failed, replies with its error and shows nothing: records whose sync failed
+    /// may be gone after a crash, so no consumer may see them before a restart proves
+    /// they are on disk.
     fn finish(&mut self, durability: Durability, synced: &Result<(), StoreError>) {
         for log in self.written.drain(..) {
-            log.lock().expect("log lock poisoned").publish();
+            if synced.is_ok() {
+                log.lock().expect("log lock poisoned").publish();
+            }
         }
-        let synced = || synced.as_ref().map(|_| ()).map_err(clone_error);
+        let synced = || synced.as_ref().map(|_| ()).map_err(StoreError::duplicate);
         for item in self.done.drain(..) {
             match item {
                 Done::Append(reply, result) => {
@@ -350,8 +354,15 @@ impl Outcomes {
 }
 
 impl Staged {
-    /// Writes the gathered records and hands each waiter its share of the offsets.
-    fn write(self, now: u64, dirty: &mut Dirty, synced: &mut Outcomes, unsynced: &mut Outcomes) {
+    /// Writes the gathered records and hands each waiter its share of the offsets. A write
+    /// that leaves the file in doubt halts the store (see [`Halt`]).
+    fn write(
+        self,
+        now: u64,
+        dirty: &mut Dirty,
+        (synced, unsynced): (&mut Outcomes, &mut Outcomes),
+        halt: &mut Halt,
+    ) {
         let Staged {
             log,
             mut records,
@@ -383,8 +394,11 @@ impl Staged {
                 }
             }
             Err(e) => {
+                if let StoreError::Halted { cause } = &e {
+                    halt.set(cause.clone());
+                }
                 for (reply, _) in waiters {
-                    done.push(Done::Append(reply, Err(clone_error(&e))));
+                    done.push(Done::Append(reply, Err(e.duplicate())));
                 }
             }
         }
@@ -398,6 +412,7 @@ fn stage(
     append: Append,
     now: u64,
     (dirty, synced, unsynced): (&mut Dirty, &mut Outcomes, &mut Outcomes),
+    halt: &mut Halt,
 ) {
     let Append {
         log,
@@ -408,7 +423,9 @@ fn stage(
     } = append;
     let at = staged.iter().position(|s| Arc::ptr_eq(&s.log, &log));
     if let Some(full) = at.filter(|&at| staged[at].records.len() + records.len() > MAX_WRITE) {
-        staged.swap_remove(full).write(now, dirty, synced, unsynced);
+        staged
+            .swap_remove(full)
+            .write(now, dirty, (synced, unsynced), halt);
     }
     let at = match staged.iter().position(|s| Arc::ptr_eq(&s.log, &log)) {
         Some(at) => at,
@@ -455,6 +472,45 @@ fn store_cursor(
     outcomes.done.push(Done::Cursor(reply, result));
 }
 
+/// Fail-stop: after a failed fsync the kernel may have dropped the unsynced pages and
+/// marked them clean, so a later fsync could succeed over a hole (PostgreSQL's "fsyncgate").
+/// From then on the thread refuses every write and sync with [`StoreError::Halted`], until
+/// a restart recovers from what is really on disk.
+#[derive(Default)]
+struct Halt(Option<String>);
+
+impl Halt {
+    fn set(&mut self, cause: String) {
+        if self.0.is_none() {
+            tracing::error!(
+                cause = %cause,
+                "store halted: refusing writes until the broker is restarted"
+            );
+            self.0 = Some(cause);
+        }
+    }
+
+    fn error(&self) -> Option<StoreError> {
+        self.0.as_ref().map(|cause| StoreError::Halted {
+            cause: cause.clone(),
+        })
+    }
+}
+
+/// Fails every item of a batch the halted store will not write.
+fn refuse(work: Vec<Work>, error: &StoreError) {
+    for item in work {
+        match item {
+            Work::Append(append) => {
+                let _ = append.reply.send(Err(error.duplicate()));
+            }
+            Work::Cursor(store) => {
+                let _ = store.reply.send(Err(error.duplicate()));
+            }
+        }
+    }
+}
+
 enum Done {
     Append(AppendReply, Result<Appended, StoreError>),
     Cursor(
@@ -471,6 +527,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
     let mut dirty = Dirty::default();
     let mut staged: Vec<Staged> = Vec::new();
     let mut last_sync = std::time::Instant::now();
+    let mut halt = Halt::default();
     loop {
         if rx.blocking_recv_many(&mut batch, MAX_BATCH) == 0 {
             break;
@@ -480,11 +537,15 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
         for job in batch.drain(..) {
             match job {
                 Job::Batch(work) => {
+                    if let Some(error) = halt.error() {
+                        refuse(work, &error);
+                        continue;
+                    }
                     for item in work {
                         match item {
                             Work::Append(append) => {
                                 let outcomes = (&mut dirty, &mut synced, &mut unsynced);
-                                stage(&mut staged, append, now, outcomes);
+                                stage(&mut staged, append, now, outcomes, &mut halt);
                             }
                             Work::Cursor(store) => {
                                 store_cursor(store, &mut dirty, &mut synced, &mut unsynced);
@@ -493,19 +554,27 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                     }
                 }
                 Job::Retain { log, reply } => {
-                    let result = log
-                        .lock()
-                        .expect("log lock poisoned")
-                        .enforce_retention(now);
+                    let result = match halt.error() {
+                        Some(error) => Err(error),
+                        None => log
+                            .lock()
+                            .expect("log lock poisoned")
+                            .enforce_retention(now),
+                    };
                     let _ = reply.send(result);
                 }
-                Job::Sync(reply) => synced.done.push(Done::Sync(reply)),
+                Job::Sync(reply) => match halt.error() {
+                    Some(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                    None => synced.done.push(Done::Sync(reply)),
+                },
                 Job::Tick => {}
                 Job::Stop => stop = true,
             }
         }
         for entry in staged.drain(..) {
-            entry.write(now, &mut dirty, &mut synced, &mut unsynced);
+            entry.write(now, &mut dirty, (&mut synced, &mut unsynced), &mut halt);
         }
         unsynced.finish(Durability::Written, &Ok(()));
         let dirty_for = |age| dirty.is_dirty() && last_sync.elapsed() >= age;
@@ -529,7 +598,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
                 fsync.observe(last_sync - started);
             }
             if let Err(e) = &sync_result {
-                tracing::error!(error = %e, "fsync failed");
+                halt.set(format!("an fsync failed: {e}"));
             }
         }
         synced.finish(durability_of(policy), &sync_result);
@@ -540,15 +609,6 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
     }
     if let Err(e) = dirty.sync() {
         tracing::error!(error = %e, "final fsync failed");
-    }
-}
-
-/// Store errors hold an `io::Error`, which is not `Clone`; every waiter of a failed fsync
-/// gets the same message.
-fn clone_error(e: &StoreError) -> StoreError {
-    StoreError::Io {
-        path: "<fsync>".into(),
-        source: std::io::Error::other(e.to_string()),
     }
 }
 
@@ -567,7 +627,8 @@ mod tests {
     }
 
     fn log(dir: &std::path::Path) -> SharedLog {
-        let (log, _reader) = MqLog::open(dir, LogConfig::default()).unwrap();
+        let (log, _reader) =
+            MqLog::open(&crate::store::OsFs::shared(), dir, LogConfig::default()).unwrap();
         Arc::new(Mutex::new(log))
     }
 

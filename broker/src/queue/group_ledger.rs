@@ -25,6 +25,9 @@ pub struct Redeliveries {
     pub deliver: Vec<(u64, u32)>,
     /// Offsets that reached the delivery limit: move them to the dead-letter MQ.
     pub dead: Vec<u64>,
+    /// (offset, deliveries counted toward the limit) of each in `deliver`, to be stored so
+    /// that the count survives a restart.
+    pub counted: Vec<(u64, u32)>,
 }
 
 /// Delivery state of one group of one MQ.
@@ -43,6 +46,9 @@ pub struct GroupLedger {
     held: HashMap<u64, u32>,
     /// Connections consuming for this group (see [`GroupLedger::has_consumers`]).
     consumers: HashMap<u64, Presence>,
+    /// Deliveries counted before a restart of records not yet delivered since (see
+    /// [`GroupLedger::restore_counts`]).
+    prior: BTreeMap<u64, u32>,
     dead_lettered: u64,
     redelivered: u64,
     /// Removed from its MQ: fetches still holding it return empty.
@@ -60,6 +66,7 @@ impl GroupLedger {
             deadlines: VecDeque::new(),
             held: HashMap::new(),
             consumers: HashMap::new(),
+            prior: BTreeMap::new(),
             dead_lettered: 0,
             redelivered: 0,
             retired: false,
@@ -86,23 +93,62 @@ impl GroupLedger {
         !self.redeliver.is_empty()
     }
 
+    /// Takes the delivery counts stored before a restart (offset → deliveries counted
+    /// toward the limit), for records the group will deliver again.
+    pub fn restore_counts(&mut self, counts: BTreeMap<u64, u32>) {
+        self.prior = counts;
+    }
+
+    /// Of `offsets` about to be delivered as new, those whose deliveries before a restart
+    /// already reached `max_deliveries`: they are dead-lettered instead (and count as done).
+    pub fn take_exhausted(&mut self, offsets: &[u64], max_deliveries: u32) -> Vec<u64> {
+        if self.prior.is_empty() {
+            return Vec::new();
+        }
+        let dead: Vec<u64> = offsets
+            .iter()
+            .copied()
+            .filter(|o| self.prior.get(o).is_some_and(|&n| n >= max_deliveries))
+            .collect();
+        for offset in &dead {
+            self.prior.remove(offset);
+        }
+        self.dead_lettered += dead.len() as u64;
+        dead
+    }
+
     /// Records that the records from `self.next()` up to `end` were read for `conn`;
     /// those in `delivered` (ascending) go out now, the rest (filtered away) count as done.
-    pub fn deliver_new(&mut self, end: u64, delivered: &[u64], conn: u64, deadline: Instant) {
+    /// Returns each delivery's attempt: 1, or one more than before a restart.
+    pub fn deliver_new(
+        &mut self,
+        end: u64,
+        delivered: &[u64],
+        conn: u64,
+        deadline: Instant,
+    ) -> Vec<u32> {
         debug_assert!(delivered.iter().all(|&o| o >= self.next && o < end));
+        let mut attempts = Vec::with_capacity(delivered.len());
         for &offset in delivered {
+            let attempt = self.prior.remove(&offset).map_or(1, |n| n + 1);
             self.in_flight.insert(
                 offset,
                 InFlight {
-                    attempt: 1,
+                    attempt,
                     unseen: 0,
                     holder: Some(conn),
                 },
             );
-            self.deadlines.push_back((deadline, offset, 1));
+            self.deadlines.push_back((deadline, offset, attempt));
+            attempts.push(attempt);
         }
         *self.held.entry(conn).or_default() += delivered.len() as u32;
         self.next = self.next.max(end);
+        if !self.prior.is_empty() {
+            // Counts of records passed over (filtered, lost) are of no more use.
+            self.prior = self.prior.split_off(&self.next);
+        }
+        attempts
     }
 
     /// Takes up to `max` released deliveries for `conn`, raising their attempt. Those whose
@@ -136,6 +182,7 @@ impl GroupLedger {
             self.redelivered += 1;
             self.deadlines.push_back((deadline, offset, entry.attempt));
             out.deliver.push((offset, entry.attempt));
+            out.counted.push((offset, entry.attempt - entry.unseen));
         }
         *self.held.entry(conn).or_default() += out.deliver.len() as u32;
         out
@@ -408,6 +455,28 @@ mod tests {
         let again = g.take_redeliveries(10, 16, 2, now);
         assert_eq!(again.deliver, vec![(0, 2), (1, 2)]);
         assert_eq!(g.held_by(2), 4);
+    }
+
+    #[test]
+    fn delivery_counts_restored_after_a_restart_keep_counting() {
+        let now = Instant::now();
+        let mut g = GroupLedger::new("g", 10);
+        g.restore_counts(BTreeMap::from([(10, 3), (11, 1), (13, 2), (40, 2)]));
+        // With a limit of 3, offset 10 is done; 11 goes out as its second delivery.
+        assert_eq!(g.take_exhausted(&[10, 11, 12, 13], 3), vec![10]);
+        assert_eq!(g.deliver_new(13, &[11, 12], 1, now), vec![2, 1]);
+        assert_eq!(g.info(13, now).dead_lettered, 1);
+        assert_eq!(g.committed(), 11, "10 counts as done");
+        // 13 was passed over (filtered): its count is dropped; 40's is kept.
+        assert_eq!(g.deliver_new(14, &[], 1, now), Vec::<u32>::new());
+        assert_eq!(g.prior.keys().copied().collect::<Vec<_>>(), vec![40]);
+        assert_eq!(g.expire(now), 2);
+        let again = g.take_redeliveries(10, 5, 1, now);
+        assert_eq!(again.deliver, vec![(11, 3), (12, 2)]);
+        assert_eq!(
+            again.counted, again.deliver,
+            "nothing was given back unseen"
+        );
     }
 
     #[test]

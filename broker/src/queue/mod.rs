@@ -5,7 +5,10 @@
 //! - [`mq`]: one MQ: its log, its groups, fetch and ack.
 //! - [`group`]: one live consumer group: its ledger, cursor file and waiting fetches.
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
-//! - [`group_commit`]: the thread that writes and fsyncs for everyone at once.
+//! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
+//!   the store after a failed fsync.
+//! - `crash_tests` (tests only): the engine on a simulated disk, cut by power loss at random
+//!   points and given failing writes and syncs.
 
 pub mod group;
 pub mod group_commit;
@@ -29,5 +32,7 @@ async fn blocking<T: Send + 'static>(
     Ok(done?)
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -1,6 +1,6 @@
 //! One MQ: its log, its consumer groups, and the fetch/ack logic that joins them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -16,11 +16,15 @@ use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWa
 use super::group_ledger::Redeliveries;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
-use crate::store::{CursorFile, LogConfig, LogReader, MqLog, StoreError};
+use crate::store::fsio::{sync_parent, write_durably};
+use crate::store::{
+    AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip, StoreError,
+};
 
 const OPTIONS_FILE: &str = "mq.options";
 const GROUPS_DIR: &str = "groups";
 const CURSOR_SUFFIX: &str = ".cursor";
+const ATTEMPTS_SUFFIX: &str = ".attempts";
 /// Most bytes of records put in one fetch reply.
 pub const MAX_FETCH_BYTES: usize = 1 << 20;
 
@@ -65,6 +69,7 @@ impl DeadLetters {
 
 /// One MQ.
 pub struct Mq {
+    fs: FsRef,
     name: String,
     dir: PathBuf,
     options: MqOptions,
@@ -73,37 +78,48 @@ pub struct Mq {
     reader: LogReader,
     groups: Mutex<HashMap<String, Arc<Group>>>,
     counters: MqCounters,
+    /// Damaged records already logged and counted (file, byte position): once per MQ, not
+    /// once per group that meets them.
+    damage_seen: Mutex<HashSet<(PathBuf, u64)>>,
 }
 
 impl Mq {
-    /// Opens (or creates, writing `options`) the MQ stored in `dir`. Blocking.
+    /// Makes the files of a new MQ with `options` in `dir`, an empty directory nobody else
+    /// sees yet, and makes them durable (files and `dir` synced), so that the registry can
+    /// rename `dir` into place in one step. Blocking.
+    pub fn prepare(fs: &FsRef, dir: &Path, options: &MqOptions) -> Result<(), StoreError> {
+        let groups = dir.join(GROUPS_DIR);
+        fs.create_dir_all(&groups)
+            .map_err(StoreError::io(&groups))?;
+        MqLog::create(fs, dir)?;
+        let options_path = dir.join(OPTIONS_FILE);
+        let bytes = rmp_serde::to_vec_named(options)
+            .map_err(|e| StoreError::io(&options_path)(std::io::Error::other(e)))?;
+        // Syncs `dir` last, which makes the names above durable too.
+        write_durably(&**fs, &options_path, &bytes)
+    }
+
+    /// Opens the MQ stored in `dir` (made by [`Mq::prepare`]). Blocking.
     pub fn open(
+        fs: &FsRef,
         name: &str,
         dir: &Path,
-        options: Option<MqOptions>,
         log_config: LogConfig,
         defaults: &Limits,
     ) -> Result<Mq, StoreError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir.join(GROUPS_DIR)).map_err(io(dir))?;
+        let groups_dir = dir.join(GROUPS_DIR);
+        fs.create_dir_all(&groups_dir)
+            .map_err(StoreError::io(&groups_dir))?;
         let options_path = dir.join(OPTIONS_FILE);
-        let options = match options {
-            Some(options) => {
-                let bytes = rmp_serde::to_vec_named(&options)
-                    .map_err(|e| io(&options_path)(std::io::Error::other(e)))?;
-                std::fs::write(&options_path, bytes).map_err(io(&options_path))?;
-                options
+        let options = match fs.read(&options_path) {
+            Ok(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %options_path.display(), error = %e, "unreadable MQ options, using defaults");
+                MqOptions::default()
+            }),
+            Err(e) => {
+                tracing::warn!(file = %options_path.display(), error = %e, "MQ options missing, using defaults");
+                MqOptions::default()
             }
-            None => match std::fs::read(&options_path) {
-                Ok(bytes) => rmp_serde::from_slice(&bytes).unwrap_or_else(|e| {
-                    tracing::warn!(file = %options_path.display(), error = %e, "unreadable MQ options, using defaults");
-                    MqOptions::default()
-                }),
-                Err(_) => MqOptions::default(),
-            },
         };
         let limits = Limits {
             ack_timeout: options
@@ -115,26 +131,26 @@ impl Mq {
                 .max(1),
             max_in_flight: defaults.max_in_flight,
         };
-        let (log, reader) = MqLog::open(dir, log_config)?;
+        let (log, reader) = MqLog::open(fs, dir, log_config)?;
         let mut groups = HashMap::new();
-        let groups_dir = dir.join(GROUPS_DIR);
-        for entry in std::fs::read_dir(&groups_dir).map_err(io(&groups_dir))? {
-            let path = entry.map_err(io(&groups_dir))?.path();
-            let Some(group) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(CURSOR_SUFFIX))
-                .map(str::to_owned)
-            else {
+        for entry in fs.list(&groups_dir).map_err(StoreError::io(&groups_dir))? {
+            let Some(group) = entry.name.strip_suffix(CURSOR_SUFFIX) else {
                 continue;
             };
-            let (cursor, committed) = CursorFile::open(&path)?;
+            if validate_name("group", group).is_err() {
+                continue;
+            }
+            let (cursor, committed) = CursorFile::open(fs, &groups_dir.join(&entry.name))?;
             let committed = committed
                 .unwrap_or(0)
                 .clamp(reader.first_offset(), reader.end_offset());
-            groups.insert(group.clone(), Group::new(&group, committed, cursor));
+            let attempts_path = groups_dir.join(format!("{group}{ATTEMPTS_SUFFIX}"));
+            let attempts = AttemptsFile::open(fs, &attempts_path, committed)?;
+            let live = Group::new(group, committed, cursor, attempts);
+            groups.insert(group.to_owned(), live);
         }
         Ok(Mq {
+            fs: fs.clone(),
             name: name.to_owned(),
             dir: dir.to_owned(),
             options,
@@ -143,6 +159,7 @@ impl Mq {
             reader,
             groups: Mutex::new(groups),
             counters: MqCounters::default(),
+            damage_seen: Mutex::new(HashSet::new()),
         })
     }
 
@@ -209,21 +226,35 @@ impl Mq {
                 offset.clamp(self.reader.first_offset(), self.reader.end_offset())
             }
         };
-        let path = self.cursor_path(name);
-        let (cursor, _) = blocking("group creation", move || CursorFile::open(&path)).await?;
+        let (path, attempts_path) = (self.cursor_path(name), self.attempts_path(name));
+        let fs = self.fs.clone();
+        let (cursor, attempts) = blocking("group creation", move || {
+            let (cursor, _) = CursorFile::open(&fs, &path)?;
+            Ok((cursor, AttemptsFile::open(&fs, &attempts_path, committed)?))
+        })
+        .await?;
         let group = {
             let mut groups = self.groups.lock().expect("groups poisoned");
             groups
                 .entry(name.to_owned())
-                .or_insert_with(|| Group::new(name, committed, cursor))
+                .or_insert_with(|| Group::new(name, committed, cursor, attempts))
                 .clone()
         };
         group
             .persisted
             .fetch_max(group.state().committed(), Ordering::AcqRel);
-        committer
+        let stored = committer
             .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
-            .await?;
+            .await;
+        if let Err(e) = stored {
+            // Not durable, so not created: the next attempt stores the cursor again instead
+            // of finding a group a crash could lose.
+            let mut groups = self.groups.lock().expect("groups poisoned");
+            if groups.get(name).is_some_and(|g| Arc::ptr_eq(g, &group)) {
+                groups.remove(name);
+            }
+            return Err(e.into());
+        }
         Ok(group)
     }
 
@@ -265,7 +296,7 @@ impl Mq {
                 (room, redo)
             };
             if !redo.deliver.is_empty() || !redo.dead.is_empty() {
-                return self.read_redeliveries(redo).await;
+                return self.read_redeliveries(group, redo).await;
             }
             if room > 0 {
                 if let Some(fetched) = self.fetch_new(group, conn, room, tag, ack_deadline).await? {
@@ -291,65 +322,155 @@ impl Mq {
         ack_deadline: Instant,
     ) -> Result<Option<Fetched>, BrokerError> {
         let mut read_pos = group.read_pos.lock().await;
+        // Guards against skipping in place forever, should the log disagree with itself.
+        let mut skipped_at = None;
         loop {
             let from = group.state().next();
             if from >= self.reader.end_offset() {
                 return Ok(None);
             }
             // Consumers that keep up read what was just written: from memory, no file I/O.
-            let batch = match self.reader.read_recent(from, room, MAX_FETCH_BYTES) {
-                Some(batch) => batch,
+            let read = match self.reader.read_recent(from, room, MAX_FETCH_BYTES) {
+                Some(batch) => Read::Batch(batch),
                 None => {
                     let reader = self.reader.clone();
                     let hint = *read_pos;
                     blocking("read task", move || {
-                        reader.read(from, hint, room, MAX_FETCH_BYTES)
+                        match reader.read(from, hint, room, MAX_FETCH_BYTES) {
+                            Err(e) if e.is_damage() => reader.skip_damage(from).map(Read::Skip),
+                            other => other.map(Read::Batch),
+                        }
                     })
                     .await?
                 }
             };
-            *read_pos = Some(batch.next_pos);
-            let mut offsets = Vec::with_capacity(batch.count);
-            let body = match tag {
-                None => {
-                    for record in records(&batch.data) {
-                        offsets.push(record.map_err(|e| corrupt(self, e))?.offset);
+            let batch = match read {
+                Read::Batch(batch) => batch,
+                Read::Skip(skip) => {
+                    if skip.lost.is_none() && skipped_at.replace(from) == Some(from) {
+                        return Err(BrokerError::Internal(format!(
+                            "MQ {:?}: reading offset {from} keeps failing on damage it cannot locate",
+                            self.name
+                        )));
                     }
-                    batch.data
-                }
-                Some(tag) => {
-                    let mut kept = BytesMut::new();
-                    let mut at = 0;
-                    for record in records(&batch.data) {
-                        let record = record.map_err(|e| corrupt(self, e))?;
-                        if record.tag == Some(tag) {
-                            offsets.push(record.offset);
-                            kept.extend_from_slice(&batch.data[at..at + record.size]);
-                        }
-                        at += record.size;
+                    // The group's cursor moves past lost offsets as past filtered records:
+                    // they can never be delivered.
+                    if let Some(lost) = &skip.lost {
+                        self.report_lost(lost);
                     }
-                    kept.freeze()
+                    *read_pos = Some(skip.next_pos);
+                    group
+                        .state()
+                        .deliver_new(skip.next_offset, &[], conn, ack_deadline);
+                    continue;
                 }
             };
-            group
-                .state()
-                .deliver_new(batch.next_offset, &offsets, conn, ack_deadline);
-            if !offsets.is_empty() {
-                return Ok(Some(Fetched {
-                    body,
-                    attempts: vec![1; offsets.len()],
-                    dead: DeadLetters::default(),
-                }));
+            *read_pos = Some(batch.next_pos);
+            // (offset, start, size) of each record the tag lets through.
+            let mut picked = Vec::with_capacity(batch.count);
+            let mut at = 0;
+            for record in records(&batch.data) {
+                let record = record.map_err(|e| corrupt(self, e))?;
+                if tag.is_none() || record.tag == tag {
+                    picked.push((record.offset, at, record.size));
+                }
+                at += record.size;
             }
-            if batch.count == 0 {
-                return Ok(None);
+            let mut offsets: Vec<u64> = picked.iter().map(|&(offset, _, _)| offset).collect();
+            let (attempts, dead) = {
+                let mut state = group.state();
+                let dead = state.take_exhausted(&offsets, self.limits.max_deliveries);
+                if !dead.is_empty() {
+                    offsets.retain(|o| !dead.contains(o));
+                }
+                let attempts = state.deliver_new(batch.next_offset, &offsets, conn, ack_deadline);
+                (attempts, dead)
+            };
+            if offsets.is_empty() && dead.is_empty() {
+                if batch.count == 0 {
+                    return Ok(None);
+                }
+                continue;
             }
+            // Deliveries counted on from before a restart: their count goes on counting.
+            let counted: Vec<(u64, u32)> = offsets
+                .iter()
+                .zip(&attempts)
+                .filter(|&(_, &attempt)| attempt > 1)
+                .map(|(&offset, &attempt)| (offset, attempt))
+                .collect();
+            self.store_counts(group, counted).await;
+            let whole = picked.len() == batch.count && dead.is_empty();
+            let (body, dead) = if whole {
+                (batch.data, DeadLetters::default())
+            } else {
+                let (mut kept, mut retired) = (BytesMut::new(), DeadLetters::default());
+                for &(offset, start, size) in &picked {
+                    let bytes = &batch.data[start..start + size];
+                    if dead.contains(&offset) {
+                        retired.records.extend_from_slice(bytes);
+                        retired.count += 1;
+                    } else {
+                        kept.extend_from_slice(bytes);
+                    }
+                }
+                (kept.freeze(), retired)
+            };
+            return Ok(Some(Fetched {
+                body,
+                attempts,
+                dead,
+            }));
+        }
+    }
+
+    /// Stores delivery counts (offset, deliveries) of `group` so they survive a restart.
+    /// A failure costs only extra deliveries after a restart, so it is logged, not fatal.
+    async fn store_counts(&self, group: &Group, counted: Vec<(u64, u32)>) {
+        if counted.is_empty() {
+            return;
+        }
+        let (file, committed) = (group.attempts.clone(), group.state().committed());
+        let stored = blocking("delivery counts", move || {
+            file.lock()
+                .expect("attempts file poisoned")
+                .record(&counted, committed)
+        })
+        .await;
+        if let Err(e) = stored {
+            tracing::warn!(mq = %self.name, error = %e, "cannot store delivery counts");
+        }
+    }
+
+    /// Logs and counts damaged records a fetch went past, once per MQ.
+    fn report_lost(&self, lost: &Lost) {
+        let first_time = self
+            .damage_seen
+            .lock()
+            .expect("damage set poisoned")
+            .insert((lost.file.clone(), lost.position));
+        if first_time {
+            tracing::error!(
+                mq = %self.name,
+                first = lost.first,
+                end = lost.end,
+                file = %lost.file.display(),
+                position = lost.position,
+                reason = %lost.reason,
+                "damaged records skipped: offsets first..end cannot be delivered"
+            );
+            self.counters.lost(lost.end - lost.first);
         }
     }
 
     /// Reads the records to deliver again, each with its attempt, and those to dead-letter.
-    async fn read_redeliveries(&self, redo: Redeliveries) -> Result<Fetched, BrokerError> {
+    async fn read_redeliveries(
+        &self,
+        group: &Group,
+        redo: Redeliveries,
+    ) -> Result<Fetched, BrokerError> {
         let attempts = redo.deliver.iter().map(|&(_, attempt)| attempt).collect();
+        self.store_counts(group, redo.counted).await;
         let dead_count = redo.dead.len() as u32;
         let reader = self.reader.clone();
         let (body, dead) = blocking("read task", move || {
@@ -437,12 +558,21 @@ impl Mq {
         if let Some(group) = group {
             group.changed.notify_waiters();
         }
-        let path = self.cursor_path(name);
-        blocking("group removal", move || match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(StoreError::Io { path, source: e })
+        let (path, attempts_path) = (self.cursor_path(name), self.attempts_path(name));
+        let fs = self.fs.clone();
+        blocking("group removal", move || {
+            // The counts first: a group a crash brings back keeps its cursor and merely
+            // forgets how often its records went out.
+            for file in [&attempts_path, &path] {
+                match fs.remove_file(file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(StoreError::io(file)(e));
+                    }
+                    _ => {}
+                }
             }
-            _ => Ok(()),
+            // The removal is acknowledged: a crash must not bring the group back.
+            sync_parent(&*fs, &path)
         })
         .await
     }
@@ -451,6 +581,12 @@ impl Mq {
         self.dir
             .join(GROUPS_DIR)
             .join(format!("{group}{CURSOR_SUFFIX}"))
+    }
+
+    fn attempts_path(&self, group: &str) -> PathBuf {
+        self.dir
+            .join(GROUPS_DIR)
+            .join(format!("{group}{ATTEMPTS_SUFFIX}"))
     }
 
     /// An existing group.
@@ -540,6 +676,13 @@ impl Mq {
     }
 }
 
+/// What one read of new records found.
+enum Read {
+    Batch(ReadBatch),
+    /// The read met damage at its first record; where to go on.
+    Skip(Skip),
+}
+
 fn corrupt(mq: &Mq, e: qbus_wire::protocol::record::RecordError) -> BrokerError {
     BrokerError::Store(StoreError::Corrupt {
         file: mq.dir.clone(),
@@ -552,6 +695,7 @@ fn corrupt(mq: &Mq, e: qbus_wire::protocol::record::RecordError) -> BrokerError 
 mod tests {
     use super::*;
     use crate::queue::testutil::{produce, read, tokens, Commit};
+    use crate::store::OsFs;
 
     fn limits() -> Limits {
         Limits {
@@ -562,7 +706,11 @@ mod tests {
     }
 
     fn open(dir: &Path, options: Option<MqOptions>) -> Mq {
-        Mq::open("orders", dir, options, LogConfig::default(), &limits()).unwrap()
+        let fs = OsFs::shared();
+        if let Some(options) = options {
+            Mq::prepare(&fs, dir, &options).unwrap();
+        }
+        Mq::open(&fs, "orders", dir, LogConfig::default(), &limits()).unwrap()
     }
 
     async fn append(mq: &Mq, commit: &Commit, bodies: &[&str]) {
@@ -651,6 +799,92 @@ mod tests {
         let group = mq.existing_group("g").expect("the group is back");
         let fetched = mq.fetch(&group, 2, 10, None, Duration::ZERO).await.unwrap();
         assert_eq!(read(&fetched.body), [(1, "b".into()), (2, "c".into())]);
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn fetches_go_past_a_damaged_record_and_count_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let mq = open(dir.path(), Some(MqOptions::default()));
+        let bodies: Vec<String> = (0..30).map(|i| format!("message {i}")).collect();
+        let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+        append(&mq, &commit, &refs).await;
+        drop(mq);
+        // A flipped body bit in record 12.
+        let segment = dir.path().join("00000000000000000000.log");
+        let mut raw = std::fs::read(&segment).unwrap();
+        let mut at = 0;
+        for _ in 0..12 {
+            at += qbus_wire::protocol::record::peek_record_size(&raw[at..]).unwrap();
+        }
+        raw[at + 30] ^= 0x10;
+        std::fs::write(&segment, &raw).unwrap();
+
+        let mq = open(dir.path(), None);
+        for name in ["g", "h"] {
+            let group = mq
+                .group(&commit.committer, name, Start::Earliest)
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            loop {
+                let fetched = mq
+                    .fetch(&group, 1, 100, None, Duration::ZERO)
+                    .await
+                    .unwrap();
+                if fetched.attempts.is_empty() {
+                    break;
+                }
+                got.extend(read(&fetched.body).into_iter().map(|(offset, _)| offset));
+            }
+            let want: Vec<u64> = (0..30).filter(|&o| o != 12).collect();
+            assert_eq!(got, want, "group {name}: every intact record, in order");
+        }
+        assert_eq!(mq.counters().read().lost, 1, "counted once per MQ");
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn delivery_counts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let options = MqOptions {
+            max_deliveries: Some(3),
+            ..MqOptions::default()
+        };
+        let mq = open(dir.path(), Some(options));
+        append(&mq, &commit, &["poison", "fine"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+        // Delivered twice, given back each time (a consumer that crashes on it).
+        let first = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        mq.nack(&group, &tokens(&first.body, &first.attempts), false);
+        let second = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        assert_eq!(second.attempts, [2]);
+        drop((group, mq));
+
+        // After a restart the count goes on: the third delivery is the last.
+        let mq = open(dir.path(), None);
+        let group = mq.existing_group("g").unwrap();
+        let third = mq.fetch(&group, 1, 1, None, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            (read(&third.body), third.attempts.clone()),
+            (vec![(0, "poison".into())], vec![3])
+        );
+        mq.nack(&group, &tokens(&third.body, &third.attempts), false);
+        drop((group, mq));
+
+        // And after another, it is dead-lettered instead of delivered a fourth time.
+        let mq = open(dir.path(), None);
+        let group = mq.existing_group("g").unwrap();
+        let next = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&next.dead.records), [(0, "poison".into())]);
+        assert_eq!(read(&next.body), [(1, "fine".into())]);
+        assert_eq!(next.attempts, [1]);
+        assert_eq!(mq.info().groups[0].dead_lettered, 1);
         commit.stop().await;
     }
 

@@ -13,44 +13,73 @@ use super::group_commit::{CommitBatch, Committer, StoreWait};
 use super::mq::{Limits, Mq};
 use crate::config::Config;
 use crate::error::{validate_name, BrokerError};
-use crate::store::{LogConfig, StoreError, StoreLock};
+use crate::store::fsio::{sync_parent, Fs};
+use crate::store::lock::LOCK_FILE;
+use crate::store::{FsRef, LogConfig, OsFs, StoreError, StoreLock};
+
+/// Prefix of the directory a new MQ is made in before it is renamed into place.
+const CREATING: &str = ".creating-";
+/// Prefix an MQ's directory is renamed to before its files are deleted.
+const REMOVING: &str = ".removing-";
 
 /// Every MQ of one broker.
 pub struct Registry {
+    fs: FsRef,
     config: Config,
     committer: Committer,
     mqs: RwLock<HashMap<String, Arc<Mq>>>,
     /// Serialises create and remove so two creators never open one directory twice.
     admin: tokio::sync::Mutex<()>,
-    _lock: StoreLock,
+    // None on a simulated disk in tests: the lock is the operating system's.
+    _lock: Option<StoreLock>,
 }
 
 impl Registry {
     /// Locks the store directory and opens every MQ in it. Blocking.
     pub fn open(config: Config, committer: Committer) -> Result<Registry, StoreError> {
         let lock = StoreLock::acquire(&config.store)?;
+        Registry::open_on(OsFs::shared(), config, committer, Some(lock))
+    }
+
+    /// Opens every MQ of the store on `fs`, `lock` keeping other brokers out. Leftovers of
+    /// creations and removals a crash interrupted are deleted (each was never acknowledged,
+    /// or acknowledged as gone). Writes nothing else, so that a broker starts on a full
+    /// disk and serves what it has. Blocking.
+    pub(crate) fn open_on(
+        fs: FsRef,
+        config: Config,
+        committer: Committer,
+        lock: Option<StoreLock>,
+    ) -> Result<Registry, StoreError> {
         let started = Instant::now();
+        let store = &config.store;
+        fs.create_dir_all(store).map_err(StoreError::io(store))?;
+        // The store directory's own name (and those of parents just created), durable
+        // before anything in it is acknowledged: a few directory syncs per start.
+        for dir in store.ancestors().filter(|d| d.parent().is_some()) {
+            sync_parent(&*fs, dir)?;
+        }
         let mut mqs = HashMap::new();
-        let io = |source| StoreError::Io {
-            path: config.store.clone(),
-            source,
-        };
-        for entry in std::fs::read_dir(&config.store).map_err(io)? {
-            let entry = entry.map_err(io)?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+        for entry in fs.list(store).map_err(StoreError::io(store))? {
+            let path = store.join(&entry.name);
+            if !entry.is_dir {
                 continue;
-            };
-            if !entry.path().is_dir() || validate_name("MQ", &name).is_err() {
+            }
+            if entry.name.starts_with(CREATING) || entry.name.starts_with(REMOVING) {
+                delete_leftover(&*fs, &path);
+                continue;
+            }
+            if validate_name("MQ", &entry.name).is_err() {
                 continue;
             }
             let mq = Mq::open(
-                &name,
-                &entry.path(),
-                None,
+                &fs,
+                &entry.name,
+                &path,
                 log_config(&config),
                 &limits(&config),
             )?;
-            mqs.insert(name, Arc::new(mq));
+            mqs.insert(entry.name, Arc::new(mq));
         }
         tracing::info!(
             store = %config.store.display(),
@@ -59,6 +88,7 @@ impl Registry {
             "store opened"
         );
         Ok(Registry {
+            fs,
             config,
             committer,
             mqs: RwLock::new(mqs),
@@ -102,6 +132,11 @@ impl Registry {
         options: MqOptions,
     ) -> Result<(Arc<Mq>, bool), BrokerError> {
         validate_name("MQ", name)?;
+        if name == LOCK_FILE {
+            return Err(BrokerError::BadRequest(format!(
+                "MQ name {LOCK_FILE:?} is reserved: the store directory's lock file has it"
+            )));
+        }
         if let Some(dlq) = &options.dead_letter_mq {
             validate_name("dead-letter MQ", dlq)?;
         }
@@ -109,11 +144,31 @@ impl Registry {
         if let Ok(mq) = self.get(name) {
             return Ok((mq, false));
         }
-        let dir = self.config.store.join(name);
+        let store = self.config.store.clone();
         let (log_config, limits) = (log_config(&self.config), limits(&self.config));
-        let owned = name.to_owned();
+        let (owned, fs) = (name.to_owned(), self.fs.clone());
         let mq = blocking("create", move || {
-            Mq::open(&owned, &dir, Some(options), log_config, &limits)
+            // Made aside and renamed into place: a crash or a full disk midway leaves only
+            // a directory the next start deletes, never a half-made MQ.
+            let staging = store.join(format!("{CREATING}{owned}"));
+            let dir = store.join(&owned);
+            let mut renamed = false;
+            let made = (|| {
+                if fs.list(&staging).is_ok() {
+                    fs.remove_dir_all(&staging)
+                        .map_err(StoreError::io(&staging))?;
+                }
+                Mq::prepare(&fs, &staging, &options)?;
+                fs.rename(&staging, &dir).map_err(StoreError::io(&dir))?;
+                renamed = true;
+                sync_parent(&*fs, &dir)
+            })();
+            if let Err(e) = made {
+                // Not acknowledged, so not created: nothing may stay in the way of a retry.
+                delete_leftover(&*fs, if renamed { &dir } else { &staging });
+                return Err(e);
+            }
+            Mq::open(&fs, &owned, &dir, log_config, &limits)
         })
         .await?;
         let mq = Arc::new(mq);
@@ -135,12 +190,36 @@ impl Registry {
             .remove(name)
             .ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))?;
         // Let appends already queued finish before the files go.
-        self.committer.sync().await?;
+        let synced = self.committer.sync().await.map_err(BrokerError::from);
         let dir = mq.dir().to_owned();
-        blocking("remove", move || {
-            std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })
-        })
-        .await?;
+        let fs = self.fs.clone();
+        let doomed = self.config.store.join(format!("{REMOVING}{name}"));
+        let renamed = match synced {
+            Err(e) => Err(e),
+            Ok(()) => {
+                blocking("remove", move || {
+                    // One rename, made durable, is the removal; deleting the files after it may
+                    // take long, and what a crash leaves of them is deleted by the next start.
+                    fs.rename(&dir, &doomed).map_err(StoreError::io(&dir))?;
+                    let synced = sync_parent(&*fs, &doomed);
+                    // Gone for this process either way; only a power cut could bring it back.
+                    delete_leftover(&*fs, &doomed);
+                    Ok(synced)
+                })
+                .await
+            }
+        };
+        match renamed {
+            Ok(synced) => synced?,
+            Err(e) => {
+                // Still in place (a halted store refuses the sync): keep serving it.
+                self.mqs
+                    .write()
+                    .expect("mq table poisoned")
+                    .insert(name.to_owned(), mq);
+                return Err(e);
+            }
+        }
         tracing::info!(mq = name, "MQ removed");
         Ok(())
     }
@@ -244,6 +323,22 @@ impl Registry {
             if let Err(e) = self.committer.retain(mq.log()).await {
                 tracing::warn!(mq = mq.name(), error = %e, "retention failed");
             }
+        }
+    }
+}
+
+/// Deletes what an interrupted creation or a removal left; a failure only costs disk space
+/// until the next start tries again.
+fn delete_leftover(fs: &dyn Fs, path: &std::path::Path) {
+    match fs.remove_dir_all(path) {
+        Ok(()) => {
+            let dir = path.display();
+            tracing::info!(dir = %dir, "deleted the leftover of an MQ creation or removal");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let dir = path.display();
+            tracing::warn!(dir = %dir, error = %e, "cannot delete the leftover of an MQ creation or removal");
         }
     }
 }

@@ -5,11 +5,10 @@
 //! Each store overwrites the older slot with a higher sequence number, so a write torn by a
 //! crash damages only that slot and the previous value survives in the other.
 
-use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use super::fsio::{sync_parent, FileIo, FsRef, Open};
 use super::StoreError;
 
 const SLOT_SIZE: usize = 32;
@@ -18,8 +17,9 @@ const CHECKED: usize = 28;
 /// The cursor file of one consumer group.
 #[derive(Debug)]
 pub struct CursorFile {
+    fs: FsRef,
     path: PathBuf,
-    file: File,
+    file: Arc<dyn FileIo>,
     seq: u64,
     committed: Option<u64>,
     // Slot holding the newest value; the next store goes to the other one.
@@ -32,28 +32,20 @@ pub struct CursorFile {
 impl CursorFile {
     /// Opens or creates the cursor file at `path`; returns it with the stored committed
     /// offset (`None` for a new file, or when neither slot is intact).
-    pub fn open(path: &Path) -> Result<(CursorFile, Option<u64>), StoreError> {
-        let (mut file, created) = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-        {
+    pub fn open(fs: &FsRef, path: &Path) -> Result<(CursorFile, Option<u64>), StoreError> {
+        let (file, created) = match fs.open(path, Open::CreateNew) {
             Ok(file) => (file, true),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
+                let file = fs
+                    .open(path, Open::Existing)
                     .map_err(StoreError::io(path))?;
                 (file, false)
             }
             Err(e) => return Err(StoreError::io(path)(e)),
         };
-        let mut raw = Vec::with_capacity(2 * SLOT_SIZE);
-        (&mut file)
-            .take(2 * SLOT_SIZE as u64)
-            .read_to_end(&mut raw)
+        let len = file.len().map_err(StoreError::io(path))?;
+        let mut raw = vec![0u8; len.min(2 * SLOT_SIZE as u64) as usize];
+        file.read_exact_at(&mut raw, 0)
             .map_err(StoreError::io(path))?;
         let newest = raw
             .chunks_exact(SLOT_SIZE)
@@ -66,6 +58,7 @@ impl CursorFile {
             tracing::warn!(file = %path.display(), "cursor file has no intact slot; starting over");
         }
         let cursor = CursorFile {
+            fs: fs.clone(),
             path: path.to_path_buf(),
             file,
             seq: newest.map_or(0, |(seq, _, _)| seq),
@@ -103,11 +96,7 @@ impl CursorFile {
             self.unsynced = false;
         }
         if self.dir_unsynced {
-            if let Some(dir) = self.path.parent() {
-                File::open(dir)
-                    .and_then(|dir| dir.sync_all())
-                    .map_err(StoreError::io(dir))?;
-            }
+            sync_parent(&*self.fs, &self.path)?;
             self.dir_unsynced = false;
         }
         Ok(())
@@ -137,12 +126,13 @@ fn decode(slot: &[u8]) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::OsFs;
 
     #[test]
     fn stores_and_reopens() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("group.cursor");
-        let (mut cursor, committed) = CursorFile::open(&path).unwrap();
+        let (mut cursor, committed) = CursorFile::open(&OsFs::shared(), &path).unwrap();
         assert_eq!(committed, None);
         cursor.store(5).unwrap();
         cursor.store(9).unwrap();
@@ -151,18 +141,21 @@ mod tests {
         drop(cursor);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 64);
 
-        let (mut cursor, committed) = CursorFile::open(&path).unwrap();
+        let (mut cursor, committed) = CursorFile::open(&OsFs::shared(), &path).unwrap();
         assert_eq!(committed, Some(12));
         cursor.store(13).unwrap();
         drop(cursor);
-        assert_eq!(CursorFile::open(&path).unwrap().1, Some(13));
+        assert_eq!(
+            CursorFile::open(&OsFs::shared(), &path).unwrap().1,
+            Some(13)
+        );
     }
 
     #[test]
     fn a_torn_newer_slot_falls_back_to_the_older_value() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("group.cursor");
-        let (mut cursor, _) = CursorFile::open(&path).unwrap();
+        let (mut cursor, _) = CursorFile::open(&OsFs::shared(), &path).unwrap();
         cursor.store(100).unwrap(); // slot 0
         cursor.store(200).unwrap(); // slot 1
         drop(cursor);
@@ -171,21 +164,24 @@ mod tests {
         raw[SLOT_SIZE + 8..SLOT_SIZE + 24].fill(0xA5);
         std::fs::write(&path, &raw).unwrap();
 
-        let (mut cursor, committed) = CursorFile::open(&path).unwrap();
+        let (mut cursor, committed) = CursorFile::open(&OsFs::shared(), &path).unwrap();
         assert_eq!(committed, Some(100));
         // The next store replaces the torn slot, keeping the intact one.
         cursor.store(300).unwrap();
         drop(cursor);
         let raw = std::fs::read(&path).unwrap();
         assert_eq!(decode(&raw[..SLOT_SIZE]), Some((1, 100)));
-        assert_eq!(CursorFile::open(&path).unwrap().1, Some(300));
+        assert_eq!(
+            CursorFile::open(&OsFs::shared(), &path).unwrap().1,
+            Some(300)
+        );
     }
 
     #[test]
     fn unchanged_value_is_not_rewritten() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("group.cursor");
-        let (mut cursor, _) = CursorFile::open(&path).unwrap();
+        let (mut cursor, _) = CursorFile::open(&OsFs::shared(), &path).unwrap();
         cursor.store(7).unwrap();
         cursor.store(7).unwrap();
         assert_eq!(cursor.seq, 1);
@@ -197,6 +193,6 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("group.cursor");
         std::fs::write(&path, [0xFFu8; 64]).unwrap();
-        assert_eq!(CursorFile::open(&path).unwrap().1, None);
+        assert_eq!(CursorFile::open(&OsFs::shared(), &path).unwrap().1, None);
     }
 }

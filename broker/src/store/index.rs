@@ -6,12 +6,12 @@
 //! bytes before the wanted record. The file is never fsynced: recovery checks it against the
 //! log and rebuilds it by scanning when it is missing or damaged.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use qbus_wire::protocol::record::RECORD_OVERHEAD;
 
+use super::fsio::{FileIo, FsRef, Open};
 use super::StoreError;
 
 /// Bytes of log between two index entries.
@@ -116,23 +116,22 @@ pub(crate) fn wants_entry(last_pos: Option<u32>, pos: u64) -> bool {
 /// the next open rebuilds it, and the in-memory index carries on alone.
 #[derive(Debug)]
 pub(crate) struct IndexFile {
+    fs: FsRef,
     path: PathBuf,
     // None once sealed or after a write error.
-    file: Option<File>,
+    file: Option<Arc<dyn FileIo>>,
     entries_in_file: u64,
     last_pos: Option<u32>,
 }
 
 impl IndexFile {
     /// Creates (or empties) the index file of a new segment.
-    pub(crate) fn create(path: PathBuf) -> Result<IndexFile, StoreError> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+    pub(crate) fn create(fs: &FsRef, path: PathBuf) -> Result<IndexFile, StoreError> {
+        let file = fs
+            .open(&path, Open::Truncate)
             .map_err(StoreError::io(&path))?;
         Ok(IndexFile {
+            fs: fs.clone(),
             path,
             file: Some(file),
             entries_in_file: 0,
@@ -143,33 +142,42 @@ impl IndexFile {
     /// Opens the index file of a recovered segment whose entries are `index`; rewrites the
     /// file when recovery changed them. `writable` is false for sealed segments, which get no
     /// more entries.
+    ///
+    /// Never fails: the index is only a shortcut. When the file cannot be rewritten or
+    /// opened (a full disk at start-up), it is removed so the next open rebuilds it, and the
+    /// segment carries on with the index in memory.
     pub(crate) fn open(
+        fs: &FsRef,
         path: PathBuf,
         index: &OffsetIndex,
         rewrite: bool,
         writable: bool,
-    ) -> Result<IndexFile, StoreError> {
-        if rewrite {
-            std::fs::write(&path, OffsetIndex::encode(&index.entries))
-                .map_err(StoreError::io(&path))?;
-        }
-        let file = if writable {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(StoreError::io(&path))?;
-            Some(file)
-        } else {
-            None
-        };
-        Ok(IndexFile {
+    ) -> IndexFile {
+        let mut opened = IndexFile {
+            fs: fs.clone(),
             path,
-            file,
+            file: None,
             entries_in_file: index.len() as u64,
             last_pos: index.last().map(|(_, pos)| pos),
-        })
+        };
+        let written = (|| {
+            if rewrite {
+                let file = fs.open(&opened.path, Open::Truncate)?;
+                file.write_all_at(&OffsetIndex::encode(&index.entries), 0)?;
+                if writable {
+                    return Ok(Some(file));
+                }
+            }
+            if writable {
+                return fs.open(&opened.path, Open::OrCreate).map(Some);
+            }
+            Ok(None)
+        })();
+        match written {
+            Ok(file) => opened.file = file,
+            Err(e) => opened.give_up(&e),
+        }
+        opened
     }
 
     /// Position of the last entry, for [`wants_entry`].
@@ -188,19 +196,27 @@ impl IndexFile {
         };
         // Positional writes: a short write after an error can never shift later entries.
         let at = self.entries_in_file * ENTRY_SIZE as u64;
-        match file.write_all_at(&OffsetIndex::encode(entries), at) {
+        let written = file.write_all_at(&OffsetIndex::encode(entries), at);
+        match written {
             Ok(()) => self.entries_in_file += entries.len() as u64,
-            Err(e) => {
-                tracing::warn!(
-                    file = %self.path.display(),
-                    error = %e,
-                    "cannot write index entries; the index will be rebuilt on the next open"
-                );
-                self.file = None;
-                if let Err(e) = std::fs::remove_file(&self.path) {
-                    tracing::warn!(file = %self.path.display(), error = %e, "cannot remove index");
-                }
+            Err(e) => self.give_up(&e),
+        }
+    }
+
+    /// Stops writing the file after `error` and removes it, so the next open rebuilds it
+    /// from the log instead of trusting a file that lacks entries.
+    fn give_up(&mut self, error: &std::io::Error) {
+        tracing::warn!(
+            file = %self.path.display(),
+            error = %error,
+            "cannot write index entries; the index will be rebuilt on the next open"
+        );
+        self.file = None;
+        match self.fs.remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(file = %self.path.display(), error = %e, "cannot remove index");
             }
+            _ => {}
         }
     }
 
@@ -281,7 +297,8 @@ mod tests {
     fn index_file_appends_and_reopens() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("x.idx");
-        let mut file = IndexFile::create(path.clone()).unwrap();
+        let fs = crate::store::OsFs::shared();
+        let mut file = IndexFile::create(&fs, path.clone()).unwrap();
         file.append(&[(0, 0)]);
         file.append(&[(40, 4200), (80, 8400)]);
         assert_eq!(file.last_pos(), Some(8400));
@@ -289,7 +306,7 @@ mod tests {
         assert!(!dropped);
         assert_eq!(index.len(), 3);
 
-        let mut reopened = IndexFile::open(path.clone(), &index, false, true).unwrap();
+        let mut reopened = IndexFile::open(&fs, path.clone(), &index, false, true);
         reopened.append(&[(120, 12600)]);
         let (index, _) = OffsetIndex::decode(&std::fs::read(&path).unwrap(), 1 << 20);
         assert_eq!(index.last(), Some((120, 12600)));

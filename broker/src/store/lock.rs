@@ -7,7 +7,7 @@ use std::path::Path;
 use super::StoreError;
 
 /// Name of the lock file inside the store directory.
-const LOCK_FILE: &str = "LOCK";
+pub(crate) const LOCK_FILE: &str = "LOCK";
 
 /// Exclusive advisory lock on a store directory, held until dropped.
 ///
@@ -43,8 +43,14 @@ impl StoreLock {
             }
             Err(TryLockError::Error(e)) => return Err(StoreError::io(&path)(e)),
         }
-        file.set_len(0).map_err(StoreError::io(&path))?;
-        writeln!(file, "{}", std::process::id()).map_err(StoreError::io(&path))?;
+        // The pid is for humans only: a full disk that refuses it must not keep the broker
+        // from starting and serving what it has.
+        let written = file
+            .set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), error = %e, "cannot write the pid into the lock file");
+        }
         Ok(StoreLock { _file: file })
     }
 }

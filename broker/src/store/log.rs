@@ -6,7 +6,6 @@
 //! fsync when the durability contract asks for it, and retention deletes whole old segments.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
@@ -15,6 +14,7 @@ use bytes::Bytes;
 use qbus_wire::protocol::record::{peek_record_size, stamp_record, RecordError, RECORD_OVERHEAD};
 use tokio::sync::watch;
 
+use super::fsio::FsRef;
 use super::index::{wants_entry, Entry};
 use super::reader::{LogReader, SegmentView, SharedView, View};
 use super::recovery::{list_segments, recover_segment};
@@ -60,6 +60,7 @@ pub struct Appended {
 /// The writer of one MQ's log. Not shared: one thread at a time appends, syncs and publishes.
 #[derive(Debug)]
 pub struct MqLog {
+    fs: FsRef,
     dir: PathBuf,
     config: LogConfig,
     sealed: VecDeque<Segment>,
@@ -77,22 +78,26 @@ impl MqLog {
     /// Opens or creates the log in `dir` and recovers it: indexes are loaded (rebuilt when
     /// missing or damaged) and a torn tail of the active segment is truncated. Everything
     /// recovered is published.
-    pub fn open(dir: &Path, config: LogConfig) -> Result<(MqLog, LogReader), StoreError> {
-        std::fs::create_dir_all(dir).map_err(StoreError::io(dir))?;
-        let bases = list_segments(dir)?;
+    pub fn open(
+        fs: &FsRef,
+        dir: &Path,
+        config: LogConfig,
+    ) -> Result<(MqLog, LogReader), StoreError> {
+        fs.create_dir_all(dir).map_err(StoreError::io(dir))?;
+        let bases = list_segments(&**fs, dir)?;
         let mut sealed = VecDeque::with_capacity(bases.len());
         let mut views = Vec::with_capacity(bases.len().max(1));
         let mut dir_unsynced = false;
         for (at, &base) in bases.iter().enumerate() {
             let (segment, view) =
-                Segment::recovered(recover_segment(dir, base, bases.get(at + 1).copied())?);
+                Segment::recovered(recover_segment(fs, dir, base, bases.get(at + 1).copied())?);
             sealed.push_back(segment);
             views.push(view);
         }
         let active = match sealed.pop_back() {
             Some(active) => active,
             None => {
-                let mut active = Segment::create(dir, 0)?;
+                let mut active = Segment::create(fs, dir, 0)?;
                 views.push(active.new_view());
                 dir_unsynced = true;
                 active
@@ -118,6 +123,7 @@ impl MqLog {
         );
         let reader = LogReader::new(Arc::clone(&view), end_rx);
         let log = MqLog {
+            fs: fs.clone(),
             dir: dir.to_path_buf(),
             config,
             sealed,
@@ -129,6 +135,14 @@ impl MqLog {
             unpublished_tail: Vec::new(),
         };
         Ok((log, reader))
+    }
+
+    /// Creates the files of an empty log in `dir` (its first segment), for a new MQ: every
+    /// MQ directory then holds a segment, so reopening one never has to create files (which
+    /// a full disk would refuse). The caller syncs `dir`.
+    pub fn create(fs: &FsRef, dir: &Path) -> Result<(), StoreError> {
+        fs.create_dir_all(dir).map_err(StoreError::io(dir))?;
+        Segment::create(fs, dir, 0).map(drop)
     }
 
     /// Appends `records` (one or more whole records back to back): stamps them in place with
@@ -185,7 +199,7 @@ impl MqLog {
     }
 
     fn roll(&mut self) -> Result<(), StoreError> {
-        let next = Segment::create(&self.dir, self.next_offset())?;
+        let next = Segment::create(&self.fs, &self.dir, self.next_offset())?;
         let mut old = std::mem::replace(&mut self.active, next);
         old.seal();
         tracing::debug!(
@@ -200,7 +214,8 @@ impl MqLog {
     }
 
     /// Flushes to disk (fdatasync) every segment written since the last sync, and the
-    /// directory when segments were created.
+    /// directory when segments were created (once per new segment: the only directory sync
+    /// on the append path).
     pub fn sync(&mut self) -> Result<(), StoreError> {
         // Only the newest segments can have unsynced writes.
         let unsynced = self.sealed.iter_mut().rev();
@@ -211,12 +226,16 @@ impl MqLog {
             self.active.sync()?;
         }
         if self.dir_unsynced {
-            File::open(&self.dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(StoreError::io(&self.dir))?;
+            self.sync_dir()?;
             self.dir_unsynced = false;
         }
         Ok(())
+    }
+
+    fn sync_dir(&self) -> Result<(), StoreError> {
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(StoreError::io(&self.dir))
     }
 
     fn view(&self) -> RwLockWriteGuard<'_, View> {
@@ -311,14 +330,17 @@ impl MqLog {
                 bytes = segment.size(),
                 "retention: segment deleted"
             );
-            if let Err(e) = segment.delete_files() {
+            if let Err(e) = segment.delete_files(&*self.fs) {
                 // Keep deleting the others; the leftover file is an old segment to the next
                 // open, deleted again by retention.
                 tracing::warn!(error = %e, "retention: cannot delete segment files");
                 result = result.and(Err(e));
             }
         }
-        result
+        // Nobody waits for retention, but a deletion a crash undid would bring old
+        // segments back and shift the first offset backwards: one directory sync per
+        // retention pass that deleted something.
+        result.and(self.sync_dir().map(|()| first_kept))
     }
 
     /// Offset the next appended record will get.
@@ -368,7 +390,7 @@ fn stamp(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::{batch, body, config, decode};
+    use crate::store::testutil::{batch, body, config, decode, os};
     use crate::store::ReadPos;
 
     /// Appends records `0..n` in batches of 1 to 9 records, then publishes.
@@ -418,7 +440,7 @@ mod tests {
     fn round_trip_across_segments() {
         for segment_bytes in [1_000, 20_000, 1 << 20] {
             let tmp = tempfile::tempdir().unwrap();
-            let (mut log, reader) = MqLog::open(tmp.path(), config(segment_bytes)).unwrap();
+            let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(segment_bytes)).unwrap();
             fill(&mut log, 2_000);
             assert_eq!((reader.first_offset(), reader.end_offset()), (0, 2_000));
             if segment_bytes < 100_000 {
@@ -445,7 +467,7 @@ mod tests {
     #[test]
     fn recent_records_are_read_from_memory_only_once_published() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut log, reader) = MqLog::open(tmp.path(), config(1 << 20)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(1 << 20)).unwrap();
         for (from, to) in [(0, 10), (10, 25)] {
             let mut records = batch(from, to);
             let appended = log.append(&mut records, 7).unwrap();
@@ -469,7 +491,7 @@ mod tests {
     #[test]
     fn one_read_spans_segments_up_to_the_end() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut log, reader) = MqLog::open(tmp.path(), config(500)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(500)).unwrap();
         fill(&mut log, 300);
         let got = reader.read(5, None, 10_000, 1 << 20).unwrap();
         assert_eq!(decode(&got), expected(5, 300));
@@ -487,7 +509,7 @@ mod tests {
     #[test]
     fn limits_on_records_and_bytes() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut log, reader) = MqLog::open(tmp.path(), config(1 << 20)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(1 << 20)).unwrap();
         fill(&mut log, 100);
         let one = reader.read(10, None, 100, 1).unwrap();
         assert_eq!(decode(&one), expected(10, 11));
@@ -515,7 +537,7 @@ mod tests {
     #[test]
     fn records_are_invisible_until_published() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut log, reader) = MqLog::open(tmp.path(), config(300)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(300)).unwrap();
         let mut end = reader.subscribe_end();
         let mut records = batch(0, 20);
         let appended = log.append(&mut records, 1).unwrap();
@@ -545,13 +567,13 @@ mod tests {
     #[test]
     fn reopen_after_clean_close() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(2_000)).unwrap();
         fill(&mut log, 500);
         log.sync().unwrap();
         let segments = reader.segment_count();
         drop((log, reader));
 
-        let (mut log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(2_000)).unwrap();
         assert_eq!(
             (
                 reader.first_offset(),
@@ -574,7 +596,7 @@ mod tests {
             retention_bytes: Some(3_000),
             retention_ms: None,
         };
-        let (mut log, reader) = MqLog::open(tmp.path(), config).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config).unwrap();
         fill(&mut log, 400);
         let before = reader.segment_count();
         let first = log.enforce_retention(0).unwrap();
@@ -601,7 +623,7 @@ mod tests {
             retention_bytes: None,
             retention_ms: Some(100),
         };
-        let (mut log, reader) = MqLog::open(tmp.path(), config).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config).unwrap();
         // A batch's timestamp is 1_000 + its first offset: batches from 200 on are recent at
         // now = 1_300, and a batch holds at most 9 records.
         fill(&mut log, 400);
@@ -622,7 +644,7 @@ mod tests {
     #[test]
     fn malformed_batches_are_refused_without_side_effects() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut log, reader) = MqLog::open(tmp.path(), config(500)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(500)).unwrap();
         let mut records = batch(0, 3);
         records.truncate(records.len() - 1);
         let err = log.append(&mut records, 0).unwrap_err();

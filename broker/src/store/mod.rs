@@ -1,24 +1,35 @@
 //! The broker's storage engine: one append-only log per MQ, plus durable consumer cursors.
 //!
+//! - [`fsio`]: the file operations behind the [`Fs`] trait, and the durable steps (sync the
+//!   directory of a new name, replace a file by rename).
 //! - [`lock`]: the `LOCK` file that keeps two brokers out of one store directory.
 //! - `index`: the sparse offset index of one segment (`<base>.idx`).
 //! - `segment`: one segment file pair (`<base>.log` + `<base>.idx`), writer side.
 //! - `recovery`: reopening a log: load indexes, verify the tail, truncate a torn tail.
+//! - `resync`: finding the next intact record past a damaged one.
 //! - [`log`]: [`MqLog`], the writer of one MQ's log (append, sync, publish, retention).
 //! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
+//! - [`attempts`]: [`AttemptsFile`], a group's delivery counts, kept across restarts.
+//! - `simdisk` (tests only): a simulated disk that keeps only what was synced, for the
+//!   crash tests.
 //!
 //! The record format is the wire format (`qbus_wire::protocol::record`): the bytes a
 //! producer sends are stamped with offset and time and written as they are, and a fetch
 //! returns them as they lie in the file, checksum verified.
 
+pub mod attempts;
 pub mod cursor;
+pub mod fsio;
 mod index;
 pub mod lock;
 pub mod log;
 pub mod reader;
 mod recovery;
+mod resync;
 mod segment;
+#[cfg(test)]
+pub(crate) mod simdisk;
 mod tail;
 #[cfg(test)]
 mod testutil;
@@ -27,10 +38,12 @@ use std::path::{Path, PathBuf};
 
 use qbus_wire::protocol::record::RecordError;
 
+pub use attempts::AttemptsFile;
 pub use cursor::CursorFile;
+pub use fsio::{FsRef, OsFs};
 pub use lock::StoreLock;
 pub use log::{Appended, LogConfig, MqLog};
-pub use reader::{LogReader, ReadPos};
+pub use reader::{LogReader, Lost, ReadBatch, ReadPos, Skip};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +100,16 @@ pub enum StoreError {
         /// The first structural problem found.
         reason: RecordError,
     },
+    /// The store stopped taking writes after a failure that leaves the files' state
+    /// unknown (a failed fsync: the kernel may have dropped the unsynced pages). Only a
+    /// restart, which recovers from what is on disk, makes it write again.
+    #[error(
+        "the store refuses writes since {cause}; restart the broker to recover from what is on disk"
+    )]
+    Halted {
+        /// The failure that stopped it.
+        cause: String,
+    },
     /// One append batch does not fit in a segment (positions are 32-bit).
     #[error("append refused: a batch of {bytes} bytes does not fit in one segment")]
     BatchTooLarge {
@@ -96,6 +119,41 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True for a damaged record (checksum, structure or offset wrong): the log can be read
+    /// on past it with `LogReader::skip_damage`.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt { .. } | StoreError::OffsetMismatch { .. }
+        )
+    }
+
+    /// True when the disk is full or over quota: the write failed, nothing of it is
+    /// stored, and the same write can succeed once space returns.
+    pub fn is_disk_full(&self) -> bool {
+        use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+        matches!(self, StoreError::Io { source, .. }
+            if matches!(source.kind(), StorageFull | QuotaExceeded))
+    }
+
+    /// A copy for each waiter of one failed write or fsync (an `io::Error` is not `Clone`),
+    /// keeping what callers look at: the variant, the path, the error kind and the message.
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Io { path, source } => StoreError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            StoreError::Halted { cause } => StoreError::Halted {
+                cause: cause.clone(),
+            },
+            other => StoreError::Io {
+                path: "<commit thread>".into(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        }
+    }
+
     /// Adapter for `map_err` that names the file an I/O error happened on.
     pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
         move |source| StoreError::Io {

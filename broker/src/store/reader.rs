@@ -1,22 +1,22 @@
 //! The read side of a log, shared by every fetch of an MQ.
 //!
 //! Readers see a [`View`] of the published segments behind an `RwLock`. A read holds the lock
-//! only to locate its start (index lookup) and clone the segment's `Arc<File>`, then reads
+//! only to locate its start (index lookup) and clone the segment's file handle, then reads
 //! with `read_at` without any lock, so the writer never waits for disk reads and readers
 //! never wait for disk writes. Sealed segments are immutable and the active one only grows
 //! past what is published, so bytes a reader was told about never change under it; a segment
 //! deleted by retention stays readable through the open handle until the read ends.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
 use tokio::sync::watch;
 
+use super::fsio::FileIo;
 use super::index::{OffsetIndex, INDEX_INTERVAL};
+use super::resync::next_intact;
 use super::tail::Tail;
 use super::StoreError;
 
@@ -28,7 +28,7 @@ pub(crate) struct SegmentView {
     pub(crate) end: u64,
     /// Bytes of published records.
     pub(crate) len: u64,
-    pub(crate) file: Arc<File>,
+    pub(crate) file: Arc<dyn FileIo>,
     pub(crate) path: Arc<Path>,
     pub(crate) index: OffsetIndex,
 }
@@ -94,7 +94,7 @@ struct Span {
     base: u64,
     end: u64,
     len: u64,
-    file: Arc<File>,
+    file: Arc<dyn FileIo>,
     path: Arc<Path>,
     // Where to start: an indexed or hinted record at or before the wanted offset.
     start_offset: u64,
@@ -183,9 +183,10 @@ impl LogReader {
     ///
     /// `pos` is the `next_pos` of the previous read when `from` is its `next_offset`; it skips
     /// the index lookup and is ignored when stale. Every returned record's checksum and offset
-    /// are verified; a bad record fails the read with [`StoreError::Corrupt`] naming its file
-    /// and position. A read usually takes one `read_at`; one that reaches the end of a sealed
-    /// segment carries on into the next.
+    /// are verified. A bad record ends the batch before it; a read that starts at one fails
+    /// with [`StoreError::Corrupt`] (or `OffsetMismatch`) naming its file and position, and
+    /// [`skip_damage`](Self::skip_damage) says where to go on. A read usually takes one
+    /// `read_at`; one that reaches the end of a sealed segment carries on into the next.
     pub fn read(
         &self,
         from: u64,
@@ -253,14 +254,31 @@ impl LogReader {
             if data_start.is_none() {
                 data_start = Some(reader.at(p));
             }
+            let mut damaged = false;
             while count < max_records && off < span.end {
                 reader.fill(p + 4, ahead(count, bytes))?;
-                let size = reader.record_size(p)?;
+                // The records before a damaged one go out; the next read, from the damaged
+                // offset, reports it.
+                let size = match reader.record_size(p) {
+                    Ok(size) => size,
+                    Err(e) if count == 0 => return Err(e),
+                    Err(_) => {
+                        damaged = true;
+                        break;
+                    }
+                };
                 if count > 0 && bytes + size as usize > max_bytes {
                     break;
                 }
                 reader.fill(p + size, ahead(count, bytes))?;
-                reader.verify(p, size, off)?;
+                match reader.verify(p, size, off) {
+                    Ok(()) => {}
+                    Err(e) if count == 0 => return Err(e),
+                    Err(_) => {
+                        damaged = true;
+                        break;
+                    }
+                }
                 p += size;
                 off += 1;
                 count += 1;
@@ -275,7 +293,7 @@ impl LogReader {
             };
             from = off;
             let budget_left = count < max_records && bytes < max_bytes;
-            if !budget_left || off < span.end || span.is_last {
+            if damaged || !budget_left || off < span.end || span.is_last {
                 break;
             }
             hint = Some(next_pos);
@@ -288,6 +306,147 @@ impl LogReader {
             next_pos,
         })
     }
+
+    /// Where reading goes on after a read from `from` failed on damage
+    /// ([`StoreError::is_damage`]): the first intact record at or after `from`, found by
+    /// walking from the index with every record verified and resynchronising past damaged
+    /// ones (`resync`). Reports the offsets it had to give up, if any. Blocking.
+    pub fn skip_damage(&self, from: u64) -> Result<Skip, StoreError> {
+        let span = {
+            let view = self.view();
+            match locate(&view, from.max(view.first_offset), None) {
+                Start::Span(span) => span,
+                Start::Nothing(pos) => {
+                    return Ok(Skip {
+                        next_offset: pos.offset,
+                        next_pos: pos,
+                        lost: None,
+                    })
+                }
+            }
+        };
+        let from = from.max(span.start_offset);
+        let (mut off, mut p) = (span.start_offset, span.start_pos);
+        let mut lost = None;
+        while off < span.end {
+            match check_record(&span, p, off)? {
+                Ok(_) if off >= from => {
+                    let next_pos = ReadPos {
+                        base: span.base,
+                        offset: off,
+                        position: p,
+                    };
+                    return Ok(Skip {
+                        next_offset: off,
+                        next_pos,
+                        lost,
+                    });
+                }
+                Ok(size) => {
+                    p += size;
+                    off += 1;
+                }
+                Err(damage) => {
+                    let found =
+                        next_intact(&*span.file, &span.path, p, span.len, off + 1..span.end)?;
+                    let (next, at) = found.unwrap_or((span.end, span.len));
+                    if next > from && lost.is_none() {
+                        lost = Some(Lost {
+                            first: from,
+                            end: next,
+                            file: span.path.to_path_buf(),
+                            position: p,
+                            reason: damage.to_string(),
+                        });
+                    }
+                    (off, p) = (next, at);
+                }
+            }
+        }
+        let next_pos = if span.is_last {
+            ReadPos {
+                base: span.base,
+                offset: off,
+                position: span.len,
+            }
+        } else {
+            ReadPos::unknown(off)
+        };
+        Ok(Skip {
+            next_offset: off,
+            next_pos,
+            lost,
+        })
+    }
+}
+
+/// The result of [`LogReader::skip_damage`].
+#[derive(Debug, Clone)]
+pub struct Skip {
+    /// The first offset readable from `from` on.
+    pub next_offset: u64,
+    /// Its position, to read it without walking over the damage again.
+    pub next_pos: ReadPos,
+    /// The offsets given up, when there were any.
+    pub lost: Option<Lost>,
+}
+
+/// Offsets of a log that cannot be read because their records are damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    /// The first offset lost.
+    pub first: u64,
+    /// The offset after the last one lost: reading goes on there.
+    pub end: u64,
+    /// The segment file.
+    pub file: PathBuf,
+    /// Byte position of the damaged record in it.
+    pub position: u64,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Verifies the record at `pos` of `span` that should have `offset`: its size, or the
+/// damage found (the outer error is an I/O failure).
+fn check_record(span: &Span, pos: u64, offset: u64) -> Result<Result<u64, StoreError>, StoreError> {
+    let corrupt = |reason| StoreError::Corrupt {
+        file: span.path.to_path_buf(),
+        position: pos,
+        reason,
+    };
+    let left = span.len.saturating_sub(pos);
+    let mut head = [0u8; 4];
+    if left < head.len() as u64 {
+        let have = left as usize;
+        return Ok(Err(corrupt(RecordError::Truncated { need: 4, have })));
+    }
+    span.file
+        .read_exact_at(&mut head, pos)
+        .map_err(StoreError::io(&span.path))?;
+    let size = peek_record_size(&head).unwrap_or(0);
+    if size < RECORD_OVERHEAD {
+        return Ok(Err(corrupt(RecordError::BadLength {
+            len: size.saturating_sub(4),
+        })));
+    }
+    if size as u64 > left {
+        let have = left as usize;
+        return Ok(Err(corrupt(RecordError::Truncated { need: size, have })));
+    }
+    let mut record = vec![0u8; size];
+    span.file
+        .read_exact_at(&mut record, pos)
+        .map_err(StoreError::io(&span.path))?;
+    Ok(match parse_record(&record) {
+        Err(reason) => Err(corrupt(reason)),
+        Ok(rec) if rec.offset != offset => Err(StoreError::OffsetMismatch {
+            file: span.path.to_path_buf(),
+            position: pos,
+            expected: offset,
+            found: rec.offset,
+        }),
+        Ok(_) => Ok(size as u64),
+    })
 }
 
 /// Finds the segment and starting point for reading `from`, trusting `hint` when it still
@@ -433,7 +592,7 @@ impl<'a> SpanReader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testutil::{batch, body, decode};
+    use crate::store::testutil::{batch, body, decode, os};
     use crate::store::{LogConfig, MqLog};
 
     #[test]
@@ -451,7 +610,7 @@ mod tests {
             retention_bytes: Some(1 << 20),
             retention_ms: None,
         };
-        let (mut log, reader) = MqLog::open(tmp.path(), config).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config).unwrap();
         let writer = std::thread::spawn(move || {
             for from in (0..N).step_by(25) {
                 log.append(&mut batch(from, from + 25), 1).unwrap();

@@ -5,16 +5,18 @@
 //! which also proves the index and the end of the file agree. The active segment gets the
 //! same treatment, and a torn tail (a write cut short by a crash) is truncated there. Any
 //! damage triggers a full scan of that one segment first, so a bad index entry can never
-//! make recovery cut off good records. Missing or damaged index files are rebuilt.
+//! make recovery cut off good records; damage followed by an intact record is damage in the
+//! middle, not a torn tail: the scan resynchronises past it (`resync`) and keeps the rest.
+//! Missing or damaged index files are rebuilt.
 
 use std::fmt;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
 
+use super::fsio::{FileIo, Fs, FsRef};
 use super::index::{wants_entry, Entry, IndexFile, OffsetIndex};
+use super::resync::next_intact;
 use super::segment::{index_path, log_path, open_log_file, parse_log_name, Recovered};
 use super::StoreError;
 
@@ -22,11 +24,10 @@ use super::StoreError;
 const SCAN_CHUNK: usize = 1 << 20;
 
 /// Base offsets of the segments in `dir`, oldest first.
-pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+pub(crate) fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<Vec<u64>, StoreError> {
     let mut bases = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(StoreError::io(dir))? {
-        let entry = entry.map_err(StoreError::io(dir))?;
-        if let Some(base) = entry.file_name().to_str().and_then(parse_log_name) {
+    for entry in fs.list(dir).map_err(StoreError::io(dir))? {
+        if let Some(base) = parse_log_name(&entry.name) {
             bases.push(base);
         }
     }
@@ -37,24 +38,26 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
 /// Recovers the segment starting at `base`. `next_base` is the base of the following
 /// segment, `None` for the active (last) one.
 pub(crate) fn recover_segment(
+    fs: &FsRef,
     dir: &Path,
     base: u64,
     next_base: Option<u64>,
 ) -> Result<Recovered, StoreError> {
     let log_path = log_path(dir, base);
-    let file = open_log_file(&log_path, false)?;
-    let len = file.metadata().map_err(StoreError::io(&log_path))?.len();
+    let file = open_log_file(&**fs, &log_path, false)?;
+    let len = file.len().map_err(StoreError::io(&log_path))?;
     let idx_path = index_path(dir, base);
-    let raw = match std::fs::read(&idx_path) {
+    let raw = match fs.read(&idx_path) {
         Ok(raw) => raw,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(StoreError::io(&idx_path)(e)),
     };
-    let (mut index, mut rewrite) = OffsetIndex::decode(&raw, len);
-    rewrite |= raw.is_empty() && len > 0;
+    let (mut index, damaged) = OffsetIndex::decode(&raw, len);
+    let missing = raw.is_empty() && len > 0;
+    let mut rewrite = damaged || missing;
 
     let tail = Tail {
-        file: &file,
+        file: &*file,
         path: &log_path,
         len,
         base,
@@ -83,6 +86,15 @@ pub(crate) fn recover_segment(
         index.extend(&scan.entries);
         rewrite = true;
     }
+    if missing || damaged {
+        // Worth a line: a lost index is harmless, but a damaged one hints at a bad disk.
+        tracing::warn!(
+            file = %idx_path.display(),
+            problem = if missing { "missing or empty" } else { "damaged" },
+            entries = index.len(),
+            "index rebuilt from the log"
+        );
+    }
     if let Some(next_base) = next_base.filter(|&next| scan.next_offset < next) {
         tracing::warn!(
             file = %log_path.display(),
@@ -91,7 +103,7 @@ pub(crate) fn recover_segment(
             "records lost before the next segment; readers skip the gap"
         );
     }
-    let index_file = IndexFile::open(idx_path, &index, rewrite, next_base.is_none())?;
+    let index_file = IndexFile::open(fs, idx_path, &index, rewrite, next_base.is_none());
     Ok(Recovered {
         base,
         next_offset: scan.next_offset,
@@ -144,7 +156,7 @@ struct Scan {
 
 /// The part of a segment file to verify.
 struct Tail<'a> {
-    file: &'a File,
+    file: &'a dyn FileIo,
     path: &'a Path,
     len: u64,
     base: u64,
@@ -185,8 +197,31 @@ impl Tail<'_> {
                     scan.last_timestamp = Some(timestamp);
                 }
                 Err(damage) => {
-                    scan.damage = Some((scan.valid_len, damage));
-                    break;
+                    // An intact record further on means damage in the middle, not a torn
+                    // tail: the records after it are kept, only the damaged ones are lost.
+                    let at = scan.valid_len;
+                    let last = self.base + u64::from(u32::MAX);
+                    let wanted = scan.next_offset + 1..self.limit.unwrap_or(last).min(last);
+                    let Some((offset, pos)) =
+                        next_intact(self.file, self.path, at, self.len, wanted)?
+                    else {
+                        scan.damage = Some((at, damage));
+                        break;
+                    };
+                    tracing::warn!(
+                        file = %self.path.display(),
+                        position = at,
+                        reason = %damage,
+                        lost_from = scan.next_offset,
+                        lost_to = offset,
+                        "damaged records skipped; the intact records after them are kept"
+                    );
+                    // Reads of the records after the damage start here, not before it.
+                    let entry = ((offset - self.base) as u32, pos as u32);
+                    scan.entries.push(entry);
+                    last_entry = Some(entry.1);
+                    scan.valid_len = pos;
+                    scan.next_offset = offset;
                 }
             }
         }
@@ -238,7 +273,7 @@ impl Tail<'_> {
 
 /// A window of a file read in large chunks.
 struct Chunk<'a> {
-    file: &'a File,
+    file: &'a dyn FileIo,
     path: &'a Path,
     buf: Vec<u8>,
     // File position of `buf[0]`.
@@ -271,11 +306,11 @@ mod tests {
     use qbus_wire::protocol::record::encode_record;
 
     use super::*;
-    use crate::store::testutil::{batch, body, config, decode};
-    use crate::store::{LogReader, MqLog};
+    use crate::store::testutil::{batch, body, config, decode, os};
+    use crate::store::{LogReader, Lost, MqLog, OsFs};
 
     fn write(dir: &Path, segment_bytes: u64, n: u64) {
-        let (mut log, _) = MqLog::open(dir, config(segment_bytes)).unwrap();
+        let (mut log, _) = MqLog::open(&os(), dir, config(segment_bytes)).unwrap();
         for from in (0..n).step_by(10) {
             log.append(&mut batch(from, (from + 10).min(n)), 42)
                 .unwrap();
@@ -292,7 +327,7 @@ mod tests {
     }
 
     fn active_log(dir: &Path) -> PathBuf {
-        let bases = list_segments(dir).unwrap();
+        let bases = list_segments(&OsFs, dir).unwrap();
         log_path(dir, *bases.last().unwrap())
     }
 
@@ -321,7 +356,7 @@ mod tests {
         file.set_len(len - 3).unwrap();
         drop(file);
 
-        let (mut log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(3_000)).unwrap();
         assert_eq!(log.next_offset(), 199);
         assert_eq!(all(&reader), expected(0, 199));
         let mut again = batch(199, 210);
@@ -329,7 +364,7 @@ mod tests {
         log.publish();
         assert_eq!(all(&reader), expected(0, 210));
         drop((log, reader));
-        let (log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(3_000)).unwrap();
         assert_eq!(log.next_offset(), 210);
         assert_eq!(all(&reader), expected(0, 210));
     }
@@ -345,7 +380,7 @@ mod tests {
             raw.extend_from_slice(&garbage);
             std::fs::write(&active, raw).unwrap();
 
-            let (mut log, reader) = MqLog::open(tmp.path(), config(3_000)).unwrap();
+            let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(3_000)).unwrap();
             assert_eq!(std::fs::metadata(&active).unwrap().len(), len);
             assert_eq!(log.next_offset(), 200);
             log.append(&mut batch(200, 205), 43).unwrap();
@@ -363,7 +398,7 @@ mod tests {
         let mut raw = std::fs::read(&active).unwrap();
         encode_record(&mut raw, 3, 0, None, None, b"stale").unwrap();
         std::fs::write(&active, raw).unwrap();
-        let (log, reader) = MqLog::open(tmp.path(), config(1 << 20)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(1 << 20)).unwrap();
         assert_eq!(log.next_offset(), 50);
         assert_eq!(all(&reader), expected(0, 50));
     }
@@ -371,12 +406,12 @@ mod tests {
     #[test]
     fn a_flipped_byte_in_a_sealed_segment_is_reported_on_read() {
         let tmp = tempfile::tempdir().unwrap();
-        let (mut log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(2_000)).unwrap();
         for from in (0..300).step_by(10) {
             log.append(&mut batch(from, from + 10), 42).unwrap();
         }
         log.publish();
-        let bases = list_segments(tmp.path()).unwrap();
+        let bases = list_segments(&OsFs, tmp.path()).unwrap();
         assert!(bases.len() > 3);
         let (base, next_base) = (bases[1], bases[2]);
         let sealed = log_path(tmp.path(), base);
@@ -390,11 +425,11 @@ mod tests {
         // Records before it still read.
         let good = reader.read(base, None, 2, 1 << 20).unwrap();
         assert_eq!(decode(&good), expected(base, base + 2));
-        for (from, pos) in [
-            (victim, None),
-            (base, None),
-            (base + 2, Some(good.next_pos)),
-        ] {
+        // A read that meets it returns the records before it, and stops there.
+        let before = reader.read(base, None, 100, 1 << 20).unwrap();
+        assert_eq!(decode(&before), expected(base, victim));
+        assert_eq!(before.next_offset, victim);
+        for (from, pos) in [(victim, None), (victim, Some(good.next_pos))] {
             let err = reader.read(from, pos, 100, 1 << 20).unwrap_err();
             match &err {
                 StoreError::Corrupt {
@@ -423,7 +458,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         // Big segments so each has many index entries.
         write(tmp.path(), 20_000, 2_000);
-        let bases = list_segments(tmp.path()).unwrap();
+        let bases = list_segments(&OsFs, tmp.path()).unwrap();
         assert!(bases.len() >= 3);
         let originals: Vec<Vec<u8>> = bases
             .iter()
@@ -447,7 +482,7 @@ mod tests {
         let last = *bases.last().unwrap();
         std::fs::write(index_path(tmp.path(), last), b"").unwrap();
 
-        let (log, reader) = MqLog::open(tmp.path(), config(20_000)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(20_000)).unwrap();
         assert_eq!(log.next_offset(), 2_000);
         for from in (0..2_000).step_by(37) {
             let got = reader.read(from, None, 2, 1 << 20).unwrap();
@@ -464,7 +499,7 @@ mod tests {
     fn a_sealed_segment_that_lost_its_tail_leaves_a_gap() {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), 2_000, 300);
-        let bases = list_segments(tmp.path()).unwrap();
+        let bases = list_segments(&OsFs, tmp.path()).unwrap();
         let (base, next_base) = (bases[1], bases[2]);
         let sealed = log_path(tmp.path(), base);
         let positions = record_positions(&sealed);
@@ -476,7 +511,7 @@ mod tests {
         file.set_len(cut + 5).unwrap();
         drop(file);
 
-        let (log, reader) = MqLog::open(tmp.path(), config(2_000)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(2_000)).unwrap();
         assert_eq!(std::fs::metadata(&sealed).unwrap().len(), cut);
         assert_eq!(log.next_offset(), 300);
         let lost = next_base - 2;
@@ -489,6 +524,69 @@ mod tests {
         assert_eq!(decode(&got), expected(next_base, next_base + 1));
     }
 
+    /// Reads the whole log as a consumer does: on damage, skips to the next intact record.
+    /// Returns what was read and what was reported lost.
+    fn read_past_damage(reader: &LogReader) -> (Vec<(u64, Vec<u8>)>, Vec<Lost>) {
+        let (mut out, mut lost) = (Vec::new(), Vec::new());
+        let (mut next, mut pos) = (0, None);
+        while next < reader.end_offset() {
+            match reader.read(next, pos, 7, 1 << 20) {
+                Ok(got) => {
+                    out.extend(decode(&got));
+                    (next, pos) = (got.next_offset, Some(got.next_pos));
+                }
+                Err(e) => {
+                    assert!(e.is_damage(), "{e}");
+                    let skip = reader.skip_damage(next).unwrap();
+                    assert!(skip.next_offset > next || skip.lost.is_none());
+                    lost.extend(skip.lost);
+                    (next, pos) = (skip.next_offset, Some(skip.next_pos));
+                }
+            }
+        }
+        (out, lost)
+    }
+
+    #[test]
+    fn one_damaged_record_loses_only_itself() {
+        const N: u64 = 300;
+        let mut rng = crate::store::simdisk::Rng::new(0x5eed_da7a);
+        for trial in 0..150 {
+            let tmp = tempfile::tempdir().unwrap();
+            write(tmp.path(), 3_000, N);
+            // A random bit of a random record of a random segment: length, checksum, offset,
+            // timestamp, tag or body.
+            let bases = list_segments(&OsFs, tmp.path()).unwrap();
+            let at = rng.below(bases.len() as u64) as usize;
+            let path = log_path(tmp.path(), bases[at]);
+            let positions = record_positions(&path);
+            let victim = rng.below(positions.len() as u64) as usize;
+            let mut raw = std::fs::read(&path).unwrap();
+            let end = positions.get(victim + 1).map_or(raw.len() as u64, |&p| p);
+            let byte = positions[victim] + rng.below(end - positions[victim]);
+            raw[byte as usize] ^= 1 << rng.below(8);
+            std::fs::write(&path, &raw).unwrap();
+            let damaged = bases[at] + victim as u64;
+
+            let (mut log, reader) = MqLog::open(&os(), tmp.path(), config(3_000)).unwrap();
+            let (got, lost) = read_past_damage(&reader);
+            let want: Vec<_> = expected(0, N)
+                .into_iter()
+                .filter(|(o, _)| *o != damaged)
+                .collect();
+            let context = format!("trial {trial}: bit of byte {byte} of record {damaged}");
+            assert_eq!(got, want, "{context}: every intact record, nothing corrupt");
+            if let Some(lost) = lost.first() {
+                assert_eq!((lost.first, lost.end), (damaged, damaged + 1), "{context}");
+                assert_eq!(lost.file, path, "{context}");
+            }
+            // The log goes on where it ended, unless recovery cut a damaged last record.
+            let last = damaged == N - 1;
+            assert_eq!(log.next_offset(), if last { N - 1 } else { N }, "{context}");
+            log.append(&mut batch(N, N + 1), 50).unwrap();
+        }
+    }
+
     #[test]
     fn reopening_a_million_records_is_fast() {
         const N: u64 = 1_000_000;
@@ -497,7 +595,7 @@ mod tests {
         const SEGMENT: u64 = 8 << 20;
         let tmp = tempfile::tempdir().unwrap();
         {
-            let (mut log, _) = MqLog::open(tmp.path(), config(SEGMENT)).unwrap();
+            let (mut log, _) = MqLog::open(&os(), tmp.path(), config(SEGMENT)).unwrap();
             let mut records = Vec::new();
             for n in 0..BATCH {
                 encode_record(&mut records, 0, 0, None, None, &n.to_be_bytes()).unwrap();
@@ -508,7 +606,7 @@ mod tests {
             log.sync().unwrap();
         }
         let started = Instant::now();
-        let (log, reader) = MqLog::open(tmp.path(), config(SEGMENT)).unwrap();
+        let (log, reader) = MqLog::open(&os(), tmp.path(), config(SEGMENT)).unwrap();
         let took = started.elapsed();
         println!(
             "reopened {N} records in {} segments in {took:?}",

@@ -1,14 +1,13 @@
 //! One segment of a log, writer side: `<base:020>.log` and its index `<base:020>.idx`.
 //!
-//! The log file is opened once, read-write, and shared as an `Arc<File>`: the writer appends
+//! The log file is opened once, read-write, and shared as an `Arc<dyn FileIo>`: the writer appends
 //! with positional writes at its own idea of the end and readers use positional reads, so the
 //! two never share a file cursor and never need a lock around I/O.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::fsio::{FileIo, Fs, FsRef, Open};
 use super::index::{Entry, IndexFile, OffsetIndex};
 use super::reader::SegmentView;
 use super::StoreError;
@@ -33,14 +32,17 @@ pub(crate) fn parse_log_name(name: &str) -> Option<u64> {
 }
 
 /// Opens a segment's log file for positional reads and writes.
-pub(crate) fn open_log_file(path: &Path, create: bool) -> Result<File, StoreError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(create)
-        .open(path)
-        .map_err(StoreError::io(path))
+pub(crate) fn open_log_file(
+    fs: &dyn Fs,
+    path: &Path,
+    create: bool,
+) -> Result<Arc<dyn FileIo>, StoreError> {
+    let how = if create {
+        Open::Truncate
+    } else {
+        Open::Existing
+    };
+    fs.open(path, how).map_err(StoreError::io(path))
 }
 
 /// What recovery learnt about a segment.
@@ -50,7 +52,7 @@ pub(crate) struct Recovered {
     pub(crate) next_offset: u64,
     pub(crate) size: u64,
     pub(crate) last_timestamp: Option<u64>,
-    pub(crate) file: File,
+    pub(crate) file: Arc<dyn FileIo>,
     pub(crate) log_path: PathBuf,
     pub(crate) index: OffsetIndex,
     pub(crate) index_file: IndexFile,
@@ -63,7 +65,7 @@ pub(crate) struct Segment {
     next_offset: u64,
     size: u64,
     last_timestamp: Option<u64>,
-    file: Arc<File>,
+    file: Arc<dyn FileIo>,
     log_path: Arc<Path>,
     index: IndexFile,
     // Entries written since the last publish, handed to the readers' copy of the index then.
@@ -74,16 +76,17 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// Creates the empty files of a new segment starting at `base`.
-    pub(crate) fn create(dir: &Path, base: u64) -> Result<Segment, StoreError> {
+    /// Their names are durable once the directory is synced (`MqLog::sync`).
+    pub(crate) fn create(fs: &FsRef, dir: &Path, base: u64) -> Result<Segment, StoreError> {
         let log_path = log_path(dir, base);
-        let file = open_log_file(&log_path, true)?;
-        let index = IndexFile::create(index_path(dir, base))?;
+        let file = open_log_file(&**fs, &log_path, true)?;
+        let index = IndexFile::create(fs, index_path(dir, base))?;
         Ok(Segment {
             base,
             next_offset: base,
             size: 0,
             last_timestamp: None,
-            file: Arc::new(file),
+            file,
             log_path: log_path.into(),
             index,
             unpublished_entries: Vec::new(),
@@ -99,7 +102,7 @@ impl Segment {
             next_offset: r.next_offset,
             size: r.size,
             last_timestamp: r.last_timestamp,
-            file: Arc::new(r.file),
+            file: r.file,
             log_path: r.log_path.into(),
             index: r.index_file,
             unpublished_entries: Vec::new(),
@@ -157,10 +160,15 @@ impl Segment {
         timestamp: u64,
     ) -> Result<(), StoreError> {
         if let Err(e) = self.file.write_all_at(data, self.size) {
-            // Positional writes already make the next append overwrite a partial one; cutting
-            // the file back also keeps a crash right now from leaving garbage for recovery.
+            // Cut the partial write off, so that the next append does not leave the end of
+            // this one behind it, where recovery would take it for records nobody acked.
             if let Err(cut) = self.file.set_len(self.size) {
-                tracing::warn!(file = %self.log_path.display(), error = %cut, "cannot cut back a failed append");
+                return Err(StoreError::Halted {
+                    cause: format!(
+                        "append to {} failed ({e}) and cutting it back failed too ({cut})",
+                        self.log_path.display()
+                    ),
+                });
             }
             return Err(StoreError::io(&self.log_path)(e));
         }
@@ -215,16 +223,18 @@ impl Segment {
         view
     }
 
-    /// Deletes both files.
-    pub(crate) fn delete_files(&self) -> Result<(), StoreError> {
-        std::fs::remove_file(&self.log_path).map_err(StoreError::io(&self.log_path))?;
-        match std::fs::remove_file(self.index.path()) {
+    /// Deletes both files, the index first: a crash in between leaves a log file whose
+    /// index is rebuilt, never an index without its log. The caller syncs the directory.
+    pub(crate) fn delete_files(&self, fs: &dyn Fs) -> Result<(), StoreError> {
+        match fs.remove_file(self.index.path()) {
             // A failed index write removes the index early.
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(StoreError::io(self.index.path())(e))
+                return Err(StoreError::io(self.index.path())(e));
             }
-            _ => Ok(()),
+            _ => {}
         }
+        fs.remove_file(&self.log_path)
+            .map_err(StoreError::io(&self.log_path))
     }
 }
 

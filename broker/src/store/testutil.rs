@@ -3,7 +3,12 @@
 use qbus_wire::protocol::record::{encode_record, records};
 
 use super::reader::ReadBatch;
-use super::LogConfig;
+use super::{FsRef, LogConfig, OsFs};
+
+/// The operating system's file system, for tests on temporary directories.
+pub(crate) fn os() -> FsRef {
+    OsFs::shared()
+}
 
 /// Default settings but for a segment size of `segment_bytes`.
 pub(crate) fn config(segment_bytes: u64) -> LogConfig {

@@ -28,6 +28,9 @@ pub enum Status {
     Unavailable,
     /// The request's deadline passed before its answer came (RPC calls).
     DeadlineExceeded,
+    /// The broker's disk is full (or over quota): nothing was stored; retry once space
+    /// returns, or on another broker.
+    InsufficientStorage,
     /// A code this version does not know (sent by a newer peer).
     Other(u16),
 }
@@ -46,6 +49,7 @@ impl Status {
             Status::UnknownCommand => 501,
             Status::Unavailable => 503,
             Status::DeadlineExceeded => 504,
+            Status::InsufficientStorage => 507,
             Status::Other(code) => code,
         }
     }
@@ -63,6 +67,7 @@ impl Status {
             501 => Status::UnknownCommand,
             503 => Status::Unavailable,
             504 => Status::DeadlineExceeded,
+            507 => Status::InsufficientStorage,
             other => Status::Other(other),
         }
     }
@@ -81,6 +86,7 @@ impl fmt::Display for Status {
             Status::UnknownCommand => "unknown command",
             Status::Unavailable => "unavailable",
             Status::DeadlineExceeded => "deadline exceeded",
+            Status::InsufficientStorage => "insufficient storage",
             Status::Other(_) => "status",
         };
         write!(f, "{} {}", self.code(), name)
@@ -93,7 +99,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in [200, 400, 404, 409, 413, 429, 500, 501, 503, 504, 299] {
+        for code in [200, 400, 404, 409, 413, 429, 500, 501, 503, 504, 507, 299] {
             assert_eq!(Status::from_code(code).code(), code);
         }
         assert_eq!(Status::from_code(299), Status::Other(299));
