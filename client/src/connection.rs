@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use qbus_wire::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{ClientError, Result};
 use crate::link::{Connector, FrameStream};
@@ -27,8 +28,10 @@ pub struct ConnectionOptions {
     /// Deadline for a request-reply (not for long-poll fetches, which add their own wait).
     /// Default 30 s.
     pub request_timeout: Duration,
-    /// A heartbeat is sent after this much silence; three silent periods close the
-    /// connection and fail its pending requests. Default 5 s.
+    /// Liveness: a heartbeat is sent after this much silence from the peer, and a peer
+    /// silent for three to four of these periods (no reply, no heartbeat answer) is taken
+    /// as hung: the connection closes and its pending requests fail with
+    /// [`ClientError::Disconnected`]. Default 5 s (a hung peer is noticed within 15–20 s).
     pub heartbeat: Duration,
 }
 
@@ -49,6 +52,10 @@ struct Live {
     tx: mpsc::Sender<Frame>,
     /// `None` once the link is dead, so no request can be registered after the final drain.
     pending: Pending,
+    /// Fires when the link is closed (or the whole connection shuts down): it stops the
+    /// dispatcher and frees senders waiting for room in a queue that a hung peer no longer
+    /// drains.
+    closed: CancellationToken,
     addr: String,
 }
 
@@ -83,9 +90,20 @@ impl Live {
         }
     }
 
-    /// Fails every pending request (their receivers see the sender dropped).
+    /// Fails every pending request (their receivers see the sender dropped) and stops the
+    /// link's dispatcher and waiting senders.
     fn close(&self) {
         self.pending.lock().expect("pending map poisoned").take();
+        self.closed.cancel();
+    }
+
+    /// Queues `frame` once the queue has room; fails (with the frame not sent) if the link
+    /// closes first.
+    async fn queue(&self, frame: Frame) -> Result<()> {
+        tokio::select! {
+            sent = self.tx.send(frame) => sent.map_err(|_| self.disconnected()),
+            _ = self.closed.cancelled() => Err(self.disconnected()),
+        }
     }
 
     fn disconnected(&self) -> ClientError {
@@ -102,7 +120,7 @@ struct Inner {
     live: ArcSwapOption<Live>,
     connecting: tokio::sync::Mutex<()>,
     server: ArcSwapOption<ServerInfo>,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
 }
 
 impl Drop for Inner {
@@ -136,7 +154,7 @@ impl Connection {
                 live: ArcSwapOption::empty(),
                 connecting: tokio::sync::Mutex::new(()),
                 server: ArcSwapOption::empty(),
-                shutdown: tokio_util::sync::CancellationToken::new(),
+                shutdown: CancellationToken::new(),
             }),
         }
     }
@@ -206,14 +224,19 @@ impl Connection {
     }
 
     /// Sends once connected and the queue has room.
-    async fn send_waiting(&self, mut frame: Frame) -> Result<PendingReply> {
+    async fn send_waiting(&self, frame: Frame) -> Result<PendingReply> {
         let live = self.live().await?;
+        self.send_over(live, frame).await
+    }
+
+    /// Sends on `live` once its queue has room.
+    async fn send_over(&self, live: Arc<Live>, mut frame: Frame) -> Result<PendingReply> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         frame.header.id = id;
         let rx = live.register(id)?;
-        if live.tx.send(frame).await.is_err() {
+        if let Err(e) = live.queue(frame).await {
             live.forget(id);
-            return Err(live.disconnected());
+            return Err(e);
         }
         Ok(PendingReply {
             rx,
@@ -242,7 +265,18 @@ impl Connection {
     /// that the peer received it.
     pub async fn send_oneway(&self, frame: Frame) -> Result<()> {
         let live = self.live().await?;
-        live.tx.send(frame).await.map_err(|_| live.disconnected())
+        live.queue(frame).await
+    }
+
+    /// Closes the current link, if any: its pending requests fail with
+    /// [`ClientError::Disconnected`] (in doubt: they may have taken effect) and the next
+    /// request connects again. For a peer known to be gone before the link notices.
+    pub(crate) fn drop_link(&self) -> bool {
+        let Some(live) = self.inner.live.swap(None) else {
+            return false;
+        };
+        live.close();
+        true
     }
 
     async fn live(&self) -> Result<Arc<Live>> {
@@ -293,6 +327,7 @@ impl Connection {
         let live = Arc::new(Live {
             tx: link.tx,
             pending: Mutex::new(Some(HashMap::new())),
+            closed: self.inner.shutdown.child_token(),
             addr: self.addr(),
         });
         tokio::spawn(dispatch(
@@ -332,9 +367,10 @@ impl Connection {
 
 /// Routes replies to their waiters until the link ends, then fails whatever is left.
 async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inner: Weak<Inner>) {
-    let Some(shutdown) = inner.upgrade().map(|i| i.shutdown.clone()) else {
-        return;
-    };
+    // Made once, not per frame: each fresh wait would register with the token again.
+    let closed = live.closed.clone();
+    let closed = closed.cancelled();
+    tokio::pin!(closed);
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -369,7 +405,7 @@ async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inn
                     let _ = live.tx.try_send(Frame::new(Header::request(Command::Heartbeat, None)));
                 }
             }
-            _ = shutdown.cancelled() => break,
+            _ = &mut closed => break,
         }
     }
     live.close();
