@@ -1,8 +1,14 @@
 //! `qbus consume`: print message bodies one per line and acknowledge each.
 //!
 //! A message counts as consumed once the broker has confirmed its ack; acks are kept in
-//! flight concurrently (the SDK batches them), and every ack is confirmed before the
-//! command returns.
+//! flight concurrently (the SDK batches them), and every ack is settled before the
+//! command returns. An ack lost with its broker (the connection failed before the broker
+//! confirmed it) is not fatal: it is reported on stderr, the message does not count, and
+//! the broker delivers it again (to this or another consumer), so with `--count` the
+//! command reads on from the other brokers until that many acks are confirmed. A message
+//! whose ack was lost may therefore be printed twice. (An ack lost in flight is in doubt:
+//! if the broker did record it, that message does not come again, and a `--count` of all
+//! there is then waits for `--timeout`.)
 
 use std::io::Write;
 use std::time::Duration;
@@ -10,7 +16,7 @@ use std::time::Duration;
 use clap::Args;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use qbus_client::{Broker, Delivery, StartAt};
+use qbus_client::{Broker, ClientError, Delivery, StartAt};
 
 use crate::error::CliError;
 
@@ -70,7 +76,6 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
     let mut consumer = builder.subscribe().await?;
 
     let wanted = args.count.unwrap_or(u64::MAX);
-    let mut received = 0u64;
     let mut acked = 0u64;
     let mut acks = FuturesUnordered::new();
     let mut stdout = std::io::stdout().lock();
@@ -78,9 +83,11 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
     tokio::pin!(interrupted);
     // Ends with why it stopped early (`Ok(None)`: the count was reached) or the error.
     let stop: Result<Option<String>, CliError> = loop {
-        if received >= wanted {
+        if acked >= wanted {
             break Ok(None);
         }
+        // Acks in flight may yet be lost, so only confirmed ones end the wait.
+        let owed = acked + (acks.len() as u64) < wanted;
         let next = async {
             match idle {
                 Some(idle) => tokio::time::timeout(idle, consumer.recv()).await.ok(),
@@ -88,11 +95,11 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
             }
         };
         tokio::select! {
-            Some(ack) = acks.next(), if !acks.is_empty() => match ack {
-                Ok(()) => acked += 1,
+            Some(ack) = acks.next(), if !acks.is_empty() => match settled(ack) {
+                Ok(confirmed) => acked += u64::from(confirmed),
                 Err(e) => break Err(e),
             },
-            delivery = next, if acks.len() < crate::bench::ACK_WINDOW => match delivery {
+            delivery = next, if owed && acks.len() < crate::bench::ACK_WINDOW => match delivery {
                 None => break Ok(Some(format!("no message for {}s", fmt_secs(idle)))),
                 Some(None) => break Ok(Some("the consumer stopped".to_owned())),
                 Some(Some(Err(e))) => break Err(e.into()),
@@ -104,7 +111,6 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
                     if let Err(e) = printed {
                         break Err(e.into());
                     }
-                    received += 1;
                     // Exempt from Tokio's cooperative budget: see `bench::consume`.
                     acks.push(tokio::task::unconstrained(ack(delivery)));
                 }
@@ -116,8 +122,8 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
     // Whatever happened, every message printed gets its ack confirmed (or reported).
     let mut ack_error = None;
     while let Some(ack) = acks.next().await {
-        match ack {
-            Ok(()) => acked += 1,
+        match settled(ack) {
+            Ok(confirmed) => acked += u64::from(confirmed),
             Err(e) => {
                 ack_error.get_or_insert(e);
             }
@@ -135,13 +141,24 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
     }
 }
 
-async fn ack(delivery: Delivery) -> Result<(), CliError> {
-    delivery.ack().await.map_err(|e| {
-        CliError::Failed(format!(
-            "ack of offset {} not confirmed: {e}",
-            delivery.offset
-        ))
-    })
+/// The ack of `delivery`, with its offset for the message if it fails.
+async fn ack(delivery: Delivery) -> Result<(), (u64, ClientError)> {
+    delivery.ack().await.map_err(|e| (delivery.offset, e))
+}
+
+/// Whether an ack was confirmed; an ack lost with its connection is reported and not
+/// counted (the broker delivers the message again), any other failure ends the command.
+fn settled(ack: Result<(), (u64, ClientError)>) -> Result<bool, CliError> {
+    match ack {
+        Ok(()) => Ok(true),
+        Err((offset, e)) if e.is_transport() => {
+            eprintln!("qbus: warning: ack of offset {offset} not confirmed ({e}); not counted: the broker delivers it again unless the ack reached it");
+            Ok(false)
+        }
+        Err((offset, e)) => Err(CliError::Failed(format!(
+            "ack of offset {offset} not confirmed: {e}"
+        ))),
+    }
 }
 
 fn fmt_secs(d: Option<Duration>) -> String {

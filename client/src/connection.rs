@@ -47,8 +47,15 @@ impl Default for ConnectionOptions {
 
 type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>;
 
+/// Names one link of a connection (each reconnect opens a new one). A broker lets go of a
+/// link's deliveries when it closes, so an ack sent over a later link may or may not count:
+/// acks go over their delivery's link or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LinkId(u64);
+
 /// A connected link and the requests waiting on it.
 struct Live {
+    link: LinkId,
     tx: mpsc::Sender<Frame>,
     /// `None` once the link is dead, so no request can be registered after the final drain.
     pending: Pending,
@@ -117,6 +124,8 @@ struct Inner {
     connector: Box<dyn Connector>,
     options: ConnectionOptions,
     next_id: AtomicU64,
+    /// Numbers links from 1, so `LinkId(0)` is never a live one.
+    next_link: AtomicU64,
     live: ArcSwapOption<Live>,
     connecting: tokio::sync::Mutex<()>,
     server: ArcSwapOption<ServerInfo>,
@@ -151,6 +160,7 @@ impl Connection {
                 connector: Box::new(connector),
                 options,
                 next_id: AtomicU64::new(1),
+                next_link: AtomicU64::new(1),
                 live: ArcSwapOption::empty(),
                 connecting: tokio::sync::Mutex::new(()),
                 server: ArcSwapOption::empty(),
@@ -229,6 +239,15 @@ impl Connection {
         self.send_over(live, frame).await
     }
 
+    /// Sends a request over link `link` only: once that link has closed, fails with
+    /// [`ClientError::Disconnected`] without sending (and without connecting again).
+    pub(crate) async fn send_on(&self, link: LinkId, frame: Frame) -> Result<PendingReply> {
+        match self.inner.live.load_full() {
+            Some(live) if live.link == link => self.send_over(live, frame).await,
+            _ => Err(ClientError::Disconnected { addr: self.addr() }),
+        }
+    }
+
     /// Sends on `live` once its queue has room.
     async fn send_over(&self, live: Arc<Live>, mut frame: Frame) -> Result<PendingReply> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -248,10 +267,23 @@ impl Connection {
     /// Sends a request and waits for its reply, up to the request timeout plus `extra` (the
     /// long-poll wait of a fetch).
     pub async fn request_with_wait(&self, frame: Frame, extra: Duration) -> Result<Frame> {
+        self.request_with_link(frame, extra)
+            .await
+            .map(|(reply, _)| reply)
+    }
+
+    /// [`request_with_wait`](Connection::request_with_wait), also naming the link the
+    /// reply came over.
+    pub(crate) async fn request_with_link(
+        &self,
+        frame: Frame,
+        extra: Duration,
+    ) -> Result<(Frame, LinkId)> {
         let limit = self.inner.options.request_timeout + extra;
         let pending = self.send(frame).await?;
+        let link = pending.live.as_ref().map_or(LinkId(0), |live| live.link);
         match tokio::time::timeout(limit, pending).await {
-            Ok(reply) => reply,
+            Ok(reply) => reply.map(|reply| (reply, link)),
             Err(_) => Err(ClientError::Timeout(limit)),
         }
     }
@@ -325,6 +357,7 @@ impl Connection {
             .await
             .map_err(|e| e.to_string())?;
         let live = Arc::new(Live {
+            link: LinkId(self.inner.next_link.fetch_add(1, Ordering::Relaxed)),
             tx: link.tx,
             pending: Mutex::new(Some(HashMap::new())),
             closed: self.inner.shutdown.child_token(),

@@ -586,3 +586,135 @@ async fn sends_to_a_broker_the_trackers_dropped_fail_over() {
     );
     assert!(duplicates <= WINDOW, "{duplicates} duplicates");
 }
+
+/// An HA consumer holding deliveries from every broker when one is `kill -9`ed: acking
+/// them all, those of the killed broker fail with a transport error (reported, not
+/// fatal), the others succeed, and once the broker is back exactly the unconfirmed ones
+/// are delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ha_consumer_gets_its_unconfirmed_acks_back_after_a_broker_kill() {
+    const MESSAGES: usize = 60;
+    let t = tracker();
+    let mut brokers: Vec<BrokerProcess> = (0..3).map(|_| broker(&[&t])).collect();
+    let addrs: Vec<String> = brokers.iter().map(BrokerProcess::addr).collect();
+    let client = ha_client(&[&t]).await;
+    wait_for_brokers(&client, None, &addrs, LIMIT).await;
+    client
+        .create_mq("tasks", MqOptions::default())
+        .await
+        .unwrap();
+    wait_for_brokers(&client, Some("tasks"), &addrs, LIMIT).await;
+    let producer = client.producer("tasks");
+    for i in 0..MESSAGES {
+        // Keys spread the messages over the three brokers.
+        let message = Message::new(format!("t{i}")).with_key(format!("k{i}"));
+        producer.send(message).await.unwrap();
+    }
+    let mut consumer = client.consumer("tasks").subscribe().await.unwrap();
+    let mut held = Vec::new();
+    while held.len() < MESSAGES {
+        let delivery = tokio::time::timeout(LIMIT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {MESSAGES} messages arrived", held.len()))
+            .unwrap()
+            .unwrap();
+        held.push(delivery);
+    }
+
+    brokers[1].kill9();
+    let mut unconfirmed = HashSet::new();
+    for delivery in &held {
+        if let Err(e) = delivery.ack().await {
+            assert!(e.is_transport(), "not a lost connection: {e}");
+            unconfirmed.insert(delivery.body.clone());
+        }
+    }
+    let lost = unconfirmed.len();
+    assert!(0 < lost && lost < MESSAGES, "{lost} acks not confirmed");
+
+    brokers[1].restart();
+    let mut again = HashSet::new();
+    while again.len() < lost {
+        let delivery = tokio::time::timeout(LIMIT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {lost} unconfirmed came back", again.len()))
+            .unwrap()
+            .unwrap();
+        delivery.ack().await.unwrap();
+        again.insert(delivery.body);
+    }
+    eprintln!("{lost} of {MESSAGES} acks lost with the broker, all delivered again");
+    assert_eq!(again, unconfirmed, "exactly the unconfirmed ones come back");
+}
+
+/// `qbus consume --count` through `tracker://` while a broker is killed and restarted: it
+/// exits 0 with every message printed. Its stdout is not read until after the kill, so it
+/// stalls, usually holding deliveries of the killed broker; their acks are then lost
+/// (reported on stderr, not fatal) and the restarted broker delivers them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qbus_consume_through_trackers_survives_a_broker_kill() {
+    const MESSAGES: usize = 2000;
+    let t = tracker();
+    let mut brokers: Vec<BrokerProcess> = (0..3).map(|_| broker(&[&t])).collect();
+    let addrs: Vec<String> = brokers.iter().map(BrokerProcess::addr).collect();
+    let client = ha_client(&[&t]).await;
+    wait_for_brokers(&client, None, &addrs, LIMIT).await;
+    client
+        .create_mq("logs", MqOptions::default())
+        .await
+        .unwrap();
+    wait_for_brokers(&client, Some("logs"), &addrs, LIMIT).await;
+    let producer = client.producer("logs");
+    // 2000 lines of 300 bytes: far more than a pipe holds, so the consumer stalls early.
+    let bodies: Vec<String> = (0..MESSAGES).map(|i| format!("{i:0>300}")).collect();
+    for chunk in bodies.chunks(100) {
+        let batch = chunk.iter().map(|b| Message::new(b.clone()));
+        producer.send_batch(batch).await.unwrap();
+    }
+
+    let qbus = qbus_testkit::process::built_binary("qbus-cli", "qbus");
+    let mut child = std::process::Command::new(qbus)
+        .args(["--broker", &tracker_url(&[&t]), "consume", "logs"])
+        .args(["--count", &MESSAGES.to_string(), "--timeout", "20"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).map(|_| (line, stdout))
+    });
+    let (first, stdout) = tokio::time::timeout(LIMIT, first)
+        .await
+        .expect("a first line within 10 s")
+        .unwrap()
+        .unwrap();
+    brokers[1].restart();
+    let rest = tokio::task::spawn_blocking(move || {
+        let lines: Vec<String> = std::io::BufRead::lines(stdout)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        (lines, output)
+    });
+    let (mut lines, output) = tokio::time::timeout(Duration::from_secs(40), rest)
+        .await
+        .expect("qbus consume to end within 40 s")
+        .unwrap();
+    lines.push(first.trim_end().to_owned());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let printed: HashSet<&str> = lines.iter().map(String::as_str).collect();
+    let missing = bodies
+        .iter()
+        .filter(|b| !printed.contains(b.as_str()))
+        .count();
+    eprintln!(
+        "{} lines, {} distinct, {missing} missing; stderr:\n{stderr}",
+        lines.len(),
+        printed.len()
+    );
+    assert!(output.status.success(), "qbus consume failed: {stderr}");
+    assert_eq!(missing, 0, "messages never printed");
+}
