@@ -1,16 +1,22 @@
 //! `qbus consume`: print message bodies one per line and acknowledge each.
 //!
-//! A message counts as consumed once the broker has confirmed its ack; acks are kept in
-//! flight concurrently (the SDK batches them), and every ack is confirmed before the
-//! command returns.
+//! A message counts as consumed once printed and its ack settled; acks are kept in flight
+//! concurrently (the SDK batches them), and every ack is settled before the command
+//! returns. An ack that fails is fatal, except one lost with its broker (the connection
+//! died, hung or left the topology before the broker confirmed it): that is a warning on
+//! stderr, and the command goes on with the other brokers. The broker may then deliver
+//! the message again (it does unless the ack reached it): within this run such a
+//! redelivery, known by its message id, is acked without being printed or counted again;
+//! after the run it goes to the group's next consumer.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use qbus_client::{Broker, Delivery, StartAt};
+use qbus_client::{Broker, ClientError, Delivery, StartAt};
 
 use crate::error::CliError;
 
@@ -71,7 +77,8 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
 
     let wanted = args.count.unwrap_or(u64::MAX);
     let mut received = 0u64;
-    let mut acked = 0u64;
+    // Ids of messages whose ack was lost with their broker, which may deliver them again.
+    let mut lost = HashSet::new();
     let mut acks = FuturesUnordered::new();
     let mut stdout = std::io::stdout().lock();
     let interrupted = tokio::signal::ctrl_c();
@@ -88,23 +95,25 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
             }
         };
         tokio::select! {
-            Some(ack) = acks.next(), if !acks.is_empty() => match ack {
-                Ok(()) => acked += 1,
-                Err(e) => break Err(e),
+            Some(ack) = acks.next(), if !acks.is_empty() => if let Err(e) = settled(ack, &mut lost) {
+                break Err(e);
             },
             delivery = next, if acks.len() < crate::bench::ACK_WINDOW => match delivery {
                 None => break Ok(Some(format!("no message for {}s", fmt_secs(idle)))),
                 Some(None) => break Ok(Some("the consumer stopped".to_owned())),
                 Some(Some(Err(e))) => break Err(e.into()),
                 Some(Some(Ok(delivery))) => {
-                    let printed = stdout
-                        .write_all(&delivery.body)
-                        .and_then(|()| stdout.write_all(b"\n"))
-                        .and_then(|()| stdout.flush());
-                    if let Err(e) = printed {
-                        break Err(e.into());
+                    let again = delivery.id.is_some_and(|id| lost.remove(&id));
+                    if !again {
+                        let printed = stdout
+                            .write_all(&delivery.body)
+                            .and_then(|()| stdout.write_all(b"\n"))
+                            .and_then(|()| stdout.flush());
+                        if let Err(e) = printed {
+                            break Err(e.into());
+                        }
+                        received += 1;
                     }
-                    received += 1;
                     // Exempt from Tokio's cooperative budget: see `bench::consume`.
                     acks.push(tokio::task::unconstrained(ack(delivery)));
                 }
@@ -113,14 +122,11 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
         }
     };
     drop(consumer);
-    // Whatever happened, every message printed gets its ack confirmed (or reported).
+    // Whatever happened, every message printed gets its ack settled (or reported).
     let mut ack_error = None;
     while let Some(ack) = acks.next().await {
-        match ack {
-            Ok(()) => acked += 1,
-            Err(e) => {
-                ack_error.get_or_insert(e);
-            }
+        if let Err(e) = settled(ack, &mut lost) {
+            ack_error.get_or_insert(e);
         }
     }
     let stop = stop?;
@@ -128,20 +134,38 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
         return Err(e);
     }
     match (args.count, stop) {
-        (Some(n), Some(why)) if acked < n => Err(CliError::Failed(format!(
-            "received {acked} of {n} messages: {why}"
+        (Some(n), Some(why)) if received < n => Err(CliError::Failed(format!(
+            "received {received} of {n} messages: {why}"
         ))),
         _ => Ok(()),
     }
 }
 
-async fn ack(delivery: Delivery) -> Result<(), CliError> {
-    delivery.ack().await.map_err(|e| {
-        CliError::Failed(format!(
-            "ack of offset {} not confirmed: {e}",
-            delivery.offset
-        ))
-    })
+/// A failed ack: the message's offset and id, and why.
+type AckFailure = (u64, Option<u128>, ClientError);
+
+/// The ack of `delivery`.
+async fn ack(delivery: Delivery) -> Result<(), AckFailure> {
+    delivery
+        .ack()
+        .await
+        .map_err(|e| (delivery.offset, delivery.id, e))
+}
+
+/// Settles an ack: one lost with its connection is reported and its message id kept in
+/// `lost`; any other failure ends the command.
+fn settled(ack: Result<(), AckFailure>, lost: &mut HashSet<u128>) -> Result<(), CliError> {
+    match ack {
+        Ok(()) => Ok(()),
+        Err((offset, id, e)) if e.is_transport() => {
+            eprintln!("qbus: warning: ack of offset {offset} not confirmed ({e}); the broker may deliver it again");
+            lost.extend(id);
+            Ok(())
+        }
+        Err((offset, _, e)) => Err(CliError::Failed(format!(
+            "ack of offset {offset} not confirmed: {e}"
+        ))),
+    }
 }
 
 fn fmt_secs(d: Option<Duration>) -> String {

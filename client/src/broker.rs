@@ -61,18 +61,24 @@ impl Broker {
 
     /// Connects with explicit options. For `tracker://` addresses the connect timeout
     /// bounds the wait for the first topology, and the broker connections use these options
-    /// with the connect timeout capped at the HA default (1 s) so failover stays fast; use
+    /// with each of them capped at its HA default (connect 1 s, request 10 s, heartbeat
+    /// 250 ms; see [`HaOptions::connection`]) so failover stays fast; use
     /// [`connect_ha`](Broker::connect_ha) for full control.
     pub async fn connect_with(addr: &str, options: ConnectionOptions) -> Result<Broker> {
         if addr.starts_with(TRACKER_SCHEME) {
             let defaults = HaOptions::default();
             let ha = HaOptions {
                 first_topology: options.connect_timeout,
+                // A single broker's defaults (a 5 s heartbeat) would let a hung broker hold
+                // up sends for 15 s before they fail over.
                 connection: ConnectionOptions {
                     connect_timeout: options
                         .connect_timeout
                         .min(defaults.connection.connect_timeout),
-                    ..options
+                    request_timeout: options
+                        .request_timeout
+                        .min(defaults.connection.request_timeout),
+                    heartbeat: options.heartbeat.min(defaults.connection.heartbeat),
                 },
                 ..defaults
             };

@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use qbus_wire::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{ClientError, Result};
 use crate::link::{Connector, FrameStream};
@@ -27,8 +28,10 @@ pub struct ConnectionOptions {
     /// Deadline for a request-reply (not for long-poll fetches, which add their own wait).
     /// Default 30 s.
     pub request_timeout: Duration,
-    /// A heartbeat is sent after this much silence; three silent periods close the
-    /// connection and fail its pending requests. Default 5 s.
+    /// Liveness: a heartbeat is sent after this much silence from the peer, and a peer
+    /// silent for three to four of these periods (no reply, no heartbeat answer) is taken
+    /// as hung: the connection closes and its pending requests fail with
+    /// [`ClientError::Disconnected`]. Default 5 s (a hung peer is noticed within 15–20 s).
     pub heartbeat: Duration,
 }
 
@@ -44,11 +47,22 @@ impl Default for ConnectionOptions {
 
 type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>;
 
+/// Names one link of a connection (each reconnect opens a new one). A broker lets go of a
+/// link's deliveries when it closes, so an ack sent over a later link may or may not count:
+/// acks go over their delivery's link or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LinkId(u64);
+
 /// A connected link and the requests waiting on it.
 struct Live {
+    link: LinkId,
     tx: mpsc::Sender<Frame>,
     /// `None` once the link is dead, so no request can be registered after the final drain.
     pending: Pending,
+    /// Fires when the link is closed (or the whole connection shuts down): it stops the
+    /// dispatcher and frees senders waiting for room in a queue that a hung peer no longer
+    /// drains.
+    closed: CancellationToken,
     addr: String,
 }
 
@@ -83,9 +97,20 @@ impl Live {
         }
     }
 
-    /// Fails every pending request (their receivers see the sender dropped).
+    /// Fails every pending request (their receivers see the sender dropped) and stops the
+    /// link's dispatcher and waiting senders.
     fn close(&self) {
         self.pending.lock().expect("pending map poisoned").take();
+        self.closed.cancel();
+    }
+
+    /// Queues `frame` once the queue has room; fails (with the frame not sent) if the link
+    /// closes first.
+    async fn queue(&self, frame: Frame) -> Result<()> {
+        tokio::select! {
+            sent = self.tx.send(frame) => sent.map_err(|_| self.disconnected()),
+            _ = self.closed.cancelled() => Err(self.disconnected()),
+        }
     }
 
     fn disconnected(&self) -> ClientError {
@@ -99,10 +124,12 @@ struct Inner {
     connector: Box<dyn Connector>,
     options: ConnectionOptions,
     next_id: AtomicU64,
+    /// Numbers links from 1, so `LinkId(0)` is never a live one.
+    next_link: AtomicU64,
     live: ArcSwapOption<Live>,
     connecting: tokio::sync::Mutex<()>,
     server: ArcSwapOption<ServerInfo>,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
 }
 
 impl Drop for Inner {
@@ -133,10 +160,11 @@ impl Connection {
                 connector: Box::new(connector),
                 options,
                 next_id: AtomicU64::new(1),
+                next_link: AtomicU64::new(1),
                 live: ArcSwapOption::empty(),
                 connecting: tokio::sync::Mutex::new(()),
                 server: ArcSwapOption::empty(),
-                shutdown: tokio_util::sync::CancellationToken::new(),
+                shutdown: CancellationToken::new(),
             }),
         }
     }
@@ -206,14 +234,28 @@ impl Connection {
     }
 
     /// Sends once connected and the queue has room.
-    async fn send_waiting(&self, mut frame: Frame) -> Result<PendingReply> {
+    async fn send_waiting(&self, frame: Frame) -> Result<PendingReply> {
         let live = self.live().await?;
+        self.send_over(live, frame).await
+    }
+
+    /// Sends a request over link `link` only: once that link has closed, fails with
+    /// [`ClientError::Disconnected`] without sending (and without connecting again).
+    pub(crate) async fn send_on(&self, link: LinkId, frame: Frame) -> Result<PendingReply> {
+        match self.inner.live.load_full() {
+            Some(live) if live.link == link => self.send_over(live, frame).await,
+            _ => Err(ClientError::Disconnected { addr: self.addr() }),
+        }
+    }
+
+    /// Sends on `live` once its queue has room.
+    async fn send_over(&self, live: Arc<Live>, mut frame: Frame) -> Result<PendingReply> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         frame.header.id = id;
         let rx = live.register(id)?;
-        if live.tx.send(frame).await.is_err() {
+        if let Err(e) = live.queue(frame).await {
             live.forget(id);
-            return Err(live.disconnected());
+            return Err(e);
         }
         Ok(PendingReply {
             rx,
@@ -225,10 +267,23 @@ impl Connection {
     /// Sends a request and waits for its reply, up to the request timeout plus `extra` (the
     /// long-poll wait of a fetch).
     pub async fn request_with_wait(&self, frame: Frame, extra: Duration) -> Result<Frame> {
+        self.request_with_link(frame, extra)
+            .await
+            .map(|(reply, _)| reply)
+    }
+
+    /// [`request_with_wait`](Connection::request_with_wait), also naming the link the
+    /// reply came over.
+    pub(crate) async fn request_with_link(
+        &self,
+        frame: Frame,
+        extra: Duration,
+    ) -> Result<(Frame, LinkId)> {
         let limit = self.inner.options.request_timeout + extra;
         let pending = self.send(frame).await?;
+        let link = pending.live.as_ref().map_or(LinkId(0), |live| live.link);
         match tokio::time::timeout(limit, pending).await {
-            Ok(reply) => reply,
+            Ok(reply) => reply.map(|reply| (reply, link)),
             Err(_) => Err(ClientError::Timeout(limit)),
         }
     }
@@ -242,7 +297,18 @@ impl Connection {
     /// that the peer received it.
     pub async fn send_oneway(&self, frame: Frame) -> Result<()> {
         let live = self.live().await?;
-        live.tx.send(frame).await.map_err(|_| live.disconnected())
+        live.queue(frame).await
+    }
+
+    /// Closes the current link, if any: its pending requests fail with
+    /// [`ClientError::Disconnected`] (in doubt: they may have taken effect) and the next
+    /// request connects again. For a peer known to be gone before the link notices.
+    pub(crate) fn drop_link(&self) -> bool {
+        let Some(live) = self.inner.live.swap(None) else {
+            return false;
+        };
+        live.close();
+        true
     }
 
     async fn live(&self) -> Result<Arc<Live>> {
@@ -291,8 +357,10 @@ impl Connection {
             .await
             .map_err(|e| e.to_string())?;
         let live = Arc::new(Live {
+            link: LinkId(self.inner.next_link.fetch_add(1, Ordering::Relaxed)),
             tx: link.tx,
             pending: Mutex::new(Some(HashMap::new())),
+            closed: self.inner.shutdown.child_token(),
             addr: self.addr(),
         });
         tokio::spawn(dispatch(
@@ -332,9 +400,10 @@ impl Connection {
 
 /// Routes replies to their waiters until the link ends, then fails whatever is left.
 async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inner: Weak<Inner>) {
-    let Some(shutdown) = inner.upgrade().map(|i| i.shutdown.clone()) else {
-        return;
-    };
+    // Made once, not per frame: each fresh wait would register with the token again.
+    let closed = live.closed.clone();
+    let closed = closed.cancelled();
+    tokio::pin!(closed);
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -369,7 +438,7 @@ async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inn
                     let _ = live.tx.try_send(Frame::new(Header::request(Command::Heartbeat, None)));
                 }
             }
-            _ = shutdown.cancelled() => break,
+            _ = &mut closed => break,
         }
     }
     live.close();

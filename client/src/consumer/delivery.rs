@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::call::route_frame;
-use crate::connection::Connection;
+use crate::connection::{Connection, LinkId};
 use crate::error::{ClientError, Result};
 use crate::protocol::{Command, DeliveryToken, Frame, Header, FLAG_UNSEEN};
 
@@ -31,6 +31,9 @@ pub struct Delivery {
     /// 1 for the first delivery, more for redeliveries.
     pub attempt: u32,
     pub(super) acker: Acker,
+    /// The link it came over: the broker lets go of it when that link closes, so an ack
+    /// is sent over that link or not at all.
+    pub(super) link: LinkId,
 }
 
 impl Delivery {
@@ -47,30 +50,38 @@ impl Delivery {
     /// [`Delivery::ack`] for each when handling a batch from
     /// [`Consumer::recv_batch`](crate::Consumer::recv_batch).
     pub async fn ack_all(deliveries: &[Delivery]) -> Result<()> {
-        let mut by_broker: Vec<(&Acker, Vec<DeliveryToken>)> = Vec::new();
+        let mut by_link: Vec<(&Acker, LinkId, Vec<DeliveryToken>)> = Vec::new();
         for delivery in deliveries {
-            match by_broker
-                .iter_mut()
-                .find(|(acker, _)| acker.tx.same_channel(&delivery.acker.tx))
-            {
-                Some((_, tokens)) => tokens.push(delivery.token()),
-                None => by_broker.push((&delivery.acker, vec![delivery.token()])),
+            match by_link.iter_mut().find(|(acker, link, _)| {
+                *link == delivery.link && acker.tx.same_channel(&delivery.acker.tx)
+            }) {
+                Some((_, _, tokens)) => tokens.push(delivery.token()),
+                None => by_link.push((&delivery.acker, delivery.link, vec![delivery.token()])),
             }
         }
-        let requests = by_broker
+        let requests = by_link
             .into_iter()
-            .map(|(acker, tokens)| acker.settle_now(tokens, Verdict::Ack));
+            .map(|(acker, link, tokens)| acker.settle_now(link, tokens, Verdict::Ack));
         futures_util::future::try_join_all(requests).await.map(drop)
     }
 
     /// Acknowledges the message; resolves when the broker has recorded the ack.
+    ///
+    /// An error for which [`ClientError::is_transport`] holds is not fatal to the
+    /// consumer (over HA it goes on with the other brokers); it means the connection the
+    /// message came over failed (its broker died, hung or left the topology), and the
+    /// message is delivered again, once its broker has noticed the connection close or
+    /// restarted. If the connection had failed before the ack could be sent, the ack is
+    /// not sent at all (the broker let go of the delivery with that connection), so the
+    /// message surely comes again; if it failed after, the ack is in doubt: the broker may
+    /// have recorded it, and then the message does not come again.
     pub async fn ack(&self) -> Result<()> {
-        self.acker.settle(self.token(), Verdict::Ack).await
+        self.acker.settle(self, Verdict::Ack).await
     }
 
     /// Gives the message back for immediate redelivery.
     pub async fn nack(&self) -> Result<()> {
-        self.acker.settle(self.token(), Verdict::Nack).await
+        self.acker.settle(self, Verdict::Nack).await
     }
 
     /// Answers the MQ-RPC call this delivery carries (its key is the caller's reply route):
@@ -99,6 +110,7 @@ pub(super) struct Target {
 
 struct Settle {
     token: DeliveryToken,
+    link: LinkId,
     verdict: Verdict,
     done: Option<oneshot::Sender<Result<()>>>,
 }
@@ -116,8 +128,6 @@ pub(super) enum Verdict {
 }
 
 impl Verdict {
-    const ALL: [Verdict; 3] = [Verdict::Ack, Verdict::Nack, Verdict::Unseen];
-
     /// The request telling the broker this of `tokens`.
     fn request(self, target: &Target, tokens: Vec<DeliveryToken>) -> Frame {
         let cmd = match self {
@@ -162,16 +172,26 @@ impl Acker {
         }
     }
 
-    /// Sends one request for `tokens` and waits for the broker's answer.
-    async fn settle_now(&self, tokens: Vec<DeliveryToken>, verdict: Verdict) -> Result<()> {
+    /// Sends one request for `tokens` (delivered over `link`) and waits for the answer.
+    async fn settle_now(
+        &self,
+        link: LinkId,
+        tokens: Vec<DeliveryToken>,
+        verdict: Verdict,
+    ) -> Result<()> {
         let request = verdict.request(&self.target, tokens);
-        self.connection.send(request).await?.await.map(drop)
+        self.connection
+            .send_on(link, request)
+            .await?
+            .await
+            .map(drop)
     }
 
-    async fn settle(&self, token: DeliveryToken, verdict: Verdict) -> Result<()> {
+    async fn settle(&self, delivery: &Delivery, verdict: Verdict) -> Result<()> {
         let (done, wait) = oneshot::channel();
         let request = Settle {
-            token,
+            token: delivery.token(),
+            link: delivery.link,
             verdict,
             done: Some(done),
         };
@@ -183,15 +203,16 @@ impl Acker {
     }
 
     /// Queues a settle without waiting for it (used on drop and for auto-ack).
-    pub(super) fn settle_later(&self, token: DeliveryToken, verdict: Verdict) {
+    pub(super) fn settle_later(&self, delivery: &Delivery, verdict: Verdict) {
         let request = Settle {
-            token,
+            token: delivery.token(),
+            link: delivery.link,
             verdict,
             done: None,
         };
         if self.tx.try_send(request).is_err() {
             tracing::debug!(
-                ?token,
+                token = ?delivery.token(),
                 "ack queue full; the broker will redeliver after its timeout"
             );
         }
@@ -200,20 +221,26 @@ impl Acker {
     async fn run(connection: Connection, target: Arc<Target>, mut rx: mpsc::Receiver<Settle>) {
         let mut batch = Vec::with_capacity(ACK_BATCH);
         while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
-            for verdict in Verdict::ALL {
+            // One request per verdict and link; deliveries of one fetch share a link, so
+            // this is one request per verdict but across a reconnect.
+            while let Some((verdict, link)) = batch.first().map(|s| (s.verdict, s.link)) {
                 let settles: Vec<Settle> = batch
-                    .extract_if(.., |settle| settle.verdict == verdict)
+                    .extract_if(.., |s| s.verdict == verdict && s.link == link)
                     .collect();
-                if settles.is_empty() {
-                    continue;
-                }
                 let tokens = settles.iter().map(|s| s.token).collect();
-                let sent = connection.send(verdict.request(&target, tokens)).await;
+                let sent = connection
+                    .send_on(link, verdict.request(&target, tokens))
+                    .await;
+                let (connection, target) = (connection.clone(), target.clone());
                 tokio::spawn(async move {
                     let outcome = match sent {
                         Ok(reply) => reply.await.map(drop),
                         Err(e) => Err(e),
                     };
+                    if let Err(error) = &outcome {
+                        // Said here too, for settles nobody awaits (auto-ack, drop).
+                        tracing::warn!(mq = %target.mq, broker = %connection.addr(), ?verdict, count = settles.len(), %error, "settles not confirmed; the broker delivers those messages again");
+                    }
                     for settle in settles {
                         if let Some(done) = settle.done {
                             let _ = done.send(outcome.clone());

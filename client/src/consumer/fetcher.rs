@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::delivery::{Acker, Delivery, Target, Verdict};
-use crate::connection::Connection;
+use crate::connection::{Connection, LinkId};
 use crate::error::Result;
 use crate::protocol::record::records;
 use crate::protocol::{Command, Frame, Header, Status, FLAG_START_AT_END, FLAG_START_AT_OFFSET};
@@ -74,27 +74,27 @@ impl Fetcher {
         loop {
             let fetch = self
                 .connection
-                .request_with_wait(self.request(), self.spec.long_poll);
+                .request_with_link(self.request(), self.spec.long_poll);
             tokio::pin!(fetch);
             let reply = tokio::select! {
                 reply = &mut fetch => reply,
                 _ = self.tx.closed() => return self.give_back(fetch).await,
                 _ = self.stop.cancelled() => return self.give_back(fetch).await,
             };
-            match reply.and_then(|frame| self.deliveries(frame)) {
+            match reply.and_then(|(frame, link)| self.deliveries(frame, link)) {
                 Ok(deliveries) => {
                     backoff.reset();
                     let mut deliveries = deliveries.into_iter();
                     while let Some(delivery) = deliveries.next() {
                         if self.spec.auto_ack {
-                            self.acker.settle_later(delivery.token(), Verdict::Ack);
+                            self.acker.settle_later(&delivery, Verdict::Ack);
                         }
                         if let Err(mpsc::error::SendError(Ok(unhandled))) =
                             self.tx.send(Ok(delivery)).await
                         {
                             // The consumer is gone: give back what it will never see.
                             for delivery in std::iter::once(unhandled).chain(deliveries) {
-                                self.acker.settle_later(delivery.token(), Verdict::Unseen);
+                                self.acker.settle_later(&delivery, Verdict::Unseen);
                             }
                             return;
                         }
@@ -123,12 +123,13 @@ impl Fetcher {
     /// Waits out the fetch still on the broker when the consumer stops and gives back what
     /// it brings. Abandoned, its deliveries would stay held by this connection until their
     /// ack timeout, and the broker would go on counting the connection as a consumer.
-    async fn give_back(&self, fetch: impl Future<Output = Result<Frame>>) {
-        let Ok(deliveries) = fetch.await.and_then(|frame| self.deliveries(frame)) else {
+    async fn give_back(&self, fetch: impl Future<Output = Result<(Frame, LinkId)>>) {
+        let fetched = fetch.await;
+        let Ok(deliveries) = fetched.and_then(|(frame, link)| self.deliveries(frame, link)) else {
             return;
         };
         for delivery in deliveries {
-            self.acker.settle_later(delivery.token(), Verdict::Unseen);
+            self.acker.settle_later(&delivery, Verdict::Unseen);
         }
     }
 
@@ -150,7 +151,7 @@ impl Fetcher {
         Frame::new(header)
     }
 
-    fn deliveries(&self, frame: Frame) -> Result<Vec<Delivery>> {
+    fn deliveries(&self, frame: Frame, link: LinkId) -> Result<Vec<Delivery>> {
         let body = frame.body;
         let attempts = frame.header.attempts;
         let mut out = Vec::with_capacity(attempts.len());
@@ -165,6 +166,7 @@ impl Fetcher {
                 body: body.slice(record.body_range.clone()),
                 attempt: attempts.get(i).copied().unwrap_or(1),
                 acker: self.acker.clone(),
+                link,
             });
         }
         Ok(out)

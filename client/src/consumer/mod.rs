@@ -232,9 +232,7 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         self.rx.close();
         while let Ok(Ok(delivery)) = self.rx.try_recv() {
-            delivery
-                .acker
-                .settle_later(delivery.token(), Verdict::Unseen);
+            delivery.acker.settle_later(&delivery, Verdict::Unseen);
         }
     }
 }

@@ -21,10 +21,14 @@
 //!   where the [`Selector`] says (round-robin by default).
 //! - A send that fails on a connection error, a timeout or a broker shutting down is sent
 //!   again, with the very same record bytes, to another broker holding the MQ. The broker
-//!   that failed is avoided until a background probe reaches it again. A send whose broker
-//!   stored it but died before confirming is therefore stored twice: duplicates are at most
-//!   the sends in flight to the failed broker, and carry the same key and body, so a consumer
-//!   that must see each message once drops repeats by key.
+//!   that failed is avoided until a background probe reaches it again. A broker that stops
+//!   answering (hung, paused, its disk stuck) counts as failed once it has been silent for
+//!   three to four heartbeats (0.75–1 s by default), and a broker the trackers drop from
+//!   the topology at once: the sends waiting on it are sent elsewhere. A send whose broker
+//!   may have stored it but did not confirm is in doubt, and sending it again may store it
+//!   twice: duplicates are at most the sends in flight to the failed broker, and carry the
+//!   same message id, key and body, so a consumer that must see each message once drops
+//!   repeats by id.
 //! - A consumer reads from every broker holding its MQ, picks up brokers that join and lets
 //!   go of brokers that leave; each broker keeps its group's place.
 
@@ -58,6 +62,11 @@ use views::{Gap, Views};
 /// The scheme of HA addresses.
 pub const TRACKER_SCHEME: &str = "tracker://";
 
+/// Heartbeat of HA connections: short, because a hung broker holds up every send routed
+/// to it until its silence is noticed (three to four of these), while the cost is a tiny
+/// frame on a connection silent this long.
+const HA_HEARTBEAT: Duration = Duration::from_millis(250);
+
 /// Settings of an HA broker handle. Build with the `with_*` methods.
 ///
 /// ```
@@ -72,8 +81,11 @@ pub const TRACKER_SCHEME: &str = "tracker://";
 #[derive(Debug, Clone)]
 pub struct HaOptions {
     /// Options of the connections to brokers and trackers. Default: connect within 1 s (a
-    /// broker that cannot be reached that fast is skipped), requests time out after 10 s and
-    /// are then retried on another broker, heartbeat every 2 s.
+    /// broker that cannot be reached that fast is skipped); heartbeat after 250 ms of
+    /// silence, so a broker that stops answering (a hung process, a paused VM) is taken as
+    /// down after 0.75–1 s of silence and its requests fail over; a request still without
+    /// a reply after 10 s (a broker that answers heartbeats but not the request) is retried
+    /// on another broker.
     pub connection: ConnectionOptions,
     /// How long [`Broker::connect`](crate::Broker::connect) waits for a tracker's topology.
     /// Default 5 s.
@@ -91,7 +103,7 @@ impl Default for HaOptions {
             connection: ConnectionOptions {
                 connect_timeout: Duration::from_secs(1),
                 request_timeout: Duration::from_secs(10),
-                heartbeat: Duration::from_secs(2),
+                heartbeat: HA_HEARTBEAT,
             },
             first_topology: Duration::from_secs(5),
             selector: Arc::new(RoundRobin::default()),

@@ -128,7 +128,10 @@ impl Pool {
     }
 
     /// Follows the topology: connects ahead of time to brokers that appeared and lets go
-    /// of brokers that left (a broker that comes back starts with a clean slate).
+    /// of brokers that left (a broker that comes back starts with a clean slate). A broker
+    /// leaves when the trackers stop hearing from it, which for a hung broker may come
+    /// before this client notices its silence: its link is closed, so the requests waiting
+    /// on it fail over now.
     pub fn sync(&self, shared: &Arc<Shared>, topology: &Topology) {
         let wanted: HashMap<Arc<str>, ()> = topology
             .brokers()
@@ -136,8 +139,14 @@ impl Pool {
             .map(|b| (Arc::from(b.addr.as_str()), ()))
             .collect();
         let mut added = Vec::new();
+        let mut left = Vec::new();
         self.nodes.rcu(|nodes| {
             added.clear();
+            left = nodes
+                .iter()
+                .filter(|(addr, _)| !wanted.contains_key(*addr))
+                .map(|(_, node)| node.clone())
+                .collect();
             let mut next: HashMap<Arc<str>, Arc<Node>> = nodes
                 .iter()
                 .filter(|(addr, _)| wanted.contains_key(*addr))
@@ -152,6 +161,11 @@ impl Pool {
             }
             next
         });
+        for node in left {
+            if node.conn.drop_link() {
+                tracing::info!(broker = %node.addr, "broker left the topology; its requests in flight go elsewhere");
+            }
+        }
         for node in added {
             let stop = shared.stop.clone();
             tokio::spawn(async move {
