@@ -1,7 +1,7 @@
 //! Sending through an HA handle: pick a broker holding the MQ (key affinity, else the
-//! selector), skipping brokers this client saw fail; on a connection error, a timeout or a
-//! broker shutting down, send the same frame to the next broker until one confirms or every
-//! holder was tried.
+//! selector), skipping brokers this client saw fail; on a connection error, a timeout, a
+//! broker shutting down or halted (`503`) or out of disk (`507`, nothing stored), send the
+//! same frame to the next broker until one confirms or every holder was tried.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,7 +14,11 @@ use crate::topology::Candidate;
 
 /// True for failures another broker may not have.
 pub(crate) fn retryable(e: &ClientError) -> bool {
-    e.is_transport() || e.status() == Some(Status::Unavailable)
+    e.is_transport()
+        || matches!(
+            e.status(),
+            Some(Status::Unavailable | Status::InsufficientStorage)
+        )
 }
 
 /// A request sent through an HA handle, with what it takes to send it again elsewhere.
@@ -209,5 +213,27 @@ impl Shared {
             None => self.options.selector.select(mq, candidates) % candidates.len(),
         };
         candidates[index].addr.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(status: Status) -> ClientError {
+        ClientError::Server {
+            status,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_broker_out_of_disk_or_stopping_is_left_for_another() {
+        assert!(retryable(&refused(Status::Unavailable)));
+        assert!(retryable(&refused(Status::InsufficientStorage)));
+        assert!(retryable(&ClientError::Timeout(std::time::Duration::ZERO)));
+        // The same request would fail the same way anywhere.
+        assert!(!retryable(&refused(Status::BadRequest)));
+        assert!(!retryable(&refused(Status::TooLarge)));
     }
 }
