@@ -106,7 +106,7 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
         if allowed.contains(method) {
             Ok(())
         } else {
-            Err(not_allowed(parts, allowed))
+            Err(ApiError::not_allowed(parts, allowed))
         }
     };
     match segments.as_slice() {
@@ -149,7 +149,7 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
                 Method::DELETE => Op::Remove,
                 _ => {
                     let allowed = [Method::GET, Method::PUT, Method::POST, Method::DELETE];
-                    return Err(not_allowed(parts, &allowed));
+                    return Err(ApiError::not_allowed(parts, &allowed));
                 }
             };
             api::run(ctx, op, mq, parts, body).await
@@ -159,7 +159,7 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
                 "next" => (Op::Consume, &[Method::GET, Method::POST][..]),
                 "ack" => (Op::Ack, &[Method::POST][..]),
                 "nack" => (Op::Nack, &[Method::POST][..]),
-                _ => return Err(no_route(parts)),
+                _ => return Err(ApiError::no_route(parts)),
             };
             allow(allowed)?;
             api::run(ctx, op, mq, parts, body).await
@@ -169,30 +169,6 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
             api::remove_group(ctx, mq, group).await
         }
         ["rpc", mq] => Ok(rpc_gateway::call(ctx, mq, parts, body).await),
-        _ => Err(no_route(parts)),
+        _ => Err(ApiError::no_route(parts)),
     }
-}
-
-fn not_allowed(parts: &Parts, allowed: &[Method]) -> ApiError {
-    let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-    ApiError::http(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!(
-            "{} {} is not allowed: use {}",
-            parts.method,
-            parts.uri.path(),
-            names.join(" or ")
-        ),
-    )
-}
-
-fn no_route(parts: &Parts) -> ApiError {
-    ApiError::new(
-        qbus_wire::protocol::Status::NotFound,
-        format!(
-            "no route for {} {}: see docs/http.md for the API",
-            parts.method,
-            parts.uri.path()
-        ),
-    )
 }

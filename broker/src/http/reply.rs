@@ -1,7 +1,8 @@
 //! Building responses: JSON bodies, and errors as JSON carrying the binary protocol's
 //! status codes so a client handles both transports the same way.
 
-use hyper::StatusCode;
+use hyper::http::request::Parts;
+use hyper::{Method, StatusCode};
 use qbus_wire::protocol::Status;
 use serde::Serialize;
 
@@ -27,6 +28,32 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
+    /// `405` naming the methods `parts`' path allows.
+    pub fn not_allowed(parts: &Parts, allowed: &[Method]) -> ApiError {
+        let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+        ApiError::http(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{} {} is not allowed: use {}",
+                parts.method,
+                parts.uri.path(),
+                names.join(" or ")
+            ),
+        )
+    }
+
+    /// `404` for a path the API does not have.
+    pub fn no_route(parts: &Parts) -> ApiError {
+        ApiError::new(
+            Status::NotFound,
+            format!(
+                "no route for {} {}: see docs/http.md for the API",
+                parts.method,
+                parts.uri.path()
+            ),
+        )
+    }
+
     /// An error with a protocol status.
     pub fn new(status: Status, message: impl Into<String>) -> ApiError {
         ApiError {

@@ -48,7 +48,7 @@ async fn forward(
     body: Incoming,
 ) -> Result<Reply, RemoteError> {
     if parts.method != Method::POST {
-        return Err(super::not_allowed(parts, &[Method::POST]).into());
+        return Err(ApiError::not_allowed(parts, &[Method::POST]).into());
     }
     let asked = Fields::new(parts)?.parse::<u64>("timeout", "a deadline in milliseconds")?;
     let config = ctx.core.config();

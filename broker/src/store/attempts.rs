@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::error::StoreError;
 use super::fsio::{write_durably, FileIo, FsRef, Open};
-use super::StoreError;
 
 const ENTRY: usize = 16;
 const CHECKED: usize = 12;

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::error::StoreError;
 use super::fsio::{sync_parent, FileIo, FsRef, Open};
-use super::StoreError;
 
 const SLOT_SIZE: usize = 32;
 const CHECKED: usize = 28;

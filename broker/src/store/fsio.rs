@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// Shared handle on the file system a store lives on.
 pub type FsRef = Arc<dyn Fs>;

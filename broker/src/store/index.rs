@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use qbus_wire::protocol::record::RECORD_OVERHEAD;
 
+use super::error::StoreError;
 use super::fsio::{FileIo, FsRef, Open};
-use super::StoreError;
 
 /// Bytes of log between two index entries.
 pub(crate) const INDEX_INTERVAL: u64 = 4096;

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::Path;
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// Name of the lock file inside the store directory.
 pub(crate) const LOCK_FILE: &str = "LOCK";

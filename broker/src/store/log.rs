@@ -14,13 +14,13 @@ use bytes::Bytes;
 use qbus_wire::protocol::record::{peek_record_size, stamp_record, RecordError, RECORD_OVERHEAD};
 use tokio::sync::watch;
 
+use super::error::StoreError;
 use super::fsio::FsRef;
 use super::index::{wants_entry, Entry};
 use super::reader::{LogReader, SegmentView, SharedView, View};
 use super::recovery::{list_segments, recover_segment};
 use super::segment::Segment;
 use super::tail::{Chunk, Tail};
-use super::StoreError;
 
 /// Segment positions are 32-bit in the index.
 const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;

@@ -14,11 +14,11 @@ use bytes::Bytes;
 use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
 use tokio::sync::watch;
 
+use super::error::StoreError;
 use super::fsio::FileIo;
 use super::index::{OffsetIndex, INDEX_INTERVAL};
 use super::resync::next_intact;
 use super::tail::Tail;
-use super::StoreError;
 
 /// A segment as readers see it: only published records.
 #[derive(Debug)]

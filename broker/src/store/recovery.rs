@@ -14,11 +14,11 @@ use std::path::Path;
 
 use qbus_wire::protocol::record::{parse_record, peek_record_size, RecordError, RECORD_OVERHEAD};
 
+use super::error::StoreError;
 use super::fsio::{FileIo, Fs, FsRef};
 use super::index::{wants_entry, Entry, IndexFile, OffsetIndex};
 use super::resync::next_intact;
 use super::segment::{index_path, log_path, open_log_file, parse_log_name, Recovered};
-use super::StoreError;
 
 /// Bytes read per call while scanning.
 const SCAN_CHUNK: usize = 1 << 20;

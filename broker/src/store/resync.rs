@@ -12,8 +12,8 @@ use std::path::Path;
 
 use qbus_wire::protocol::record::{parse_record, peek_record_size, RECORD_OVERHEAD};
 
+use super::error::StoreError;
 use super::fsio::FileIo;
-use super::StoreError;
 
 /// Bytes read per call while scanning.
 const CHUNK: usize = 1 << 20;

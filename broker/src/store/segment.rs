@@ -7,10 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::error::StoreError;
 use super::fsio::{FileIo, Fs, FsRef, Open};
 use super::index::{Entry, IndexFile, OffsetIndex};
 use super::reader::SegmentView;
-use super::StoreError;
 
 /// Path of the log file of the segment starting at `base`.
 pub(crate) fn log_path(dir: &Path, base: u64) -> PathBuf {

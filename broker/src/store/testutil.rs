@@ -2,8 +2,9 @@
 
 use qbus_wire::protocol::record::{encode_record, records};
 
+use super::fsio::{FsRef, OsFs};
+use super::log::LogConfig;
 use super::reader::ReadBatch;
-use super::{FsRef, LogConfig, OsFs};
 
 /// The operating system's file system, for tests on temporary directories.
 pub(crate) fn os() -> FsRef {

@@ -33,8 +33,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::codec::{CodecError, Message, StartLine, ZbusCodec};
+use super::modes::{mode, Zbus};
 use super::record::{call_encoding, delivery, is_ack, mq_info, stored_key};
-use super::{mode, rpc_envelope, Zbus};
+use super::rpc_envelope;
 use crate::core::{Core, FetchRequest, MAX_WAIT};
 use crate::error::BrokerError;
 use crate::http::api::{body_limit, BODY_LIMIT};

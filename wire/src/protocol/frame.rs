@@ -122,7 +122,8 @@ pub fn decode(src: &[u8], max_frame: usize) -> Result<(Frame, usize), WireError>
     if src.len() < total {
         return Err(eof(total));
     }
-    let header = header_codec::decode(&src[PREFIX_LEN..PREFIX_LEN + header_len])?;
+    let header = header_codec::decode(&src[PREFIX_LEN..PREFIX_LEN + header_len])
+        .map_err(WireError::Header)?;
     let body = Bytes::copy_from_slice(&src[PREFIX_LEN + header_len..total]);
     Ok((Frame { header, body }, total))
 }
@@ -185,7 +186,7 @@ impl Decoder for FrameCodec {
         }
         let mut raw = src.split_to(total);
         raw.advance(PREFIX_LEN);
-        let header = header_codec::decode(&raw[..header_len])?;
+        let header = header_codec::decode(&raw[..header_len]).map_err(WireError::Header)?;
         raw.advance(header_len);
         Ok(Some(Frame {
             header,
