@@ -40,6 +40,10 @@ pub struct FetchRequest<'a> {
     pub count: usize,
     /// How long to wait for a record (at most [`MAX_WAIT`]).
     pub wait: Duration,
+    /// Whether the caller can be told of offsets lost to damage: then a fetch that goes
+    /// past damaged records returns at once, empty, naming them ([`Fetched::lost`]);
+    /// otherwise it goes on looking for records as if they had never been there.
+    pub report_loss: bool,
 }
 
 /// One broker's shared state.
@@ -183,6 +187,10 @@ impl Core {
                     continue;
                 }
             }
+            // Each round moves the group past a damaged stretch, so this ends too.
+            if fetched.lost.is_some() && !request.report_loss {
+                continue;
+            }
             mq.counters()
                 .delivered(fetched.attempts.len() as u64, fetched.body.len() as u64);
             return Ok(fetched);
@@ -237,6 +245,7 @@ mod tests {
             start: Start::Earliest,
             count: 10,
             wait: Duration::ZERO,
+            report_loss: false,
         }
     }
 

@@ -9,8 +9,8 @@ use bytes::BytesMut;
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::records;
 use qbus_wire::protocol::{
-    Command, Frame, Header, MqOptions, Status, FLAG_ONEWAY, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
+    Command, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ONEWAY,
+    FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
@@ -49,6 +49,9 @@ struct Session {
     /// MQs and groups this connection consumed from, to release its deliveries when it
     /// closes (and to tell the trackers when it starts consuming from a new one).
     consumed: HashSet<(String, String)>,
+    /// The protocol version the peer said in `Hello` (1 when it said none): replies use
+    /// nothing newer.
+    peer_protocol: u32,
 }
 
 /// Serves one link until the peer closes it, it fails, or `shutdown` fires.
@@ -75,6 +78,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, shutdown: CancellationToken
         fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
         tasks: JoinSet::new(),
         consumed: HashSet::new(),
+        peer_protocol: 1,
     };
     let replier = tokio::spawn(reply_in_order(pending, out.clone()));
     let mut open = true;
@@ -172,7 +176,7 @@ impl Session {
             return;
         }
         let result = match header.cmd {
-            Command::Hello => self.hello(&frame.header).await,
+            Command::Hello => self.hello(&frame).await,
             Command::Heartbeat => {
                 self.reply(Frame::new(Header::reply_to(&frame.header)))
                     .await
@@ -239,10 +243,17 @@ impl Session {
         Ok(())
     }
 
-    async fn hello(&self, request: &Header) -> Result<(), Failure> {
+    async fn hello(&mut self, request: &Frame) -> Result<(), Failure> {
+        // A peer that sends no readable ServerInfo is a version 1 peer.
+        self.peer_protocol = rmp_serde::from_slice::<ServerInfo>(&request.body)
+            .map_or(1, |peer| peer.protocol.clamp(1, PROTOCOL_VERSION));
         let max_frame = self.core.config().max_frame;
-        self.reply(hello_reply(request, env!("CARGO_PKG_VERSION"), max_frame))
-            .await
+        self.reply(hello_reply(
+            &request.header,
+            env!("CARGO_PKG_VERSION"),
+            max_frame,
+        ))
+        .await
     }
 
     async fn produce(&mut self, frame: Frame) -> Result<(), Failure> {
@@ -304,9 +315,10 @@ impl Session {
         let core = self.core.clone();
         let out = self.out.clone();
         let conn = self.conn;
+        let report_loss = self.peer_protocol >= 2;
         self.tasks.spawn(async move {
             let _permit = permit;
-            let reply = match fetch(&core, conn, &request, &mq, &group).await {
+            let reply = match fetch(&core, conn, &request, &mq, &group, report_loss).await {
                 Ok(frame) => frame,
                 Err(e) => Frame::new(error_header(&request, &e)),
             };
@@ -368,6 +380,7 @@ async fn fetch(
     request: &Header,
     mq_name: &str,
     group_name: &str,
+    report_loss: bool,
 ) -> Result<Frame, BrokerError> {
     let start = if request.has_flag(FLAG_START_AT_END) {
         Start::Latest
@@ -383,11 +396,26 @@ async fn fetch(
         start,
         count: request.count.unwrap_or(1) as usize,
         wait: Duration::from_millis(request.timeout_ms.unwrap_or(0).into()),
+        report_loss,
     };
     let fetched = core.fetch(conn, &fetch).await?;
     let mut header = Header::reply_to(request);
     header.count = Some(fetched.attempts.len() as u32);
     header.attempts = fetched.attempts;
+    if let Some(lost) = fetched.lost {
+        header.lost = Some(LostRange {
+            first: lost.first,
+            end: lost.end,
+        });
+        header.error = Some(format!(
+            "offsets {}..{} of MQ {mq_name:?} are lost: damaged record in {} at byte {} ({})",
+            lost.first,
+            lost.end,
+            lost.file.display(),
+            lost.position,
+            lost.reason
+        ));
+    }
     Ok(Frame::with_body(header, fetched.body))
 }
 

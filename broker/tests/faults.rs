@@ -9,7 +9,10 @@ mod support;
 
 use std::time::Duration;
 
-use qbus_client::{MqOptions, Status};
+use futures_util::StreamExt;
+use qbus_client::{ClientError, MqOptions, Status};
+use qbus_wire::protocol::record::records;
+use qbus_wire::protocol::{Command, Frame, Header, ServerInfo};
 use support::BrokerProcess;
 
 /// A creation or removal a crash interrupted leaves a dot-directory the next start deletes;
@@ -143,12 +146,24 @@ async fn a_consumer_reads_past_a_damaged_record_to_the_end() {
         .await
         .unwrap();
     let want: Vec<u64> = (0..N).filter(|&o| o != DAMAGED).collect();
-    let mut got = Vec::new();
+    let (mut got, mut notices) = (Vec::new(), Vec::new());
     while got.len() < want.len() {
         let batch = tokio::time::timeout(Duration::from_secs(20), consumer.recv_batch(100))
             .await
-            .expect("deliveries in time")
-            .unwrap();
+            .expect("deliveries in time");
+        let batch = match batch {
+            Err(ClientError::RecordsLost {
+                mq,
+                first,
+                end,
+                detail,
+            }) => {
+                notices.push((mq, first, end, got.len()));
+                assert!(detail.contains("00000000000000000000.log"), "{detail}");
+                continue;
+            }
+            other => other.unwrap(),
+        };
         for d in &batch {
             assert_eq!(d.body, format!("message-{}", d.offset).as_bytes());
             got.push(d.offset);
@@ -156,6 +171,77 @@ async fn a_consumer_reads_past_a_damaged_record_to_the_end() {
         qbus_client::Delivery::ack_all(&batch).await.unwrap();
     }
     assert_eq!(got, want);
+    let told = [("damaged".to_owned(), DAMAGED, DAMAGED + 1, DAMAGED as usize)];
+    assert_eq!(
+        notices, told,
+        "one notice, in order, naming the lost offsets"
+    );
     let info = client.query_mq("damaged").await.unwrap();
     assert_eq!(info.groups[0].lag, 0, "the group reached the end");
+
+    // `qbus consume` says so on stderr and reads on to the end.
+    let qbus = qbus_testkit::process::built_binary("qbus-cli", "qbus");
+    let count = (N - 1).to_string();
+    let args = [
+        "--broker",
+        &broker.addr(),
+        "consume",
+        "damaged",
+        "--group",
+        "cli",
+    ];
+    let out = tokio::process::Command::new(qbus)
+        .args(args)
+        .args(["--count", &count, "--timeout", "20"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        want.len()
+    );
+    assert!(stderr.contains("offsets 200..201 are lost"), "{stderr}");
+
+    // A version 1 client is never sent the version 2 field: it reads past the damage as
+    // it always did.
+    let stream = tokio::net::TcpStream::connect(broker.addr()).await.unwrap();
+    let mut link = qbus_wire::link::tcp_link(stream, 1 << 24);
+    let hello = ServerInfo {
+        protocol: 1,
+        version: "a version 1 client".into(),
+        max_frame: 0,
+    };
+    let hello = rmp_serde::to_vec_named(&hello).unwrap();
+    let request = Header::request(Command::Hello, None);
+    link.tx
+        .send(Frame::with_body(request, hello.into()))
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    for id in 1.. {
+        let reply = tokio::time::timeout(Duration::from_secs(20), link.rx.next())
+            .await
+            .expect("a reply in time")
+            .expect("the connection stays open")
+            .unwrap();
+        assert_eq!(reply.header.status, 200, "{:?}", reply.header);
+        assert_eq!((reply.header.lost, reply.header.error), (None, None));
+        if reply.header.cmd == Command::Fetch {
+            for record in records(&reply.body) {
+                offsets.push(record.unwrap().offset);
+            }
+        }
+        if offsets.len() >= want.len() {
+            break;
+        }
+        let mut fetch = Header::request(Command::Fetch, Some("damaged"));
+        fetch.id = id;
+        fetch.group = Some("v1".into());
+        fetch.count = Some(1000);
+        fetch.timeout_ms = Some(1000);
+        link.tx.send(Frame::new(fetch)).await.unwrap();
+    }
+    assert_eq!(offsets, want);
 }

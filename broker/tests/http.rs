@@ -476,7 +476,11 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
     assert!(m("qbus_connections{protocol=\"binary\"}") >= 1.0);
     assert!(m("qbus_connections_accepted_total{protocol=\"http\"}") >= 3.0);
     assert!(m("qbus_http_requests_total") > metric(&before, "qbus_http_requests_total"));
-    assert_eq!(m("qbus_build_info{version=\"0.1.0\",protocol=\"1\"}"), 1.0);
+    let build = format!(
+        "qbus_build_info{{version=\"0.1.0\",protocol=\"{}\"}}",
+        qbus_wire::protocol::PROTOCOL_VERSION
+    );
+    assert_eq!(m(&build), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

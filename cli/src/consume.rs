@@ -101,6 +101,8 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
             delivery = next, if acks.len() < crate::bench::ACK_WINDOW => match delivery {
                 None => break Ok(Some(format!("no message for {}s", fmt_secs(idle)))),
                 Some(None) => break Ok(Some("the consumer stopped".to_owned())),
+                // Damaged records the broker went past: say so, and read on after them.
+                Some(Some(Err(lost @ ClientError::RecordsLost { .. }))) => eprintln!("qbus: {lost}"),
                 Some(Some(Err(e))) => break Err(e.into()),
                 Some(Some(Ok(delivery))) => {
                     let again = delivery.id.is_some_and(|id| lost.remove(&id));

@@ -58,6 +58,20 @@ pub enum ClientError {
     /// The handle was closed.
     #[error("client is closed")]
     Closed,
+    /// Not fatal, a consumer's notice: records of the MQ were damaged on the broker's disk
+    /// and the group went past them; the stream goes on after them. `detail` names the
+    /// file and byte.
+    #[error("MQ {mq:?}: offsets {first}..{end} are lost: {detail}")]
+    RecordsLost {
+        /// The MQ.
+        mq: String,
+        /// The first offset lost.
+        first: u64,
+        /// The offset after the last one lost.
+        end: u64,
+        /// What the broker said: the damaged file, the byte, what is wrong.
+        detail: String,
+    },
 }
 
 impl ClientError {

@@ -92,6 +92,8 @@ impl RpcError {
                 status => RpcError::Refused { status, message },
             },
             ClientError::Protocol(message) => RpcError::Codec(message),
+            // Consumers' notice; a call never gets it.
+            lost @ ClientError::RecordsLost { .. } => RpcError::Codec(lost.to_string()),
         }
     }
 }

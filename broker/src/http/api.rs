@@ -208,6 +208,8 @@ async fn consume(ctx: &Context, mq: &str, fields: &Fields<'_>) -> Result<Reply, 
         start,
         count: 1,
         wait: Duration::from_millis(wait_ms),
+        // Told in /api/stats and the log; a plain HTTP fetch has no way to say it.
+        report_loss: false,
     };
     let fetched = ctx.core.fetch(ctx.conn, &request).await?;
     let Some(&attempt) = fetched.attempts.first() else {

@@ -48,6 +48,9 @@ pub struct Fetched {
     pub attempts: Vec<u32>,
     /// Records that reached the delivery limit, for the caller to move to the dead-letter MQ.
     pub dead: DeadLetters,
+    /// Offsets the group just went past because their records are damaged; such a fetch
+    /// carries no records, so the loss reaches the consumer in order.
+    pub lost: Option<Lost>,
 }
 
 /// Records a fetch retired after too many deliveries, read whole: the MQ does not reach
@@ -355,13 +358,17 @@ impl Mq {
                     }
                     // The group's cursor moves past lost offsets as past filtered records:
                     // they can never be delivered.
-                    if let Some(lost) = &skip.lost {
-                        self.report_lost(lost);
-                    }
                     *read_pos = Some(skip.next_pos);
                     group
                         .state()
                         .deliver_new(skip.next_offset, &[], conn, ack_deadline);
+                    if let Some(lost) = skip.lost {
+                        self.report_lost(&lost);
+                        return Ok(Some(Fetched {
+                            lost: Some(lost),
+                            ..Fetched::default()
+                        }));
+                    }
                     continue;
                 }
             };
@@ -420,6 +427,7 @@ impl Mq {
                 body,
                 attempts,
                 dead,
+                lost: None,
             }));
         }
     }
@@ -493,6 +501,7 @@ impl Mq {
                 records: dead,
                 count: dead_count,
             },
+            lost: None,
         })
     }
 
@@ -827,12 +836,17 @@ mod tests {
                 .group(&commit.committer, name, Start::Earliest)
                 .await
                 .unwrap();
-            let mut got = Vec::new();
+            let (mut got, mut lost) = (Vec::new(), Vec::new());
             loop {
                 let fetched = mq
                     .fetch(&group, 1, 100, None, Duration::ZERO)
                     .await
                     .unwrap();
+                if let Some(gone) = fetched.lost {
+                    assert!(fetched.attempts.is_empty(), "a loss comes alone");
+                    lost.push((gone.first, gone.end, got.len()));
+                    continue;
+                }
                 if fetched.attempts.is_empty() {
                     break;
                 }
@@ -840,6 +854,11 @@ mod tests {
             }
             let want: Vec<u64> = (0..30).filter(|&o| o != 12).collect();
             assert_eq!(got, want, "group {name}: every intact record, in order");
+            assert_eq!(
+                lost,
+                [(12, 13, 12)],
+                "group {name}: told once, after offset 11"
+            );
         }
         assert_eq!(mq.counters().read().lost, 1, "counted once per MQ");
         commit.stop().await;

@@ -515,6 +515,8 @@ async fn deliver(
         },
         count: 1,
         wait: MAX_WAIT,
+        // zbus has no message for it; the loss is in the log and the stats.
+        report_loss: false,
     };
     loop {
         let fetched = tokio::select! {

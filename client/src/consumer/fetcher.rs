@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::delivery::{Acker, Delivery, Target, Verdict};
 use crate::connection::{Connection, LinkId};
-use crate::error::Result;
+use crate::error::{ClientError, Result};
 use crate::protocol::record::records;
 use crate::protocol::{Command, Frame, Header, Status, FLAG_START_AT_END, FLAG_START_AT_OFFSET};
 
@@ -81,8 +81,19 @@ impl Fetcher {
                 _ = self.tx.closed() => return self.give_back(fetch).await,
                 _ = self.stop.cancelled() => return self.give_back(fetch).await,
             };
-            match reply.and_then(|(frame, link)| self.deliveries(frame, link)) {
-                Ok(deliveries) => {
+            let reply = reply.and_then(|(frame, link)| match self.lost(&frame.header) {
+                Some(notice) => Ok(Err(notice)),
+                None => self.deliveries(frame, link).map(Ok),
+            });
+            match reply {
+                Ok(Err(notice)) => {
+                    backoff.reset();
+                    tracing::warn!(error = %notice, "records lost on the broker's disk");
+                    if self.tx.send(Err(notice)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(deliveries)) => {
                     backoff.reset();
                     let mut deliveries = deliveries.into_iter();
                     while let Some(delivery) = deliveries.next() {
@@ -149,6 +160,17 @@ impl Fetcher {
             }
         }
         Frame::new(header)
+    }
+
+    /// The notice of a fetch reply that went past damaged records (protocol 2).
+    fn lost(&self, header: &Header) -> Option<ClientError> {
+        let lost = header.lost?;
+        Some(ClientError::RecordsLost {
+            mq: self.spec.target.mq.clone(),
+            first: lost.first,
+            end: lost.end,
+            detail: header.error.clone().unwrap_or_default(),
+        })
     }
 
     fn deliveries(&self, frame: Frame, link: LinkId) -> Result<Vec<Delivery>> {

@@ -18,7 +18,7 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::error::Result;
+use crate::error::{ClientError, Result};
 use crate::transport::Transport;
 
 pub use delivery::Delivery;
@@ -115,6 +115,7 @@ impl ConsumerBuilder {
             });
         Ok(Consumer {
             rx,
+            held: None,
             mq: self.mq,
             group,
         })
@@ -139,6 +140,9 @@ impl ConsumerBuilder {
 /// ```
 pub struct Consumer {
     rx: mpsc::Receiver<Result<Delivery>>,
+    /// An error `recv_batch` met after deliveries: returned by the next receive, so that
+    /// the deliveries before it are not dropped with it.
+    held: Option<ClientError>,
     mq: String,
     group: String,
 }
@@ -163,21 +167,30 @@ impl Consumer {
         &self.group
     }
 
-    /// The next delivery; `None` after a fatal error has been returned.
+    /// The next delivery; `None` after a fatal error has been returned. A
+    /// [`ClientError::RecordsLost`] is a notice, not fatal: deliveries go on after it.
     pub async fn recv(&mut self) -> Option<Result<Delivery>> {
-        self.rx.recv().await
+        match self.held.take() {
+            Some(e) => Some(Err(e)),
+            None => self.rx.recv().await,
+        }
     }
 
     /// Waits for at least one delivery, then returns every one already received, up to `max`.
+    /// An error after some deliveries ends the batch and comes with the next call.
     pub async fn recv_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let mut batch = Vec::new();
-        let Some(first) = self.rx.recv().await else {
+        let Some(first) = self.recv().await else {
             return Ok(batch);
         };
         batch.push(first?);
         while batch.len() < max {
             match self.rx.try_recv() {
-                Ok(delivery) => batch.push(delivery?),
+                Ok(Ok(delivery)) => batch.push(delivery),
+                Ok(Err(e)) => {
+                    self.held = Some(e);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -199,6 +212,10 @@ impl Consumer {
         self.for_each_concurrent(concurrency.max(1), |delivery| async move {
             let delivery = match delivery {
                 Ok(delivery) => delivery,
+                Err(lost @ ClientError::RecordsLost { .. }) => {
+                    tracing::warn!(error = %lost, "records lost on the broker's disk; going on after them");
+                    return;
+                }
                 Err(e) => {
                     *outcome_ref.lock().expect("outcome poisoned") = Err(e);
                     return;
@@ -224,6 +241,9 @@ impl Stream for Consumer {
     type Item = Result<Delivery>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(e) = self.held.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         self.rx.poll_recv(cx)
     }
 }

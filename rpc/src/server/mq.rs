@@ -213,6 +213,11 @@ async fn serve(
         };
         let delivery = match delivery {
             Some(Ok(delivery)) => delivery,
+            // Calls damaged on the broker's disk are gone; their callers time out.
+            Some(Err(lost @ ClientError::RecordsLost { .. })) => {
+                tracing::warn!(error = %lost, "MQ-RPC calls lost");
+                continue;
+            }
             Some(Err(e)) => {
                 tracing::error!(mq = consumer.mq(), error = %e, "MQ-RPC service stopped: cannot consume");
                 break;

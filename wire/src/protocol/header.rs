@@ -161,6 +161,15 @@ pub struct DeliveryToken {
     pub attempt: u32,
 }
 
+/// Offsets a fetch went past because their records are damaged on disk (protocol 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LostRange {
+    /// The first offset lost.
+    pub first: u64,
+    /// The offset after the last one lost.
+    pub end: u64,
+}
+
 /// Header flag: the producer wants no reply (one-way send).
 pub const FLAG_ONEWAY: u32 = 1;
 /// Header flag on a fetch: a group created by this fetch starts at the end of the MQ.
@@ -209,6 +218,10 @@ pub struct Header {
     pub encoding: Option<String>,
     /// Route: the MQ-RPC reply route, copied from the key of the request record.
     pub route: Option<String>,
+    /// Fetch reply, protocol 2: offsets the group went past because their records are
+    /// damaged on disk (`error` then names the file and byte). Sent only to peers that said
+    /// protocol 2 in `Hello`; a version 1 peer refuses a header with this field.
+    pub lost: Option<LostRange>,
 }
 
 impl Header {

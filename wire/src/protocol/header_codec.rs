@@ -1,19 +1,23 @@
 //! The header's MessagePack form, written by hand for the hot path.
 //!
-//! Every frame carries a header, and going through serde's visitors for its sixteen fields
-//! was the largest user-space cost in the broker's and clients' profiles. This writes the
-//! same bytes `rmp-serde` writes (an array of the fields in order, each integer and string
-//! in its shortest form), and reads that canonical form directly. Anything else a peer may
+//! Every frame carries a header, and going through serde's visitors for its fields was the
+//! largest user-space cost in the broker's and clients' profiles. This writes the bytes
+//! `rmp-serde` writes (an array of the fields in order, each integer and string in its
+//! shortest form), except that the protocol 2 field `lost` is left out when it is empty, so
+//! that every header a version 1 peer can get has the 16 fields it knows; and it reads that
+//! canonical form directly. Anything else a peer may
 //! legally send (a map of field names, binary strings, signed or oversized integer forms)
 //! is handed to `rmp-serde`, so what is accepted, and every error, stays exactly as before.
 //! The tests hold both directions to `rmp-serde` on random and damaged headers.
 
 use bytes::{BufMut, BytesMut};
 
-use super::header::{Command, DeliveryToken, Durability, Header};
+use super::header::{Command, DeliveryToken, Durability, Header, LostRange};
 
-/// Fields of the header, in wire order.
-const FIELDS: u16 = 16;
+/// Fields of a version 1 header, in wire order.
+const V1_FIELDS: u16 = 16;
+/// Fields of a version 2 header: `lost` added.
+const FIELDS: u16 = 17;
 
 const NIL: u8 = 0xc0;
 
@@ -21,7 +25,11 @@ const NIL: u8 = 0xc0;
 pub(super) fn encode(header: &Header, dst: &mut BytesMut) {
     dst.reserve(64);
     dst.put_u8(0xdc); // array 16: sixteen fields do not fit a fixarray
-    dst.put_u16(FIELDS);
+    dst.put_u16(if header.lost.is_some() {
+        FIELDS
+    } else {
+        V1_FIELDS
+    });
     put_uint(dst, u8::from(header.cmd).into());
     put_uint(dst, header.id);
     put_uint(dst, header.status.into());
@@ -46,6 +54,11 @@ pub(super) fn encode(header: &Header, dst: &mut BytesMut) {
     put_opt_str(dst, header.error.as_deref());
     put_opt_str(dst, header.encoding.as_deref());
     put_opt_str(dst, header.route.as_deref());
+    if let Some(lost) = header.lost {
+        dst.put_u8(0x92); // [first, end]
+        put_uint(dst, lost.first);
+        put_uint(dst, lost.end);
+    }
 }
 
 /// Reads a header: the canonical form directly, any other form through `rmp-serde`, whose
@@ -164,7 +177,17 @@ impl Reader<'_> {
                 }
                 13 => header.error = self.opt_string()?,
                 14 => header.encoding = self.opt_string()?,
-                _ => header.route = self.opt_string()?,
+                15 => header.route = self.opt_string()?,
+                _ => {
+                    header.lost = self.opt(|r| {
+                        if r.array_len()? != 2 {
+                            return None;
+                        }
+                        let first = r.uint()?;
+                        let end = r.uint()?;
+                        Some(LostRange { first, end })
+                    })?
+                }
             }
         }
         Some(header)
@@ -322,7 +345,22 @@ mod tests {
             error: maybe(rng, text),
             encoding: maybe(rng, text),
             route: maybe(rng, text),
+            lost: maybe(rng, |rng| LostRange {
+                first: number(rng),
+                end: number(rng),
+            }),
         }
+    }
+
+    /// What rmp-serde writes for `header`, minus an empty trailing `lost` (the codec leaves
+    /// it out so version 1 peers get the 16 fields they know).
+    fn rmp_form(header: &Header) -> Vec<u8> {
+        let mut bytes = rmp_serde::to_vec(header).unwrap();
+        if header.lost.is_none() {
+            assert_eq!(bytes.pop(), Some(NIL));
+            bytes[2] = 16;
+        }
+        bytes
     }
 
     fn seed() -> u64 {
@@ -345,7 +383,7 @@ mod tests {
             let header = header(&mut rng);
             let mut ours = BytesMut::new();
             encode(&header, &mut ours);
-            let theirs = rmp_serde::to_vec(&header).unwrap();
+            let theirs = rmp_form(&header);
             assert_eq!(&ours[..], &theirs[..], "{header:?}");
             let fast = Reader {
                 bytes: &ours,

@@ -20,11 +20,12 @@ pub mod status;
 pub use admin::{GroupInfo, MqInfo, MqOptions, ServerInfo};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
-    Command, DeliveryToken, Durability, Header, FLAG_ONEWAY, FLAG_START_AT_END,
+    Command, DeliveryToken, Durability, Header, LostRange, FLAG_ONEWAY, FLAG_START_AT_END,
     FLAG_START_AT_OFFSET, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
 
-/// Version of the protocol this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the protocol this crate speaks. Version 2 added the `lost` header field; a
+/// version 2 peer still speaks version 1 to peers that say 1 (or nothing) in `Hello`.
+pub const PROTOCOL_VERSION: u32 = 2;
