@@ -472,28 +472,52 @@ impl Mq {
     }
 
     /// Reads the records to deliver again, each with its attempt, and those to dead-letter.
+    /// A record damaged on disk since its first delivery cannot go out again: it is left
+    /// out, counted as lost and settled in the group, so nothing waits for it.
     async fn read_redeliveries(
         &self,
         group: &Group,
         redo: Redeliveries,
     ) -> Result<Fetched, BrokerError> {
-        let attempts = redo.deliver.iter().map(|&(_, attempt)| attempt).collect();
         self.store_counts(group, redo.counted).await;
-        let dead_count = redo.dead.len() as u32;
         let reader = self.reader.clone();
-        let (body, dead) = blocking("read task", move || {
-            let read = |offsets: &mut dyn Iterator<Item = u64>| {
-                let mut records = BytesMut::new();
-                for offset in offsets {
-                    let batch = reader.read(offset, None, 1, 1)?;
-                    records.extend_from_slice(&batch.data);
+        let read = blocking("read task", move || {
+            // (what was lost, the delivery now holding it if it was to go out again)
+            let mut damaged: Vec<(Lost, Option<DeliveryToken>)> = Vec::new();
+            let mut read = |offset: u64, attempt: Option<u32>, into: &mut BytesMut| match reader
+                .read(offset, None, 1, 1)
+            {
+                Ok(batch) => {
+                    into.extend_from_slice(&batch.data);
+                    Ok(true)
                 }
-                Ok::<_, StoreError>(records)
+                Err(e) if e.is_damage() => {
+                    let token = attempt.map(|attempt| DeliveryToken { offset, attempt });
+                    damaged.push((lost_record(offset, &e), token));
+                    Ok(false)
+                }
+                Err(e) => Err(e),
             };
-            let body = read(&mut redo.deliver.iter().map(|&(offset, _)| offset))?;
-            Ok((body, read(&mut redo.dead.into_iter())?))
-        })
-        .await?;
+            let (mut body, mut kept) = (BytesMut::new(), Vec::new());
+            for (offset, attempt) in redo.deliver {
+                if read(offset, Some(attempt), &mut body)? {
+                    kept.push(attempt);
+                }
+            }
+            let (mut dead, mut dead_count) = (BytesMut::new(), 0u32);
+            for offset in redo.dead {
+                dead_count += u32::from(read(offset, None, &mut dead)?);
+            }
+            Ok::<_, StoreError>((body, kept, dead, dead_count, damaged))
+        });
+        let (body, attempts, dead, dead_count, damaged) = read.await?;
+        let settled: Vec<DeliveryToken> = damaged.iter().filter_map(|(_, token)| *token).collect();
+        if !settled.is_empty() {
+            group.state().ack(&settled);
+        }
+        for (lost, _) in &damaged {
+            self.report_lost(lost);
+        }
         Ok(Fetched {
             body: body.freeze(),
             attempts,
@@ -700,6 +724,22 @@ fn corrupt(mq: &Mq, e: qbus_wire::protocol::record::RecordError) -> BrokerError 
     })
 }
 
+/// The one record at `offset` that `damage` (a damage error of the store) made unreadable.
+fn lost_record(offset: u64, damage: &StoreError) -> Lost {
+    let (file, position) = match damage {
+        StoreError::Corrupt { file, position, .. }
+        | StoreError::OffsetMismatch { file, position, .. } => (file.clone(), *position),
+        _ => (Default::default(), 0),
+    };
+    Lost {
+        first: offset,
+        end: offset + 1,
+        file,
+        position,
+        reason: damage.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -861,6 +901,45 @@ mod tests {
             );
         }
         assert_eq!(mq.counters().read().lost, 1, "counted once per MQ");
+        commit.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_record_damaged_after_its_delivery_is_settled_not_redelivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let mq = open(dir.path(), Some(MqOptions::default()));
+        append(&mq, &commit, &["zero", "one", "two"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+        let first = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(first.attempts, [1, 1, 1]);
+        // Record 1 goes bad on disk while it is out.
+        let segment = dir.path().join("00000000000000000000.log");
+        let mut raw = std::fs::read(&segment).unwrap();
+        let at = qbus_wire::protocol::record::peek_record_size(&raw).unwrap();
+        raw[at + 30] ^= 0x10;
+        std::fs::write(&segment, &raw).unwrap();
+
+        let given_back = tokens(&first.body, &first.attempts);
+        assert_eq!(mq.nack(&group, &given_back, false), 3);
+        let again = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        let offsets: Vec<u64> = read(&again.body).into_iter().map(|(o, _)| o).collect();
+        assert_eq!(offsets, [0, 2], "the damaged record is not served");
+        assert_eq!(again.attempts, [2, 2]);
+        assert_eq!(mq.counters().read().lost, 1);
+        // Nothing waits for the damaged one: acking the others commits all three.
+        let mut batch = CommitBatch::default();
+        let (acked, _) = mq.ack(
+            &commit.committer,
+            &mut batch,
+            &group,
+            &tokens(&again.body, &again.attempts),
+        );
+        assert_eq!(acked, 2);
+        assert_eq!(group.state().committed(), 3);
         commit.stop().await;
     }
 
