@@ -78,7 +78,7 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
     let wanted = args.count.unwrap_or(u64::MAX);
     let mut received = 0u64;
     // Ids of messages whose ack was lost with their broker, which may deliver them again.
-    let mut lost = HashSet::new();
+    let mut lost = LostAcks::default();
     let mut acks = FuturesUnordered::new();
     let mut stdout = std::io::stdout().lock();
     let interrupted = tokio::signal::ctrl_c();
@@ -105,7 +105,7 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
                 Some(Some(Err(lost @ ClientError::RecordsLost { .. }))) => eprintln!("qbus: {lost}"),
                 Some(Some(Err(e))) => break Err(e.into()),
                 Some(Some(Ok(delivery))) => {
-                    let again = delivery.id.is_some_and(|id| lost.remove(&id));
+                    let again = delivery.id.is_some_and(|id| lost.ids.remove(&id));
                     if !again {
                         let printed = stdout
                             .write_all(&delivery.body)
@@ -130,6 +130,12 @@ pub async fn run(broker: &Broker, args: ConsumeArgs) -> Result<(), CliError> {
         if let Err(e) = settled(ack, &mut lost) {
             ack_error.get_or_insert(e);
         }
+    }
+    if lost.count > lost.said.len() as u64 {
+        eprintln!(
+            "qbus: warning: {} acks in all were not confirmed; their messages may come again (to this group's next consumer)",
+            lost.count
+        );
     }
     let stop = stop?;
     if let Some(e) = ack_error {
@@ -156,12 +162,33 @@ async fn ack(delivery: Delivery) -> Result<(), AckFailure> {
 
 /// Settles an ack: one lost with its connection is reported and its message id kept in
 /// `lost`; any other failure ends the command.
-fn settled(ack: Result<(), AckFailure>, lost: &mut HashSet<u128>) -> Result<(), CliError> {
+/// Acks that could not be confirmed because their broker went away: their messages may
+/// come again, and are then acked but not printed twice.
+#[derive(Default)]
+struct LostAcks {
+    ids: HashSet<u128>,
+    count: u64,
+    /// Each reason is said once (a lost broker fails every ack in flight to it).
+    said: HashSet<String>,
+}
+
+impl LostAcks {
+    fn add(&mut self, offset: u64, id: Option<u128>, e: &ClientError) {
+        self.ids.extend(id);
+        self.count += 1;
+        if self.said.insert(e.to_string()) {
+            eprintln!(
+                "qbus: warning: ack of offset {offset} not confirmed ({e}); the broker may deliver it again"
+            );
+        }
+    }
+}
+
+fn settled(ack: Result<(), AckFailure>, lost: &mut LostAcks) -> Result<(), CliError> {
     match ack {
         Ok(()) => Ok(()),
         Err((offset, id, e)) if e.is_transport() => {
-            eprintln!("qbus: warning: ack of offset {offset} not confirmed ({e}); the broker may deliver it again");
-            lost.extend(id);
+            lost.add(offset, id, &e);
             Ok(())
         }
         Err((offset, _, e)) => Err(CliError::Failed(format!(
