@@ -271,6 +271,10 @@ async fn heartbeats_get_no_reply_and_idle_connections_last_the_zbus_limit() {
     );
     let info: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
     assert!(info["mqTable"].is_object(), "{info}");
+    // Counted as a zbus connection, not as HTTP.
+    let stats = once(&broker.addr(), Method::GET, "/api/stats", &[], "").await;
+    let stats: serde_json::Value = serde_json::from_str(&stats.text()).unwrap();
+    assert_eq!(stats["broker"]["connections"]["zbus"], 1, "{stats}");
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let still = conn

@@ -39,6 +39,7 @@ pub fn render(stats: &Stats) -> String {
     for (protocol, open) in [
         (Protocol::Binary, broker.connections.binary),
         (Protocol::Http, broker.connections.http),
+        (Protocol::Zbus, broker.connections.zbus),
     ] {
         out.sample("qbus_connections", &[("protocol", protocol.name())], open);
     }
@@ -50,6 +51,7 @@ pub fn render(stats: &Stats) -> String {
     for (protocol, accepted) in [
         (Protocol::Binary, broker.connections_accepted.binary),
         (Protocol::Http, broker.connections_accepted.http),
+        (Protocol::Zbus, broker.connections_accepted.zbus),
     ] {
         let labels = [("protocol", protocol.name())];
         out.sample("qbus_connections_accepted_total", &labels, accepted);

@@ -57,6 +57,8 @@ pub struct PerProtocol {
     pub binary: u64,
     /// HTTP.
     pub http: u64,
+    /// The zbus protocol.
+    pub zbus: u64,
 }
 
 /// One MQ: its description, depth and traffic.
@@ -110,6 +112,7 @@ pub fn collect(core: &Core, address: String, seconds: usize) -> Stats {
     let per_protocol = |read: &dyn Fn(Protocol) -> u64| PerProtocol {
         binary: read(Protocol::Binary),
         http: read(Protocol::Http),
+        zbus: read(Protocol::Zbus),
     };
     let config = core.config();
     Stats {

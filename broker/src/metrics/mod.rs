@@ -28,6 +28,8 @@ pub enum Protocol {
     Binary,
     /// HTTP/1.1 on the same port.
     Http,
+    /// The zbus 7.x protocol on the same port.
+    Zbus,
 }
 
 impl Protocol {
@@ -36,6 +38,7 @@ impl Protocol {
         match self {
             Protocol::Binary => "binary",
             Protocol::Http => "http",
+            Protocol::Zbus => "zbus",
         }
     }
 
@@ -47,8 +50,8 @@ impl Protocol {
 /// Broker-wide counters: connections, HTTP requests, and the MQs' recent rates.
 #[derive(Debug, Default)]
 pub struct BrokerMetrics {
-    open: [AtomicU64; 2],
-    accepted: [AtomicU64; 2],
+    open: [AtomicU64; 3],
+    accepted: [AtomicU64; 3],
     http_requests: AtomicU64,
     rates: RateHistory,
 }

@@ -105,7 +105,7 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     tracing::debug!("zbus session opened");
-    let _open = core.metrics().connection(Protocol::Http);
+    let _open = core.metrics().connection(Protocol::Zbus);
     let config = core.config();
     let (idle, write_limit) = (config.zbus_idle, config.http_timeout);
     // The body alone must fit; `produce` checks it again with the record's tag and key.
