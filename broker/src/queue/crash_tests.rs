@@ -10,12 +10,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_wire::protocol::{Durability, MqOptions};
 
 use super::group::Start;
 use super::group_commit::Committer;
+use super::mq::Mq;
 use super::registry::Registry;
 use super::testutil::{produce, read, tokens, Commit};
 use crate::config::Config;
@@ -372,10 +374,8 @@ async fn a_failed_write_or_sync_is_never_acknowledged() {
     }
 }
 
-#[tokio::test]
-async fn after_a_failed_fsync_the_store_refuses_writes_until_restarted() {
-    let disk = SimDisk::new();
-    let commit = Commit::start();
+/// A registry on `disk` with the MQ `orders` holding `a` and `b`, acknowledged.
+async fn orders_holding_a_and_b(disk: &SimDisk, commit: &Commit) -> (Registry, Arc<Mq>) {
     let registry = Registry::open_on(disk.fs(), config(), commit.committer.clone(), None).unwrap();
     let (mq, _) = registry
         .create("orders", MqOptions::default())
@@ -383,6 +383,14 @@ async fn after_a_failed_fsync_the_store_refuses_writes_until_restarted() {
         .unwrap();
     let (records, n) = produce(&["a", "b"]);
     mq.append(&commit.committer, records, n).await.unwrap();
+    (registry, mq)
+}
+
+#[tokio::test]
+async fn after_a_failed_fsync_the_store_refuses_writes_until_restarted() {
+    let disk = SimDisk::new();
+    let commit = Commit::start();
+    let (registry, mq) = orders_holding_a_and_b(&disk, &commit).await;
 
     disk.fail_nth(OpKind::Sync, 1, EIO);
     let (records, n) = produce(&["lost"]);
@@ -438,13 +446,7 @@ async fn after_a_failed_fsync_the_store_refuses_writes_until_restarted() {
 async fn a_full_disk_refuses_writes_with_507_and_the_broker_still_starts() {
     let disk = SimDisk::new();
     let commit = Commit::start();
-    let registry = Registry::open_on(disk.fs(), config(), commit.committer.clone(), None).unwrap();
-    let (mq, _) = registry
-        .create("orders", MqOptions::default())
-        .await
-        .unwrap();
-    let (records, n) = produce(&["a", "b"]);
-    mq.append(&commit.committer, records, n).await.unwrap();
+    let (registry, mq) = orders_holding_a_and_b(&disk, &commit).await;
     disk.set_full(true);
 
     let (records, n) = produce(&["c"]);

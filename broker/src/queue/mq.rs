@@ -851,6 +851,19 @@ mod tests {
         commit.stop().await;
     }
 
+    /// Flips a bit in the body of record `index` of the MQ's first segment, in place (an
+    /// open reader sees it).
+    fn damage_record(dir: &Path, index: usize) {
+        let segment = dir.join("00000000000000000000.log");
+        let mut raw = std::fs::read(&segment).unwrap();
+        let mut at = 0;
+        for _ in 0..index {
+            at += qbus_wire::protocol::record::peek_record_size(&raw[at..]).unwrap();
+        }
+        raw[at + 30] ^= 0x10;
+        std::fs::write(&segment, &raw).unwrap();
+    }
+
     #[tokio::test]
     async fn fetches_go_past_a_damaged_record_and_count_it_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -860,15 +873,7 @@ mod tests {
         let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
         append(&mq, &commit, &refs).await;
         drop(mq);
-        // A flipped body bit in record 12.
-        let segment = dir.path().join("00000000000000000000.log");
-        let mut raw = std::fs::read(&segment).unwrap();
-        let mut at = 0;
-        for _ in 0..12 {
-            at += qbus_wire::protocol::record::peek_record_size(&raw[at..]).unwrap();
-        }
-        raw[at + 30] ^= 0x10;
-        std::fs::write(&segment, &raw).unwrap();
+        damage_record(dir.path(), 12);
 
         let mq = open(dir.path(), None);
         for name in ["g", "h"] {
@@ -917,11 +922,7 @@ mod tests {
         let first = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
         assert_eq!(first.attempts, [1, 1, 1]);
         // Record 1 goes bad on disk while it is out.
-        let segment = dir.path().join("00000000000000000000.log");
-        let mut raw = std::fs::read(&segment).unwrap();
-        let at = qbus_wire::protocol::record::peek_record_size(&raw).unwrap();
-        raw[at + 30] ^= 0x10;
-        std::fs::write(&segment, &raw).unwrap();
+        damage_record(dir.path(), 1);
 
         let given_back = tokens(&first.body, &first.attempts);
         assert_eq!(mq.nack(&group, &given_back, false), 3);
