@@ -45,6 +45,10 @@ struct Session {
     /// Appends and cursor stores of the burst being handled, submitted together at its end.
     batch: CommitBatch,
     fetches: Arc<Semaphore>,
+    /// Long polls: stopped when the session closes (their deliveries are released with it).
+    polls: JoinSet<()>,
+    /// Replies waiting for the disk or an admin change: awaited when the session closes,
+    /// so a graceful stop answers an ack it has recorded instead of leaving it in doubt.
     tasks: JoinSet<()>,
     /// MQs and groups this connection consumed from, to release its deliveries when it
     /// closes (and to tell the trackers when it starts consuming from a new one).
@@ -76,6 +80,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, shutdown: CancellationToken
         produced,
         batch: CommitBatch::default(),
         fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
+        polls: JoinSet::new(),
         tasks: JoinSet::new(),
         consumed: HashSet::new(),
         peer_protocol: 1,
@@ -102,10 +107,12 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, shutdown: CancellationToken
             handled += 1;
         }
         session.submit_batch().await;
-        // Reap finished request tasks so the set does not grow.
+        // Reap finished request tasks so the sets do not grow.
         while session.tasks.try_join_next().is_some() {}
+        while session.polls.try_join_next().is_some() {}
     }
-    session.tasks.shutdown().await;
+    session.polls.shutdown().await;
+    while session.tasks.join_next().await.is_some() {}
     drop(session.produced);
     let _ = replier.await;
     if !session.consumed.is_empty() {
@@ -316,7 +323,7 @@ impl Session {
         let out = self.out.clone();
         let conn = self.conn;
         let report_loss = self.peer_protocol >= 2;
-        self.tasks.spawn(async move {
+        self.polls.spawn(async move {
             let _permit = permit;
             let reply = match fetch(&core, conn, &request, &mq, &group, report_loss).await {
                 Ok(frame) => frame,
