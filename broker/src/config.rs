@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use qbus_client::ha::parse_trackers;
 use qbus_server_kit::config::{listen_addr, read_toml};
+use qbus_server_kit::tls::{server_tls, tracker_tls};
+use qbus_wire::tls::{ClientTls, ServerTls};
 use serde::Deserialize;
 
 pub use qbus_server_kit::units::{parse_duration, parse_size};
@@ -119,6 +121,21 @@ pub struct Settings {
     /// a few missed reports [default: 2s]
     #[arg(long, env = "QBUS_REPORT_INTERVAL")]
     pub report_interval: Option<String>,
+    /// TLS: this broker's certificate chain, a PEM file; with it the port speaks TLS only
+    /// [default: none, plain TCP]
+    #[arg(long, env = "QBUS_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key of --tls-cert, a PEM file
+    #[arg(long, env = "QBUS_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: require client certificates that chain to the CAs in this PEM file (mTLS)
+    /// [default: none, no client certificates]
+    #[arg(long, env = "QBUS_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Report to the trackers over TLS, verifying them with the CAs in this PEM file (and
+    /// presenting --tls-cert to trackers that ask) [default: none, plain TCP]
+    #[arg(long, env = "QBUS_TRACKER_CA", value_name = "PEM")]
+    pub tracker_ca: Option<PathBuf>,
 }
 
 impl Settings {
@@ -141,6 +158,10 @@ impl Settings {
             tracker: self.tracker.or(other.tracker),
             advertise: self.advertise.or(other.advertise),
             report_interval: self.report_interval.or(other.report_interval),
+            tls_cert: self.tls_cert.or(other.tls_cert),
+            tls_key: self.tls_key.or(other.tls_key),
+            tls_client_ca: self.tls_client_ca.or(other.tls_client_ca),
+            tracker_ca: self.tracker_ca.or(other.tracker_ca),
         }
     }
 
@@ -178,8 +199,13 @@ impl Settings {
         if zbus_idle.is_zero() {
             return Err(bad("zbus-idle")("must be more than 0, e.g. 300s".into()));
         }
+        let (cert, key) = (self.tls_cert.as_deref(), self.tls_key.as_deref());
+        let tls = server_tls(cert, key, self.tls_client_ca.as_deref())?;
+        let tracker_tls = tracker_tls(self.tracker_ca.as_deref(), cert, key)?;
         Ok(Config {
             listen,
+            tls,
+            tracker_tls,
             store: self.store.unwrap_or_else(|| PathBuf::from("./store")),
             fsync: self
                 .fsync
@@ -209,6 +235,10 @@ impl Settings {
 pub struct Config {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// TLS on the port (TLS only when set).
+    pub tls: Option<ServerTls>,
+    /// TLS towards the trackers, when set.
+    pub tracker_tls: Option<ClientTls>,
     /// Store directory.
     pub store: PathBuf,
     /// Fsync policy.
@@ -341,8 +371,17 @@ mod tests {
         ] {
             assert!(keys.contains(&flag), "{flag} missing from qbus-broker.toml");
         }
-        assert_eq!(keys.len(), 16, "one line per setting: {keys:?}");
-        let shipped = file.resolve().unwrap();
+        assert_eq!(keys.len(), 20, "one line per setting: {keys:?}");
+        // The TLS examples name files this machine does not have.
+        let shipped = Settings {
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tracker_ca: None,
+            ..file
+        }
+        .resolve()
+        .unwrap();
         let defaults = Settings::default().resolve().unwrap();
         // Retention, trackers and the advertised address have no default; the file shows
         // an example of each. Every other value it shows is the default.

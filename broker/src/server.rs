@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_server_kit::listen::{self, BindError};
-use qbus_server_kit::sniff::is_http;
-use qbus_wire::link::{tcp_link, Link};
+use qbus_server_kit::sniff::{is_http, read_first};
+use qbus_wire::link::{stream_link, tcp_link, Link};
 use qbus_wire::serve::{accept, Connections};
+use qbus_wire::tls::Accepted;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -82,23 +84,56 @@ impl Running {
 
     /// Serves one client link in the background.
     pub async fn serve(&self, link: Link, peer: String) {
-        let session = session::serve(self.core.clone(), link, peer, self.shutdown.child_token());
+        let session = session::serve(
+            self.core.clone(),
+            link,
+            peer,
+            None,
+            self.shutdown.child_token(),
+        );
         self.spawn(session).await;
     }
 
     /// Serves one TCP connection in the background, as HTTP/1.1 or the binary protocol
     /// depending on its first byte (see `qbus_server_kit::sniff`), and HTTP-shaped
-    /// connections as zbus or plain HTTP depending on their first request's head.
+    /// connections as zbus or plain HTTP depending on their first request's head. With TLS
+    /// configured, the handshake comes first and the same choice is made on the decrypted
+    /// bytes.
     pub async fn accept(&self, stream: TcpStream, peer: SocketAddr) {
         let core = self.core.clone();
         let zbus = self.zbus.clone();
         let shutdown = self.shutdown.child_token();
         self.spawn(async move {
-            match is_http(&stream, FIRST_BYTE_TIMEOUT).await {
-                Ok(true) => serve_http_or_zbus(stream, peer, core, zbus, shutdown).await,
-                Ok(false) => {
-                    let link = tcp_link(stream, core.config().max_frame);
-                    session::serve(core, link, peer.to_string(), shutdown).await
+            let local = stream
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let Some(tls) = core.config().tls.clone() else {
+                return match is_http(&stream, FIRST_BYTE_TIMEOUT).await {
+                    Ok(true) => serve_http_or_zbus(stream, peer, local, core, zbus, shutdown).await,
+                    Ok(false) => {
+                        let link = tcp_link(stream, core.config().max_frame);
+                        session::serve(core, link, peer.to_string(), None, shutdown).await
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
+                };
+            };
+            let Accepted {
+                mut stream,
+                identity,
+            } = match tls.accept(stream, FIRST_BYTE_TIMEOUT).await {
+                Ok(accepted) => accepted,
+                Err(e) => return tracing::info!(%peer, error = %e, "TLS connection refused"),
+            };
+            tracing::debug!(%peer, identity = identity.as_deref(), "TLS connection accepted");
+            match read_first(&mut stream, FIRST_BYTE_TIMEOUT).await {
+                Ok((first, true)) => {
+                    let stream = Rewind::new(first, stream);
+                    serve_http_or_zbus(stream, peer, local, core, zbus, shutdown).await
+                }
+                Ok((first, false)) => {
+                    let link = stream_link(Rewind::new(first, stream), core.config().max_frame);
+                    session::serve(core, link, peer.to_string(), identity, shutdown).await
                 }
                 Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
             }
@@ -132,17 +167,16 @@ impl Running {
 /// Serves a connection that starts like HTTP: the zbus door when its first request names a
 /// zbus command (`zbus::sniff`), the HTTP door otherwise; either reads the stream from its
 /// first byte.
-async fn serve_http_or_zbus(
-    mut stream: TcpStream,
+async fn serve_http_or_zbus<S>(
+    mut stream: S,
     peer: SocketAddr,
+    local: String,
     core: Arc<Core>,
     zbus: Arc<Zbus>,
     shutdown: CancellationToken,
-) {
-    let local = stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The first byte came; the rest of the head has as long as HTTP gives any head.
     let head_limit = core.config().http_timeout;
     match zbus::sniff::first_head(&mut stream, head_limit).await {
@@ -188,6 +222,16 @@ async fn sample_rates(core: Arc<Core>, shutdown: CancellationToken) {
     }
 }
 
+/// Whether the port speaks TLS (`Some`) and then whether it requires client certificates.
+fn config_tls(running: &Running) -> Option<bool> {
+    running
+        .core()
+        .config()
+        .tls
+        .as_ref()
+        .map(|tls| tls.requires_client_cert())
+}
+
 /// Binds the configured address.
 pub async fn bind(config: &Config) -> Result<TcpListener, BindError> {
     listen::bind(config.listen).await
@@ -202,7 +246,13 @@ pub async fn run(
     let reporting = config.reporting.clone();
     let running = Running::start(config).await?;
     let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, "broker listening");
+    match &config_tls(&running) {
+        Some(true) => {
+            tracing::info!(addr = ?local, "broker listening, TLS only, client certificates required")
+        }
+        Some(false) => tracing::info!(addr = ?local, "broker listening, TLS only"),
+        None => tracing::info!(addr = ?local, "broker listening, plain TCP (no TLS configured)"),
+    }
     if let (Some(reporting), Some(local)) = (reporting, local) {
         let addr = reporter::advertised(&reporting, local);
         // A child token: on shutdown the tracker connections close and the trackers drop

@@ -58,10 +58,17 @@ struct Session {
     peer_protocol: u32,
 }
 
-/// Serves one link until the peer closes it, it fails, or `shutdown` fires.
-pub async fn serve(core: Arc<Core>, link: Link, peer: String, shutdown: CancellationToken) {
+/// Serves one link until the peer closes it, it fails, or `shutdown` fires. `identity` is
+/// the name in the peer's verified TLS client certificate, if it sent one.
+pub async fn serve(
+    core: Arc<Core>,
+    link: Link,
+    peer: String,
+    identity: Option<String>,
+    shutdown: CancellationToken,
+) {
     let conn = core.connection_id();
-    let span = tracing::info_span!("session", conn, %peer);
+    let span = tracing::info_span!("session", conn, %peer, identity = identity.as_deref());
     run(core, link, conn, shutdown).instrument(span).await
 }
 

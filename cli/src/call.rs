@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args};
+use qbus_client::ha::HaOptions;
+use qbus_client::{Broker, ConnectionOptions};
 use qbus_rpc::{DirectInvoker, Encoding, HaInvoker, Invoker, MqInvoker, RpcClient, RpcError};
 use serde_json::Value;
 
@@ -59,8 +61,20 @@ pub async fn run(args: CallArgs, broker: &str, connect_timeout: f64) -> Result<(
             crate::connect(broker, connect_timeout).await?,
             mq,
         )),
-        (_, Some(addr), _) => Arc::new(DirectInvoker::new(addr)),
-        (_, _, Some(trackers)) => Arc::new(HaInvoker::connect(trackers).await.map_err(failed)?),
+        (_, Some(addr), _) => Arc::new(DirectInvoker::with_tls(
+            addr,
+            ConnectionOptions::default(),
+            crate::tls::client(),
+        )),
+        (_, _, Some(trackers)) => {
+            let options = HaOptions {
+                tls: crate::tls::client(),
+                ..HaOptions::default()
+            };
+            let connection = options.connection.clone();
+            let cluster = Broker::connect_ha(trackers, options).await?;
+            Arc::new(HaInvoker::from_broker(cluster, connection).map_err(failed)?)
+        }
         _ => return Err(CliError::Usage("give --mq, --direct or --ha".into())),
     };
     let client = RpcClient::from_shared(invoker, module)

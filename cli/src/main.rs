@@ -10,6 +10,7 @@ mod error;
 mod mq_cmd;
 mod output;
 mod produce;
+mod tls;
 mod topology;
 
 use std::process::ExitCode;
@@ -24,8 +25,9 @@ use crate::error::CliError;
 #[derive(Debug, Parser)]
 #[command(name = "qbus", version, about, propagate_version = true)]
 struct Cli {
-    /// Broker address: host:port, tcp://host:port, or tracker://host:port[,host:port...]
-    /// for the brokers the trackers know
+    /// Broker address: host:port, tcp://host:port, tls://host:port, or
+    /// tracker://host:port[,host:port...] (tracker+tls:// over TLS) for the brokers the
+    /// trackers know
     #[arg(
         long,
         global = true,
@@ -54,6 +56,8 @@ struct Cli {
         help_heading = "Global options"
     )]
     threads: usize,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -113,6 +117,7 @@ fn fail(e: &CliError) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
+    cli.tls.install()?;
     // `topology` asks the trackers and `bench failover` runs its own cluster: neither
     // connects to --broker.
     let broker = || connect(&cli.broker, cli.connect_timeout);
@@ -120,7 +125,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Mq(cmd) => mq_cmd::run(&broker().await?, cmd).await,
         Command::Produce(args) => produce::run(&broker().await?, args).await,
         Command::Consume(args) => consume::run(&broker().await?, args).await,
-        Command::Bench(scenario) => bench::run(scenario, &cli.broker, cli.connect_timeout).await,
+        Command::Bench(scenario) => {
+            bench::run(scenario, &cli.broker, cli.connect_timeout, &cli.tls).await
+        }
         Command::Topology(args) => topology::run(args, timeout(cli.connect_timeout)?).await,
         Command::Call(args) => call::run(args, &cli.broker, cli.connect_timeout).await,
     }
@@ -137,5 +144,5 @@ async fn connect(addr: &str, timeout_secs: f64) -> Result<Broker, CliError> {
         connect_timeout,
         ..ConnectionOptions::default()
     };
-    Ok(Broker::connect_with(addr, options).await?)
+    Ok(Broker::connect_tls(addr, options, tls::client()).await?)
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use futures_util::future::join_all;
-use qbus_client::ha::{parse_trackers, query_tracker};
+use qbus_client::ha::{parse_trackers, query_tracker_with};
 use qbus_client::topology::{NodeKind, NodeState, TopologyUpdate};
 use qbus_client::ConnectionOptions;
 
@@ -49,7 +49,7 @@ async fn query(tracker: &str, connect_timeout: Duration) -> Result<TopologyUpdat
         connect_timeout,
         ..ConnectionOptions::default()
     };
-    Ok(query_tracker(tracker, options).await?)
+    Ok(query_tracker_with(tracker, options, crate::tls::client()).await?)
 }
 
 /// The trackers' table, then the nodes' table.

@@ -13,16 +13,17 @@ use crate::call::{call_frame, PendingCall};
 use crate::connection::{Connection, ConnectionOptions};
 use crate::consumer::ConsumerBuilder;
 use crate::error::{decode_reply, ClientError, Result};
-use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME};
+use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME, TRACKER_TLS_SCHEME};
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
 use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions, RouteStats, DEFAULT_MAX_FRAME};
+use crate::tls::ClientTls;
 use crate::topology::Topology;
 use crate::transport::Transport;
 
-/// A handle on qbus: one broker over TCP (`host:port`), an embedded broker in this process
+/// A handle on qbus: one broker over TCP (`host:port`, or `tls://host:port` over TLS), an embedded broker in this process
 /// (see `qbus_broker::EmbeddedBroker`), or a cluster found through trackers
-/// (`tracker://HOST:PORT[,HOST:PORT...]`, see [`ha`](crate::ha)). Producers, consumers and
+/// (`tracker://HOST:PORT[,HOST:PORT...]`, `tracker+tls://` over TLS, see [`ha`](crate::ha)). Producers, consumers and
 /// admin calls work the same on all three. Cheap to clone; clones share the connections.
 ///
 /// ```no_run
@@ -52,8 +53,14 @@ impl Broker {
     /// let cluster = qbus_client::Broker::connect("tracker://10.0.0.1:16666,10.0.0.2:16667").await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// `tls://host:port` and `tracker+tls://HOST:PORT[,...]` speak TLS, verifying each
+    /// server's certificate for the host dialed with the CA in the PEM file named by the
+    /// `QBUS_CA` environment variable (and presenting the client certificate of
+    /// `QBUS_CLIENT_CERT` and `QBUS_CLIENT_KEY` when both are set); to give them in code,
+    /// use [`connect_tls`](Broker::connect_tls) or [`HaOptions::with_tls`].
     pub async fn connect(addr: &str) -> Result<Broker> {
-        if addr.starts_with(TRACKER_SCHEME) {
+        if is_tracker_address(addr) {
             return Broker::connect_ha(addr, HaOptions::default()).await;
         }
         Broker::connect_with(addr, ConnectionOptions::default()).await
@@ -65,7 +72,33 @@ impl Broker {
     /// 250 ms; see [`HaOptions::connection`]) so failover stays fast; use
     /// [`connect_ha`](Broker::connect_ha) for full control.
     pub async fn connect_with(addr: &str, options: ConnectionOptions) -> Result<Broker> {
-        if addr.starts_with(TRACKER_SCHEME) {
+        Broker::connect_tls(addr, options, None).await
+    }
+
+    /// Connects as [`connect_with`](Broker::connect_with) does, over TLS with `tls` when it
+    /// is given, whatever the address's scheme (`host:port`, `tls://`, `tracker://`,
+    /// `tracker+tls://`); with `None`, only `tls://` and `tracker+tls://` addresses speak
+    /// TLS, with the CA of `QBUS_CA`. Each server's certificate must chain to `tls`'s roots
+    /// and name the host dialed (an IP address as an IP SAN); one that does not verify
+    /// fails at once with a [`ClientError::Connect`] naming the reason. Over an HA handle
+    /// every broker the trackers report is verified the same way, for the address it
+    /// advertises.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// use std::path::Path;
+    /// use qbus_client::tls::ClientTls;
+    /// let tls = ClientTls::from_pem_files(Path::new("ca.pem"), None)?;
+    /// let options = Default::default();
+    /// let broker = qbus_client::Broker::connect_tls("tls://127.0.0.1:15555", options, Some(tls)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_tls(
+        addr: &str,
+        options: ConnectionOptions,
+        tls: Option<ClientTls>,
+    ) -> Result<Broker> {
+        if is_tracker_address(addr) {
             let defaults = HaOptions::default();
             let ha = HaOptions {
                 first_topology: options.connect_timeout,
@@ -80,12 +113,27 @@ impl Broker {
                         .min(defaults.connection.request_timeout),
                     heartbeat: options.heartbeat.min(defaults.connection.heartbeat),
                 },
+                tls,
                 ..defaults
             };
             return Broker::connect_ha(addr, ha).await;
         }
-        let target = parse_address(addr)?;
-        let connection = Connection::new(TcpConnector::new(target, DEFAULT_MAX_FRAME), options);
+        let (target, tls_scheme) = parse_address(addr)?;
+        let tls = match (tls, tls_scheme) {
+            (Some(tls), _) => Some(tls),
+            (None, true) => Some(tls_from_env(addr).await?),
+            (None, false) => None,
+        };
+        Broker::connect_single(target, options, tls).await
+    }
+
+    async fn connect_single(
+        target: String,
+        options: ConnectionOptions,
+        tls: Option<ClientTls>,
+    ) -> Result<Broker> {
+        let connector = TcpConnector::new(target, DEFAULT_MAX_FRAME).with_tls(tls);
+        let connection = Connection::new(connector, options);
         connection.ensure_connected().await?;
         Ok(Broker {
             transport: Transport::single(connection),
@@ -105,7 +153,13 @@ impl Broker {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn connect_ha(trackers: &str, options: HaOptions) -> Result<Broker> {
+    ///
+    /// A `tracker+tls://` address needs TLS: without [`HaOptions::tls`] its CA comes from
+    /// `QBUS_CA` as for [`connect`](Broker::connect).
+    pub async fn connect_ha(trackers: &str, mut options: HaOptions) -> Result<Broker> {
+        if trackers.starts_with(TRACKER_TLS_SCHEME) && options.tls.is_none() {
+            options.tls = Some(tls_from_env(trackers).await?);
+        }
         let trackers = parse_trackers(trackers)?;
         Ok(Broker {
             transport: Transport::ha(Ha::connect(trackers, options).await?),
@@ -128,6 +182,12 @@ impl Broker {
     /// A receiver that sees each new topology of an HA handle; `None` for one broker.
     pub fn watch_topology(&self) -> Option<watch::Receiver<Arc<Topology>>> {
         self.transport.watch_topology()
+    }
+
+    /// The TLS an HA handle reaches the trackers and every node they report with
+    /// ([`HaOptions::tls`]); `None` over plain TCP and for one broker.
+    pub fn tls(&self) -> Option<ClientTls> {
+        self.transport.tls()
     }
 
     /// Trackers and unreachable brokers of an HA handle; `None` for one broker.
@@ -232,16 +292,51 @@ impl Broker {
     }
 }
 
-/// Checks an address string and returns the `host:port` to dial.
-fn parse_address(addr: &str) -> Result<String> {
+/// The scheme of single-broker addresses spoken over TLS.
+pub const TLS_SCHEME: &str = "tls://";
+
+fn is_tracker_address(addr: &str) -> bool {
+    addr.starts_with(TRACKER_SCHEME) || addr.starts_with(TRACKER_TLS_SCHEME)
+}
+
+/// The client TLS settings of the environment, for `addr`'s TLS scheme: the CA file in
+/// `QBUS_CA`, the client certificate in `QBUS_CLIENT_CERT` and `QBUS_CLIENT_KEY`.
+async fn tls_from_env(addr: &str) -> Result<ClientTls> {
+    let var = |name: &str| std::env::var_os(name).map(std::path::PathBuf::from);
+    let Some(ca) = var("QBUS_CA") else {
+        return Err(ClientError::Address {
+            addr: addr.to_owned(),
+            reason: "TLS needs the CA that signed the server's certificate: set QBUS_CA to \
+                     its PEM file, or give it with Broker::connect_tls or HaOptions::with_tls"
+                .into(),
+        });
+    };
+    let client = var("QBUS_CLIENT_CERT").zip(var("QBUS_CLIENT_KEY"));
+    // Reading the files blocks: not on a reactor thread.
+    tokio::task::spawn_blocking(move || {
+        let client = client.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        ClientTls::from_pem_files(&ca, client)
+    })
+    .await
+    .map_err(|e| ClientError::Protocol(format!("loading the TLS files failed: {e}")))?
+    .map_err(ClientError::from)
+}
+
+/// Checks an address string and returns the `host:port` to dial, and whether it is a
+/// `tls://` address.
+fn parse_address(addr: &str) -> Result<(String, bool)> {
     let bad = |reason: &str| ClientError::Address {
         addr: addr.to_owned(),
         reason: reason.to_owned(),
     };
-    let target = addr.strip_prefix("tcp://").unwrap_or(addr);
+    let (target, tls) = match addr.strip_prefix(TLS_SCHEME) {
+        Some(target) => (target, true),
+        None => (addr.strip_prefix("tcp://").unwrap_or(addr), false),
+    };
     if target.contains("://") {
         return Err(bad(
-            "expected host:port, tcp://host:port or tracker://host:port[,host:port...]",
+            "expected host:port, tcp://host:port, tls://host:port or \
+             tracker[+tls]://host:port[,host:port...]",
         ));
     }
     let (host, port) = target
@@ -252,7 +347,7 @@ fn parse_address(addr: &str) -> Result<String> {
     }
     port.parse::<u16>()
         .map_err(|_| bad("port must be a number from 1 to 65535"))?;
-    Ok(target.to_owned())
+    Ok((target.to_owned(), tls))
 }
 
 #[cfg(test)]
@@ -261,14 +356,26 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(parse_address("127.0.0.1:15555").unwrap(), "127.0.0.1:15555");
-        assert_eq!(parse_address("tcp://localhost:1").unwrap(), "localhost:1");
+        let plain = |addr: &str| (addr.to_owned(), false);
+        assert_eq!(
+            parse_address("127.0.0.1:15555").unwrap(),
+            plain("127.0.0.1:15555")
+        );
+        assert_eq!(
+            parse_address("tcp://localhost:1").unwrap(),
+            plain("localhost:1")
+        );
+        assert_eq!(
+            parse_address("tls://localhost:1").unwrap(),
+            ("localhost:1".to_owned(), true)
+        );
         for bad in [
             "localhost",
             ":15555",
             "host:port",
             "host:99999",
             "http://x:1",
+            "tls://tcp://x:1",
         ] {
             assert!(parse_address(bad).is_err(), "{bad}");
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ClientError, Result};
 use crate::link::{Connector, FrameStream};
-use crate::protocol::{Command, Frame, Header, ServerInfo, Status, PROTOCOL_VERSION};
+use crate::protocol::{Command, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION};
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -64,6 +64,37 @@ struct Live {
     /// drains.
     closed: CancellationToken,
     addr: String,
+    /// Why the peer's stream ended, when it ended in an error: a TLS alert (a client
+    /// certificate refused) arrives as the first read's error, after the handshake.
+    ended: OnceLock<OpenError>,
+}
+
+/// Why a link could not be opened; a permanent failure (a certificate that does not
+/// verify, a server refusing the handshake) is not retried within the connect deadline.
+#[derive(Debug, Clone)]
+struct OpenError {
+    reason: String,
+    permanent: bool,
+}
+
+impl From<String> for OpenError {
+    fn from(reason: String) -> Self {
+        OpenError {
+            reason,
+            permanent: false,
+        }
+    }
+}
+
+impl OpenError {
+    /// Failures that trying again cannot mend: TLS refusals (rustls reports them as
+    /// invalid data, as it does bytes that are not TLS).
+    fn from_io(e: &std::io::Error) -> OpenError {
+        OpenError {
+            reason: e.to_string(),
+            permanent: e.kind() == std::io::ErrorKind::InvalidData,
+        }
+    }
 }
 
 impl Live {
@@ -330,13 +361,13 @@ impl Connection {
         let deadline = started + self.inner.options.connect_timeout;
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         loop {
-            let reason = match tokio::time::timeout_at(deadline, self.open()).await {
+            let (reason, permanent) = match tokio::time::timeout_at(deadline, self.open()).await {
                 Ok(Ok(live)) => return Ok(live),
-                Ok(Err(reason)) => reason,
-                Err(_) => "timed out".to_owned(),
+                Ok(Err(e)) => (e.reason, e.permanent),
+                Err(_) => ("timed out".to_owned(), false),
             };
             let jittered = backoff.next_wait();
-            if Instant::now() + jittered >= deadline {
+            if permanent || Instant::now() + jittered >= deadline {
                 return Err(ClientError::Connect {
                     addr: self.addr(),
                     waited: started.elapsed(),
@@ -349,19 +380,20 @@ impl Connection {
     }
 
     /// Opens a link, shakes hands and starts the dispatcher.
-    async fn open(&self) -> std::result::Result<Arc<Live>, String> {
+    async fn open(&self) -> std::result::Result<Arc<Live>, OpenError> {
         let link = self
             .inner
             .connector
             .connect()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| OpenError::from_io(&e))?;
         let live = Arc::new(Live {
             link: LinkId(self.inner.next_link.fetch_add(1, Ordering::Relaxed)),
             tx: link.tx,
             pending: Mutex::new(Some(HashMap::new())),
             closed: self.inner.shutdown.child_token(),
             addr: self.addr(),
+            ended: OnceLock::new(),
         });
         tokio::spawn(dispatch(
             live.clone(),
@@ -389,12 +421,32 @@ impl Connection {
             id,
         }
         .await
-        .map_err(|e| format!("handshake failed: {e}"))?;
+        .map_err(|e| handshake_failed(&live, e))?;
         let info: ServerInfo = rmp_serde::from_slice(&reply.body)
             .map_err(|e| format!("handshake reply is not from a qbus server: {e}"))?;
         self.inner.server.store(Some(Arc::new(info)));
         self.inner.live.store(Some(live.clone()));
         Ok(live)
+    }
+}
+
+/// Why the handshake on `live` failed with `e`: the error the stream ended with when there
+/// was one, since the reply's loss only says the link closed.
+fn handshake_failed(live: &Live, e: ClientError) -> OpenError {
+    if let Some(ended) = live.ended.get() {
+        return OpenError {
+            reason: format!("handshake failed: {}", ended.reason),
+            permanent: ended.permanent,
+        };
+    }
+    // A server that refuses the handshake (a plain-text client on a TLS port, say) refuses
+    // it again; only a busy one is worth another try.
+    let permanent = e
+        .status()
+        .is_some_and(|s| (400..500).contains(&s.code()) && s != Status::Overloaded);
+    OpenError {
+        reason: format!("handshake failed: {e}"),
+        permanent,
     }
 }
 
@@ -421,6 +473,11 @@ async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inn
                 }
                 Some(Err(e)) => {
                     tracing::warn!(addr = %live.addr, error = %e, "closing connection");
+                    let ended = match &e {
+                        WireError::Io(io) => OpenError::from_io(io),
+                        other => OpenError::from(other.to_string()),
+                    };
+                    let _ = live.ended.set(ended);
                     break;
                 }
                 None => break,

@@ -55,6 +55,10 @@ pub enum ClientError {
         /// Why, and what to do about it.
         reason: String,
     },
+    /// The TLS settings cannot be used (an unreadable CA or certificate file, a key that
+    /// does not match its certificate).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The handle was closed.
     #[error("client is closed")]
     Closed,

@@ -1,7 +1,8 @@
 //! qbus client: the SDK.
 //!
 //! - [`protocol`]: the wire protocol of `qbus-wire`, re-exported (frames, header, record
-//!   format, status codes; no I/O), as is [`link`] (frames over TCP or in-process).
+//!   format, status codes; no I/O), as are [`link`] (frames over TCP or in-process) and
+//!   [`tls`] (the CA and client certificate of `tls://` and `tracker+tls://` addresses).
 //! - [`connection`]: one multiplexed, self-reconnecting connection.
 //! - [`Broker`] (`broker`): the handle users hold; admin calls and the factory for
 //!   producers and consumers.
@@ -49,7 +50,7 @@ pub mod reporter;
 pub mod topology;
 mod transport;
 
-pub use qbus_wire::{link, protocol};
+pub use qbus_wire::{link, protocol, tls};
 
 pub use broker::Broker;
 pub use call::{CallReply, PendingCall};

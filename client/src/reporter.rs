@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::connection::{Connection, ConnectionOptions};
 use crate::link::TcpConnector;
 use crate::protocol::{Command, Frame, Header, DEFAULT_MAX_FRAME};
+use crate::tls::ClientTls;
 use crate::topology::NodeState;
 
-/// Reports the latest value of `state` to every tracker in `trackers` until `stop` fires or
+/// Reports the latest value of `state` to every tracker in `trackers` (over TLS with `tls`) until `stop` fires or
 /// the sender of `state` is dropped. Publish a new state (with a higher `seq`) on every
 /// change; it goes out at once.
 ///
@@ -43,13 +44,14 @@ use crate::topology::NodeState;
 /// let (_publish, watch) = tokio::sync::watch::channel(Arc::new(state));
 /// let stop = tokio_util::sync::CancellationToken::new();
 /// let trackers = vec!["10.0.0.1:16666".to_string(), "10.0.0.2:16667".to_string()];
-/// tokio::spawn(report(trackers, watch, Duration::from_secs(2), stop.clone()));
+/// tokio::spawn(report(trackers, None, watch, Duration::from_secs(2), stop.clone()));
 /// // ... later
 /// stop.cancel();
 /// # }
 /// ```
 pub async fn report(
     trackers: Vec<String>,
+    tls: Option<ClientTls>,
     state: watch::Receiver<Arc<NodeState>>,
     interval: Duration,
     stop: CancellationToken,
@@ -57,19 +59,26 @@ pub async fn report(
     let interval = interval.max(Duration::from_millis(10));
     let mut tasks = JoinSet::new();
     for tracker in trackers {
-        tasks.spawn(report_to(tracker, state.clone(), interval, stop.clone()));
+        tasks.spawn(report_to(
+            tracker,
+            tls.clone(),
+            state.clone(),
+            interval,
+            stop.clone(),
+        ));
     }
     while tasks.join_next().await.is_some() {}
 }
 
 async fn report_to(
     tracker: String,
+    tls: Option<ClientTls>,
     mut state: watch::Receiver<Arc<NodeState>>,
     interval: Duration,
     stop: CancellationToken,
 ) {
     let connection = Connection::new(
-        TcpConnector::new(tracker.clone(), DEFAULT_MAX_FRAME),
+        TcpConnector::new(tracker.clone(), DEFAULT_MAX_FRAME).with_tls(tls),
         ConnectionOptions {
             // One attempt per interval, so a tracker that comes back hears from us within it.
             connect_timeout: interval,

@@ -60,6 +60,14 @@ impl Transport {
         }
     }
 
+    /// The TLS of an HA handle's connections; `None` for one broker.
+    pub(crate) fn tls(&self) -> Option<crate::tls::ClientTls> {
+        match &self.kind {
+            Kind::Ha(ha) => ha.tls(),
+            Kind::Single(_) => None,
+        }
+    }
+
     /// A receiver of each new topology; `None` for one broker.
     pub(crate) fn watch_topology(&self) -> Option<watch::Receiver<Arc<Topology>>> {
         match &self.kind {

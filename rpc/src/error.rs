@@ -76,6 +76,10 @@ impl RpcError {
         match error {
             ClientError::Connect { addr, reason, .. } => RpcError::Unreachable { addr, reason },
             ClientError::Address { addr, reason } => RpcError::Unreachable { addr, reason },
+            ClientError::Tls(e) => RpcError::Unreachable {
+                addr: target.to_owned(),
+                reason: e.to_string(),
+            },
             ClientError::Disconnected { addr } => RpcError::Disconnected { addr },
             ClientError::Closed => RpcError::Disconnected {
                 addr: target.to_owned(),

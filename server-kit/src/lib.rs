@@ -6,7 +6,10 @@
 //! - [`config`]: [`ConfigError`] naming the bad key, and reading a TOML settings file.
 //! - [`units`]: durations (`30s`) and sizes (`64MiB`) in settings.
 //! - [`listen`]: binding the listen address, [`BindError`] saying what to do when it fails.
-//! - [`sniff`]: HTTP or the binary protocol, decided by a connection's first byte.
+//! - [`sniff`]: HTTP or the binary protocol, decided by a connection's first byte, and
+//!   [`Rewind`](sniff::Rewind) to replay bytes read to decide.
+//! - [`tls`]: the TLS settings (certificate, key, client CA, tracker CA) checked into
+//!   rustls configs.
 //! - [`http`]: serving one HTTP/1.1 connection until shutdown, and building replies.
 //! - [`prometheus`]: writing the Prometheus text exposition format.
 //! - [`page`]: the look and script helpers the monitor pages share.
@@ -22,6 +25,7 @@ pub mod page;
 pub mod prometheus;
 pub mod signals;
 pub mod sniff;
+pub mod tls;
 pub mod units;
 
 pub use config::ConfigError;

@@ -3,10 +3,12 @@
 //! is reported with the key that holds it.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qbus_server_kit::config::{listen_addr, read_toml};
+use qbus_server_kit::tls::server_tls;
+use qbus_wire::tls::ServerTls;
 use serde::Deserialize;
 
 pub use qbus_server_kit::units::parse_duration;
@@ -30,6 +32,17 @@ pub struct Settings {
     /// 3s; subscribers keep brokers it does not list yet [default: 3s]
     #[arg(long, env = "QBUS_TRACKER_WARMUP")]
     pub warmup: Option<String>,
+    /// TLS: this tracker's certificate chain, a PEM file; with it the port speaks TLS only
+    /// [default: none, plain TCP]
+    #[arg(long, env = "QBUS_TRACKER_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key of --tls-cert, a PEM file
+    #[arg(long, env = "QBUS_TRACKER_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: require client certificates (brokers', RPC servers', clients') that chain to
+    /// the CAs in this PEM file (mTLS) [default: none]
+    #[arg(long, env = "QBUS_TRACKER_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Settings {
@@ -40,6 +53,9 @@ impl Settings {
             port: self.port.or(other.port),
             lease_reports: self.lease_reports.or(other.lease_reports),
             warmup: self.warmup.or(other.warmup),
+            tls_cert: self.tls_cert.or(other.tls_cert),
+            tls_key: self.tls_key.or(other.tls_key),
+            tls_client_ca: self.tls_client_ca.or(other.tls_client_ca),
         }
     }
 
@@ -62,10 +78,16 @@ impl Settings {
             Some(text) => parse_duration(&text).map_err(ConfigError::at("warmup"))?,
             None => Duration::from_secs(3),
         };
+        let tls = server_tls(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )?;
         Ok(Config {
             listen,
             lease_reports,
             warmup,
+            tls,
         })
     }
 }
@@ -89,6 +111,8 @@ pub struct Config {
     pub lease_reports: u32,
     /// How long after start the view counts as incomplete.
     pub warmup: Duration,
+    /// TLS on the port (TLS only when set).
+    pub tls: Option<ServerTls>,
 }
 
 impl Config {
@@ -99,6 +123,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             lease_reports: 3,
             warmup: Duration::ZERO,
+            tls: None,
         }
     }
 }

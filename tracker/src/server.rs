@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qbus_server_kit::listen::{self, BindError};
-use qbus_server_kit::sniff::is_http;
-use qbus_wire::link::tcp_link;
+use qbus_server_kit::sniff::{is_http, read_first, Rewind};
+use qbus_wire::link::{stream_link, tcp_link};
 use qbus_wire::protocol::DEFAULT_MAX_FRAME;
 use qbus_wire::serve::{accept, Connections};
+use qbus_wire::tls::{Accepted, ServerTls};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -43,12 +44,18 @@ pub async fn bind(config: &Config) -> Result<TcpListener, BindError> {
 /// ```
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) {
     let table = Arc::new(Table::new(config.lease_reports, config.warmup.is_zero()));
+    let tls = config.tls.clone();
     let background = shutdown.child_token();
     tokio::spawn(sweep(table.clone(), background.clone()));
     if !config.warmup.is_zero() {
         tokio::spawn(warm_up(table.clone(), config.warmup, background.clone()));
     }
-    tracing::info!(addr = ?listener.local_addr().ok(), warmup = ?config.warmup, "tracker listening");
+    let transport = match &tls {
+        Some(tls) if tls.requires_client_cert() => "TLS only, client certificates required",
+        Some(_) => "TLS only",
+        None => "plain TCP (no TLS configured)",
+    };
+    tracing::info!(addr = ?listener.local_addr().ok(), warmup = ?config.warmup, transport, "tracker listening");
     let mut next_conn: u64 = 1;
     let mut connections = Connections::default();
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
@@ -57,6 +64,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         connections.spawn(serve(
             table.clone(),
             stream,
+            tls.clone(),
             conn,
             peer.to_string(),
             shutdown.child_token(),
@@ -67,18 +75,43 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     tracing::info!("tracker stopped");
 }
 
+/// Serves one connection as HTTP or the binary protocol by its first byte; with TLS, after
+/// the handshake, by the first decrypted byte.
 async fn serve(
     table: Arc<Table>,
     stream: TcpStream,
+    tls: Option<ServerTls>,
     conn: u64,
     peer: String,
     shutdown: CancellationToken,
 ) {
-    match is_http(&stream, http::TIMEOUT).await {
-        Ok(true) => http::serve(table, stream, shutdown).await,
-        Ok(false) => {
-            let link = tcp_link(stream, DEFAULT_MAX_FRAME);
-            session::serve(table, link, conn, peer, shutdown).await
+    // Shown by the stats: the listen address may be 0.0.0.0, this is what the client reached.
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let Some(tls) = tls else {
+        return match is_http(&stream, http::TIMEOUT).await {
+            Ok(true) => http::serve(table, stream, local, shutdown).await,
+            Ok(false) => {
+                let link = tcp_link(stream, DEFAULT_MAX_FRAME);
+                session::serve(table, link, conn, peer, None, shutdown).await
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
+        };
+    };
+    let Accepted {
+        mut stream,
+        identity,
+    } = match tls.accept(stream, http::TIMEOUT).await {
+        Ok(accepted) => accepted,
+        Err(e) => return tracing::info!(%peer, error = %e, "TLS connection refused"),
+    };
+    match read_first(&mut stream, http::TIMEOUT).await {
+        Ok((first, true)) => http::serve(table, Rewind::new(first, stream), local, shutdown).await,
+        Ok((first, false)) => {
+            let link = stream_link(Rewind::new(first, stream), DEFAULT_MAX_FRAME);
+            session::serve(table, link, conn, peer, identity, shutdown).await
         }
         Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
     }

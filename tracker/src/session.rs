@@ -26,9 +26,10 @@ pub async fn serve(
     link: Link,
     conn: u64,
     peer: String,
+    identity: Option<String>,
     shutdown: CancellationToken,
 ) {
-    let span = tracing::info_span!("session", conn, %peer);
+    let span = tracing::info_span!("session", conn, %peer, identity = identity.as_deref());
     run(table, link, conn, shutdown).instrument(span).await
 }
 

@@ -5,6 +5,7 @@
 //! - [`link`]: moving frames over TCP or inside one process.
 //! - [`serve`]: the serving side of links: accept loop, frame read loop with an idle limit,
 //!   the `Hello` reply.
+//! - [`tls`]: TLS on links, server and client side, with rustls.
 //! - [`topology`]: what nodes report to trackers and trackers push to subscribers.
 //! - [`Backoff`]: the jittered exponential backoff every reconnect and retry uses.
 //! - [`now_ms`]: wall-clock milliseconds, as records and reports carry them.
@@ -26,6 +27,7 @@ mod clock;
 pub mod link;
 pub mod protocol;
 pub mod serve;
+pub mod tls;
 pub mod topology;
 
 pub use backoff::Backoff;

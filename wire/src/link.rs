@@ -1,6 +1,6 @@
 //! A link carries frames between two peers, over TCP or inside one process.
 //!
-//! Both the client and the broker speak to a [`Link`]: the TCP form encodes frames on a
+//! Both the client and the broker speak to a [`Link`]: the TCP form (plain or TLS) encodes frames on a
 //! socket, the in-process form (used by the embedded broker) hands them over a channel
 //! without encoding. Everything above the link is the same code for both.
 
@@ -9,11 +9,13 @@ use std::pin::Pin;
 
 use futures_core::Stream;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::protocol::{Frame, FrameCodec, WireError};
+use crate::tls::ClientTls;
 
 /// Frames queued to the peer; bounded so a slow peer applies backpressure.
 pub const LINK_QUEUE: usize = 1024;
@@ -48,8 +50,26 @@ pub trait Connector: Send + Sync + 'static {
 pub fn tcp_link(stream: TcpStream, max_frame: usize) -> Link {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
+    framed_link(read, write, max_frame)
+}
+
+/// Wraps any byte stream (a TLS stream after its handshake) in a link, as [`tcp_link`]
+/// does a TCP stream.
+pub fn stream_link<S>(stream: S, max_frame: usize) -> Link
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    framed_link(read, write, max_frame)
+}
+
+fn framed_link<R, W>(read: R, write: W, max_frame: usize) -> Link
+where
+    R: AsyncRead + Send + 'static,
+    W: AsyncWrite + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Frame>(LINK_QUEUE);
-    let mut sink = FramedWrite::new(write, FrameCodec::new(max_frame));
+    let mut sink = Box::pin(FramedWrite::new(write, FrameCodec::new(max_frame)));
     tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             if let Err(e) = sink.feed(frame).await {
@@ -67,6 +87,9 @@ pub fn tcp_link(stream: TcpStream, max_frame: usize) -> Link {
                 return;
             }
         }
+        // The peer learns the link is done (a TLS close_notify, a TCP FIN) once the frames
+        // queued before are out.
+        let _ = sink.close().await;
     });
     let reader = FramedRead::with_capacity(read, FrameCodec::new(max_frame), 64 * 1024);
     Link {
@@ -97,11 +120,12 @@ pub fn memory_link_pair() -> (Link, Link) {
     )
 }
 
-/// Connects over TCP to a `host:port` address.
+/// Connects over TCP to a `host:port` address, with TLS when given [`ClientTls`].
 #[derive(Debug, Clone)]
 pub struct TcpConnector {
     addr: String,
     max_frame: usize,
+    tls: Option<ClientTls>,
 }
 
 impl TcpConnector {
@@ -110,7 +134,15 @@ impl TcpConnector {
         TcpConnector {
             addr: addr.into(),
             max_frame,
+            tls: None,
         }
+    }
+
+    /// Speaks TLS over the connection when `tls` is given, verifying the server's
+    /// certificate for the address's host.
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> TcpConnector {
+        self.tls = tls;
+        self
     }
 }
 
@@ -118,7 +150,14 @@ impl Connector for TcpConnector {
     fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Link>> + Send + '_>> {
         Box::pin(async move {
             let stream = TcpStream::connect(&self.addr).await?;
-            Ok(tcp_link(stream, self.max_frame))
+            match &self.tls {
+                None => Ok(tcp_link(stream, self.max_frame)),
+                Some(tls) => {
+                    let _ = stream.set_nodelay(true);
+                    let stream = tls.connect(stream, &self.addr).await?;
+                    Ok(stream_link(stream, self.max_frame))
+                }
+            }
         })
     }
 

@@ -9,6 +9,7 @@
 use clap::Subcommand;
 
 use crate::error::CliError;
+use crate::tls::TlsArgs;
 
 mod args;
 mod consume;
@@ -43,6 +44,7 @@ pub async fn run(
     scenario: BenchScenario,
     broker: &str,
     connect_timeout: f64,
+    tls: &TlsArgs,
 ) -> Result<(), CliError> {
     match scenario {
         BenchScenario::Produce(args) => {
@@ -52,7 +54,7 @@ pub async fn run(
             consume::run(&crate::connect(broker, connect_timeout).await?, args).await
         }
         BenchScenario::Failover(args) => failover::run(args).await,
-        BenchScenario::Rpc(args) => rpc::run(args, broker, connect_timeout).await,
+        BenchScenario::Rpc(args) => rpc::run(args, broker, connect_timeout, tls).await,
         BenchScenario::RpcServe(args) => rpc::serve(args, broker, connect_timeout).await,
     }
 }

@@ -25,12 +25,16 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use qbus_rpc::{
     service, DirectInvoker, Encoding, Invoker, MqInvoker, MqRpcService, MqServiceOptions,
-    RpcProcessor, RpcServer,
+    RpcProcessor, RpcServer, RpcServerOptions,
 };
+
+use qbus_client::tls::ServerTls;
+use qbus_client::ConnectionOptions;
 
 use super::args::secs;
 use super::histogram::Latencies;
 use crate::error::CliError;
+use crate::tls::TlsArgs;
 
 /// The service the benchmark calls: the payload straight back.
 #[service(name = "Bench")]
@@ -92,6 +96,42 @@ pub struct RpcBench {
     /// Runtime threads of the server this benchmark starts as a child process
     #[arg(long, default_value_t = 1, value_name = "N")]
     server_threads: usize,
+    #[command(flatten)]
+    server_tls: ServerTlsArgs,
+}
+
+/// TLS of the DirectRPC server the benchmark starts; the caller verifies it with `--ca`.
+#[derive(Debug, Args)]
+pub struct ServerTlsArgs {
+    /// DirectRPC: the server speaks TLS with this certificate chain (PEM)
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// DirectRPC: the private key of --tls-cert (PEM)
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+impl ServerTlsArgs {
+    fn load(&self) -> Result<Option<ServerTls>, CliError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        ServerTls::from_pem_files(cert, key, None)
+            .map(Some)
+            .map_err(|e| CliError::Usage(e.to_string()))
+    }
+
+    /// The flags again, for the server's child process.
+    fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        for (flag, value) in [("--tls-cert", &self.tls_cert), ("--tls-key", &self.tls_key)] {
+            if let Some(path) = value {
+                args.push(flag.into());
+                args.push(path.into());
+            }
+        }
+        args
+    }
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +146,8 @@ pub struct RpcServe {
     /// MQ-RPC calls run at once
     #[arg(long, default_value_t = SERVICE_CONCURRENCY)]
     concurrency: usize,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
 }
 
 fn processor() -> RpcProcessor {
@@ -115,8 +157,10 @@ fn processor() -> RpcProcessor {
 }
 
 /// The benchmark's service serving DirectRPC on `addr`.
-async fn serve_direct(addr: &str) -> Result<RpcServer, CliError> {
-    RpcServer::bind(addr, processor())
+async fn serve_direct(addr: &str, tls: &ServerTlsArgs) -> Result<RpcServer, CliError> {
+    let mut options = RpcServerOptions::default();
+    options.tls = tls.load()?;
+    RpcServer::bind_with(addr, processor(), options)
         .await
         .map_err(|e| CliError::Failed(e.to_string()))
 }
@@ -143,7 +187,7 @@ const SERVICE_CONCURRENCY: usize = 256;
 pub async fn serve(args: RpcServe, broker: &str, connect_timeout: f64) -> Result<(), CliError> {
     let _running: (Option<RpcServer>, Option<MqRpcService>) = match (&args.listen, &args.mq) {
         (Some(addr), _) => {
-            let server = serve_direct(addr).await?;
+            let server = serve_direct(addr, &args.tls).await?;
             println!("LISTENING {}", server.local_addr());
             (Some(server), None)
         }
@@ -172,20 +216,16 @@ impl Drop for ServerChild {
 
 /// Starts `qbus bench rpc-serve` and waits for its first line.
 fn start_server(
-    serve_args: &[&str],
+    serve_args: &[std::ffi::OsString],
     broker: &str,
     threads: usize,
+    tls: &TlsArgs,
 ) -> Result<(ServerChild, String), CliError> {
     let exe = std::env::current_exe()?;
     let child = Command::new(exe)
-        .args([
-            "--broker",
-            broker,
-            "--threads",
-            &threads.to_string(),
-            "bench",
-            "rpc-serve",
-        ])
+        .args(["--broker", broker, "--threads", &threads.to_string()])
+        .args(tls.child_args())
+        .args(["bench", "rpc-serve"])
         .args(serve_args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -207,7 +247,12 @@ fn start_server(
     Ok((child, line.trim().to_owned()))
 }
 
-pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(), CliError> {
+pub async fn run(
+    args: RpcBench,
+    broker: &str,
+    connect_timeout: f64,
+    tls: &TlsArgs,
+) -> Result<(), CliError> {
     let duration = secs("--duration", args.duration)?;
     let warmup = secs("--warmup", args.warmup)?;
     let encoding =
@@ -223,13 +268,14 @@ pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(
     let (invoker, transport): (Box<dyn Invoker>, &str) = match (&args.direct, &args.mq) {
         (Some(addr), _) => {
             let addr = if addr.is_empty() && args.in_process {
-                let server = serve_direct("127.0.0.1:0").await?;
+                let server = serve_direct("127.0.0.1:0", &args.server_tls).await?;
                 let addr = server.local_addr().to_string();
                 _in_process.0 = Some(server);
                 addr
             } else if addr.is_empty() {
-                let (child, line) =
-                    start_server(&["--listen", "127.0.0.1:0"], broker, args.server_threads)?;
+                let mut serve = vec!["--listen".into(), "127.0.0.1:0".into()];
+                serve.extend(args.server_tls.child_args());
+                let (child, line) = start_server(&serve, broker, args.server_threads, tls)?;
                 _server = Some(child);
                 line.strip_prefix("LISTENING ")
                     .ok_or_else(|| CliError::Failed(format!("unexpected server output {line:?}")))?
@@ -237,9 +283,8 @@ pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(
             } else {
                 addr.clone()
             };
-            let invoker = DirectInvoker::connect(&addr)
-                .await
-                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let invoker =
+                DirectInvoker::with_tls(&addr, ConnectionOptions::default(), crate::tls::client());
             (Box::new(invoker), "direct")
         }
         (_, Some(mq)) => {
@@ -247,7 +292,8 @@ pub async fn run(args: RpcBench, broker: &str, connect_timeout: f64) -> Result<(
                 let service = serve_mq(broker, connect_timeout, mq, SERVICE_CONCURRENCY).await?;
                 _in_process.1 = Some(service);
             } else if !args.external {
-                let (child, _) = start_server(&["--mq", mq], broker, args.server_threads)?;
+                let serve = ["--mq".into(), mq.into()];
+                let (child, _) = start_server(&serve, broker, args.server_threads, tls)?;
                 _server = Some(child);
             }
             let broker = crate::connect(broker, connect_timeout).await?;

@@ -52,6 +52,7 @@ use crate::connection::{Connection, ConnectionOptions};
 use crate::error::{ClientError, Result};
 use crate::link::TcpConnector;
 use crate::protocol::{Command, Frame, Header, DEFAULT_MAX_FRAME};
+use crate::tls::ClientTls;
 use crate::topology::{Topology, TopologyUpdate};
 
 pub use selector::{LeastLoaded, RoundRobin, Selector};
@@ -61,6 +62,9 @@ use views::{Gap, Views};
 
 /// The scheme of HA addresses.
 pub const TRACKER_SCHEME: &str = "tracker://";
+/// The scheme of HA addresses spoken over TLS: to the trackers and to every broker they
+/// name (see [`HaOptions::tls`]).
+pub const TRACKER_TLS_SCHEME: &str = "tracker+tls://";
 
 /// Heartbeat of HA connections: short, because a hung broker holds up every send routed
 /// to it until its silence is noticed (three to four of these), while the cost is a tiny
@@ -95,6 +99,11 @@ pub struct HaOptions {
     /// On how many brokers `create_mq` creates an MQ: `None` for every live broker (the
     /// default), `Some(n)` for `n` of them, chosen by hashing the MQ name.
     pub create_on: Option<usize>,
+    /// TLS for every connection the handle makes: to the trackers and to every broker (or
+    /// RPC server) they report, each verified for the host of the address dialed, as the
+    /// node advertises it. A cluster is reached either all over TLS or all in plain TCP.
+    /// Default `None` (plain TCP, or for `tracker+tls://` addresses the CA in `QBUS_CA`).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for HaOptions {
@@ -108,6 +117,7 @@ impl Default for HaOptions {
             first_topology: Duration::from_secs(5),
             selector: Arc::new(RoundRobin::default()),
             create_on: None,
+            tls: None,
         }
     }
 }
@@ -131,6 +141,12 @@ impl HaOptions {
         self
     }
 
+    /// Sets [`tls`](HaOptions::tls).
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Sets [`create_on`](HaOptions::create_on) to `Some(brokers)`.
     pub fn with_create_on(mut self, brokers: usize) -> Self {
         self.create_on = Some(brokers.max(1));
@@ -138,8 +154,8 @@ impl HaOptions {
     }
 }
 
-/// Parses `tracker://HOST:PORT[,HOST:PORT...]` (the scheme is optional) into tracker
-/// addresses.
+/// Parses `tracker://HOST:PORT[,HOST:PORT...]` (or `tracker+tls://`; the scheme is
+/// optional) into tracker addresses.
 ///
 /// ```
 /// use qbus_client::ha::parse_trackers;
@@ -154,7 +170,10 @@ pub fn parse_trackers(addr: &str) -> Result<Vec<String>> {
         addr: addr.to_owned(),
         reason,
     };
-    let list = addr.strip_prefix(TRACKER_SCHEME).unwrap_or(addr);
+    let list = addr
+        .strip_prefix(TRACKER_SCHEME)
+        .or_else(|| addr.strip_prefix(TRACKER_TLS_SCHEME))
+        .unwrap_or(addr);
     let mut trackers = Vec::new();
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (host, port) = part
@@ -190,7 +209,17 @@ pub fn parse_trackers(addr: &str) -> Result<Vec<String>> {
 /// # Ok(()) }
 /// ```
 pub async fn query_tracker(addr: &str, options: ConnectionOptions) -> Result<TopologyUpdate> {
-    let connection = Connection::new(TcpConnector::new(addr, DEFAULT_MAX_FRAME), options);
+    query_tracker_with(addr, options, None).await
+}
+
+/// [`query_tracker`] over TLS with `tls`.
+pub async fn query_tracker_with(
+    addr: &str,
+    options: ConnectionOptions,
+    tls: Option<ClientTls>,
+) -> Result<TopologyUpdate> {
+    let connector = TcpConnector::new(addr, DEFAULT_MAX_FRAME).with_tls(tls);
+    let connection = Connection::new(connector, options);
     let reply = connection
         .request(Frame::new(Header::request(Command::QueryTopology, None)))
         .await?;
@@ -269,7 +298,7 @@ impl Ha {
         let shared = Arc::new(Shared {
             views: Mutex::new(Views::new(trackers.len())),
             errors: Mutex::new(vec![None; trackers.len()]),
-            pool: Pool::new(options.connection.clone()),
+            pool: Pool::new(options.connection.clone(), options.tls.clone()),
             topology: ArcSwap::new(empty.clone()),
             topology_tx: watch::channel(empty).0,
             events: watch::channel(0).0,
@@ -337,6 +366,11 @@ impl Ha {
     /// A receiver that sees every new merged topology.
     pub fn watch(&self) -> watch::Receiver<Arc<Topology>> {
         self.shared.topology_tx.subscribe()
+    }
+
+    /// The TLS every connection of the handle uses.
+    pub fn tls(&self) -> Option<ClientTls> {
+        self.shared.options.tls.clone()
     }
 
     /// Trackers and unreachable brokers.

@@ -16,6 +16,7 @@ use crate::connection::{Connection, ConnectionOptions};
 use crate::error::ClientError;
 use crate::link::TcpConnector;
 use crate::protocol::{Command, Frame, Header, DEFAULT_MAX_FRAME};
+use crate::tls::ClientTls;
 use crate::topology::Topology;
 
 /// First and longest wait between two probes of a down broker.
@@ -45,13 +46,15 @@ impl Node {
 pub(crate) struct Pool {
     nodes: ArcSwap<HashMap<Arc<str>, Arc<Node>>>,
     options: ConnectionOptions,
+    tls: Option<ClientTls>,
 }
 
 impl Pool {
-    pub fn new(options: ConnectionOptions) -> Pool {
+    pub fn new(options: ConnectionOptions, tls: Option<ClientTls>) -> Pool {
         Pool {
             nodes: ArcSwap::from_pointee(HashMap::new()),
             options,
+            tls,
         }
     }
 
@@ -77,7 +80,7 @@ impl Pool {
         Node {
             addr: addr.clone(),
             conn: Connection::new(
-                TcpConnector::new(addr.to_string(), DEFAULT_MAX_FRAME),
+                TcpConnector::new(addr.to_string(), DEFAULT_MAX_FRAME).with_tls(self.tls.clone()),
                 self.options.clone(),
             ),
             down: AtomicBool::new(false),

@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use qbus_wire::Backoff;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Shared;
-use crate::link::{tcp_link, Link};
+use crate::link::{Connector, Link, TcpConnector};
 use crate::protocol::{
     Command, Frame, Header, ServerInfo, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
@@ -59,7 +58,8 @@ enum Ended {
 
 async fn subscribe(shared: &Arc<Shared>, index: usize, addr: &str) -> Ended {
     let options = &shared.options.connection;
-    let mut link = match connect(addr, options.connect_timeout).await {
+    let connector = TcpConnector::new(addr, DEFAULT_MAX_FRAME).with_tls(shared.options.tls.clone());
+    let mut link = match connect(&connector, options.connect_timeout).await {
         Ok(link) => link,
         Err(reason) => return Ended::Early(reason),
     };
@@ -74,9 +74,9 @@ async fn subscribe(shared: &Arc<Shared>, index: usize, addr: &str) -> Ended {
     Ended::AfterSnapshot(follow_changes(shared, index, &mut link, options.heartbeat).await)
 }
 
-async fn connect(addr: &str, limit: Duration) -> Result<Link, String> {
-    match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => Ok(tcp_link(stream, DEFAULT_MAX_FRAME)),
+async fn connect(connector: &TcpConnector, limit: Duration) -> Result<Link, String> {
+    match tokio::time::timeout(limit, connector.connect()).await {
+        Ok(Ok(link)) => Ok(link),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("connect timed out after {limit:?}")),
     }

@@ -3,6 +3,7 @@
 
 use qbus_client::link::TcpConnector;
 use qbus_client::protocol::DEFAULT_MAX_FRAME;
+use qbus_client::tls::ClientTls;
 use qbus_client::{Connection, ConnectionOptions};
 
 use crate::client::invoker::{exchange, Call, InvokeFuture, Invoker};
@@ -33,7 +34,27 @@ impl DirectInvoker {
     /// An invoker for `addr` with explicit connection options. The connect timeout bounds
     /// each connection attempt; a call's own deadline bounds the whole call.
     pub fn with_options(addr: &str, options: ConnectionOptions) -> DirectInvoker {
-        let connector = TcpConnector::new(addr, DEFAULT_MAX_FRAME);
+        DirectInvoker::with_tls(addr, options, None)
+    }
+
+    /// An invoker for `addr` with explicit connection options, over TLS with `tls`: the
+    /// server's certificate must chain to its roots and name `addr`'s host.
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), qbus_client::tls::TlsError> {
+    /// use std::path::Path;
+    /// use qbus_client::tls::ClientTls;
+    /// use qbus_rpc::DirectInvoker;
+    /// let tls = ClientTls::from_pem_files(Path::new("ca.pem"), None)?;
+    /// let invoker = DirectInvoker::with_tls("127.0.0.1:18000", Default::default(), Some(tls));
+    /// # drop(invoker); Ok(()) }
+    /// ```
+    pub fn with_tls(
+        addr: &str,
+        options: ConnectionOptions,
+        tls: Option<ClientTls>,
+    ) -> DirectInvoker {
+        let connector = TcpConnector::new(addr, DEFAULT_MAX_FRAME).with_tls(tls);
         DirectInvoker {
             connection: Connection::new(connector, options),
         }

@@ -74,7 +74,7 @@ impl HaInvoker {
     }
 
     /// Uses the topology of an HA broker handle the application already has; the server
-    /// connections use `connection` (its connect timeout bounds how long an unreachable
+    /// connections use the handle's TLS (see `HaOptions::tls`) and `connection` (its connect timeout bounds how long an unreachable
     /// server holds up a call before the next is tried).
     pub fn from_broker(
         cluster: Broker,
@@ -134,7 +134,7 @@ impl Shared {
             return server.clone();
         }
         let fresh = Arc::new(Server {
-            invoker: DirectInvoker::with_options(addr, self.connection.clone()),
+            invoker: DirectInvoker::with_tls(addr, self.connection.clone(), self.cluster.tls()),
             in_flight: AtomicUsize::new(0),
             failed_at: AtomicU64::new(0),
         });

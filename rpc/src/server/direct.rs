@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use qbus_wire::link::{stream_link, tcp_link};
 use qbus_wire::protocol::DEFAULT_MAX_FRAME;
 use qbus_wire::serve::{accept, Connections};
+use qbus_wire::tls::{Accepted, ClientTls, ServerTls};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::server::processor::{RpcProcessor, SHUTDOWN_GRACE};
 use crate::server::registration::Registration;
 use crate::server::session::{self, Limits};
+
+/// How long a new connection has for its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of an [`RpcServer`]. Build with the `with_*` methods.
 ///
@@ -38,6 +43,11 @@ pub struct RpcServerOptions {
     pub advertise: Option<String>,
     /// How often the trackers hear from this server. Default 2 s.
     pub report_interval: Duration,
+    /// TLS on the port: with it the server speaks TLS only (and with client certificates
+    /// required, each session knows its client's name). Default `None`, plain TCP.
+    pub tls: Option<ServerTls>,
+    /// TLS towards the trackers. Default `None`, plain TCP.
+    pub tracker_tls: Option<ClientTls>,
 }
 
 impl Default for RpcServerOptions {
@@ -48,6 +58,8 @@ impl Default for RpcServerOptions {
             trackers: Vec::new(),
             advertise: None,
             report_interval: Duration::from_secs(2),
+            tls: None,
+            tracker_tls: None,
         }
     }
 }
@@ -62,6 +74,18 @@ impl RpcServerOptions {
     /// Sets [`advertise`](RpcServerOptions::advertise).
     pub fn with_advertise(mut self, addr: impl Into<String>) -> Self {
         self.advertise = Some(addr.into());
+        self
+    }
+
+    /// Sets [`tls`](RpcServerOptions::tls).
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sets [`tracker_tls`](RpcServerOptions::tracker_tls).
+    pub fn with_tracker_tls(mut self, tls: ClientTls) -> Self {
+        self.tracker_tls = Some(tls);
         self
     }
 
@@ -170,18 +194,30 @@ impl RpcServer {
             let trackers = options.trackers.clone();
             Some(Registration::start(
                 trackers,
+                options.tracker_tls.clone(),
                 addr,
                 services,
                 options.report_interval,
             ))
         };
         let shutdown = CancellationToken::new();
-        tracing::info!(addr = %local_addr, modules = ?processor.modules(), "RPC server listening");
+        tracing::info!(
+            addr = %local_addr,
+            modules = ?processor.modules(),
+            tls = options.tls.is_some(),
+            "RPC server listening"
+        );
         let limits = Limits {
             max_frame: options.max_frame,
             max_in_flight: options.max_in_flight,
         };
-        let accept = tokio::spawn(accept_loop(listener, processor, limits, shutdown.clone()));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            processor,
+            limits,
+            options.tls.clone(),
+            shutdown.clone(),
+        ));
         Ok(RpcServer {
             local_addr,
             shutdown,
@@ -225,17 +261,27 @@ async fn accept_loop(
     listener: TcpListener,
     processor: RpcProcessor,
     limits: Limits,
+    tls: Option<ServerTls>,
     shutdown: CancellationToken,
 ) {
     let mut sessions = Connections::default();
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
-        sessions.spawn(session::serve(
-            stream,
-            peer.to_string(),
-            processor.clone(),
-            limits,
-            shutdown.child_token(),
-        ));
+        let (processor, tls, shutdown) = (processor.clone(), tls.clone(), shutdown.child_token());
+        sessions.spawn(async move {
+            let Some(tls) = tls else {
+                let link = tcp_link(stream, limits.max_frame);
+                return session::serve(link, peer.to_string(), None, processor, limits, shutdown)
+                    .await;
+            };
+            match tls.accept(stream, HANDSHAKE_TIMEOUT).await {
+                Ok(Accepted { stream, identity }) => {
+                    let link = stream_link(stream, limits.max_frame);
+                    let peer = peer.to_string();
+                    session::serve(link, peer, identity, processor, limits, shutdown).await
+                }
+                Err(e) => tracing::info!(%peer, error = %e, "TLS connection refused"),
+            }
+        });
     }
     drop(listener);
     // Each session drains its calls within the grace period; this bound is a backstop.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_client::reporter::report;
+use qbus_client::tls::ClientTls;
 use qbus_client::topology::{NodeKind, NodeState};
 use qbus_wire::now_ms;
 use tokio::sync::watch;
@@ -23,9 +24,11 @@ pub(crate) struct Registration {
 }
 
 impl Registration {
-    /// Starts reporting `addr` with `services` to every tracker, every `interval`.
+    /// Starts reporting `addr` with `services` to every tracker (over TLS with `tls`),
+    /// every `interval`.
     pub(crate) fn start(
         trackers: Vec<String>,
+        tls: Option<ClientTls>,
         addr: String,
         services: Vec<String>,
         interval: Duration,
@@ -43,7 +46,7 @@ impl Registration {
         };
         let (state, watch) = watch::channel(Arc::new(state));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(report(trackers, watch, interval, stop.clone()));
+        let task = tokio::spawn(report(trackers, tls, watch, interval, stop.clone()));
         Registration {
             _state: state,
             stop,

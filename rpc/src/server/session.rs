@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use qbus_wire::link::{tcp_link, Link};
+use qbus_wire::link::Link;
 use qbus_wire::protocol::{Command, Frame, Header, Status, PROTOCOL_VERSION};
 use qbus_wire::serve::{hello_reply, next_frame};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -34,30 +33,27 @@ pub(super) struct Limits {
 /// Serves one client until it closes, fails, or `shutdown` fires (then the calls running
 /// finish, within [`SHUTDOWN_GRACE`]). Calls still running when the client goes away are
 /// stopped: nobody is left to read their replies.
+/// `identity` is the name in the client's verified TLS certificate, if it sent one.
 pub(crate) async fn serve(
-    stream: TcpStream,
+    link: Link,
     peer: String,
+    identity: Option<String>,
     processor: RpcProcessor,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let span = tracing::info_span!("rpc_session", %peer);
-    run(stream, processor, limits, shutdown)
+    let span = tracing::info_span!("rpc_session", %peer, identity = identity.as_deref());
+    run(link, processor, limits, shutdown)
         .instrument(span)
         .await
 }
 
-async fn run(
-    stream: TcpStream,
-    processor: RpcProcessor,
-    limits: Limits,
-    shutdown: CancellationToken,
-) {
+async fn run(link: Link, processor: RpcProcessor, limits: Limits, shutdown: CancellationToken) {
     tracing::debug!("session opened");
     let Link {
         tx,
         rx: mut inbound,
-    } = tcp_link(stream, limits.max_frame);
+    } = link;
     let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let mut calls = JoinSet::new();
     while let Some(frame) = next_frame(&mut inbound, &tx, IDLE_TIMEOUT, &shutdown).await {

@@ -22,7 +22,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use qbus_server_kit::http::{bytes, json_pretty, serve_connection, text, Reply};
 use qbus_server_kit::page;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use self::stats::Stats;
@@ -63,13 +63,11 @@ impl Resource {
 }
 
 /// Serves HTTP on `stream` until the peer closes it, it idles out, or `shutdown` fires.
-pub async fn serve(table: Arc<Table>, stream: TcpStream, shutdown: CancellationToken) {
-    // Shown by the stats: the listen address may be 0.0.0.0, this is what the client reached.
-    let local: Arc<str> = stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default()
-        .into();
+pub async fn serve<S>(table: Arc<Table>, stream: S, local: String, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let local: Arc<str> = local.into();
     let service = service_fn(move |request| {
         let (table, local) = (table.clone(), local.clone());
         async move { Ok::<_, Infallible>(route(&table, &local, &request)) }
