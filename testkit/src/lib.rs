@@ -8,6 +8,8 @@
 //! - [`greeter`]: the RPC service the tests call (`#[service] trait Greeter`), with a probe.
 //! - [`http`]: an HTTP/1.1 client connection, as `curl` would use it.
 //! - [`prometheus`]: a strict parser of the Prometheus text format.
+//! - [`tls`]: a certificate authority made in the test (rcgen), its PEM files and the
+//!   SDK's TLS settings for it.
 //! - [`chromium`]: headless Chromium to load a monitor page.
 
 #![allow(clippy::unwrap_used)] // a harness fails loudly by design
@@ -18,6 +20,7 @@ pub mod http;
 pub mod ports;
 pub mod process;
 pub mod prometheus;
+pub mod tls;
 
 pub use ports::reserve_port;
 

@@ -106,6 +106,12 @@ async fn received(
 ) -> Option<Frame> {
     match item {
         Some(Ok(frame)) => Some(frame),
+        // A TLS peer that goes away without its close_notify (a process that exits) has
+        // closed, as a TCP peer does with its FIN: nothing is left to answer.
+        Some(Err(WireError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!(error = %e, "peer closed without a TLS close_notify");
+            None
+        }
         Some(Err(e)) => {
             tracing::warn!(error = %e, "closing connection after bad input");
             let status = match e {
