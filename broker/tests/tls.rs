@@ -4,6 +4,8 @@
 //! with a reason, a plain-text client told that the port speaks TLS, and the name of a
 //! verified client certificate.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;

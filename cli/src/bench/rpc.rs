@@ -158,8 +158,10 @@ fn processor() -> RpcProcessor {
 
 /// The benchmark's service serving DirectRPC on `addr`.
 async fn serve_direct(addr: &str, tls: &ServerTlsArgs) -> Result<RpcServer, CliError> {
-    let mut options = RpcServerOptions::default();
-    options.tls = tls.load()?;
+    let options = RpcServerOptions {
+        tls: tls.load()?,
+        ..RpcServerOptions::default()
+    };
     RpcServer::bind_with(addr, processor(), options)
         .await
         .map_err(|e| CliError::Failed(e.to_string()))
