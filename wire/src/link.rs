@@ -153,7 +153,6 @@ impl Connector for TcpConnector {
             match &self.tls {
                 None => Ok(tcp_link(stream, self.max_frame)),
                 Some(tls) => {
-                    let _ = stream.set_nodelay(true);
                     let stream = tls.connect(stream, &self.addr).await?;
                     Ok(stream_link(stream, self.max_frame))
                 }

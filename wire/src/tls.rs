@@ -223,6 +223,9 @@ impl ServerTls {
                 "refused a plain-text connection: this port speaks TLS only",
             ));
         }
+        // As on plain links: small frames (a reply, an ack) go out at once rather than
+        // waiting for the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let stream = tokio::time::timeout(limit, self.acceptor.accept(stream))
             .await
             .map_err(|_| timed_out())??;
@@ -333,6 +336,7 @@ impl ClientTls {
         addr: &str,
     ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let name = server_name(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let _ = stream.set_nodelay(true);
         self.connector.connect(name, stream).await.map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
