@@ -89,6 +89,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Before the runtime: reading the PEM files blocks.
+    if let Err(e) = cli.tls.install() {
+        return fail(&e);
+    }
     let mut builder = match cli.threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         0 => tokio::runtime::Builder::new_multi_thread(),
@@ -117,7 +121,6 @@ fn fail(e: &CliError) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    cli.tls.install()?;
     // `topology` asks the trackers and `bench failover` runs its own cluster: neither
     // connects to --broker.
     let broker = || connect(&cli.broker, cli.connect_timeout);
