@@ -1,6 +1,7 @@
 //! TLS on the broker port, against real `qbus-broker` (and `qbus-tracker`) processes with a
 //! CA made in the test: the binary protocol and HTTP inside TLS, a tracker over TLS with a
-//! `tracker+tls://` client, a wrong CA and a missing client certificate refused at once
+//! `tracker+tls://` client (which refuses a reported broker its CA did not sign), a wrong
+//! CA and a missing client certificate refused at once
 //! with a reason, a plain-text client told that the port speaks TLS, and the name of a
 //! verified client certificate.
 
@@ -240,4 +241,46 @@ async fn a_tracker_over_tls_leads_an_ha_client_to_tls_brokers() {
         let err = Broker::connect(&url).await.unwrap_err().to_string();
         assert!(err.contains("QBUS_CA"), "{err}");
     }
+}
+
+#[tokio::test]
+async fn an_ha_client_refuses_a_reported_broker_its_ca_did_not_sign() {
+    let ca = TestCa::new("qbus test CA");
+    let ca_file = ca.ca().display().to_string();
+    let tracker_cert = ca.issue("tracker").server_args();
+    let tracker_args: Vec<&str> = tracker_cert.iter().map(String::as_str).collect();
+    let tracker = TrackerProcess::start_with(Duration::ZERO, &tracker_args);
+    // It reports to the tracker as it should, but serves a certificate of another CA.
+    let stranger = TestCa::new("another CA");
+    let mut args = stranger.issue("impostor").server_args();
+    args.extend([
+        "--tracker".into(),
+        tracker.addr(),
+        "--tracker-ca".into(),
+        ca_file,
+    ]);
+    args.extend(["--report-interval".into(), "200ms".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let impostor = BrokerProcess::start(&args);
+    let url = format!("tracker+tls://{}", tracker.addr());
+    let options = HaOptions::default().with_tls(ca.client_tls());
+    let cluster = Broker::connect_ha(&url, options).await.unwrap();
+    wait_for(
+        "the broker in the topology",
+        Duration::from_secs(10),
+        || {
+            let topology = cluster.topology()?;
+            let listed = topology.brokers().any(|b| b.addr == impostor.addr());
+            listed.then_some(())
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let err = cluster
+        .create_mq("secrets", MqOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
 }
