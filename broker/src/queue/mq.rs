@@ -14,11 +14,13 @@ use super::blocking;
 use super::group::{Fetching, Group, Start};
 use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
 use super::group_ledger::Redeliveries;
+use super::timer::Timer;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
 use crate::store::fsio::{sync_parent, write_durably};
 use crate::store::{
-    AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip, StoreError,
+    AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip,
+    StoreError, TimerLog,
 };
 
 const OPTIONS_FILE: &str = "mq.options";
@@ -51,6 +53,10 @@ pub struct Fetched {
     /// Offsets the group just went past because their records are damaged; such a fetch
     /// carries no records, so the loss reaches the consumer in order.
     pub lost: Option<Lost>,
+    /// Records the group went past because they expired: their count, and the records
+    /// themselves (without their expiry) when the MQ moves expired records to its
+    /// dead-letter MQ.
+    pub expired: DeadLetters,
 }
 
 /// Records a fetch retired after too many deliveries, read whole: the MQ does not reach
@@ -84,6 +90,8 @@ pub struct Mq {
     /// Damaged records already logged and counted (file, byte position): once per MQ, not
     /// once per group that meets them.
     damage_seen: Mutex<HashSet<(PathBuf, u64)>>,
+    /// Delayed delivery (see [`super::timer`]).
+    timer: Timer,
 }
 
 impl Mq {
@@ -135,6 +143,7 @@ impl Mq {
             max_in_flight: defaults.max_in_flight,
         };
         let (log, reader) = MqLog::open(fs, dir, log_config)?;
+        let timer = Timer::new(TimerLog::open(fs, dir)?);
         let mut groups = HashMap::new();
         for entry in fs.list(&groups_dir).map_err(StoreError::io(&groups_dir))? {
             let Some(group) = entry.name.strip_suffix(CURSOR_SUFFIX) else {
@@ -163,7 +172,55 @@ impl Mq {
             groups: Mutex::new(groups),
             counters: MqCounters::default(),
             damage_seen: Mutex::new(HashSet::new()),
+            timer,
         })
+    }
+
+    /// The read side of the log.
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// Its delayed delivery.
+    pub fn timer(&self) -> &Timer {
+        &self.timer
+    }
+
+    /// When a record stored at `timestamp_ms` that carries `expires_at` expires: that, or
+    /// the MQ's default TTL after it was stored.
+    fn expiry(&self, timestamp_ms: u64, expires_at: Option<u64>) -> Option<u64> {
+        expires_at.or_else(|| {
+            self.options
+                .ttl_ms
+                .map(|ttl| timestamp_ms.saturating_add(ttl))
+        })
+    }
+
+    /// Whether expired records go to the dead-letter MQ (else they are dropped).
+    pub fn expired_to_dead_letter(&self) -> bool {
+        self.options.expired_to_dead_letter.unwrap_or(false)
+    }
+
+    /// Adds the expired record `bytes` to `expired`: kept (without its expiry, lest it
+    /// expire again where it goes) when the MQ dead-letters expired records.
+    fn retire_expired(&self, expired: &mut DeadLetters, bytes: &[u8]) {
+        expired.count += 1;
+        if !self.expired_to_dead_letter() {
+            return;
+        }
+        if let Some(Ok(record)) = records(bytes).next() {
+            let meta = qbus_wire::protocol::record::RecordMeta {
+                expires_at: None,
+                ..record.meta()
+            };
+            let _ = qbus_wire::protocol::record::encode_record_meta(
+                &mut expired.records,
+                0,
+                0,
+                &meta,
+                record.body,
+            );
+        }
     }
 
     /// The MQ's name.
@@ -375,13 +432,25 @@ impl Mq {
             *read_pos = Some(batch.next_pos);
             // (offset, start, size) of each record the tag lets through.
             let mut picked = Vec::with_capacity(batch.count);
+            let mut expired = DeadLetters::default();
+            let now = qbus_wire::now_ms();
             let mut at = 0;
             for record in records(&batch.data) {
                 let record = record.map_err(|e| corrupt(self, e))?;
-                if tag.is_none() || record.tag == tag {
-                    picked.push((record.offset, at, record.size));
+                // A delayed record before its time goes past like a filtered one: the
+                // timer appends its copy when it comes due (see `super::timer`).
+                if (tag.is_none() || record.tag == tag) && !record.is_pending_original() {
+                    let expiry = self.expiry(record.timestamp_ms, record.expires_at);
+                    if expiry.is_some_and(|expiry| expiry <= now) {
+                        self.retire_expired(&mut expired, &batch.data[at..at + record.size]);
+                    } else {
+                        picked.push((record.offset, at, record.size));
+                    }
                 }
                 at += record.size;
+            }
+            if expired.count > 0 {
+                self.counters.expired(expired.count.into());
             }
             let mut offsets: Vec<u64> = picked.iter().map(|&(offset, _, _)| offset).collect();
             let (attempts, dead) = {
@@ -394,6 +463,12 @@ impl Mq {
                 (attempts, dead)
             };
             if offsets.is_empty() && dead.is_empty() {
+                if !expired.records.is_empty() {
+                    return Ok(Some(Fetched {
+                        expired,
+                        ..Fetched::default()
+                    }));
+                }
                 if batch.count == 0 {
                     return Ok(None);
                 }
@@ -428,6 +503,7 @@ impl Mq {
                 attempts,
                 dead,
                 lost: None,
+                expired,
             }));
         }
     }
@@ -511,7 +587,10 @@ impl Mq {
             Ok::<_, StoreError>((body, kept, dead, dead_count, damaged))
         });
         let (body, attempts, dead, dead_count, damaged) = read.await?;
-        let settled: Vec<DeliveryToken> = damaged.iter().filter_map(|(_, token)| *token).collect();
+        let (body, attempts, expired_tokens, expired) = self.drop_expired(body, attempts);
+        let mut settled: Vec<DeliveryToken> =
+            damaged.iter().filter_map(|(_, token)| *token).collect();
+        settled.extend(expired_tokens);
         if !settled.is_empty() {
             group.state().ack(&settled);
         }
@@ -526,7 +605,45 @@ impl Mq {
                 count: dead_count,
             },
             lost: None,
+            expired,
         })
+    }
+
+    /// Takes the records that expired since their first delivery out of redeliveries
+    /// (`body` with `attempts`): returns what is left, the deliveries to settle, and the
+    /// expired records.
+    fn drop_expired(
+        &self,
+        body: BytesMut,
+        attempts: Vec<u32>,
+    ) -> (BytesMut, Vec<u32>, Vec<DeliveryToken>, DeadLetters) {
+        let now = qbus_wire::now_ms();
+        let is_expired = |record: &qbus_wire::protocol::record::RecordRef<'_>| {
+            self.expiry(record.timestamp_ms, record.expires_at)
+                .is_some_and(|expiry| expiry <= now)
+        };
+        if !records(&body).flatten().any(|r| is_expired(&r)) {
+            return (body, attempts, Vec::new(), DeadLetters::default());
+        }
+        let (mut kept, mut kept_attempts) = (BytesMut::new(), Vec::new());
+        let (mut settled, mut expired) = (Vec::new(), DeadLetters::default());
+        let mut at = 0;
+        for (record, attempt) in records(&body).flatten().zip(attempts) {
+            let bytes = &body[at..at + record.size];
+            at += record.size;
+            if is_expired(&record) {
+                settled.push(DeliveryToken {
+                    offset: record.offset,
+                    attempt,
+                });
+                self.retire_expired(&mut expired, bytes);
+            } else {
+                kept.extend_from_slice(bytes);
+                kept_attempts.push(attempt);
+            }
+        }
+        self.counters.expired(expired.count.into());
+        (kept, kept_attempts, settled, expired)
     }
 
     /// Acknowledges deliveries and adds a store of the group's cursor to `batch` if it
@@ -695,8 +812,12 @@ impl Mq {
                 max_deliveries: Some(self.limits.max_deliveries),
                 dead_letter_mq: Some(self.dead_letter_mq()),
                 sync: Some(self.wait_sync()),
+                ttl_ms: self.options.ttl_ms,
+                expired_to_dead_letter: Some(self.expired_to_dead_letter()),
             },
             groups,
+            delayed: self.timer.pending(),
+            expired: self.counters.read().expired,
         }
     }
 
