@@ -138,6 +138,7 @@ fn spawn(mq: &Arc<Mq>, log: TimerLog, committer: &Committer, stop: &Cancellation
         log: Arc::new(Mutex::new(log)),
         late: BTreeSet::new(),
         indexed: 0,
+        synced: 0,
         fired_through: 0,
     };
     tokio::spawn(driver.run(stop.clone()));
@@ -156,6 +157,8 @@ struct Driver {
     late: BTreeSet<u64>,
     /// Records below this offset are indexed.
     indexed: u64,
+    /// Records below this offset are indexed durably (their entries synced).
+    synced: u64,
     /// In force since the last checkpoint (see [`Checkpoint::fired_through`]).
     fired_through: u64,
 }
@@ -192,8 +195,8 @@ impl Driver {
                     continue;
                 }
             };
-            if checkpointed.elapsed() >= CHECKPOINT_EVERY {
-                if let Err(e) = self.checkpoint().await {
+            if self.indexed != self.synced && checkpointed.elapsed() >= CHECKPOINT_EVERY {
+                if let Err(e) = self.checkpoint(true).await {
                     tracing::warn!(mq = %self.name, error = %e, "delayed delivery: cannot checkpoint the timer index");
                 }
                 checkpointed = Instant::now();
@@ -216,8 +219,8 @@ impl Driver {
         }
     }
 
-    /// Takes up from the last checkpoint: the records fired after it are those whose copies
-    /// lie past its `log_end`.
+    /// Takes up from the last checkpoint: the records it must not fire again are those whose
+    /// copies lie past its `indexed` (see [`Checkpoint::indexed`]).
     async fn recover(&mut self) -> Result<(), BrokerError> {
         let checkpoint = self
             .log
@@ -225,10 +228,11 @@ impl Driver {
             .expect("timer log poisoned")
             .checkpoint_in_force();
         self.indexed = checkpoint.indexed;
+        self.synced = checkpoint.indexed;
         self.fired_through = checkpoint.fired_through;
         let (reader, log) = (self.reader.clone(), self.log.clone());
         blocking("timer recovery", move || {
-            let mut from = checkpoint.log_end.max(reader.first_offset());
+            let mut from = checkpoint.indexed.max(reader.first_offset());
             let mut fired = Vec::new();
             while from < reader.end_offset() {
                 let batch = match reader.read(from, None, INDEX_BATCH, INDEX_BYTES) {
@@ -281,7 +285,7 @@ impl Driver {
         for (_, offset) in &due {
             self.late.remove(offset);
         }
-        self.checkpoint().await?;
+        self.checkpoint(false).await?;
         Ok(Step::Busy)
     }
 
@@ -387,28 +391,38 @@ impl Driver {
     }
 
     /// Makes the index durable as it stands: every entry due up to `fired_through` is fired.
-    async fn checkpoint(&mut self) -> Result<(), BrokerError> {
+    /// With `sync_index`, also the entries added since the last time, so that the
+    /// checkpoint's `indexed` moves on (costs a sync per bucket file written to).
+    async fn checkpoint(&mut self, sync_index: bool) -> Result<(), BrokerError> {
         let now = now_ms();
-        let next = self.log.lock().expect("timer log poisoned").next_due();
-        // Nothing unfired is due before `next`; past entries not yet indexed are `late`.
+        // Every fired entry but the late ones came due before the earliest unfired one.
+        let next = self
+            .log
+            .lock()
+            .expect("timer log poisoned")
+            .next_due_but(&self.late);
         let fired_through = self
             .fired_through
             .max(next.map_or(now, |at| at.saturating_sub(1).min(now)));
+        let indexed = if sync_index {
+            self.indexed
+        } else {
+            self.synced
+        };
         let checkpoint = Checkpoint {
-            indexed: self
-                .late
-                .first()
-                .map_or(self.indexed, |&late| late.min(self.indexed)),
+            indexed: self.late.first().map_or(indexed, |&late| late.min(indexed)),
             fired_through,
-            log_end: self.reader.end_offset(),
         };
         let log = self.log.clone();
         blocking("timer checkpoint", move || {
-            log.lock()
-                .expect("timer log poisoned")
-                .checkpoint(checkpoint)
+            let mut log = log.lock().expect("timer log poisoned");
+            if sync_index {
+                log.sync()?;
+            }
+            log.checkpoint(checkpoint)
         })
         .await?;
+        self.synced = indexed;
         self.fired_through = fired_through;
         Ok(())
     }

@@ -10,12 +10,12 @@
 //!   ignored.
 //! - `checkpoint`: [`Checkpoint`], replaced durably. Everything the index claims durable is
 //!   what it said at its last checkpoint; after a crash the timer indexes the log again from
-//!   `indexed`, and learns what it fired since from the copies at the log's end.
+//!   `indexed`, and learns what it fired since from the copies it finds from there on.
 //!
-//! Memory: the buckets up to the one after the current time are loaded (a sorted set, about
-//! 40 bytes an entry); later ones are a count per file. A million messages due next month
-//! cost 16 MB of disk and next to no memory; a million due in the next two minutes cost
-//! about 40 MB, which is what delivering them on time takes.
+//! Memory: the bucket now coming due is loaded (a sorted set, about 40 bytes an entry);
+//! later ones are a count per file. A million messages spread over the next month cost
+//! 16 MB of disk and about 1 500 entries in memory; a million due within the next hour
+//! are all in memory (about 40 MB), which is what delivering them on time takes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -26,8 +26,12 @@ use serde::{Deserialize, Serialize};
 use super::fsio::{sync_parent, write_durably, FileIo, Open};
 use super::{FsRef, StoreError};
 
-/// Width of one bucket file's time range, in ms (about 65 s).
-pub const BUCKET_MS: u64 = 1 << 16;
+/// Width of one bucket file's time range, in ms (about 70 minutes: 40 days are 823 files).
+pub const BUCKET_MS: u64 = 1 << 22;
+/// A bucket is loaded this long before its first entry may come due.
+const LOAD_AHEAD_MS: u64 = 5_000;
+/// Most bucket files kept open between syncs.
+const MAX_OPEN: usize = 64;
 const ENTRY: usize = 16;
 const CHECKPOINT: &str = "checkpoint";
 const SUFFIX: &str = ".tl";
@@ -37,14 +41,12 @@ pub const TIMER_DIR: &str = "timer";
 /// What the index had made durable at its last checkpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// Every delayed record below this offset (but for those due at or before
-    /// `fired_through`) has its entry in a synced bucket file.
+    /// Every delayed record below this offset that was not fired has its entry in a synced
+    /// bucket file. Records from here on are indexed again after a crash, and every copy
+    /// the timer made of one of them lies past here (a copy is appended after its original).
     pub indexed: u64,
-    /// Every entry due at or before this time (ms) whose record lies below `indexed` has
-    /// been fired: its copy is in the log, below `log_end`.
+    /// Every entry due at or before this time (ms) that was in a bucket file has been fired.
     pub fired_through: u64,
-    /// The log's end when this was written: copies at or past it were made later.
-    pub log_end: u64,
 }
 
 /// One entry: (deliver_at ms, offset of the delayed record).
@@ -63,7 +65,9 @@ pub struct TimerLog {
     far: BTreeMap<u64, u64>,
     /// Bucket files on disk (their names durable).
     files: BTreeSet<u64>,
-    /// Bucket files appended since the last checkpoint, with their length.
+    /// Bucket files appended since they were last synced.
+    dirty: BTreeSet<u64>,
+    /// Some of the bucket files written to lately, open, with their length.
     open: HashMap<u64, (Arc<dyn FileIo>, u64)>,
     /// Records fired after the last checkpoint before a crash (their copies are in the
     /// log): not to fire again.
@@ -83,7 +87,6 @@ impl TimerLog {
         let checkpoint = Checkpoint {
             indexed: from,
             fired_through: 0,
-            log_end: from,
         };
         write_checkpoint(fs, &dir, &checkpoint)?;
         sync_parent(&**fs, &dir)?;
@@ -129,6 +132,7 @@ impl TimerLog {
             loaded_end: 0,
             files: far.keys().copied().collect(),
             far,
+            dirty: BTreeSet::new(),
             open: HashMap::new(),
             fired_before_crash: HashSet::new(),
         }
@@ -178,6 +182,10 @@ impl TimerLog {
             let (file, len) = match self.open.get(&bucket) {
                 Some(open) => open.clone(),
                 None => {
+                    if self.open.len() >= MAX_OPEN {
+                        // Closed unsynced; `sync` opens it again.
+                        self.open.clear();
+                    }
                     let path = self.bucket_path(bucket);
                     let file = self
                         .fs
@@ -191,6 +199,32 @@ impl TimerLog {
             file.write_all_at(&bytes, len)
                 .map_err(StoreError::io(&self.bucket_path(bucket)))?;
             self.open.insert(bucket, (file, len + bytes.len() as u64));
+            self.dirty.insert(bucket);
+        }
+        Ok(())
+    }
+
+    /// Makes every entry added so far durable (syncs the files written to since the last
+    /// time). Costs one sync per bucket file written to.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        let mut new_files = false;
+        for bucket in std::mem::take(&mut self.dirty) {
+            let path = self.bucket_path(bucket);
+            let file = match self.open.get(&bucket) {
+                Some((file, _)) => file.clone(),
+                None => self
+                    .fs
+                    .open(&path, Open::Existing)
+                    .map_err(StoreError::io(&path))?,
+            };
+            file.sync_data().map_err(StoreError::io(&path))?;
+            new_files |= self.files.insert(bucket);
+        }
+        if new_files {
+            // A new bucket file's name must be durable before a checkpoint counts on it.
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(StoreError::io(&self.dir))?;
         }
         Ok(())
     }
@@ -222,9 +256,9 @@ impl TimerLog {
     }
 
     /// Takes up to `max` entries due at or before `now` (ms), earliest first, loading the
-    /// buckets due within one bucket's width first.
+    /// bucket about to start first.
     pub fn take_due(&mut self, now: u64, max: usize) -> Result<Vec<Entry>, StoreError> {
-        self.load_until(now.saturating_add(BUCKET_MS))?;
+        self.load_until(now.saturating_add(LOAD_AHEAD_MS))?;
         let mut due = Vec::new();
         while due.len() < max {
             match self.near.first() {
@@ -243,35 +277,42 @@ impl TimerLog {
         self.near.extend(entries.iter().copied());
     }
 
-    /// When the earliest entry comes due (ms): exact for a loaded one, the start of its
-    /// bucket otherwise.
+    /// When the earliest entry comes due (ms): exact for a loaded one, a little before the
+    /// start of its bucket otherwise (when it must be loaded).
     pub fn next_due(&self) -> Option<u64> {
-        let near = self.near.first().map(|&(at, _)| at);
-        let far = self.far.keys().next().map(|b| b * BUCKET_MS);
+        self.next_due_but(&BTreeSet::new())
+    }
+
+    /// Like [`next_due`](Self::next_due), leaving out the entries of the records `but`.
+    pub fn next_due_but(&self, but: &BTreeSet<u64>) -> Option<u64> {
+        let near = self
+            .near
+            .iter()
+            .find(|(_, offset)| !but.contains(offset))
+            .map(|&(at, _)| at);
+        let far = self
+            .far
+            .keys()
+            .next()
+            .map(|b| (b * BUCKET_MS).saturating_sub(LOAD_AHEAD_MS));
         near.into_iter().chain(far).min()
     }
 
-    /// Makes the entries added so far durable (syncs their files), then writes `checkpoint`
-    /// durably and deletes the bucket files it makes useless.
+    /// Writes `checkpoint` durably (the caller has [`sync`](Self::sync)ed what its
+    /// `indexed` counts on) and deletes the bucket files it makes useless.
     pub fn checkpoint(&mut self, checkpoint: Checkpoint) -> Result<(), StoreError> {
-        let new_files = !self.open.is_empty();
-        for (bucket, (file, _)) in self.open.drain() {
-            file.sync_data()
-                .map_err(StoreError::io(&self.dir.join(format!("{bucket}{SUFFIX}"))))?;
-            self.files.insert(bucket);
-        }
-        if new_files {
-            // A new bucket file's name must be durable before the checkpoint counts on it.
-            self.fs
-                .sync_dir(&self.dir)
-                .map_err(StoreError::io(&self.dir))?;
-        }
         write_checkpoint(&self.fs, &self.dir, &checkpoint)?;
         self.durable = checkpoint;
         // Every entry of a loaded bucket that ends at or before `fired_through` is fired.
         let spent_end = bucket_of(checkpoint.fired_through.saturating_add(1)).min(self.loaded_end);
-        let spent: Vec<u64> = self.files.range(..spent_end).copied().collect();
+        let spent: Vec<u64> = self
+            .files
+            .range(..spent_end)
+            .copied()
+            .filter(|b| !self.dirty.contains(b))
+            .collect();
         for &bucket in &spent {
+            self.open.remove(&bucket);
             let path = self.bucket_path(bucket);
             match self.fs.remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -300,4 +341,123 @@ fn write_checkpoint(fs: &FsRef, dir: &Path, checkpoint: &Checkpoint) -> Result<(
     let bytes = rmp_serde::to_vec_named(checkpoint)
         .map_err(|e| StoreError::io(&path)(std::io::Error::other(e)))?;
     write_durably(&**fs, &path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::OsFs;
+
+    const DAY: u64 = 86_400_000;
+
+    fn reopen(dir: &Path) -> TimerLog {
+        TimerLog::open(&OsFs::shared(), dir)
+            .unwrap()
+            .expect("index")
+    }
+
+    #[test]
+    fn only_buckets_about_to_come_due_are_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = TimerLog::create(&OsFs::shared(), dir.path(), 0).unwrap();
+        let now = 1_000 * DAY;
+        // 20 000 entries spread over the next 40 days, and 3 due within a second.
+        let far: Vec<Entry> = (0..20_000u64)
+            .map(|i| (now + 2 * BUCKET_MS + i * (40 * DAY / 20_000), i + 10))
+            .collect();
+        log.add(&far, true).unwrap();
+        log.sync().unwrap();
+        log.add(&[(now + 900, 2), (now + 100, 1), (now + 500, 0)], true)
+            .unwrap();
+        assert_eq!(log.pending(), 20_003);
+        assert_eq!(log.take_due(now, 10).unwrap(), [], "nothing due yet");
+        assert_eq!(log.near.len(), 3, "the far entries stay on disk");
+        assert_eq!(log.next_due(), Some(now + 100));
+        assert_eq!(
+            log.take_due(now + 600, 10).unwrap(),
+            [(now + 100, 1), (now + 500, 0)],
+            "in time order"
+        );
+        assert_eq!(log.take_due(now + 1_000, 1).unwrap(), [(now + 900, 2)]);
+        assert_eq!(log.pending(), 20_000);
+        // A month later the month's entries come due, not the rest.
+        let later = now + 30 * DAY;
+        let due = log.take_due(later, usize::MAX).unwrap();
+        assert!(due.windows(2).all(|w| w[0] <= w[1]));
+        assert!(due.iter().all(|&(at, _)| at <= later));
+        assert!(log.near.len() < 200, "{} loaded", log.near.len());
+        assert_eq!(due.len() as u64 + log.pending(), 20_000);
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_what_is_unfired_and_forgets_what_fired() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 500 * DAY;
+        let mut log = TimerLog::create(&OsFs::shared(), dir.path(), 7).unwrap();
+        log.add(&[(now + 10, 1), (now + 20, 2), (now + 5 * DAY, 3)], true)
+            .unwrap();
+        assert_eq!(log.take_due(now + 10, 10).unwrap(), [(now + 10, 1)]);
+        let checkpoint = Checkpoint {
+            indexed: 9,
+            fired_through: now + 10,
+        };
+        log.sync().unwrap();
+        log.checkpoint(checkpoint).unwrap();
+        drop(log);
+
+        let mut log = reopen(dir.path());
+        assert_eq!(log.checkpoint_in_force(), checkpoint);
+        assert_eq!(
+            log.take_due(now + 5 * DAY, 10).unwrap(),
+            [(now + 20, 2), (now + 5 * DAY, 3)],
+            "the fired entry is not back"
+        );
+        // Firing everything and checkpointing past the end of its buckets deletes their
+        // files.
+        log.checkpoint(Checkpoint {
+            fired_through: now + 6 * DAY,
+            ..checkpoint
+        })
+        .unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join(TIMER_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(SUFFIX))
+            .collect();
+        assert_eq!(left, Vec::<String>::new());
+        assert_eq!(reopen(dir.path()).pending(), 0);
+    }
+
+    #[test]
+    fn entries_fired_before_a_crash_are_not_fired_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 100 * DAY;
+        let mut log = TimerLog::create(&OsFs::shared(), dir.path(), 0).unwrap();
+        log.add(&[(now, 1), (now + 1, 2), (now + 2, 3)], true)
+            .unwrap();
+        log.sync().unwrap();
+        log.checkpoint(Checkpoint::default()).unwrap();
+        // A torn entry at the end of a file is ignored and written over.
+        let file = dir
+            .path()
+            .join(TIMER_DIR)
+            .join(format!("{}{SUFFIX}", bucket_of(now)));
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.extend_from_slice(&[1, 2, 3]);
+        std::fs::write(&file, &bytes).unwrap();
+        drop(log);
+
+        let mut log = reopen(dir.path());
+        log.fired_before_crash([2]);
+        log.add(&[(now + 3, 4)], true).unwrap();
+        assert_eq!(
+            log.take_due(now + 10, 10).unwrap(),
+            [(now, 1), (now + 2, 3), (now + 3, 4)]
+        );
+        // An entry kept in memory only (the log has it) still comes due.
+        log.add(&[(now + 4, 5)], false).unwrap();
+        assert_eq!(log.take_due(now + 10, 10).unwrap(), [(now + 4, 5)]);
+        log.put_back(&[(now + 4, 5)]);
+        assert_eq!(log.next_due(), Some(now + 4));
+    }
 }
