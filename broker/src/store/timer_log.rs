@@ -74,6 +74,12 @@ pub struct TimerLog {
     fired_before_crash: HashSet<u64>,
 }
 
+fn be64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_be_bytes(b)
+}
+
 fn bucket_of(at: u64) -> u64 {
     at / BUCKET_MS
 }
@@ -113,12 +119,14 @@ impl TimerLog {
             else {
                 continue;
             };
+            // Counted, not kept: 16 bytes an entry to read, none to hold.
             let file = dir.join(&entry.name);
-            let len = fs
-                .open(&file, Open::Existing)
-                .and_then(|f| f.len())
-                .map_err(StoreError::io(&file))?;
-            far.insert(bucket, len / ENTRY as u64);
+            let bytes = fs.read(&file).map_err(StoreError::io(&file))?;
+            let unfired = bytes
+                .chunks_exact(ENTRY)
+                .filter(|e| be64(&e[..8]) > checkpoint.fired_through)
+                .count();
+            far.insert(bucket, unfired as u64);
         }
         Ok(Some(TimerLog::with(fs, dir, checkpoint, far)))
     }
@@ -244,8 +252,7 @@ impl TimerLog {
                 Err(e) => return Err(StoreError::io(&path)(e)),
             };
             for chunk in bytes.chunks_exact(ENTRY) {
-                let at = u64::from_be_bytes(chunk[..8].try_into().unwrap_or_default());
-                let offset = u64::from_be_bytes(chunk[8..].try_into().unwrap_or_default());
+                let (at, offset) = (be64(&chunk[..8]), be64(&chunk[8..]));
                 if at > self.durable.fired_through && !self.fired_before_crash.contains(&offset) {
                     self.near.insert((at, offset));
                 }
