@@ -235,3 +235,73 @@ async fn an_expiring_redelivery_is_not_delivered_again() {
     let info = client.query_mq("retry").await.unwrap();
     assert_eq!(info.groups[0].committed, 1, "settled, nothing waits for it");
 }
+
+/// A protocol 2 client never gets the protocol 3 record fields it would refuse: the
+/// broker sends it those records without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_2_clients_get_records_without_the_new_fields() {
+    use qbus_wire::protocol::record::{records, RECORD_FLAGS_V3};
+    use qbus_wire::protocol::{Command, Frame, Header, ServerInfo};
+
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("mixed", MqOptions::default())
+        .await
+        .unwrap();
+    let producer = client.producer("mixed");
+    producer
+        .send(Message::new("soon").with_delay(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    producer
+        .send(Message::new("expiring").with_ttl(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    let stream = tokio::net::TcpStream::connect(broker.addr()).await.unwrap();
+    let mut link = qbus_wire::link::tcp_link(stream, 1 << 24);
+    let hello = rmp_serde::to_vec_named(&ServerInfo {
+        protocol: 2,
+        version: "a version 2 client".into(),
+        max_frame: 0,
+    })
+    .unwrap();
+    link.tx
+        .send(Frame::with_body(
+            Header::request(Command::Hello, None),
+            hello.into(),
+        ))
+        .await
+        .unwrap();
+    let mut bodies = Vec::new();
+    for id in 1..20 {
+        let reply = tokio::time::timeout(Duration::from_secs(10), link.rx.next())
+            .await
+            .expect("a reply in time")
+            .expect("the connection stays open")
+            .unwrap();
+        assert_eq!(reply.header.status, 200, "{:?}", reply.header);
+        let mut at = 0;
+        let body = if reply.header.cmd == Command::Fetch {
+            reply.body.clone()
+        } else {
+            Default::default()
+        };
+        for record in records(&body) {
+            let record = record.unwrap();
+            assert_eq!(reply.body[at + 24] & RECORD_FLAGS_V3, 0, "no new flag bits");
+            assert_eq!((record.deliver_at, record.expires_at), (None, None));
+            bodies.push(String::from_utf8_lossy(record.body).into_owned());
+            at += record.size;
+        }
+        if bodies.len() >= 2 {
+            break;
+        }
+        let mut fetch = Header::request(Command::Fetch, Some("mixed"));
+        fetch.id = id;
+        fetch.count = Some(10);
+        fetch.timeout_ms = Some(1000);
+        link.tx.send(Frame::new(fetch)).await.unwrap();
+    }
+    assert_eq!(bodies, ["expiring", "soon"]);
+}
