@@ -65,6 +65,10 @@ pub struct CreateArgs {
     /// Move expired messages to the dead-letter MQ instead of dropping them
     #[arg(long)]
     expired_to_dead_letter: bool,
+    /// Deliver one message per key at a time in every group, in log order: the next of a
+    /// key once the previous is acknowledged (keys spread over the group's consumers)
+    #[arg(long)]
+    ordered_by_key: bool,
 }
 
 /// A duration flag in ms.
@@ -104,6 +108,7 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         sync: args.no_sync.then_some(false),
         ttl_ms: args.ttl,
         expired_to_dead_letter: args.expired_to_dead_letter.then_some(true),
+        ordered_by_key: args.ordered_by_key.then_some(true),
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -132,6 +137,11 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "ttl",
             options.ttl_ms.map(|v| format!("{v}ms")),
             info.options.ttl_ms.map(|v| format!("{v}ms")),
+        ),
+        (
+            "ordered-by-key",
+            options.ordered_by_key.map(|v| v.to_string()),
+            info.options.ordered_by_key.map(|v| v.to_string()),
         ),
         (
             "expired-to-dead-letter",
@@ -252,7 +262,7 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={}",
+        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),
@@ -265,6 +275,7 @@ fn describe_options(options: &MqOptions) -> String {
         } else {
             "drop"
         },
+        options.ordered_by_key == Some(true),
     )
 }
 

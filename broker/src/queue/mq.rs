@@ -159,6 +159,9 @@ impl Mq {
             let attempts_path = groups_dir.join(format!("{group}{ATTEMPTS_SUFFIX}"));
             let attempts = AttemptsFile::open(fs, &attempts_path, committed)?;
             let live = Group::new(group, committed, cursor, attempts);
+            if options.ordered_by_key == Some(true) {
+                live.state().order_by_key();
+            }
             groups.insert(group.to_owned(), live);
         }
         Ok(Mq {
@@ -297,7 +300,13 @@ impl Mq {
             let mut groups = self.groups.lock().expect("groups poisoned");
             groups
                 .entry(name.to_owned())
-                .or_insert_with(|| Group::new(name, committed, cursor, attempts))
+                .or_insert_with(|| {
+                    let group = Group::new(name, committed, cursor, attempts);
+                    if self.options.ordered_by_key == Some(true) {
+                        group.state().order_by_key();
+                    }
+                    group
+                })
                 .clone()
         };
         group
@@ -385,8 +394,12 @@ impl Mq {
         // Guards against skipping in place forever, should the log disagree with itself.
         let mut skipped_at = None;
         loop {
-            let from = group.state().next();
-            if from >= self.reader.end_offset() {
+            let (from, full) = {
+                let mut state = group.state();
+                let full = state.key_order().is_some_and(|order| order.is_full());
+                (state.next(), full)
+            };
+            if from >= self.reader.end_offset() || full {
                 return Ok(None);
             }
             // Consumers that keep up read what was just written: from memory, no file I/O.
@@ -453,14 +466,15 @@ impl Mq {
                 self.counters.expired(expired.count.into());
             }
             let mut offsets: Vec<u64> = picked.iter().map(|&(offset, _, _)| offset).collect();
-            let (attempts, dead) = {
+            let (attempts, dead, parked) = {
                 let mut state = group.state();
                 let dead = state.take_exhausted(&offsets, self.limits.max_deliveries);
                 if !dead.is_empty() {
                     offsets.retain(|o| !dead.contains(o));
                 }
+                let parked = park_by_key(&mut state, &batch.data, &picked, &mut offsets);
                 let attempts = state.deliver_new(batch.next_offset, &offsets, conn, ack_deadline);
-                (attempts, dead)
+                (attempts, dead, parked)
             };
             if offsets.is_empty() && dead.is_empty() {
                 if !expired.records.is_empty() {
@@ -482,7 +496,7 @@ impl Mq {
                 .map(|(&offset, &attempt)| (offset, attempt))
                 .collect();
             self.store_counts(group, counted).await;
-            let whole = picked.len() == batch.count && dead.is_empty();
+            let whole = picked.len() == batch.count && dead.is_empty() && parked.is_empty();
             let (body, dead) = if whole {
                 (batch.data, DeadLetters::default())
             } else {
@@ -492,7 +506,7 @@ impl Mq {
                     if dead.contains(&offset) {
                         retired.records.extend_from_slice(bytes);
                         retired.count += 1;
-                    } else {
+                    } else if !parked.contains(&offset) {
                         kept.extend_from_slice(bytes);
                     }
                 }
@@ -814,6 +828,7 @@ impl Mq {
                 sync: Some(self.wait_sync()),
                 ttl_ms: self.options.ttl_ms,
                 expired_to_dead_letter: Some(self.expired_to_dead_letter()),
+                ordered_by_key: Some(self.options.ordered_by_key == Some(true)),
             },
             groups,
             delayed: self.timer.pending(),
@@ -828,6 +843,42 @@ impl Mq {
             .clone()
             .unwrap_or_else(|| format!("{}.DLQ", self.name))
     }
+}
+
+/// For a group ordered by key: takes the records of `offsets` (about to go out, each in
+/// `picked` as (offset, start, size) in `data`) whose key has a record out, parks them in
+/// the group, and returns them.
+fn park_by_key(
+    state: &mut super::group_ledger::GroupLedger,
+    data: &[u8],
+    picked: &[(u64, usize, usize)],
+    offsets: &mut Vec<u64>,
+) -> Vec<u64> {
+    let Some(order) = state.key_order() else {
+        return Vec::new();
+    };
+    let mut parked = Vec::new();
+    let mut next = 0;
+    for &(offset, start, size) in picked {
+        // `offsets` is `picked` less the dead, in the same order.
+        if offsets.get(next) != Some(&offset) {
+            continue;
+        }
+        next += 1;
+        let key = qbus_wire::protocol::record::parse_record(&data[start..start + size])
+            .ok()
+            .and_then(|record| record.key.map(str::to_owned));
+        if let Some(key) = key {
+            if !order.admit(offset, &key) {
+                parked.push(offset);
+            }
+        }
+    }
+    if !parked.is_empty() {
+        offsets.retain(|o| !parked.contains(o));
+        state.park(&parked);
+    }
+    parked
 }
 
 /// What one read of new records found.

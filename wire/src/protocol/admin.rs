@@ -23,6 +23,10 @@ pub struct MqOptions {
     /// What happens to an expired message: `false` (the default) drops it, `true` moves it
     /// to the dead-letter MQ.
     pub expired_to_dead_letter: Option<bool>,
+    /// Whether every group of the MQ delivers one message per key at a time, in log order:
+    /// the next message of a key goes out once the previous one is acknowledged (or
+    /// dead-lettered, or expired). Messages without a key are not held. Default false.
+    pub ordered_by_key: Option<bool>,
 }
 
 /// State of a consumer group, part of [`MqInfo`].
