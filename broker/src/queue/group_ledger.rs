@@ -485,6 +485,31 @@ mod tests {
     }
 
     #[test]
+    fn parked_records_go_out_in_key_order_and_hold_the_cursor() {
+        let now = Instant::now();
+        let mut g = GroupLedger::new("g", 0);
+        g.order_by_key();
+        let order = g.key_order().unwrap();
+        assert!(order.admit(0, "k"));
+        assert!(!order.admit(1, "k"));
+        g.park(&[1]);
+        g.deliver_new(2, &[0], 7, now);
+        assert!(!g.has_redeliveries());
+        // Its consumer leaves: 0 goes out again first, 1 still waits.
+        assert_eq!(g.leave(7), 1);
+        let again = g.take_redeliveries(10, 16, 8, now);
+        assert_eq!(again.deliver, vec![(0, 2)]);
+        assert_eq!(g.committed(), 0);
+        g.ack(&[token(0, 2)]);
+        assert_eq!(g.committed(), 1, "the parked record holds the cursor");
+        let next = g.take_redeliveries(10, 16, 8, now);
+        assert_eq!(next.deliver, vec![(1, 1)], "a first delivery");
+        assert_eq!(g.info(2, now).redelivered, 1);
+        g.ack(&[token(1, 1)]);
+        assert_eq!(g.committed(), 2);
+    }
+
+    #[test]
     fn filtered_records_count_as_done() {
         let mut g = GroupLedger::new("g", 10);
         g.deliver_new(20, &[12], 1, Instant::now());
