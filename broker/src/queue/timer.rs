@@ -294,7 +294,12 @@ impl Driver {
         let (reader, log) = (self.reader.clone(), self.log.clone());
         let (from, fired_through) = (self.indexed.max(reader.first_offset()), self.fired_through);
         let (next, late) = blocking("timer indexing", move || {
-            let batch = match reader.read(from, None, INDEX_BATCH, INDEX_BYTES) {
+            // Right behind the producers: what was just written is still in memory.
+            let read = match reader.read_recent(from, INDEX_BATCH, INDEX_BYTES) {
+                Some(batch) => Ok(batch),
+                None => reader.read(from, None, INDEX_BATCH, INDEX_BYTES),
+            };
+            let batch = match read {
                 Ok(batch) => batch,
                 Err(e) if e.is_damage() => {
                     // The readers of the groups report the damage; the timer only goes past.
