@@ -220,6 +220,8 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
         ),
         ("segments", mq.segments.to_string()),
         ("options", describe_options(&mq.options)),
+        ("delayed", format!("{} pending", mq.delayed)),
+        ("expired", mq.expired.to_string()),
     ];
     for (key, value) in lines {
         println!("{:<10}{value}", format!("{key}:"));
