@@ -101,7 +101,7 @@ async fn same_key_messages_go_one_at_a_time_in_order_across_consumers() {
         KEYS * PER_KEY + 1,
         "every message acked once ({handled:?})"
     );
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     let mut by_key: BTreeMap<usize, Vec<(usize, usize, Instant, Instant)>> = BTreeMap::new();
     for &(key, seq, id, received, ack_sent) in seen.iter() {
         by_key

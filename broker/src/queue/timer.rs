@@ -56,7 +56,7 @@ enum Slot {
     #[default]
     None,
     /// Opened with the MQ, not running yet.
-    Ready(TimerLog),
+    Ready(Box<TimerLog>),
     Running,
 }
 
@@ -65,7 +65,7 @@ impl Timer {
     pub fn new(log: Option<TimerLog>) -> Timer {
         let pending = log.as_ref().map_or(0, TimerLog::pending);
         Timer {
-            slot: tokio::sync::Mutex::new(log.map_or(Slot::None, Slot::Ready)),
+            slot: tokio::sync::Mutex::new(log.map_or(Slot::None, |log| Slot::Ready(Box::new(log)))),
             pending: Arc::new(AtomicU64::new(pending)),
         }
     }
@@ -81,7 +81,7 @@ pub async fn start(mq: &Arc<Mq>, committer: &Committer, stop: &CancellationToken
     let mut slot = mq.timer().slot.lock().await;
     if let Slot::Ready(_) = &*slot {
         if let Slot::Ready(log) = std::mem::replace(&mut *slot, Slot::Running) {
-            spawn(mq, log, committer, stop);
+            spawn(mq, *log, committer, stop);
         }
     }
 }
@@ -98,7 +98,7 @@ pub async fn enable(
     let mut slot = mq.timer().slot.lock().await;
     match std::mem::replace(&mut *slot, Slot::Running) {
         Slot::Running => {}
-        Slot::Ready(log) => spawn(mq, log, committer, stop),
+        Slot::Ready(log) => spawn(mq, *log, committer, stop),
         Slot::None => {
             let (fs, dir, from) = (fs.clone(), mq.dir().to_owned(), mq.reader().end_offset());
             match blocking("timer index creation", move || {

@@ -536,11 +536,7 @@ mod tests {
                 (4, None, None, None, b"plain".to_vec())
             ]
         );
-        assert!(old
-            .iter()
-            .skip(24)
-            .next()
-            .is_some_and(|f| f & RECORD_FLAGS_V3 == 0));
+        assert_eq!(old[24] & RECORD_FLAGS_V3, 0);
         let plain = &buf[parse_record(&buf).unwrap().size..];
         assert_eq!(without_v3_fields(plain).unwrap(), None, "nothing to strip");
     }
