@@ -38,6 +38,10 @@ pub struct DelayBench {
     /// Sends awaiting confirmation at once
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     in_flight: u32,
+    /// Only schedule and measure memory, without waiting for the messages to come due (for
+    /// delays of days)
+    #[arg(long)]
+    schedule_only: bool,
     /// Directory holding qbus-broker [default: the one holding qbus]
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
@@ -111,7 +115,7 @@ pub async fn run(args: DelayBench) -> Result<(), CliError> {
         .subscribe()
         .await?;
     let count = args.count;
-    let receiving = tokio::spawn(receive(consumer, count));
+    let receiving = (!args.schedule_only).then(|| tokio::spawn(receive(consumer, count)));
 
     let start_ms = now_ms();
     let first_due = start_ms + args.delay_ms;
@@ -155,6 +159,24 @@ pub async fn run(args: DelayBench) -> Result<(), CliError> {
             last_sent - first_due
         );
     }
+    let Some(receiving) = receiving else {
+        println!(
+            "delay: {count} delayed messages of {} B, due over {} ms from +{} ms",
+            args.size, args.spread_ms, args.delay_ms
+        );
+        println!("  produce: {rate:.0} msgs/s ({:.2} s)", produce_time.as_secs_f64());
+        println!(
+            "  broker RSS: {} MiB idle, {} MiB with {pending} pending",
+            rss_idle / 1024,
+            rss_pending / 1024
+        );
+        println!(
+            "RESULT system=qbus scenario=delay size={} count={count} window={} msgs_per_s={rate:.0} \
+             rss_idle_kb={rss_idle} rss_pending_kb={rss_pending}",
+            args.size, args.in_flight
+        );
+        return Ok(());
+    };
     let (late, early) = receiving
         .await
         .map_err(|e| CliError::Failed(format!("consumer task failed: {e}")))??;
