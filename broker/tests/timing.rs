@@ -50,7 +50,10 @@ async fn a_delayed_message_is_invisible_until_due_across_kill_9() {
         .unwrap();
     assert_eq!(&plain.body[..], b"plain", "later records are not held up");
     plain.ack().await.unwrap();
-    assert_eq!(client.query_mq("later").await.unwrap().delayed, 1);
+    qbus_testkit::wait_for_async("the timer to note it", Duration::from_secs(5), || async {
+        (client.query_mq("later").await.unwrap().delayed == 1).then_some(())
+    })
+    .await;
     // Nothing before its time (less a margin for this machine's scheduling).
     let early = next_within(&mut readers, Duration::from_millis(500)).await;
     assert!(early.is_none(), "delivered early: {early:?}");
@@ -88,8 +91,10 @@ async fn a_delayed_message_is_invisible_until_due_across_kill_9() {
             .is_none(),
         "once"
     );
-    let info = client.query_mq("later").await.unwrap();
-    assert_eq!(info.delayed, 0);
+    qbus_testkit::wait_for_async("nothing pending", Duration::from_secs(5), || async {
+        (client.query_mq("later").await.unwrap().delayed == 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,4 +309,28 @@ async fn protocol_2_clients_get_records_without_the_new_fields() {
         link.tx.send(Frame::new(fetch)).await.unwrap();
     }
     assert_eq!(bodies, ["expiring", "soon"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_produce_takes_delay_and_ttl() {
+    use hyper::Method;
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client.create_mq("web", MqOptions::default()).await.unwrap();
+    let mut http = qbus_testkit::http::Http::connect(&broker.addr()).await;
+    let sent = Instant::now();
+    let headers = [("delay", "700ms"), ("ttl", "10m")];
+    let receipt = http.send(Method::POST, "/mq/web", &headers, "later").await;
+    assert_eq!(receipt.status, 200, "{}", receipt.text());
+    let bad = http
+        .send(Method::POST, "/mq/web", &[("delay", "soon")], "x")
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let early = http.get("/mq/web/next?timeout=300").await;
+    assert_eq!(early.status, 204, "not before its time");
+    let got = http.get("/mq/web/next?timeout=5000").await;
+    assert_eq!((got.status.as_u16(), got.text()), (200, "later".into()));
+    assert!(sent.elapsed() >= Duration::from_millis(700));
+    assert_eq!(got.header("delayed-from"), "0");
+    assert!(!got.header("expires-at").is_empty());
 }

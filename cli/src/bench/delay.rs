@@ -164,7 +164,10 @@ pub async fn run(args: DelayBench) -> Result<(), CliError> {
             "delay: {count} delayed messages of {} B, due over {} ms from +{} ms",
             args.size, args.spread_ms, args.delay_ms
         );
-        println!("  produce: {rate:.0} msgs/s ({:.2} s)", produce_time.as_secs_f64());
+        println!(
+            "  produce: {rate:.0} msgs/s ({:.2} s)",
+            produce_time.as_secs_f64()
+        );
         println!(
             "  broker RSS: {} MiB idle, {} MiB with {pending} pending",
             rss_idle / 1024,
