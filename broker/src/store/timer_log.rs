@@ -435,6 +435,67 @@ mod tests {
         assert_eq!(reopen(dir.path()).pending(), 0);
     }
 
+    /// On the simulated disk, cut by power loss at every point of a sync and a checkpoint:
+    /// what a checkpoint says is on disk, and every entry synced before it is there.
+    #[test]
+    fn a_power_loss_keeps_what_the_checkpoint_counts_on() {
+        use crate::store::simdisk::{Rng, SimDisk};
+        let now = 10 * DAY;
+        let synced: Vec<Entry> = (0..50).map(|i| (now + i * 7 * BUCKET_MS / 3, i)).collect();
+        let later: Vec<Entry> = (50..80).map(|i| (now + i * BUCKET_MS / 5, i)).collect();
+        let mut rng = Rng::new(7);
+        for cut in 0..40 {
+            let disk = SimDisk::new();
+            let fs = disk.fs();
+            let dir = Path::new("/mq");
+            fs.create_dir_all(dir).unwrap();
+            // The MQ's directory is durable before its timer index is made.
+            fs.sync_dir(Path::new("/")).unwrap();
+            let mut log = TimerLog::create(&fs, dir, 0).unwrap();
+            log.add(&synced, true).unwrap();
+            log.sync().unwrap();
+            let first = Checkpoint {
+                indexed: 50,
+                fired_through: 0,
+            };
+            log.checkpoint(first).unwrap();
+            disk.cut_after(cut);
+            let second = Checkpoint {
+                indexed: 80,
+                fired_through: 0,
+            };
+            let finished = log
+                .add(&later, true)
+                .and_then(|()| log.sync())
+                .and_then(|()| log.checkpoint(second))
+                .is_ok();
+            let mut log = TimerLog::open(&disk.crash(&mut rng).fs(), dir)
+                .unwrap()
+                .expect("the index is there");
+            let found = log.checkpoint_in_force();
+            assert!(found == first || found == second, "cut {cut}: {found:?}");
+            if finished {
+                assert_eq!(found, second, "cut {cut}: a finished checkpoint is durable");
+            }
+            let due: BTreeSet<Entry> = log
+                .take_due(u64::MAX / 2, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .collect();
+            let counted: Vec<Entry> = if found == second {
+                synced.iter().chain(&later).copied().collect()
+            } else {
+                synced.clone()
+            };
+            for entry in counted {
+                assert!(
+                    due.contains(&entry),
+                    "cut {cut}: {entry:?} lost ({found:?})"
+                );
+            }
+        }
+    }
+
     #[test]
     fn entries_fired_before_a_crash_are_not_fired_again() {
         let dir = tempfile::tempdir().unwrap();
