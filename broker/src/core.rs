@@ -159,7 +159,8 @@ impl Core {
     }
 
     /// Hands records to connection `conn`, creating the group if new, and moves records past
-    /// their delivery limit to the dead-letter MQ on the way. Returns when records are
+    /// their delivery limit (and expired ones, if the MQ says so) to the dead-letter MQ on
+    /// the way. Returns when records are
     /// delivered or the wait ends (then empty).
     pub async fn fetch(
         &self,
@@ -178,6 +179,13 @@ impl Core {
         loop {
             let wait = give_up.saturating_duration_since(tokio::time::Instant::now());
             let mut fetched = mq.fetch(&group, conn, count, request.tag, wait).await?;
+            if !fetched.expired.records.is_empty() {
+                self.dead_letter(&mq, std::mem::take(&mut fetched.expired))
+                    .await?;
+                if fetched.attempts.is_empty() && fetched.dead.is_empty() {
+                    continue;
+                }
+            }
             if !fetched.dead.is_empty() {
                 self.dead_letter(&mq, std::mem::take(&mut fetched.dead))
                     .await?;

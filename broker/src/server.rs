@@ -65,6 +65,7 @@ impl Running {
             .await
             .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
         let core = Arc::new(core);
+        core.registry().start_timers().await;
         let shutdown = CancellationToken::new();
         tokio::spawn(sweep(core.clone(), shutdown.clone()));
         tokio::spawn(sample_rates(core.clone(), shutdown.clone()));
@@ -149,6 +150,7 @@ impl Running {
     /// Closes every session, writes and fsyncs what is queued, and stops the commit thread.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        self.core.registry().stop_timers();
         let sessions = std::mem::take(&mut *self.sessions.lock().await);
         sessions.close(SHUTDOWN_GRACE).await;
         self.core.committer().stop().await;

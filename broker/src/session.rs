@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use qbus_wire::link::Link;
-use qbus_wire::protocol::record::records;
+use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
     Command, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ONEWAY,
     FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
@@ -274,9 +274,11 @@ impl Session {
         let Frame { header, body } = frame;
         let checked = (|| {
             let mq = self.core.registry().get(required(&header.mq, "mq")?)?;
-            let mut count = 0u32;
+            let (mut count, mut delayed) = (0u32, false);
             for record in records(&body) {
-                record.map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
+                let record = record
+                    .map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
+                delayed |= crate::queue::timer::check_produced(&record, count)?;
                 count += 1;
             }
             if count == 0 {
@@ -288,9 +290,9 @@ impl Session {
                     header.count.unwrap_or_default()
                 )));
             }
-            Ok((mq, count))
+            Ok((mq, count, delayed))
         })();
-        let (mq, count) = match checked {
+        let (mq, count, delayed) = match checked {
             Ok(checked) => checked,
             Err(e) if header.has_flag(FLAG_ONEWAY) => {
                 tracing::warn!(error = %e, "dropping bad one-way produce");
@@ -298,6 +300,11 @@ impl Session {
             }
             Err(e) => return Err(Failure::new(&header, e)),
         };
+        if delayed {
+            if let Err(e) = self.core.registry().enable_delays(&mq).await {
+                return Err(Failure::new(&header, e));
+            }
+        }
         let wait = mq.stage(&mut self.batch, BytesMut::from(body), count);
         let _ = self.produced.send((header, wait)).await;
         Ok(())
@@ -329,10 +336,10 @@ impl Session {
         let core = self.core.clone();
         let out = self.out.clone();
         let conn = self.conn;
-        let report_loss = self.peer_protocol >= 2;
+        let peer_protocol = self.peer_protocol;
         self.polls.spawn(async move {
             let _permit = permit;
-            let reply = match fetch(&core, conn, &request, &mq, &group, report_loss).await {
+            let reply = match fetch(&core, conn, &request, &mq, &group, peer_protocol).await {
                 Ok(frame) => frame,
                 Err(e) => Frame::new(error_header(&request, &e)),
             };
@@ -394,8 +401,9 @@ async fn fetch(
     request: &Header,
     mq_name: &str,
     group_name: &str,
-    report_loss: bool,
+    peer_protocol: u32,
 ) -> Result<Frame, BrokerError> {
+    let report_loss = peer_protocol >= 2;
     let start = if request.has_flag(FLAG_START_AT_END) {
         Start::Latest
     } else if request.has_flag(FLAG_START_AT_OFFSET) {
@@ -430,7 +438,16 @@ async fn fetch(
             lost.reason
         ));
     }
-    Ok(Frame::with_body(header, fetched.body))
+    let mut body = fetched.body;
+    if peer_protocol < 3 {
+        // Records of delayed or expiring messages carry fields a version 2 peer refuses.
+        if let Some(old) = without_v3_fields(&body)
+            .map_err(|e| BrokerError::Internal(format!("re-encoding records: {e}")))?
+        {
+            body = old.into();
+        }
+    }
+    Ok(Frame::with_body(header, body))
 }
 
 async fn admin(core: &Core, frame: &Frame) -> Result<Frame, BrokerError> {

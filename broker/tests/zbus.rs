@@ -600,3 +600,36 @@ print('ok')
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_and_ttl_headers_are_kept_in_the_log() {
+    let broker = BrokerProcess::start(&[]);
+    let mut conn = Conn::open(&broker.addr()).await;
+    create(&mut conn, "later", "1").await;
+    let sent = std::time::Instant::now();
+    let headers = [
+        ("cmd", "produce"),
+        ("mq", "later"),
+        ("id", "p"),
+        ("delay", "700"),
+        ("ttl", "600000"),
+    ];
+    assert_eq!(conn.invoke(&headers, "soon").await.status, Some(200));
+    let client = broker.client().await;
+    qbus_testkit::wait_for_async("the timer to note it", WAIT, || async {
+        (client.query_mq("later").await.unwrap().delayed == 1).then_some(())
+    })
+    .await;
+    let mut consumer = client.consumer("later").subscribe().await.unwrap();
+    let delivery = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut consumer))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        sent.elapsed() >= Duration::from_millis(700),
+        "not before its time"
+    );
+    assert_eq!(&delivery.body[..], b"soon");
+    assert!(delivery.expires_at.is_some() && delivery.delayed_from == Some(0));
+}

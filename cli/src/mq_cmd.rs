@@ -58,6 +58,22 @@ pub struct CreateArgs {
     /// messages worth less than an fsync, e.g. RPC requests)
     #[arg(long)]
     no_sync: bool,
+    /// Messages expire this long after they are stored (or come due, if delayed) unless they
+    /// carry their own TTL: 500ms, 30s, 10m, 2h, 7d [default: never]
+    #[arg(long, value_name = "DURATION", value_parser = duration_ms)]
+    ttl: Option<u64>,
+    /// Move expired messages to the dead-letter MQ instead of dropping them
+    #[arg(long)]
+    expired_to_dead_letter: bool,
+    /// Deliver one message per key at a time in every group, in log order: the next of a
+    /// key once the previous is acknowledged (keys spread over the group's consumers)
+    #[arg(long)]
+    ordered_by_key: bool,
+}
+
+/// A duration flag in ms.
+pub fn duration_ms(s: &str) -> Result<u64, String> {
+    qbus_server_kit::units::parse_duration(s).map(|d| d.as_millis() as u64)
 }
 
 pub async fn run(broker: &Broker, cmd: MqCommand) -> Result<(), CliError> {
@@ -90,6 +106,9 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         max_deliveries: args.max_deliveries,
         dead_letter_mq: args.dead_letter,
         sync: args.no_sync.then_some(false),
+        ttl_ms: args.ttl,
+        expired_to_dead_letter: args.expired_to_dead_letter.then_some(true),
+        ordered_by_key: args.ordered_by_key.then_some(true),
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -113,6 +132,21 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "no-sync",
             options.sync.map(|v| (!v).to_string()),
             info.options.sync.map(|v| (!v).to_string()),
+        ),
+        (
+            "ttl",
+            options.ttl_ms.map(|v| format!("{v}ms")),
+            info.options.ttl_ms.map(|v| format!("{v}ms")),
+        ),
+        (
+            "ordered-by-key",
+            options.ordered_by_key.map(|v| v.to_string()),
+            info.options.ordered_by_key.map(|v| v.to_string()),
+        ),
+        (
+            "expired-to-dead-letter",
+            options.expired_to_dead_letter.map(|v| v.to_string()),
+            info.options.expired_to_dead_letter.map(|v| v.to_string()),
         ),
     ]
     .into_iter()
@@ -186,6 +220,8 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
         ),
         ("segments", mq.segments.to_string()),
         ("options", describe_options(&mq.options)),
+        ("delayed", format!("{} pending", mq.delayed)),
+        ("expired", mq.expired.to_string()),
     ];
     for (key, value) in lines {
         println!("{:<10}{value}", format!("{key}:"));
@@ -228,11 +264,20 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={}",
+        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),
         or_default(options.sync.map(|v| v.to_string())),
+        options
+            .ttl_ms
+            .map_or_else(|| "none".to_owned(), |v| format!("{v}ms")),
+        if options.expired_to_dead_letter == Some(true) {
+            "dead-letter"
+        } else {
+            "drop"
+        },
+        options.ordered_by_key == Some(true),
     )
 }
 

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::future::IntoFuture;
 use std::io::Write;
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
@@ -32,6 +33,12 @@ pub struct ProduceArgs {
     /// Key of every message
     #[arg(long, value_name = "K")]
     key: Option<String>,
+    /// Deliver each message no sooner than this after it is sent: 500ms, 30s, 10m, 2h, 40d
+    #[arg(long, value_name = "DURATION", value_parser = crate::mq_cmd::duration_ms)]
+    delay: Option<u64>,
+    /// Let each message expire this long after it may first be delivered
+    #[arg(long, value_name = "DURATION", value_parser = crate::mq_cmd::duration_ms)]
+    ttl: Option<u64>,
     /// Print only a final `sent N messages` line instead of one receipt per message
     #[arg(long, short)]
     quiet: bool,
@@ -44,6 +51,8 @@ struct Pipeline {
     producer: Producer,
     tag: Option<String>,
     key: Option<String>,
+    delay: Option<Duration>,
+    ttl: Option<Duration>,
     quiet: bool,
     pending: VecDeque<ReceiptFuture>,
     sent: u64,
@@ -55,6 +64,8 @@ pub async fn run(broker: &Broker, args: ProduceArgs) -> Result<(), CliError> {
         producer: broker.producer(&args.mq),
         tag: args.tag,
         key: args.key,
+        delay: args.delay.map(Duration::from_millis),
+        ttl: args.ttl.map(Duration::from_millis),
         quiet: args.quiet,
         pending: VecDeque::new(),
         sent: 0,
@@ -118,6 +129,12 @@ impl Pipeline {
         let mut message = Message::new(body);
         message.tag.clone_from(&self.tag);
         message.key.clone_from(&self.key);
+        if let Some(delay) = self.delay {
+            message = message.with_delay(delay);
+        }
+        if let Some(ttl) = self.ttl {
+            message = message.with_ttl(ttl);
+        }
         let pending = self
             .producer
             .send_async(message)

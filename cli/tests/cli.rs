@@ -193,6 +193,27 @@ fn produce_and_consume() {
 }
 
 #[test]
+fn produce_with_delay_and_ttl() {
+    let broker = TestBroker::start();
+    let created = ok(broker.qbus(&["mq", "create", "later", "--ttl", "1h"]));
+    assert!(created.contains("ttl=3600000ms expired=drop"), "{created}");
+    let sent = std::time::Instant::now();
+    ok(broker.qbus(&["produce", "later", "soon", "--delay", "1s", "--ttl", "10m"]));
+    ok(broker.qbus(&["produce", "later", "now"]));
+    let info = ok(broker.qbus(&["mq", "info", "later"]));
+    assert!(info.contains("ttl=3600000ms"), "{info}");
+    let got = ok(broker.qbus(&["consume", "later", "--count", "2", "--timeout", "10"]));
+    assert_eq!(got, "now\nsoon\n");
+    assert!(
+        sent.elapsed() >= std::time::Duration::from_secs(1),
+        "not before its time"
+    );
+    let bad = broker.qbus(&["produce", "later", "x", "--delay", "soon"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("duration"), "{}", stderr(&bad));
+}
+
+#[test]
 fn failures_are_one_line_and_exit_1() {
     let broker = TestBroker::start();
     let err = fails(broker.qbus(&["produce", "missing", "x"]));

@@ -1,5 +1,7 @@
 //! Messages as a producer sends them.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
@@ -23,6 +25,22 @@ pub struct Message {
     /// Message id for deduplication by consumers. Sends through an HA handle get a random
     /// one when none is set, so a resend after failover can be recognised.
     pub id: Option<u128>,
+    /// When it may be delivered, ms since the Unix epoch (protocol 3 brokers): stored at once,
+    /// handed to no consumer before then. See [`Message::with_delay`].
+    pub deliver_at: Option<u64>,
+    /// When it expires, ms since the Unix epoch (protocol 3 brokers): never delivered from
+    /// then on. See [`Message::with_ttl`].
+    pub expires_at: Option<u64>,
+    /// Time to live from when the message may be delivered; turned into `expires_at` when
+    /// it is encoded.
+    ttl: Option<Duration>,
+}
+
+/// This machine's time in ms since the Unix epoch.
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Message {
@@ -33,6 +51,9 @@ impl Message {
             tag: None,
             key: None,
             id: None,
+            deliver_at: None,
+            expires_at: None,
+            ttl: None,
         }
     }
 
@@ -54,9 +75,61 @@ impl Message {
         self
     }
 
+    /// Delivers the message no sooner than `delay` from now (this machine's clock, read
+    /// here): the broker stores it at once, with the same receipt as any message, and no
+    /// consumer sees it before then, across broker restarts too. Delays of months work.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use qbus_client::Message;
+    /// let reminder = Message::new("call back").with_delay(Duration::from_secs(30));
+    /// assert!(reminder.deliver_at.is_some());
+    /// ```
+    pub fn with_delay(self, delay: Duration) -> Message {
+        let at = wall_ms().saturating_add(delay.as_millis().min(u128::from(u64::MAX >> 2)) as u64);
+        self.with_deliver_at(at)
+    }
+
+    /// Delivers the message no sooner than `at_ms` (ms since the Unix epoch, as the broker's
+    /// clock reads it). A time already past means at once.
+    pub fn with_deliver_at(mut self, at_ms: u64) -> Message {
+        // The top bit marks the broker's own copies; no real time has it.
+        self.deliver_at = Some(at_ms.min(u64::MAX >> 2));
+        self
+    }
+
+    /// Lets the message expire `ttl` after it may first be delivered (its `deliver_at`, or
+    /// when it is sent): the broker never delivers it later, and drops it or moves it to
+    /// the dead-letter MQ as the MQ's options say.
+    pub fn with_ttl(mut self, ttl: Duration) -> Message {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Expires the message at `at_ms` (ms since the Unix epoch); overrides [`with_ttl`](Self::with_ttl).
+    pub fn with_expires_at(mut self, at_ms: u64) -> Message {
+        self.expires_at = Some(at_ms);
+        self.ttl = None;
+        self
+    }
+
+    fn expiry(&self) -> Option<u64> {
+        self.expires_at.or_else(|| {
+            let ttl = self.ttl?;
+            let from = self.deliver_at.unwrap_or_else(wall_ms);
+            Some(from.saturating_add(ttl.as_millis().min(u128::from(u64::MAX)) as u64))
+        })
+    }
+
     pub(crate) fn encoded_len(&self) -> usize {
         RECORD_OVERHEAD
             + if self.id.is_some() { 16 } else { 0 }
+            + if self.deliver_at.is_some() { 8 } else { 0 }
+            + if self.expires_at.is_some() || self.ttl.is_some() {
+                8
+            } else {
+                0
+            }
             + self.body.len()
             + self.tag.as_ref().map_or(0, String::len)
             + self.key.as_ref().map_or(0, String::len)
@@ -68,6 +141,8 @@ impl Message {
             tag: self.tag.as_deref(),
             key: self.key.as_deref(),
             id: self.id,
+            deliver_at: self.deliver_at,
+            expires_at: self.expiry(),
         };
         encode_record_meta(dst, 0, 0, &meta, &self.body)?;
         Ok(())

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
-use qbus_wire::protocol::record::{encode_record, parse_record, RECORD_OVERHEAD};
+use qbus_wire::protocol::record::{encode_record_meta, parse_record, RecordMeta, RECORD_OVERHEAD};
 use qbus_wire::protocol::{DeliveryToken, MqOptions, Status};
 use serde::Serialize;
 
@@ -172,9 +172,21 @@ async fn produce(
         ctx.core.config().http_timeout,
     )
     .await?;
-    let mut record = BytesMut::with_capacity(RECORD_OVERHEAD + tag_len + key_len + payload.len());
-    encode_record(&mut record, 0, 0, tag, key, &payload)
+    let (deliver_at, expires_at) = times(fields)?;
+    let meta = RecordMeta {
+        tag,
+        key,
+        deliver_at,
+        expires_at,
+        ..RecordMeta::default()
+    };
+    let mut record =
+        BytesMut::with_capacity(RECORD_OVERHEAD + 16 + tag_len + key_len + payload.len());
+    encode_record_meta(&mut record, 0, 0, &meta, &payload)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if deliver_at.is_some() {
+        ctx.core.registry().enable_delays(&mq).await?;
+    }
     let (appended, durability) = mq.append(ctx.core.committer(), record, 1).await?;
     Ok(json(
         StatusCode::OK,
@@ -185,6 +197,35 @@ async fn produce(
             durability: durability.to_string(),
         },
     ))
+}
+
+/// The `deliver-at`/`delay` and `ttl` fields of a produce as record times (ms since the
+/// epoch): a delay counts from now on the broker's clock, a TTL from when the message may
+/// be delivered.
+fn times(fields: &Fields<'_>) -> Result<(Option<u64>, Option<u64>), ApiError> {
+    let duration = |name: &str| -> Result<Option<u64>, ApiError> {
+        fields
+            .get(name)?
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                let ms = match v.parse::<u64>() {
+                    Ok(ms) => Ok(std::time::Duration::from_millis(ms)),
+                    Err(_) => qbus_server_kit::units::parse_duration(v),
+                };
+                ms.map(|d| d.as_millis().min(u128::from(u64::MAX >> 2)) as u64)
+                    .map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
+            })
+            .transpose()
+    };
+    let now = qbus_wire::now_ms();
+    let at = fields.parse::<u64>("deliver-at", "a time in ms since the Unix epoch")?;
+    let deliver_at = match (at, duration("delay")?) {
+        (Some(at), _) => Some(at.min(u64::MAX >> 2)),
+        (None, Some(delay)) => Some(now.saturating_add(delay)),
+        (None, None) => None,
+    };
+    let expires_at = duration("ttl")?.map(|ttl| deliver_at.unwrap_or(now).saturating_add(ttl));
+    Ok((deliver_at, expires_at))
 }
 
 async fn consume(ctx: &Context, mq: &str, fields: &Fields<'_>) -> Result<Reply, ApiError> {
@@ -243,6 +284,12 @@ async fn consume(ctx: &Context, mq: &str, fields: &Fields<'_>) -> Result<Reply, 
     }
     if let Some(key) = record.key {
         set("key", key);
+    }
+    if let Some(original) = record.copy_of() {
+        set("delayed-from", &original.to_string());
+    }
+    if let Some(at) = record.expires_at {
+        set("expires-at", &at.to_string());
     }
     Ok(reply)
 }

@@ -64,7 +64,7 @@ pub fn render(stats: &Stats) -> String {
     out.sample("qbus_http_requests_total", &[], broker.http_requests);
 
     type PerMq = fn(&super::stats::MqStats) -> u64;
-    let per_mq: [(&str, &str, &str, PerMq); 8] = [
+    let per_mq: [(&str, &str, &str, PerMq); 10] = [
         (
             "qbus_messages_in_total",
             "counter",
@@ -100,6 +100,18 @@ pub fn render(stats: &Stats) -> String {
             "counter",
             "Offsets skipped because their records are damaged on disk.",
             |m| m.traffic.lost,
+        ),
+        (
+            "qbus_messages_expired_total",
+            "counter",
+            "Messages a group met past their TTL and did not deliver (dropped or dead-lettered), once per group.",
+            |m| m.traffic.expired,
+        ),
+        (
+            "qbus_mq_delayed",
+            "gauge",
+            "Delayed messages stored and not yet due.",
+            |m| m.info.delayed,
         ),
         ("qbus_mq_depth", "gauge", "Messages retained.", |m| m.depth),
         (

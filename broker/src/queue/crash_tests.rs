@@ -73,6 +73,7 @@ fn random_options(rng: &mut Rng) -> MqOptions {
         dead_letter_mq: (rng.below(2) == 0).then(|| format!("dead-{}", rng.below(100))),
         // Mostly synced: only those acknowledgements promise anything.
         sync: Some(rng.below(4) != 0),
+        ..MqOptions::default()
     }
 }
 

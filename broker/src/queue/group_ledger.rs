@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use qbus_wire::protocol::{DeliveryToken, GroupInfo};
 
+use super::key_order::KeyOrder;
+
 /// A delivery awaiting its ack.
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
@@ -53,6 +55,8 @@ pub struct GroupLedger {
     redelivered: u64,
     /// Removed from its MQ: fetches still holding it return empty.
     retired: bool,
+    /// One record per key out at a time (see [`KeyOrder`]), for MQs ordered by key.
+    key_order: Option<KeyOrder>,
 }
 
 impl GroupLedger {
@@ -70,6 +74,40 @@ impl GroupLedger {
             dead_lettered: 0,
             redelivered: 0,
             retired: false,
+            key_order: None,
+        }
+    }
+
+    /// Delivers one record per key at a time from now on (see [`KeyOrder`]).
+    pub fn order_by_key(&mut self) {
+        self.key_order.get_or_insert_with(KeyOrder::default);
+    }
+
+    /// The key-order bookkeeping, when the group has it.
+    pub fn key_order(&mut self) -> Option<&mut KeyOrder> {
+        self.key_order.as_mut()
+    }
+
+    /// Holds new records `offsets` (parked behind their key) unacknowledged and not out:
+    /// they go out when [`KeyOrder`] says they are ready. Call before
+    /// [`deliver_new`](Self::deliver_new) of the read that found them.
+    pub fn park(&mut self, offsets: &[u64]) {
+        for &offset in offsets {
+            let attempt = self.prior.remove(&offset).unwrap_or(0);
+            self.in_flight.insert(
+                offset,
+                InFlight {
+                    attempt,
+                    unseen: 0,
+                    holder: None,
+                },
+            );
+        }
+    }
+
+    fn settled(&mut self, offset: u64) {
+        if let Some(order) = &mut self.key_order {
+            order.settled(offset);
         }
     }
 
@@ -88,9 +126,9 @@ impl GroupLedger {
         self.held.get(&conn).copied().unwrap_or(0)
     }
 
-    /// True when released deliveries wait to go out again.
+    /// True when released deliveries wait to go out again (or parked records came free).
     pub fn has_redeliveries(&self) -> bool {
-        !self.redeliver.is_empty()
+        !self.redeliver.is_empty() || self.key_order.as_ref().is_some_and(KeyOrder::has_ready)
     }
 
     /// Takes the delivery counts stored before a restart (offset → deliveries counted
@@ -161,6 +199,30 @@ impl GroupLedger {
         deadline: Instant,
     ) -> Redeliveries {
         let mut out = Redeliveries::default();
+        // Parked records whose turn came: first deliveries, ahead of new records.
+        while out.deliver.len() < max {
+            let Some(offset) = self.key_order.as_mut().and_then(KeyOrder::take_ready) else {
+                break;
+            };
+            let Some(entry) = self.in_flight.get_mut(&offset) else {
+                continue;
+            };
+            if entry.attempt >= max_deliveries {
+                // Counted out before a restart.
+                self.in_flight.remove(&offset);
+                self.dead_lettered += 1;
+                out.dead.push(offset);
+                self.settled(offset);
+                continue;
+            }
+            entry.attempt += 1;
+            entry.holder = Some(conn);
+            self.deadlines.push_back((deadline, offset, entry.attempt));
+            out.deliver.push((offset, entry.attempt));
+            if entry.attempt > 1 {
+                out.counted.push((offset, entry.attempt));
+            }
+        }
         while out.deliver.len() < max {
             let Some(offset) = self.redeliver.pop_front() else {
                 break;
@@ -175,6 +237,7 @@ impl GroupLedger {
                 self.in_flight.remove(&offset);
                 self.dead_lettered += 1;
                 out.dead.push(offset);
+                self.settled(offset);
                 continue;
             }
             entry.attempt += 1;
@@ -196,6 +259,7 @@ impl GroupLedger {
             let current = self.in_flight.get(&token.offset).copied();
             if let Some(entry) = current.filter(|e| e.attempt == token.attempt) {
                 self.in_flight.remove(&token.offset);
+                self.settled(token.offset);
                 if let Some(conn) = entry.holder {
                     self.unhold(conn, 1);
                 }
@@ -326,7 +390,8 @@ impl GroupLedger {
     pub fn truncate_before(&mut self, first: u64) {
         self.next = self.next.max(first);
         let kept = self.in_flight.split_off(&first);
-        for (_, entry) in std::mem::replace(&mut self.in_flight, kept) {
+        for (offset, entry) in std::mem::replace(&mut self.in_flight, kept) {
+            self.settled(offset);
             if let Some(conn) = entry.holder {
                 self.unhold(conn, 1);
             }
@@ -417,6 +482,31 @@ mod tests {
         assert_eq!(g.committed(), 2);
         g.ack(&[token(2, 1)]);
         assert_eq!((g.committed(), g.held_by(7)), (3, 0));
+    }
+
+    #[test]
+    fn parked_records_go_out_in_key_order_and_hold_the_cursor() {
+        let now = Instant::now();
+        let mut g = GroupLedger::new("g", 0);
+        g.order_by_key();
+        let order = g.key_order().unwrap();
+        assert!(order.admit(0, "k"));
+        assert!(!order.admit(1, "k"));
+        g.park(&[1]);
+        g.deliver_new(2, &[0], 7, now);
+        assert!(!g.has_redeliveries());
+        // Its consumer leaves: 0 goes out again first, 1 still waits.
+        assert_eq!(g.leave(7), 1);
+        let again = g.take_redeliveries(10, 16, 8, now);
+        assert_eq!(again.deliver, vec![(0, 2)]);
+        assert_eq!(g.committed(), 0);
+        g.ack(&[token(0, 2)]);
+        assert_eq!(g.committed(), 1, "the parked record holds the cursor");
+        let next = g.take_redeliveries(10, 16, 8, now);
+        assert_eq!(next.deliver, vec![(1, 1)], "a first delivery");
+        assert_eq!(g.info(2, now).redelivered, 1);
+        g.ack(&[token(1, 1)]);
+        assert_eq!(g.committed(), 2);
     }
 
     #[test]

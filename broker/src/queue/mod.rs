@@ -5,6 +5,9 @@
 //! - [`mq`]: one MQ: its log, its groups, fetch and ack.
 //! - [`group`]: one live consumer group: its ledger, cursor file and waiting fetches.
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
+//! - [`timer`]: delayed delivery: the MQ's timer that copies delayed records to the log's
+//!   end when they come due.
+//! - [`key_order`]: one record per key out at a time, for MQs ordered by key.
 //! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
 //!   the store after a failed fsync.
 //! - `crash_tests` (tests only): the engine on a simulated disk, cut by power loss at random
@@ -13,8 +16,10 @@
 pub mod group;
 pub mod group_commit;
 pub mod group_ledger;
+pub mod key_order;
 pub mod mq;
 pub mod registry;
+pub mod timer;
 
 use crate::error::BrokerError;
 use crate::store::StoreError;

@@ -14,11 +14,13 @@ use super::blocking;
 use super::group::{Fetching, Group, Start};
 use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
 use super::group_ledger::Redeliveries;
+use super::timer::Timer;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
 use crate::store::fsio::{sync_parent, write_durably};
 use crate::store::{
-    AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip, StoreError,
+    AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip,
+    StoreError, TimerLog,
 };
 
 const OPTIONS_FILE: &str = "mq.options";
@@ -51,6 +53,10 @@ pub struct Fetched {
     /// Offsets the group just went past because their records are damaged; such a fetch
     /// carries no records, so the loss reaches the consumer in order.
     pub lost: Option<Lost>,
+    /// Records the group went past because they expired: their count, and the records
+    /// themselves (without their expiry) when the MQ moves expired records to its
+    /// dead-letter MQ.
+    pub expired: DeadLetters,
 }
 
 /// Records a fetch retired after too many deliveries, read whole: the MQ does not reach
@@ -84,6 +90,8 @@ pub struct Mq {
     /// Damaged records already logged and counted (file, byte position): once per MQ, not
     /// once per group that meets them.
     damage_seen: Mutex<HashSet<(PathBuf, u64)>>,
+    /// Delayed delivery (see [`super::timer`]).
+    timer: Timer,
 }
 
 impl Mq {
@@ -135,6 +143,7 @@ impl Mq {
             max_in_flight: defaults.max_in_flight,
         };
         let (log, reader) = MqLog::open(fs, dir, log_config)?;
+        let timer = Timer::new(TimerLog::open(fs, dir)?);
         let mut groups = HashMap::new();
         for entry in fs.list(&groups_dir).map_err(StoreError::io(&groups_dir))? {
             let Some(group) = entry.name.strip_suffix(CURSOR_SUFFIX) else {
@@ -150,6 +159,9 @@ impl Mq {
             let attempts_path = groups_dir.join(format!("{group}{ATTEMPTS_SUFFIX}"));
             let attempts = AttemptsFile::open(fs, &attempts_path, committed)?;
             let live = Group::new(group, committed, cursor, attempts);
+            if options.ordered_by_key == Some(true) {
+                live.state().order_by_key();
+            }
             groups.insert(group.to_owned(), live);
         }
         Ok(Mq {
@@ -163,7 +175,55 @@ impl Mq {
             groups: Mutex::new(groups),
             counters: MqCounters::default(),
             damage_seen: Mutex::new(HashSet::new()),
+            timer,
         })
+    }
+
+    /// The read side of the log.
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// Its delayed delivery.
+    pub fn timer(&self) -> &Timer {
+        &self.timer
+    }
+
+    /// When a record stored at `timestamp_ms` that carries `expires_at` expires: that, or
+    /// the MQ's default TTL after it was stored.
+    fn expiry(&self, timestamp_ms: u64, expires_at: Option<u64>) -> Option<u64> {
+        expires_at.or_else(|| {
+            self.options
+                .ttl_ms
+                .map(|ttl| timestamp_ms.saturating_add(ttl))
+        })
+    }
+
+    /// Whether expired records go to the dead-letter MQ (else they are dropped).
+    pub fn expired_to_dead_letter(&self) -> bool {
+        self.options.expired_to_dead_letter.unwrap_or(false)
+    }
+
+    /// Adds the expired record `bytes` to `expired`: kept (without its expiry, lest it
+    /// expire again where it goes) when the MQ dead-letters expired records.
+    fn retire_expired(&self, expired: &mut DeadLetters, bytes: &[u8]) {
+        expired.count += 1;
+        if !self.expired_to_dead_letter() {
+            return;
+        }
+        if let Some(Ok(record)) = records(bytes).next() {
+            let meta = qbus_wire::protocol::record::RecordMeta {
+                expires_at: None,
+                ..record.meta()
+            };
+            let _ = qbus_wire::protocol::record::encode_record_meta(
+                &mut expired.records,
+                0,
+                0,
+                &meta,
+                record.body,
+            );
+        }
     }
 
     /// The MQ's name.
@@ -240,7 +300,13 @@ impl Mq {
             let mut groups = self.groups.lock().expect("groups poisoned");
             groups
                 .entry(name.to_owned())
-                .or_insert_with(|| Group::new(name, committed, cursor, attempts))
+                .or_insert_with(|| {
+                    let group = Group::new(name, committed, cursor, attempts);
+                    if self.options.ordered_by_key == Some(true) {
+                        group.state().order_by_key();
+                    }
+                    group
+                })
                 .clone()
         };
         group
@@ -328,8 +394,12 @@ impl Mq {
         // Guards against skipping in place forever, should the log disagree with itself.
         let mut skipped_at = None;
         loop {
-            let from = group.state().next();
-            if from >= self.reader.end_offset() {
+            let (from, full) = {
+                let mut state = group.state();
+                let full = state.key_order().is_some_and(|order| order.is_full());
+                (state.next(), full)
+            };
+            if from >= self.reader.end_offset() || full {
                 return Ok(None);
             }
             // Consumers that keep up read what was just written: from memory, no file I/O.
@@ -375,25 +445,44 @@ impl Mq {
             *read_pos = Some(batch.next_pos);
             // (offset, start, size) of each record the tag lets through.
             let mut picked = Vec::with_capacity(batch.count);
+            let mut expired = DeadLetters::default();
+            let now = qbus_wire::now_ms();
             let mut at = 0;
             for record in records(&batch.data) {
                 let record = record.map_err(|e| corrupt(self, e))?;
-                if tag.is_none() || record.tag == tag {
-                    picked.push((record.offset, at, record.size));
+                // A delayed record before its time goes past like a filtered one: the
+                // timer appends its copy when it comes due (see `super::timer`).
+                if (tag.is_none() || record.tag == tag) && !record.is_pending_original() {
+                    let expiry = self.expiry(record.timestamp_ms, record.expires_at);
+                    if expiry.is_some_and(|expiry| expiry <= now) {
+                        self.retire_expired(&mut expired, &batch.data[at..at + record.size]);
+                    } else {
+                        picked.push((record.offset, at, record.size));
+                    }
                 }
                 at += record.size;
             }
+            if expired.count > 0 {
+                self.counters.expired(expired.count.into());
+            }
             let mut offsets: Vec<u64> = picked.iter().map(|&(offset, _, _)| offset).collect();
-            let (attempts, dead) = {
+            let (attempts, dead, parked) = {
                 let mut state = group.state();
                 let dead = state.take_exhausted(&offsets, self.limits.max_deliveries);
                 if !dead.is_empty() {
                     offsets.retain(|o| !dead.contains(o));
                 }
+                let parked = park_by_key(&mut state, &batch.data, &picked, &mut offsets);
                 let attempts = state.deliver_new(batch.next_offset, &offsets, conn, ack_deadline);
-                (attempts, dead)
+                (attempts, dead, parked)
             };
             if offsets.is_empty() && dead.is_empty() {
+                if !expired.records.is_empty() {
+                    return Ok(Some(Fetched {
+                        expired,
+                        ..Fetched::default()
+                    }));
+                }
                 if batch.count == 0 {
                     return Ok(None);
                 }
@@ -407,7 +496,7 @@ impl Mq {
                 .map(|(&offset, &attempt)| (offset, attempt))
                 .collect();
             self.store_counts(group, counted).await;
-            let whole = picked.len() == batch.count && dead.is_empty();
+            let whole = picked.len() == batch.count && dead.is_empty() && parked.is_empty();
             let (body, dead) = if whole {
                 (batch.data, DeadLetters::default())
             } else {
@@ -417,7 +506,7 @@ impl Mq {
                     if dead.contains(&offset) {
                         retired.records.extend_from_slice(bytes);
                         retired.count += 1;
-                    } else {
+                    } else if !parked.contains(&offset) {
                         kept.extend_from_slice(bytes);
                     }
                 }
@@ -428,6 +517,7 @@ impl Mq {
                 attempts,
                 dead,
                 lost: None,
+                expired,
             }));
         }
     }
@@ -511,7 +601,10 @@ impl Mq {
             Ok::<_, StoreError>((body, kept, dead, dead_count, damaged))
         });
         let (body, attempts, dead, dead_count, damaged) = read.await?;
-        let settled: Vec<DeliveryToken> = damaged.iter().filter_map(|(_, token)| *token).collect();
+        let (body, attempts, expired_tokens, expired) = self.drop_expired(body, attempts);
+        let mut settled: Vec<DeliveryToken> =
+            damaged.iter().filter_map(|(_, token)| *token).collect();
+        settled.extend(expired_tokens);
         if !settled.is_empty() {
             group.state().ack(&settled);
         }
@@ -526,7 +619,45 @@ impl Mq {
                 count: dead_count,
             },
             lost: None,
+            expired,
         })
+    }
+
+    /// Takes the records that expired since their first delivery out of redeliveries
+    /// (`body` with `attempts`): returns what is left, the deliveries to settle, and the
+    /// expired records.
+    fn drop_expired(
+        &self,
+        body: BytesMut,
+        attempts: Vec<u32>,
+    ) -> (BytesMut, Vec<u32>, Vec<DeliveryToken>, DeadLetters) {
+        let now = qbus_wire::now_ms();
+        let is_expired = |record: &qbus_wire::protocol::record::RecordRef<'_>| {
+            self.expiry(record.timestamp_ms, record.expires_at)
+                .is_some_and(|expiry| expiry <= now)
+        };
+        if !records(&body).flatten().any(|r| is_expired(&r)) {
+            return (body, attempts, Vec::new(), DeadLetters::default());
+        }
+        let (mut kept, mut kept_attempts) = (BytesMut::new(), Vec::new());
+        let (mut settled, mut expired) = (Vec::new(), DeadLetters::default());
+        let mut at = 0;
+        for (record, attempt) in records(&body).flatten().zip(attempts) {
+            let bytes = &body[at..at + record.size];
+            at += record.size;
+            if is_expired(&record) {
+                settled.push(DeliveryToken {
+                    offset: record.offset,
+                    attempt,
+                });
+                self.retire_expired(&mut expired, bytes);
+            } else {
+                kept.extend_from_slice(bytes);
+                kept_attempts.push(attempt);
+            }
+        }
+        self.counters.expired(expired.count.into());
+        (kept, kept_attempts, settled, expired)
     }
 
     /// Acknowledges deliveries and adds a store of the group's cursor to `batch` if it
@@ -695,8 +826,13 @@ impl Mq {
                 max_deliveries: Some(self.limits.max_deliveries),
                 dead_letter_mq: Some(self.dead_letter_mq()),
                 sync: Some(self.wait_sync()),
+                ttl_ms: self.options.ttl_ms,
+                expired_to_dead_letter: Some(self.expired_to_dead_letter()),
+                ordered_by_key: Some(self.options.ordered_by_key == Some(true)),
             },
             groups,
+            delayed: self.timer.pending(),
+            expired: self.counters.read().expired,
         }
     }
 
@@ -707,6 +843,42 @@ impl Mq {
             .clone()
             .unwrap_or_else(|| format!("{}.DLQ", self.name))
     }
+}
+
+/// For a group ordered by key: takes the records of `offsets` (about to go out, each in
+/// `picked` as (offset, start, size) in `data`) whose key has a record out, parks them in
+/// the group, and returns them.
+fn park_by_key(
+    state: &mut super::group_ledger::GroupLedger,
+    data: &[u8],
+    picked: &[(u64, usize, usize)],
+    offsets: &mut Vec<u64>,
+) -> Vec<u64> {
+    let Some(order) = state.key_order() else {
+        return Vec::new();
+    };
+    let mut parked = Vec::new();
+    let mut next = 0;
+    for &(offset, start, size) in picked {
+        // `offsets` is `picked` less the dead, in the same order.
+        if offsets.get(next) != Some(&offset) {
+            continue;
+        }
+        next += 1;
+        let key = qbus_wire::protocol::record::parse_record(&data[start..start + size])
+            .ok()
+            .and_then(|record| record.key.map(str::to_owned));
+        if let Some(key) = key {
+            if !order.admit(offset, &key) {
+                parked.push(offset);
+            }
+        }
+    }
+    if !parked.is_empty() {
+        offsets.retain(|o| !parked.contains(o));
+        state.park(&parked);
+    }
+    parked
 }
 
 /// What one read of new records found.

@@ -32,6 +32,8 @@ pub struct Registry {
     admin: tokio::sync::Mutex<()>,
     // None on a simulated disk in tests: the lock is the operating system's.
     _lock: Option<StoreLock>,
+    /// Stops every MQ's timer (delayed delivery) when the broker stops.
+    timers: tokio_util::sync::CancellationToken,
 }
 
 impl Registry {
@@ -94,6 +96,7 @@ impl Registry {
             mqs: RwLock::new(mqs),
             admin: tokio::sync::Mutex::new(()),
             _lock: lock,
+            timers: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -305,6 +308,24 @@ impl Registry {
                 group: name.to_owned(),
             })?;
         Ok((mq, group))
+    }
+
+    /// Starts the timers of the MQs that hold delayed records. Call once, inside the runtime,
+    /// once the store is open.
+    pub async fn start_timers(&self) {
+        for mq in self.list() {
+            super::timer::start(&mq, &self.committer, &self.timers).await;
+        }
+    }
+
+    /// Readies `mq` for delayed records (see [`super::timer::enable`]).
+    pub async fn enable_delays(&self, mq: &Arc<Mq>) -> Result<(), BrokerError> {
+        super::timer::enable(mq, &self.fs, &self.committer, &self.timers).await
+    }
+
+    /// Stops every timer.
+    pub fn stop_timers(&self) {
+        self.timers.cancel();
     }
 
     /// Releases deliveries past their ack deadline in every MQ.

@@ -12,6 +12,7 @@
 //! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
 //! - [`attempts`]: [`AttemptsFile`], a group's delivery counts, kept across restarts.
+//! - [`timer_log`]: [`TimerLog`], the on-disk index of an MQ's delayed records by due time.
 //! - `simdisk` (tests only): a simulated disk that keeps only what was synced, for the
 //!   crash tests.
 //!
@@ -35,6 +36,7 @@ pub(crate) mod simdisk;
 mod tail;
 #[cfg(test)]
 mod testutil;
+pub mod timer_log;
 
 pub use attempts::AttemptsFile;
 pub use cursor::CursorFile;
@@ -43,3 +45,4 @@ pub use fsio::{FsRef, OsFs};
 pub use lock::StoreLock;
 pub use log::{Appended, LogConfig, MqLog};
 pub use reader::{LogReader, Lost, ReadBatch, ReadPos, Skip};
+pub use timer_log::TimerLog;

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use qbus_wire::protocol::record::{encode_record, parse_record};
+use qbus_wire::protocol::record::{encode_record_meta, parse_record, RecordMeta};
 use qbus_wire::protocol::{DeliveryToken, Frame, MqOptions, Status};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -320,10 +320,26 @@ impl Session {
             );
             return self.shared.send(reply_to(&request, 413, text)).await;
         }
+        // zbus's `delay` and `ttl` headers, in ms, on the broker's clock.
+        let ms = |name: &str| request.get(name).and_then(|v| v.trim().parse::<u64>().ok());
+        let now = qbus_wire::now_ms();
+        let deliver_at = ms("delay").map(|delay| now.saturating_add(delay.min(u64::MAX >> 2)));
+        let meta = RecordMeta {
+            tag: topic,
+            key: Some(&key),
+            deliver_at,
+            expires_at: ms("ttl").map(|ttl| deliver_at.unwrap_or(now).saturating_add(ttl)),
+            ..RecordMeta::default()
+        };
         let mut record = BytesMut::with_capacity(request.body.len() + key.len() + 64);
-        if let Err(e) = encode_record(&mut record, 0, 0, topic, Some(&key), &request.body) {
+        if let Err(e) = encode_record_meta(&mut record, 0, 0, &meta, &request.body) {
             let text = format!("Bad format: {e}");
             return self.shared.send(reply_to(&request, 400, text)).await;
+        }
+        if deliver_at.is_some() {
+            if let Err(e) = core.registry().enable_delays(&mq).await {
+                return self.shared.send(error_reply(&request, &name, &e)).await;
+            }
         }
         let wait = mq.stage(&mut batch, record, 1);
         let _ = core.committer().submit(batch).await;

@@ -339,7 +339,7 @@ impl Drop for Cluster {
     }
 }
 
-fn spawn(mut command: Command, name: &str, bin_dir: &Path) -> Result<Child, CliError> {
+pub(super) fn spawn(mut command: Command, name: &str, bin_dir: &Path) -> Result<Child, CliError> {
     command
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
@@ -353,12 +353,12 @@ fn spawn(mut command: Command, name: &str, bin_dir: &Path) -> Result<Child, CliE
         })
 }
 
-fn free_port() -> Result<u16, CliError> {
+pub(super) fn free_port() -> Result<u16, CliError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Waits until something accepts connections on `port`.
-async fn listening(port: u16) -> Result<(), CliError> {
+pub(super) async fn listening(port: u16) -> Result<(), CliError> {
     wait_until(&format!("a server on port {port}"), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })

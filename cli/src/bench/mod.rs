@@ -1,6 +1,7 @@
 //! `qbus bench`: the benchmark scenarios, each in its own room.
 //!
 //! - `produce.rs`, `consume.rs`: load against a running broker (`--broker`).
+//! - `delay.rs`: delayed delivery at scale against a broker it starts.
 //! - `failover.rs`: starts a tracker and brokers on loopback and kills one mid-run.
 //! - `rpc.rs`: DirectRPC and MQ-RPC calls against a service it starts.
 //! - `report.rs`: the summary and `RESULT` line they print; `histogram.rs`: latencies;
@@ -13,6 +14,7 @@ use crate::tls::TlsArgs;
 
 mod args;
 mod consume;
+mod delay;
 mod failover;
 mod histogram;
 mod produce;
@@ -32,6 +34,9 @@ pub enum BenchScenario {
     /// Kill a broker while producing through trackers: latency around the kill, longest
     /// gap, lost and duplicated messages (starts its own cluster on loopback)
     Failover(failover::FailoverBench),
+    /// Schedule COUNT delayed messages: produce rate, broker memory with them pending,
+    /// delivery lateness (starts its own broker)
+    Delay(delay::DelayBench),
     /// RPC latency and throughput, DirectRPC or MQ-RPC (starts its own server)
     Rpc(rpc::RpcBench),
     /// Serve the RPC benchmark's service (`qbus bench rpc` starts it)
@@ -54,6 +59,7 @@ pub async fn run(
             consume::run(&crate::connect(broker, connect_timeout).await?, args).await
         }
         BenchScenario::Failover(args) => failover::run(args).await,
+        BenchScenario::Delay(args) => delay::run(args).await,
         BenchScenario::Rpc(args) => rpc::run(args, broker, connect_timeout, tls).await,
         BenchScenario::RpcServe(args) => rpc::serve(args, broker, connect_timeout).await,
     }

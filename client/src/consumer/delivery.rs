@@ -26,6 +26,11 @@ pub struct Delivery {
     /// Message id given by the producer (always set for sends through an HA handle): two
     /// deliveries with one id are the same message sent twice after a failover.
     pub id: Option<u128>,
+    /// For a message sent with a delay: the offset at which the broker stored it when it
+    /// was sent (this delivery is the copy the broker appended when it came due).
+    pub delayed_from: Option<u64>,
+    /// When it expires, ms since the Unix epoch, if it does.
+    pub expires_at: Option<u64>,
     /// The payload.
     pub body: Bytes,
     /// 1 for the first delivery, more for redeliveries.

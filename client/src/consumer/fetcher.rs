@@ -185,6 +185,8 @@ impl Fetcher {
                 tag: record.tag.map(str::to_owned),
                 key: record.key.map(str::to_owned),
                 id: record.id,
+                delayed_from: record.copy_of(),
+                expires_at: record.expires_at,
                 body: body.slice(record.body_range.clone()),
                 attempt: attempts.get(i).copied().unwrap_or(1),
                 acker: self.acker.clone(),

@@ -16,6 +16,17 @@ pub struct MqOptions {
     /// acknowledges them once written (`written` durability) and shows them to consumers at
     /// once: for messages worth less than an fsync's latency, such as RPC requests.
     pub sync: Option<bool>,
+    /// Time to live of the MQ's messages that carry no `expires_at` of their own, counted
+    /// from when a message is stored (for a delayed one, from when it comes due). Default:
+    /// none, messages never expire.
+    pub ttl_ms: Option<u64>,
+    /// What happens to an expired message: `false` (the default) drops it, `true` moves it
+    /// to the dead-letter MQ.
+    pub expired_to_dead_letter: Option<bool>,
+    /// Whether every group of the MQ delivers one message per key at a time, in log order:
+    /// the next message of a key goes out once the previous one is acknowledged (or
+    /// dead-lettered, or expired). Messages without a key are not held. Default false.
+    pub ordered_by_key: Option<bool>,
 }
 
 /// State of a consumer group, part of [`MqInfo`].
@@ -58,6 +69,10 @@ pub struct MqInfo {
     pub options: MqOptions,
     /// Consumer groups.
     pub groups: Vec<GroupInfo>,
+    /// Delayed messages stored and not yet due.
+    pub delayed: u64,
+    /// Messages a group met expired since the broker started (once per group).
+    pub expired: u64,
 }
 
 impl MqInfo {

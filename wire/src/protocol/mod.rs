@@ -26,6 +26,7 @@ pub use header::{
 pub use route::RouteStats;
 pub use status::Status;
 
-/// Version of the protocol this crate speaks. Version 2 added the `lost` header field; a
-/// version 2 peer still speaks version 1 to peers that say 1 (or nothing) in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of the protocol this crate speaks. Version 2 added the `lost` header field;
+/// version 3 the record fields `deliver_at` and `expires_at` (see `docs/protocol.md`). A
+/// peer speaks no newer version than the other side said in `Hello` (1 when it said nothing).
+pub const PROTOCOL_VERSION: u32 = 3;

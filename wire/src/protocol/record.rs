@@ -8,10 +8,12 @@
 //! u32 crc          CRC-32 (IEEE) of every byte after this field
 //! u64 offset       position in the MQ (0 from producers; set by the broker)
 //! u64 timestamp    milliseconds since the Unix epoch (set by the broker)
-//! u8  flags        bit 0: a 16-byte message id follows the key; other bits 0
+//! u8  flags        bit 0: id, bit 1: deliver_at, bit 2: expires_at; other bits 0
 //! u8  tag_len      then tag_len bytes of UTF-8
 //! u16 key_len      then key_len bytes of UTF-8
 //! [u128 id]        when flags bit 0 is set: the producer's message id
+//! [u64 deliver_at] when flags bit 1 is set (protocol 3): not to be delivered before, ms
+//! [u64 expires_at] when flags bit 2 is set (protocol 3): never delivered from then on, ms
 //! body             the rest
 //! ```
 //! All integers are big-endian.
@@ -24,6 +26,17 @@ use bytes::BufMut;
 pub const RECORD_OVERHEAD: usize = 28;
 /// Flag bit: the record carries a 16-byte message id after its key.
 pub const RECORD_FLAG_ID: u8 = 1;
+/// Flag bit (protocol 3): the record carries `deliver_at`, a u64 after the id.
+pub const RECORD_FLAG_DELIVER_AT: u8 = 1 << 1;
+/// Flag bit (protocol 3): the record carries `expires_at`, a u64 after `deliver_at`.
+pub const RECORD_FLAG_EXPIRES_AT: u8 = 1 << 2;
+/// The flag bits a peer of protocol 2 or older does not know.
+pub const RECORD_FLAGS_V3: u8 = RECORD_FLAG_DELIVER_AT | RECORD_FLAG_EXPIRES_AT;
+const KNOWN_FLAGS: u8 = RECORD_FLAG_ID | RECORD_FLAGS_V3;
+/// A `deliver_at` with this bit set is no time but the mark of a broker's timer copy: the
+/// record is the copy, made when it came due, of the delayed record at the offset in the low
+/// 63 bits. Producers may not send it.
+pub const DELIVER_AT_COPY_MARK: u64 = 1 << 63;
 const ID_LEN: usize = 16;
 const FIXED_AFTER_LEN: usize = RECORD_OVERHEAD - 4;
 
@@ -89,6 +102,11 @@ pub struct RecordRef<'a> {
     pub key: Option<&'a str>,
     /// Message id set by the producer; a resend after failover carries the same one.
     pub id: Option<u128>,
+    /// Not to be delivered before this time (ms since the Unix epoch), or, with
+    /// [`DELIVER_AT_COPY_MARK`], the broker's copy of a delayed record.
+    pub deliver_at: Option<u64>,
+    /// Never delivered from this time on (ms since the Unix epoch).
+    pub expires_at: Option<u64>,
     /// The payload.
     pub body: &'a [u8],
     /// Where the body lies in the parsed buffer (for zero-copy slicing).
@@ -106,6 +124,37 @@ pub struct RecordMeta<'a> {
     pub key: Option<&'a str>,
     /// Message id for deduplication.
     pub id: Option<u128>,
+    /// Not to be delivered before this time, ms since the Unix epoch.
+    pub deliver_at: Option<u64>,
+    /// Never delivered from this time on, ms since the Unix epoch.
+    pub expires_at: Option<u64>,
+}
+
+impl RecordRef<'_> {
+    /// The meta fields of this record, to encode it again.
+    pub fn meta(&self) -> RecordMeta<'_> {
+        RecordMeta {
+            tag: self.tag,
+            key: self.key,
+            id: self.id,
+            deliver_at: self.deliver_at,
+            expires_at: self.expires_at,
+        }
+    }
+
+    /// The offset of the delayed record this one is the timer's copy of.
+    pub fn copy_of(&self) -> Option<u64> {
+        self.deliver_at
+            .filter(|at| at & DELIVER_AT_COPY_MARK != 0)
+            .map(|at| at & !DELIVER_AT_COPY_MARK)
+    }
+
+    /// True for a delayed record stored before its time: no group delivers it, the broker's
+    /// timer appends a copy of it when it comes due.
+    pub fn is_pending_original(&self) -> bool {
+        self.deliver_at
+            .is_some_and(|at| at & DELIVER_AT_COPY_MARK == 0 && at > self.timestamp_ms)
+    }
 }
 
 /// Appends one record without an id. Fails only when the tag or key is too long.
@@ -117,7 +166,11 @@ pub fn encode_record(
     key: Option<&str>,
     body: &[u8],
 ) -> Result<usize, RecordError> {
-    let meta = RecordMeta { tag, key, id: None };
+    let meta = RecordMeta {
+        tag,
+        key,
+        ..RecordMeta::default()
+    };
     encode_record_meta(dst, offset, timestamp_ms, &meta, body)
 }
 
@@ -133,6 +186,20 @@ pub fn encode_record_meta(
     let key = meta.key.unwrap_or("").as_bytes();
     let id = meta.id.map(u128::to_be_bytes);
     let id: &[u8] = id.as_ref().map_or(&[], |id| id.as_slice());
+    let mut times = [0u8; 16];
+    let mut times_len = 0;
+    let mut flags = if id.is_empty() { 0 } else { RECORD_FLAG_ID };
+    for (bit, value) in [
+        (RECORD_FLAG_DELIVER_AT, meta.deliver_at),
+        (RECORD_FLAG_EXPIRES_AT, meta.expires_at),
+    ] {
+        if let Some(value) = value {
+            flags |= bit;
+            times[times_len..times_len + 8].copy_from_slice(&value.to_be_bytes());
+            times_len += 8;
+        }
+    }
+    let times = &times[..times_len];
     if tag.len() > u8::MAX as usize {
         return Err(RecordError::FieldTooLong {
             field: "tag",
@@ -147,18 +214,19 @@ pub fn encode_record_meta(
             max: u16::MAX as usize,
         });
     }
-    let size = RECORD_OVERHEAD + tag.len() + key.len() + id.len() + body.len();
+    let size = RECORD_OVERHEAD + tag.len() + key.len() + id.len() + times.len() + body.len();
     let mut crc = crc32fast::Hasher::new();
     let mut fixed = [0u8; FIXED_AFTER_LEN - 4];
     fixed[0..8].copy_from_slice(&offset.to_be_bytes());
     fixed[8..16].copy_from_slice(&timestamp_ms.to_be_bytes());
-    fixed[16] = if id.is_empty() { 0 } else { RECORD_FLAG_ID };
+    fixed[16] = flags;
     fixed[17] = tag.len() as u8;
     fixed[18..20].copy_from_slice(&(key.len() as u16).to_be_bytes());
     crc.update(&fixed);
     crc.update(tag);
     crc.update(key);
     crc.update(id);
+    crc.update(times);
     crc.update(body);
     dst.put_u32((size - 4) as u32);
     dst.put_u32(crc.finalize());
@@ -166,6 +234,7 @@ pub fn encode_record_meta(
     dst.put_slice(tag);
     dst.put_slice(key);
     dst.put_slice(id);
+    dst.put_slice(times);
     dst.put_slice(body);
     Ok(size)
 }
@@ -203,7 +272,7 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         u64::from_be_bytes(b)
     };
     let flags = rec[24];
-    if flags & !RECORD_FLAG_ID != 0 {
+    if flags & !KNOWN_FLAGS != 0 {
         return Err(RecordError::UnknownFlags { flags });
     }
     let tag_len = rec[25] as usize;
@@ -214,7 +283,17 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
     } else {
         0
     };
-    let body_start = key_end + id_len;
+    let times_start = key_end + id_len;
+    let mut body_start = times_start;
+    let mut time = |bit: u8| {
+        if flags & bit == 0 {
+            return None;
+        }
+        let at = body_start;
+        body_start += 8;
+        Some(at)
+    };
+    let (deliver_at, expires_at) = (time(RECORD_FLAG_DELIVER_AT), time(RECORD_FLAG_EXPIRES_AT));
     if body_start > size {
         return Err(RecordError::BadLength { len: size - 4 });
     }
@@ -233,9 +312,11 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         key: text(RECORD_OVERHEAD + tag_len..key_end, "key")?,
         id: (id_len > 0).then(|| {
             let mut id = [0u8; ID_LEN];
-            id.copy_from_slice(&rec[key_end..body_start]);
+            id.copy_from_slice(&rec[key_end..times_start]);
             u128::from_be_bytes(id)
         }),
+        deliver_at: deliver_at.map(be64),
+        expires_at: expires_at.map(be64),
         body: &rec[body_start..],
         body_range: body_start..size,
         size,
@@ -248,6 +329,47 @@ pub fn stamp_record(record: &mut [u8], offset: u64, timestamp_ms: u64) {
     record[16..24].copy_from_slice(&timestamp_ms.to_be_bytes());
     let crc = crc32fast::hash(&record[8..]);
     record[4..8].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Re-encodes `src` (whole verified records back to back) without the protocol 3 fields, for
+/// a peer of protocol 2 or older; `None` when no record has them (send `src` as it is).
+pub fn without_v3_fields(src: &[u8]) -> Result<Option<Vec<u8>>, RecordError> {
+    let mut at = 0;
+    let mut any = false;
+    while at < src.len() {
+        let size = peek_record_size(&src[at..]).ok_or(RecordError::Truncated {
+            need: 4,
+            have: src.len() - at,
+        })?;
+        if src
+            .get(at + 24)
+            .is_some_and(|flags| flags & RECORD_FLAGS_V3 != 0)
+        {
+            any = true;
+            break;
+        }
+        at += size;
+    }
+    if !any {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(src.len());
+    for record in records(src) {
+        let record = record?;
+        let meta = RecordMeta {
+            deliver_at: None,
+            expires_at: None,
+            ..record.meta()
+        };
+        encode_record_meta(
+            &mut out,
+            record.offset,
+            record.timestamp_ms,
+            &meta,
+            record.body,
+        )?;
+    }
+    Ok(Some(out))
 }
 
 /// Iterates over the verified records of a buffer holding whole records back to back.
@@ -348,6 +470,7 @@ mod tests {
             tag: Some("t"),
             key: Some("k"),
             id: Some(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+            ..RecordMeta::default()
         };
         let mut buf = Vec::new();
         encode_record_meta(&mut buf, 1, 2, &meta, b"body").unwrap();
@@ -370,6 +493,65 @@ mod tests {
             parse_record(&future),
             Err(RecordError::UnknownFlags { .. })
         ));
+    }
+
+    #[test]
+    fn times_round_trip_and_old_peers_get_records_without_them() {
+        let meta = RecordMeta {
+            key: Some("k"),
+            id: Some(7),
+            deliver_at: Some(5_000),
+            expires_at: Some(9_000),
+            ..RecordMeta::default()
+        };
+        let mut buf = Vec::new();
+        encode_record_meta(&mut buf, 3, 1_000, &meta, b"later").unwrap();
+        encode_record(&mut buf, 4, 1_000, None, None, b"plain").unwrap();
+        let rec = parse_record(&buf).unwrap();
+        assert_eq!(
+            (rec.id, rec.deliver_at, rec.expires_at, rec.body),
+            (Some(7), Some(5_000), Some(9_000), &b"later"[..])
+        );
+        assert!(rec.is_pending_original() && rec.copy_of().is_none());
+        let only_expiry = RecordMeta {
+            expires_at: Some(9),
+            ..RecordMeta::default()
+        };
+        let mut one = Vec::new();
+        encode_record_meta(&mut one, 0, 0, &only_expiry, b"x").unwrap();
+        let rec = parse_record(&one).unwrap();
+        assert_eq!((rec.deliver_at, rec.expires_at), (None, Some(9)));
+
+        let old = without_v3_fields(&buf).unwrap().expect("re-encoded");
+        let got: Vec<_> = records(&old)
+            .map(|r| {
+                let r = r.unwrap();
+                (r.offset, r.id, r.deliver_at, r.expires_at, r.body.to_vec())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, Some(7), None, None, b"later".to_vec()),
+                (4, None, None, None, b"plain".to_vec())
+            ]
+        );
+        assert_eq!(old[24] & RECORD_FLAGS_V3, 0);
+        let plain = &buf[parse_record(&buf).unwrap().size..];
+        assert_eq!(without_v3_fields(plain).unwrap(), None, "nothing to strip");
+    }
+
+    #[test]
+    fn copies_name_their_original() {
+        let meta = RecordMeta {
+            deliver_at: Some(DELIVER_AT_COPY_MARK | 42),
+            ..RecordMeta::default()
+        };
+        let mut buf = Vec::new();
+        encode_record_meta(&mut buf, 50, 1, &meta, b"due").unwrap();
+        let rec = parse_record(&buf).unwrap();
+        assert_eq!(rec.copy_of(), Some(42));
+        assert!(!rec.is_pending_original());
     }
 
     #[test]
