@@ -4,9 +4,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_client::ha::parse_trackers;
+use qbus_client::protocol::Credentials;
+use qbus_server_kit::auth::{Access, UserSpec};
 use qbus_server_kit::config::{listen_addr, read_toml};
 use serde::Deserialize;
 
@@ -119,6 +122,34 @@ pub struct Settings {
     /// a few missed reports [default: 2s]
     #[arg(long, env = "QBUS_REPORT_INTERVAL")]
     pub report_interval: Option<String>,
+    /// The node credential for the trackers: user name (with --tracker-password), if the
+    /// trackers have users [default: none]
+    #[arg(long, env = "QBUS_TRACKER_USER")]
+    pub tracker_user: Option<String>,
+    /// The node credential for the trackers: password of --tracker-user [default: none]
+    #[arg(long, env = "QBUS_TRACKER_PASSWORD", hide_env_values = true)]
+    pub tracker_password: Option<String>,
+    /// The node credential for the trackers: a token, instead of user and password
+    /// [default: none]
+    #[arg(long, env = "QBUS_TRACKER_TOKEN", hide_env_values = true)]
+    pub tracker_token: Option<String>,
+    /// Address ranges served without credentials, e.g. 127.0.0.1/32,10.0.0.0/8
+    /// [default: loopback, 127.0.0.0/8 and ::1]
+    #[arg(
+        long,
+        env = "QBUS_ANONYMOUS_FROM",
+        value_delimiter = ',',
+        value_name = "CIDR[,CIDR]"
+    )]
+    pub anonymous_from: Option<Vec<String>>,
+    /// Serve clients without credentials from every address (with no users: everyone
+    /// may do everything) [default: false]
+    #[arg(long, env = "QBUS_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_anonymous: Option<bool>,
+    /// Users, their hashed secrets and permissions: `[[users]]` tables of the settings file
+    /// only (README, "Security").
+    #[arg(skip)]
+    pub users: Option<Vec<UserSpec>>,
 }
 
 impl Settings {
@@ -141,6 +172,12 @@ impl Settings {
             tracker: self.tracker.or(other.tracker),
             advertise: self.advertise.or(other.advertise),
             report_interval: self.report_interval.or(other.report_interval),
+            tracker_user: self.tracker_user.or(other.tracker_user),
+            tracker_password: self.tracker_password.or(other.tracker_password),
+            tracker_token: self.tracker_token.or(other.tracker_token),
+            anonymous_from: self.anonymous_from.or(other.anonymous_from),
+            allow_anonymous: self.allow_anonymous.or(other.allow_anonymous),
+            users: self.users.or(other.users),
         }
     }
 
@@ -178,6 +215,22 @@ impl Settings {
         if zbus_idle.is_zero() {
             return Err(bad("zbus-idle")("must be more than 0, e.g. 300s".into()));
         }
+        let access = Access::new(
+            self.users.unwrap_or_default(),
+            self.anonymous_from,
+            self.allow_anonymous.unwrap_or(false),
+        )
+        .map_err(bad("users"))?;
+        let mut reporting = Reporting::resolve(
+            self.tracker,
+            self.advertise,
+            duration("report-interval", self.report_interval)?,
+        )?;
+        let node_credential =
+            node_credential(self.tracker_user, self.tracker_password, self.tracker_token)?;
+        if let Some(reporting) = &mut reporting {
+            reporting.credentials = node_credential;
+        }
         Ok(Config {
             listen,
             store: self.store.unwrap_or_else(|| PathBuf::from("./store")),
@@ -195,12 +248,32 @@ impl Settings {
             max_in_flight: self.max_in_flight.unwrap_or(65_536).max(1),
             http_timeout,
             zbus_idle,
-            reporting: Reporting::resolve(
-                self.tracker,
-                self.advertise,
-                duration("report-interval", self.report_interval)?,
-            )?,
+            reporting,
+            access: Arc::new(access),
         })
+    }
+}
+
+/// The credential a node logs in to trackers with: a user and password, or a token.
+pub fn node_credential(
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+) -> Result<Option<Credentials>, ConfigError> {
+    let bad = |key: &str, message: &str| ConfigError {
+        key: key.into(),
+        message: message.into(),
+    };
+    match (user, password, token) {
+        (None, None, None) => Ok(None),
+        (Some(user), Some(password), None) => Ok(Some(Credentials::password(user, password))),
+        (None, None, Some(token)) => Ok(Some(Credentials::token(token))),
+        (_, _, Some(_)) => Err(bad(
+            "tracker-token",
+            "give a token or a user and password, not both",
+        )),
+        (Some(_), None, None) => Err(bad("tracker-password", "needed with tracker-user")),
+        (None, Some(_), None) => Err(bad("tracker-user", "needed with tracker-password")),
     }
 }
 
@@ -234,6 +307,8 @@ pub struct Config {
     /// Reporting to trackers, when any are configured. Done by [`run`](crate::run), which
     /// knows the listening address; an embedded broker does not report.
     pub reporting: Option<Reporting>,
+    /// Users, permissions and who is served without credentials (README, "Security").
+    pub access: Arc<Access>,
 }
 
 /// Where and how often to report; part of [`Config`].
@@ -245,6 +320,9 @@ pub struct Reporting {
     pub advertise: Option<String>,
     /// Time between two reports without a change.
     pub interval: Duration,
+    /// The node credential for the trackers (`tracker-user` and `tracker-password`, or
+    /// `tracker-token`).
+    pub credentials: Option<Credentials>,
 }
 
 impl Reporting {
@@ -293,6 +371,7 @@ impl Reporting {
             trackers,
             advertise,
             interval,
+            credentials: None,
         }))
     }
 }

@@ -57,6 +57,7 @@ pub async fn run(reporting: Reporting, core: Arc<Core>, addr: String, stop: Canc
     }));
     let sending = tokio::spawn(reporter::report(
         reporting.trackers,
+        reporting.credentials,
         state,
         reporting.interval,
         stop.clone(),

@@ -14,6 +14,7 @@ use qbus_wire::serve::{accept, Connections};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Peer;
 use crate::config::Config;
 use crate::core::Core;
 use crate::http;
@@ -81,7 +82,7 @@ impl Running {
     }
 
     /// Serves one client link in the background.
-    pub async fn serve(&self, link: Link, peer: String) {
+    pub async fn serve(&self, link: Link, peer: Peer) {
         let session = session::serve(self.core.clone(), link, peer, self.shutdown.child_token());
         self.spawn(session).await;
     }
@@ -98,7 +99,7 @@ impl Running {
                 Ok(true) => serve_http_or_zbus(stream, peer, core, zbus, shutdown).await,
                 Ok(false) => {
                     let link = tcp_link(stream, core.config().max_frame);
-                    session::serve(core, link, peer.to_string(), shutdown).await
+                    session::serve(core, link, Peer::tcp(peer), shutdown).await
                 }
                 Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
             }
@@ -203,6 +204,7 @@ pub async fn run(
     let running = Running::start(config).await?;
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "broker listening");
+    tracing::info!(mode = %running.core().config().access.mode(), "access");
     if let (Some(reporting), Some(local)) = (reporting, local) {
         let addr = reporter::advertised(&reporting, local);
         // A child token: on shutdown the tracker connections close and the trackers drop

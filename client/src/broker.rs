@@ -16,7 +16,9 @@ use crate::error::{decode_reply, ClientError, Result};
 use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME};
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
-use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions, RouteStats, DEFAULT_MAX_FRAME};
+use crate::protocol::{
+    Command, Credentials, Frame, Header, MqInfo, MqOptions, RouteStats, DEFAULT_MAX_FRAME,
+};
 use crate::topology::Topology;
 use crate::transport::Transport;
 
@@ -41,15 +43,23 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects to `addr` with default options: a broker at `host:port` or
-    /// `tcp://host:port`, or the brokers the trackers of `tracker://HOST:PORT[,HOST:PORT...]`
-    /// know (waiting for the first topology, see [`HaOptions`]). Fails if the broker (or
-    /// every tracker) cannot be reached within the connect deadline.
+    /// Connects to `addr` with default options: a broker at `host:port`, `tcp://host:port`
+    /// or `qbus://host:port`, or the brokers the trackers of
+    /// `tracker://HOST:PORT[,HOST:PORT...]` know (waiting for the first topology, see
+    /// [`HaOptions`]). Fails if the broker (or every tracker) cannot be reached within the
+    /// connect deadline.
+    ///
+    /// Credentials may lead the address: `user:password@` logs in as a user, `:token@`
+    /// with a token (`qbus://alice:s3cret@10.0.0.7:15555`,
+    /// `tracker://:qbus_5f2e...@10.0.0.1:16666,10.0.0.2:16667`; the HA handle logs in to
+    /// the trackers and every broker with them). Or set
+    /// [`ConnectionOptions::credentials`].
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), qbus_client::ClientError> {
     /// let single = qbus_client::Broker::connect("127.0.0.1:15555").await?;
     /// let cluster = qbus_client::Broker::connect("tracker://10.0.0.1:16666,10.0.0.2:16667").await?;
+    /// let alice = qbus_client::Broker::connect("qbus://alice:s3cret@10.0.0.7:15555").await?;
     /// # Ok(()) }
     /// ```
     pub async fn connect(addr: &str) -> Result<Broker> {
@@ -64,7 +74,12 @@ impl Broker {
     /// with each of them capped at its HA default (connect 1 s, request 10 s, heartbeat
     /// 250 ms; see [`HaOptions::connection`]) so failover stays fast; use
     /// [`connect_ha`](Broker::connect_ha) for full control.
-    pub async fn connect_with(addr: &str, options: ConnectionOptions) -> Result<Broker> {
+    pub async fn connect_with(addr: &str, mut options: ConnectionOptions) -> Result<Broker> {
+        let (credentials, addr) = split_credentials(addr);
+        let addr = addr.as_str();
+        if credentials.is_some() {
+            options.credentials = credentials;
+        }
         if addr.starts_with(TRACKER_SCHEME) {
             let defaults = HaOptions::default();
             let ha = HaOptions {
@@ -79,6 +94,7 @@ impl Broker {
                         .request_timeout
                         .min(defaults.connection.request_timeout),
                     heartbeat: options.heartbeat.min(defaults.connection.heartbeat),
+                    credentials: options.credentials,
                 },
                 ..defaults
             };
@@ -105,8 +121,12 @@ impl Broker {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn connect_ha(trackers: &str, options: HaOptions) -> Result<Broker> {
-        let trackers = parse_trackers(trackers)?;
+    pub async fn connect_ha(trackers: &str, mut options: HaOptions) -> Result<Broker> {
+        let (credentials, trackers) = split_credentials(trackers);
+        if credentials.is_some() {
+            options.connection.credentials = credentials;
+        }
+        let trackers = parse_trackers(&trackers)?;
         Ok(Broker {
             transport: Transport::ha(Ha::connect(trackers, options).await?),
         })
@@ -232,16 +252,39 @@ impl Broker {
     }
 }
 
+/// Takes the credentials (`user:password@` or `:token@`) off the front of an address
+/// (after its scheme), returning them and the address without them. The last `@` ends
+/// them, so a password may hold `@` or `:`; a user name cannot hold `:`.
+pub(crate) fn split_credentials(addr: &str) -> (Option<Credentials>, String) {
+    let (scheme, rest) = match addr.split_once("://") {
+        Some((scheme, rest)) => (&addr[..scheme.len() + 3], rest),
+        None => ("", addr),
+    };
+    let Some((userinfo, hosts)) = rest.rsplit_once('@') else {
+        return (None, addr.to_owned());
+    };
+    let credentials = match userinfo.split_once(':') {
+        Some(("", token)) => Credentials::token(token),
+        Some((user, password)) => Credentials::password(user, password),
+        None => Credentials::password(userinfo, ""),
+    };
+    (Some(credentials), format!("{scheme}{hosts}"))
+}
+
 /// Checks an address string and returns the `host:port` to dial.
 fn parse_address(addr: &str) -> Result<String> {
     let bad = |reason: &str| ClientError::Address {
         addr: addr.to_owned(),
         reason: reason.to_owned(),
     };
-    let target = addr.strip_prefix("tcp://").unwrap_or(addr);
+    let target = addr
+        .strip_prefix("tcp://")
+        .or_else(|| addr.strip_prefix("qbus://"))
+        .unwrap_or(addr);
     if target.contains("://") {
         return Err(bad(
-            "expected host:port, tcp://host:port or tracker://host:port[,host:port...]",
+            "expected host:port, tcp://host:port, qbus://host:port or \
+             tracker://host:port[,host:port...]",
         ));
     }
     let (host, port) = target
@@ -257,7 +300,27 @@ fn parse_address(addr: &str) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_address;
+    use super::{parse_address, split_credentials};
+    use crate::protocol::Credentials;
+
+    #[test]
+    fn credentials_in_addresses() {
+        assert_eq!(
+            split_credentials("qbus://alice:p@ss:w@10.0.0.7:15555"),
+            (
+                Some(Credentials::password("alice", "p@ss:w")),
+                "qbus://10.0.0.7:15555".to_owned()
+            )
+        );
+        assert_eq!(
+            split_credentials("tracker://:qbus_1@a:1,b:2"),
+            (
+                Some(Credentials::token("qbus_1")),
+                "tracker://a:1,b:2".to_owned()
+            )
+        );
+        assert_eq!(split_credentials("a:1"), (None, "a:1".to_owned()));
+    }
 
     #[test]
     fn addresses() {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ClientError, Result};
 use crate::link::{Connector, FrameStream};
-use crate::protocol::{Command, Frame, Header, ServerInfo, Status, PROTOCOL_VERSION};
+use crate::protocol::{Command, Credentials, Frame, Header, ServerInfo, Status, PROTOCOL_VERSION};
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -33,6 +33,10 @@ pub struct ConnectionOptions {
     /// as hung: the connection closes and its pending requests fail with
     /// [`ClientError::Disconnected`]. Default 5 s (a hung peer is noticed within 15–20 s).
     pub heartbeat: Duration,
+    /// Who to log in as in `Hello` (protocol 3). Default none: served as anonymous where
+    /// the server allows it. Bad credentials fail the connect at once with
+    /// [`ClientError::Server`] and status 401, without retrying.
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for ConnectionOptions {
@@ -41,6 +45,7 @@ impl Default for ConnectionOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
+            credentials: None,
         }
     }
 }
@@ -332,7 +337,9 @@ impl Connection {
         loop {
             let reason = match tokio::time::timeout_at(deadline, self.open()).await {
                 Ok(Ok(live)) => return Ok(live),
-                Ok(Err(reason)) => reason,
+                Ok(Err(Refused::Retry(reason))) => reason,
+                // The same credentials would be refused again.
+                Ok(Err(Refused::Credentials(e))) => return Err(e),
                 Err(_) => "timed out".to_owned(),
             };
             let jittered = backoff.next_wait();
@@ -349,13 +356,13 @@ impl Connection {
     }
 
     /// Opens a link, shakes hands and starts the dispatcher.
-    async fn open(&self) -> std::result::Result<Arc<Live>, String> {
+    async fn open(&self) -> std::result::Result<Arc<Live>, Refused> {
         let link = self
             .inner
             .connector
             .connect()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Refused::Retry(e.to_string()))?;
         let live = Arc::new(Live {
             link: LinkId(self.inner.next_link.fetch_add(1, Ordering::Relaxed)),
             tx: link.tx,
@@ -372,30 +379,52 @@ impl Connection {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut hello = Header::request(Command::Hello, None);
         hello.id = id;
-        let rx = live.register(id).map_err(|e| e.to_string())?;
-        let body = rmp_serde::to_vec_named(&ServerInfo {
-            protocol: PROTOCOL_VERSION,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            max_frame: 0,
-        })
-        .map_err(|e| e.to_string())?;
+        let retry = Refused::Retry;
+        let rx = live.register(id).map_err(|e| retry(e.to_string()))?;
+        let body = hello_body(self.inner.options.credentials.clone()).map_err(retry)?;
         live.tx
             .send(Frame::with_body(hello, body.into()))
             .await
-            .map_err(|_| "closed during handshake".to_owned())?;
+            .map_err(|_| retry("closed during handshake".to_owned()))?;
         let reply = PendingReply {
             rx,
             live: Some(live.clone()),
             id,
         }
         .await
-        .map_err(|e| format!("handshake failed: {e}"))?;
+        .map_err(|e| match e {
+            ClientError::Server {
+                status: Status::Unauthorized | Status::Forbidden,
+                ..
+            } => Refused::Credentials(e),
+            e => retry(format!("handshake failed: {e}")),
+        })?;
         let info: ServerInfo = rmp_serde::from_slice(&reply.body)
-            .map_err(|e| format!("handshake reply is not from a qbus server: {e}"))?;
+            .map_err(|e| retry(format!("handshake reply is not from a qbus server: {e}")))?;
         self.inner.server.store(Some(Arc::new(info)));
         self.inner.live.store(Some(live.clone()));
         Ok(live)
     }
+}
+
+/// Why a connect attempt failed.
+enum Refused {
+    /// Worth another try (the server may come up): the reason.
+    Retry(String),
+    /// The server refused the credentials: final.
+    Credentials(ClientError),
+}
+
+/// The body of a client's `Hello`: what it speaks and, if any, its credentials.
+pub(crate) fn hello_body(credentials: Option<Credentials>) -> std::result::Result<Vec<u8>, String> {
+    rmp_serde::to_vec_named(&ServerInfo {
+        protocol: PROTOCOL_VERSION,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        max_frame: 0,
+        credentials,
+        identity: None,
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// Routes replies to their waiters until the link ends, then fails whatever is left.

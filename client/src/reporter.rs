@@ -16,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Connection, ConnectionOptions};
 use crate::link::TcpConnector;
-use crate::protocol::{Command, Frame, Header, DEFAULT_MAX_FRAME};
+use crate::protocol::{Command, Credentials, Frame, Header, DEFAULT_MAX_FRAME};
 use crate::topology::NodeState;
 
 /// Reports the latest value of `state` to every tracker in `trackers` until `stop` fires or
 /// the sender of `state` is dropped. Publish a new state (with a higher `seq`) on every
-/// change; it goes out at once.
+/// change; it goes out at once. `credentials` log the node in at each tracker (a tracker
+/// with users accepts reports only from users with the `register` permission).
 ///
 /// ```no_run
 /// # async fn demo() {
@@ -43,13 +44,14 @@ use crate::topology::NodeState;
 /// let (_publish, watch) = tokio::sync::watch::channel(Arc::new(state));
 /// let stop = tokio_util::sync::CancellationToken::new();
 /// let trackers = vec!["10.0.0.1:16666".to_string(), "10.0.0.2:16667".to_string()];
-/// tokio::spawn(report(trackers, watch, Duration::from_secs(2), stop.clone()));
+/// tokio::spawn(report(trackers, None, watch, Duration::from_secs(2), stop.clone()));
 /// // ... later
 /// stop.cancel();
 /// # }
 /// ```
 pub async fn report(
     trackers: Vec<String>,
+    credentials: Option<Credentials>,
     state: watch::Receiver<Arc<NodeState>>,
     interval: Duration,
     stop: CancellationToken,
@@ -57,13 +59,21 @@ pub async fn report(
     let interval = interval.max(Duration::from_millis(10));
     let mut tasks = JoinSet::new();
     for tracker in trackers {
-        tasks.spawn(report_to(tracker, state.clone(), interval, stop.clone()));
+        let credentials = credentials.clone();
+        tasks.spawn(report_to(
+            tracker,
+            credentials,
+            state.clone(),
+            interval,
+            stop.clone(),
+        ));
     }
     while tasks.join_next().await.is_some() {}
 }
 
 async fn report_to(
     tracker: String,
+    credentials: Option<Credentials>,
     mut state: watch::Receiver<Arc<NodeState>>,
     interval: Duration,
     stop: CancellationToken,
@@ -75,6 +85,7 @@ async fn report_to(
             connect_timeout: interval,
             request_timeout: interval.max(Duration::from_secs(1)),
             heartbeat: interval.max(Duration::from_secs(1)),
+            credentials,
         },
     );
     let mut reachable: Option<bool> = None;

@@ -80,7 +80,7 @@ fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
         Frame::new(Header::error(request.cmd, request.id, status, message))
     };
     match request.cmd {
-        Command::Hello => hello_reply(request, env!("CARGO_PKG_VERSION"), DEFAULT_MAX_FRAME),
+        Command::Hello => hello_reply(request, env!("CARGO_PKG_VERSION"), DEFAULT_MAX_FRAME, None),
         Command::Heartbeat => Frame::new(Header::reply_to(request)),
         Command::Report => {
             table.metrics().report_received();

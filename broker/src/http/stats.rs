@@ -45,6 +45,10 @@ pub struct BrokerStats {
     pub connections_accepted: PerProtocol,
     /// HTTP requests served since the start.
     pub http_requests: u64,
+    /// Requests refused for want of (good) credentials, status 401, since the start.
+    pub denied_unauthenticated: PerProtocol,
+    /// Requests refused by the permissions, status 403, since the start.
+    pub denied_forbidden: PerProtocol,
     /// Rate samples taken since the start (one a second); every MQ's `rates` end at the
     /// same sample, so a poller can tell how many of them are new.
     pub rate_samples: u64,
@@ -128,6 +132,8 @@ pub fn collect(core: &Core, address: String, seconds: usize) -> Stats {
             connections: per_protocol(&|p| metrics.open(p)),
             connections_accepted: per_protocol(&|p| metrics.accepted(p)),
             http_requests: metrics.http_requests(),
+            denied_unauthenticated: per_protocol(&|p| metrics.denials(p).0),
+            denied_forbidden: per_protocol(&|p| metrics.denials(p).1),
             rate_samples,
         },
         fsync: core.committer().fsync_latency().read(),

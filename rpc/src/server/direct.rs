@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use qbus_wire::protocol::DEFAULT_MAX_FRAME;
+use qbus_wire::protocol::{Credentials, DEFAULT_MAX_FRAME};
 use qbus_wire::serve::{accept, Connections};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -38,6 +38,9 @@ pub struct RpcServerOptions {
     pub advertise: Option<String>,
     /// How often the trackers hear from this server. Default 2 s.
     pub report_interval: Duration,
+    /// The node credential this server logs in to the trackers with; a tracker with users
+    /// takes its reports only if the user has the `register` permission. Default none.
+    pub tracker_credentials: Option<Credentials>,
 }
 
 impl Default for RpcServerOptions {
@@ -48,6 +51,7 @@ impl Default for RpcServerOptions {
             trackers: Vec::new(),
             advertise: None,
             report_interval: Duration::from_secs(2),
+            tracker_credentials: None,
         }
     }
 }
@@ -56,6 +60,12 @@ impl RpcServerOptions {
     /// Sets [`trackers`](RpcServerOptions::trackers).
     pub fn with_trackers<S: Into<String>>(mut self, trackers: impl IntoIterator<Item = S>) -> Self {
         self.trackers = trackers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`tracker_credentials`](RpcServerOptions::tracker_credentials).
+    pub fn with_tracker_credentials(mut self, credentials: Credentials) -> Self {
+        self.tracker_credentials = Some(credentials);
         self
     }
 
@@ -173,6 +183,7 @@ impl RpcServer {
                 addr,
                 services,
                 options.report_interval,
+                options.tracker_credentials.clone(),
             ))
         };
         let shutdown = CancellationToken::new();

@@ -17,7 +17,7 @@ pub mod route;
 pub mod rpc;
 pub mod status;
 
-pub use admin::{GroupInfo, MqInfo, MqOptions, ServerInfo};
+pub use admin::{Credentials, GroupInfo, MqInfo, MqOptions, ServerInfo};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
     Command, DeliveryToken, Durability, Header, LostRange, FLAG_ONEWAY, FLAG_START_AT_END,
@@ -26,6 +26,7 @@ pub use header::{
 pub use route::RouteStats;
 pub use status::Status;
 
-/// Version of the protocol this crate speaks. Version 2 added the `lost` header field; a
-/// version 2 peer still speaks version 1 to peers that say 1 (or nothing) in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of the protocol this crate speaks. Version 2 added the `lost` header field;
+/// version 3 credentials in `Hello` and the statuses 401 and 403 (see `docs/protocol.md`).
+/// A newer peer still speaks an older version to peers that say it (or nothing) in `Hello`.
+pub const PROTOCOL_VERSION: u32 = 3;
