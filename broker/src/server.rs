@@ -149,10 +149,17 @@ async fn serve_http_or_zbus(
     match zbus::sniff::first_head(&mut stream, head_limit).await {
         Ok((head, true)) => {
             let stream = Rewind::new(head, stream);
-            zbus::session::serve(stream, peer.to_string(), core, zbus, shutdown).await
+            zbus::session::serve(stream, Peer::tcp(peer), core, zbus, shutdown).await
         }
         Ok((head, false)) => {
-            http::serve(Rewind::new(head, stream), peer, local, core, shutdown).await
+            http::serve(
+                Rewind::new(head, stream),
+                Peer::tcp(peer),
+                local,
+                core,
+                shutdown,
+            )
+            .await
         }
         Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
     }

@@ -29,6 +29,10 @@ pub struct BrokerStats {
     pub version: &'static str,
     /// Binary protocol version.
     pub protocol: u32,
+    /// The user the request was served as (`anonymous` without credentials); absent
+    /// where the request was not checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Milliseconds since the store was opened.
     pub uptime_ms: u64,
     /// Store directory.
@@ -124,6 +128,7 @@ pub fn collect(core: &Core, address: String, seconds: usize) -> Stats {
             address,
             version: env!("CARGO_PKG_VERSION"),
             protocol: PROTOCOL_VERSION,
+            user: None,
             uptime_ms: u64::try_from(core.started().elapsed().as_millis()).unwrap_or(u64::MAX),
             store: config.store.display().to_string(),
             store_bytes: mqs.iter().map(|m| m.info.size_bytes).sum(),

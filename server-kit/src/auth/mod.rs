@@ -203,13 +203,18 @@ impl Access {
     }
 
     /// Logs `name` in with `password`. A bad pair is answered after a delay that grows
-    /// with the failures from `ip` (see [`throttle`]).
+    /// with the failures from `ip` (see [`throttle`]). Without users, credentials are
+    /// ignored (zbus clients send a token to every broker): the peer is anonymous where its
+    /// address is served without credentials, else refused.
     pub async fn login_password(
         self: &Arc<Self>,
         ip: Option<IpAddr>,
         name: &str,
         password: &str,
     ) -> Result<Identity, Denied> {
+        if let Some(without) = self.without_users(ip) {
+            return without;
+        }
         let access = self.clone();
         let (owned_name, owned_password) = (name.to_owned(), password.to_owned());
         // argon2 takes tens of milliseconds of CPU: not on a reactor thread.
@@ -229,6 +234,9 @@ impl Access {
 
     /// Logs in with a token.
     pub async fn login_token(&self, ip: Option<IpAddr>, token: &str) -> Result<Identity, Denied> {
+        if let Some(without) = self.without_users(ip) {
+            return without;
+        }
         match self.users.by_token(token) {
             Some(user) => Ok(self.logged_in(ip, user.name.clone(), user, Via::Token)),
             None => Err(self.failed(ip, "unknown token".into()).await),
@@ -247,6 +255,14 @@ impl Access {
             name: user.name.clone(),
             permissions: Arc::new(user.permissions.clone()),
             via: Via::Certificate,
+        })
+    }
+
+    /// What a login comes to on a server without users.
+    fn without_users(&self, ip: Option<IpAddr>) -> Option<Result<Identity, Denied>> {
+        self.users.is_empty().then(|| {
+            self.anonymous(ip)
+                .ok_or_else(|| Denied::Unauthenticated(self.refusal("log in")))
         })
     }
 
