@@ -102,10 +102,7 @@ pub fn permit(access: &Access, who: Option<&Identity>, needs: Needs<'_>) -> Resu
                     .map_err(|_| denied)
             }),
         Needs::Some(op) => access.check_some(who, op),
-        Needs::Identity => match who {
-            Some(_) => Ok(()),
-            None => access.check(who, Operation::Read, "", None),
-        },
+        Needs::Identity => access.check_lists(who),
     }
 }
 

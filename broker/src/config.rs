@@ -420,7 +420,7 @@ mod tests {
         ] {
             assert!(keys.contains(&flag), "{flag} missing from qbus-broker.toml");
         }
-        assert_eq!(keys.len(), 16, "one line per setting: {keys:?}");
+        assert_eq!(keys.len(), 20, "one line per setting: {keys:?}");
         let shipped = file.resolve().unwrap();
         let defaults = Settings::default().resolve().unwrap();
         // Retention, trackers and the advertised address have no default; the file shows

@@ -75,10 +75,10 @@ pub fn permit(
 
 /// Checks that the request has an identity at all (for lists filtered by it).
 pub fn known(ctx: &Context, who: Option<&Identity>) -> Result<(), ApiError> {
-    match who {
-        Some(_) => Ok(()),
-        None => permit(ctx, who, Operation::Read, "", None),
-    }
+    let access = &ctx.core.config().access;
+    access
+        .check_lists(who)
+        .map_err(|denied| refused(ctx, denied))
 }
 
 /// Refuses a state-changing request a browser sent from another site.
@@ -92,7 +92,7 @@ pub fn same_site(ctx: &Context, parts: &Parts) -> Result<(), ApiError> {
         let host = header(HOST.as_str()).unwrap_or_default();
         origin
             .split_once("://")
-            .map_or(true, |(_, authority)| !authority.eq_ignore_ascii_case(host))
+            .is_none_or(|(_, authority)| !authority.eq_ignore_ascii_case(host))
     });
     if cross_site || foreign_origin {
         ctx.core.metrics().denied(Protocol::Http, 403);

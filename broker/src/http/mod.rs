@@ -104,18 +104,18 @@ async fn run<S>(
 async fn handle(ctx: &Context, request: Request<Incoming>) -> Reply {
     ctx.core.metrics().http_request();
     let (parts, body) = request.into_parts();
-    match route(ctx, &parts, body).await {
+    let mut reply = match route(ctx, &parts, body).await {
         Ok(reply) => reply,
-        Err(e) if e.status() == StatusCode::UNAUTHORIZED => {
-            let mut reply = e.into_reply();
-            reply.headers_mut().insert(
-                WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"qbus\", charset=\"UTF-8\""),
-            );
-            reply
-        }
         Err(e) => e.into_reply(),
+    };
+    if reply.status() == StatusCode::UNAUTHORIZED {
+        // So a browser asks for a user name and password.
+        reply.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"qbus\", charset=\"UTF-8\""),
+        );
     }
+    reply
 }
 
 async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, ApiError> {

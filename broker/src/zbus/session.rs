@@ -337,10 +337,7 @@ impl Session {
             ),
             "query_mq" | "query" | "list" if !mq.is_empty() => (Operation::Read, mq),
             "query_mq" | "query" | "list" => {
-                return match &who {
-                    Some(_) => Ok(who),
-                    None => access.check(None, Operation::Read, "", None).map(|()| None),
-                };
+                return access.check_lists(who.as_ref()).map(|()| who);
             }
             _ => return Ok(who),
         };

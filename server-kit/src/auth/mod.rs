@@ -325,6 +325,15 @@ impl Access {
         }
     }
 
+    /// May `who` see lists (of MQs, stats), filtered to what it may read? A user may;
+    /// anonymous only if it may read something.
+    pub fn check_lists(&self, who: Option<&Identity>) -> Result<(), Denied> {
+        match who {
+            Some(id) if !id.is_anonymous() => Ok(()),
+            _ => self.check_some(who, Operation::Read),
+        }
+    }
+
     /// True when `who` may do `op` on `mq` (to filter lists).
     pub fn allows(&self, who: Option<&Identity>, op: Operation, mq: &str) -> bool {
         who.is_some_and(|who| who.permissions.allows(op, mq, None))
