@@ -219,23 +219,32 @@ pub struct TrackerProcess {
     server: ServerProcess,
     port: Port,
     warmup: Duration,
+    args: Vec<String>,
 }
 
 impl TrackerProcess {
     /// Starts a tracker whose view counts as complete after `warmup`.
     pub fn start(warmup: Duration) -> TrackerProcess {
+        TrackerProcess::with_args(warmup, &[])
+    }
+
+    /// Starts a tracker with `args` after its port and warm-up flags.
+    pub fn with_args(warmup: Duration, args: &[&str]) -> TrackerProcess {
         let port = reserve_port();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         TrackerProcess {
-            server: TrackerProcess::spawn(port.get(), warmup),
+            server: TrackerProcess::spawn(port.get(), warmup, &args),
             port,
             warmup,
+            args,
         }
     }
 
-    fn spawn(port: u16, warmup: Duration) -> ServerProcess {
+    fn spawn(port: u16, warmup: Duration, args: &[String]) -> ServerProcess {
         let binary = built_binary("qbus-tracker", "qbus-tracker");
         let mut cmd = server_command(&binary, port);
-        cmd.args(["--warmup", &format!("{}ms", warmup.as_millis())]);
+        cmd.args(["--warmup", &format!("{}ms", warmup.as_millis())])
+            .args(args);
         ServerProcess::start("qbus-tracker", cmd, port)
     }
 
@@ -257,7 +266,7 @@ impl TrackerProcess {
     /// Kills it and starts it again, empty, on the same port.
     pub fn restart(&mut self) {
         self.server.kill9();
-        self.server = TrackerProcess::spawn(self.port.get(), self.warmup);
+        self.server = TrackerProcess::spawn(self.port.get(), self.warmup, &self.args);
     }
 
     /// The tracker's own view, by a one-shot `QueryTopology`.

@@ -4,8 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use qbus_server_kit::auth::{Access, UserSpec};
 use qbus_server_kit::config::{listen_addr, read_toml};
 use serde::Deserialize;
 
@@ -30,6 +32,28 @@ pub struct Settings {
     /// 3s; subscribers keep brokers it does not list yet [default: 3s]
     #[arg(long, env = "QBUS_TRACKER_WARMUP")]
     pub warmup: Option<String>,
+    /// Address ranges served without credentials, e.g. 127.0.0.1/32,10.0.0.0/8
+    /// [default: loopback, 127.0.0.0/8 and ::1]
+    #[arg(
+        long,
+        env = "QBUS_TRACKER_ANONYMOUS_FROM",
+        value_delimiter = ',',
+        value_name = "CIDR[,CIDR]"
+    )]
+    pub anonymous_from: Option<Vec<String>>,
+    /// Serve clients without credentials from every address (with no users: every node
+    /// may register) [default: false]
+    #[arg(
+        long,
+        env = "QBUS_TRACKER_ALLOW_ANONYMOUS",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_anonymous: Option<bool>,
+    /// Users: `[[users]]` tables of the settings file only, as the broker's; nodes need
+    /// the `register` permission (README, "Security").
+    #[arg(skip)]
+    pub users: Option<Vec<UserSpec>>,
 }
 
 impl Settings {
@@ -40,6 +64,9 @@ impl Settings {
             port: self.port.or(other.port),
             lease_reports: self.lease_reports.or(other.lease_reports),
             warmup: self.warmup.or(other.warmup),
+            anonymous_from: self.anonymous_from.or(other.anonymous_from),
+            allow_anonymous: self.allow_anonymous.or(other.allow_anonymous),
+            users: self.users.or(other.users),
         }
     }
 
@@ -62,10 +89,17 @@ impl Settings {
             Some(text) => parse_duration(&text).map_err(ConfigError::at("warmup"))?,
             None => Duration::from_secs(3),
         };
+        let access = Access::new(
+            self.users.unwrap_or_default(),
+            self.anonymous_from,
+            self.allow_anonymous.unwrap_or(false),
+        )
+        .map_err(ConfigError::at("users"))?;
         Ok(Config {
             listen,
             lease_reports,
             warmup,
+            access: Arc::new(access),
         })
     }
 }
@@ -89,16 +123,19 @@ pub struct Config {
     pub lease_reports: u32,
     /// How long after start the view counts as incomplete.
     pub warmup: Duration,
+    /// Users, permissions and who is served without credentials.
+    pub access: Arc<Access>,
 }
 
 impl Config {
-    /// Listens on `127.0.0.1:port` with the default lease and no warm-up (for tests and
-    /// in-process trackers that start before their brokers).
+    /// Listens on `127.0.0.1:port` with the default lease, no warm-up and no users, every
+    /// client served (for tests and in-process trackers that start before their brokers).
     pub fn local(port: u16) -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             lease_reports: 3,
             warmup: Duration::ZERO,
+            access: Arc::new(Access::open()),
         }
     }
 }

@@ -2,9 +2,11 @@
 //! accept loop that sends each connection to the binary protocol or to HTTP by its first
 //! byte.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qbus_server_kit::auth::Access;
 use qbus_server_kit::listen::{self, BindError};
 use qbus_server_kit::sniff::is_http;
 use qbus_wire::link::tcp_link;
@@ -49,6 +51,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         tokio::spawn(warm_up(table.clone(), config.warmup, background.clone()));
     }
     tracing::info!(addr = ?listener.local_addr().ok(), warmup = ?config.warmup, "tracker listening");
+    tracing::info!(mode = %config.access.mode(), "access");
     let mut next_conn: u64 = 1;
     let mut connections = Connections::default();
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
@@ -56,9 +59,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         next_conn += 1;
         connections.spawn(serve(
             table.clone(),
+            config.access.clone(),
             stream,
             conn,
-            peer.to_string(),
+            peer,
             shutdown.child_token(),
         ));
     }
@@ -69,16 +73,17 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
 
 async fn serve(
     table: Arc<Table>,
+    access: Arc<Access>,
     stream: TcpStream,
     conn: u64,
-    peer: String,
+    peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     match is_http(&stream, http::TIMEOUT).await {
         Ok(true) => http::serve(table, stream, shutdown).await,
         Ok(false) => {
             let link = tcp_link(stream, DEFAULT_MAX_FRAME);
-            session::serve(table, link, conn, peer, shutdown).await
+            session::serve(table, access, link, conn, peer, shutdown).await
         }
         Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
     }

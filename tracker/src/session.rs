@@ -1,12 +1,21 @@
 //! One binary-protocol connection to the tracker: a broker reporting, a client subscribed
 //! to the topology, or a one-shot query. When the connection ends, the nodes that reported
 //! on it are dropped at once.
+//!
+//! A peer logs in with the credentials of its `Hello` (or is anonymous where its address is
+//! served without them). Reporting needs the `register` permission on the node's id, and
+//! the table refuses a node whose id or address another identity registered; subscribing
+//! and querying need a user (or an anonymous with some `read` rule).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
-use qbus_wire::protocol::{Command, Frame, Header, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use qbus_wire::protocol::{
+    Command, Credentials, Frame, Header, ServerInfo, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+};
 use qbus_wire::serve::{hello_reply, next_frame};
 use qbus_wire::topology::{NodeState, TopologyUpdate};
 use tokio::sync::{broadcast, mpsc};
@@ -14,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::table::{Published, Table};
+use crate::table::{Published, ReportError, Table};
 
 /// A connection silent this long is closed (reporters and subscribers heartbeat far more
 /// often).
@@ -23,26 +32,78 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Serves one link until the peer closes it, it fails, or `shutdown` fires.
 pub async fn serve(
     table: Arc<Table>,
+    access: Arc<Access>,
     link: Link,
     conn: u64,
-    peer: String,
+    peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let span = tracing::info_span!("session", conn, %peer);
-    run(table, link, conn, shutdown).instrument(span).await
+    run(table, access, link, conn, peer.ip(), shutdown)
+        .instrument(span)
+        .await
 }
 
-async fn run(table: Arc<Table>, link: Link, conn: u64, shutdown: CancellationToken) {
+async fn run(
+    table: Arc<Table>,
+    access: Arc<Access>,
+    link: Link,
+    conn: u64,
+    ip: IpAddr,
+    shutdown: CancellationToken,
+) {
     let Link {
         tx: out,
         rx: mut inbound,
     } = link;
     let mut forwarder: Option<JoinHandle<()>> = None;
+    let mut identity = access.anonymous(Some(ip));
     while let Some(frame) = next_frame(&mut inbound, &out, IDLE_TIMEOUT, &shutdown).await {
         if frame.header.is_reply() {
             continue;
         }
+        let request = &frame.header;
+        let refused = |denied: Denied| {
+            tracing::warn!(cmd = ?request.cmd, error = %denied, "refused");
+            let status = Status::from_code(denied.code());
+            Frame::new(Header::error(
+                request.cmd,
+                request.id,
+                status,
+                denied.to_string(),
+            ))
+        };
+        let permitted = match request.cmd {
+            Command::Hello => match hello(&access, ip, &frame).await {
+                Ok(Some(who)) => {
+                    identity = Some(who);
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(denied) => Err(denied),
+            },
+            Command::Subscribe | Command::QueryTopology => access.check_lists(identity.as_ref()),
+            Command::Report => match rmp_serde::from_slice::<NodeState>(&frame.body) {
+                Ok(state) => access.check(identity.as_ref(), Operation::Register, &state.id, None),
+                // The handler says what is wrong with it.
+                Err(_) => Ok(()),
+            },
+            _ => Ok(()),
+        };
+        if let Err(denied) = permitted {
+            if out.send(refused(denied)).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        let owner = identity.as_ref().map_or("anonymous", Identity::name);
         let reply = match frame.header.cmd {
+            Command::Hello => hello_reply(
+                request,
+                env!("CARGO_PKG_VERSION"),
+                DEFAULT_MAX_FRAME,
+                identity.as_ref().map(Identity::name),
+            ),
             Command::Subscribe => {
                 let (snapshot, updates) = table.subscribe();
                 if let Some(old) = forwarder.take() {
@@ -61,7 +122,7 @@ async fn run(table: Arc<Table>, link: Link, conn: u64, shutdown: CancellationTok
                 )));
                 continue;
             }
-            _ => handle(&table, conn, frame),
+            _ => handle(&table, conn, owner, frame),
         };
         if out.send(reply).await.is_err() {
             break;
@@ -73,20 +134,42 @@ async fn run(table: Arc<Table>, link: Link, conn: u64, shutdown: CancellationTok
     table.disconnect(conn);
 }
 
-/// The reply to every request but `Subscribe`.
-fn handle(table: &Table, conn: u64, frame: Frame) -> Frame {
+/// Logs the peer in with the credentials of its `Hello`, if it gave any.
+async fn hello(
+    access: &Arc<Access>,
+    ip: IpAddr,
+    frame: &Frame,
+) -> Result<Option<Identity>, Denied> {
+    let credentials = rmp_serde::from_slice::<ServerInfo>(&frame.body)
+        .ok()
+        .and_then(|hello| hello.credentials);
+    let ip = Some(ip);
+    match credentials {
+        None => Ok(None),
+        Some(Credentials::Password { user, password }) => {
+            access.login_password(ip, &user, &password).await.map(Some)
+        }
+        Some(Credentials::Token { token }) => access.login_token(ip, &token).await.map(Some),
+    }
+}
+
+/// The reply to every request but `Hello` and `Subscribe`, from `owner`.
+fn handle(table: &Table, conn: u64, owner: &str, frame: Frame) -> Frame {
     let request = &frame.header;
     let error = |status, message: String| {
         Frame::new(Header::error(request.cmd, request.id, status, message))
     };
     match request.cmd {
-        Command::Hello => hello_reply(request, env!("CARGO_PKG_VERSION"), DEFAULT_MAX_FRAME, None),
         Command::Heartbeat => Frame::new(Header::reply_to(request)),
         Command::Report => {
             table.metrics().report_received();
             match rmp_serde::from_slice::<NodeState>(&frame.body) {
-                Ok(state) => match table.report(conn, state, Instant::now()) {
+                Ok(state) => match table.report(conn, state, Instant::now(), owner) {
                     Ok(()) => Frame::new(Header::reply_to(request)),
+                    Err(e @ ReportError::Claimed { .. }) => {
+                        tracing::warn!(identity = owner, error = %e, "report refused");
+                        error(Status::Forbidden, e.to_string())
+                    }
                     Err(e) => error(Status::BadRequest, e.to_string()),
                 },
                 Err(e) => error(
