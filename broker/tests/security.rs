@@ -511,6 +511,8 @@ async fn the_permission_matrix_holds_over_http() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["orders", "orders.audit"]);
+    // The monitor page hides the remove buttons of MQs the user may not administer.
+    assert_eq!(stats["mqs"][0]["admin"], false);
     assert_eq!(
         once(&addr, Method::GET, "/metrics", &[], "").await.status,
         200

@@ -165,6 +165,9 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
             stats
                 .mqs
                 .retain(|mq| access.allows(who, Operation::Read, &mq.info.name));
+            for mq in &mut stats.mqs {
+                mq.admin = Some(access.allows(who, Operation::Admin, &mq.info.name));
+            }
             stats.broker.user = who.map(|who| who.name().to_owned());
             Ok(json(StatusCode::OK, &stats))
         }

@@ -83,6 +83,10 @@ pub struct MqStats {
     pub dead_lettered: u64,
     /// Redeliveries, all groups together.
     pub redelivered: u64,
+    /// Whether the requesting user may administer this MQ (stats only; the monitor page
+    /// hides the buttons it may not use).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<bool>,
     /// Messages in and out per second over the last seconds, newest last (stats only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
@@ -97,6 +101,7 @@ impl MqStats {
             traffic: mq.counters().read(),
             dead_lettered: info.groups.iter().map(|g| g.dead_lettered).sum(),
             redelivered: info.groups.iter().map(|g| g.redelivered).sum(),
+            admin: None,
             rates: None,
             info,
         }

@@ -367,13 +367,22 @@ impl fmt::Display for Identity {
     }
 }
 
+/// What a request asks, in words, with the permission it needs.
 fn describe(op: Operation, mq: &str, group: Option<&str>) -> String {
-    match (op, group) {
-        (Operation::Register, _) => "register as a node".to_owned(),
-        (_, _) if mq.is_empty() => format!("{op}"),
-        (Operation::Consume, Some(group)) => format!("{op} MQ {mq:?} in group {group:?}"),
-        _ => format!("{op} on MQ {mq:?}"),
-    }
+    let what = match (op, group) {
+        (Operation::Register, _) if mq.is_empty() => "register a node".to_owned(),
+        (Operation::Register, _) => format!("register node {mq:?}"),
+        (Operation::Read, _) if mq.is_empty() => "read the list of MQs".to_owned(),
+        (Operation::RpcServe, _) if mq.is_empty() => "serve RPC (route a reply)".to_owned(),
+        (Operation::Produce, _) => format!("produce to MQ {mq:?}"),
+        (Operation::Consume, Some(group)) => format!("consume from MQ {mq:?} in group {group:?}"),
+        (Operation::Consume, None) => format!("consume from MQ {mq:?}"),
+        (Operation::Admin, _) => format!("administer MQ {mq:?}"),
+        (Operation::RpcServe, _) => format!("serve RPC on MQ {mq:?}"),
+        (Operation::RpcCall, _) => format!("call RPC on MQ {mq:?}"),
+        (Operation::Read, _) => format!("read MQ {mq:?}"),
+    };
+    format!("{what} (permission \"{op}\")")
 }
 
 fn list(networks: &[Network]) -> String {
