@@ -134,3 +134,43 @@ impl std::fmt::Debug for Credentials {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ServerInfo` as a version 2 peer reads it.
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct OldServerInfo {
+        protocol: u32,
+        version: String,
+        max_frame: u64,
+    }
+
+    #[test]
+    fn credentials_travel_in_hello_and_older_peers_skip_them() {
+        let hello = ServerInfo {
+            protocol: 3,
+            version: "x".into(),
+            max_frame: 0,
+            credentials: Some(Credentials::password("app", "s3cret")),
+            identity: None,
+        };
+        let bytes = rmp_serde::to_vec_named(&hello).unwrap();
+        assert_eq!(rmp_serde::from_slice::<ServerInfo>(&bytes).unwrap(), hello);
+        let old: OldServerInfo = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(old.protocol, 3);
+        // And a version 2 Hello reads as one without credentials.
+        let v2 = rmp_serde::to_vec_named(&ServerInfo::default()).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<ServerInfo>(&v2)
+                .unwrap()
+                .credentials,
+            None
+        );
+        assert!(
+            !format!("{hello:?}").contains("s3cret"),
+            "secrets stay out of logs"
+        );
+    }
+}
