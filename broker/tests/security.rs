@@ -704,3 +704,78 @@ async fn protected_mode_serves_anonymous_clients_only_from_anonymous_from() {
     // Nothing was removed; 127.0.0.1 is still served.
     assert_eq!(local.query_mq("orders").await.unwrap().name, "orders");
 }
+
+/// One zbus request on a fresh connection (`head` without the blank line); the reply's
+/// status and body.
+async fn zbus_once(addr: &str, head: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let wire = format!("{head}\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(wire.as_bytes()).await.unwrap();
+    let mut read = Vec::new();
+    let exchange = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before a reply: {}",
+                String::from_utf8_lossy(&read)
+            );
+            read.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&read).into_owned();
+            if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |n| n.trim().parse().unwrap());
+                if rest.len() >= len {
+                    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+                    return (status, rest[..len].to_owned());
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .expect("a zbus reply within 5 s")
+}
+
+#[tokio::test]
+async fn the_zbus_token_header_is_a_users_token() {
+    let users = users();
+    let config = users.file.path().to_str().unwrap().to_owned();
+    let broker = BrokerProcess::start(&["--config", &config]);
+    let addr = broker.addr();
+    seed(&addr).await;
+    let token = &users.app_token;
+    let produce = |mq: &str, token: Option<&str>| {
+        let token = token.map_or(String::new(), |t| format!("\r\ntoken: {t}"));
+        format!("GET / HTTP/1.1\r\ncmd: produce\r\nmq: {mq}\r\nid: 1{token}")
+    };
+    assert_eq!(
+        zbus_once(&addr, &produce("orders", Some(token)), "x")
+            .await
+            .0,
+        200
+    );
+    let (status, message) = zbus_once(&addr, &produce("payments", Some(token)), "x").await;
+    assert_eq!(status, 403, "{message}");
+    assert!(message.contains("user \"app\""), "{message}");
+    assert_eq!(zbus_once(&addr, &produce("orders", None), "x").await.0, 401);
+    assert_eq!(
+        zbus_once(&addr, &produce("orders", Some("qbus_wrong")), "x")
+            .await
+            .0,
+        401
+    );
+    // A state-changing cmd in the URL of a GET is refused, even with a good token.
+    let in_url = format!("GET /?cmd=produce&mq=orders&id=2 HTTP/1.1\r\ntoken: {token}");
+    let (status, message) = zbus_once(&addr, &in_url, "x").await;
+    assert_eq!(status, 403, "{message}");
+    let root = qbus_client::Broker::connect(&format!("root:root-pw@{addr}"))
+        .await
+        .unwrap();
+    assert_eq!(root.query_mq("orders").await.unwrap().depth(), 1);
+    assert_eq!(root.query_mq("payments").await.unwrap().depth(), 3);
+}
