@@ -5,12 +5,14 @@
 //! A peer logs in with the credentials of its `Hello` (or is anonymous where its address is
 //! served without them). Reporting needs the `register` permission on the node's id, and
 //! the table refuses a node whose id or address another identity registered; subscribing
-//! and querying need a user (or an anonymous with some `read` rule).
+//! and querying need a user (or an anonymous with some `read` rule), and what they get is
+//! filtered to the MQs the user may use.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::{
@@ -109,7 +111,8 @@ async fn run(
                 if let Some(old) = forwarder.take() {
                     old.abort();
                 }
-                let reply = snapshot_reply(&frame.header, &snapshot);
+                let view = View::of(&access, identity.as_ref());
+                let reply = snapshot_reply(&frame.header, snapshot.clone(), view.as_ref());
                 // The snapshot reply is queued before the forwarder can queue a change.
                 if out.send(reply).await.is_err() {
                     break;
@@ -119,8 +122,13 @@ async fn run(
                     snapshot.seq,
                     updates,
                     out.clone(),
+                    view,
                 )));
                 continue;
+            }
+            Command::QueryTopology => {
+                let view = View::of(&access, identity.as_ref());
+                snapshot_reply(request, table.snapshot(), view.as_ref())
             }
             _ => handle(&table, conn, owner, frame),
         };
@@ -178,7 +186,6 @@ fn handle(table: &Table, conn: u64, owner: &str, frame: Frame) -> Frame {
                 ),
             }
         }
-        Command::QueryTopology => snapshot_reply(request, &table.snapshot()),
         Command::TopologyUpdate => error(
             Status::BadRequest,
             "TopologyUpdate is sent by trackers, not to them".into(),
@@ -196,8 +203,43 @@ fn handle(table: &Table, conn: u64, owner: &str, frame: Frame) -> Frame {
     }
 }
 
-fn snapshot_reply(request: &Header, snapshot: &TopologyUpdate) -> Frame {
-    match rmp_serde::to_vec_named(snapshot) {
+/// What one client may see of the topology: every node, each with only the MQs the
+/// client may use. `None` on a tracker without users, where everyone sees everything.
+struct View {
+    access: Arc<Access>,
+    who: Option<Identity>,
+}
+
+impl View {
+    fn of(access: &Arc<Access>, who: Option<&Identity>) -> Option<View> {
+        access.has_users().then(|| View {
+            access: access.clone(),
+            who: who.cloned(),
+        })
+    }
+
+    fn filter(&self, update: &mut TopologyUpdate) {
+        for node in &mut update.brokers {
+            node.mqs
+                .retain(|mq| self.access.may_use(self.who.as_ref(), &mq.name));
+        }
+    }
+
+    /// A published change, filtered: decoded, filtered and encoded again.
+    fn body(&self, body: Bytes) -> Result<Bytes, String> {
+        let mut update: TopologyUpdate = rmp_serde::from_slice(&body).map_err(|e| e.to_string())?;
+        self.filter(&mut update);
+        rmp_serde::to_vec_named(&update)
+            .map(Bytes::from)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn snapshot_reply(request: &Header, mut snapshot: TopologyUpdate, view: Option<&View>) -> Frame {
+    if let Some(view) = view {
+        view.filter(&mut snapshot);
+    }
+    match rmp_serde::to_vec_named(&snapshot) {
         Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
         Err(e) => Frame::new(Header::error(
             request.cmd,
@@ -215,6 +257,7 @@ async fn forward(
     mut seq: u64,
     mut updates: broadcast::Receiver<Arc<Published>>,
     out: mpsc::Sender<Frame>,
+    view: Option<View>,
 ) {
     loop {
         let body = match updates.recv().await {
@@ -225,9 +268,12 @@ async fn forward(
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "subscriber fell behind; sending a snapshot");
-                let (snapshot, fresh) = table.subscribe();
+                let (mut snapshot, fresh) = table.subscribe();
                 updates = fresh;
                 seq = snapshot.seq;
+                if let Some(view) = &view {
+                    view.filter(&mut snapshot);
+                }
                 match rmp_serde::to_vec_named(&snapshot) {
                     Ok(body) => body.into(),
                     Err(e) => {
@@ -237,6 +283,16 @@ async fn forward(
                 }
             }
             Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let body = match &view {
+            Some(view) => match view.body(body) {
+                Ok(body) => body,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot filter a topology change");
+                    return;
+                }
+            },
+            None => body,
         };
         let push = Frame::with_body(Header::request(Command::TopologyUpdate, None), body);
         if out.send(push).await.is_err() {

@@ -33,6 +33,11 @@ allow = ["register *"]
 name = "client"
 secret = "{c}"
 allow = ["read *"]
+
+[[users]]
+name = "orders-app"
+secret = "{c}"
+allow = ["produce,consume orders.*"]
 "#,
         a = hash_secret("a-pw").unwrap(),
         m = hash_secret("m-pw").unwrap(),
@@ -149,4 +154,47 @@ async fn forged_registrations_are_refused_and_never_reach_clients() {
     let still = query_tracker(&t, options(client())).await.unwrap();
     assert_eq!(listed(&still), [broker.addr()]);
     assert_eq!(still.brokers[0].epoch, real.epoch);
+
+    // The topology a client gets holds only the MQs it may use, in the snapshot and in
+    // the changes pushed later.
+    let narrow = Some(Credentials::password("orders-app", "c-pw"));
+    let url = format!("tracker://orders-app:c-pw@{t}");
+    let orders_app = qbus_client::Broker::connect_ha(&url, HaOptions::default())
+        .await
+        .unwrap();
+    let direct = qbus_client::Broker::connect(&broker.addr()).await.unwrap();
+    let mqs_of = |view: &qbus_client::topology::TopologyUpdate| -> Vec<String> {
+        view.brokers[0].mqs.iter().map(|m| m.name.clone()).collect()
+    };
+    // payments first: once orders.eu reaches the client, the change that added payments
+    // was pushed before it (pushes keep their order).
+    direct
+        .create_mq("payments", Default::default())
+        .await
+        .unwrap();
+    wait_for_async(
+        "payments in the full view",
+        Duration::from_secs(10),
+        || async {
+            let view = query_tracker(&t, options(client())).await.ok()?;
+            (mqs_of(&view) == ["payments"]).then_some(())
+        },
+    )
+    .await;
+    direct
+        .create_mq("orders.eu", Default::default())
+        .await
+        .unwrap();
+    wait_for_async(
+        "orders.eu pushed to the client",
+        Duration::from_secs(10),
+        || async {
+            let names = orders_app.topology()?.mq_names().join(",");
+            (names.contains("orders.eu")).then_some(())
+        },
+    )
+    .await;
+    let view = query_tracker(&t, options(narrow)).await.unwrap();
+    assert_eq!(mqs_of(&view), ["orders.eu"]);
+    assert_eq!(orders_app.topology().unwrap().mq_names(), ["orders.eu"]);
 }

@@ -337,6 +337,14 @@ impl Access {
         }
     }
 
+    /// True when `who` may do anything with `mq` (to filter a topology to what a client may
+    /// use).
+    pub fn may_use(&self, who: Option<&Identity>, mq: &str) -> bool {
+        Operation::ALL
+            .iter()
+            .any(|&op| op != Operation::Register && self.allows(who, op, mq))
+    }
+
     /// True when `who` may do `op` on `mq` (to filter lists).
     pub fn allows(&self, who: Option<&Identity>, op: Operation, mq: &str) -> bool {
         who.is_some_and(|who| who.permissions.allows(op, mq, None))
