@@ -4,9 +4,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qbus_client::ha::parse_trackers;
+use qbus_client::protocol::Credentials;
+use qbus_server_kit::auth::{Access, UserSpec};
 use qbus_server_kit::config::{listen_addr, read_toml};
 use qbus_server_kit::tls::{server_tls, tracker_tls};
 use qbus_wire::tls::{ClientTls, ServerTls};
@@ -136,6 +139,34 @@ pub struct Settings {
     /// presenting --tls-cert to trackers that ask) [default: none, plain TCP]
     #[arg(long, env = "QBUS_TRACKER_CA", value_name = "PEM")]
     pub tracker_ca: Option<PathBuf>,
+    /// The node credential for the trackers: user name (with --tracker-password), if the
+    /// trackers have users [default: none]
+    #[arg(long, env = "QBUS_TRACKER_USER")]
+    pub tracker_user: Option<String>,
+    /// The node credential for the trackers: password of --tracker-user [default: none]
+    #[arg(long, env = "QBUS_TRACKER_PASSWORD", hide_env_values = true)]
+    pub tracker_password: Option<String>,
+    /// The node credential for the trackers: a token, instead of user and password
+    /// [default: none]
+    #[arg(long, env = "QBUS_TRACKER_TOKEN", hide_env_values = true)]
+    pub tracker_token: Option<String>,
+    /// Address ranges served without credentials, e.g. 127.0.0.1/32,10.0.0.0/8
+    /// [default: loopback, 127.0.0.0/8 and ::1]
+    #[arg(
+        long,
+        env = "QBUS_ANONYMOUS_FROM",
+        value_delimiter = ',',
+        value_name = "CIDR[,CIDR]"
+    )]
+    pub anonymous_from: Option<Vec<String>>,
+    /// Serve clients without credentials from every address (with no users: everyone
+    /// may do everything) [default: false]
+    #[arg(long, env = "QBUS_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_anonymous: Option<bool>,
+    /// Users, their hashed secrets and permissions: `[[users]]` tables of the settings file
+    /// only (README, "Security").
+    #[arg(skip)]
+    pub users: Option<Vec<UserSpec>>,
 }
 
 impl Settings {
@@ -162,6 +193,12 @@ impl Settings {
             tls_key: self.tls_key.or(other.tls_key),
             tls_client_ca: self.tls_client_ca.or(other.tls_client_ca),
             tracker_ca: self.tracker_ca.or(other.tracker_ca),
+            tracker_user: self.tracker_user.or(other.tracker_user),
+            tracker_password: self.tracker_password.or(other.tracker_password),
+            tracker_token: self.tracker_token.or(other.tracker_token),
+            anonymous_from: self.anonymous_from.or(other.anonymous_from),
+            allow_anonymous: self.allow_anonymous.or(other.allow_anonymous),
+            users: self.users.or(other.users),
         }
     }
 
@@ -202,6 +239,22 @@ impl Settings {
         let (cert, key) = (self.tls_cert.as_deref(), self.tls_key.as_deref());
         let tls = server_tls(cert, key, self.tls_client_ca.as_deref())?;
         let tracker_tls = tracker_tls(self.tracker_ca.as_deref(), cert, key)?;
+        let access = Access::new(
+            self.users.unwrap_or_default(),
+            self.anonymous_from,
+            self.allow_anonymous.unwrap_or(false),
+        )
+        .map_err(bad("users"))?;
+        let mut reporting = Reporting::resolve(
+            self.tracker,
+            self.advertise,
+            duration("report-interval", self.report_interval)?,
+        )?;
+        let node_credential =
+            node_credential(self.tracker_user, self.tracker_password, self.tracker_token)?;
+        if let Some(reporting) = &mut reporting {
+            reporting.credentials = node_credential;
+        }
         Ok(Config {
             listen,
             tls,
@@ -221,12 +274,32 @@ impl Settings {
             max_in_flight: self.max_in_flight.unwrap_or(65_536).max(1),
             http_timeout,
             zbus_idle,
-            reporting: Reporting::resolve(
-                self.tracker,
-                self.advertise,
-                duration("report-interval", self.report_interval)?,
-            )?,
+            reporting,
+            access: Arc::new(access),
         })
+    }
+}
+
+/// The credential a node logs in to trackers with: a user and password, or a token.
+pub fn node_credential(
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+) -> Result<Option<Credentials>, ConfigError> {
+    let bad = |key: &str, message: &str| ConfigError {
+        key: key.into(),
+        message: message.into(),
+    };
+    match (user, password, token) {
+        (None, None, None) => Ok(None),
+        (Some(user), Some(password), None) => Ok(Some(Credentials::password(user, password))),
+        (None, None, Some(token)) => Ok(Some(Credentials::token(token))),
+        (_, _, Some(_)) => Err(bad(
+            "tracker-token",
+            "give a token or a user and password, not both",
+        )),
+        (Some(_), None, None) => Err(bad("tracker-password", "needed with tracker-user")),
+        (None, Some(_), None) => Err(bad("tracker-user", "needed with tracker-password")),
     }
 }
 
@@ -264,6 +337,8 @@ pub struct Config {
     /// Reporting to trackers, when any are configured. Done by [`run`](crate::run), which
     /// knows the listening address; an embedded broker does not report.
     pub reporting: Option<Reporting>,
+    /// Users, permissions and who is served without credentials (README, "Security").
+    pub access: Arc<Access>,
 }
 
 /// Where and how often to report; part of [`Config`].
@@ -275,6 +350,9 @@ pub struct Reporting {
     pub advertise: Option<String>,
     /// Time between two reports without a change.
     pub interval: Duration,
+    /// The node credential for the trackers (`tracker-user` and `tracker-password`, or
+    /// `tracker-token`).
+    pub credentials: Option<Credentials>,
 }
 
 impl Reporting {
@@ -323,6 +401,7 @@ impl Reporting {
             trackers,
             advertise,
             interval,
+            credentials: None,
         }))
     }
 }

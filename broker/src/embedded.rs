@@ -59,7 +59,9 @@ impl Connector for InProcess {
     fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Link>> + Send + '_>> {
         Box::pin(async move {
             let (client, server) = memory_link_pair();
-            self.running.serve(server, "in-process".into()).await;
+            self.running
+                .serve(server, crate::auth::Peer::in_process())
+                .await;
             Ok(client)
         })
     }

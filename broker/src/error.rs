@@ -1,5 +1,6 @@
 //! Errors of broker operations, each mapped to a wire status.
 
+use qbus_server_kit::auth::Denied;
 use qbus_wire::protocol::Status;
 
 use crate::store::StoreError;
@@ -44,6 +45,10 @@ pub enum BrokerError {
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// No credentials where they are needed, or bad ones (401), or credentials that do not
+    /// allow the request (403).
+    #[error("{0}")]
+    Denied(#[from] Denied),
 }
 
 impl BrokerError {
@@ -59,6 +64,8 @@ impl BrokerError {
             BrokerError::Store(StoreError::Halted { .. }) => Status::Unavailable,
             BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
             BrokerError::ShuttingDown => Status::Unavailable,
+            BrokerError::Denied(Denied::Unauthenticated(_)) => Status::Unauthorized,
+            BrokerError::Denied(Denied::Forbidden(_)) => Status::Forbidden,
         }
     }
 }

@@ -20,9 +20,12 @@
 //! - `metrics/`: counters, the fsync histogram and per-second rates behind stats.
 //! - `store/`: segment files, indexes, recovery, cursors, the store lock, and the file
 //!   operations (with their fsyncs) behind one trait.
+//! - `auth`: who a connection's peer is and what each binary request must be allowed
+//!   (the model itself is `qbus_server_kit::auth`).
 //! - `config`: settings from flags, environment and a TOML file; `error`: errors and their
 //!   wire statuses.
 
+mod auth;
 mod config;
 mod core;
 mod embedded;
@@ -37,6 +40,7 @@ mod session;
 mod store;
 mod zbus;
 
+pub use auth::Peer;
 pub use config::{Config, ConfigError, FsyncPolicy, Reporting, Settings};
 pub use embedded::EmbeddedBroker;
 pub use error::BrokerError;

@@ -58,6 +58,7 @@ pub async fn run(reporting: Reporting, core: Arc<Core>, addr: String, stop: Canc
     let sending = tokio::spawn(reporter::report(
         reporting.trackers,
         core.config().tracker_tls.clone(),
+        reporting.credentials,
         state,
         reporting.interval,
         stop.clone(),

@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Peer;
 use crate::config::Config;
 use crate::core::Core;
 use crate::http;
@@ -84,14 +85,8 @@ impl Running {
     }
 
     /// Serves one client link in the background.
-    pub async fn serve(&self, link: Link, peer: String) {
-        let session = session::serve(
-            self.core.clone(),
-            link,
-            peer,
-            None,
-            self.shutdown.child_token(),
-        );
+    pub async fn serve(&self, link: Link, peer: Peer) {
+        let session = session::serve(self.core.clone(), link, peer, self.shutdown.child_token());
         self.spawn(session).await;
     }
 
@@ -111,10 +106,13 @@ impl Running {
                 .unwrap_or_default();
             let Some(tls) = core.config().tls.clone() else {
                 return match is_http(&stream, FIRST_BYTE_TIMEOUT).await {
-                    Ok(true) => serve_http_or_zbus(stream, peer, local, core, zbus, shutdown).await,
+                    Ok(true) => {
+                        serve_http_or_zbus(stream, Peer::tcp(peer), local, core, zbus, shutdown)
+                            .await
+                    }
                     Ok(false) => {
                         let link = tcp_link(stream, core.config().max_frame);
-                        session::serve(core, link, peer.to_string(), None, shutdown).await
+                        session::serve(core, link, Peer::tcp(peer), shutdown).await
                     }
                     Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
                 };
@@ -127,6 +125,10 @@ impl Running {
                 Err(e) => return tracing::info!(%peer, error = %e, "TLS connection refused"),
             };
             tracing::debug!(%peer, identity = identity.as_deref(), "TLS connection accepted");
+            let peer = Peer {
+                certificate: identity,
+                ..Peer::tcp(peer)
+            };
             match read_first(&mut stream, FIRST_BYTE_TIMEOUT).await {
                 Ok((first, true)) => {
                     let stream = Rewind::new(first, stream);
@@ -134,9 +136,9 @@ impl Running {
                 }
                 Ok((first, false)) => {
                     let link = stream_link(Rewind::new(first, stream), core.config().max_frame);
-                    session::serve(core, link, peer.to_string(), identity, shutdown).await
+                    session::serve(core, link, peer, shutdown).await
                 }
-                Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
+                Err(e) => tracing::debug!(peer = %peer.addr, error = %e, "connection dropped"),
             }
         })
         .await;
@@ -171,7 +173,7 @@ impl Running {
 /// first byte.
 async fn serve_http_or_zbus<S>(
     mut stream: S,
-    peer: SocketAddr,
+    peer: Peer,
     local: String,
     core: Arc<Core>,
     zbus: Arc<Zbus>,
@@ -184,12 +186,12 @@ async fn serve_http_or_zbus<S>(
     match zbus::sniff::first_head(&mut stream, head_limit).await {
         Ok((head, true)) => {
             let stream = Rewind::new(head, stream);
-            zbus::session::serve(stream, peer.to_string(), core, zbus, shutdown).await
+            zbus::session::serve(stream, peer, core, zbus, shutdown).await
         }
         Ok((head, false)) => {
             http::serve(Rewind::new(head, stream), peer, local, core, shutdown).await
         }
-        Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
+        Err(e) => tracing::debug!(peer = %peer.addr, error = %e, "connection dropped"),
     }
 }
 
@@ -255,6 +257,7 @@ pub async fn run(
         Some(false) => tracing::info!(addr = ?local, "broker listening, TLS only"),
         None => tracing::info!(addr = ?local, "broker listening, plain TCP (no TLS configured)"),
     }
+    tracing::info!(mode = %running.core().config().access.mode(), "access");
     if let (Some(reporting), Some(local)) = (reporting, local) {
         let addr = reporter::advertised(&reporting, local);
         // A child token: on shutdown the tracker connections close and the trackers drop

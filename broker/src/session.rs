@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
-    Command, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ONEWAY,
+    Command, Credentials, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ONEWAY,
     FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
@@ -18,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::{self, Peer};
 use crate::core::{Core, FetchRequest};
 use crate::error::BrokerError;
 use crate::metrics::Protocol;
@@ -56,23 +58,26 @@ struct Session {
     /// The protocol version the peer said in `Hello` (1 when it said none): replies use
     /// nothing newer.
     peer_protocol: u32,
+    peer: Peer,
+    /// Who the peer is: set on connect (certificate, anonymous) and by a login in `Hello`;
+    /// `None` while it has no identity.
+    identity: Option<Identity>,
 }
 
-/// Serves one link until the peer closes it, it fails, or `shutdown` fires. `identity` is
-/// the name in the peer's verified TLS client certificate, if it sent one.
-pub async fn serve(
-    core: Arc<Core>,
-    link: Link,
-    peer: String,
-    identity: Option<String>,
-    shutdown: CancellationToken,
-) {
+/// Serves one link until the peer closes it, it fails, or `shutdown` fires. The peer's
+/// `certificate` is the name in its verified TLS client certificate, if it sent one.
+pub async fn serve(core: Arc<Core>, link: Link, peer: Peer, shutdown: CancellationToken) {
     let conn = core.connection_id();
-    let span = tracing::info_span!("session", conn, %peer, identity = identity.as_deref());
-    run(core, link, conn, shutdown).instrument(span).await
+    let span = tracing::info_span!(
+        "session",
+        conn,
+        peer = %peer.addr,
+        certificate = peer.certificate.as_deref()
+    );
+    run(core, link, conn, peer, shutdown).instrument(span).await
 }
 
-async fn run(core: Arc<Core>, link: Link, conn: u64, shutdown: CancellationToken) {
+async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: CancellationToken) {
     tracing::debug!("session opened");
     let _open = core.metrics().connection(Protocol::Binary);
     let Link {
@@ -80,6 +85,12 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, shutdown: CancellationToken
         rx: mut inbound,
     } = link;
     let (produced, pending) = mpsc::channel(PRODUCE_PIPELINE);
+    let identity = peer
+        .identity(&core.config().access)
+        .unwrap_or_else(|denied| {
+            tracing::warn!(error = %denied, "client certificate refused");
+            None
+        });
     let mut session = Session {
         core: core.clone(),
         conn,
@@ -91,6 +102,8 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, shutdown: CancellationToken
         tasks: JoinSet::new(),
         consumed: HashSet::new(),
         peer_protocol: 1,
+        peer,
+        identity,
     };
     let replier = tokio::spawn(reply_in_order(pending, out.clone()));
     let mut open = true;
@@ -189,6 +202,17 @@ impl Session {
             tracing::debug!(cmd = ?header.cmd, "ignoring a reply frame from a client");
             return;
         }
+        let access = &self.core.config().access;
+        if let Err(denied) = auth::permit(access, self.identity.as_ref(), auth::needs(header)) {
+            self.core.metrics().denied(Protocol::Binary, denied.code());
+            if header.has_flag(FLAG_ONEWAY) {
+                tracing::warn!(error = %denied, "dropping a refused one-way request");
+                return;
+            }
+            let refused = error_header(header, &BrokerError::Denied(denied));
+            let _ = self.out.send(Frame::new(refused)).await;
+            return;
+        }
         let result = match header.cmd {
             Command::Hello => self.hello(&frame).await,
             Command::Heartbeat => {
@@ -259,13 +283,30 @@ impl Session {
 
     async fn hello(&mut self, request: &Frame) -> Result<(), Failure> {
         // A peer that sends no readable ServerInfo is a version 1 peer.
-        self.peer_protocol = rmp_serde::from_slice::<ServerInfo>(&request.body)
+        let hello = rmp_serde::from_slice::<ServerInfo>(&request.body).ok();
+        self.peer_protocol = hello
+            .as_ref()
             .map_or(1, |peer| peer.protocol.clamp(1, PROTOCOL_VERSION));
+        if let Some(credentials) = hello.and_then(|hello| hello.credentials) {
+            let access = self.core.config().access.clone();
+            match login(&access, self.peer.ip, &credentials).await {
+                Ok(identity) => {
+                    tracing::debug!(user = identity.name(), "logged in");
+                    self.identity = Some(identity);
+                }
+                Err(denied) => {
+                    self.core.metrics().denied(Protocol::Binary, denied.code());
+                    return Err(Failure::new(&request.header, denied.into()));
+                }
+            }
+        }
         let max_frame = self.core.config().max_frame;
+        let identity = self.identity.as_ref().map(Identity::name);
         self.reply(hello_reply(
             &request.header,
             env!("CARGO_PKG_VERSION"),
             max_frame,
+            identity,
         ))
         .await
     }
@@ -385,8 +426,9 @@ impl Session {
     fn admin(&mut self, frame: Frame) {
         let core = self.core.clone();
         let out = self.out.clone();
+        let identity = self.identity.clone();
         self.tasks.spawn(async move {
-            let reply = match admin(&core, &frame).await {
+            let reply = match admin(&core, &frame, identity.as_ref()).await {
                 Ok(frame) => frame,
                 Err(e) => Frame::new(error_header(&frame.header, &e)),
             };
@@ -450,7 +492,23 @@ async fn fetch(
     Ok(Frame::with_body(header, body))
 }
 
-async fn admin(core: &Core, frame: &Frame) -> Result<Frame, BrokerError> {
+/// Logs a peer in with the credentials of its `Hello`.
+pub(crate) async fn login(
+    access: &Arc<Access>,
+    ip: Option<std::net::IpAddr>,
+    credentials: &Credentials,
+) -> Result<Identity, Denied> {
+    match credentials {
+        Credentials::Password { user, password } => access.login_password(ip, user, password).await,
+        Credentials::Token { token } => access.login_token(ip, token).await,
+    }
+}
+
+async fn admin(
+    core: &Core,
+    frame: &Frame,
+    identity: Option<&Identity>,
+) -> Result<Frame, BrokerError> {
     let request = &frame.header;
     let body = match request.cmd {
         Command::CreateMq => {
@@ -465,7 +523,14 @@ async fn admin(core: &Core, frame: &Frame) -> Result<Frame, BrokerError> {
         }
         Command::QueryMq => encode_body(&core.registry().get(required(&request.mq, "mq")?)?.info()),
         Command::ListMq => {
-            let all: Vec<_> = core.registry().list().iter().map(|mq| mq.info()).collect();
+            let access = &core.config().access;
+            let all: Vec<_> = core
+                .registry()
+                .list()
+                .iter()
+                .filter(|mq| access.allows(identity, Operation::Read, mq.name()))
+                .map(|mq| mq.info())
+                .collect();
             encode_body(&all)
         }
         Command::RemoveMq => {

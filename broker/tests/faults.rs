@@ -212,6 +212,7 @@ async fn a_consumer_reads_past_a_damaged_record_to_the_end() {
         protocol: 1,
         version: "a version 1 client".into(),
         max_frame: 0,
+        ..ServerInfo::default()
     };
     let hello = rmp_serde::to_vec_named(&hello).unwrap();
     let request = Header::request(Command::Hello, None);

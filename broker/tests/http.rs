@@ -73,7 +73,7 @@ async fn produce_consume_ack_over_plain_urls() {
         1
     );
 
-    let first = http.get("/mq/orders/next?group=billing").await;
+    let first = http.post("/mq/orders/next?group=billing", "").await;
     assert_eq!(first.status, 200, "{}", first.text());
     assert_eq!(first.text(), "first order");
     assert_eq!(first.header("content-type"), "application/octet-stream");
@@ -102,7 +102,7 @@ async fn produce_consume_ack_over_plain_urls() {
     assert_eq!(again.json()["acked"], 0, "an ack counts once");
 
     // A nacked message comes straight back with the next attempt.
-    let second = http.get("/mq/orders/next?group=billing").await;
+    let second = http.post("/mq/orders/next?group=billing", "").await;
     assert_eq!(
         (second.text(), second.header("token")),
         ("second order".into(), "1:1")
@@ -111,7 +111,7 @@ async fn produce_consume_ack_over_plain_urls() {
         .post("/mq/orders/nack?group=billing&token=1:1", "")
         .await;
     assert_eq!(released.json()["released"], 1);
-    let redelivered = http.get("/mq/orders/next?group=billing").await;
+    let redelivered = http.post("/mq/orders/next?group=billing", "").await;
     assert_eq!(redelivered.header("token"), "1:2");
 
     let info = http.get("/mq/orders").await.json();
@@ -144,7 +144,9 @@ async fn long_poll_returns_as_soon_as_a_message_arrives() {
 
     // Nothing there: the wait runs to its end and says so with 204.
     let started = Instant::now();
-    let empty = http.get("/mq/events/next?group=idle&timeout=300").await;
+    let empty = http
+        .post("/mq/events/next?group=idle&timeout=300", "")
+        .await;
     assert_eq!(empty.status, 204);
     assert!(started.elapsed() >= Duration::from_millis(300));
 
@@ -153,7 +155,7 @@ async fn long_poll_returns_as_soon_as_a_message_arrives() {
     let poller = tokio::spawn(async move {
         once(
             &poll_addr,
-            Method::GET,
+            Method::POST,
             "/mq/events/next?group=waiter&timeout=15000",
             &[],
             Bytes::new(),
@@ -225,7 +227,7 @@ async fn errors_are_json_with_the_protocol_status_codes() {
         ),
         (
             400,
-            once(&addr, Method::GET, "/mq/small/next?timeout=soon", &[], "").await,
+            once(&addr, Method::POST, "/mq/small/next?timeout=soon", &[], "").await,
             "timeout \"soon\"",
         ),
         (
@@ -343,7 +345,7 @@ async fn binary_protocol_shares_the_port_with_http() {
     let http_side = tokio::spawn(async move {
         once(
             &poll_addr,
-            Method::GET,
+            Method::POST,
             "/mq/shared/next?group=http-side&timeout=15000",
             &[],
             Bytes::new(),
@@ -441,17 +443,17 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
 
     // One acked, one nacked until it is dead-lettered (max_deliveries 2).
     let next = "/mq/metered/next?group=g";
-    let first = http.get(next).await;
+    let first = http.post(next, "").await;
     let token = first.header("token").to_owned();
     http.post(&format!("/mq/metered/ack?group=g&token={token}"), "")
         .await;
-    let second = http.get(next).await;
+    let second = http.post(next, "").await;
     assert_eq!(second.header("token"), "1:1");
     http.post("/mq/metered/nack?group=g&token=1:1", "").await;
-    let again = http.get(next).await;
+    let again = http.post(next, "").await;
     assert_eq!(again.header("token"), "1:2");
     http.post("/mq/metered/nack?group=g&token=1:2", "").await;
-    let after_dead = http.get(next).await;
+    let after_dead = http.post(next, "").await;
     assert_eq!(after_dead.header("offset"), "2", "offset 1 went to the DLQ");
 
     let after = scrape().await;
@@ -554,7 +556,7 @@ async fn monitor_page_in_headless_chromium() {
     }
     // On a connection of its own, which closes: the group is left without consumers.
     let next = "/mq/browser-orders/next?group=viewers";
-    let consumed = once(&addr, Method::GET, next, &[], "").await;
+    let consumed = once(&addr, Method::POST, next, &[], "").await;
     assert_eq!(consumed.status, 200);
     until("the HTTP consumer to leave", || async {
         let group = group_stats(&addr, "browser-orders", "viewers").await?;

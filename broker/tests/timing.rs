@@ -269,6 +269,8 @@ async fn protocol_2_clients_get_records_without_the_new_fields() {
         protocol: 2,
         version: "a version 2 client".into(),
         max_frame: 0,
+        credentials: None,
+        identity: None,
     })
     .unwrap();
     link.tx

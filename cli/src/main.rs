@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use qbus_client::protocol::Credentials;
 use qbus_client::{Broker, ConnectionOptions};
 
 use crate::error::CliError;
@@ -58,6 +59,37 @@ struct Cli {
     threads: usize,
     #[command(flatten)]
     tls: tls::TlsArgs,
+    /// Log in as this user (with --password); an address may also lead with
+    /// user:password@
+    #[arg(
+        long,
+        global = true,
+        env = "QBUS_USER",
+        value_name = "NAME",
+        help_heading = "Global options"
+    )]
+    user: Option<String>,
+    /// The password of --user
+    #[arg(
+        long,
+        global = true,
+        env = "QBUS_PASSWORD",
+        hide_env_values = true,
+        value_name = "SECRET",
+        help_heading = "Global options"
+    )]
+    password: Option<String>,
+    /// Log in with a token instead of a user and password
+    #[arg(
+        long,
+        global = true,
+        env = "QBUS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        conflicts_with_all = ["user", "password"],
+        help_heading = "Global options"
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -120,7 +152,35 @@ fn fail(e: &CliError) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// The credentials of `--user`/`--password` or `--token`, set once at start: every
+/// connection the command opens (brokers, trackers) logs in with them.
+static CREDENTIALS: std::sync::OnceLock<Option<Credentials>> = std::sync::OnceLock::new();
+
+fn credentials(cli: &Cli) -> Result<Option<Credentials>, CliError> {
+    match (&cli.user, &cli.password, &cli.token) {
+        (_, _, Some(token)) => Ok(Some(Credentials::token(token))),
+        (Some(user), Some(password), None) => Ok(Some(Credentials::password(user, password))),
+        (Some(_), None, None) => Err(CliError::Usage(
+            "--user needs --password (or QBUS_PASSWORD)".into(),
+        )),
+        (None, Some(_), None) => Err(CliError::Usage(
+            "--password needs --user (or QBUS_USER)".into(),
+        )),
+        (None, None, None) => Ok(None),
+    }
+}
+
+/// What [`ConnectionOptions`] of this command start from: the default, with its
+/// credentials.
+pub(crate) fn connection_options() -> ConnectionOptions {
+    ConnectionOptions {
+        credentials: CREDENTIALS.get().cloned().flatten(),
+        ..ConnectionOptions::default()
+    }
+}
+
 async fn run(cli: Cli) -> Result<(), CliError> {
+    let _ = CREDENTIALS.set(credentials(&cli)?);
     // `topology` asks the trackers and `bench failover` runs its own cluster: neither
     // connects to --broker.
     let broker = || connect(&cli.broker, cli.connect_timeout);
@@ -145,7 +205,7 @@ async fn connect(addr: &str, timeout_secs: f64) -> Result<Broker, CliError> {
     let connect_timeout = timeout(timeout_secs)?;
     let options = ConnectionOptions {
         connect_timeout,
-        ..ConnectionOptions::default()
+        ..connection_options()
     };
     Ok(Broker::connect_tls(addr, options, tls::client()).await?)
 }

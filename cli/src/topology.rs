@@ -47,7 +47,7 @@ pub async fn run(args: TopologyArgs, connect_timeout: Duration) -> Result<(), Cl
 async fn query(tracker: &str, connect_timeout: Duration) -> Result<TopologyUpdate, CliError> {
     let options = ConnectionOptions {
         connect_timeout,
-        ..ConnectionOptions::default()
+        ..crate::connection_options()
     };
     Ok(query_tracker_with(tracker, options, crate::tls::client()).await?)
 }

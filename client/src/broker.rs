@@ -16,7 +16,9 @@ use crate::error::{decode_reply, ClientError, Result};
 use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME, TRACKER_TLS_SCHEME};
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
-use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions, RouteStats, DEFAULT_MAX_FRAME};
+use crate::protocol::{
+    Command, Credentials, Frame, Header, MqInfo, MqOptions, RouteStats, DEFAULT_MAX_FRAME,
+};
 use crate::tls::ClientTls;
 use crate::topology::Topology;
 use crate::transport::Transport;
@@ -42,15 +44,23 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects to `addr` with default options: a broker at `host:port` or
-    /// `tcp://host:port`, or the brokers the trackers of `tracker://HOST:PORT[,HOST:PORT...]`
-    /// know (waiting for the first topology, see [`HaOptions`]). Fails if the broker (or
-    /// every tracker) cannot be reached within the connect deadline.
+    /// Connects to `addr` with default options: a broker at `host:port`, `tcp://host:port`
+    /// or `qbus://host:port`, or the brokers the trackers of
+    /// `tracker://HOST:PORT[,HOST:PORT...]` know (waiting for the first topology, see
+    /// [`HaOptions`]). Fails if the broker (or every tracker) cannot be reached within the
+    /// connect deadline.
+    ///
+    /// Credentials may lead the address: `user:password@` logs in as a user, `:token@`
+    /// with a token (`qbus://alice:s3cret@10.0.0.7:15555`,
+    /// `tracker://:qbus_5f2e...@10.0.0.1:16666,10.0.0.2:16667`; the HA handle logs in to
+    /// the trackers and every broker with them). Or set
+    /// [`ConnectionOptions::credentials`].
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), qbus_client::ClientError> {
     /// let single = qbus_client::Broker::connect("127.0.0.1:15555").await?;
     /// let cluster = qbus_client::Broker::connect("tracker://10.0.0.1:16666,10.0.0.2:16667").await?;
+    /// let alice = qbus_client::Broker::connect("qbus://alice:s3cret@10.0.0.7:15555").await?;
     /// # Ok(()) }
     /// ```
     ///
@@ -95,9 +105,14 @@ impl Broker {
     /// ```
     pub async fn connect_tls(
         addr: &str,
-        options: ConnectionOptions,
+        mut options: ConnectionOptions,
         tls: Option<ClientTls>,
     ) -> Result<Broker> {
+        let (credentials, addr) = split_credentials(addr);
+        let addr = addr.as_str();
+        if credentials.is_some() {
+            options.credentials = credentials;
+        }
         if is_tracker_address(addr) {
             let defaults = HaOptions::default();
             let ha = HaOptions {
@@ -112,6 +127,7 @@ impl Broker {
                         .request_timeout
                         .min(defaults.connection.request_timeout),
                     heartbeat: options.heartbeat.min(defaults.connection.heartbeat),
+                    credentials: options.credentials,
                 },
                 tls,
                 ..defaults
@@ -157,10 +173,14 @@ impl Broker {
     /// A `tracker+tls://` address needs TLS: without [`HaOptions::tls`] its CA comes from
     /// `QBUS_CA` as for [`connect`](Broker::connect).
     pub async fn connect_ha(trackers: &str, mut options: HaOptions) -> Result<Broker> {
-        if trackers.starts_with(TRACKER_TLS_SCHEME) && options.tls.is_none() {
-            options.tls = Some(tls_from_env(trackers).await?);
+        let (credentials, trackers) = split_credentials(trackers);
+        if credentials.is_some() {
+            options.connection.credentials = credentials;
         }
-        let trackers = parse_trackers(trackers)?;
+        if trackers.starts_with(TRACKER_TLS_SCHEME) && options.tls.is_none() {
+            options.tls = Some(tls_from_env(&trackers).await?);
+        }
+        let trackers = parse_trackers(&trackers)?;
         Ok(Broker {
             transport: Transport::ha(Ha::connect(trackers, options).await?),
         })
@@ -322,6 +342,25 @@ async fn tls_from_env(addr: &str) -> Result<ClientTls> {
     .map_err(ClientError::from)
 }
 
+/// Takes the credentials (`user:password@` or `:token@`) off the front of an address
+/// (after its scheme), returning them and the address without them. The last `@` ends
+/// them, so a password may hold `@` or `:`; a user name cannot hold `:`.
+pub(crate) fn split_credentials(addr: &str) -> (Option<Credentials>, String) {
+    let (scheme, rest) = match addr.split_once("://") {
+        Some((scheme, rest)) => (&addr[..scheme.len() + 3], rest),
+        None => ("", addr),
+    };
+    let Some((userinfo, hosts)) = rest.rsplit_once('@') else {
+        return (None, addr.to_owned());
+    };
+    let credentials = match userinfo.split_once(':') {
+        Some(("", token)) => Credentials::token(token),
+        Some((user, password)) => Credentials::password(user, password),
+        None => Credentials::password(userinfo, ""),
+    };
+    (Some(credentials), format!("{scheme}{hosts}"))
+}
+
 /// Checks an address string and returns the `host:port` to dial, and whether it is a
 /// `tls://` address.
 fn parse_address(addr: &str) -> Result<(String, bool)> {
@@ -331,11 +370,16 @@ fn parse_address(addr: &str) -> Result<(String, bool)> {
     };
     let (target, tls) = match addr.strip_prefix(TLS_SCHEME) {
         Some(target) => (target, true),
-        None => (addr.strip_prefix("tcp://").unwrap_or(addr), false),
+        None => (
+            addr.strip_prefix("tcp://")
+                .or_else(|| addr.strip_prefix("qbus://"))
+                .unwrap_or(addr),
+            false,
+        ),
     };
     if target.contains("://") {
         return Err(bad(
-            "expected host:port, tcp://host:port, tls://host:port or \
+            "expected host:port, tcp://host:port, qbus://host:port, tls://host:port or \
              tracker[+tls]://host:port[,host:port...]",
         ));
     }
@@ -352,7 +396,27 @@ fn parse_address(addr: &str) -> Result<(String, bool)> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_address;
+    use super::{parse_address, split_credentials};
+    use crate::protocol::Credentials;
+
+    #[test]
+    fn credentials_in_addresses() {
+        assert_eq!(
+            split_credentials("qbus://alice:p@ss:w@10.0.0.7:15555"),
+            (
+                Some(Credentials::password("alice", "p@ss:w")),
+                "qbus://10.0.0.7:15555".to_owned()
+            )
+        );
+        assert_eq!(
+            split_credentials("tracker://:qbus_1@a:1,b:2"),
+            (
+                Some(Credentials::token("qbus_1")),
+                "tracker://a:1,b:2".to_owned()
+            )
+        );
+        assert_eq!(split_credentials("a:1"), (None, "a:1".to_owned()));
+    }
 
     #[test]
     fn addresses() {

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ClientError, Result};
 use crate::link::{Connector, FrameStream};
-use crate::protocol::{Command, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION};
+use crate::protocol::{
+    Command, Credentials, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION,
+};
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -33,6 +35,10 @@ pub struct ConnectionOptions {
     /// as hung: the connection closes and its pending requests fail with
     /// [`ClientError::Disconnected`]. Default 5 s (a hung peer is noticed within 15–20 s).
     pub heartbeat: Duration,
+    /// Who to log in as in `Hello` (protocol 3). Default none: served as anonymous where
+    /// the server allows it. Bad credentials fail the connect at once with
+    /// [`ClientError::Server`] and status 401, without retrying.
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for ConnectionOptions {
@@ -41,6 +47,7 @@ impl Default for ConnectionOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
+            credentials: None,
         }
     }
 }
@@ -75,6 +82,8 @@ struct Live {
 struct OpenError {
     reason: String,
     permanent: bool,
+    /// The server refused the credentials: the connect fails with its reply.
+    refusal: Option<ClientError>,
 }
 
 impl From<String> for OpenError {
@@ -82,6 +91,7 @@ impl From<String> for OpenError {
         OpenError {
             reason,
             permanent: false,
+            refusal: None,
         }
     }
 }
@@ -93,6 +103,7 @@ impl OpenError {
         OpenError {
             reason: e.to_string(),
             permanent: e.kind() == std::io::ErrorKind::InvalidData,
+            refusal: None,
         }
     }
 }
@@ -363,6 +374,10 @@ impl Connection {
         loop {
             let (reason, permanent) = match tokio::time::timeout_at(deadline, self.open()).await {
                 Ok(Ok(live)) => return Ok(live),
+                // The same credentials would be refused again.
+                Ok(Err(OpenError {
+                    refusal: Some(e), ..
+                })) => return Err(e),
                 Ok(Err(e)) => (e.reason, e.permanent),
                 Err(_) => ("timed out".to_owned(), false),
             };
@@ -404,17 +419,13 @@ impl Connection {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut hello = Header::request(Command::Hello, None);
         hello.id = id;
-        let rx = live.register(id).map_err(|e| e.to_string())?;
-        let body = rmp_serde::to_vec_named(&ServerInfo {
-            protocol: PROTOCOL_VERSION,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            max_frame: 0,
-        })
-        .map_err(|e| e.to_string())?;
+        let retry = OpenError::from;
+        let rx = live.register(id).map_err(|e| retry(e.to_string()))?;
+        let body = hello_body(self.inner.options.credentials.clone()).map_err(retry)?;
         live.tx
             .send(Frame::with_body(hello, body.into()))
             .await
-            .map_err(|_| "closed during handshake".to_owned())?;
+            .map_err(|_| retry("closed during handshake".to_owned()))?;
         let reply = PendingReply {
             rx,
             live: Some(live.clone()),
@@ -423,7 +434,7 @@ impl Connection {
         .await
         .map_err(|e| handshake_failed(&live, e))?;
         let info: ServerInfo = rmp_serde::from_slice(&reply.body)
-            .map_err(|e| format!("handshake reply is not from a qbus server: {e}"))?;
+            .map_err(|e| retry(format!("handshake reply is not from a qbus server: {e}")))?;
         self.inner.server.store(Some(Arc::new(info)));
         self.inner.live.store(Some(live.clone()));
         Ok(live)
@@ -437,17 +448,32 @@ fn handshake_failed(live: &Live, e: ClientError) -> OpenError {
         return OpenError {
             reason: format!("handshake failed: {}", ended.reason),
             permanent: ended.permanent,
+            refusal: None,
         };
     }
     // A server that refuses the handshake (a plain-text client on a TLS port, say) refuses
     // it again; only a busy one is worth another try.
-    let permanent = e
-        .status()
-        .is_some_and(|s| (400..500).contains(&s.code()) && s != Status::Overloaded);
+    let status = e.status();
+    let permanent =
+        status.is_some_and(|s| (400..500).contains(&s.code()) && s != Status::Overloaded);
+    let credentials = matches!(status, Some(Status::Unauthorized | Status::Forbidden));
     OpenError {
         reason: format!("handshake failed: {e}"),
         permanent,
+        refusal: credentials.then_some(e),
     }
+}
+
+/// The body of a client's `Hello`: what it speaks and, if any, its credentials.
+pub(crate) fn hello_body(credentials: Option<Credentials>) -> std::result::Result<Vec<u8>, String> {
+    rmp_serde::to_vec_named(&ServerInfo {
+        protocol: PROTOCOL_VERSION,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        max_frame: 0,
+        credentials,
+        identity: None,
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// Routes replies to their waiters until the link ends, then fails whatever is left.

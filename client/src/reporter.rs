@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Connection, ConnectionOptions};
 use crate::link::TcpConnector;
-use crate::protocol::{Command, Frame, Header, DEFAULT_MAX_FRAME};
+use crate::protocol::{Command, Credentials, Frame, Header, DEFAULT_MAX_FRAME};
 use crate::tls::ClientTls;
 use crate::topology::NodeState;
 
 /// Reports the latest value of `state` to every tracker in `trackers` (over TLS with `tls`) until `stop` fires or
 /// the sender of `state` is dropped. Publish a new state (with a higher `seq`) on every
-/// change; it goes out at once.
+/// change; it goes out at once. `credentials` log the node in at each tracker (a tracker
+/// with users accepts reports only from users with the `register` permission).
 ///
 /// ```no_run
 /// # async fn demo() {
@@ -52,6 +53,7 @@ use crate::topology::NodeState;
 pub async fn report(
     trackers: Vec<String>,
     tls: Option<ClientTls>,
+    credentials: Option<Credentials>,
     state: watch::Receiver<Arc<NodeState>>,
     interval: Duration,
     stop: CancellationToken,
@@ -59,9 +61,11 @@ pub async fn report(
     let interval = interval.max(Duration::from_millis(10));
     let mut tasks = JoinSet::new();
     for tracker in trackers {
+        let credentials = credentials.clone();
         tasks.spawn(report_to(
             tracker,
             tls.clone(),
+            credentials,
             state.clone(),
             interval,
             stop.clone(),
@@ -73,6 +77,7 @@ pub async fn report(
 async fn report_to(
     tracker: String,
     tls: Option<ClientTls>,
+    credentials: Option<Credentials>,
     mut state: watch::Receiver<Arc<NodeState>>,
     interval: Duration,
     stop: CancellationToken,
@@ -84,6 +89,7 @@ async fn report_to(
             connect_timeout: interval,
             request_timeout: interval.max(Duration::from_secs(1)),
             heartbeat: interval.max(Duration::from_secs(1)),
+            credentials,
         },
     );
     let mut reachable: Option<bool> = None;

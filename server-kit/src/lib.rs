@@ -1,5 +1,6 @@
 //! What the qbus servers (`qbus-broker`, `qbus-tracker`) share, so each is written once:
 //!
+//! - [`auth`]: users, permissions and the anonymous policy every door checks.
 //! - [`launch`]: a server binary's `main`: logging, settings layered over a TOML file, the
 //!   runtime, and exit codes.
 //! - [`signals`]: SIGINT and SIGTERM as a shutdown token.
@@ -17,6 +18,7 @@
 //! The wire-level parts servers share (the accept loop, the frame read loop) are in
 //! `qbus_wire::serve`, since the RPC server uses them too.
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod launch;

@@ -4,8 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use qbus_server_kit::auth::{Access, UserSpec};
 use qbus_server_kit::config::{listen_addr, read_toml};
 use qbus_server_kit::tls::server_tls;
 use qbus_wire::tls::ServerTls;
@@ -43,6 +45,28 @@ pub struct Settings {
     /// the CAs in this PEM file (mTLS) [default: none]
     #[arg(long, env = "QBUS_TRACKER_TLS_CLIENT_CA", value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Address ranges served without credentials, e.g. 127.0.0.1/32,10.0.0.0/8
+    /// [default: loopback, 127.0.0.0/8 and ::1]
+    #[arg(
+        long,
+        env = "QBUS_TRACKER_ANONYMOUS_FROM",
+        value_delimiter = ',',
+        value_name = "CIDR[,CIDR]"
+    )]
+    pub anonymous_from: Option<Vec<String>>,
+    /// Serve clients without credentials from every address (with no users: every node
+    /// may register) [default: false]
+    #[arg(
+        long,
+        env = "QBUS_TRACKER_ALLOW_ANONYMOUS",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_anonymous: Option<bool>,
+    /// Users: `[[users]]` tables of the settings file only, as the broker's; nodes need
+    /// the `register` permission (README, "Security").
+    #[arg(skip)]
+    pub users: Option<Vec<UserSpec>>,
 }
 
 impl Settings {
@@ -56,6 +80,9 @@ impl Settings {
             tls_cert: self.tls_cert.or(other.tls_cert),
             tls_key: self.tls_key.or(other.tls_key),
             tls_client_ca: self.tls_client_ca.or(other.tls_client_ca),
+            anonymous_from: self.anonymous_from.or(other.anonymous_from),
+            allow_anonymous: self.allow_anonymous.or(other.allow_anonymous),
+            users: self.users.or(other.users),
         }
     }
 
@@ -83,11 +110,18 @@ impl Settings {
             self.tls_key.as_deref(),
             self.tls_client_ca.as_deref(),
         )?;
+        let access = Access::new(
+            self.users.unwrap_or_default(),
+            self.anonymous_from,
+            self.allow_anonymous.unwrap_or(false),
+        )
+        .map_err(ConfigError::at("users"))?;
         Ok(Config {
             listen,
             lease_reports,
             warmup,
             tls,
+            access: Arc::new(access),
         })
     }
 }
@@ -113,17 +147,20 @@ pub struct Config {
     pub warmup: Duration,
     /// TLS on the port (TLS only when set).
     pub tls: Option<ServerTls>,
+    /// Users, permissions and who is served without credentials.
+    pub access: Arc<Access>,
 }
 
 impl Config {
-    /// Listens on `127.0.0.1:port` with the default lease and no warm-up (for tests and
-    /// in-process trackers that start before their brokers).
+    /// Listens on `127.0.0.1:port` with the default lease, no warm-up and no users, every
+    /// client served (for tests and in-process trackers that start before their brokers).
     pub fn local(port: u16) -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             lease_reports: 3,
             warmup: Duration::ZERO,
             tls: None,
+            access: Arc::new(Access::open()),
         }
     }
 }

@@ -2,9 +2,11 @@
 //! accept loop that sends each connection to the binary protocol or to HTTP by its first
 //! byte.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qbus_server_kit::auth::Access;
 use qbus_server_kit::listen::{self, BindError};
 use qbus_server_kit::sniff::{is_http, read_first, Rewind};
 use qbus_wire::link::{stream_link, tcp_link};
@@ -56,6 +58,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         None => "plain TCP (no TLS configured)",
     };
     tracing::info!(addr = ?listener.local_addr().ok(), warmup = ?config.warmup, transport, "tracker listening");
+    tracing::info!(mode = %config.access.mode(), "access");
     let mut next_conn: u64 = 1;
     let mut connections = Connections::default();
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
@@ -63,10 +66,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         next_conn += 1;
         connections.spawn(serve(
             table.clone(),
+            config.access.clone(),
             stream,
             tls.clone(),
             conn,
-            peer.to_string(),
+            peer,
             shutdown.child_token(),
         ));
     }
@@ -79,10 +83,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
 /// the handshake, by the first decrypted byte.
 async fn serve(
     table: Arc<Table>,
+    access: Arc<Access>,
     stream: TcpStream,
     tls: Option<ServerTls>,
     conn: u64,
-    peer: String,
+    peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     // Shown by the stats: the listen address may be 0.0.0.0, this is what the client reached.
@@ -95,7 +100,7 @@ async fn serve(
             Ok(true) => http::serve(table, stream, local, shutdown).await,
             Ok(false) => {
                 let link = tcp_link(stream, DEFAULT_MAX_FRAME);
-                session::serve(table, link, conn, peer, None, shutdown).await
+                session::serve(table, access, link, conn, peer, None, shutdown).await
             }
             Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
         };
@@ -111,7 +116,7 @@ async fn serve(
         Ok((first, true)) => http::serve(table, Rewind::new(first, stream), local, shutdown).await,
         Ok((first, false)) => {
             let link = stream_link(Rewind::new(first, stream), DEFAULT_MAX_FRAME);
-            session::serve(table, link, conn, peer, identity, shutdown).await
+            session::serve(table, access, link, conn, peer, identity, shutdown).await
         }
         Err(e) => tracing::debug!(%peer, error = %e, "connection dropped"),
     }

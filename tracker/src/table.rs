@@ -42,11 +42,28 @@ pub enum ReportError {
     /// `id` or `addr` is empty.
     #[error("a report needs a non-empty {0}")]
     Missing(&'static str),
+    /// Another identity registered a node with this id or address.
+    #[error(
+        "node {id:?} at {addr:?} is refused: {held} is registered by another identity \
+         ({owner:?}); it may report again once that node is gone"
+    )]
+    Claimed {
+        /// The node id reported.
+        id: String,
+        /// Its address.
+        addr: String,
+        /// What is held: "this id" or "this address".
+        held: &'static str,
+        /// Who holds it.
+        owner: String,
+    },
 }
 
 struct Entry {
     state: NodeState,
     conn: u64,
+    /// The identity that registered it: only that one may report it, or its address.
+    owner: Arc<str>,
     /// When its last accepted report arrived (a repeat of the held version counts: it
     /// proves the node alive).
     reported: Instant,
@@ -117,8 +134,15 @@ impl Table {
         self.inner.lock().expect("tracker table poisoned")
     }
 
-    /// Records a report received on connection `conn`.
-    pub fn report(&self, conn: u64, state: NodeState, now: Instant) -> Result<(), ReportError> {
+    /// Records a report received on connection `conn` from identity `owner`. A node whose
+    /// id, or address, another identity holds is refused.
+    pub fn report(
+        &self,
+        conn: u64,
+        state: NodeState,
+        now: Instant,
+        owner: &str,
+    ) -> Result<(), ReportError> {
         if state.id.is_empty() {
             return Err(ReportError::Missing("id"));
         }
@@ -132,6 +156,24 @@ impl Table {
         };
         let expires = now + interval * self.lease_reports;
         let mut inner = self.lock();
+        let claimed = |held, owner: &str| ReportError::Claimed {
+            id: state.id.clone(),
+            addr: state.addr.clone(),
+            held,
+            owner: owner.to_owned(),
+        };
+        if let Some(entry) = inner.nodes.get(&state.id) {
+            if &*entry.owner != owner {
+                return Err(claimed("this id", &entry.owner));
+            }
+        }
+        let same_addr = inner
+            .nodes
+            .values()
+            .find(|e| e.state.addr == state.addr && e.state.id != state.id && &*e.owner != owner);
+        if let Some(entry) = same_addr {
+            return Err(claimed("this address", &entry.owner));
+        }
         let changed = match inner.nodes.get_mut(&state.id) {
             Some(entry) if entry.state.version() > state.version() => {
                 tracing::debug!(node = %state.id, "ignoring a report older than the one held");
@@ -158,6 +200,7 @@ impl Table {
                 Entry {
                     state,
                     conn,
+                    owner: owner.into(),
                     reported: now,
                     expires,
                 },
@@ -324,9 +367,9 @@ mod tests {
         let (snapshot, mut rx) = table.subscribe();
         assert_eq!((snapshot.seq, snapshot.brokers.len()), (0, 0));
         let now = Instant::now();
-        table.report(1, state("a", 1, 1), now).unwrap();
-        table.report(1, state("a", 1, 1), now).unwrap(); // same version: lease only
-        table.report(1, state("a", 1, 2), now).unwrap();
+        table.report(1, state("a", 1, 1), now, "node").unwrap();
+        table.report(1, state("a", 1, 1), now, "node").unwrap(); // same version: lease only
+        table.report(1, state("a", 1, 2), now, "node").unwrap();
         let first = update(&rx.try_recv().unwrap());
         let second = update(&rx.try_recv().unwrap());
         assert_eq!((first.seq, second.seq), (1, 2));
@@ -338,8 +381,8 @@ mod tests {
     fn older_reports_do_not_win() {
         let table = Table::new(3, true);
         let now = Instant::now();
-        table.report(1, state("a", 2, 1), now).unwrap();
-        table.report(2, state("a", 1, 99), now).unwrap(); // the previous process, late
+        table.report(1, state("a", 2, 1), now, "node").unwrap();
+        table.report(2, state("a", 1, 99), now, "node").unwrap(); // the previous process, late
         assert_eq!(table.snapshot().brokers[0].epoch, 2);
         // ... and its connection closing does not drop the new process.
         table.disconnect(2);
@@ -353,9 +396,14 @@ mod tests {
         let table = Table::new(3, true);
         let (_, mut rx) = table.subscribe();
         let start = Instant::now();
-        table.report(1, state("a", 1, 1), start).unwrap();
+        table.report(1, state("a", 1, 1), start, "node").unwrap();
         table
-            .report(1, state("b", 1, 1), start + Duration::from_millis(200))
+            .report(
+                1,
+                state("b", 1, 1),
+                start + Duration::from_millis(200),
+                "node",
+            )
             .unwrap();
         table.expire(start + Duration::from_millis(299));
         assert_eq!(ids(&table), ["a", "b"]);
@@ -369,7 +417,9 @@ mod tests {
     fn warm_up_is_announced_with_a_snapshot() {
         let table = Table::new(3, false);
         let (_, mut rx) = table.subscribe();
-        table.report(1, state("a", 1, 1), Instant::now()).unwrap();
+        table
+            .report(1, state("a", 1, 1), Instant::now(), "node")
+            .unwrap();
         assert!(!update(&rx.try_recv().unwrap()).ready);
         table.set_ready();
         let ready = update(&rx.try_recv().unwrap());
@@ -382,12 +432,12 @@ mod tests {
     fn status_tells_report_age_and_lease_left() {
         let table = Table::new(3, true);
         let start = Instant::now();
-        table.report(1, state("b", 1, 1), start).unwrap();
-        table.report(1, state("a", 1, 1), start).unwrap();
+        table.report(1, state("b", 1, 1), start, "node").unwrap();
+        table.report(1, state("a", 1, 1), start, "node").unwrap();
         let later = start + Duration::from_millis(150);
         // A repeat of the held version renews the report time; an older one does not.
-        table.report(1, state("a", 1, 1), later).unwrap();
-        table.report(2, state("b", 0, 9), later).unwrap();
+        table.report(1, state("a", 1, 1), later, "node").unwrap();
+        table.report(2, state("b", 0, 9), later, "node").unwrap();
         let status = table.status(start + Duration::from_millis(200));
         let ages: Vec<(&str, Duration, Duration)> = status
             .nodes
@@ -411,8 +461,45 @@ mod tests {
         let mut nameless = state("a", 1, 1);
         nameless.id.clear();
         assert_eq!(
-            table.report(1, nameless, Instant::now()),
+            table.report(1, nameless, Instant::now(), "node"),
             Err(ReportError::Missing("id"))
         );
+    }
+
+    #[test]
+    fn another_identity_cannot_take_a_node_id_or_address() {
+        let table = Table::new(3, true);
+        let now = Instant::now();
+        table.report(1, state("a", 1, 1), now, "broker-a").unwrap();
+        // A newer epoch does not help a stranger take the id.
+        let taken = table.report(2, state("a", 9, 1), now, "mallory");
+        assert!(
+            matches!(
+                taken,
+                Err(ReportError::Claimed {
+                    held: "this id",
+                    ..
+                })
+            ),
+            "{taken:?}"
+        );
+        // Nor another id at the same address.
+        let mut fake = state("fake", 1, 1);
+        fake.addr = "a".into();
+        let taken = table.report(2, fake, now, "mallory");
+        assert!(
+            matches!(
+                taken,
+                Err(ReportError::Claimed {
+                    held: "this address",
+                    ..
+                })
+            ),
+            "{taken:?}"
+        );
+        assert_eq!(ids(&table), ["a"]);
+        // The owner itself may restart it with a newer epoch.
+        table.report(3, state("a", 2, 1), now, "broker-a").unwrap();
+        assert_eq!(table.snapshot().brokers[0].epoch, 2);
     }
 }

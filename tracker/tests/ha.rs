@@ -563,6 +563,7 @@ async fn sends_to_a_broker_the_trackers_dropped_fail_over() {
         connect_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_secs(30),
         heartbeat: Duration::from_secs(30),
+        credentials: None,
     };
     let options = HaOptions::default().with_connection(slow);
     let client = qbus_client::Broker::connect_ha(&tracker_url(&[&t]), options)

@@ -126,13 +126,20 @@ async fn received(
     }
 }
 
-/// The reply to a `Hello` request: the protocol this server speaks, its software `version`
-/// and the largest frame it accepts.
-pub fn hello_reply(request: &Header, version: &str, max_frame: usize) -> Frame {
+/// The reply to a `Hello` request: the protocol this server speaks, its software `version`,
+/// the largest frame it accepts, and the user it serves the client as (protocol 3).
+pub fn hello_reply(
+    request: &Header,
+    version: &str,
+    max_frame: usize,
+    identity: Option<&str>,
+) -> Frame {
     let info = ServerInfo {
         protocol: PROTOCOL_VERSION,
         version: version.to_owned(),
         max_frame: max_frame as u64,
+        credentials: None,
+        identity: identity.map(str::to_owned),
     };
     match rmp_serde::to_vec_named(&info) {
         Ok(body) => Frame::with_body(Header::reply_to(request), body.into()),
@@ -215,13 +222,14 @@ mod tests {
     #[test]
     fn hello_says_what_the_server_speaks() {
         let request = Header::request(Command::Hello, None);
-        let reply = hello_reply(&request, "9.9.9", 4096);
+        let reply = hello_reply(&request, "9.9.9", 4096, Some("app"));
         assert_eq!(reply.header.status, Status::Ok.code());
         let info: ServerInfo = rmp_serde::from_slice(&reply.body).unwrap();
         assert_eq!(
             (info.protocol, info.version.as_str(), info.max_frame),
             (PROTOCOL_VERSION, "9.9.9", 4096)
         );
+        assert_eq!(info.identity.as_deref(), Some("app"));
     }
 
     #[tokio::test(start_paused = true)]

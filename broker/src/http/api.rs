@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
+use qbus_server_kit::auth::{Identity, Operation};
 use qbus_wire::protocol::record::{encode_record_meta, parse_record, RecordMeta, RECORD_OVERHEAD};
 use qbus_wire::protocol::{DeliveryToken, MqOptions, Status};
 use serde::Serialize;
@@ -62,6 +63,7 @@ pub enum Op {
 /// Runs `op` on `mq`, the MQ named in the URL (empty for [`Op::List`]).
 pub async fn run(
     ctx: &Context,
+    who: Option<&Identity>,
     op: Op,
     mq: &str,
     parts: &Parts,
@@ -108,11 +110,13 @@ pub async fn run(
             Ok(json(StatusCode::OK, &Removed { removed: mq }))
         }
         Op::List => {
+            let access = &ctx.core.config().access;
             let all: Vec<MqStats> = ctx
                 .core
                 .registry()
                 .list()
                 .iter()
+                .filter(|m| access.allows(who, Operation::Read, m.name()))
                 .map(|m| MqStats::of(m))
                 .collect();
             Ok(json(StatusCode::OK, &all))

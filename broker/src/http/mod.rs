@@ -5,6 +5,8 @@
 //! - [`stats`], [`prometheus`], [`monitor`]: `GET /api/stats`, `GET /metrics` and the
 //!   monitor page at `GET /`.
 //! - [`rpc_gateway`]: `POST /rpc/{mq}`, an MQ-RPC call with a JSON envelope.
+//! - [`guard`]: who sent a request (`Authorization`, else the connection's peer), the
+//!   permission check, and the refusal of cross-site state changes.
 //! - [`reply`]: responses and JSON errors; [`io`]: the deadline on stalled writes;
 //!   `context`: what the requests of one connection share.
 //!
@@ -15,6 +17,7 @@ pub mod api;
 pub mod body;
 mod context;
 pub mod fields;
+pub mod guard;
 pub mod io;
 pub mod monitor;
 pub mod prometheus;
@@ -23,15 +26,16 @@ pub mod rpc_gateway;
 pub mod stats;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, WWW_AUTHENTICATE};
 use hyper::http::request::Parts;
 use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use qbus_server_kit::auth::Operation;
 use qbus_server_kit::http::serve_connection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +45,7 @@ use self::api::Op;
 use self::context::Context;
 use self::fields::Fields;
 use self::reply::{json, ApiError, Reply};
+use crate::auth::Peer;
 use crate::core::Core;
 use crate::metrics::rates::RATE_HISTORY;
 use crate::metrics::Protocol;
@@ -51,7 +56,7 @@ use crate::metrics::Protocol;
 /// `local` is the address the client reached.
 pub async fn serve<S>(
     stream: S,
-    peer: SocketAddr,
+    peer: Peer,
     local: String,
     core: Arc<Core>,
     shutdown: CancellationToken,
@@ -59,19 +64,26 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = core.connection_id();
-    let span = tracing::info_span!("http", conn, %peer);
-    run(stream, conn, local, core, shutdown)
+    let span = tracing::info_span!("http", conn, peer = %peer.addr);
+    run(stream, conn, peer, local, core, shutdown)
         .instrument(span)
         .await
 }
 
-async fn run<S>(stream: S, conn: u64, local: String, core: Arc<Core>, shutdown: CancellationToken)
-where
+async fn run<S>(
+    stream: S,
+    conn: u64,
+    peer: Peer,
+    local: String,
+    core: Arc<Core>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _open = core.metrics().connection(Protocol::Http);
     let timeout = core.config().http_timeout;
     let ctx = Arc::new(Context {
+        peer,
         core: core.clone(),
         conn,
         local,
@@ -92,10 +104,18 @@ where
 async fn handle(ctx: &Context, request: Request<Incoming>) -> Reply {
     ctx.core.metrics().http_request();
     let (parts, body) = request.into_parts();
-    match route(ctx, &parts, body).await {
+    let mut reply = match route(ctx, &parts, body).await {
         Ok(reply) => reply,
         Err(e) => e.into_reply(),
+    };
+    if reply.status() == StatusCode::UNAUTHORIZED {
+        // So a browser asks for a user name and password.
+        reply.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"qbus\", charset=\"UTF-8\""),
+        );
     }
+    reply
 }
 
 async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, ApiError> {
@@ -109,6 +129,17 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
             Err(ApiError::not_allowed(parts, allowed))
         }
     };
+    // /metrics stays open to scrapers (docs/http.md, "Security"); the page itself holds no
+    // data, what it shows comes from /api/stats.
+    let open = matches!(segments.as_slice(), [] | ["metrics"]);
+    let who = if open {
+        None
+    } else {
+        guard::same_site(ctx, parts)?;
+        guard::identify(ctx, parts).await?
+    };
+    let who = who.as_ref();
+    let permit = |op, mq: &str, group: Option<&str>| guard::permit(ctx, who, op, mq, group);
     match segments.as_slice() {
         [] => {
             if Fields::new(parts)?.get("cmd")?.is_some() {
@@ -128,7 +159,16 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
                 .parse::<usize>("history", "a number of seconds")?
                 .unwrap_or(1)
                 .min(RATE_HISTORY);
-            let stats = stats::collect(&ctx.core, ctx.local.clone(), seconds);
+            guard::known(ctx, who)?;
+            let mut stats = stats::collect(&ctx.core, ctx.local.clone(), seconds);
+            let access = &ctx.core.config().access;
+            stats
+                .mqs
+                .retain(|mq| access.allows(who, Operation::Read, &mq.info.name));
+            for mq in &mut stats.mqs {
+                mq.admin = Some(access.allows(who, Operation::Admin, &mq.info.name));
+            }
+            stats.broker.user = who.map(|who| who.name().to_owned());
             Ok(json(StatusCode::OK, &stats))
         }
         ["metrics"] => {
@@ -139,36 +179,47 @@ async fn route(ctx: &Context, parts: &Parts, body: Incoming) -> Result<Reply, Ap
         }
         ["mq"] => {
             allow(&[Method::GET])?;
-            api::run(ctx, Op::List, "", parts, body).await
+            guard::known(ctx, who)?;
+            api::run(ctx, who, Op::List, "", parts, body).await
         }
         ["mq", mq] => {
-            let op = match *method {
-                Method::GET => Op::Query,
-                Method::PUT => Op::Create,
-                Method::POST => Op::Produce,
-                Method::DELETE => Op::Remove,
+            let (op, needs) = match *method {
+                Method::GET => (Op::Query, Operation::Read),
+                Method::PUT => (Op::Create, Operation::Admin),
+                Method::POST => (Op::Produce, Operation::Produce),
+                Method::DELETE => (Op::Remove, Operation::Admin),
                 _ => {
                     let allowed = [Method::GET, Method::PUT, Method::POST, Method::DELETE];
                     return Err(ApiError::not_allowed(parts, &allowed));
                 }
             };
-            api::run(ctx, op, mq, parts, body).await
+            permit(needs, mq, None)?;
+            api::run(ctx, who, op, mq, parts, body).await
         }
         ["mq", mq, action] => {
-            let (op, allowed) = match *action {
-                "next" => (Op::Consume, &[Method::GET, Method::POST][..]),
-                "ack" => (Op::Ack, &[Method::POST][..]),
-                "nack" => (Op::Nack, &[Method::POST][..]),
+            let op = match *action {
+                // A consume changes state (it takes the message), so never by GET: a page
+                // could make a browser GET a URL with an <img> tag.
+                "next" => Op::Consume,
+                "ack" => Op::Ack,
+                "nack" => Op::Nack,
                 _ => return Err(ApiError::no_route(parts)),
             };
-            allow(allowed)?;
-            api::run(ctx, op, mq, parts, body).await
+            allow(&[Method::POST])?;
+            let fields = Fields::new(parts)?;
+            let group = fields.get("group")?.filter(|g| !g.is_empty()).unwrap_or(mq);
+            permit(Operation::Consume, mq, Some(group))?;
+            api::run(ctx, who, op, mq, parts, body).await
         }
         ["mq", mq, "groups", group] => {
             allow(&[Method::DELETE])?;
+            permit(Operation::Admin, mq, None)?;
             api::remove_group(ctx, mq, group).await
         }
-        ["rpc", mq] => Ok(rpc_gateway::call(ctx, mq, parts, body).await),
+        ["rpc", mq] => match permit(Operation::RpcCall, mq, None) {
+            Ok(()) => Ok(rpc_gateway::call(ctx, mq, parts, body).await),
+            Err(refused) => Ok(rpc_gateway::refused(refused)),
+        },
         _ => Err(ApiError::no_route(parts)),
     }
 }

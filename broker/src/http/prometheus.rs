@@ -62,6 +62,24 @@ pub fn render(stats: &Stats) -> String {
         "HTTP requests served.",
     );
     out.sample("qbus_http_requests_total", &[], broker.http_requests);
+    out.family(
+        "qbus_denied_total",
+        "counter",
+        "Requests refused: status 401 (no or bad credentials) or 403 (not allowed).",
+    );
+    for (status, per) in [
+        ("401", &broker.denied_unauthenticated),
+        ("403", &broker.denied_forbidden),
+    ] {
+        for (protocol, count) in [
+            (Protocol::Binary, per.binary),
+            (Protocol::Http, per.http),
+            (Protocol::Zbus, per.zbus),
+        ] {
+            let labels = [("protocol", protocol.name()), ("status", status)];
+            out.sample("qbus_denied_total", &labels, count);
+        }
+    }
 
     type PerMq = fn(&super::stats::MqStats) -> u64;
     let per_mq: [(&str, &str, &str, PerMq); 10] = [

@@ -41,6 +41,12 @@ pub async fn call(ctx: &Context, mq: &str, parts: &Parts, body: Incoming) -> Rep
     }
 }
 
+/// The reply to a call the permission check refused, in the envelope's error shape.
+pub fn refused(refusal: ApiError) -> Reply {
+    let error = RemoteError::from(refusal);
+    reply::json(http_status(error.code), &ResponseOut::<()>::Error(&error))
+}
+
 async fn forward(
     ctx: &Context,
     mq: &str,

@@ -29,6 +29,10 @@ pub struct BrokerStats {
     pub version: &'static str,
     /// Binary protocol version.
     pub protocol: u32,
+    /// The user the request was served as (`anonymous` without credentials); absent
+    /// where the request was not checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Milliseconds since the store was opened.
     pub uptime_ms: u64,
     /// Store directory.
@@ -45,6 +49,10 @@ pub struct BrokerStats {
     pub connections_accepted: PerProtocol,
     /// HTTP requests served since the start.
     pub http_requests: u64,
+    /// Requests refused for want of (good) credentials, status 401, since the start.
+    pub denied_unauthenticated: PerProtocol,
+    /// Requests refused by the permissions, status 403, since the start.
+    pub denied_forbidden: PerProtocol,
     /// Rate samples taken since the start (one a second); every MQ's `rates` end at the
     /// same sample, so a poller can tell how many of them are new.
     pub rate_samples: u64,
@@ -75,6 +83,10 @@ pub struct MqStats {
     pub dead_lettered: u64,
     /// Redeliveries, all groups together.
     pub redelivered: u64,
+    /// Whether the requesting user may administer this MQ (stats only; the monitor page
+    /// hides the buttons it may not use).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<bool>,
     /// Messages in and out per second over the last seconds, newest last (stats only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
@@ -89,6 +101,7 @@ impl MqStats {
             traffic: mq.counters().read(),
             dead_lettered: info.groups.iter().map(|g| g.dead_lettered).sum(),
             redelivered: info.groups.iter().map(|g| g.redelivered).sum(),
+            admin: None,
             rates: None,
             info,
         }
@@ -120,6 +133,7 @@ pub fn collect(core: &Core, address: String, seconds: usize) -> Stats {
             address,
             version: env!("CARGO_PKG_VERSION"),
             protocol: PROTOCOL_VERSION,
+            user: None,
             uptime_ms: u64::try_from(core.started().elapsed().as_millis()).unwrap_or(u64::MAX),
             store: config.store.display().to_string(),
             store_bytes: mqs.iter().map(|m| m.info.size_bytes).sum(),
@@ -128,6 +142,8 @@ pub fn collect(core: &Core, address: String, seconds: usize) -> Stats {
             connections: per_protocol(&|p| metrics.open(p)),
             connections_accepted: per_protocol(&|p| metrics.accepted(p)),
             http_requests: metrics.http_requests(),
+            denied_unauthenticated: per_protocol(&|p| metrics.denials(p).0),
+            denied_forbidden: per_protocol(&|p| metrics.denials(p).1),
             rate_samples,
         },
         fsync: core.committer().fsync_latency().read(),

@@ -53,6 +53,8 @@ pub struct BrokerMetrics {
     open: [AtomicU64; 3],
     accepted: [AtomicU64; 3],
     http_requests: AtomicU64,
+    /// Requests refused by the permission check, by protocol: 401 then 403.
+    denied: [[AtomicU64; 2]; 3],
     rates: RateHistory,
 }
 
@@ -90,6 +92,22 @@ impl BrokerMetrics {
     /// HTTP requests served since the start.
     pub fn http_requests(&self) -> u64 {
         self.http_requests.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request refused with status `code` (401 or 403; anything else counts as
+    /// 403).
+    pub fn denied(&self, protocol: Protocol, code: u16) {
+        let slot = usize::from(code != 401);
+        self.denied[protocol.index()][slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests refused since the start over `protocol`: (401s, 403s).
+    pub fn denials(&self, protocol: Protocol) -> (u64, u64) {
+        let [unauthenticated, forbidden] = &self.denied[protocol.index()];
+        (
+            unauthenticated.load(Ordering::Relaxed),
+            forbidden.load(Ordering::Relaxed),
+        )
     }
 }
 

@@ -16,6 +16,12 @@
 //! - `route` hands a reply to the reply table under the route in `recver`, its zbus RPC
 //!   envelope as qbus's; replies to this session's calls get zbus's (`rpc_envelope`).
 //! - `create_mq`, `query_mq`, `remove_mq` administer MQs; `heartbeat` gets no reply.
+//!
+//! Each request is checked like the other doors' (`crate::auth`): its `token` header is
+//! the user's token (as zbus's `token`), no token the connection's peer. A `GET` or `HEAD`
+//! whose `cmd` came from the URL's query, not a header, changes nothing: a foreign page can
+//! make a browser fetch a URL, but not send a `cmd` header without a preflight the broker
+//! does not grant.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,6 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use qbus_server_kit::auth::{Denied, Identity, Operation};
 use qbus_wire::protocol::record::{encode_record_meta, parse_record, RecordMeta};
 use qbus_wire::protocol::{DeliveryToken, Frame, MqOptions, Status};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -36,6 +43,7 @@ use super::codec::{CodecError, Message, StartLine, ZbusCodec};
 use super::modes::{mode, Zbus};
 use super::record::{call_encoding, delivery, is_ack, mq_info, stored_key};
 use super::rpc_envelope;
+use crate::auth::Peer;
 use crate::core::{Core, FetchRequest, MAX_WAIT};
 use crate::error::BrokerError;
 use crate::http::api::{body_limit, BODY_LIMIT};
@@ -62,7 +70,7 @@ const SUBSCRIPTION_LINGER: Duration = Duration::from_secs(3);
 /// with no consume waiting, or `shutdown` fires.
 pub async fn serve<S>(
     stream: S,
-    peer: String,
+    peer: Peer,
     core: Arc<Core>,
     zbus: Arc<Zbus>,
     shutdown: CancellationToken,
@@ -70,8 +78,8 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let conn = core.connection_id();
-    let span = tracing::info_span!("zbus", conn, %peer);
-    run(stream, conn, core, zbus, shutdown)
+    let span = tracing::info_span!("zbus", conn, peer = %peer.addr);
+    run(stream, conn, peer, core, zbus, shutdown)
         .instrument(span)
         .await
 }
@@ -98,10 +106,20 @@ struct Session {
     /// The PubSub MQs this session subscribed to, with its topics on each.
     subscriptions: HashMap<String, Arc<Mutex<HashSet<String>>>>,
     consumed: bool,
+    peer: Peer,
+    /// The last token this connection sent and whose it is, so a client that sends its
+    /// token with every message is looked up once.
+    token: Option<(String, Identity)>,
 }
 
-async fn run<S>(stream: S, conn: u64, core: Arc<Core>, zbus: Arc<Zbus>, shutdown: CancellationToken)
-where
+async fn run<S>(
+    stream: S,
+    conn: u64,
+    peer: Peer,
+    core: Arc<Core>,
+    zbus: Arc<Zbus>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     tracing::debug!("zbus session opened");
@@ -135,6 +153,8 @@ where
         consumes: HashMap::new(),
         subscriptions: HashMap::new(),
         consumed: false,
+        peer,
+        token: None,
     };
     loop {
         let next = tokio::select! {
@@ -239,6 +259,7 @@ fn error_reply(request: &Message, mq: &str, e: &BrokerError) -> Message {
 
 impl Session {
     async fn handle(&mut self, mut request: Message) {
+        let cmd_in_header = request.get("cmd").is_some();
         // zbus reads control fields from the URL's query too when no header gives them.
         if let StartLine::Request { url, .. } = &request.start {
             let query = url.split_once('?').map_or("", |(_, q)| q);
@@ -249,13 +270,24 @@ impl Session {
             }
         }
         let cmd = request.get("cmd").unwrap_or_default().to_ascii_lowercase();
+        let who = match self.permit(&cmd, cmd_in_header, &request).await {
+            Ok(who) => who,
+            Err(denied) => {
+                self.shared
+                    .core
+                    .metrics()
+                    .denied(Protocol::Zbus, denied.code());
+                let reply = reply_to(&request, denied.code(), denied.to_string());
+                return self.shared.send(reply).await;
+            }
+        };
         match cmd.as_str() {
             "produce" => self.produce(request).await,
             "consume" => self.consume(request).await,
             "route" => self.route(request),
             // `create`, `query`, `remove`, `list`: the names of qbus's old header form.
             "create_mq" | "create" | "query_mq" | "query" | "list" | "remove_mq" | "remove" => {
-                self.admin(cmd, request).await
+                self.admin(cmd, request, who).await
             }
             "heartbeat" => {}
             _ => {
@@ -263,6 +295,65 @@ impl Session {
                 self.shared.send(reply_to(&request, 400, text)).await;
             }
         }
+    }
+
+    /// Who sent `request` and whether it may run `cmd`: the identity, for lists to be
+    /// filtered by.
+    async fn permit(
+        &mut self,
+        cmd: &str,
+        cmd_in_header: bool,
+        request: &Message,
+    ) -> Result<Option<Identity>, Denied> {
+        let access = self.shared.core.config().access.clone();
+        let who = match request
+            .get("token")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            Some(token) => match &self.token {
+                Some((known, who)) if known == token => Some(who.clone()),
+                _ => {
+                    let who = access.login_token(self.peer.ip, token).await?;
+                    self.token = Some((token.to_owned(), who.clone()));
+                    Some(who)
+                }
+            },
+            None => self.peer.identity(&access)?,
+        };
+        let named = |header: &str| request.get(header).map(str::trim).filter(|n| !n.is_empty());
+        let mq = named("mq").unwrap_or_default();
+        let (op, mq) = match cmd {
+            "produce" if !is_ack(request.get("ack")) => (Operation::RpcCall, mq),
+            "produce" => (Operation::Produce, mq),
+            "consume" => (Operation::Consume, mq),
+            "route" => {
+                access.check_some(who.as_ref(), Operation::RpcServe)?;
+                (Operation::RpcServe, "")
+            }
+            "create_mq" | "create" | "remove_mq" | "remove" => (
+                Operation::Admin,
+                named("mq_name").or(named("mq")).unwrap_or_default(),
+            ),
+            "query_mq" | "query" | "list" if !mq.is_empty() => (Operation::Read, mq),
+            "query_mq" | "query" | "list" => {
+                return access.check_lists(who.as_ref()).map(|()| who);
+            }
+            _ => return Ok(who),
+        };
+        let read_only = matches!(&request.start, StartLine::Request { method, .. }
+            if method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD"));
+        if op != Operation::Read && read_only && !cmd_in_header {
+            return Err(Denied::Forbidden(format!(
+                "cmd {cmd} came in the URL of a GET: a URL any page can make a browser fetch \
+                 never changes state; send cmd as a header (as zbus clients do) or use POST"
+            )));
+        }
+        if op != Operation::RpcServe {
+            let group = (op == Operation::Consume).then_some(mq);
+            access.check(who.as_ref(), op, mq, group)?;
+        }
+        Ok(who)
     }
 
     /// Answers a request that broke the stream, then the connection closes: after a bad
@@ -467,10 +558,10 @@ impl Session {
         }
     }
 
-    async fn admin(&mut self, cmd: String, request: Message) {
+    async fn admin(&mut self, cmd: String, request: Message, who: Option<Identity>) {
         let shared = self.shared.clone();
         self.spawn(async move {
-            let reply = admin(&shared, &cmd, &request).await;
+            let reply = admin(&shared, &cmd, &request, who.as_ref()).await;
             shared.send(reply).await;
         })
         .await;
@@ -571,8 +662,9 @@ async fn deliver(
 }
 
 /// `create_mq`, `query_mq` and `remove_mq` (and their old qbus names).
-async fn admin(shared: &Shared, cmd: &str, request: &Message) -> Message {
+async fn admin(shared: &Shared, cmd: &str, request: &Message, who: Option<&Identity>) -> Message {
     let core = &shared.core;
+    let access = &core.config().access;
     let named = |header: &str| {
         request
             .get(header)
@@ -623,6 +715,7 @@ async fn admin(shared: &Shared, cmd: &str, request: &Message) -> Message {
                         .registry()
                         .list()
                         .iter()
+                        .filter(|mq| access.allows(who, Operation::Read, mq.name()))
                         .map(|mq| {
                             let info = mq_info(&mq.info(), shared.zbus.mode(mq.name()));
                             (mq.name().to_owned(), info)

@@ -113,6 +113,7 @@ impl Default for HaOptions {
                 connect_timeout: Duration::from_secs(1),
                 request_timeout: Duration::from_secs(10),
                 heartbeat: HA_HEARTBEAT,
+                credentials: None,
             },
             first_topology: Duration::from_secs(5),
             selector: Arc::new(RoundRobin::default()),

@@ -10,10 +10,9 @@ use qbus_wire::Backoff;
 use tokio::time::Instant;
 
 use super::Shared;
+use crate::connection::{hello_body, ConnectionOptions};
 use crate::link::{Connector, Link, TcpConnector};
-use crate::protocol::{
-    Command, Frame, Header, ServerInfo, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
-};
+use crate::protocol::{Command, Frame, Header, Status, DEFAULT_MAX_FRAME};
 use crate::topology::TopologyUpdate;
 
 /// First and longest wait before reconnecting to a tracker.
@@ -63,7 +62,7 @@ async fn subscribe(shared: &Arc<Shared>, index: usize, addr: &str) -> Ended {
         Ok(link) => link,
         Err(reason) => return Ended::Early(reason),
     };
-    let snapshot = match handshake(&mut link, options.request_timeout).await {
+    let snapshot = match handshake(&mut link, options).await {
         Ok(snapshot) => snapshot,
         Err(reason) => return Ended::Early(reason),
     };
@@ -83,13 +82,9 @@ async fn connect(connector: &TcpConnector, limit: Duration) -> Result<Link, Stri
 }
 
 /// Hello, then Subscribe; returns the snapshot.
-async fn handshake(link: &mut Link, limit: Duration) -> Result<TopologyUpdate, String> {
-    let hello = rmp_serde::to_vec_named(&ServerInfo {
-        protocol: PROTOCOL_VERSION,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        max_frame: DEFAULT_MAX_FRAME as u64,
-    })
-    .map_err(|e| e.to_string())?;
+async fn handshake(link: &mut Link, options: &ConnectionOptions) -> Result<TopologyUpdate, String> {
+    let limit = options.request_timeout;
+    let hello = hello_body(options.credentials.clone())?;
     call(link, Command::Hello, 1, hello, limit).await?;
     let reply = call(link, Command::Subscribe, 2, Vec::new(), limit).await?;
     rmp_serde::from_slice(&reply.body).map_err(|e| format!("bad topology snapshot: {e}"))

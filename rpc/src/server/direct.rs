@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use qbus_wire::link::{stream_link, tcp_link};
-use qbus_wire::protocol::DEFAULT_MAX_FRAME;
+use qbus_wire::protocol::{Credentials, DEFAULT_MAX_FRAME};
 use qbus_wire::serve::{accept, Connections};
 use qbus_wire::tls::{Accepted, ClientTls, ServerTls};
 use tokio::net::TcpListener;
@@ -48,6 +48,9 @@ pub struct RpcServerOptions {
     pub tls: Option<ServerTls>,
     /// TLS towards the trackers. Default `None`, plain TCP.
     pub tracker_tls: Option<ClientTls>,
+    /// The node credential this server logs in to the trackers with; a tracker with users
+    /// takes its reports only if the user has the `register` permission. Default none.
+    pub tracker_credentials: Option<Credentials>,
 }
 
 impl Default for RpcServerOptions {
@@ -60,6 +63,7 @@ impl Default for RpcServerOptions {
             report_interval: Duration::from_secs(2),
             tls: None,
             tracker_tls: None,
+            tracker_credentials: None,
         }
     }
 }
@@ -68,6 +72,12 @@ impl RpcServerOptions {
     /// Sets [`trackers`](RpcServerOptions::trackers).
     pub fn with_trackers<S: Into<String>>(mut self, trackers: impl IntoIterator<Item = S>) -> Self {
         self.trackers = trackers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`tracker_credentials`](RpcServerOptions::tracker_credentials).
+    pub fn with_tracker_credentials(mut self, credentials: Credentials) -> Self {
+        self.tracker_credentials = Some(credentials);
         self
     }
 
@@ -198,6 +208,7 @@ impl RpcServer {
                 addr,
                 services,
                 options.report_interval,
+                options.tracker_credentials.clone(),
             ))
         };
         let shutdown = CancellationToken::new();

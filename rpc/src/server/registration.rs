@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use qbus_client::protocol::Credentials;
 use qbus_client::reporter::report;
 use qbus_client::tls::ClientTls;
 use qbus_client::topology::{NodeKind, NodeState};
@@ -32,6 +33,7 @@ impl Registration {
         addr: String,
         services: Vec<String>,
         interval: Duration,
+        credentials: Option<Credentials>,
     ) -> Registration {
         let epoch = now_ms();
         let state = NodeState {
@@ -46,7 +48,14 @@ impl Registration {
         };
         let (state, watch) = watch::channel(Arc::new(state));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(report(trackers, tls, watch, interval, stop.clone()));
+        let task = tokio::spawn(report(
+            trackers,
+            tls,
+            credentials,
+            watch,
+            interval,
+            stop.clone(),
+        ));
         Registration {
             _state: state,
             stop,

@@ -62,7 +62,9 @@ async fn run(link: Link, processor: RpcProcessor, limits: Limits, shutdown: Canc
             continue;
         }
         let reply = match request.cmd {
-            Command::Hello => hello_reply(request, env!("CARGO_PKG_VERSION"), limits.max_frame),
+            Command::Hello => {
+                hello_reply(request, env!("CARGO_PKG_VERSION"), limits.max_frame, None)
+            }
             Command::Heartbeat => Frame::new(Header::reply_to(request)),
             Command::Call => {
                 let Frame { header, body } = frame;

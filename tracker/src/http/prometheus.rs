@@ -133,8 +133,10 @@ mod tests {
             ..NodeState::default()
         };
         let now = Instant::now();
-        table.report(1, node("a\"b", "broker"), now).unwrap();
-        table.report(1, node("gw", "gateway"), now).unwrap();
+        table
+            .report(1, node("a\"b", "broker"), now, "node")
+            .unwrap();
+        table.report(1, node("gw", "gateway"), now, "node").unwrap();
         let text = render(&Stats::collect(&table, "here".into(), now));
         for line in [
             "qbus_tracker_nodes{kind=\"broker\"} 1\n",

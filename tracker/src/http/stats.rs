@@ -146,7 +146,7 @@ mod tests {
             node("a", NodeKind::RpcServer, &["calc"]),
             node("c", NodeKind::Broker, &[]),
         ] {
-            table.report(1, state, now).unwrap();
+            table.report(1, state, now, "node").unwrap();
         }
         let stats = Stats::collect(&table, "here".into(), now);
         let services: Vec<(&str, Vec<&str>)> = stats

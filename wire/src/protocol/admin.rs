@@ -82,7 +82,8 @@ impl MqInfo {
     }
 }
 
-/// Reply body of `Hello`.
+/// Body of `Hello`, both ways: what each side speaks; a client's may carry its
+/// credentials, a server's reply the identity it took the client for (protocol 3).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServerInfo {
@@ -92,4 +93,99 @@ pub struct ServerInfo {
     pub version: String,
     /// Largest frame the server accepts.
     pub max_frame: u64,
+    /// A client's credentials (protocol 3); absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+    /// In a server's reply: the user the client is served as (`anonymous` without
+    /// credentials); absent from servers before protocol 3.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// How a client proves who it is (in `Hello`; see `docs/protocol.md`, "Version 3").
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Credentials {
+    /// A user name and its password.
+    Password {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A token (`qbus-broker new-token`), which names its user itself.
+    Token {
+        /// The token.
+        token: String,
+    },
+}
+
+impl Credentials {
+    /// A user name and password.
+    pub fn password(user: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials::Password {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// A token.
+    pub fn token(token: impl Into<String>) -> Credentials {
+        Credentials::Token {
+            token: token.into(),
+        }
+    }
+}
+
+/// Secrets stay out of logs.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Password { user, .. } => f
+                .debug_struct("Password")
+                .field("user", user)
+                .finish_non_exhaustive(),
+            Credentials::Token { .. } => f.write_str("Token { .. }"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ServerInfo` as a version 2 peer reads it.
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct OldServerInfo {
+        protocol: u32,
+        version: String,
+        max_frame: u64,
+    }
+
+    #[test]
+    fn credentials_travel_in_hello_and_older_peers_skip_them() {
+        let hello = ServerInfo {
+            protocol: 3,
+            version: "x".into(),
+            max_frame: 0,
+            credentials: Some(Credentials::password("app", "s3cret")),
+            identity: None,
+        };
+        let bytes = rmp_serde::to_vec_named(&hello).unwrap();
+        assert_eq!(rmp_serde::from_slice::<ServerInfo>(&bytes).unwrap(), hello);
+        let old: OldServerInfo = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(old.protocol, 3);
+        // And a version 2 Hello reads as one without credentials.
+        let v2 = rmp_serde::to_vec_named(&ServerInfo::default()).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<ServerInfo>(&v2)
+                .unwrap()
+                .credentials,
+            None
+        );
+        assert!(
+            !format!("{hello:?}").contains("s3cret"),
+            "secrets stay out of logs"
+        );
+    }
 }

@@ -12,6 +12,10 @@ pub enum Status {
     Ok,
     /// A field of the request is missing or invalid.
     BadRequest,
+    /// No credentials where the server needs them, or bad ones (protocol 3).
+    Unauthorized,
+    /// The credentials are good, but do not allow this operation on this MQ (protocol 3).
+    Forbidden,
     /// The named MQ (or group) does not exist.
     NotFound,
     /// The MQ already exists with other options, or the store is in use.
@@ -41,6 +45,8 @@ impl Status {
         match self {
             Status::Ok => 200,
             Status::BadRequest => 400,
+            Status::Unauthorized => 401,
+            Status::Forbidden => 403,
             Status::NotFound => 404,
             Status::Conflict => 409,
             Status::TooLarge => 413,
@@ -59,6 +65,8 @@ impl Status {
         match code {
             200 => Status::Ok,
             400 => Status::BadRequest,
+            401 => Status::Unauthorized,
+            403 => Status::Forbidden,
             404 => Status::NotFound,
             409 => Status::Conflict,
             413 => Status::TooLarge,
@@ -78,6 +86,8 @@ impl fmt::Display for Status {
         let name = match self {
             Status::Ok => "ok",
             Status::BadRequest => "bad request",
+            Status::Unauthorized => "unauthorized",
+            Status::Forbidden => "forbidden",
             Status::NotFound => "not found",
             Status::Conflict => "conflict",
             Status::TooLarge => "too large",
@@ -99,7 +109,9 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in [200, 400, 404, 409, 413, 429, 500, 501, 503, 504, 507, 299] {
+        for code in [
+            200, 400, 401, 403, 404, 409, 413, 429, 500, 501, 503, 504, 507, 299,
+        ] {
             assert_eq!(Status::from_code(code).code(), code);
         }
         assert_eq!(Status::from_code(299), Status::Other(299));

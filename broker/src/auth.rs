@@ -1,0 +1,128 @@
+//! The broker's side of the permission model (`qbus_server_kit::auth`): who the peer of a
+//! connection is, and which operation each binary request asks for. Every door (binary,
+//! HTTP, zbus, the RPC gateway) asks the one [`Access`] of the broker's config.
+
+use std::net::{IpAddr, SocketAddr};
+
+use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
+use qbus_wire::protocol::{Command, Header};
+
+/// Where a connection comes from, as the door that accepted it saw it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// For the logs.
+    pub addr: String,
+    /// The peer's address; `None` for an in-process (embedded) client, which is trusted
+    /// like a loopback one.
+    pub ip: Option<IpAddr>,
+    /// The name in the peer's verified TLS client certificate, when a TLS layer checked
+    /// one: it is the peer's identity, no login needed.
+    pub certificate: Option<String>,
+}
+
+impl Peer {
+    /// A TCP peer.
+    pub fn tcp(addr: SocketAddr) -> Peer {
+        Peer {
+            addr: addr.to_string(),
+            ip: Some(addr.ip()),
+            certificate: None,
+        }
+    }
+
+    /// A client in this process.
+    pub fn in_process() -> Peer {
+        Peer {
+            addr: "in-process".into(),
+            ip: None,
+            certificate: None,
+        }
+    }
+
+    /// Who the peer is before it logs in: its certificate's user, anonymous if its
+    /// address is served without credentials, or no one.
+    pub fn identity(&self, access: &Access) -> Result<Option<Identity>, Denied> {
+        match &self.certificate {
+            Some(name) => access.certificate(name).map(Some),
+            None => Ok(access.anonymous(self.ip)),
+        }
+    }
+}
+
+/// What a binary request must be allowed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Needs<'a> {
+    /// Nothing (handshake, heartbeat, errors).
+    Nothing,
+    /// `op` on `mq` (in `group`).
+    On(Operation, &'a str, Option<&'a str>),
+    /// Consuming `mq` in `group`, which an RPC server of the MQ may do too.
+    Take(&'a str, &'a str),
+    /// `op` on some MQ (an RPC reply: its route stands for the MQ).
+    Some(Operation),
+    /// Any identity at all (the list of MQs, filtered to what it may read).
+    Identity,
+}
+
+/// What `header`'s command needs. A request without its MQ needs nothing here: it is
+/// refused as a bad request.
+pub fn needs(header: &Header) -> Needs<'_> {
+    let Some(mq) = header.mq.as_deref() else {
+        return match header.cmd {
+            Command::ListMq => Needs::Identity,
+            Command::Route => Needs::Some(Operation::RpcServe),
+            _ => Needs::Nothing,
+        };
+    };
+    let group = header.group.as_deref();
+    match header.cmd {
+        Command::Produce => Needs::On(Operation::Produce, mq, None),
+        Command::Fetch | Command::Ack | Command::Nack => Needs::Take(mq, group.unwrap_or(mq)),
+        Command::CreateMq | Command::RemoveMq | Command::RemoveGroup => {
+            Needs::On(Operation::Admin, mq, None)
+        }
+        Command::QueryMq | Command::QueryRoutes => Needs::On(Operation::Read, mq, None),
+        Command::ListMq => Needs::Identity,
+        Command::Call => Needs::On(Operation::RpcCall, mq, None),
+        Command::Route => Needs::Some(Operation::RpcServe),
+        _ => Needs::Nothing,
+    }
+}
+
+/// Checks `needs` for `who`.
+pub fn permit(access: &Access, who: Option<&Identity>, needs: Needs<'_>) -> Result<(), Denied> {
+    match needs {
+        Needs::Nothing => Ok(()),
+        Needs::On(op, mq, group) => access.check(who, op, mq, group),
+        Needs::Take(mq, group) => access
+            .check(who, Operation::Consume, mq, Some(group))
+            .or_else(|denied| {
+                access
+                    .check(who, Operation::RpcServe, mq, None)
+                    .map_err(|_| denied)
+            }),
+        Needs::Some(op) => access.check_some(who, op),
+        Needs::Identity => access.check_lists(who),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_name_their_operation() {
+        let mut header = Header::request(Command::Fetch, Some("orders"));
+        assert_eq!(needs(&header), Needs::Take("orders", "orders"));
+        header.group = Some("billing".into());
+        assert_eq!(needs(&header), Needs::Take("orders", "billing"));
+        let route = Header::request(Command::Route, None);
+        assert_eq!(needs(&route), Needs::Some(Operation::RpcServe));
+        let remove = Header::request(Command::RemoveGroup, Some("orders"));
+        assert_eq!(needs(&remove), Needs::On(Operation::Admin, "orders", None));
+        assert_eq!(
+            needs(&Header::request(Command::Heartbeat, None)),
+            Needs::Nothing
+        );
+    }
+}
