@@ -450,7 +450,7 @@ mod tests {
         ] {
             assert!(keys.contains(&flag), "{flag} missing from qbus-broker.toml");
         }
-        assert_eq!(keys.len(), 20, "one line per setting: {keys:?}");
+        assert_eq!(keys.len(), 24, "one line per setting: {keys:?}");
         // The TLS examples name files this machine does not have.
         let shipped = Settings {
             tls_cert: None,

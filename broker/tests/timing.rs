@@ -328,9 +328,13 @@ async fn http_produce_takes_delay_and_ttl() {
         .send(Method::POST, "/mq/web", &[("delay", "soon")], "x")
         .await;
     assert_eq!(bad.status, 400, "{}", bad.text());
-    let early = http.get("/mq/web/next?timeout=300").await;
+    let early = http
+        .send(Method::POST, "/mq/web/next?timeout=300", &[], "")
+        .await;
     assert_eq!(early.status, 204, "not before its time");
-    let got = http.get("/mq/web/next?timeout=5000").await;
+    let got = http
+        .send(Method::POST, "/mq/web/next?timeout=5000", &[], "")
+        .await;
     assert_eq!((got.status.as_u16(), got.text()), (200, "later".into()));
     assert!(sent.elapsed() >= Duration::from_millis(700));
     assert_eq!(got.header("delayed-from"), "0");

@@ -45,7 +45,7 @@ use crate::topology::NodeState;
 /// let (_publish, watch) = tokio::sync::watch::channel(Arc::new(state));
 /// let stop = tokio_util::sync::CancellationToken::new();
 /// let trackers = vec!["10.0.0.1:16666".to_string(), "10.0.0.2:16667".to_string()];
-/// tokio::spawn(report(trackers, None, watch, Duration::from_secs(2), stop.clone()));
+/// tokio::spawn(report(trackers, None, None, watch, Duration::from_secs(2), stop.clone()));
 /// // ... later
 /// stop.cancel();
 /// # }

@@ -244,8 +244,17 @@ impl Access {
     }
 
     /// The identity of a TLS client certificate whose name is `name`: the user of that
-    /// name (a certificate proves the name, so no secret is asked).
+    /// name (a certificate proves the name, so no secret is asked). Without users the
+    /// client CA is the whole policy: a certificate it signed is served as a peer from an
+    /// address served without credentials would be.
     pub fn certificate(&self, name: &str) -> Result<Identity, Denied> {
+        if self.users.is_empty() {
+            return Ok(Identity {
+                name: name.into(),
+                permissions: self.anonymous.clone(),
+                via: Via::Certificate,
+            });
+        }
         let user = self.users.get(name).ok_or_else(|| {
             Denied::Unauthenticated(format!(
                 "the client certificate's name {name:?} is not a configured user"
