@@ -108,6 +108,7 @@ fn mqs(core: &Core) -> Vec<MqState> {
             MqState {
                 name: info.name.clone(),
                 depth: info.depth(),
+                replicas: mq.options().replica_count(),
                 groups: info
                     .groups
                     .iter()

@@ -58,6 +58,14 @@ pub struct CreateArgs {
     /// messages worth less than an fsync, e.g. RPC requests)
     #[arg(long)]
     no_sync: bool,
+    /// Copies of each broker's log of the MQ: its own plus N-1 followers on other brokers
+    /// (needs trackers); produces are then acknowledged at `replicated` [default: 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    replicas: Option<u32>,
+    /// Followers that must hold a message before its `replicated` receipt [default: every
+    /// follower in sync, at least one]
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..))]
+    min_replicas: Option<u32>,
 }
 
 pub async fn run(broker: &Broker, cmd: MqCommand) -> Result<(), CliError> {
@@ -90,6 +98,8 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         max_deliveries: args.max_deliveries,
         dead_letter_mq: args.dead_letter,
         sync: args.no_sync.then_some(false),
+        replicas: args.replicas,
+        min_replicas: args.min_replicas,
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -108,6 +118,16 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "dead-letter",
             options.dead_letter_mq.clone(),
             info.options.dead_letter_mq.clone(),
+        ),
+        (
+            "replicas",
+            options.replicas.map(|v| v.to_string()),
+            info.options.replicas.map(|v| v.to_string()),
+        ),
+        (
+            "min-replicas",
+            options.min_replicas.map(|v| v.to_string()),
+            info.options.min_replicas.map(|v| v.to_string()),
         ),
         (
             "no-sync",

@@ -74,6 +74,9 @@ pub struct MqState {
     pub depth: u64,
     /// Its consumer groups.
     pub groups: Vec<GroupState>,
+    /// The MQ's `replicas` option (0 when unreported, which means 1): brokers other than
+    /// this one follow its copy when above 1 (`docs/replication.md`).
+    pub replicas: u32,
 }
 
 impl MqState {

@@ -16,6 +16,7 @@ use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWa
 use super::group_ledger::Redeliveries;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
+use crate::replica::leader::Followers;
 use crate::store::fsio::{sync_parent, write_durably};
 use crate::store::{
     AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip, StoreError,
@@ -84,6 +85,10 @@ pub struct Mq {
     /// Damaged records already logged and counted (file, byte position): once per MQ, not
     /// once per group that meets them.
     damage_seen: Mutex<HashSet<(PathBuf, u64)>>,
+    /// A follower's copy of another broker's log (read-only to clients), not a log of its own.
+    copy: bool,
+    /// Followers of this broker's log, when it is its own.
+    followers: Followers,
 }
 
 impl Mq {
@@ -91,10 +96,20 @@ impl Mq {
     /// sees yet, and makes them durable (files and `dir` synced), so that the registry can
     /// rename `dir` into place in one step. Blocking.
     pub fn prepare(fs: &FsRef, dir: &Path, options: &MqOptions) -> Result<(), StoreError> {
+        Mq::prepare_at(fs, dir, options, 0)
+    }
+
+    /// [`prepare`](Self::prepare) for a log starting at offset `first` (a follower's copy).
+    pub fn prepare_at(
+        fs: &FsRef,
+        dir: &Path,
+        options: &MqOptions,
+        first: u64,
+    ) -> Result<(), StoreError> {
         let groups = dir.join(GROUPS_DIR);
         fs.create_dir_all(&groups)
             .map_err(StoreError::io(&groups))?;
-        MqLog::create(fs, dir)?;
+        MqLog::create_at(fs, dir, first)?;
         let options_path = dir.join(OPTIONS_FILE);
         let bytes = rmp_serde::to_vec_named(options)
             .map_err(|e| StoreError::io(&options_path)(std::io::Error::other(e)))?;
@@ -134,6 +149,7 @@ impl Mq {
                 .max(1),
             max_in_flight: defaults.max_in_flight,
         };
+        let copy = log_config.copy;
         let (log, reader) = MqLog::open(fs, dir, log_config)?;
         let mut groups = HashMap::new();
         for entry in fs.list(&groups_dir).map_err(StoreError::io(&groups_dir))? {
@@ -163,6 +179,8 @@ impl Mq {
             groups: Mutex::new(groups),
             counters: MqCounters::default(),
             damage_seen: Mutex::new(HashSet::new()),
+            copy,
+            followers: Followers::default(),
         })
     }
 
@@ -174,6 +192,61 @@ impl Mq {
     /// Its directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The options it was created with (unset fields unset).
+    pub fn options(&self) -> &MqOptions {
+        &self.options
+    }
+
+    /// Whether this is a follower's copy of another broker's log: clients may read it and
+    /// ack on it, never produce to it.
+    pub fn is_copy(&self) -> bool {
+        self.copy
+    }
+
+    /// Whether produces are acknowledged at `replicated` unless they ask for less.
+    pub fn replicated_by_default(&self) -> bool {
+        !self.copy && self.options.replica_count() > 1
+    }
+
+    /// The followers of this broker's log.
+    pub fn followers(&self) -> &Followers {
+        &self.followers
+    }
+
+    /// The log's reader (what is published: synced, under `--fsync always`).
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// Moves group `name` up to `committed` (created there if new): every record below is
+    /// taken as acknowledged. A follower's copy takes its leader's cursors so; a cursor is
+    /// never moved back.
+    pub async fn advance_group(
+        &self,
+        committer: &Committer,
+        name: &str,
+        committed: u64,
+    ) -> Result<(), BrokerError> {
+        let committed = committed.clamp(self.reader.first_offset(), self.reader.end_offset());
+        let group = self
+            .group(committer, name, Start::Offset(committed))
+            .await?;
+        let moved = {
+            let mut state = group.state();
+            if state.committed() < committed {
+                state.truncate_before(committed);
+            }
+            state.committed()
+        };
+        if group.persisted.fetch_max(moved, Ordering::AcqRel) < moved {
+            committer
+                .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
+                .await?;
+            group.changed.notify_waiters();
+        }
+        Ok(())
     }
 
     /// Whether produces and acks wait for the fsync (the `sync` option, default true).
@@ -695,8 +768,11 @@ impl Mq {
                 max_deliveries: Some(self.limits.max_deliveries),
                 dead_letter_mq: Some(self.dead_letter_mq()),
                 sync: Some(self.wait_sync()),
+                replicas: Some(self.options.replica_count()),
+                min_replicas: self.options.min_replicas,
             },
             groups,
+            followers: self.followers.info(end),
         }
     }
 

@@ -13,6 +13,7 @@ use super::group_commit::{CommitBatch, Committer, StoreWait};
 use super::mq::{Limits, Mq};
 use crate::config::Config;
 use crate::error::{validate_name, BrokerError};
+use crate::replica::copies::Copies;
 use crate::store::fsio::{sync_parent, Fs};
 use crate::store::lock::LOCK_FILE;
 use crate::store::{FsRef, LogConfig, OsFs, StoreError, StoreLock};
@@ -28,6 +29,8 @@ pub struct Registry {
     config: Config,
     committer: Committer,
     mqs: RwLock<HashMap<String, Arc<Mq>>>,
+    /// Follower copies of other brokers' logs, named `MQ@LEADER` to clients.
+    copies: Copies,
     /// Serialises create and remove so two creators never open one directory twice.
     admin: tokio::sync::Mutex<()>,
     // None on a simulated disk in tests: the lock is the operating system's.
@@ -81,6 +84,7 @@ impl Registry {
             )?;
             mqs.insert(entry.name, Arc::new(mq));
         }
+        let copies = Copies::open(&fs, store, log_config(&config), limits(&config))?;
         tracing::info!(
             store = %config.store.display(),
             mqs = mqs.len(),
@@ -92,6 +96,7 @@ impl Registry {
             config,
             committer,
             mqs: RwLock::new(mqs),
+            copies,
             admin: tokio::sync::Mutex::new(()),
             _lock: lock,
         })
@@ -102,8 +107,16 @@ impl Registry {
         &self.config
     }
 
-    /// The MQ `name`.
+    /// The MQ `name`, or the follower copy `MQ@LEADER`.
     pub fn get(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
+        if name.contains('@') {
+            return self.copies.by_name(name);
+        }
+        self.own(name)
+    }
+
+    /// This broker's own MQ `name` (never a follower copy).
+    pub fn own(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
         self.mqs
             .read()
             .expect("mq table poisoned")
@@ -112,7 +125,19 @@ impl Registry {
             .ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))
     }
 
-    /// Every MQ, sorted by name.
+    /// The follower copies.
+    pub fn copies(&self) -> &Copies {
+        &self.copies
+    }
+
+    /// Every MQ and follower copy: what consumers may hold deliveries of.
+    fn everything(&self) -> Vec<Arc<Mq>> {
+        let mut all = self.list();
+        all.extend(self.copies.list());
+        all
+    }
+
+    /// Every MQ of this broker's own, sorted by name.
     pub fn list(&self) -> Vec<Arc<Mq>> {
         let mut all: Vec<_> = self
             .mqs
@@ -233,7 +258,7 @@ impl Registry {
 
     /// Releases the deliveries of a closed connection.
     pub fn disconnect(&self, conn: u64) {
-        for mq in self.list() {
+        for mq in self.everything() {
             mq.disconnect(conn);
         }
     }
@@ -242,7 +267,7 @@ impl Registry {
     /// its deliveries stay held until acked or timed out: HTTP clients ack on later
     /// connections.
     pub fn detach(&self, conn: u64) {
-        for mq in self.list() {
+        for mq in self.everything() {
             mq.detach(conn);
         }
     }
@@ -309,7 +334,7 @@ impl Registry {
 
     /// Releases deliveries past their ack deadline in every MQ.
     pub fn sweep(&self, now: Instant) {
-        for mq in self.list() {
+        for mq in self.everything() {
             mq.sweep(now);
         }
     }
@@ -319,7 +344,7 @@ impl Registry {
         if self.config.retention_size.is_none() && self.config.retention_age.is_none() {
             return;
         }
-        for mq in self.list() {
+        for mq in self.everything() {
             if let Err(e) = self.committer.retain(mq.log()).await {
                 tracing::warn!(mq = mq.name(), error = %e, "retention failed");
             }
@@ -348,6 +373,7 @@ fn log_config(config: &Config) -> LogConfig {
         segment_bytes: config.segment_size,
         retention_bytes: config.retention_size,
         retention_ms: config.retention_age.map(|d| d.as_millis() as u64),
+        copy: false,
     }
 }
 

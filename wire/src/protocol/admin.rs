@@ -16,6 +16,35 @@ pub struct MqOptions {
     /// acknowledges them once written (`written` durability) and shows them to consumers at
     /// once: for messages worth less than an fsync's latency, such as RPC requests.
     pub sync: Option<bool>,
+    /// Copies of each broker's log of this MQ: its own plus `replicas - 1` followers on
+    /// other brokers (default 1: no followers). Above 1, produces are acknowledged at
+    /// `replicated` unless they ask for less (see `docs/replication.md`).
+    pub replicas: Option<u32>,
+    /// Followers that must hold a record before a `replicated` receipt (default: every
+    /// follower in sync, at least one). Fewer reachable followers fail the produce (`503`).
+    pub min_replicas: Option<u32>,
+}
+
+impl MqOptions {
+    /// Copies of each broker's log, at least 1.
+    pub fn replica_count(&self) -> u32 {
+        self.replicas.unwrap_or(1).max(1)
+    }
+}
+
+/// A follower of one broker's copy of an MQ, as its leader sees it; part of [`MqInfo`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FollowerInfo {
+    /// The follower broker's id (its advertised address).
+    pub id: String,
+    /// Every record below this offset is durable on the follower.
+    pub acked: u64,
+    /// Records the leader holds that the follower does not yet.
+    pub lag: u64,
+    /// Whether it caught up with the leader's end recently (it then counts for
+    /// `replicated` receipts by default).
+    pub in_sync: bool,
 }
 
 /// State of a consumer group, part of [`MqInfo`].
@@ -58,6 +87,8 @@ pub struct MqInfo {
     pub options: MqOptions,
     /// Consumer groups.
     pub groups: Vec<GroupInfo>,
+    /// Followers of this broker's copy (MQs with `replicas` above 1).
+    pub followers: Vec<FollowerInfo>,
 }
 
 impl MqInfo {

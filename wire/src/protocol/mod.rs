@@ -17,15 +17,17 @@ pub mod route;
 pub mod rpc;
 pub mod status;
 
-pub use admin::{GroupInfo, MqInfo, MqOptions, ServerInfo};
+pub use admin::{FollowerInfo, GroupInfo, MqInfo, MqOptions, ServerInfo};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
-    Command, DeliveryToken, Durability, Header, LostRange, FLAG_ONEWAY, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, FLAG_UNSEEN,
+    Command, DeliveryToken, Durability, Header, LostRange, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED,
+    FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
 
-/// Version of the protocol this crate speaks. Version 2 added the `lost` header field; a
-/// version 2 peer still speaks version 1 to peers that say 1 (or nothing) in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of the protocol this crate speaks. Version 2 added the `lost` header field;
+/// version 3 the additions of `docs/protocol.md`'s "Version 3" (replicas: `ReplicaRead`,
+/// durability `replicated`, the produce flags `ACK_REPLICATED` and `ACK_LOCAL`). A peer
+/// still speaks the older versions to peers that say them (or nothing) in `Hello`.
+pub const PROTOCOL_VERSION: u32 = 3;

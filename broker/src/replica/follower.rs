@@ -1,0 +1,171 @@
+//! Following one copy: pulls a leader's records of one MQ into this broker's copy, and
+//! its groups' cursors, until told to stop. The copy's end (what the commit thread has
+//! made durable and published) is where the next pull starts, so a follower that restarts
+//! or loses its leader for a while carries on from where it is.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use qbus_client::{ClientError, Connection, ConnectionOptions};
+use qbus_wire::link::TcpConnector;
+use qbus_wire::protocol::{Command, Frame, Header, MqInfo, Status};
+use qbus_wire::Backoff;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::Core;
+use crate::error::BrokerError;
+use crate::queue::mq::Mq;
+
+/// How long a pull waits at the leader for a record; a follower is heard at least this
+/// often, well within `leader::REACHABLE`.
+pub const POLL_WAIT: Duration = Duration::from_secs(1);
+/// How often the leader's cursors are copied.
+const CURSORS_EVERY: Duration = Duration::from_secs(1);
+
+/// Which copy to follow, and from where.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Assignment {
+    /// The leader broker's id.
+    pub leader: String,
+    /// Where it is reached.
+    pub addr: String,
+    /// The MQ.
+    pub mq: String,
+}
+
+/// Why following stopped for good (until the topology changes).
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error("the leader holds fewer records ({leader_end}) than this copy ({copy_end}): it lost its store; the copy is kept for a restore or `adopt`")]
+    LeaderBehind { leader_end: u64, copy_end: u64 },
+}
+
+/// Follows `assignment` for broker `me` until `stop` fires.
+pub async fn follow(core: Arc<Core>, me: String, assignment: Assignment, stop: CancellationToken) {
+    let connection = Connection::new(
+        TcpConnector::new(assignment.addr.clone(), core.config().max_frame),
+        ConnectionOptions::default(),
+    );
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    tracing::info!(leader = %assignment.leader, mq = %assignment.mq, "following");
+    loop {
+        let started = Instant::now();
+        let round = tokio::select! {
+            round = pull(&core, &connection, &me, &assignment) => round,
+            _ = stop.cancelled() => return,
+        };
+        match round {
+            Ok(stop) => {
+                tracing::error!(leader = %assignment.leader, mq = %assignment.mq, reason = %stop, "following stopped");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(leader = %assignment.leader, mq = %assignment.mq, error = %e, "following: retrying");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            // It had been following fine: the first retry comes soon again.
+            backoff.reset();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_wait()) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Pulls until something fails.
+async fn pull(
+    core: &Core,
+    connection: &Connection,
+    me: &str,
+    assignment: &Assignment,
+) -> Result<Stop, PullError> {
+    let copies = core.registry().copies();
+    let (leader, name) = (assignment.leader.as_str(), assignment.mq.as_str());
+    let info = query(connection, name).await?;
+    let mut copy = copies
+        .get_or_create(leader, name, &info.options, info.first_offset)
+        .await?;
+    copy_cursors(core, &copy, &info).await?;
+    let mut cursors_at = Instant::now();
+    loop {
+        if cursors_at.elapsed() >= CURSORS_EVERY {
+            copy_cursors(core, &copy, &query(connection, name).await?).await?;
+            cursors_at = Instant::now();
+        }
+        let next = copy.reader().end_offset();
+        let mut header = Header::request(Command::ReplicaRead, Some(name));
+        header.group = Some(me.to_owned());
+        header.offset = Some(next);
+        header.timeout_ms = Some(POLL_WAIT.as_millis() as u32);
+        let reply = match connection
+            .request_with_wait(Frame::new(header), POLL_WAIT)
+            .await
+        {
+            Err(e) if e.status() == Some(Status::Conflict) => {
+                return Ok(Stop::LeaderBehind {
+                    leader_end: info.next_offset,
+                    copy_end: next,
+                })
+            }
+            other => other?,
+        };
+        let first = reply.header.offset.unwrap_or(next);
+        let count = reply.header.count.unwrap_or(0);
+        if first > next {
+            // The leader's retention deleted what this copy lacks: start again from its
+            // oldest record.
+            tracing::warn!(
+                leader,
+                mq = name,
+                copy_end = next,
+                leader_first = first,
+                "follower copy too far behind: resyncing"
+            );
+            copy = copies.reset(leader, name, &info.options, first).await?;
+        } else if first < next {
+            return Err(PullError::Protocol(format!(
+                "asked for offset {next}, got records from {first}"
+            )));
+        }
+        if count > 0 {
+            append(core, &copy, reply.body, count).await?;
+        }
+    }
+}
+
+async fn append(core: &Core, copy: &Mq, body: Bytes, count: u32) -> Result<(), BrokerError> {
+    copy.append(core.committer(), BytesMut::from(body), count)
+        .await
+        .map(drop)
+}
+
+/// Moves the copy's groups up to the leader's cursors.
+async fn copy_cursors(core: &Core, copy: &Mq, info: &MqInfo) -> Result<(), BrokerError> {
+    for group in &info.groups {
+        copy.advance_group(core.committer(), &group.name, group.committed)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn query(connection: &Connection, mq: &str) -> Result<MqInfo, PullError> {
+    let reply = connection
+        .request(Frame::new(Header::request(Command::QueryMq, Some(mq))))
+        .await?;
+    rmp_serde::from_slice(&reply.body)
+        .map_err(|e| PullError::Protocol(format!("unreadable MqInfo from the leader: {e}")))
+}
+
+/// A pull that failed; following retries.
+#[derive(Debug, thiserror::Error)]
+enum PullError {
+    #[error("leader: {0}")]
+    Leader(#[from] ClientError),
+    #[error("copy: {0}")]
+    Copy(#[from] BrokerError),
+    #[error("leader: {0}")]
+    Protocol(String),
+}

@@ -1,0 +1,68 @@
+//! `ReplicaRead` on the leader: a follower's pull of this broker's own records of an MQ.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use qbus_wire::protocol::{Frame, Header};
+
+use crate::core::{Core, MAX_WAIT};
+use crate::error::BrokerError;
+use crate::queue::mq::MAX_FETCH_BYTES;
+
+/// Most records one pull may ask for.
+const MAX_RECORDS: usize = 1 << 16;
+
+/// Answers a follower's pull: records of this broker's own `mq` from `offset` (or from the
+/// oldest one retained, when `offset` is older: the reply's `offset` then says where the
+/// records start, and the follower resyncs), byte for byte as stored and published. Waits
+/// up to `timeout_ms` for a record when there is none yet.
+pub async fn replica_read(core: &Core, request: &Header) -> Result<Frame, BrokerError> {
+    let name = request
+        .mq
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing mq".into()))?;
+    let follower = request
+        .group
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing group (the follower's id)".into()))?;
+    let mq = core.registry().own(name)?;
+    let reader = mq.reader().clone();
+    let from = request.offset.unwrap_or(0);
+    if from > reader.end_offset() {
+        return Err(BrokerError::Conflict(format!(
+            "follower {follower:?} holds MQ {name:?} up to offset {from}, this broker only up to {}: this broker lost records it had",
+            reader.end_offset()
+        )));
+    }
+    mq.followers().heard(follower, from, reader.end_offset());
+    let wait = Duration::from_millis(request.timeout_ms.unwrap_or(0).into()).min(MAX_WAIT);
+    let mut end = reader.subscribe_end();
+    let give_up = tokio::time::Instant::now() + wait;
+    while *end.borrow_and_update() <= from {
+        tokio::select! {
+            changed = end.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep_until(give_up) => break,
+        }
+    }
+    let start = from.max(reader.first_offset());
+    let max = (request.count.unwrap_or(MAX_RECORDS as u32) as usize).clamp(1, MAX_RECORDS);
+    let batch = match reader.read_recent(start, max, MAX_FETCH_BYTES) {
+        Some(batch) => batch,
+        None => tokio::task::spawn_blocking(move || reader.read(start, None, max, MAX_FETCH_BYTES))
+            .await
+            .map_err(|e| BrokerError::Internal(format!("replica read: {e}")))??,
+    };
+    let mut header = Header::reply_to(request);
+    header.offset = Some(if batch.count == 0 {
+        batch.next_offset
+    } else {
+        start
+    });
+    header.count = Some(batch.count as u32);
+    let body: Bytes = batch.data;
+    Ok(Frame::with_body(header, body))
+}

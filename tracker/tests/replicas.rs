@@ -1,0 +1,173 @@
+//! Replicas end to end (`docs/replication.md`): real `qbus-tracker` and `qbus-broker`
+//! processes; an MQ with `replicas: 2` has each broker's copy followed by the other broker.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use qbus_client::{Durability, Message, MqInfo, MqOptions, Status};
+use support::{broker, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// Where broker `follower` keeps its copy of `leader`'s `mq` (see `replica/copies.rs`).
+fn copy_dir(follower: &BrokerProcess, leader: &BrokerProcess, mq: &str) -> PathBuf {
+    let leader_dir = format!("b_{}", leader.addr().replace(':', "_"));
+    follower.store().join(".replicas").join(leader_dir).join(mq)
+}
+
+/// The segment files of an MQ directory, by name, with their bytes.
+fn segments(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut all: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+/// Waits until `broker`'s own `mq` has `n` followers in sync.
+async fn wait_in_sync(client: &qbus_client::Broker, mq: &str, n: usize) -> MqInfo {
+    wait_for_async(
+        &format!("{n} follower(s) of {mq} in sync"),
+        LIMIT,
+        || async {
+            let info = client.query_mq(mq).await.ok()?;
+            (info.followers.iter().filter(|f| f.in_sync).count() >= n).then_some(info)
+        },
+    )
+    .await
+}
+
+/// Two brokers each following the other: `replicated` receipts come once the follower
+/// holds the records, its copy is byte for byte the leader's, and with the follower gone a
+/// `replicated` produce fails with `503` naming the cause instead of pretending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_holds_the_leaders_bytes_before_a_replicated_receipt() {
+    let t = tracker();
+    let (a, mut b) = (broker(&[&t]), broker(&[&t]));
+    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let options = MqOptions {
+        replicas: Some(2),
+        min_replicas: Some(1),
+        ..MqOptions::default()
+    };
+    ha.create_mq("orders", options).await.unwrap();
+    let (to_a, to_b) = (a.client().await, b.client().await);
+    wait_in_sync(&to_a, "orders", 1).await;
+    wait_in_sync(&to_b, "orders", 1).await;
+
+    let producer = to_a.producer("orders");
+    for i in 0..50u32 {
+        let message = Message::new(format!("m{i}")).with_key(format!("k{i}"));
+        let receipt = producer.send(message).await.unwrap();
+        assert_eq!(receipt.durability, Durability::Replicated);
+        // The receipt means the follower holds it: its copy says so at once.
+        let copy = to_b
+            .query_mq(&format!("orders@{}", a.addr()))
+            .await
+            .unwrap();
+        assert!(copy.next_offset > receipt.offset, "{copy:?}");
+    }
+    let batch = (0..200).map(|i| Message::new(vec![b'x'; i]));
+    let receipt = producer.send_batch(batch).await.unwrap();
+    assert_eq!(
+        (receipt.count, receipt.durability),
+        (200, Durability::Replicated)
+    );
+    let leader = segments(&a.store().join("orders"));
+    let copy = segments(&copy_dir(&b, &a, "orders"));
+    assert!(!leader.is_empty());
+    assert_eq!(
+        leader, copy,
+        "the follower's segments are the leader's, byte for byte"
+    );
+    // A follower's copy is read-only.
+    let refused = to_b
+        .producer(&format!("orders@{}", a.addr()))
+        .send(Message::new("no"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(Status::BadRequest), "{refused}");
+
+    b.kill9();
+    let err = wait_for_async("a replicated produce refused", LIMIT, || async {
+        producer.send(Message::new("late")).await.err()
+    })
+    .await;
+    assert_eq!(err.status(), Some(Status::Unavailable), "{err}");
+    assert!(err.to_string().contains("follower"), "{err}");
+}
+
+/// A leader killed with `kill -9`: its backlog is read from its follower's copy
+/// (`orders@LEADER`), from where the group's cursor had reached on the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leaders_backlog_is_read_from_its_follower() {
+    let t = tracker();
+    let (mut a, b) = (broker(&[&t]), broker(&[&t]));
+    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let options = MqOptions {
+        replicas: Some(2),
+        ..MqOptions::default()
+    };
+    ha.create_mq("jobs", options).await.unwrap();
+    let (to_a, to_b) = (a.client().await, b.client().await);
+    wait_in_sync(&to_a, "jobs", 1).await;
+    let producer = to_a.producer("jobs");
+    let batch = (0..100).map(|i| Message::new(format!("j{i}")));
+    let receipt = producer.send_batch(batch).await.unwrap();
+    assert_eq!(receipt.durability, Durability::Replicated);
+
+    // 30 consumed and acknowledged on the leader.
+    let mut consumer = to_a
+        .consumer("jobs")
+        .group("workers")
+        .subscribe()
+        .await
+        .unwrap();
+    for i in 0..30 {
+        let delivery = consumer.next().await.unwrap().unwrap();
+        assert_eq!(delivery.body, format!("j{i}").as_bytes());
+        delivery.ack().await.unwrap();
+    }
+    drop(consumer);
+    let copy_name = format!("jobs@{}", a.addr());
+    wait_for_async("the group's cursor on the follower", LIMIT, || async {
+        let info = to_b.query_mq(&copy_name).await.ok()?;
+        let group = info.groups.iter().find(|g| g.name == "workers")?;
+        (group.committed == 30).then_some(())
+    })
+    .await;
+
+    a.kill9();
+    let mut consumer = to_b
+        .consumer(&copy_name)
+        .group("workers")
+        .subscribe()
+        .await
+        .unwrap();
+    for i in 30..100 {
+        let delivery = tokio::time::timeout(LIMIT, consumer.next())
+            .await
+            .expect("the backlog goes on from the follower")
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.body, format!("j{i}").as_bytes());
+        delivery.ack().await.unwrap();
+    }
+}
