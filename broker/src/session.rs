@@ -226,6 +226,17 @@ impl Session {
             Command::Fetch => self.fetch(frame.header),
             Command::ReplicaRead => self.replica_read(frame.header),
             Command::Ack | Command::Nack => self.settle(frame.header).await,
+            Command::ReplicaCursor => {
+                let (core, out) = (self.core.clone(), self.out.clone());
+                self.tasks.spawn(async move {
+                    let reply = match replica::serve::replica_cursor(&core, &frame.header).await {
+                        Ok(frame) => frame,
+                        Err(e) => Frame::new(error_header(&frame.header, &e)),
+                    };
+                    let _ = out.send(reply).await;
+                });
+                Ok(())
+            }
             Command::CreateMq
             | Command::QueryMq
             | Command::ListMq

@@ -187,16 +187,22 @@ impl Transport {
         }
     }
 
-    /// Calls `start` with a connection to each broker holding `mq`, a clone of `tx` and the
-    /// token that stops what it started: once for one broker; over HA for every holder, then
-    /// for brokers that join while `tx`'s receiver lives, stopping those that leave.
+    /// Calls `start` with a connection to each broker holding `mq`, the name to read there, a
+    /// clone of `tx` and the token that stops what it started: once for one broker; over HA
+    /// for every holder (and follower copies standing in for missing leaders), then for
+    /// brokers that join while `tx`'s receiver lives, stopping those that leave.
     pub(crate) fn follow_holders<T, F>(&self, mq: &str, tx: mpsc::Sender<T>, start: F)
     where
         T: Send + 'static,
-        F: Fn(Connection, mpsc::Sender<T>, CancellationToken) + Send + 'static,
+        F: Fn(Connection, String, mpsc::Sender<T>, CancellationToken) + Send + 'static,
     {
         match &self.kind {
-            Kind::Single(connection) => start(connection.clone(), tx, CancellationToken::new()),
+            Kind::Single(connection) => start(
+                connection.clone(),
+                mq.to_owned(),
+                tx,
+                CancellationToken::new(),
+            ),
             Kind::Ha(ha) => crate::ha::consume::follow_holders(ha, mq, tx, start),
         }
     }

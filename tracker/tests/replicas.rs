@@ -171,3 +171,57 @@ async fn a_dead_leaders_backlog_is_read_from_its_follower() {
         delivery.ack().await.unwrap();
     }
 }
+
+/// A `tracker://` consumer keeps draining a killed leader's backlog from its follower
+/// without being told anything, and once the leader is back it takes the acks made on the
+/// follower: nothing confirmed is lost, and what was acknowledged meanwhile is not
+/// delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracker_consumer_reads_a_dead_leader_from_its_follower_and_the_leader_takes_the_acks() {
+    let t = tracker();
+    let (mut a, b) = (broker(&[&t]), broker(&[&t]));
+    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let options = MqOptions {
+        replicas: Some(2),
+        ..MqOptions::default()
+    };
+    ha.create_mq("tasks", options).await.unwrap();
+    let to_a = a.client().await;
+    wait_in_sync(&to_a, "tasks", 1).await;
+    let batch = (0..60).map(|i| Message::new(format!("t{i}")));
+    let receipt = to_a.producer("tasks").send_batch(batch).await.unwrap();
+    assert_eq!(receipt.durability, Durability::Replicated);
+
+    a.kill9();
+    wait_for_brokers(&ha, Some("tasks"), &[b.addr()], LIMIT).await;
+    let mut consumer = ha.consumer("tasks").group("g").subscribe().await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 60 {
+        let delivery = tokio::time::timeout(LIMIT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of a's 60 records read", seen.len()))
+            .unwrap()
+            .unwrap();
+        seen.insert(String::from_utf8(delivery.body.to_vec()).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    drop(consumer);
+
+    a.restart();
+    let to_a = a.client().await;
+    wait_for_async("a takes the acks made on its follower", LIMIT, || async {
+        let info = to_a.query_mq("tasks").await.ok()?;
+        let group = info.groups.iter().find(|g| g.name == "g")?;
+        (group.committed == 60).then_some(())
+    })
+    .await;
+    let mut consumer = to_a.consumer("tasks").group("g").subscribe().await.unwrap();
+    let again = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await;
+    assert!(
+        again.is_err(),
+        "acknowledged on the follower, delivered again: {again:?}"
+    );
+}

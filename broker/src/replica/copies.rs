@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use qbus_wire::protocol::MqOptions;
+use qbus_wire::topology::copy_name;
 
 use crate::error::{validate_name, BrokerError};
 use crate::queue::mq::{Limits, Mq};
@@ -188,11 +189,6 @@ impl Copies {
         tracing::info!(leader, mq, first, "follower copy created");
         Ok(copy)
     }
-}
-
-/// How clients name the copy of `leader`'s `mq`.
-pub fn copy_name(mq: &str, leader: &str) -> String {
-    format!("{mq}@{leader}")
 }
 
 fn read_leader(fs: &FsRef, leader_dir: &Path) -> Option<String> {

@@ -88,11 +88,12 @@ async fn pull(
     let mut copy = copies
         .get_or_create(leader, name, &info.options, info.first_offset)
         .await?;
-    copy_cursors(core, &copy, &info).await?;
+    sync_cursors(core, connection, &copy, &info).await?;
     let mut cursors_at = Instant::now();
     loop {
         if cursors_at.elapsed() >= CURSORS_EVERY {
-            copy_cursors(core, &copy, &query(connection, name).await?).await?;
+            let info = query(connection, name).await?;
+            sync_cursors(core, connection, &copy, &info).await?;
             cursors_at = Instant::now();
         }
         let next = copy.reader().end_offset();
@@ -142,11 +143,30 @@ async fn append(core: &Core, copy: &Mq, body: Bytes, count: u32) -> Result<(), B
         .map(drop)
 }
 
-/// Moves the copy's groups up to the leader's cursors.
-async fn copy_cursors(core: &Core, copy: &Mq, info: &MqInfo) -> Result<(), BrokerError> {
+/// Moves the copy's groups up to the leader's cursors (`info`), and hands the leader the
+/// cursors of groups the copy has further on: consumers acknowledged records on the copy
+/// while the leader was away.
+async fn sync_cursors(
+    core: &Core,
+    connection: &Connection,
+    copy: &Mq,
+    info: &MqInfo,
+) -> Result<(), PullError> {
     for group in &info.groups {
         copy.advance_group(core.committer(), &group.name, group.committed)
             .await?;
+    }
+    for group in copy.info().groups {
+        let leader = info.groups.iter().find(|g| g.name == group.name);
+        let leader_committed = leader.map_or(info.first_offset, |g| g.committed);
+        if group.committed <= leader_committed {
+            continue;
+        }
+        let mut header = Header::request(Command::ReplicaCursor, Some(&info.name));
+        header.group = Some(group.name.clone());
+        header.offset = Some(group.committed);
+        connection.request(Frame::new(header)).await?;
+        tracing::info!(mq = %info.name, group = %group.name, committed = group.committed, "acks taken on the copy handed to its leader");
     }
     Ok(())
 }

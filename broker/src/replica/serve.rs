@@ -1,4 +1,6 @@
-//! `ReplicaRead` on the leader: a follower's pull of this broker's own records of an MQ.
+//! The leader's side of the follower commands: `ReplicaRead`, a follower's pull of this
+//! broker's own records of an MQ, and `ReplicaCursor`, acks a follower's copy took while
+//! this broker was away.
 
 use std::time::Duration;
 
@@ -65,4 +67,34 @@ pub async fn replica_read(core: &Core, request: &Header) -> Result<Frame, Broker
     header.count = Some(batch.count as u32);
     let body: Bytes = batch.data;
     Ok(Frame::with_body(header, body))
+}
+
+/// Takes the acks a follower's copy recorded while this broker was away: group `group` of
+/// this broker's own `mq` moves up to `offset` (never back). At-least-once either way:
+/// what was acknowledged on the copy is not delivered again here.
+pub async fn replica_cursor(core: &Core, request: &Header) -> Result<Frame, BrokerError> {
+    let name = request
+        .mq
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing mq".into()))?;
+    let group = request
+        .group
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing group".into()))?;
+    let offset = request
+        .offset
+        .ok_or_else(|| BrokerError::BadRequest("missing offset".into()))?;
+    let mq = core.registry().own(name)?;
+    let created = mq.existing_group(group).is_none();
+    mq.advance_group(core.committer(), group, offset).await?;
+    if created {
+        core.changed();
+    }
+    tracing::info!(
+        mq = name,
+        group,
+        offset,
+        "group cursor taken from a follower's copy"
+    );
+    Ok(Frame::new(Header::reply_to(request)))
 }

@@ -62,6 +62,10 @@ pub enum Command {
     /// one). `group` names the follower; asking from `offset` confirms that it holds every
     /// record below `offset` durably (see `docs/replication.md`).
     ReplicaRead,
+    /// Protocol 3, follower broker to leader broker: group `group` of the leader's own `mq`
+    /// was acknowledged up to `offset` on the follower's copy (consumers read it there
+    /// while the leader was away); the leader moves its cursor up to it (never back).
+    ReplicaCursor,
     /// A command number this version does not know.
     Unknown(u8),
 }
@@ -88,6 +92,7 @@ impl From<u8> for Command {
             42 => Command::TopologyUpdate,
             43 => Command::QueryTopology,
             80 => Command::ReplicaRead,
+            81 => Command::ReplicaCursor,
             other => Command::Unknown(other),
         }
     }
@@ -115,6 +120,7 @@ impl From<Command> for u8 {
             Command::TopologyUpdate => 42,
             Command::QueryTopology => 43,
             Command::ReplicaRead => 80,
+            Command::ReplicaCursor => 81,
             Command::Unknown(code) => code,
         }
     }
