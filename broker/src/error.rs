@@ -48,6 +48,9 @@ pub enum BrokerError {
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The MQ is being restored from a follower's copy.
+    #[error("{0}")]
+    Restoring(String),
     /// A `replicated` produce could not reach enough followers.
     #[error("replication: {0}")]
     Replication(#[from] ReplicationError),
@@ -66,7 +69,9 @@ impl BrokerError {
             BrokerError::Store(StoreError::Halted { .. }) => Status::Unavailable,
             BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
             // A tracker:// producer moves on to another broker.
-            BrokerError::ShuttingDown | BrokerError::Replication(_) => Status::Unavailable,
+            BrokerError::ShuttingDown | BrokerError::Replication(_) | BrokerError::Restoring(_) => {
+                Status::Unavailable
+            }
         }
     }
 }

@@ -126,6 +126,8 @@ fn mqs(core: &Core) -> Vec<MqState> {
     core.registry()
         .list()
         .iter()
+        // One being restored takes no produce yet: producers must not pick this broker.
+        .filter(|mq| !mq.is_copy())
         .map(|mq| {
             let info = mq.info();
             MqState {

@@ -314,10 +314,7 @@ impl Session {
         let checked = (|| {
             let mq = self.core.registry().get(required(&header.mq, "mq")?)?;
             if mq.is_copy() {
-                return Err(BrokerError::BadRequest(format!(
-                    "{:?} is a follower's copy of another broker's MQ: read-only; produce to the MQ itself",
-                    mq.name()
-                )));
+                return Err(replica::refuse_produce(&mq));
             }
             let mut count = 0u32;
             for record in records(&body) {

@@ -225,3 +225,79 @@ async fn a_tracker_consumer_reads_a_dead_leader_from_its_follower_and_the_leader
         "acknowledged on the follower, delivered again: {again:?}"
     );
 }
+
+/// A leader whose store is lost (killed, store deleted, started again empty under the same
+/// id) restores its MQ from its follower's copy before taking produce: the same records at
+/// the same offsets, its group's cursor, and replicated produce again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_its_store_restores_from_its_follower() {
+    let t = tracker();
+    let (mut a, b) = (broker(&[&t]), broker(&[&t]));
+    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let options = MqOptions {
+        replicas: Some(2),
+        ..MqOptions::default()
+    };
+    ha.create_mq("ledger", options).await.unwrap();
+    let to_a = a.client().await;
+    wait_in_sync(&to_a, "ledger", 1).await;
+    let batch = (0..80).map(|i| Message::new(format!("l{i}")));
+    let receipt = to_a.producer("ledger").send_batch(batch).await.unwrap();
+    assert_eq!(receipt.durability, Durability::Replicated);
+    let mut consumer = to_a
+        .consumer("ledger")
+        .group("g")
+        .subscribe()
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        consumer.next().await.unwrap().unwrap().ack().await.unwrap();
+    }
+    drop(consumer);
+    let (to_b, copy_name) = (b.client().await, format!("ledger@{}", a.addr()));
+    wait_for_async("the cursor on the follower", LIMIT, || async {
+        let info = to_b.query_mq(&copy_name).await.ok()?;
+        (info.groups.iter().find(|g| g.name == "g")?.committed == 20).then_some(())
+    })
+    .await;
+    let before = segments(&a.store().join("ledger"));
+
+    a.kill9();
+    std::fs::remove_dir_all(a.store()).unwrap();
+    a.restart();
+    let to_a = a.client().await;
+    let info = wait_for_async("a restores ledger", LIMIT, || async {
+        let info = to_a.query_mq("ledger").await.ok()?;
+        (info.next_offset == 80 && info.groups.iter().any(|g| g.committed == 20)).then_some(info)
+    })
+    .await;
+    assert_eq!(info.first_offset, 0);
+    assert_eq!(
+        segments(&a.store().join("ledger")),
+        before,
+        "the same bytes back"
+    );
+
+    let mut consumer = to_a
+        .consumer("ledger")
+        .group("g")
+        .subscribe()
+        .await
+        .unwrap();
+    let next = consumer.next().await.unwrap().unwrap();
+    assert_eq!((next.offset, &next.body[..]), (20, &b"l20"[..]));
+    drop(consumer);
+    wait_in_sync(&to_a, "ledger", 1).await;
+    let receipt = to_a
+        .producer("ledger")
+        .send(Message::new("after"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (receipt.offset, receipt.durability),
+        (80, Durability::Replicated)
+    );
+}

@@ -31,6 +31,9 @@ pub struct Registry {
     mqs: RwLock<HashMap<String, Arc<Mq>>>,
     /// Follower copies of other brokers' logs, named `MQ@LEADER` to clients.
     copies: Copies,
+    /// The store held no MQ and no copy when opened: a new broker, or one whose disk was
+    /// lost, which restores its MQs from their followers' copies.
+    started_empty: bool,
     /// Serialises create and remove so two creators never open one directory twice.
     admin: tokio::sync::Mutex<()>,
     // None on a simulated disk in tests: the lock is the operating system's.
@@ -85,6 +88,7 @@ impl Registry {
             mqs.insert(entry.name, Arc::new(mq));
         }
         let copies = Copies::open(&fs, store, log_config(&config), limits(&config))?;
+        let started_empty = mqs.is_empty() && copies.list().is_empty();
         tracing::info!(
             store = %config.store.display(),
             mqs = mqs.len(),
@@ -97,6 +101,7 @@ impl Registry {
             committer,
             mqs: RwLock::new(mqs),
             copies,
+            started_empty,
             admin: tokio::sync::Mutex::new(()),
             _lock: lock,
         })
@@ -123,6 +128,74 @@ impl Registry {
             .get(name)
             .cloned()
             .ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))
+    }
+
+    /// Whether the store held no MQ and no copy when opened.
+    pub fn started_empty(&self) -> bool {
+        self.started_empty
+    }
+
+    /// Makes MQ `name` anew, empty from offset `first`, to restore it from a follower's
+    /// copy: its log takes records byte for byte, and produces are refused (`503`) until
+    /// [`finish_restore`](Self::finish_restore). `None` when the MQ exists.
+    pub async fn start_restore(
+        &self,
+        name: &str,
+        options: &MqOptions,
+        first: u64,
+    ) -> Result<Option<Arc<Mq>>, BrokerError> {
+        validate_name("MQ", name)?;
+        let _admin = self.admin.lock().await;
+        if self.get(name).is_ok() {
+            return Ok(None);
+        }
+        let dir = self.config.store.join(name);
+        let staging = self.config.store.join(format!("{CREATING}{name}"));
+        let log_config = LogConfig {
+            copy: true,
+            ..log_config(&self.config)
+        };
+        let (fs, owned, options) = (self.fs.clone(), name.to_owned(), options.clone());
+        let limits = limits(&self.config);
+        let mq = blocking("restore", move || {
+            if fs.list(&staging).is_ok() {
+                fs.remove_dir_all(&staging)
+                    .map_err(StoreError::io(&staging))?;
+            }
+            Mq::prepare_at(&fs, &staging, &options, first)?;
+            fs.rename(&staging, &dir).map_err(StoreError::io(&dir))?;
+            sync_parent(&*fs, &dir)?;
+            Mq::open(&fs, &owned, &dir, log_config, &limits)
+        })
+        .await?;
+        let mq = Arc::new(mq);
+        self.mqs
+            .write()
+            .expect("mq table poisoned")
+            .insert(name.to_owned(), mq.clone());
+        tracing::info!(mq = name, first, "restoring MQ from a follower's copy");
+        Ok(Some(mq))
+    }
+
+    /// Ends the restore of `name`: it is reopened as an MQ of this broker's own, written by
+    /// its producers from where the copy ended.
+    pub async fn finish_restore(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
+        let _admin = self.admin.lock().await;
+        let restoring = self.own(name)?;
+        self.committer.sync().await?;
+        let (fs, owned, dir) = (self.fs.clone(), name.to_owned(), restoring.dir().to_owned());
+        let (log_config, limits) = (log_config(&self.config), limits(&self.config));
+        let mq = blocking("restore", move || {
+            Mq::open(&fs, &owned, &dir, log_config, &limits)
+        })
+        .await?;
+        let mq = Arc::new(mq);
+        self.mqs
+            .write()
+            .expect("mq table poisoned")
+            .insert(name.to_owned(), mq.clone());
+        tracing::info!(mq = name, end = mq.reader().end_offset(), "MQ restored");
+        Ok(mq)
     }
 
     /// The follower copies.

@@ -97,15 +97,8 @@ async fn pull(
             cursors_at = Instant::now();
         }
         let next = copy.reader().end_offset();
-        let mut header = Header::request(Command::ReplicaRead, Some(name));
-        header.group = Some(me.to_owned());
-        header.offset = Some(next);
-        header.timeout_ms = Some(POLL_WAIT.as_millis() as u32);
-        let reply = match connection
-            .request_with_wait(Frame::new(header), POLL_WAIT)
-            .await
-        {
-            Err(e) if e.status() == Some(Status::Conflict) => {
+        let reply = match read(connection, name, me, next, POLL_WAIT).await {
+            Err(PullError::Leader(e)) if e.status() == Some(Status::Conflict) => {
                 return Ok(Stop::LeaderBehind {
                     leader_end: info.next_offset,
                     copy_end: next,
@@ -137,7 +130,32 @@ async fn pull(
     }
 }
 
-async fn append(core: &Core, copy: &Mq, body: Bytes, count: u32) -> Result<(), BrokerError> {
+/// One `ReplicaRead` of `name` from `from` as follower `me`, waiting up to `wait` at the
+/// other end for a record.
+pub(super) async fn read(
+    connection: &Connection,
+    name: &str,
+    me: &str,
+    from: u64,
+    wait: Duration,
+) -> Result<Frame, PullError> {
+    let mut header = Header::request(Command::ReplicaRead, Some(name));
+    header.group = Some(me.to_owned());
+    header.offset = Some(from);
+    header.timeout_ms = Some(wait.as_millis() as u32);
+    Ok(connection
+        .request_with_wait(Frame::new(header), wait)
+        .await?)
+}
+
+/// Appends records read from a leader (or, restoring, from a follower) to `copy`, whose
+/// log keeps them byte for byte, and waits until they are durable.
+pub(super) async fn append(
+    core: &Core,
+    copy: &Mq,
+    body: Bytes,
+    count: u32,
+) -> Result<(), BrokerError> {
     copy.append(core.committer(), BytesMut::from(body), count)
         .await
         .map(drop)
@@ -171,7 +189,8 @@ async fn sync_cursors(
     Ok(())
 }
 
-async fn query(connection: &Connection, mq: &str) -> Result<MqInfo, PullError> {
+/// `QueryMq` of `mq` at the other end.
+pub(super) async fn query(connection: &Connection, mq: &str) -> Result<MqInfo, PullError> {
     let reply = connection
         .request(Frame::new(Header::request(Command::QueryMq, Some(mq))))
         .await?;
@@ -181,7 +200,7 @@ async fn query(connection: &Connection, mq: &str) -> Result<MqInfo, PullError> {
 
 /// A pull that failed; following retries.
 #[derive(Debug, thiserror::Error)]
-enum PullError {
+pub(super) enum PullError {
     #[error("leader: {0}")]
     Leader(#[from] ClientError),
     #[error("copy: {0}")]

@@ -171,7 +171,8 @@ impl Followers {
                 return Ok(());
             }
             let (reachable, _) = self.counts(now);
-            if reachable < required {
+            // In the grace period followers are still coming: wait for them.
+            if reachable < required && now.duration_since(self.since) >= GRACE {
                 return Err(ReplicationError::Lost {
                     end,
                     reachable,
@@ -258,7 +259,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_receipt_fails_once_its_follower_is_gone() {
-        let followers = std::sync::Arc::new(Followers::default());
+        let followers = std::sync::Arc::new(Followers {
+            since: Instant::now().checked_sub(GRACE).unwrap(),
+            ..Followers::default()
+        });
         followers.heard("b", 0, 0);
         let waiting = {
             let followers = followers.clone();

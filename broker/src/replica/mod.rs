@@ -10,12 +10,15 @@
 //! - [`serve`]: `ReplicaRead`, the leader answering a follower's pull.
 //! - [`follower`]: one follower pulling one copy.
 //! - [`copies`]: the follower copies in the store directory.
+//! - [`restore`]: a broker that starts on an empty store taking its MQs back from the
+//!   copies its followers hold.
 //! - [`run`] (here): follows the topology and starts and stops the followers it calls for.
 
 pub mod copies;
 pub mod follower;
 pub mod leader;
 pub mod placement;
+pub mod restore;
 pub mod serve;
 
 use std::collections::HashMap;
@@ -30,7 +33,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Reporting;
 use crate::core::Core;
+use crate::error::BrokerError;
+use crate::queue::mq::Mq;
 use follower::Assignment;
+
+/// Why a produce to `copy` (a follower's copy, or an MQ being restored) is refused.
+pub fn refuse_produce(copy: &Mq) -> BrokerError {
+    if copy.name().contains('@') {
+        BrokerError::BadRequest(format!(
+            "{:?} is a follower's copy of another broker's MQ: read-only; produce to the MQ itself",
+            copy.name()
+        ))
+    } else {
+        BrokerError::Restoring(format!(
+            "MQ {:?} is being restored from a follower's copy; retry in a moment or on another broker",
+            copy.name()
+        ))
+    }
+}
 
 /// Follows the trackers of `reporting` as broker `me`, and runs a follower for every copy
 /// placement gives this broker, until `stop` fires.
@@ -54,6 +74,12 @@ pub async fn run(reporting: Reporting, core: Arc<Core>, me: String, stop: Cancel
     let Some(mut topology) = broker.watch_topology() else {
         return;
     };
+    tokio::spawn(restore::run(
+        core.clone(),
+        me.clone(),
+        topology.clone(),
+        stop.child_token(),
+    ));
     let mut running: HashMap<Assignment, CancellationToken> = HashMap::new();
     loop {
         let wanted = assignments(&topology.borrow_and_update(), &me);

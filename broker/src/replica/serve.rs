@@ -14,7 +14,8 @@ use crate::queue::mq::MAX_FETCH_BYTES;
 /// Most records one pull may ask for.
 const MAX_RECORDS: usize = 1 << 16;
 
-/// Answers a follower's pull: records of this broker's own `mq` from `offset` (or from the
+/// Answers a follower's pull: records of this broker's own `mq` (or of its copy `MQ@LEADER`,
+/// to the leader restoring it) from `offset` (or from the
 /// oldest one retained, when `offset` is older: the reply's `offset` then says where the
 /// records start, and the follower resyncs), byte for byte as stored and published. Waits
 /// up to `timeout_ms` for a record when there is none yet.
@@ -27,7 +28,8 @@ pub async fn replica_read(core: &Core, request: &Header) -> Result<Frame, Broker
         .group
         .as_deref()
         .ok_or_else(|| BrokerError::BadRequest("missing group (the follower's id)".into()))?;
-    let mq = core.registry().own(name)?;
+    // A copy too: a leader that lost its store restores from it.
+    let mq = core.registry().get(name)?;
     let reader = mq.reader().clone();
     let from = request.offset.unwrap_or(0);
     if from > reader.end_offset() {
