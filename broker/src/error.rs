@@ -48,9 +48,6 @@ pub enum BrokerError {
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
-    /// The MQ is being restored from a follower's copy.
-    #[error("{0}")]
-    Restoring(String),
     /// A `replicated` produce could not reach enough followers.
     #[error("replication: {0}")]
     Replication(#[from] ReplicationError),
@@ -67,11 +64,11 @@ impl BrokerError {
             BrokerError::Store(e) if e.is_disk_full() => Status::InsufficientStorage,
             // Another broker holding the MQ can take the write (HA clients fail over on 503).
             BrokerError::Store(StoreError::Halted { .. }) => Status::Unavailable,
+            // Restoring: the MQ takes produce again in a moment; the others take it now.
+            BrokerError::Store(StoreError::ReadOnly { .. }) => Status::Unavailable,
             BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
             // A tracker:// producer moves on to another broker.
-            BrokerError::ShuttingDown | BrokerError::Replication(_) | BrokerError::Restoring(_) => {
-                Status::Unavailable
-            }
+            BrokerError::ShuttingDown | BrokerError::Replication(_) => Status::Unavailable,
         }
     }
 }

@@ -146,12 +146,7 @@ async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: mpsc::Sender
         let header = match wait.wait().await {
             Ok((appended, mut durability)) => {
                 let confirmed = match &replicated {
-                    Some(mq) => {
-                        let min = mq.options().min_replicas;
-                        mq.followers()
-                            .wait_replicated(appended.next_offset, min)
-                            .await
-                    }
+                    Some(mq) => mq.wait_replicated(appended.next_offset).await,
                     None => Ok(()),
                 };
                 match confirmed {
@@ -313,9 +308,6 @@ impl Session {
         let Frame { header, body } = frame;
         let checked = (|| {
             let mq = self.core.registry().get(required(&header.mq, "mq")?)?;
-            if mq.is_copy() {
-                return Err(replica::refuse_produce(&mq));
-            }
             let mut count = 0u32;
             for record in records(&body) {
                 record.map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
@@ -344,8 +336,8 @@ impl Session {
             && !header.has_flag(FLAG_ACK_LOCAL)
             && (header.has_flag(FLAG_ACK_REPLICATED) || mq.replicated_by_default());
         if replicated {
-            let reachable = mq.followers().check_reachable(mq.options().min_replicas);
-            reachable.map_err(|e| Failure::new(&header, e.into()))?;
+            mq.admit_replicated()
+                .map_err(|e| Failure::new(&header, e.into()))?;
         }
         let wait = mq.stage(&mut self.batch, BytesMut::from(body), count);
         let replicated = replicated.then_some(mq);

@@ -212,6 +212,7 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
     }
     if mq.groups.is_empty() {
         println!("groups:   none");
+        print_followers(&mq);
         return Ok(());
     }
     println!("groups:");
@@ -242,17 +243,47 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
     for line in table(&rows).lines() {
         println!("  {line}");
     }
+    print_followers(&mq);
     Ok(())
+}
+
+/// The followers of each broker's copy (MQs with replicas), with their lag and state.
+fn print_followers(mq: &MqInfo) {
+    if mq.followers.is_empty() {
+        return;
+    }
+    println!("followers:");
+    let mut rows = vec![["LEADER", "FOLLOWER", "ACKED", "LAG", "IN_SYNC"]
+        .map(str::to_owned)
+        .to_vec()];
+    for f in &mq.followers {
+        rows.push(vec![
+            if f.leader.is_empty() {
+                "this broker".to_owned()
+            } else {
+                f.leader.clone()
+            },
+            f.id.clone(),
+            f.acked.to_string(),
+            f.lag.to_string(),
+            if f.in_sync { "yes" } else { "no" }.to_owned(),
+        ]);
+    }
+    for line in table(&rows).lines() {
+        println!("  {line}");
+    }
 }
 
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={}",
+        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} replicas={} min_replicas={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),
         or_default(options.sync.map(|v| v.to_string())),
+        or_default(options.replicas.map(|v| v.to_string())),
+        or_default(options.min_replicas.map(|v| v.to_string())),
     )
 }
 

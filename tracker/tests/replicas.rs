@@ -100,7 +100,8 @@ async fn a_follower_holds_the_leaders_bytes_before_a_replicated_receipt() {
         .send(Message::new("no"))
         .await
         .unwrap_err();
-    assert_eq!(refused.status(), Some(Status::BadRequest), "{refused}");
+    assert_eq!(refused.status(), Some(Status::Unavailable), "{refused}");
+    assert!(refused.to_string().contains("read-only"), "{refused}");
 
     b.kill9();
     let err = wait_for_async("a replicated produce refused", LIMIT, || async {

@@ -16,7 +16,7 @@ use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWa
 use super::group_ledger::Redeliveries;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
-use crate::replica::leader::Followers;
+use crate::replica::leader::{Followers, ReplicationError};
 use crate::store::fsio::{sync_parent, write_durably};
 use crate::store::{
     AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip, StoreError,
@@ -215,6 +215,20 @@ impl Mq {
         &self.followers
     }
 
+    /// Refuses a `replicated` produce before it is written when too few followers are
+    /// reachable for the MQ's `min_replicas`.
+    pub fn admit_replicated(&self) -> Result<(), ReplicationError> {
+        self.followers.check_reachable(self.options.min_replicas)
+    }
+
+    /// Waits until enough followers hold every record below `end` for a `replicated`
+    /// receipt.
+    pub async fn wait_replicated(&self, end: u64) -> Result<(), ReplicationError> {
+        self.followers
+            .wait_replicated(end, self.options.min_replicas)
+            .await
+    }
+
     /// The log's reader (what is published: synced, under `--fsync always`).
     pub fn reader(&self) -> &LogReader {
         &self.reader
@@ -266,9 +280,30 @@ impl Mq {
 
     /// Adds `count` whole, verified records to `batch`; the returned wait resolves once
     /// the batch is submitted and they are durable (see [`CommitBatch`]).
+    /// A follower's copy takes no produce: its wait fails with [`StoreError::ReadOnly`].
     pub fn stage(&self, batch: &mut CommitBatch, records: BytesMut, count: u32) -> AppendWait {
+        if self.copy {
+            return AppendWait::failed(StoreError::ReadOnly {
+                mq: self.name.clone(),
+            });
+        }
         self.counters.produced(count.into(), records.len() as u64);
         batch.append(&self.log, records, count, self.wait_sync())
+    }
+
+    /// Appends records copied from their leader, byte for byte, to a follower's copy (or an
+    /// MQ being restored from one) and waits until they are durable.
+    pub async fn append_copied(
+        &self,
+        committer: &Committer,
+        records: BytesMut,
+        count: u32,
+    ) -> Result<(), BrokerError> {
+        let mut batch = CommitBatch::default();
+        let wait = batch.append(&self.log, records, count, self.wait_sync());
+        committer.submit(batch).await?;
+        wait.wait().await?;
+        Ok(())
     }
 
     /// Appends whole, verified records on their own and waits for them.

@@ -156,9 +156,8 @@ pub(super) async fn append(
     body: Bytes,
     count: u32,
 ) -> Result<(), BrokerError> {
-    copy.append(core.committer(), BytesMut::from(body), count)
+    copy.append_copied(core.committer(), BytesMut::from(body), count)
         .await
-        .map(drop)
 }
 
 /// Moves the copy's groups up to the leader's cursors (`info`), and hands the leader the

@@ -204,6 +204,7 @@ impl Followers {
             .filter(|(_, p)| now.duration_since(p.heard) < IN_SYNC * 6)
             .map(|(id, p)| FollowerInfo {
                 id: id.clone(),
+                leader: String::new(),
                 acked: p.acked,
                 lag: end.saturating_sub(p.acked),
                 in_sync: in_sync(p, now),

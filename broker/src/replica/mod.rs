@@ -33,24 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Reporting;
 use crate::core::Core;
-use crate::error::BrokerError;
-use crate::queue::mq::Mq;
 use follower::Assignment;
-
-/// Why a produce to `copy` (a follower's copy, or an MQ being restored) is refused.
-pub fn refuse_produce(copy: &Mq) -> BrokerError {
-    if copy.name().contains('@') {
-        BrokerError::BadRequest(format!(
-            "{:?} is a follower's copy of another broker's MQ: read-only; produce to the MQ itself",
-            copy.name()
-        ))
-    } else {
-        BrokerError::Restoring(format!(
-            "MQ {:?} is being restored from a follower's copy; retry in a moment or on another broker",
-            copy.name()
-        ))
-    }
-}
 
 /// Follows the trackers of `reporting` as broker `me`, and runs a follower for every copy
 /// placement gives this broker, until `stop` fires.

@@ -58,7 +58,10 @@ impl Ha {
         }
         let created: Vec<Arc<str>> = infos.iter().map(|(addr, _)| addr.clone()).collect();
         self.await_holders(mq, &created).await;
-        Ok(combine(mq, infos.into_iter().map(|(_, info)| info)))
+        Ok(combine(
+            mq,
+            infos.into_iter().map(|(addr, info)| led_by(&addr, info)),
+        ))
     }
 
     /// Waits (bounded) until the topology shows `mq` on every broker in `created`, when a
@@ -129,7 +132,10 @@ impl Ha {
         if infos.is_empty() {
             return Err(first_error(mq, errors));
         }
-        Ok(combine(mq, infos.into_iter().map(|(_, info)| info)))
+        Ok(combine(
+            mq,
+            infos.into_iter().map(|(addr, info)| led_by(&addr, info)),
+        ))
     }
 
     /// Every MQ of every live broker, summed per name, sorted by name.
@@ -149,6 +155,7 @@ impl Ha {
                 Ok(infos) => {
                     answered = true;
                     for info in infos {
+                        let info = led_by(&addr, info);
                         by_name.entry(info.name.clone()).or_default().push(info);
                     }
                 }
@@ -281,6 +288,14 @@ fn no_live_broker(mq: &str) -> ClientError {
 }
 
 /// The copies of one MQ summed into one description.
+/// `info` as broker `addr` gave it, its followers marked as following `addr`'s copy.
+fn led_by(addr: &str, mut info: MqInfo) -> MqInfo {
+    for follower in &mut info.followers {
+        follower.leader = addr.to_owned();
+    }
+    info
+}
+
 fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
     let mut total = MqInfo {
         name: name.to_owned(),
@@ -293,6 +308,7 @@ fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
         total.size_bytes += info.size_bytes;
         total.segments += info.segments;
         total.options = info.options;
+        total.followers.extend(info.followers);
         for g in info.groups {
             let sum = groups.entry(g.name.clone()).or_insert_with(|| GroupInfo {
                 name: g.name.clone(),

@@ -38,6 +38,9 @@ impl MqOptions {
 pub struct FollowerInfo {
     /// The follower broker's id (its advertised address).
     pub id: String,
+    /// The leader whose copy it follows: empty from a broker describing its own MQ, set
+    /// (to the broker's address) by HA clients combining several brokers' answers.
+    pub leader: String,
     /// Every record below this offset is durable on the follower.
     pub acked: u64,
     /// Records the leader holds that the follower does not yet.
