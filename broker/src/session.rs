@@ -236,7 +236,8 @@ impl Session {
             | Command::QueryMq
             | Command::ListMq
             | Command::RemoveMq
-            | Command::RemoveGroup => {
+            | Command::RemoveGroup
+            | Command::AdoptCopy => {
                 self.admin(frame);
                 Ok(())
             }
@@ -519,6 +520,11 @@ async fn admin(core: &Core, frame: &Frame) -> Result<Frame, BrokerError> {
         Command::RemoveMq => {
             core.remove(required(&request.mq, "mq")?).await?;
             Vec::new()
+        }
+        Command::AdoptCopy => {
+            let mq = core.registry().adopt(required(&request.mq, "mq")?).await?;
+            core.changed();
+            encode_body(&mq.info())
         }
         Command::RemoveGroup => {
             let mq = required(&request.mq, "mq")?;

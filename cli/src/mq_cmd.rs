@@ -31,6 +31,15 @@ pub enum MqCommand {
         /// MQ name
         name: String,
     },
+    /// Make a follower's copy of a dead broker's MQ an ordinary, writable MQ on the
+    /// follower's broker (for a broker that is never coming back; see docs/replication.md)
+    Adopt {
+        /// MQ name
+        name: String,
+        /// The broker whose copy to adopt (its id: its advertised address)
+        #[arg(long, value_name = "BROKER")]
+        from: String,
+    },
     /// Remove a consumer group of an MQ: its place and its deliveries in flight (refused
     /// while a consumer of it is attached)
     RemoveGroup {
@@ -76,6 +85,16 @@ pub async fn run(broker: &Broker, cmd: MqCommand) -> Result<(), CliError> {
         MqCommand::Remove { name } => {
             broker.remove_mq(&name).await?;
             println!("removed {name}");
+            Ok(())
+        }
+        MqCommand::Adopt { name, from } => {
+            let info = broker.adopt_copy(&name, &from).await?;
+            println!(
+                "adopted {from}'s {name}: offsets {}..{}, {} group(s)",
+                info.first_offset,
+                info.next_offset,
+                info.groups.len()
+            );
             Ok(())
         }
         MqCommand::RemoveGroup { name, group } => {

@@ -93,6 +93,19 @@ impl Transport {
         decode_reply(&reply.body)
     }
 
+    /// Makes the follower copy of `leader`'s `mq` an MQ of its broker's own (over HA, on the
+    /// follower holding it).
+    pub(crate) async fn adopt_copy(&self, mq: &str, leader: &str) -> Result<MqInfo> {
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.adopt_copy(mq, leader).await,
+            Kind::Single(connection) => connection,
+        };
+        let name = qbus_wire::topology::copy_name(mq, leader);
+        let header = Header::request(Command::AdoptCopy, Some(&name));
+        let reply = admin(connection, header, Bytes::new()).await?;
+        decode_reply(&reply.body)
+    }
+
     /// Describes `mq` (over HA, summed over its copies).
     pub(crate) async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
         let connection = match &self.kind {

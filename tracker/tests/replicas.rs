@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use qbus_client::{Durability, Message, MqInfo, MqOptions, Status};
+use qbus_client::{Ack, Durability, Message, MqInfo, MqOptions, Status};
 use support::{broker, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess};
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -301,4 +301,61 @@ async fn a_leader_that_lost_its_store_restores_from_its_follower() {
         (receipt.offset, receipt.durability),
         (80, Durability::Replicated)
     );
+}
+
+/// A leader that is never coming back: `adopt` makes its follower's copy an ordinary MQ of
+/// the follower's own, with the same records and cursor, taking produce from where the copy
+/// ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leaders_copy_is_adopted_by_its_follower() {
+    let t = tracker();
+    let (mut a, b) = (broker(&[&t]), broker(&[&t]));
+    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let options = MqOptions {
+        replicas: Some(2),
+        ..MqOptions::default()
+    };
+    // On a only: b holds no "audit" of its own, only its copy of a's.
+    let to_a = a.client().await;
+    to_a.create_mq("audit", options).await.unwrap();
+    wait_in_sync(&to_a, "audit", 1).await;
+    let batch = (0..40).map(|i| Message::new(format!("x{i}")));
+    to_a.producer("audit").send_batch(batch).await.unwrap();
+    let mut consumer = to_a.consumer("audit").group("g").subscribe().await.unwrap();
+    for _ in 0..10 {
+        consumer.next().await.unwrap().unwrap().ack().await.unwrap();
+    }
+    drop(consumer);
+    let (to_b, copy_name) = (b.client().await, format!("audit@{}", a.addr()));
+    wait_for_async("the cursor on the follower", LIMIT, || async {
+        let info = to_b.query_mq(&copy_name).await.ok()?;
+        (info.groups.iter().find(|g| g.name == "g")?.committed == 10).then_some(())
+    })
+    .await;
+
+    a.kill9();
+    wait_for_brokers(&ha, None, &[b.addr()], LIMIT).await;
+    let adopted = ha.adopt_copy("audit", &a.addr()).await.unwrap();
+    assert_eq!((adopted.name.as_str(), adopted.next_offset), ("audit", 40));
+    assert!(to_b.query_mq(&copy_name).await.is_err(), "the copy is gone");
+    // No broker left to follow it: produce asks for this broker's disk only.
+    let receipt = to_b
+        .producer("audit")
+        .with_ack(Ack::Local)
+        .send(Message::new("new"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (receipt.offset, receipt.durability),
+        (40, Durability::Synced)
+    );
+    let mut consumer = to_b.consumer("audit").group("g").subscribe().await.unwrap();
+    let next = consumer.next().await.unwrap().unwrap();
+    assert_eq!((next.offset, &next.body[..]), (10, &b"x10"[..]));
+    // Adopting again, or over an MQ of the broker's own, is refused.
+    let again = to_b.adopt_copy("audit", &a.addr()).await.unwrap_err();
+    assert_eq!(again.status(), Some(Status::Conflict), "{again}");
 }

@@ -198,6 +198,60 @@ impl Registry {
         Ok(mq)
     }
 
+    /// Makes the follower copy `MQ@LEADER` an MQ of this broker's own named `MQ`, written
+    /// by its producers from where the copy ends, with the copy's groups and cursors: for
+    /// a leader that is never coming back. Refused while this broker holds an `MQ` of its
+    /// own (the two logs cannot be joined).
+    pub async fn adopt(&self, copy: &str) -> Result<Arc<Mq>, BrokerError> {
+        let (name, leader) = copy.split_once('@').ok_or_else(|| {
+            BrokerError::BadRequest(format!("{copy:?} names no follower copy (MQ@LEADER)"))
+        })?;
+        validate_name("MQ", name)?;
+        let _admin = self.admin.lock().await;
+        if self.own(name).is_ok() {
+            return Err(BrokerError::Conflict(format!(
+                "this broker holds an MQ {name:?} of its own; the copy stays readable as {copy:?}"
+            )));
+        }
+        let (taken, _copies) = self
+            .copies
+            .take(leader, name)
+            .await
+            .ok_or_else(|| BrokerError::NoSuchMq(copy.to_owned()))?;
+        // A pull still under way must not write into the files once they are the new MQ's:
+        // closed under the log's lock, which every write takes.
+        taken.log().lock().expect("log lock poisoned").close();
+        self.committer.sync().await?;
+        let (fs, owned, from) = (self.fs.clone(), name.to_owned(), taken.dir().to_owned());
+        let dir = self.config.store.join(name);
+        let (log_config, limits) = (log_config(&self.config), limits(&self.config));
+        let adopted = blocking("adopt", move || {
+            fs.rename(&from, &dir).map_err(StoreError::io(&dir))?;
+            sync_parent(&*fs, &from)?;
+            sync_parent(&*fs, &dir)?;
+            Mq::open(&fs, &owned, &dir, log_config, &limits)
+        })
+        .await;
+        let adopted = match adopted {
+            Ok(adopted) => Arc::new(adopted),
+            Err(e) => {
+                self.copies.put_back(leader, name, taken);
+                return Err(e);
+            }
+        };
+        self.mqs
+            .write()
+            .expect("mq table poisoned")
+            .insert(name.to_owned(), adopted.clone());
+        tracing::info!(
+            mq = name,
+            leader,
+            end = adopted.reader().end_offset(),
+            "follower copy adopted"
+        );
+        Ok(adopted)
+    }
+
     /// The follower copies.
     pub fn copies(&self) -> &Copies {
         &self.copies

@@ -19,6 +19,9 @@ use crate::queue::mq::{Limits, Mq};
 use crate::store::fsio::{sync_parent, write_durably};
 use crate::store::{FsRef, LogConfig, StoreError};
 
+/// Held while a copy is being adopted.
+pub type AdminGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
+
 /// Directory of the copies, inside the store directory.
 pub const COPIES_DIR: &str = ".replicas";
 const LEADER_FILE: &str = "leader.id";
@@ -106,6 +109,24 @@ impl Copies {
             .collect();
         all.sort_by(|a, b| a.name().cmp(b.name()));
         all
+    }
+
+    /// Takes the copy of `leader`'s `mq` out of the table (its files stay), for adoption;
+    /// creating and resetting copies wait meanwhile.
+    pub async fn take(&self, leader: &str, mq: &str) -> Option<(Arc<Mq>, AdminGuard<'_>)> {
+        let admin = self.admin.lock().await;
+        let key = (leader.to_owned(), mq.to_owned());
+        let copy = self.copies.write().expect("copies poisoned").remove(&key)?;
+        Some((copy, admin))
+    }
+
+    /// Puts back a copy [`take`](Self::take) took, when adopting it failed.
+    pub fn put_back(&self, leader: &str, mq: &str, copy: Arc<Mq>) {
+        let key = (leader.to_owned(), mq.to_owned());
+        self.copies
+            .write()
+            .expect("copies poisoned")
+            .insert(key, copy);
     }
 
     /// The copy of `leader`'s `mq`, made empty from offset `first` with `options` if there

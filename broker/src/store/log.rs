@@ -79,6 +79,8 @@ pub struct MqLog {
     end: watch::Sender<u64>,
     /// Appended records handed to [`MqLog::keep_for_readers`], shown with the next publish.
     unpublished_tail: Vec<Chunk>,
+    /// Set by [`MqLog::close`]: the files now belong to another writer.
+    closed: bool,
 }
 
 impl MqLog {
@@ -140,6 +142,7 @@ impl MqLog {
             view,
             end,
             unpublished_tail: Vec::new(),
+            closed: false,
         };
         Ok((log, reader))
     }
@@ -161,6 +164,11 @@ impl MqLog {
     /// process kill) but not on disk until [`sync`](Self::sync), and invisible to readers
     /// until [`publish`](Self::publish).
     pub fn append(&mut self, records: &mut [u8], now_ms: u64) -> Result<Appended, StoreError> {
+        if self.closed {
+            return Err(StoreError::ReadOnly {
+                mq: self.dir.display().to_string(),
+            });
+        }
         let first_offset = self.next_offset();
         let bytes = records.len() as u64;
         if bytes == 0 {
@@ -355,6 +363,12 @@ impl MqLog {
         // segments back and shift the first offset backwards: one directory sync per
         // retention pass that deleted something.
         result.and(self.sync_dir().map(|()| first_kept))
+    }
+
+    /// Refuses every later append: the log's files are handed to another writer (a
+    /// follower's copy adopted as an MQ of its broker's own).
+    pub fn close(&mut self) {
+        self.closed = true;
     }
 
     /// Offset the next appended record will get.

@@ -13,6 +13,7 @@ use super::{affinity, pool::Node, Ha};
 use crate::error::{decode_reply, ClientError, Result};
 use crate::protocol::{Command, Frame, GroupInfo, Header, MqInfo, MqOptions, Status};
 use crate::topology::Candidate;
+use qbus_wire::topology::copy_name;
 
 /// Longest wait after `create_mq` for the trackers to show the new MQ, so a producer made
 /// right after it finds a broker.
@@ -232,6 +233,31 @@ impl Ha {
     }
 
     /// Brokers in the topology that this client does not know to be down.
+    /// Makes a follower's copy of `leader`'s `mq` an MQ of the follower's own, on the
+    /// follower the topology says holds it (the one reaching furthest).
+    pub(crate) async fn adopt_copy(&self, mq: &str, leader: &str) -> Result<MqInfo> {
+        let node = {
+            let topology = self.topology();
+            let holder = topology
+                .brokers()
+                .filter(|b| b.is_broker())
+                .filter_map(|b| {
+                    let copy = b.copies.iter().find(|c| c.mq == mq && c.leader == leader)?;
+                    Some((copy.end, b))
+                })
+                .max_by_key(|&(end, _)| end)
+                .map(|(_, b)| b.addr.clone());
+            let addr = holder.ok_or_else(|| ClientError::NoBroker {
+                mq: copy_name(mq, leader),
+                reason: format!("no live broker reports a copy of {leader}'s {mq}"),
+            })?;
+            self.shared.pool.node(&Arc::from(addr.as_str()))
+        };
+        let header = Header::request(Command::AdoptCopy, Some(&copy_name(mq, leader)));
+        let reply = node.conn.request(Frame::new(header)).await?;
+        decode_reply(&reply.body)
+    }
+
     fn live_brokers(&self) -> Vec<Arc<Node>> {
         let topology = self.topology();
         let shared = &self.shared;
@@ -287,7 +313,6 @@ fn no_live_broker(mq: &str) -> ClientError {
     }
 }
 
-/// The copies of one MQ summed into one description.
 /// `info` as broker `addr` gave it, its followers marked as following `addr`'s copy.
 fn led_by(addr: &str, mut info: MqInfo) -> MqInfo {
     for follower in &mut info.followers {
@@ -296,6 +321,7 @@ fn led_by(addr: &str, mut info: MqInfo) -> MqInfo {
     info
 }
 
+/// The copies of one MQ summed into one description.
 fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
     let mut total = MqInfo {
         name: name.to_owned(),

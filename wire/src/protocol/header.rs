@@ -66,6 +66,10 @@ pub enum Command {
     /// was acknowledged up to `offset` on the follower's copy (consumers read it there
     /// while the leader was away); the leader moves its cursor up to it (never back).
     ReplicaCursor,
+    /// Protocol 3, operator to a follower broker: makes its copy `mq` (`MQ@LEADER`) an MQ
+    /// of its own named `MQ`, for a leader that is never coming back; the reply body is
+    /// its [`MqInfo`](super::MqInfo).
+    AdoptCopy,
     /// A command number this version does not know.
     Unknown(u8),
 }
@@ -93,6 +97,7 @@ impl From<u8> for Command {
             43 => Command::QueryTopology,
             80 => Command::ReplicaRead,
             81 => Command::ReplicaCursor,
+            82 => Command::AdoptCopy,
             other => Command::Unknown(other),
         }
     }
@@ -121,6 +126,7 @@ impl From<Command> for u8 {
             Command::QueryTopology => 43,
             Command::ReplicaRead => 80,
             Command::ReplicaCursor => 81,
+            Command::AdoptCopy => 82,
             Command::Unknown(code) => code,
         }
     }
