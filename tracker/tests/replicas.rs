@@ -359,3 +359,88 @@ async fn a_dead_leaders_copy_is_adopted_by_its_follower() {
     let again = to_b.adopt_copy("audit", &a.addr()).await.unwrap_err();
     assert_eq!(again.status(), Some(Status::Conflict), "{again}");
 }
+
+/// A follower killed while its leader goes on (`Ack::Local` produces) catches up from where
+/// its copy ended once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_catches_up() {
+    let t = tracker();
+    let (a, mut b) = (broker(&[&t]), broker(&[&t]));
+    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let to_a = a.client().await;
+    let options = MqOptions {
+        replicas: Some(2),
+        ..MqOptions::default()
+    };
+    to_a.create_mq("feed", options).await.unwrap();
+    wait_in_sync(&to_a, "feed", 1).await;
+    let producer = to_a.producer("feed");
+    producer
+        .send_batch((0..30).map(|i| Message::new(format!("f{i}"))))
+        .await
+        .unwrap();
+
+    b.kill9();
+    let local = producer.clone().with_ack(Ack::Local);
+    for i in 30..100 {
+        local.send(Message::new(format!("f{i}"))).await.unwrap();
+    }
+    b.restart();
+    let to_b = b.client().await;
+    let copy_name = format!("feed@{}", a.addr());
+    wait_for_async("the follower caught up", LIMIT, || async {
+        let copy = to_b.query_mq(&copy_name).await.ok()?;
+        (copy.next_offset == 100).then_some(())
+    })
+    .await;
+    assert_eq!(
+        segments(&a.store().join("feed")),
+        segments(&copy_dir(&b, &a, "feed"))
+    );
+    wait_in_sync(&to_a, "feed", 1).await;
+    let receipt = producer.send(Message::new("f100")).await.unwrap();
+    assert_eq!(
+        (receipt.offset, receipt.durability),
+        (100, Durability::Replicated)
+    );
+}
+
+/// A hung leader (SIGSTOP): once the trackers drop it, a `tracker://` consumer reads its
+/// backlog from the follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_leaders_backlog_is_read_from_its_follower() {
+    let t = tracker();
+    let (a, b) = (broker(&[&t]), broker(&[&t]));
+    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let to_a = a.client().await;
+    let options = MqOptions {
+        replicas: Some(2),
+        ..MqOptions::default()
+    };
+    to_a.create_mq("mail", options).await.unwrap();
+    wait_in_sync(&to_a, "mail", 1).await;
+    to_a.producer("mail")
+        .send_batch((0..25).map(|i| Message::new(format!("e{i}"))))
+        .await
+        .unwrap();
+
+    a.freeze();
+    wait_for_brokers(&ha, None, &[b.addr()], LIMIT).await;
+    let mut consumer = ha.consumer("mail").group("g").subscribe().await.unwrap();
+    for i in 0..25 {
+        let delivery = tokio::time::timeout(LIMIT, consumer.next())
+            .await
+            .expect("the hung leader's backlog comes from its follower")
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.body, format!("e{i}").as_bytes());
+        delivery.ack().await.unwrap();
+    }
+    a.thaw();
+}

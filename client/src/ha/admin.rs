@@ -95,9 +95,10 @@ impl Ha {
         }
     }
 
-    /// Describes `mq` summed over the brokers holding it.
+    /// Describes `mq` summed over the brokers holding it, and over the follower copies
+    /// standing in for leaders that do not hold it now (`Topology::stand_ins`).
     pub(crate) async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
-        let holders: Vec<Arc<Node>> = {
+        let (holders, stand_ins): (Vec<Arc<Node>>, Vec<(Arc<Node>, String)>) = {
             let topology = self.topology();
             let shared = &self.shared;
             let all = topology.holders(mq);
@@ -112,23 +113,35 @@ impl Ha {
             } else {
                 live
             };
-            chosen
+            let stand_ins = topology
+                .stand_ins(mq)
+                .into_iter()
+                .map(|s| (shared.pool.node(&s.addr), s.copy))
+                .collect();
+            let holders = chosen
                 .into_iter()
                 .map(|c| shared.pool.node(&c.addr))
-                .collect()
+                .collect();
+            (holders, stand_ins)
         };
         // The topology lags a creation by a report; ask everyone when it knows nothing.
-        let targets = if holders.is_empty() {
+        let targets = if holders.is_empty() && stand_ins.is_empty() {
             self.live_brokers()
         } else {
             holders
         };
-        let replies = request_all(
+        let mut replies = request_all(
             &targets,
             Header::request(Command::QueryMq, Some(mq)),
             Bytes::new(),
         )
         .await;
+        let copies = join_all(stand_ins.iter().map(|(node, copy)| {
+            let frame = Frame::new(Header::request(Command::QueryMq, Some(copy)));
+            async move { (node.addr.clone(), node.conn.request(frame).await) }
+        }))
+        .await;
+        replies.extend(copies);
         let (infos, errors) = split(replies);
         if infos.is_empty() {
             return Err(first_error(mq, errors));
