@@ -98,7 +98,7 @@ impl Ha {
     /// Describes `mq` summed over the brokers holding it, and over the follower copies
     /// standing in for leaders that do not hold it now (`Topology::stand_ins`).
     pub(crate) async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
-        let (holders, stand_ins): (Vec<Arc<Node>>, Vec<(Arc<Node>, String)>) = {
+        let (holders, stand_ins): (Vec<Arc<Node>>, Vec<CopyTarget>) = {
             let topology = self.topology();
             let shared = &self.shared;
             let all = topology.holders(mq);
@@ -296,6 +296,9 @@ async fn request_all(
 
 /// Answers of several brokers, each with the broker's address.
 type ByBroker<T> = Vec<(Arc<str>, T)>;
+
+/// A follower broker and the name of the copy to ask it about (`MQ@LEADER`).
+type CopyTarget = (Arc<Node>, String);
 
 /// The brokers' answers: descriptions by broker, and errors by broker.
 fn split(replies: ByBroker<Result<Frame>>) -> (ByBroker<MqInfo>, ByBroker<ClientError>) {
