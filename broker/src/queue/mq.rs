@@ -299,11 +299,25 @@ impl Mq {
         records: BytesMut,
         count: u32,
     ) -> Result<(), BrokerError> {
+        self.stage_copied(committer, records, count)
+            .await?
+            .wait()
+            .await?;
+        Ok(())
+    }
+
+    /// Hands records copied from their leader to the commit thread (in order with earlier
+    /// ones) and returns the wait for their durability.
+    pub async fn stage_copied(
+        &self,
+        committer: &Committer,
+        records: BytesMut,
+        count: u32,
+    ) -> Result<AppendWait, BrokerError> {
         let mut batch = CommitBatch::default();
         let wait = batch.append(&self.log, records, count, self.wait_sync());
         committer.submit(batch).await?;
-        wait.wait().await?;
-        Ok(())
+        Ok(wait)
     }
 
     /// Appends whole, verified records on their own and waits for them.

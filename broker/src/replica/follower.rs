@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use qbus_client::{ClientError, Connection, ConnectionOptions};
 use qbus_wire::link::TcpConnector;
-use qbus_wire::protocol::{Command, Frame, Header, MqInfo, Status};
+use qbus_wire::protocol::{Command, Durability, Frame, Header, MqInfo, Status, FLAG_READ_AHEAD};
 use qbus_wire::Backoff;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
 use crate::error::BrokerError;
+use crate::queue::group_commit::AppendWait;
 use crate::queue::mq::Mq;
+use crate::store::Appended;
 
 /// How long a pull waits at the leader for a record; a follower is heard at least this
 /// often, well within `leader::REACHABLE`.
@@ -90,14 +93,22 @@ async fn pull(
         .await?;
     sync_cursors(core, connection, &copy, &info).await?;
     let mut cursors_at = Instant::now();
+    // Reads run ahead of the disk: the next read goes out while the previous records are
+    // still being made durable, and a task confirms each append once it is.
+    let mut confirming = Confirmer::start(connection, name, me);
+    let mut next = copy.reader().end_offset();
     loop {
         if cursors_at.elapsed() >= CURSORS_EVERY {
             let info = query(connection, name).await?;
             sync_cursors(core, connection, &copy, &info).await?;
             cursors_at = Instant::now();
         }
-        let next = copy.reader().end_offset();
-        let reply = match read(connection, name, me, next, POLL_WAIT).await {
+        let ahead = Read {
+            from: next,
+            wait: POLL_WAIT,
+            ahead: true,
+        };
+        let reply = match read(connection, name, me, ahead).await {
             Err(PullError::Leader(e)) if e.status() == Some(Status::Conflict) => {
                 return Ok(Stop::LeaderBehind {
                     leader_end: info.next_offset,
@@ -110,7 +121,8 @@ async fn pull(
         let count = reply.header.count.unwrap_or(0);
         if first > next {
             // The leader's retention deleted what this copy lacks: start again from its
-            // oldest record.
+            // oldest record, once the appends under way are done.
+            confirming.finish().await?;
             tracing::warn!(
                 leader,
                 mq = name,
@@ -119,32 +131,138 @@ async fn pull(
                 "follower copy too far behind: resyncing"
             );
             copy = copies.reset(leader, name, &info.options, first).await?;
+            confirming = Confirmer::start(connection, name, me);
+            next = first;
         } else if first < next {
             return Err(PullError::Protocol(format!(
                 "asked for offset {next}, got records from {first}"
             )));
         }
         if count > 0 {
-            append(core, &copy, reply.body, count).await?;
+            let wait = copy.stage_copied(core.committer(), BytesMut::from(reply.body), count);
+            next = first + u64::from(count);
+            confirming.push(wait.await?).await?;
+        } else {
+            // Nothing new: confirm the copy's end once what is under way is durable, so
+            // the leader knows an idle follower holds everything (and is in sync).
+            let at_end = Appended {
+                first_offset: next,
+                count: 0,
+                next_offset: next,
+            };
+            confirming
+                .push(AppendWait::ready((at_end, Durability::Written)))
+                .await?;
         }
     }
 }
 
-/// One `ReplicaRead` of `name` from `from` as follower `me`, waiting up to `wait` at the
-/// other end for a record.
+/// Confirms the copy's appends to the leader in order, each once it is durable.
+struct Confirmer {
+    tx: mpsc::Sender<AppendWait>,
+    task: tokio::task::JoinHandle<Result<(), PullError>>,
+}
+
+/// Appends read but not yet confirmed, at most (bounds the records held in memory).
+const PIPELINE: usize = 4;
+
+impl Confirmer {
+    fn start(connection: &Connection, name: &str, me: &str) -> Confirmer {
+        let (tx, mut rx) = mpsc::channel::<AppendWait>(PIPELINE);
+        let (connection, name, me) = (connection.clone(), name.to_owned(), me.to_owned());
+        let task = tokio::spawn(async move {
+            while let Some(wait) = rx.recv().await {
+                let (appended, _) = wait.wait().await?;
+                let confirm = Read {
+                    from: appended.next_offset,
+                    wait: Duration::ZERO,
+                    ahead: false,
+                };
+                read_only(&connection, &name, &me, confirm).await?;
+            }
+            Ok(())
+        });
+        Confirmer { tx, task }
+    }
+
+    /// Queues `wait`; fails when an earlier append or confirmation failed.
+    async fn push(&mut self, wait: AppendWait) -> Result<(), PullError> {
+        if self.tx.send(wait).await.is_err() {
+            return self.finish_task().await;
+        }
+        Ok(())
+    }
+
+    /// Waits until every append queued is durable and confirmed.
+    async fn finish(mut self) -> Result<(), PullError> {
+        // Closing the queue ends the task once it has confirmed what it holds.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
+        join(task).await
+    }
+
+    async fn finish_task(&mut self) -> Result<(), PullError> {
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
+        join(task).await?;
+        Err(PullError::Protocol("confirmations stopped".into()))
+    }
+}
+
+impl Drop for Confirmer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn join(task: tokio::task::JoinHandle<Result<(), PullError>>) -> Result<(), PullError> {
+    task.await
+        .map_err(|e| PullError::Protocol(format!("confirmation task: {e}")))?
+}
+
+/// One `ReplicaRead`: from where, how long the other end may wait for a record, and
+/// whether it is a read ahead (which confirms nothing).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Read {
+    pub(super) from: u64,
+    pub(super) wait: Duration,
+    pub(super) ahead: bool,
+}
+
+/// A confirmation: a `ReplicaRead` asking for no records.
+async fn read_only(
+    connection: &Connection,
+    name: &str,
+    me: &str,
+    confirm: Read,
+) -> Result<(), PullError> {
+    let mut header = request(name, me, confirm);
+    header.count = Some(0);
+    connection.request(Frame::new(header)).await?;
+    Ok(())
+}
+
+fn request(name: &str, me: &str, read: Read) -> Header {
+    let mut header = Header::request(Command::ReplicaRead, Some(name));
+    header.group = Some(me.to_owned());
+    header.offset = Some(read.from);
+    header.timeout_ms = Some(read.wait.as_millis() as u32);
+    if read.ahead {
+        header.flags |= FLAG_READ_AHEAD;
+    }
+    header
+}
+
+/// One `ReplicaRead` of `name` as follower `me`.
 pub(super) async fn read(
     connection: &Connection,
     name: &str,
     me: &str,
-    from: u64,
-    wait: Duration,
+    read: Read,
 ) -> Result<Frame, PullError> {
-    let mut header = Header::request(Command::ReplicaRead, Some(name));
-    header.group = Some(me.to_owned());
-    header.offset = Some(from);
-    header.timeout_ms = Some(wait.as_millis() as u32);
+    let header = request(name, me, read);
     Ok(connection
-        .request_with_wait(Frame::new(header), wait)
+        .request_with_wait(Frame::new(header), read.wait)
         .await?)
 }
 
@@ -204,6 +322,8 @@ pub(super) enum PullError {
     Leader(#[from] ClientError),
     #[error("copy: {0}")]
     Copy(#[from] BrokerError),
+    #[error("copy: {0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("leader: {0}")]
     Protocol(String),
 }

@@ -108,6 +108,22 @@ impl Followers {
         }
     }
 
+    /// Follower `id` reads ahead from `from` (which confirms nothing durable); the
+    /// leader's log ends at `end`: reading from there, it has caught up.
+    pub fn alive(&self, id: &str, from: u64, end: u64) {
+        let now = Instant::now();
+        let mut all = self.progress();
+        let entry = all.entry(id.to_owned()).or_insert(Progress {
+            acked: 0,
+            heard: now,
+            caught_up: None,
+        });
+        entry.heard = now;
+        if from >= end {
+            entry.caught_up = Some(now);
+        }
+    }
+
     /// Follower `id`'s connection closed: it is unreachable until it pulls again.
     pub fn gone(&self, id: &str) {
         self.progress().remove(id);

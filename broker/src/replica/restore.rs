@@ -16,7 +16,7 @@ use qbus_wire::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::follower::{append, query, read, PullError};
+use super::follower::{append, query, read, PullError, Read};
 use crate::core::Core;
 
 /// How long after its start a broker that started empty looks for copies of itself: the
@@ -107,7 +107,12 @@ async fn restore_once(
     let started = Instant::now();
     loop {
         let next = restoring.reader().end_offset();
-        let reply = read(connection, &copy, me, next, Duration::ZERO).await?;
+        let from_copy = Read {
+            from: next,
+            wait: Duration::ZERO,
+            ahead: true,
+        };
+        let reply = read(connection, &copy, me, from_copy).await?;
         let count = reply.header.count.unwrap_or(0);
         if count == 0 {
             break;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use qbus_wire::protocol::{Frame, Header};
+use qbus_wire::protocol::{Frame, Header, FLAG_READ_AHEAD};
 
 use crate::core::{Core, MAX_WAIT};
 use crate::error::BrokerError;
@@ -18,7 +18,9 @@ const MAX_RECORDS: usize = 1 << 16;
 /// to the leader restoring it) from `offset` (or from the
 /// oldest one retained, when `offset` is older: the reply's `offset` then says where the
 /// records start, and the follower resyncs), byte for byte as stored and published. Waits
-/// up to `timeout_ms` for a record when there is none yet.
+/// up to `timeout_ms` for a record when there is none yet. Unless it is a read ahead
+/// (`FLAG_READ_AHEAD`), it confirms that the follower holds every record below `offset`;
+/// with `count` 0 it is only that confirmation.
 pub async fn replica_read(core: &Core, request: &Header) -> Result<Frame, BrokerError> {
     let name = request
         .mq
@@ -38,7 +40,18 @@ pub async fn replica_read(core: &Core, request: &Header) -> Result<Frame, Broker
             reader.end_offset()
         )));
     }
-    mq.followers().heard(follower, from, reader.end_offset());
+    if request.has_flag(FLAG_READ_AHEAD) {
+        mq.followers().alive(follower, from, reader.end_offset());
+    } else {
+        mq.followers().heard(follower, from, reader.end_offset());
+    }
+    if request.count == Some(0) {
+        // A confirmation only.
+        let mut header = Header::reply_to(request);
+        header.offset = Some(from);
+        header.count = Some(0);
+        return Ok(Frame::new(header));
+    }
     let wait = Duration::from_millis(request.timeout_ms.unwrap_or(0).into()).min(MAX_WAIT);
     let mut end = reader.subscribe_end();
     let give_up = tokio::time::Instant::now() + wait;

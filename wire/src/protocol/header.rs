@@ -213,6 +213,10 @@ pub const FLAG_ACK_REPLICATED: u32 = 1 << 16;
 /// Header flag on a produce (protocol 3): the receipt waits for this broker only, even on
 /// an MQ with replicas (which acknowledges at `replicated` by default).
 pub const FLAG_ACK_LOCAL: u32 = 1 << 17;
+/// Header flag on a `ReplicaRead` (protocol 3): a read ahead, which does not confirm
+/// `offset`; the follower confirms what it made durable with later reads without it (a
+/// confirmation with `count` 0 asks for no records).
+pub const FLAG_READ_AHEAD: u32 = 1 << 18;
 
 /// The header of every frame. Field order is the wire order; do not reorder.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,7 +21,7 @@ pub use admin::{FollowerInfo, GroupInfo, MqInfo, MqOptions, ServerInfo};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
     Command, DeliveryToken, Durability, Header, LostRange, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED,
-    FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN,
+    FLAG_ONEWAY, FLAG_READ_AHEAD, FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
