@@ -1,7 +1,8 @@
 //! Following one copy: pulls a leader's records of one MQ into this broker's copy, and
-//! its groups' cursors, until told to stop. The copy's end (what the commit thread has
-//! made durable and published) is where the next pull starts, so a follower that restarts
-//! or loses its leader for a while carries on from where it is.
+//! its groups' cursors, until told to stop. A round starts from the copy's end (what the
+//! commit thread has made durable and published), so a follower that restarts or loses
+//! its leader for a while carries on from where it is; within a round, reads run ahead of
+//! the disk and a task confirms each append to the leader once it is durable.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use crate::queue::group_commit::AppendWait;
 use crate::queue::mq::Mq;
 use crate::store::Appended;
 
-/// How long a pull waits at the leader for a record; a follower is heard at least this
+/// How long a read waits at the leader for a record; a follower is heard at least this
 /// often, well within `leader::REACHABLE`.
 pub const POLL_WAIT: Duration = Duration::from_secs(1);
 /// How often the leader's cursors are copied.

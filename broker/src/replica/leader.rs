@@ -1,6 +1,7 @@
 //! The leader's side of one copy: which followers pull it and how far each holds it, for
-//! `replicated` receipts and for `QueryMq`. A follower asking for records from offset `n`
-//! tells the leader it holds every record below `n` durably; nothing else is needed.
+//! `replicated` receipts and for `QueryMq`. A follower's confirmation (a `ReplicaRead`
+//! without `READ_AHEAD`) from offset `n` tells the leader it holds every record below `n`
+//! durably; its reads ahead tell it the follower is there, and whether it has caught up.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
