@@ -121,7 +121,7 @@ pub struct NodeState {
     /// DirectRPC services offered, by name.
     pub services: Vec<String>,
     /// Follower copies this broker holds of other brokers' MQs (`docs/replication.md`),
-    /// sorted by leader and MQ. A client reads one (as `MQ@LEADER`) while its leader is
+    /// sorted by name (`MQ@LEADER`). A client reads one (as `MQ@LEADER`) while its leader is
     /// missing from the topology.
     pub copies: Vec<CopyState>,
 }
