@@ -95,7 +95,7 @@ impl MqState {
 ///     addr: "10.0.0.7:15555".into(),
 ///     epoch: 1_700_000_000_000,
 ///     seq: 3,
-///     mqs: vec![MqState { name: "orders".into(), depth: 42, groups: vec![] }],
+///     mqs: vec![MqState { name: "orders".into(), depth: 42, ..MqState::default() }],
 ///     ..NodeState::default()
 /// };
 /// assert!(state.holds("orders"));
