@@ -85,6 +85,10 @@ pub fn needs(header: &Header) -> Needs<'_> {
         Command::ListMq => Needs::Identity,
         Command::Call => Needs::On(Operation::RpcCall, mq, None),
         Command::Route => Needs::Some(Operation::RpcServe),
+        // Brokers following this one's copy read its whole log and cursors: a node's
+        // permission, as registering with a tracker is.
+        Command::ReplicaRead | Command::ReplicaCursor => Needs::On(Operation::Register, mq, None),
+        Command::AdoptCopy => Needs::On(Operation::Admin, mq, None),
         _ => Needs::Nothing,
     }
 }
@@ -120,6 +124,13 @@ mod tests {
         assert_eq!(needs(&route), Needs::Some(Operation::RpcServe));
         let remove = Header::request(Command::RemoveGroup, Some("orders"));
         assert_eq!(needs(&remove), Needs::On(Operation::Admin, "orders", None));
+        // Reading the raw log for a copy is a node's right, not anyone's.
+        for cmd in [Command::ReplicaRead, Command::ReplicaCursor] {
+            let read = Header::request(cmd, Some("orders"));
+            assert_eq!(needs(&read), Needs::On(Operation::Register, "orders", None));
+        }
+        let adopt = Header::request(Command::AdoptCopy, Some("orders"));
+        assert_eq!(needs(&adopt), Needs::On(Operation::Admin, "orders", None));
         assert_eq!(
             needs(&Header::request(Command::Heartbeat, None)),
             Needs::Nothing

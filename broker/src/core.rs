@@ -124,6 +124,14 @@ impl Core {
 
     /// Creates `name`, or returns it if it exists.
     pub async fn create(&self, name: &str, options: MqOptions) -> Result<Arc<Mq>, BrokerError> {
+        if options.replica_count() > 1 && self.config().reporting.is_none() {
+            // Followers are found through the trackers: without them no produce could
+            // ever be acknowledged.
+            return Err(BrokerError::BadRequest(format!(
+                "MQ {name:?} with replicas {}: this broker reports to no tracker (--tracker), so no broker can follow it",
+                options.replica_count()
+            )));
+        }
         let (mq, created) = self.registry.create(name, options).await?;
         if created {
             self.changed();
@@ -255,6 +263,21 @@ mod tests {
             wait: Duration::ZERO,
             report_loss: false,
         }
+    }
+
+    #[tokio::test]
+    async fn replicas_need_trackers() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let core = Core::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
+        let options = MqOptions {
+            replicas: Some(2),
+            ..MqOptions::default()
+        };
+        let refused = core.create("orders", options).await.err().unwrap();
+        assert!(refused.to_string().contains("--tracker"), "{refused}");
+        assert!(core.registry().list().is_empty());
+        commit.stop().await;
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 use qbus_server_kit::auth::Denied;
 use qbus_wire::protocol::Status;
 
+use crate::replica::leader::ReplicationError;
 use crate::store::StoreError;
 
 /// Why a broker operation failed.
@@ -33,6 +34,9 @@ pub enum BrokerError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The request contradicts what the broker holds.
+    #[error("{0}")]
+    Conflict(String),
     /// The peer holds too much; it must ack first.
     #[error("{0}")]
     Overloaded(String),
@@ -49,6 +53,9 @@ pub enum BrokerError {
     /// allow the request (403).
     #[error("{0}")]
     Denied(#[from] Denied),
+    /// A `replicated` produce could not reach enough followers.
+    #[error("replication: {0}")]
+    Replication(#[from] ReplicationError),
 }
 
 impl BrokerError {
@@ -56,14 +63,17 @@ impl BrokerError {
     pub fn status(&self) -> Status {
         match self {
             BrokerError::NoSuchMq(_) | BrokerError::NoSuchGroup { .. } => Status::NotFound,
-            BrokerError::GroupInUse { .. } => Status::Conflict,
+            BrokerError::GroupInUse { .. } | BrokerError::Conflict(_) => Status::Conflict,
             BrokerError::BadRequest(_) => Status::BadRequest,
             BrokerError::Overloaded(_) => Status::Overloaded,
             BrokerError::Store(e) if e.is_disk_full() => Status::InsufficientStorage,
             // Another broker holding the MQ can take the write (HA clients fail over on 503).
             BrokerError::Store(StoreError::Halted { .. }) => Status::Unavailable,
+            // Restoring: the MQ takes produce again in a moment; the others take it now.
+            BrokerError::Store(StoreError::ReadOnly { .. }) => Status::Unavailable,
             BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
-            BrokerError::ShuttingDown => Status::Unavailable,
+            // A tracker:// producer moves on to another broker.
+            BrokerError::ShuttingDown | BrokerError::Replication(_) => Status::Unavailable,
             BrokerError::Denied(Denied::Unauthenticated(_)) => Status::Unauthorized,
             BrokerError::Denied(Denied::Forbidden(_)) => Status::Forbidden,
         }

@@ -12,6 +12,8 @@
 //! - `zbus/`: the zbus 7.x protocol on the same port, for existing zbus clients
 //!   (`docs/zbus.md`).
 //! - `reporter`: reporting this broker's MQs to the trackers (`--tracker`).
+//! - `replica/`: followers of other brokers' logs and the leader's side of its own
+//!   (`docs/replication.md`).
 //! - `core`: what every door shares: the MQ table, the commit thread, the reply table,
 //!   counters, the change feed the reporter follows; the fetch loop and dead-lettering.
 //! - `queue/`: the queue engine: the MQ table, one MQ, a live group and its pure ledger, the
@@ -33,6 +35,7 @@ mod error;
 mod http;
 mod metrics;
 mod queue;
+mod replica;
 mod reporter;
 mod rpc;
 mod server;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use qbus_client::reporter;
 use qbus_wire::now_ms;
-use qbus_wire::topology::{GroupState, MqState, NodeKind, NodeState};
+use qbus_wire::topology::{CopyState, GroupState, MqState, NodeKind, NodeState};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +54,7 @@ pub async fn run(reporting: Reporting, core: Arc<Core>, addr: String, stop: Canc
         report_interval_ms: reporting.interval.as_millis() as u64,
         mqs: mqs(&core),
         services: Vec::new(),
+        copies: copies(&core),
     }));
     let sending = tokio::spawn(reporter::report(
         reporting.trackers,
@@ -80,12 +81,17 @@ pub async fn run(reporting: Reporting, core: Arc<Core>, addr: String, stop: Canc
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        let now = mqs(&core);
-        if now != publish.borrow().mqs {
+        let (now, copies_now) = (mqs(&core), copies(&core));
+        let changed = {
+            let state = publish.borrow();
+            now != state.mqs || copies_now != state.copies
+        };
+        if changed {
             publish.send_modify(|state| {
                 let state = Arc::make_mut(state);
                 state.seq += 1;
                 state.mqs = now;
+                state.copies = copies_now;
             });
         }
     }
@@ -100,16 +106,36 @@ fn facing(tracker: &str) -> Option<IpAddr> {
     Some(socket.local_addr().ok()?.ip())
 }
 
+/// The follower copies this broker holds, as the trackers see them.
+fn copies(core: &Core) -> Vec<CopyState> {
+    core.registry()
+        .copies()
+        .list()
+        .iter()
+        .filter_map(|copy| {
+            let (mq, leader) = copy.name().split_once('@')?;
+            Some(CopyState {
+                leader: leader.to_owned(),
+                mq: mq.to_owned(),
+                end: copy.reader().end_offset(),
+            })
+        })
+        .collect()
+}
+
 /// Every MQ as the trackers see it.
 fn mqs(core: &Core) -> Vec<MqState> {
     core.registry()
         .list()
         .iter()
+        // One being restored takes no produce yet: producers must not pick this broker.
+        .filter(|mq| !mq.is_copy())
         .map(|mq| {
             let info = mq.info();
             MqState {
                 name: info.name.clone(),
                 depth: info.depth(),
+                replicas: mq.options().replica_count(),
                 groups: info
                     .groups
                     .iter()

@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::core::Core;
 use crate::http;
 use crate::queue::group_commit::Committer;
+use crate::replica;
 use crate::reporter;
 use crate::session;
 use crate::store::StoreError;
@@ -263,6 +264,12 @@ pub async fn run(
         // A child token: on shutdown the tracker connections close and the trackers drop
         // this broker at once.
         let core = running.core().clone();
+        tokio::spawn(replica::run(
+            reporting.clone(),
+            core.clone(),
+            addr.clone(),
+            shutdown.child_token(),
+        ));
         tokio::spawn(reporter::run(reporting, core, addr, shutdown.child_token()));
     }
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {

@@ -10,8 +10,9 @@ use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
-    Command, Credentials, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ONEWAY,
-    FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
+    Command, Credentials, Durability, Frame, Header, LostRange, MqOptions, ServerInfo, Status,
+    FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
+    FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
@@ -25,6 +26,8 @@ use crate::error::BrokerError;
 use crate::metrics::Protocol;
 use crate::queue::group::Start;
 use crate::queue::group_commit::{AppendWait, CommitBatch};
+use crate::queue::mq::Mq;
+use crate::replica;
 use crate::rpc;
 
 /// Long polls one connection may have waiting at once.
@@ -43,7 +46,7 @@ struct Session {
     core: Arc<Core>,
     conn: u64,
     out: mpsc::Sender<Frame>,
-    produced: mpsc::Sender<(Header, AppendWait)>,
+    produced: mpsc::Sender<Produced>,
     /// Appends and cursor stores of the burst being handled, submitted together at its end.
     batch: CommitBatch,
     fetches: Arc<Semaphore>,
@@ -62,6 +65,9 @@ struct Session {
     /// Who the peer is: set on connect (certificate, anonymous) and by a login in `Hello`;
     /// `None` while it has no identity.
     identity: Option<Identity>,
+    /// (MQ, follower id) of the copies a follower pulls over this connection: when it
+    /// closes, those followers stop counting for `replicated` receipts at once.
+    following: HashSet<(String, String)>,
 }
 
 /// Serves one link until the peer closes it, it fails, or `shutdown` fires. The peer's
@@ -104,6 +110,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
         peer_protocol: 1,
         peer,
         identity,
+        following: HashSet::new(),
     };
     let replier = tokio::spawn(reply_in_order(pending, out.clone()));
     let mut open = true;
@@ -138,24 +145,46 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
     if !session.consumed.is_empty() {
         core.disconnect(conn);
     }
+    for (mq, follower) in &session.following {
+        if let Ok(mq) = core.registry().own(mq) {
+            mq.followers().gone(follower);
+        }
+    }
     core.replies().disconnect(conn);
     tracing::debug!("session closed");
 }
 
-/// Sends produce receipts in the order the produces arrived, as the disk confirms them.
-async fn reply_in_order(
-    mut pending: mpsc::Receiver<(Header, AppendWait)>,
-    out: mpsc::Sender<Frame>,
-) {
-    while let Some((request, wait)) = pending.recv().await {
+/// A produce awaiting its receipt: the request, its append, and the MQ whose followers
+/// must hold it too when it asked for (or its MQ defaults to) `replicated`.
+type Produced = (Header, AppendWait, Option<Arc<Mq>>);
+
+/// Sends produce receipts in the order the produces arrived, as the disk (and, for
+/// `replicated` receipts, the followers) confirm them.
+async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: mpsc::Sender<Frame>) {
+    while let Some((request, wait, replicated)) = pending.recv().await {
         let oneway = request.has_flag(FLAG_ONEWAY);
         let header = match wait.wait().await {
-            Ok((appended, durability)) => {
-                let mut header = Header::reply_to(&request);
-                header.offset = Some(appended.first_offset);
-                header.count = Some(appended.count as u32);
-                header.durability = Some(durability);
-                header
+            Ok((appended, mut durability)) => {
+                let confirmed = match &replicated {
+                    Some(mq) => mq.wait_replicated(appended.next_offset).await,
+                    None => Ok(()),
+                };
+                match confirmed {
+                    Ok(()) => {
+                        if replicated.is_some() {
+                            durability = Durability::Replicated;
+                        }
+                        let mut header = Header::reply_to(&request);
+                        header.offset = Some(appended.first_offset);
+                        header.count = Some(appended.count as u32);
+                        header.durability = Some(durability);
+                        header
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replicated receipt refused");
+                        error_header(&request, &BrokerError::from(e))
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "append failed");
@@ -221,12 +250,25 @@ impl Session {
             }
             Command::Produce => self.produce(frame).await,
             Command::Fetch => self.fetch(frame.header),
+            Command::ReplicaRead => self.replica_read(frame.header),
             Command::Ack | Command::Nack => self.settle(frame.header).await,
+            Command::ReplicaCursor => {
+                let (core, out) = (self.core.clone(), self.out.clone());
+                self.tasks.spawn(async move {
+                    let reply = match replica::serve::replica_cursor(&core, &frame.header).await {
+                        Ok(frame) => frame,
+                        Err(e) => Frame::new(error_header(&frame.header, &e)),
+                    };
+                    let _ = out.send(reply).await;
+                });
+                Ok(())
+            }
             Command::CreateMq
             | Command::QueryMq
             | Command::ListMq
             | Command::RemoveMq
-            | Command::RemoveGroup => {
+            | Command::RemoveGroup
+            | Command::AdoptCopy => {
                 self.admin(frame);
                 Ok(())
             }
@@ -346,8 +388,16 @@ impl Session {
                 return Err(Failure::new(&header, e));
             }
         }
+        let replicated = !header.has_flag(FLAG_ONEWAY)
+            && !header.has_flag(FLAG_ACK_LOCAL)
+            && (header.has_flag(FLAG_ACK_REPLICATED) || mq.replicated_by_default());
+        if replicated {
+            mq.admit_replicated()
+                .map_err(|e| Failure::new(&header, e.into()))?;
+        }
         let wait = mq.stage(&mut self.batch, BytesMut::from(body), count);
-        let _ = self.produced.send((header, wait)).await;
+        let replicated = replicated.then_some(mq);
+        let _ = self.produced.send((header, wait, replicated)).await;
         Ok(())
     }
 
@@ -381,6 +431,38 @@ impl Session {
         self.polls.spawn(async move {
             let _permit = permit;
             let reply = match fetch(&core, conn, &request, &mq, &group, peer_protocol).await {
+                Ok(frame) => frame,
+                Err(e) => Frame::new(error_header(&request, &e)),
+            };
+            let _ = out.send(reply).await;
+        });
+        Ok(())
+    }
+
+    /// A follower's pull of this broker's records (a long poll, like a fetch).
+    fn replica_read(&mut self, request: Header) -> Result<(), Failure> {
+        if self.peer_protocol < 3 {
+            // Records go out byte for byte as stored, version 3 fields (delay, TTL) and all:
+            // only a peer that said protocol 3 in `Hello` can take them.
+            let e = BrokerError::BadRequest(format!(
+                "ReplicaRead needs protocol 3; this connection said {} in Hello",
+                self.peer_protocol
+            ));
+            return Err(Failure::new(&request, e));
+        }
+        let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
+            let e = BrokerError::Overloaded(format!(
+                "more than {MAX_FETCHES} fetches waiting on one connection"
+            ));
+            return Err(Failure::new(&request, e));
+        };
+        if let (Some(mq), Some(follower)) = (&request.mq, &request.group) {
+            self.following.insert((mq.clone(), follower.clone()));
+        }
+        let (core, out) = (self.core.clone(), self.out.clone());
+        self.polls.spawn(async move {
+            let _permit = permit;
+            let reply = match replica::serve::replica_read(&core, &request).await {
                 Ok(frame) => frame,
                 Err(e) => Frame::new(error_header(&request, &e)),
             };
@@ -536,6 +618,11 @@ async fn admin(
         Command::RemoveMq => {
             core.remove(required(&request.mq, "mq")?).await?;
             Vec::new()
+        }
+        Command::AdoptCopy => {
+            let mq = core.registry().adopt(required(&request.mq, "mq")?).await?;
+            core.changed();
+            encode_body(&mq.info())
         }
         Command::RemoveGroup => {
             let mq = required(&request.mq, "mq")?;

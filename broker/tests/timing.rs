@@ -311,6 +311,32 @@ async fn protocol_2_clients_get_records_without_the_new_fields() {
         link.tx.send(Frame::new(fetch)).await.unwrap();
     }
     assert_eq!(bodies, ["expiring", "soon"]);
+    // A follower's pull hands out records byte for byte, new fields and all: refused to a
+    // connection that said protocol 2.
+    let mut pull = Header::request(Command::ReplicaRead, Some("mixed"));
+    pull.id = 100;
+    pull.group = Some("a-follower".into());
+    pull.offset = Some(0);
+    link.tx.send(Frame::new(pull)).await.unwrap();
+    let refused = loop {
+        let reply = tokio::time::timeout(Duration::from_secs(10), link.rx.next())
+            .await
+            .expect("a reply in time")
+            .expect("the connection stays open")
+            .unwrap();
+        if reply.header.id == 100 {
+            break reply.header;
+        }
+    };
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("protocol 3"),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,15 @@ pub enum MqCommand {
         /// MQ name
         name: String,
     },
+    /// Make a follower's copy of a dead broker's MQ an ordinary, writable MQ on the
+    /// follower's broker (for a broker that is never coming back; see docs/replication.md)
+    Adopt {
+        /// MQ name
+        name: String,
+        /// The broker whose copy to adopt (its id: its advertised address)
+        #[arg(long, value_name = "BROKER")]
+        from: String,
+    },
     /// Remove a consumer group of an MQ: its place and its deliveries in flight (refused
     /// while a consumer of it is attached)
     RemoveGroup {
@@ -69,6 +78,14 @@ pub struct CreateArgs {
     /// key once the previous is acknowledged (keys spread over the group's consumers)
     #[arg(long)]
     ordered_by_key: bool,
+    /// Copies of each broker's log of the MQ: its own plus N-1 followers on other brokers
+    /// (needs trackers); produces are then acknowledged at `replicated` [default: 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    replicas: Option<u32>,
+    /// Followers that must hold a message before its `replicated` receipt [default: every
+    /// follower in sync, at least one]
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..))]
+    min_replicas: Option<u32>,
 }
 
 /// A duration flag in ms.
@@ -84,6 +101,16 @@ pub async fn run(broker: &Broker, cmd: MqCommand) -> Result<(), CliError> {
         MqCommand::Remove { name } => {
             broker.remove_mq(&name).await?;
             println!("removed {name}");
+            Ok(())
+        }
+        MqCommand::Adopt { name, from } => {
+            let info = broker.adopt_copy(&name, &from).await?;
+            println!(
+                "adopted {from}'s {name}: offsets {}..{}, {} group(s)",
+                info.first_offset,
+                info.next_offset,
+                info.groups.len()
+            );
             Ok(())
         }
         MqCommand::RemoveGroup { name, group } => {
@@ -109,6 +136,8 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         ttl_ms: args.ttl,
         expired_to_dead_letter: args.expired_to_dead_letter.then_some(true),
         ordered_by_key: args.ordered_by_key.then_some(true),
+        replicas: args.replicas,
+        min_replicas: args.min_replicas,
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -127,6 +156,16 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "dead-letter",
             options.dead_letter_mq.clone(),
             info.options.dead_letter_mq.clone(),
+        ),
+        (
+            "replicas",
+            options.replicas.map(|v| v.to_string()),
+            info.options.replicas.map(|v| v.to_string()),
+        ),
+        (
+            "min-replicas",
+            options.min_replicas.map(|v| v.to_string()),
+            info.options.min_replicas.map(|v| v.to_string()),
         ),
         (
             "no-sync",
@@ -228,6 +267,7 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
     }
     if mq.groups.is_empty() {
         println!("groups:   none");
+        print_followers(&mq);
         return Ok(());
     }
     println!("groups:");
@@ -258,13 +298,41 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
     for line in table(&rows).lines() {
         println!("  {line}");
     }
+    print_followers(&mq);
     Ok(())
+}
+
+/// The followers of each broker's copy (MQs with replicas), with their lag and state.
+fn print_followers(mq: &MqInfo) {
+    if mq.followers.is_empty() {
+        return;
+    }
+    println!("followers:");
+    let mut rows = vec![["LEADER", "FOLLOWER", "ACKED", "LAG", "IN_SYNC"]
+        .map(str::to_owned)
+        .to_vec()];
+    for f in &mq.followers {
+        rows.push(vec![
+            if f.leader.is_empty() {
+                "this broker".to_owned()
+            } else {
+                f.leader.clone()
+            },
+            f.id.clone(),
+            f.acked.to_string(),
+            f.lag.to_string(),
+            if f.in_sync { "yes" } else { "no" }.to_owned(),
+        ]);
+    }
+    for line in table(&rows).lines() {
+        println!("  {line}");
+    }
 }
 
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={}",
+        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={} replicas={} min_replicas={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),
@@ -278,6 +346,8 @@ fn describe_options(options: &MqOptions) -> String {
             "drop"
         },
         options.ordered_by_key == Some(true),
+        or_default(options.replicas.map(|v| v.to_string())),
+        or_default(options.min_replicas.map(|v| v.to_string())),
     )
 }
 

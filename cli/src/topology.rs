@@ -170,6 +170,7 @@ mod tests {
                     lag: 5,
                     in_flight: 0,
                 }],
+                replicas: 1,
             }],
             ..NodeState::default()
         };

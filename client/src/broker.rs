@@ -237,6 +237,15 @@ impl Broker {
         self.transport.query_mq(mq).await
     }
 
+    /// Makes a follower's copy of broker `leader`'s `mq` an ordinary, writable MQ named `mq`
+    /// on the follower's broker, with the copy's messages and group cursors: for a broker
+    /// whose machine is never coming back (`docs/replication.md`). Over HA it goes to the
+    /// follower the topology says holds the copy; to one broker, to that broker. Fails
+    /// (`409`) when that broker holds an `mq` of its own.
+    pub async fn adopt_copy(&self, mq: &str, leader: &str) -> Result<MqInfo> {
+        self.transport.adopt_copy(mq, leader).await
+    }
+
     /// Describes every MQ, sorted by name (over an HA handle, summed over brokers).
     pub async fn list_mqs(&self) -> Result<Vec<MqInfo>> {
         self.transport.list_mqs().await

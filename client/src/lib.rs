@@ -58,5 +58,5 @@ pub use connection::{Connection, ConnectionOptions};
 pub use consumer::{Consumer, ConsumerBuilder, Delivery, StartAt};
 pub use error::{ClientError, Result};
 pub use message::Message;
-pub use producer::{PendingReceipt, Producer, Receipt};
+pub use producer::{Ack, PendingReceipt, Producer, Receipt};
 pub use protocol::{Durability, MqInfo, MqOptions, Status};

@@ -8,7 +8,9 @@ use bytes::BytesMut;
 
 use crate::error::{ClientError, Result};
 use crate::message::Message;
-use crate::protocol::{Command, Durability, Frame, Header, FLAG_ONEWAY};
+use crate::protocol::{
+    Command, Durability, Frame, Header, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_ONEWAY,
+};
 use crate::transport::{PendingFrame, Transport};
 
 /// What the broker confirmed for a send.
@@ -36,6 +38,22 @@ pub struct Receipt {
 pub struct Producer {
     transport: Transport,
     mq: Arc<str>,
+    /// `FLAG_ACK_*` bits of every produce.
+    ack: u32,
+}
+
+/// How far a produce must get before its receipt (protocol 3; see `docs/replication.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ack {
+    /// What the MQ does: `replicated` for an MQ with `replicas` above 1, else the broker's
+    /// fsync policy (`synced` or `written`). The default.
+    #[default]
+    MqDefault,
+    /// This broker's disk only, even on an MQ with replicas.
+    Local,
+    /// Synced here and on the MQ's `min_replicas` followers, even on an MQ whose default is
+    /// less (it then fails with `503` unless followers exist).
+    Replicated,
 }
 
 impl Producer {
@@ -43,7 +61,28 @@ impl Producer {
         Producer {
             transport,
             mq: mq.into(),
+            ack: 0,
         }
+    }
+
+    /// This producer with its sends acknowledged at `ack` (default [`Ack::MqDefault`]).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// use qbus_client::{Ack, Durability};
+    /// let broker = qbus_client::Broker::connect("tracker://127.0.0.1:16666").await?;
+    /// let producer = broker.producer("orders").with_ack(Ack::Replicated);
+    /// let receipt = producer.send("order #1").await?;
+    /// assert_eq!(receipt.durability, Durability::Replicated);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_ack(mut self, ack: Ack) -> Producer {
+        self.ack = match ack {
+            Ack::MqDefault => 0,
+            Ack::Local => FLAG_ACK_LOCAL,
+            Ack::Replicated => FLAG_ACK_REPLICATED,
+        };
+        self
     }
 
     /// The MQ this producer sends to.
@@ -120,7 +159,7 @@ impl Producer {
         }
         let mut header = Header::request(Command::Produce, Some(&self.mq));
         header.count = Some(count);
-        header.flags = flags;
+        header.flags = flags | self.ack;
         Ok((Frame::with_body(header, body.freeze()), key))
     }
 }

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-pub use qbus_wire::topology::{GroupState, MqState, NodeKind, NodeState, TopologyUpdate, Version};
+pub use qbus_wire::topology::{
+    CopyState, GroupState, MqState, NodeKind, NodeState, TopologyUpdate, Version,
+};
 
 /// A broker holding an MQ, as a [`Selector`](crate::ha::Selector) sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +22,18 @@ pub struct Candidate {
     pub lag: u64,
     /// Deliveries awaiting an ack there.
     pub in_flight: u64,
+}
+
+/// A follower's copy standing in for a leader that does not hold its MQ now; see
+/// [`Topology::stand_ins`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandIn {
+    /// The missing leader's id.
+    pub leader: Arc<str>,
+    /// Where the follower holding the copy is reached.
+    pub addr: Arc<str>,
+    /// The copy's name, `MQ@LEADER`, to fetch it by.
+    pub copy: String,
 }
 
 /// The merged view of the cluster an HA client works from; cheap to share behind an `Arc`.
@@ -102,6 +116,35 @@ impl Topology {
     /// The brokers holding `mq`, sorted by id; empty when none does.
     pub fn holders(&self, mq: &str) -> &[Candidate] {
         self.holders.get(mq).map_or(&[], |c| c)
+    }
+
+    /// Followers' copies of `mq` standing in for leaders that do not hold it now (dropped
+    /// by the trackers, or restarted without it): one per missing leader, the copy that
+    /// reaches furthest (ties: the follower with the smallest id). Consumers read these as
+    /// `MQ@LEADER` while the leader is away (`docs/replication.md`).
+    pub fn stand_ins(&self, mq: &str) -> Vec<StandIn> {
+        let holders = self.holders(mq);
+        let mut best: BTreeMap<&str, (&NodeState, u64)> = BTreeMap::new();
+        for broker in self.brokers.values().filter(|b| b.is_broker()) {
+            for copy in broker.copies.iter().filter(|c| c.mq == mq) {
+                if holders.iter().any(|h| *h.id == copy.leader) {
+                    continue;
+                }
+                let better = best
+                    .get(copy.leader.as_str())
+                    .is_none_or(|&(_, end)| copy.end > end);
+                if better {
+                    best.insert(&copy.leader, (broker, copy.end));
+                }
+            }
+        }
+        best.into_iter()
+            .map(|(leader, (broker, _))| StandIn {
+                leader: leader.into(),
+                addr: broker.addr.as_str().into(),
+                copy: qbus_wire::topology::copy_name(mq, leader),
+            })
+            .collect()
     }
 
     /// Every MQ name held somewhere, sorted.

@@ -101,6 +101,19 @@ impl Transport {
         decode_reply(&reply.body)
     }
 
+    /// Makes the follower copy of `leader`'s `mq` an MQ of its broker's own (over HA, on the
+    /// follower holding it).
+    pub(crate) async fn adopt_copy(&self, mq: &str, leader: &str) -> Result<MqInfo> {
+        let connection = match &self.kind {
+            Kind::Ha(ha) => return ha.adopt_copy(mq, leader).await,
+            Kind::Single(connection) => connection,
+        };
+        let name = qbus_wire::topology::copy_name(mq, leader);
+        let header = Header::request(Command::AdoptCopy, Some(&name));
+        let reply = admin(connection, header, Bytes::new()).await?;
+        decode_reply(&reply.body)
+    }
+
     /// Describes `mq` (over HA, summed over its copies).
     pub(crate) async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
         let connection = match &self.kind {
@@ -195,16 +208,22 @@ impl Transport {
         }
     }
 
-    /// Calls `start` with a connection to each broker holding `mq`, a clone of `tx` and the
-    /// token that stops what it started: once for one broker; over HA for every holder, then
-    /// for brokers that join while `tx`'s receiver lives, stopping those that leave.
+    /// Calls `start` with a connection to each broker holding `mq`, the name to read there, a
+    /// clone of `tx` and the token that stops what it started: once for one broker; over HA
+    /// for every holder (and follower copies standing in for missing leaders), then for
+    /// brokers that join while `tx`'s receiver lives, stopping those that leave.
     pub(crate) fn follow_holders<T, F>(&self, mq: &str, tx: mpsc::Sender<T>, start: F)
     where
         T: Send + 'static,
-        F: Fn(Connection, mpsc::Sender<T>, CancellationToken) + Send + 'static,
+        F: Fn(Connection, String, mpsc::Sender<T>, CancellationToken) + Send + 'static,
     {
         match &self.kind {
-            Kind::Single(connection) => start(connection.clone(), tx, CancellationToken::new()),
+            Kind::Single(connection) => start(
+                connection.clone(),
+                mq.to_owned(),
+                tx,
+                CancellationToken::new(),
+            ),
             Kind::Ha(ha) => crate::ha::consume::follow_holders(ha, mq, tx, start),
         }
     }

@@ -169,7 +169,8 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
     let m = |key: &str| metric(&before, key);
     assert_eq!(m("qbus_tracker_nodes{kind=\"broker\"}"), 2.0);
     assert_eq!(m("qbus_tracker_nodes{kind=\"rpc\"}"), 1.0);
-    assert_eq!(m("qbus_tracker_subscribers"), 1.0);
+    // The client, and each broker following the topology for replicas.
+    assert_eq!(m("qbus_tracker_subscribers"), 3.0);
     assert_eq!(m("qbus_tracker_ready"), 1.0);
     assert_eq!(
         m(&format!(

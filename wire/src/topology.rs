@@ -74,6 +74,9 @@ pub struct MqState {
     pub depth: u64,
     /// Its consumer groups.
     pub groups: Vec<GroupState>,
+    /// The MQ's `replicas` option (0 when unreported, which means 1): brokers other than
+    /// this one follow its copy when above 1 (`docs/replication.md`).
+    pub replicas: u32,
 }
 
 impl MqState {
@@ -92,7 +95,7 @@ impl MqState {
 ///     addr: "10.0.0.7:15555".into(),
 ///     epoch: 1_700_000_000_000,
 ///     seq: 3,
-///     mqs: vec![MqState { name: "orders".into(), depth: 42, groups: vec![] }],
+///     mqs: vec![MqState { name: "orders".into(), depth: 42, ..MqState::default() }],
 ///     ..NodeState::default()
 /// };
 /// assert!(state.holds("orders"));
@@ -117,6 +120,35 @@ pub struct NodeState {
     pub mqs: Vec<MqState>,
     /// DirectRPC services offered, by name.
     pub services: Vec<String>,
+    /// Follower copies this broker holds of other brokers' MQs (`docs/replication.md`),
+    /// sorted by name (`MQ@LEADER`). A client reads one (as `MQ@LEADER`) while its leader is
+    /// missing from the topology.
+    pub copies: Vec<CopyState>,
+}
+
+/// A follower's copy of another broker's MQ, as reported to the trackers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CopyState {
+    /// The leader broker's id.
+    pub leader: String,
+    /// The MQ.
+    pub mq: String,
+    /// Offset after the copy's last record.
+    pub end: u64,
+}
+
+impl CopyState {
+    /// The name clients fetch the copy by: `MQ@LEADER`.
+    pub fn name(&self) -> String {
+        copy_name(&self.mq, &self.leader)
+    }
+}
+
+/// The name of a follower's copy of `leader`'s `mq`: `MQ@LEADER` (an MQ's own name never
+/// has an `@`).
+pub fn copy_name(mq: &str, leader: &str) -> String {
+    format!("{mq}@{leader}")
 }
 
 impl NodeState {

@@ -13,7 +13,7 @@ use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
 use qbus_server_kit::auth::{Identity, Operation};
 use qbus_wire::protocol::record::{encode_record_meta, parse_record, RecordMeta, RECORD_OVERHEAD};
-use qbus_wire::protocol::{DeliveryToken, MqOptions, Status};
+use qbus_wire::protocol::{DeliveryToken, Durability, MqOptions, Status};
 use serde::Serialize;
 
 use super::body;
@@ -22,6 +22,7 @@ use super::fields::Fields;
 use super::reply::{json, ApiError, Reply};
 use super::stats::MqStats;
 use crate::core::FetchRequest;
+use crate::error::BrokerError;
 use crate::queue::group::Start;
 
 /// Room left in `max-frame` for the binary frame header, so a message produced over HTTP can
@@ -166,6 +167,10 @@ async fn produce(
     let key = fields.get("key")?.filter(|k| !k.is_empty());
     // Before reading the body: an unknown MQ should not cost an upload.
     let mq = ctx.core.registry().get(mq_name)?;
+    let replicated = mq.replicated_by_default();
+    if replicated {
+        mq.admit_replicated().map_err(BrokerError::from)?;
+    }
     let (tag_len, key_len) = (tag.map_or(0, str::len), key.map_or(0, str::len));
     let limit = body_limit(ctx.core.config().max_frame, tag_len + key_len);
     let payload = body::read(
@@ -191,7 +196,13 @@ async fn produce(
     if deliver_at.is_some() {
         ctx.core.registry().enable_delays(&mq).await?;
     }
-    let (appended, durability) = mq.append(ctx.core.committer(), record, 1).await?;
+    let (appended, mut durability) = mq.append(ctx.core.committer(), record, 1).await?;
+    if replicated {
+        mq.wait_replicated(appended.next_offset)
+            .await
+            .map_err(BrokerError::from)?;
+        durability = Durability::Replicated;
+    }
     Ok(json(
         StatusCode::OK,
         &Receipt {

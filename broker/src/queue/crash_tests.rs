@@ -73,6 +73,8 @@ fn random_options(rng: &mut Rng) -> MqOptions {
         dead_letter_mq: (rng.below(2) == 0).then(|| format!("dead-{}", rng.below(100))),
         // Mostly synced: only those acknowledgements promise anything.
         sync: Some(rng.below(4) != 0),
+        replicas: Some(1 + rng.below(3) as u32),
+        min_replicas: (rng.below(2) == 0).then_some(1),
         ..MqOptions::default()
     }
 }

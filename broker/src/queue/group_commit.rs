@@ -148,6 +148,13 @@ impl<T> StoreWait<T> {
         StoreWait(wait)
     }
 
+    /// A wait that fails with `error` (a write refused before it was queued).
+    pub fn failed(error: StoreError) -> StoreWait<T> {
+        let (reply, wait) = oneshot::channel();
+        let _ = reply.send(Err(error));
+        StoreWait(wait)
+    }
+
     /// Waits for the write to be durable (and an append's records visible).
     pub async fn wait(self) -> Result<T, StoreError> {
         self.0.await.map_err(|_| stopped())?

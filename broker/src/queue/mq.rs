@@ -17,6 +17,7 @@ use super::group_ledger::Redeliveries;
 use super::timer::Timer;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
+use crate::replica::leader::{Followers, ReplicationError};
 use crate::store::fsio::{sync_parent, write_durably};
 use crate::store::{
     AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip,
@@ -92,6 +93,10 @@ pub struct Mq {
     damage_seen: Mutex<HashSet<(PathBuf, u64)>>,
     /// Delayed delivery (see [`super::timer`]).
     timer: Timer,
+    /// A follower's copy of another broker's log (read-only to clients), not a log of its own.
+    copy: bool,
+    /// Followers of this broker's log, when it is its own.
+    followers: Followers,
 }
 
 impl Mq {
@@ -99,10 +104,20 @@ impl Mq {
     /// sees yet, and makes them durable (files and `dir` synced), so that the registry can
     /// rename `dir` into place in one step. Blocking.
     pub fn prepare(fs: &FsRef, dir: &Path, options: &MqOptions) -> Result<(), StoreError> {
+        Mq::prepare_at(fs, dir, options, 0)
+    }
+
+    /// [`prepare`](Self::prepare) for a log starting at offset `first` (a follower's copy).
+    pub fn prepare_at(
+        fs: &FsRef,
+        dir: &Path,
+        options: &MqOptions,
+        first: u64,
+    ) -> Result<(), StoreError> {
         let groups = dir.join(GROUPS_DIR);
         fs.create_dir_all(&groups)
             .map_err(StoreError::io(&groups))?;
-        MqLog::create(fs, dir)?;
+        MqLog::create_at(fs, dir, first)?;
         let options_path = dir.join(OPTIONS_FILE);
         let bytes = rmp_serde::to_vec_named(options)
             .map_err(|e| StoreError::io(&options_path)(std::io::Error::other(e)))?;
@@ -142,6 +157,7 @@ impl Mq {
                 .max(1),
             max_in_flight: defaults.max_in_flight,
         };
+        let copy = log_config.copy;
         let (log, reader) = MqLog::open(fs, dir, log_config)?;
         let timer = Timer::new(TimerLog::open(fs, dir)?);
         let mut groups = HashMap::new();
@@ -176,12 +192,9 @@ impl Mq {
             counters: MqCounters::default(),
             damage_seen: Mutex::new(HashSet::new()),
             timer,
+            copy,
+            followers: Followers::default(),
         })
-    }
-
-    /// The read side of the log.
-    pub fn reader(&self) -> &LogReader {
-        &self.reader
     }
 
     /// Its delayed delivery.
@@ -236,6 +249,75 @@ impl Mq {
         &self.dir
     }
 
+    /// The options it was created with (unset fields unset).
+    pub fn options(&self) -> &MqOptions {
+        &self.options
+    }
+
+    /// Whether this is a follower's copy of another broker's log: clients may read it and
+    /// ack on it, never produce to it.
+    pub fn is_copy(&self) -> bool {
+        self.copy
+    }
+
+    /// Whether produces are acknowledged at `replicated` unless they ask for less.
+    pub fn replicated_by_default(&self) -> bool {
+        !self.copy && self.options.replica_count() > 1
+    }
+
+    /// The followers of this broker's log.
+    pub fn followers(&self) -> &Followers {
+        &self.followers
+    }
+
+    /// Refuses a `replicated` produce before it is written when too few followers are
+    /// reachable for the MQ's `min_replicas`.
+    pub fn admit_replicated(&self) -> Result<(), ReplicationError> {
+        self.followers.check_reachable(self.options.min_replicas)
+    }
+
+    /// Waits until enough followers hold every record below `end` for a `replicated`
+    /// receipt.
+    pub async fn wait_replicated(&self, end: u64) -> Result<(), ReplicationError> {
+        self.followers
+            .wait_replicated(end, self.options.min_replicas)
+            .await
+    }
+
+    /// The log's reader (what is published: synced, under `--fsync always`).
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// Moves group `name` up to `committed` (created there if new): every record below is
+    /// taken as acknowledged. A follower's copy takes its leader's cursors so; a cursor is
+    /// never moved back.
+    pub async fn advance_group(
+        &self,
+        committer: &Committer,
+        name: &str,
+        committed: u64,
+    ) -> Result<(), BrokerError> {
+        let committed = committed.clamp(self.reader.first_offset(), self.reader.end_offset());
+        let group = self
+            .group(committer, name, Start::Offset(committed))
+            .await?;
+        let moved = {
+            let mut state = group.state();
+            if state.committed() < committed {
+                state.truncate_before(committed);
+            }
+            state.committed()
+        };
+        if group.persisted.fetch_max(moved, Ordering::AcqRel) < moved {
+            committer
+                .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
+                .await?;
+            group.changed.notify_waiters();
+        }
+        Ok(())
+    }
+
     /// Whether produces and acks wait for the fsync (the `sync` option, default true).
     pub fn wait_sync(&self) -> bool {
         self.options.sync.unwrap_or(true)
@@ -253,9 +335,44 @@ impl Mq {
 
     /// Adds `count` whole, verified records to `batch`; the returned wait resolves once
     /// the batch is submitted and they are durable (see [`CommitBatch`]).
+    /// A follower's copy takes no produce: its wait fails with [`StoreError::ReadOnly`].
     pub fn stage(&self, batch: &mut CommitBatch, records: BytesMut, count: u32) -> AppendWait {
+        if self.copy {
+            return AppendWait::failed(StoreError::ReadOnly {
+                mq: self.name.clone(),
+            });
+        }
         self.counters.produced(count.into(), records.len() as u64);
         batch.append(&self.log, records, count, self.wait_sync())
+    }
+
+    /// Appends records copied from their leader, byte for byte, to a follower's copy (or an
+    /// MQ being restored from one) and waits until they are durable.
+    pub async fn append_copied(
+        &self,
+        committer: &Committer,
+        records: BytesMut,
+        count: u32,
+    ) -> Result<(), BrokerError> {
+        self.stage_copied(committer, records, count)
+            .await?
+            .wait()
+            .await?;
+        Ok(())
+    }
+
+    /// Hands records copied from their leader to the commit thread (in order with earlier
+    /// ones) and returns the wait for their durability.
+    pub async fn stage_copied(
+        &self,
+        committer: &Committer,
+        records: BytesMut,
+        count: u32,
+    ) -> Result<AppendWait, BrokerError> {
+        let mut batch = CommitBatch::default();
+        let wait = batch.append(&self.log, records, count, self.wait_sync());
+        committer.submit(batch).await?;
+        Ok(wait)
     }
 
     /// Appends whole, verified records on their own and waits for them.
@@ -829,10 +946,13 @@ impl Mq {
                 ttl_ms: self.options.ttl_ms,
                 expired_to_dead_letter: Some(self.expired_to_dead_letter()),
                 ordered_by_key: Some(self.options.ordered_by_key == Some(true)),
+                replicas: Some(self.options.replica_count()),
+                min_replicas: self.options.min_replicas,
             },
             groups,
             delayed: self.timer.pending(),
             expired: self.counters.read().expired,
+            followers: self.followers.info(end),
         }
     }
 

@@ -13,6 +13,7 @@ use super::group_commit::{CommitBatch, Committer, StoreWait};
 use super::mq::{Limits, Mq};
 use crate::config::Config;
 use crate::error::{validate_name, BrokerError};
+use crate::replica::copies::Copies;
 use crate::store::fsio::{sync_parent, Fs};
 use crate::store::lock::LOCK_FILE;
 use crate::store::{FsRef, LogConfig, OsFs, StoreError, StoreLock};
@@ -28,6 +29,11 @@ pub struct Registry {
     config: Config,
     committer: Committer,
     mqs: RwLock<HashMap<String, Arc<Mq>>>,
+    /// Follower copies of other brokers' logs, named `MQ@LEADER` to clients.
+    copies: Copies,
+    /// The store held no MQ and no copy when opened: a new broker, or one whose disk was
+    /// lost, which restores its MQs from their followers' copies.
+    started_empty: bool,
     /// Serialises create and remove so two creators never open one directory twice.
     admin: tokio::sync::Mutex<()>,
     // None on a simulated disk in tests: the lock is the operating system's.
@@ -83,6 +89,8 @@ impl Registry {
             )?;
             mqs.insert(entry.name, Arc::new(mq));
         }
+        let copies = Copies::open(&fs, store, log_config(&config), limits(&config))?;
+        let started_empty = mqs.is_empty() && copies.list().is_empty();
         tracing::info!(
             store = %config.store.display(),
             mqs = mqs.len(),
@@ -94,6 +102,8 @@ impl Registry {
             config,
             committer,
             mqs: RwLock::new(mqs),
+            copies,
+            started_empty,
             admin: tokio::sync::Mutex::new(()),
             _lock: lock,
             timers: tokio_util::sync::CancellationToken::new(),
@@ -105,8 +115,16 @@ impl Registry {
         &self.config
     }
 
-    /// The MQ `name`.
+    /// The MQ `name`, or the follower copy `MQ@LEADER`.
     pub fn get(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
+        if name.contains('@') {
+            return self.copies.by_name(name);
+        }
+        self.own(name)
+    }
+
+    /// This broker's own MQ `name` (never a follower copy).
+    pub fn own(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
         self.mqs
             .read()
             .expect("mq table poisoned")
@@ -115,7 +133,146 @@ impl Registry {
             .ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))
     }
 
-    /// Every MQ, sorted by name.
+    /// Whether the store held no MQ and no copy when opened.
+    pub fn started_empty(&self) -> bool {
+        self.started_empty
+    }
+
+    /// Makes MQ `name` anew, empty from offset `first`, to restore it from a follower's
+    /// copy: its log takes records byte for byte, and produces are refused (`503`) until
+    /// [`finish_restore`](Self::finish_restore). `None` when the MQ exists.
+    pub async fn start_restore(
+        &self,
+        name: &str,
+        options: &MqOptions,
+        first: u64,
+    ) -> Result<Option<Arc<Mq>>, BrokerError> {
+        validate_name("MQ", name)?;
+        let _admin = self.admin.lock().await;
+        if self.get(name).is_ok() {
+            return Ok(None);
+        }
+        let dir = self.config.store.join(name);
+        let staging = self.config.store.join(format!("{CREATING}{name}"));
+        let log_config = LogConfig {
+            copy: true,
+            ..log_config(&self.config)
+        };
+        let (fs, owned, options) = (self.fs.clone(), name.to_owned(), options.clone());
+        let limits = limits(&self.config);
+        let mq = blocking("restore", move || {
+            if fs.list(&staging).is_ok() {
+                fs.remove_dir_all(&staging)
+                    .map_err(StoreError::io(&staging))?;
+            }
+            Mq::prepare_at(&fs, &staging, &options, first)?;
+            fs.rename(&staging, &dir).map_err(StoreError::io(&dir))?;
+            sync_parent(&*fs, &dir)?;
+            Mq::open(&fs, &owned, &dir, log_config, &limits)
+        })
+        .await?;
+        let mq = Arc::new(mq);
+        self.mqs
+            .write()
+            .expect("mq table poisoned")
+            .insert(name.to_owned(), mq.clone());
+        tracing::info!(mq = name, first, "restoring MQ from a follower's copy");
+        Ok(Some(mq))
+    }
+
+    /// Ends the restore of `name`: it is reopened as an MQ of this broker's own, written by
+    /// its producers from where the copy ended.
+    pub async fn finish_restore(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
+        let _admin = self.admin.lock().await;
+        let restoring = self.own(name)?;
+        self.committer.sync().await?;
+        let (fs, owned, dir) = (self.fs.clone(), name.to_owned(), restoring.dir().to_owned());
+        let (log_config, limits) = (log_config(&self.config), limits(&self.config));
+        let mq = blocking("restore", move || {
+            super::timer::index_whole_log(&fs, &dir)?;
+            Mq::open(&fs, &owned, &dir, log_config, &limits)
+        })
+        .await?;
+        let mq = Arc::new(mq);
+        self.mqs
+            .write()
+            .expect("mq table poisoned")
+            .insert(name.to_owned(), mq.clone());
+        super::timer::start(&mq, &self.committer, &self.timers).await;
+        tracing::info!(mq = name, end = mq.reader().end_offset(), "MQ restored");
+        Ok(mq)
+    }
+
+    /// Makes the follower copy `MQ@LEADER` an MQ of this broker's own named `MQ`, written
+    /// by its producers from where the copy ends, with the copy's groups and cursors: for
+    /// a leader that is never coming back. Refused while this broker holds an `MQ` of its
+    /// own (the two logs cannot be joined).
+    pub async fn adopt(&self, copy: &str) -> Result<Arc<Mq>, BrokerError> {
+        let (name, leader) = copy.split_once('@').ok_or_else(|| {
+            BrokerError::BadRequest(format!("{copy:?} names no follower copy (MQ@LEADER)"))
+        })?;
+        validate_name("MQ", name)?;
+        let _admin = self.admin.lock().await;
+        if self.own(name).is_ok() {
+            return Err(BrokerError::Conflict(format!(
+                "this broker holds an MQ {name:?} of its own; the copy stays readable as {copy:?}"
+            )));
+        }
+        let (taken, _copies) = self
+            .copies
+            .take(leader, name)
+            .await
+            .ok_or_else(|| BrokerError::NoSuchMq(copy.to_owned()))?;
+        // A pull still under way must not write into the files once they are the new MQ's:
+        // closed under the log's lock, which every write takes.
+        taken.log().lock().expect("log lock poisoned").close();
+        self.committer.sync().await?;
+        let (fs, owned, from) = (self.fs.clone(), name.to_owned(), taken.dir().to_owned());
+        let dir = self.config.store.join(name);
+        let (log_config, limits) = (log_config(&self.config), limits(&self.config));
+        let adopted = blocking("adopt", move || {
+            // Before the rename, so the MQ never exists without it.
+            super::timer::index_whole_log(&fs, &from)?;
+            fs.rename(&from, &dir).map_err(StoreError::io(&dir))?;
+            sync_parent(&*fs, &from)?;
+            sync_parent(&*fs, &dir)?;
+            Mq::open(&fs, &owned, &dir, log_config, &limits)
+        })
+        .await;
+        let adopted = match adopted {
+            Ok(adopted) => Arc::new(adopted),
+            Err(e) => {
+                self.copies.put_back(leader, name, taken);
+                return Err(e);
+            }
+        };
+        self.mqs
+            .write()
+            .expect("mq table poisoned")
+            .insert(name.to_owned(), adopted.clone());
+        tracing::info!(
+            mq = name,
+            leader,
+            end = adopted.reader().end_offset(),
+            "follower copy adopted"
+        );
+        super::timer::start(&adopted, &self.committer, &self.timers).await;
+        Ok(adopted)
+    }
+
+    /// The follower copies.
+    pub fn copies(&self) -> &Copies {
+        &self.copies
+    }
+
+    /// Every MQ and follower copy: what consumers may hold deliveries of.
+    fn everything(&self) -> Vec<Arc<Mq>> {
+        let mut all = self.list();
+        all.extend(self.copies.list());
+        all
+    }
+
+    /// Every MQ of this broker's own, sorted by name.
     pub fn list(&self) -> Vec<Arc<Mq>> {
         let mut all: Vec<_> = self
             .mqs
@@ -236,7 +393,7 @@ impl Registry {
 
     /// Releases the deliveries of a closed connection.
     pub fn disconnect(&self, conn: u64) {
-        for mq in self.list() {
+        for mq in self.everything() {
             mq.disconnect(conn);
         }
     }
@@ -245,7 +402,7 @@ impl Registry {
     /// its deliveries stay held until acked or timed out: HTTP clients ack on later
     /// connections.
     pub fn detach(&self, conn: u64) {
-        for mq in self.list() {
+        for mq in self.everything() {
             mq.detach(conn);
         }
     }
@@ -330,7 +487,7 @@ impl Registry {
 
     /// Releases deliveries past their ack deadline in every MQ.
     pub fn sweep(&self, now: Instant) {
-        for mq in self.list() {
+        for mq in self.everything() {
             mq.sweep(now);
         }
     }
@@ -340,7 +497,7 @@ impl Registry {
         if self.config.retention_size.is_none() && self.config.retention_age.is_none() {
             return;
         }
-        for mq in self.list() {
+        for mq in self.everything() {
             if let Err(e) = self.committer.retain(mq.log()).await {
                 tracing::warn!(mq = mq.name(), error = %e, "retention failed");
             }
@@ -369,6 +526,7 @@ fn log_config(config: &Config) -> LogConfig {
         segment_bytes: config.segment_size,
         retention_bytes: config.retention_size,
         retention_ms: config.retention_age.map(|d| d.as_millis() as u64),
+        copy: false,
     }
 }
 

@@ -15,6 +15,7 @@
 //! and those that came due while the broker was down are copied at once.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -78,6 +79,9 @@ impl Timer {
 
 /// Starts the timer of `mq` if it has an index and is not running.
 pub async fn start(mq: &Arc<Mq>, committer: &Committer, stop: &CancellationToken) {
+    if mq.is_copy() {
+        return;
+    }
     let mut slot = mq.timer().slot.lock().await;
     if let Slot::Ready(_) = &*slot {
         if let Slot::Ready(log) = std::mem::replace(&mut *slot, Slot::Running) {
@@ -95,6 +99,11 @@ pub async fn enable(
     committer: &Committer,
     stop: &CancellationToken,
 ) -> Result<(), BrokerError> {
+    if mq.is_copy() {
+        // A copy takes no produce (the append is refused as read-only) and must not append
+        // fired copies of its own: its leader does, and the copy pulls them.
+        return Ok(());
+    }
     let mut slot = mq.timer().slot.lock().await;
     match std::mem::replace(&mut *slot, Slot::Running) {
         Slot::Running => {}
@@ -115,6 +124,15 @@ pub async fn enable(
         }
     }
     Ok(())
+}
+
+/// Gives the follower copy in `mq_dir`, about to become an MQ of this broker's own
+/// (adopted or restored), a timer index over its whole log. A copy has none: it runs no
+/// timer, because its leader fires the delayed records and the copy pulls the fired copies
+/// with the rest. The timer's recovery then learns from the marks in the log which delayed
+/// records the leader fired already, and fires the others. Blocking.
+pub fn index_whole_log(fs: &FsRef, mq_dir: &Path) -> Result<(), StoreError> {
+    TimerLog::create(fs, mq_dir, 0).map(drop)
 }
 
 /// Checks the delay fields of record number `index` of a produce; true when it is delayed.

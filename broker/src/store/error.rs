@@ -69,6 +69,13 @@ pub enum StoreError {
         /// The failure that stopped it.
         cause: String,
     },
+    /// A produce to a log that only its leader's records go into: a follower's copy of
+    /// another broker's MQ, or an MQ being restored from one.
+    #[error("MQ {mq:?} takes no produce: it is a follower's copy of another broker's MQ (read-only) or is being restored from one")]
+    ReadOnly {
+        /// The MQ (or copy) name.
+        mq: String,
+    },
     /// One append batch does not fit in a segment (positions are 32-bit).
     #[error("append refused: a batch of {bytes} bytes does not fit in one segment")]
     BatchTooLarge {

@@ -11,7 +11,9 @@ use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use bytes::Bytes;
 
-use qbus_wire::protocol::record::{peek_record_size, stamp_record, RecordError, RECORD_OVERHEAD};
+use qbus_wire::protocol::record::{
+    parse_record, peek_record_size, stamp_record, RecordError, RECORD_OVERHEAD,
+};
 use tokio::sync::watch;
 
 use super::error::StoreError;
@@ -34,6 +36,10 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// Segments whose newest record is older than this are deleted.
     pub retention_ms: Option<u64>,
+    /// A follower's copy of another broker's log: appended records arrive stamped by their
+    /// leader and are kept byte for byte (checksums verified, offsets checked to follow on),
+    /// never stamped again.
+    pub copy: bool,
 }
 
 impl Default for LogConfig {
@@ -42,6 +48,7 @@ impl Default for LogConfig {
             segment_bytes: 64 << 20,
             retention_bytes: None,
             retention_ms: None,
+            copy: false,
         }
     }
 }
@@ -72,6 +79,8 @@ pub struct MqLog {
     end: watch::Sender<u64>,
     /// Appended records handed to [`MqLog::keep_for_readers`], shown with the next publish.
     unpublished_tail: Vec<Chunk>,
+    /// Set by [`MqLog::close`]: the files now belong to another writer.
+    closed: bool,
 }
 
 impl MqLog {
@@ -133,6 +142,7 @@ impl MqLog {
             view,
             end,
             unpublished_tail: Vec::new(),
+            closed: false,
         };
         Ok((log, reader))
     }
@@ -140,9 +150,12 @@ impl MqLog {
     /// Creates the files of an empty log in `dir` (its first segment), for a new MQ: every
     /// MQ directory then holds a segment, so reopening one never has to create files (which
     /// a full disk would refuse). The caller syncs `dir`.
-    pub fn create(fs: &FsRef, dir: &Path) -> Result<(), StoreError> {
+    ///
+    /// `first` is the offset of its first record: 0, but for a follower's copy of a leader
+    /// whose retention already deleted the offsets below it.
+    pub fn create_at(fs: &FsRef, dir: &Path, first: u64) -> Result<(), StoreError> {
         fs.create_dir_all(dir).map_err(StoreError::io(dir))?;
-        Segment::create(fs, dir, 0).map(drop)
+        Segment::create(fs, dir, first).map(drop)
     }
 
     /// Appends `records` (one or more whole records back to back): stamps them in place with
@@ -151,6 +164,11 @@ impl MqLog {
     /// process kill) but not on disk until [`sync`](Self::sync), and invisible to readers
     /// until [`publish`](Self::publish).
     pub fn append(&mut self, records: &mut [u8], now_ms: u64) -> Result<Appended, StoreError> {
+        if self.closed {
+            return Err(StoreError::ReadOnly {
+                mq: self.dir.display().to_string(),
+            });
+        }
         let first_offset = self.next_offset();
         let bytes = records.len() as u64;
         if bytes == 0 {
@@ -172,8 +190,12 @@ impl MqLog {
             let active = &self.active;
             (active.base(), active.size(), active.last_index_pos())
         };
-        let (count, entries) = stamp(records, base, first_offset, start, last_entry, now_ms)
-            .map_err(|reason| StoreError::InvalidBatch { reason })?;
+        let (count, entries) = if self.config.copy {
+            verify_copied(records, base, first_offset, start, last_entry)
+        } else {
+            stamp(records, base, first_offset, start, last_entry, now_ms)
+        }
+        .map_err(|reason| StoreError::InvalidBatch { reason })?;
         if roll {
             self.roll()?;
         }
@@ -343,6 +365,12 @@ impl MqLog {
         result.and(self.sync_dir().map(|()| first_kept))
     }
 
+    /// Refuses every later append: the log's files are handed to another writer (a
+    /// follower's copy adopted as an MQ of its broker's own).
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
     /// Offset the next appended record will get.
     pub fn next_offset(&self) -> u64 {
         self.active.next_offset()
@@ -357,8 +385,60 @@ fn stamp(
     base: u64,
     first_offset: u64,
     start: u64,
-    mut last_entry: Option<u32>,
+    last_entry: Option<u32>,
     now_ms: u64,
+) -> Result<(u64, Vec<Entry>), RecordError> {
+    walk(
+        records,
+        base,
+        first_offset,
+        start,
+        last_entry,
+        |record, offset| {
+            stamp_record(record, offset, now_ms);
+            Ok(())
+        },
+    )
+}
+
+/// Checks that `records`, copied from a leader, are whole and intact, and that their
+/// offsets run on from `first_offset`: a copy holds the leader's records at the leader's
+/// offsets or nothing.
+fn verify_copied(
+    records: &mut [u8],
+    base: u64,
+    first_offset: u64,
+    start: u64,
+    last_entry: Option<u32>,
+) -> Result<(u64, Vec<Entry>), RecordError> {
+    walk(
+        records,
+        base,
+        first_offset,
+        start,
+        last_entry,
+        |record, offset| {
+            let parsed = parse_record(record)?;
+            if parsed.offset != offset {
+                return Err(RecordError::OutOfOrder {
+                    expected: offset,
+                    found: parsed.offset,
+                });
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Goes over the whole records of `records`, handing each with the offset it must have to
+/// `each`, and returns their count and the index entries they are due.
+fn walk(
+    records: &mut [u8],
+    base: u64,
+    first_offset: u64,
+    start: u64,
+    mut last_entry: Option<u32>,
+    mut each: impl FnMut(&mut [u8], u64) -> Result<(), RecordError>,
 ) -> Result<(u64, Vec<Entry>), RecordError> {
     let mut entries = Vec::new();
     let mut at = 0;
@@ -373,7 +453,7 @@ fn stamp(
         if size > have {
             return Err(RecordError::Truncated { need: size, have });
         }
-        stamp_record(&mut records[at..at + size], offset, now_ms);
+        each(&mut records[at..at + size], offset)?;
         let pos = start + at as u64;
         if wants_entry(last_entry, pos) {
             // The caller keeps segments within 32-bit positions and relative offsets.
@@ -434,6 +514,58 @@ mod tests {
 
     fn expected(from: u64, to: u64) -> Vec<(u64, Vec<u8>)> {
         (from..to).map(|n| (n, body(n))).collect()
+    }
+
+    #[test]
+    fn a_copy_keeps_its_leaders_records_byte_for_byte() {
+        let (leader_dir, copy_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut leader, leader_reader) =
+            MqLog::open(&os(), leader_dir.path(), config(2_000)).unwrap();
+        fill(&mut leader, 300);
+        let copying = LogConfig {
+            copy: true,
+            ..config(2_000)
+        };
+        MqLog::create_at(&os(), copy_dir.path(), 100).unwrap();
+        let (mut copy, copy_reader) = MqLog::open(&os(), copy_dir.path(), copying).unwrap();
+        assert_eq!(copy.next_offset(), 100);
+        let mut at = 100;
+        while at < 300 {
+            let got = leader_reader.read(at, None, 17, 1 << 20).unwrap();
+            let mut bytes = got.data.to_vec();
+            // Appended later, at another time: nothing is stamped again.
+            copy.append(&mut bytes, 9_999_999).unwrap();
+            assert_eq!(bytes, got.data.to_vec());
+            at = got.next_offset;
+        }
+        copy.sync().unwrap();
+        copy.publish();
+        let from_leader = leader_reader.read(100, None, 1_000, 1 << 20).unwrap();
+        let from_copy = copy_reader.read(100, None, 1_000, 1 << 20).unwrap();
+        assert_eq!(from_copy.count, 200);
+        assert_eq!(from_copy.data, from_leader.data);
+
+        // Records that do not follow on, or are damaged, are refused whole.
+        let mut again = leader_reader
+            .read(250, None, 3, 1 << 20)
+            .unwrap()
+            .data
+            .to_vec();
+        let refused = copy.append(&mut again, 0).unwrap_err();
+        assert!(
+            matches!(refused, StoreError::InvalidBatch { .. }),
+            "{refused}"
+        );
+        fill(&mut leader, 301);
+        let mut next = leader_reader
+            .read(300, None, 1, 1 << 20)
+            .unwrap()
+            .data
+            .to_vec();
+        next[30] ^= 1;
+        let refused = copy.append(&mut next, 0).unwrap_err();
+        assert!(refused.to_string().contains("checksum"), "{refused}");
+        assert_eq!(copy.next_offset(), 300);
     }
 
     #[test]
@@ -595,6 +727,7 @@ mod tests {
             segment_bytes: 1_000,
             retention_bytes: Some(3_000),
             retention_ms: None,
+            copy: false,
         };
         let (mut log, reader) = MqLog::open(&os(), tmp.path(), config).unwrap();
         fill(&mut log, 400);
@@ -622,6 +755,7 @@ mod tests {
             segment_bytes: 1_000,
             retention_bytes: None,
             retention_ms: Some(100),
+            copy: false,
         };
         let (mut log, reader) = MqLog::open(&os(), tmp.path(), config).unwrap();
         // A batch's timestamp is 1_000 + its first offset: batches from 200 on are recent at

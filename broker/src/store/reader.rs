@@ -609,6 +609,7 @@ mod tests {
             segment_bytes: 4_000,
             retention_bytes: Some(1 << 20),
             retention_ms: None,
+            copy: false,
         };
         let (mut log, reader) = MqLog::open(&os(), tmp.path(), config).unwrap();
         let writer = std::thread::spawn(move || {

@@ -32,6 +32,10 @@ pub struct ProduceBench {
     /// Messages sent before measuring
     #[arg(long, default_value_t = 20_000)]
     warmup: u64,
+    /// Create the MQ with this many copies per broker (followers need trackers: run with
+    /// `--broker tracker://...`); receipts are then `replicated`
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    replicas: Option<u32>,
 }
 
 type ReceiptFuture = <PendingReceipt as IntoFuture>::IntoFuture;
@@ -39,6 +43,7 @@ type ReceiptFuture = <PendingReceipt as IntoFuture>::IntoFuture;
 /// What one produce run measured.
 pub(super) struct Produced {
     pub(super) elapsed: Duration,
+    replicated: u64,
     synced: u64,
     written: u64,
 }
@@ -55,7 +60,7 @@ pub(super) async fn produce_run(
 ) -> Result<Produced, CliError> {
     let mut pending: VecDeque<(Instant, ReceiptFuture)> = VecDeque::with_capacity(window);
     let mut remaining = count;
-    let (mut synced, mut written) = (0, 0);
+    let (mut replicated, mut synced, mut written) = (0, 0, 0);
     let started = Instant::now();
     while remaining > 0 || !pending.is_empty() {
         if remaining > 0 && pending.len() < window {
@@ -77,12 +82,14 @@ pub(super) async fn produce_run(
         let receipt = receipt.await?;
         latencies.record(sent_at.elapsed());
         match receipt.durability {
+            Durability::Replicated => replicated += u64::from(receipt.count),
             Durability::Synced => synced += u64::from(receipt.count),
             Durability::Written => written += u64::from(receipt.count),
         }
     }
     Ok(Produced {
         elapsed: started.elapsed(),
+        replicated,
         synced,
         written,
     })
@@ -92,7 +99,11 @@ pub(super) async fn run(broker: &Broker, args: ProduceBench) -> Result<(), CliEr
     if args.count == 0 {
         return Err(CliError::Usage("--count must be at least 1".into()));
     }
-    broker.create_mq(&args.mq, MqOptions::default()).await?;
+    let options = MqOptions {
+        replicas: args.replicas,
+        ..MqOptions::default()
+    };
+    broker.create_mq(&args.mq, options).await?;
     let producer = broker.producer(&args.mq);
     let payload = Bytes::from(vec![b'x'; args.size]);
     let window = args.in_flight as usize;
@@ -119,10 +130,13 @@ pub(super) async fn run(broker: &Broker, args: ProduceBench) -> Result<(), CliEr
         &mut latencies,
     )
     .await?;
+    // The weakest durability any receipt had.
     let durability = if run.written > 0 {
         Durability::Written
-    } else {
+    } else if run.synced > 0 {
         Durability::Synced
+    } else {
+        Durability::Replicated
     };
     let rate = Rate::new(args.count, args.size, run.elapsed);
     let lat = latencies.summarize();
@@ -131,10 +145,11 @@ pub(super) async fn run(broker: &Broker, args: ProduceBench) -> Result<(), CliEr
         args.count, args.size, args.mq, args.in_flight, args.batch, args.warmup
     );
     println!(
-        "  {:.3} s, {:.0} msgs/s, {:.2} MB/s, durability {durability} ({} synced, {} written)",
+        "  {:.3} s, {:.0} msgs/s, {:.2} MB/s, durability {durability} ({} replicated, {} synced, {} written)",
         run.elapsed.as_secs_f64(),
         rate.msgs_per_s,
         rate.mb_per_s,
+        run.replicated,
         run.synced,
         run.written
     );

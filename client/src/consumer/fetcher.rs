@@ -40,17 +40,28 @@ pub(super) struct FetchSpec {
     pub(super) tolerate_missing: bool,
 }
 
-/// Starts a fetch loop on `connection` (with its own acker) that feeds `tx` until the
+/// Starts a fetch loop on `connection` (with its own acker) that reads `name` (the
+/// consumer's MQ, or a follower's copy of it, `MQ@LEADER`) and feeds `tx` until the
 /// consumer is dropped or `stop` fires.
 pub(super) fn spawn_fetcher(
     spec: &Arc<FetchSpec>,
     connection: Connection,
+    name: String,
     tx: mpsc::Sender<Result<Delivery>>,
     stop: CancellationToken,
 ) {
-    let acker = Acker::spawn(connection.clone(), spec.target.clone());
+    let target = if name == spec.target.mq {
+        spec.target.clone()
+    } else {
+        Arc::new(Target {
+            mq: name,
+            group: spec.target.group.clone(),
+        })
+    };
+    let acker = Acker::spawn(connection.clone(), target.clone());
     let fetcher = Fetcher {
         spec: spec.clone(),
+        target,
         connection,
         acker,
         tx,
@@ -62,6 +73,8 @@ pub(super) fn spawn_fetcher(
 /// The background loop that long-polls one broker and feeds the consumer's channel.
 struct Fetcher {
     spec: Arc<FetchSpec>,
+    /// What this loop reads: the spec's, or a follower's copy.
+    target: Arc<Target>,
     connection: Connection,
     acker: Acker,
     tx: mpsc::Sender<Result<Delivery>>,
@@ -116,7 +129,7 @@ impl Fetcher {
                         || (self.spec.tolerate_missing && e.status() == Some(Status::NotFound)) =>
                 {
                     let wait = backoff.next_wait();
-                    tracing::warn!(mq = %self.spec.target.mq, broker = %self.connection.addr(), error = %e, retry_in = ?wait, "fetch failed");
+                    tracing::warn!(mq = %self.target.mq, broker = %self.connection.addr(), error = %e, retry_in = ?wait, "fetch failed");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.tx.closed() => return,
@@ -146,8 +159,8 @@ impl Fetcher {
 
     fn request(&self) -> Frame {
         let spec = &self.spec;
-        let mut header = Header::request(Command::Fetch, Some(&spec.target.mq));
-        header.group = Some(spec.target.group.clone());
+        let mut header = Header::request(Command::Fetch, Some(&self.target.mq));
+        header.group = Some(self.target.group.clone());
         header.tag = spec.tag.clone();
         header.count = Some(spec.batch);
         header.timeout_ms = Some(spec.long_poll.as_millis().min(u32::MAX as u128) as u32);
@@ -166,7 +179,7 @@ impl Fetcher {
     fn lost(&self, header: &Header) -> Option<ClientError> {
         let lost = header.lost?;
         Some(ClientError::RecordsLost {
-            mq: self.spec.target.mq.clone(),
+            mq: self.target.mq.clone(),
             first: lost.first,
             end: lost.end,
             detail: header.error.clone().unwrap_or_default(),

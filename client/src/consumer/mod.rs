@@ -110,8 +110,8 @@ impl ConsumerBuilder {
             tolerate_missing: self.transport.is_cluster(),
         });
         self.transport
-            .follow_holders(&self.mq, tx, move |connection, tx, stop| {
-                spawn_fetcher(&spec, connection, tx, stop)
+            .follow_holders(&self.mq, tx, move |connection, name, tx, stop| {
+                spawn_fetcher(&spec, connection, name, tx, stop)
             });
         Ok(Consumer {
             rx,

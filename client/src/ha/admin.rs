@@ -13,6 +13,7 @@ use super::{affinity, pool::Node, Ha};
 use crate::error::{decode_reply, ClientError, Result};
 use crate::protocol::{Command, Frame, GroupInfo, Header, MqInfo, MqOptions, Status};
 use crate::topology::Candidate;
+use qbus_wire::topology::copy_name;
 
 /// Longest wait after `create_mq` for the trackers to show the new MQ, so a producer made
 /// right after it finds a broker.
@@ -58,7 +59,10 @@ impl Ha {
         }
         let created: Vec<Arc<str>> = infos.iter().map(|(addr, _)| addr.clone()).collect();
         self.await_holders(mq, &created).await;
-        Ok(combine(mq, infos.into_iter().map(|(_, info)| info)))
+        Ok(combine(
+            mq,
+            infos.into_iter().map(|(addr, info)| led_by(&addr, info)),
+        ))
     }
 
     /// Waits (bounded) until the topology shows `mq` on every broker in `created`, when a
@@ -91,9 +95,10 @@ impl Ha {
         }
     }
 
-    /// Describes `mq` summed over the brokers holding it.
+    /// Describes `mq` summed over the brokers holding it, and over the follower copies
+    /// standing in for leaders that do not hold it now (`Topology::stand_ins`).
     pub(crate) async fn query_mq(&self, mq: &str) -> Result<MqInfo> {
-        let holders: Vec<Arc<Node>> = {
+        let (holders, stand_ins): (Vec<Arc<Node>>, Vec<CopyTarget>) = {
             let topology = self.topology();
             let shared = &self.shared;
             let all = topology.holders(mq);
@@ -108,28 +113,43 @@ impl Ha {
             } else {
                 live
             };
-            chosen
+            let stand_ins = topology
+                .stand_ins(mq)
+                .into_iter()
+                .map(|s| (shared.pool.node(&s.addr), s.copy))
+                .collect();
+            let holders = chosen
                 .into_iter()
                 .map(|c| shared.pool.node(&c.addr))
-                .collect()
+                .collect();
+            (holders, stand_ins)
         };
         // The topology lags a creation by a report; ask everyone when it knows nothing.
-        let targets = if holders.is_empty() {
+        let targets = if holders.is_empty() && stand_ins.is_empty() {
             self.live_brokers()
         } else {
             holders
         };
-        let replies = request_all(
+        let mut replies = request_all(
             &targets,
             Header::request(Command::QueryMq, Some(mq)),
             Bytes::new(),
         )
         .await;
+        let copies = join_all(stand_ins.iter().map(|(node, copy)| {
+            let frame = Frame::new(Header::request(Command::QueryMq, Some(copy)));
+            async move { (node.addr.clone(), node.conn.request(frame).await) }
+        }))
+        .await;
+        replies.extend(copies);
         let (infos, errors) = split(replies);
         if infos.is_empty() {
             return Err(first_error(mq, errors));
         }
-        Ok(combine(mq, infos.into_iter().map(|(_, info)| info)))
+        Ok(combine(
+            mq,
+            infos.into_iter().map(|(addr, info)| led_by(&addr, info)),
+        ))
     }
 
     /// Every MQ of every live broker, summed per name, sorted by name.
@@ -149,6 +169,7 @@ impl Ha {
                 Ok(infos) => {
                     answered = true;
                     for info in infos {
+                        let info = led_by(&addr, info);
                         by_name.entry(info.name.clone()).or_default().push(info);
                     }
                 }
@@ -225,6 +246,31 @@ impl Ha {
     }
 
     /// Brokers in the topology that this client does not know to be down.
+    /// Makes a follower's copy of `leader`'s `mq` an MQ of the follower's own, on the
+    /// follower the topology says holds it (the one reaching furthest).
+    pub(crate) async fn adopt_copy(&self, mq: &str, leader: &str) -> Result<MqInfo> {
+        let node = {
+            let topology = self.topology();
+            let holder = topology
+                .brokers()
+                .filter(|b| b.is_broker())
+                .filter_map(|b| {
+                    let copy = b.copies.iter().find(|c| c.mq == mq && c.leader == leader)?;
+                    Some((copy.end, b))
+                })
+                .max_by_key(|&(end, _)| end)
+                .map(|(_, b)| b.addr.clone());
+            let addr = holder.ok_or_else(|| ClientError::NoBroker {
+                mq: copy_name(mq, leader),
+                reason: format!("no live broker reports a copy of {leader}'s {mq}"),
+            })?;
+            self.shared.pool.node(&Arc::from(addr.as_str()))
+        };
+        let header = Header::request(Command::AdoptCopy, Some(&copy_name(mq, leader)));
+        let reply = node.conn.request(Frame::new(header)).await?;
+        decode_reply(&reply.body)
+    }
+
     fn live_brokers(&self) -> Vec<Arc<Node>> {
         let topology = self.topology();
         let shared = &self.shared;
@@ -250,6 +296,9 @@ async fn request_all(
 
 /// Answers of several brokers, each with the broker's address.
 type ByBroker<T> = Vec<(Arc<str>, T)>;
+
+/// A follower broker and the name of the copy to ask it about (`MQ@LEADER`).
+type CopyTarget = (Arc<Node>, String);
 
 /// The brokers' answers: descriptions by broker, and errors by broker.
 fn split(replies: ByBroker<Result<Frame>>) -> (ByBroker<MqInfo>, ByBroker<ClientError>) {
@@ -280,6 +329,14 @@ fn no_live_broker(mq: &str) -> ClientError {
     }
 }
 
+/// `info` as broker `addr` gave it, its followers marked as following `addr`'s copy.
+fn led_by(addr: &str, mut info: MqInfo) -> MqInfo {
+    for follower in &mut info.followers {
+        follower.leader = addr.to_owned();
+    }
+    info
+}
+
 /// The copies of one MQ summed into one description.
 fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
     let mut total = MqInfo {
@@ -293,6 +350,7 @@ fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
         total.size_bytes += info.size_bytes;
         total.segments += info.segments;
         total.options = info.options;
+        total.followers.extend(info.followers);
         for g in info.groups {
             let sum = groups.entry(g.name.clone()).or_insert_with(|| GroupInfo {
                 name: g.name.clone(),

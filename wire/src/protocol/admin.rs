@@ -27,6 +27,38 @@ pub struct MqOptions {
     /// the next message of a key goes out once the previous one is acknowledged (or
     /// dead-lettered, or expired). Messages without a key are not held. Default false.
     pub ordered_by_key: Option<bool>,
+    /// Copies of each broker's log of this MQ: its own plus `replicas - 1` followers on
+    /// other brokers (default 1: no followers). Above 1, produces are acknowledged at
+    /// `replicated` unless they ask for less (see `docs/replication.md`).
+    pub replicas: Option<u32>,
+    /// Followers that must hold a record before a `replicated` receipt (default: every
+    /// follower in sync, at least one). Fewer reachable followers fail the produce (`503`).
+    pub min_replicas: Option<u32>,
+}
+
+impl MqOptions {
+    /// Copies of each broker's log, at least 1.
+    pub fn replica_count(&self) -> u32 {
+        self.replicas.unwrap_or(1).max(1)
+    }
+}
+
+/// A follower of one broker's copy of an MQ, as its leader sees it; part of [`MqInfo`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FollowerInfo {
+    /// The follower broker's id (its advertised address).
+    pub id: String,
+    /// The leader whose copy it follows: empty from a broker describing its own MQ, set
+    /// (to the broker's address) by HA clients combining several brokers' answers.
+    pub leader: String,
+    /// Every record below this offset is durable on the follower.
+    pub acked: u64,
+    /// Records the leader holds that the follower does not yet.
+    pub lag: u64,
+    /// Whether it caught up with the leader's end recently (it then counts for
+    /// `replicated` receipts by default).
+    pub in_sync: bool,
 }
 
 /// State of a consumer group, part of [`MqInfo`].
@@ -73,6 +105,8 @@ pub struct MqInfo {
     pub delayed: u64,
     /// Messages a group met expired since the broker started (once per group).
     pub expired: u64,
+    /// Followers of this broker's copy (MQs with `replicas` above 1).
+    pub followers: Vec<FollowerInfo>,
 }
 
 impl MqInfo {

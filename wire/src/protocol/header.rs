@@ -57,6 +57,19 @@ pub enum Command {
     /// Describes the broker's table of MQ-RPC callers awaiting a reply: the reply body is a
     /// [`RouteStats`](super::RouteStats) map.
     QueryRoutes,
+    /// Protocol 3, follower broker to leader broker: the leader's own records of `mq` from
+    /// `offset` on, byte for byte as stored (at most `count`, waiting up to `timeout_ms` for
+    /// one). `group` names the follower; asking from `offset` confirms that it holds every
+    /// record below `offset` durably (see `docs/replication.md`).
+    ReplicaRead,
+    /// Protocol 3, follower broker to leader broker: group `group` of the leader's own `mq`
+    /// was acknowledged up to `offset` on the follower's copy (consumers read it there
+    /// while the leader was away); the leader moves its cursor up to it (never back).
+    ReplicaCursor,
+    /// Protocol 3, operator to a follower broker: makes its copy `mq` (`MQ@LEADER`) an MQ
+    /// of its own named `MQ`, for a leader that is never coming back; the reply body is
+    /// its [`MqInfo`](super::MqInfo).
+    AdoptCopy,
     /// A command number this version does not know.
     Unknown(u8),
 }
@@ -82,6 +95,9 @@ impl From<u8> for Command {
             41 => Command::Subscribe,
             42 => Command::TopologyUpdate,
             43 => Command::QueryTopology,
+            80 => Command::ReplicaRead,
+            81 => Command::ReplicaCursor,
+            82 => Command::AdoptCopy,
             other => Command::Unknown(other),
         }
     }
@@ -108,6 +124,9 @@ impl From<Command> for u8 {
             Command::Subscribe => 41,
             Command::TopologyUpdate => 42,
             Command::QueryTopology => 43,
+            Command::ReplicaRead => 80,
+            Command::ReplicaCursor => 81,
+            Command::AdoptCopy => 82,
             Command::Unknown(code) => code,
         }
     }
@@ -121,11 +140,17 @@ pub enum Durability {
     Written,
     /// Flushed to disk with fsync: survives a power loss.
     Synced,
+    /// Protocol 3: synced here and held by at least `min_replicas` followers on other
+    /// brokers: survives the loss of this broker's machine. A version 2 peer reads the code
+    /// as `Synced`.
+    Replicated,
 }
 
 impl From<u8> for Durability {
     fn from(code: u8) -> Self {
-        if code >= 2 {
+        if code >= 3 {
+            Durability::Replicated
+        } else if code == 2 {
             Durability::Synced
         } else {
             Durability::Written
@@ -138,6 +163,7 @@ impl From<Durability> for u8 {
         match d {
             Durability::Written => 1,
             Durability::Synced => 2,
+            Durability::Replicated => 3,
         }
     }
 }
@@ -147,6 +173,7 @@ impl std::fmt::Display for Durability {
         f.write_str(match self {
             Durability::Written => "written",
             Durability::Synced => "synced",
+            Durability::Replicated => "replicated",
         })
     }
 }
@@ -180,6 +207,16 @@ pub const FLAG_START_AT_OFFSET: u32 = 1 << 2;
 /// to its application (it stopped with them prefetched); they do not count toward the MQ's
 /// delivery limit.
 pub const FLAG_UNSEEN: u32 = 1 << 3;
+/// Header flag on a produce (protocol 3): the receipt waits until the records are on
+/// enough followers ([`Durability::Replicated`]), whatever the MQ's default.
+pub const FLAG_ACK_REPLICATED: u32 = 1 << 16;
+/// Header flag on a produce (protocol 3): the receipt waits for this broker only, even on
+/// an MQ with replicas (which acknowledges at `replicated` by default).
+pub const FLAG_ACK_LOCAL: u32 = 1 << 17;
+/// Header flag on a `ReplicaRead` (protocol 3): a read ahead, which does not confirm
+/// `offset`; the follower confirms what it made durable with later reads without it (a
+/// confirmation with `count` 0 asks for no records).
+pub const FLAG_READ_AHEAD: u32 = 1 << 18;
 
 /// The header of every frame. Field order is the wire order; do not reorder.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -334,7 +334,7 @@ mod tests {
             count: maybe(rng, small),
             timeout_ms: maybe(rng, small),
             flags: small(rng),
-            durability: maybe(rng, |rng| Durability::from(rng.gen_range(1..=2u8))),
+            durability: maybe(rng, |rng| Durability::from(rng.gen_range(1..=3u8))),
             attempts: (0..list(rng)).map(|_| small(rng)).collect(),
             tokens: (0..list(rng))
                 .map(|_| DeliveryToken {

@@ -17,17 +17,19 @@ pub mod route;
 pub mod rpc;
 pub mod status;
 
-pub use admin::{Credentials, GroupInfo, MqInfo, MqOptions, ServerInfo};
+pub use admin::{Credentials, FollowerInfo, GroupInfo, MqInfo, MqOptions, ServerInfo};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
-    Command, DeliveryToken, Durability, Header, LostRange, FLAG_ONEWAY, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, FLAG_UNSEEN,
+    Command, DeliveryToken, Durability, Header, LostRange, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED,
+    FLAG_ONEWAY, FLAG_READ_AHEAD, FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
 
 /// Version of the protocol this crate speaks. Version 2 added the `lost` header field;
-/// version 3 the record fields `deliver_at` and `expires_at`, credentials in `Hello` and the
-/// statuses 401 and 403 (see `docs/protocol.md`). A peer speaks no newer version than the
-/// other side said in `Hello` (1 when it said nothing).
+/// version 3 the additions of `docs/protocol.md`'s "Version 3" (delayed delivery and TTL:
+/// the record fields `deliver_at` and `expires_at`; security: credentials in `Hello` and the
+/// statuses 401 and 403; replicas: `ReplicaRead`, durability `replicated`, the produce flags
+/// `ACK_REPLICATED` and `ACK_LOCAL`). A peer speaks no newer version than the other side
+/// said in `Hello` (1 when it said nothing).
 pub const PROTOCOL_VERSION: u32 = 3;

@@ -77,6 +77,14 @@ pub enum RecordError {
         /// The flags byte.
         flags: u8,
     },
+    /// A copied record's offset is not the one its place in the log calls for.
+    #[error("record has offset {found} where offset {expected} belongs")]
+    OutOfOrder {
+        /// The offset its place calls for.
+        expected: u64,
+        /// The offset it carries.
+        found: u64,
+    },
     /// Tag longer than 255 bytes or key longer than 65535 bytes.
     #[error("record {field} is {len} bytes; the limit is {max}")]
     FieldTooLong {

@@ -1,0 +1,115 @@
+//! The leader's side of the follower commands: `ReplicaRead`, a follower's pull of this
+//! broker's own records of an MQ, and `ReplicaCursor`, acks a follower's copy took while
+//! this broker was away.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use qbus_wire::protocol::{Frame, Header, FLAG_READ_AHEAD};
+
+use crate::core::{Core, MAX_WAIT};
+use crate::error::BrokerError;
+use crate::queue::mq::MAX_FETCH_BYTES;
+
+/// Most records one pull may ask for.
+const MAX_RECORDS: usize = 1 << 16;
+
+/// Answers a follower's pull: records of this broker's own `mq` (or of its copy `MQ@LEADER`,
+/// to the leader restoring it) from `offset` (or from the
+/// oldest one retained, when `offset` is older: the reply's `offset` then says where the
+/// records start, and the follower resyncs), byte for byte as stored and published. Waits
+/// up to `timeout_ms` for a record when there is none yet. Unless it is a read ahead
+/// (`FLAG_READ_AHEAD`), it confirms that the follower holds every record below `offset`;
+/// with `count` 0 it is only that confirmation.
+pub async fn replica_read(core: &Core, request: &Header) -> Result<Frame, BrokerError> {
+    let name = request
+        .mq
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing mq".into()))?;
+    let follower = request
+        .group
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing group (the follower's id)".into()))?;
+    // A copy too: a leader that lost its store restores from it.
+    let mq = core.registry().get(name)?;
+    let reader = mq.reader().clone();
+    let from = request.offset.unwrap_or(0);
+    if from > reader.end_offset() {
+        return Err(BrokerError::Conflict(format!(
+            "follower {follower:?} holds MQ {name:?} up to offset {from}, this broker only up to {}: this broker lost records it had",
+            reader.end_offset()
+        )));
+    }
+    if request.has_flag(FLAG_READ_AHEAD) {
+        mq.followers().alive(follower, from, reader.end_offset());
+    } else {
+        mq.followers().heard(follower, from, reader.end_offset());
+    }
+    if request.count == Some(0) {
+        // A confirmation only.
+        let mut header = Header::reply_to(request);
+        header.offset = Some(from);
+        header.count = Some(0);
+        return Ok(Frame::new(header));
+    }
+    let wait = Duration::from_millis(request.timeout_ms.unwrap_or(0).into()).min(MAX_WAIT);
+    let mut end = reader.subscribe_end();
+    let give_up = tokio::time::Instant::now() + wait;
+    while *end.borrow_and_update() <= from {
+        tokio::select! {
+            changed = end.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep_until(give_up) => break,
+        }
+    }
+    let start = from.max(reader.first_offset());
+    let max = (request.count.unwrap_or(MAX_RECORDS as u32) as usize).clamp(1, MAX_RECORDS);
+    let batch = match reader.read_recent(start, max, MAX_FETCH_BYTES) {
+        Some(batch) => batch,
+        None => tokio::task::spawn_blocking(move || reader.read(start, None, max, MAX_FETCH_BYTES))
+            .await
+            .map_err(|e| BrokerError::Internal(format!("replica read: {e}")))??,
+    };
+    let mut header = Header::reply_to(request);
+    header.offset = Some(if batch.count == 0 {
+        batch.next_offset
+    } else {
+        start
+    });
+    header.count = Some(batch.count as u32);
+    let body: Bytes = batch.data;
+    Ok(Frame::with_body(header, body))
+}
+
+/// Takes the acks a follower's copy recorded while this broker was away: group `group` of
+/// this broker's own `mq` moves up to `offset` (never back). At-least-once either way:
+/// what was acknowledged on the copy is not delivered again here.
+pub async fn replica_cursor(core: &Core, request: &Header) -> Result<Frame, BrokerError> {
+    let name = request
+        .mq
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing mq".into()))?;
+    let group = request
+        .group
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing group".into()))?;
+    let offset = request
+        .offset
+        .ok_or_else(|| BrokerError::BadRequest("missing offset".into()))?;
+    let mq = core.registry().own(name)?;
+    let created = mq.existing_group(group).is_none();
+    mq.advance_group(core.committer(), group, offset).await?;
+    if created {
+        core.changed();
+    }
+    tracing::info!(
+        mq = name,
+        group,
+        offset,
+        "group cursor taken from a follower's copy"
+    );
+    Ok(Frame::new(Header::reply_to(request)))
+}
