@@ -44,6 +44,9 @@ pub enum BrokerError {
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The request may succeed if sent again (here or to another broker).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl BrokerError {
@@ -58,7 +61,7 @@ impl BrokerError {
             // Another broker holding the MQ can take the write (HA clients fail over on 503).
             BrokerError::Store(StoreError::Halted { .. }) => Status::Unavailable,
             BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
-            BrokerError::ShuttingDown => Status::Unavailable,
+            BrokerError::ShuttingDown | BrokerError::Unavailable(_) => Status::Unavailable,
         }
     }
 }

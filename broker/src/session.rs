@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use qbus_wire::link::Link;
-use qbus_wire::protocol::record::records;
+use qbus_wire::protocol::record::{records, without_dedupe_ids};
 use qbus_wire::protocol::{
-    Command, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ONEWAY,
+    Command, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_DUPLICATE, FLAG_ONEWAY,
     FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
@@ -21,8 +21,9 @@ use tracing::Instrument;
 use crate::core::{Core, FetchRequest};
 use crate::error::BrokerError;
 use crate::metrics::Protocol;
+use crate::queue::dedupe::{ProduceWait, Receipt, Settled};
 use crate::queue::group::Start;
-use crate::queue::group_commit::{AppendWait, CommitBatch};
+use crate::queue::group_commit::CommitBatch;
 use crate::rpc;
 
 /// Long polls one connection may have waiting at once.
@@ -41,7 +42,7 @@ struct Session {
     core: Arc<Core>,
     conn: u64,
     out: mpsc::Sender<Frame>,
-    produced: mpsc::Sender<(Header, AppendWait)>,
+    produced: mpsc::Sender<(Header, ProduceWait)>,
     /// Appends and cursor stores of the burst being handled, submitted together at its end.
     batch: CommitBatch,
     fetches: Arc<Semaphore>,
@@ -123,27 +124,52 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, shutdown: CancellationToken
 }
 
 /// Sends produce receipts in the order the produces arrived, as the disk confirms them.
+/// A receipt that waits for another produce's outcome (a repeated dedupe id whose first
+/// send is still being stored) goes out when it can, without holding up the others. Every
+/// wait is settled even after the peer went away: that records the dedupe ids the appends
+/// stored, so that the peer's resend after reconnecting is recognised.
 async fn reply_in_order(
-    mut pending: mpsc::Receiver<(Header, AppendWait)>,
+    mut pending: mpsc::Receiver<(Header, ProduceWait)>,
     out: mpsc::Sender<Frame>,
 ) {
+    let mut open = true;
     while let Some((request, wait)) = pending.recv().await {
-        let oneway = request.has_flag(FLAG_ONEWAY);
-        let header = match wait.wait().await {
-            Ok((appended, durability)) => {
-                let mut header = Header::reply_to(&request);
-                header.offset = Some(appended.first_offset);
-                header.count = Some(appended.count as u32);
-                header.durability = Some(durability);
-                header
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "append failed");
-                error_header(&request, &BrokerError::Store(e))
+        let receipt = match wait.settle().await {
+            Settled::Now(receipt) => receipt,
+            Settled::Later(later) => {
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let header = produce_reply(&request, later.await);
+                    if !request.has_flag(FLAG_ONEWAY) {
+                        let _ = out.send(Frame::new(header)).await;
+                    }
+                });
+                continue;
             }
         };
-        if !oneway && out.send(Frame::new(header)).await.is_err() {
-            return;
+        let header = produce_reply(&request, receipt);
+        if open && !request.has_flag(FLAG_ONEWAY) {
+            open = out.send(Frame::new(header)).await.is_ok();
+        }
+    }
+}
+
+fn produce_reply(request: &Header, receipt: Result<Receipt, BrokerError>) -> Header {
+    match receipt {
+        Ok(receipt) => {
+            let mut header = Header::reply_to(request);
+            header.offset = Some(receipt.first_offset);
+            header.count = Some(receipt.count as u32);
+            header.durability = Some(receipt.durability);
+            if !receipt.offsets.is_empty() {
+                header.flags |= FLAG_DUPLICATE;
+                header.offsets = receipt.offsets;
+            }
+            header
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "append failed");
+            error_header(request, &e)
         }
     }
 }
@@ -267,9 +293,11 @@ impl Session {
         let Frame { header, body } = frame;
         let checked = (|| {
             let mq = self.core.registry().get(required(&header.mq, "mq")?)?;
-            let mut count = 0u32;
+            let (mut count, mut deduped) = (0u32, false);
             for record in records(&body) {
-                record.map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
+                let record = record
+                    .map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
+                deduped |= record.dedupe_id.is_some();
                 count += 1;
             }
             if count == 0 {
@@ -281,9 +309,9 @@ impl Session {
                     header.count.unwrap_or_default()
                 )));
             }
-            Ok((mq, count))
+            Ok((mq, count, deduped))
         })();
-        let (mq, count) = match checked {
+        let (mq, count, deduped) = match checked {
             Ok(checked) => checked,
             Err(e) if header.has_flag(FLAG_ONEWAY) => {
                 tracing::warn!(error = %e, "dropping bad one-way produce");
@@ -291,7 +319,14 @@ impl Session {
             }
             Err(e) => return Err(Failure::new(&header, e)),
         };
-        let wait = mq.stage(&mut self.batch, BytesMut::from(body), count);
+        let wait = if deduped {
+            match mq.stage_deduped(&mut self.batch, body, count).await {
+                Ok(wait) => wait,
+                Err(e) => return Err(Failure::new(&header, e)),
+            }
+        } else {
+            ProduceWait::Plain(mq.stage(&mut self.batch, BytesMut::from(body), count))
+        };
         let _ = self.produced.send((header, wait)).await;
         Ok(())
     }
@@ -322,10 +357,10 @@ impl Session {
         let core = self.core.clone();
         let out = self.out.clone();
         let conn = self.conn;
-        let report_loss = self.peer_protocol >= 2;
+        let peer = self.peer_protocol;
         self.polls.spawn(async move {
             let _permit = permit;
-            let reply = match fetch(&core, conn, &request, &mq, &group, report_loss).await {
+            let reply = match fetch(&core, conn, &request, &mq, &group, peer).await {
                 Ok(frame) => frame,
                 Err(e) => Frame::new(error_header(&request, &e)),
             };
@@ -387,7 +422,7 @@ async fn fetch(
     request: &Header,
     mq_name: &str,
     group_name: &str,
-    report_loss: bool,
+    peer_protocol: u32,
 ) -> Result<Frame, BrokerError> {
     let start = if request.has_flag(FLAG_START_AT_END) {
         Start::Latest
@@ -403,9 +438,17 @@ async fn fetch(
         start,
         count: request.count.unwrap_or(1) as usize,
         wait: Duration::from_millis(request.timeout_ms.unwrap_or(0).into()),
-        report_loss,
+        report_loss: peer_protocol >= 2,
     };
-    let fetched = core.fetch(conn, &fetch).await?;
+    let mut fetched = core.fetch(conn, &fetch).await?;
+    if peer_protocol < 3 {
+        // An older consumer refuses a record flag it does not know.
+        let old = without_dedupe_ids(&fetched.body)
+            .map_err(|e| BrokerError::Internal(format!("stored record unreadable: {e}")))?;
+        if let Some(old) = old {
+            fetched.body = old.into();
+        }
+    }
     let mut header = Header::reply_to(request);
     header.count = Some(fetched.attempts.len() as u32);
     header.attempts = fetched.attempts;

@@ -58,6 +58,9 @@ pub struct CreateArgs {
     /// messages worth less than an fsync, e.g. RPC requests)
     #[arg(long)]
     no_sync: bool,
+    /// Remember dedupe ids this many milliseconds (0: no deduplication) [default: 120000]
+    #[arg(long, value_name = "N")]
+    dedupe_window_ms: Option<u64>,
 }
 
 pub async fn run(broker: &Broker, cmd: MqCommand) -> Result<(), CliError> {
@@ -90,6 +93,7 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         max_deliveries: args.max_deliveries,
         dead_letter_mq: args.dead_letter,
         sync: args.no_sync.then_some(false),
+        dedupe_window_ms: args.dedupe_window_ms,
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -113,6 +117,11 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "no-sync",
             options.sync.map(|v| (!v).to_string()),
             info.options.sync.map(|v| (!v).to_string()),
+        ),
+        (
+            "dedupe-window-ms",
+            options.dedupe_window_ms.map(|v| v.to_string()),
+            info.options.dedupe_window_ms.map(|v| v.to_string()),
         ),
     ]
     .into_iter()
@@ -228,11 +237,12 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={}",
+        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} dedupe_window_ms={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),
         or_default(options.sync.map(|v| v.to_string())),
+        or_default(options.dedupe_window_ms.map(|v| v.to_string())),
     )
 }
 

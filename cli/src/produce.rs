@@ -32,6 +32,11 @@ pub struct ProduceArgs {
     /// Key of every message
     #[arg(long, value_name = "K")]
     key: Option<String>,
+    /// Dedupe id: the broker stores a message whose id it stored within the MQ's window
+    /// only once, so running the same command again stores nothing twice. With one BODY
+    /// argument it is the message's id; otherwise message N (from 1) gets `ID-N`
+    #[arg(long, value_name = "ID")]
+    dedupe_id: Option<String>,
     /// Print only a final `sent N messages` line instead of one receipt per message
     #[arg(long, short)]
     quiet: bool,
@@ -44,6 +49,8 @@ struct Pipeline {
     producer: Producer,
     tag: Option<String>,
     key: Option<String>,
+    /// The dedupe id, and whether it gets the message's number.
+    dedupe: Option<(String, bool)>,
     quiet: bool,
     pending: VecDeque<ReceiptFuture>,
     sent: u64,
@@ -55,6 +62,7 @@ pub async fn run(broker: &Broker, args: ProduceArgs) -> Result<(), CliError> {
         producer: broker.producer(&args.mq),
         tag: args.tag,
         key: args.key,
+        dedupe: args.dedupe_id.map(|id| (id, args.bodies.len() != 1)),
         quiet: args.quiet,
         pending: VecDeque::new(),
         sent: 0,
@@ -118,6 +126,13 @@ impl Pipeline {
         let mut message = Message::new(body);
         message.tag.clone_from(&self.tag);
         message.key.clone_from(&self.key);
+        message.dedupe_id = self.dedupe.as_ref().map(|(id, numbered)| {
+            if *numbered {
+                format!("{id}-{}", self.sent + 1)
+            } else {
+                id.clone()
+            }
+        });
         let pending = self
             .producer
             .send_async(message)
@@ -135,8 +150,14 @@ impl Pipeline {
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "offset={} durability={}",
-                receipt.offset, receipt.durability
+                "offset={} durability={}{}",
+                receipt.offset,
+                receipt.durability,
+                if receipt.duplicate() {
+                    " duplicate (stored before, not again)"
+                } else {
+                    ""
+                }
             )?;
             out.flush()?;
         }

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
-use qbus_wire::protocol::record::{encode_record, parse_record, RECORD_OVERHEAD};
+use qbus_wire::protocol::record::{encode_record_meta, parse_record, RecordMeta, RECORD_OVERHEAD};
 use qbus_wire::protocol::{DeliveryToken, MqOptions, Status};
 use serde::Serialize;
 
@@ -127,6 +127,9 @@ struct Receipt<'a> {
     offset: u64,
     count: u64,
     durability: String,
+    /// The message repeated a dedupe id stored within the window: `offset` is the first's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
 }
 
 #[derive(Serialize)]
@@ -160,9 +163,13 @@ async fn produce(
 ) -> Result<Reply, ApiError> {
     let tag = fields.get("tag")?.filter(|t| !t.is_empty());
     let key = fields.get("key")?.filter(|k| !k.is_empty());
+    let dedupe_id = fields.get("dedupe-id")?.filter(|d| !d.is_empty());
     // Before reading the body: an unknown MQ should not cost an upload.
     let mq = ctx.core.registry().get(mq_name)?;
-    let (tag_len, key_len) = (tag.map_or(0, str::len), key.map_or(0, str::len));
+    let (tag_len, key_len) = (
+        tag.map_or(0, str::len),
+        key.map_or(0, str::len) + dedupe_id.map_or(0, |d| d.len() + 1),
+    );
     let limit = body_limit(ctx.core.config().max_frame, tag_len + key_len);
     let payload = body::read(
         parts,
@@ -173,16 +180,30 @@ async fn produce(
     )
     .await?;
     let mut record = BytesMut::with_capacity(RECORD_OVERHEAD + tag_len + key_len + payload.len());
-    encode_record(&mut record, 0, 0, tag, key, &payload)
+    let meta = RecordMeta {
+        tag,
+        key,
+        dedupe_id,
+        ..RecordMeta::default()
+    };
+    encode_record_meta(&mut record, 0, 0, &meta, &payload)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let (appended, durability) = mq.append(ctx.core.committer(), record, 1).await?;
+    let receipt = mq
+        .produce(
+            ctx.core.committer(),
+            record.freeze(),
+            1,
+            dedupe_id.is_some(),
+        )
+        .await?;
     Ok(json(
         StatusCode::OK,
         &Receipt {
             mq: mq_name,
-            offset: appended.first_offset,
-            count: appended.count,
-            durability: durability.to_string(),
+            offset: receipt.first_offset,
+            count: receipt.count,
+            durability: receipt.durability.to_string(),
+            duplicate: !receipt.offsets.is_empty(),
         },
     ))
 }
@@ -243,6 +264,9 @@ async fn consume(ctx: &Context, mq: &str, fields: &Fields<'_>) -> Result<Reply, 
     }
     if let Some(key) = record.key {
         set("key", key);
+    }
+    if let Some(dedupe_id) = record.dedupe_id {
+        set("dedupe-id", dedupe_id);
     }
     Ok(reply)
 }

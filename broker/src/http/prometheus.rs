@@ -64,7 +64,7 @@ pub fn render(stats: &Stats) -> String {
     out.sample("qbus_http_requests_total", &[], broker.http_requests);
 
     type PerMq = fn(&super::stats::MqStats) -> u64;
-    let per_mq: [(&str, &str, &str, PerMq); 8] = [
+    let per_mq: [(&str, &str, &str, PerMq); 11] = [
         (
             "qbus_messages_in_total",
             "counter",
@@ -100,6 +100,24 @@ pub fn render(stats: &Stats) -> String {
             "counter",
             "Offsets skipped because their records are damaged on disk.",
             |m| m.traffic.lost,
+        ),
+        (
+            "qbus_messages_duplicate_total",
+            "counter",
+            "Messages not stored because their dedupe id was stored within the MQ's window.",
+            |m| m.traffic.duplicates,
+        ),
+        (
+            "qbus_mq_dedupe_ids",
+            "gauge",
+            "Dedupe ids the MQ remembers now.",
+            |m| m.dedupe_ids,
+        ),
+        (
+            "qbus_mq_dedupe_evicted_total",
+            "counter",
+            "Dedupe ids forgotten before their window ended because the MQ held the most it may.",
+            |m| m.dedupe_evicted,
         ),
         ("qbus_mq_depth", "gauge", "Messages retained.", |m| m.depth),
         (

@@ -75,6 +75,11 @@ pub struct MqStats {
     pub dead_lettered: u64,
     /// Redeliveries, all groups together.
     pub redelivered: u64,
+    /// Dedupe ids remembered now.
+    pub dedupe_ids: u64,
+    /// Dedupe ids forgotten before their window ended because the MQ held the most it
+    /// may (`queue::dedupe::MAX_IDS`).
+    pub dedupe_evicted: u64,
     /// Messages in and out per second over the last seconds, newest last (stats only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
@@ -89,6 +94,8 @@ impl MqStats {
             traffic: mq.counters().read(),
             dead_lettered: info.groups.iter().map(|g| g.dead_lettered).sum(),
             redelivered: info.groups.iter().map(|g| g.redelivered).sum(),
+            dedupe_ids: mq.dedupe().held() as u64,
+            dedupe_evicted: mq.dedupe().evicted(),
             rates: None,
             info,
         }

@@ -13,6 +13,7 @@ pub struct MqCounters {
     bytes_out: AtomicU64,
     acked: AtomicU64,
     lost: AtomicU64,
+    duplicates: AtomicU64,
 }
 
 /// A reading of [`MqCounters`].
@@ -30,6 +31,8 @@ pub struct MqTraffic {
     pub acked: u64,
     /// Offsets whose records were found damaged on disk and skipped by readers.
     pub lost: u64,
+    /// Records not stored because their dedupe id was stored within the MQ's window.
+    pub duplicates: u64,
 }
 
 impl MqCounters {
@@ -55,6 +58,11 @@ impl MqCounters {
         self.lost.fetch_add(messages, Ordering::Relaxed);
     }
 
+    /// Counts records refused as repeats of a dedupe id.
+    pub fn duplicates(&self, messages: u64) {
+        self.duplicates.fetch_add(messages, Ordering::Relaxed);
+    }
+
     /// The current totals.
     pub fn read(&self) -> MqTraffic {
         MqTraffic {
@@ -64,6 +72,7 @@ impl MqCounters {
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             acked: self.acked.load(Ordering::Relaxed),
             lost: self.lost.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
         }
     }
 }
@@ -87,7 +96,8 @@ mod tests {
                 messages_out: 3,
                 bytes_out: 300,
                 acked: 2,
-                lost: 0
+                lost: 0,
+                duplicates: 0
             }
         );
     }

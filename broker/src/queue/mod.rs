@@ -3,6 +3,7 @@
 //!
 //! - [`registry`]: the MQ table: opening the store, creating and removing MQs, the sweep.
 //! - [`mq`]: one MQ: its log, its groups, fetch and ack.
+//! - [`dedupe`]: an MQ's table of dedupe ids, for exactly-once produce.
 //! - [`group`]: one live consumer group: its ledger, cursor file and waiting fetches.
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
 //! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
@@ -10,6 +11,7 @@
 //! - `crash_tests` (tests only): the engine on a simulated disk, cut by power loss at random
 //!   points and given failing writes and syncs.
 
+pub mod dedupe;
 pub mod group;
 pub mod group_commit;
 pub mod group_ledger;

@@ -16,6 +16,10 @@ pub struct MqOptions {
     /// acknowledges them once written (`written` durability) and shows them to consumers at
     /// once: for messages worth less than an fsync's latency, such as RPC requests.
     pub sync: Option<bool>,
+    /// How long a dedupe id is remembered (protocol 3; default 120 000 = 2 minutes, 0 turns
+    /// deduplication off for the MQ): a record whose dedupe id was stored within this
+    /// window is not stored again.
+    pub dedupe_window_ms: Option<u64>,
 }
 
 /// State of a consumer group, part of [`MqInfo`].

@@ -1,4 +1,4 @@
-//! The qbus wire protocol, version 1 (specified in `docs/protocol.md`). No I/O lives here.
+//! The qbus wire protocol, version 3 (specified in `docs/protocol.md`). No I/O lives here.
 //!
 //! - [`frame`]: length-prefixed frames and the `tokio_util` codec.
 //! - [`header`]: the MessagePack header with command, correlation id and well-known fields.
@@ -20,12 +20,13 @@ pub mod status;
 pub use admin::{GroupInfo, MqInfo, MqOptions, ServerInfo};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
-    Command, DeliveryToken, Durability, Header, LostRange, FLAG_ONEWAY, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, FLAG_UNSEEN,
+    Command, DeliveryToken, Durability, Header, LostRange, FLAG_DUPLICATE, FLAG_ONEWAY,
+    FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
 
-/// Version of the protocol this crate speaks. Version 2 added the `lost` header field; a
-/// version 2 peer still speaks version 1 to peers that say 1 (or nothing) in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of the protocol this crate speaks. Version 2 added the `lost` header field;
+/// version 3 added dedupe ids (record flag bit 3, header flag `DUPLICATE`, field
+/// `offsets`). A peer still speaks the older version to peers that say it in `Hello`.
+pub const PROTOCOL_VERSION: u32 = 3;

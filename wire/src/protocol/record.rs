@@ -8,10 +8,12 @@
 //! u32 crc          CRC-32 (IEEE) of every byte after this field
 //! u64 offset       position in the MQ (0 from producers; set by the broker)
 //! u64 timestamp    milliseconds since the Unix epoch (set by the broker)
-//! u8  flags        bit 0: a 16-byte message id follows the key; other bits 0
+//! u8  flags        bit 0: a 16-byte message id follows the key; bit 3 (protocol 3): a dedupe
+//!                  id follows; other bits 0
 //! u8  tag_len      then tag_len bytes of UTF-8
 //! u16 key_len      then key_len bytes of UTF-8
 //! [u128 id]        when flags bit 0 is set: the producer's message id
+//! [u8 len, dedupe] when flags bit 3 is set: 1 to 255 bytes of UTF-8, the dedupe id
 //! body             the rest
 //! ```
 //! All integers are big-endian.
@@ -24,6 +26,13 @@ use bytes::BufMut;
 pub const RECORD_OVERHEAD: usize = 28;
 /// Flag bit: the record carries a 16-byte message id after its key.
 pub const RECORD_FLAG_ID: u8 = 1;
+/// Flag bit (protocol 3): the record carries a dedupe id after its message id; the broker
+/// stores a record with a dedupe id it saw within the MQ's window only once.
+pub const RECORD_FLAG_DEDUPE: u8 = 1 << 3;
+/// Flag bits this version understands.
+const KNOWN_FLAGS: u8 = RECORD_FLAG_ID | RECORD_FLAG_DEDUPE;
+/// Longest dedupe id, in bytes.
+pub const MAX_DEDUPE_ID: usize = u8::MAX as usize;
 const ID_LEN: usize = 16;
 const FIXED_AFTER_LEN: usize = RECORD_OVERHEAD - 4;
 
@@ -89,6 +98,8 @@ pub struct RecordRef<'a> {
     pub key: Option<&'a str>,
     /// Message id set by the producer; a resend after failover carries the same one.
     pub id: Option<u128>,
+    /// Dedupe id set by the producer (protocol 3): the broker stores it once per window.
+    pub dedupe_id: Option<&'a str>,
     /// The payload.
     pub body: &'a [u8],
     /// Where the body lies in the parsed buffer (for zero-copy slicing).
@@ -104,8 +115,10 @@ pub struct RecordMeta<'a> {
     pub tag: Option<&'a str>,
     /// Key for affinity.
     pub key: Option<&'a str>,
-    /// Message id for deduplication.
+    /// Message id for deduplication by consumers.
     pub id: Option<u128>,
+    /// Dedupe id (protocol 3): the broker stores the record once within the MQ's window.
+    pub dedupe_id: Option<&'a str>,
 }
 
 /// Appends one record without an id. Fails only when the tag or key is too long.
@@ -117,7 +130,11 @@ pub fn encode_record(
     key: Option<&str>,
     body: &[u8],
 ) -> Result<usize, RecordError> {
-    let meta = RecordMeta { tag, key, id: None };
+    let meta = RecordMeta {
+        tag,
+        key,
+        ..RecordMeta::default()
+    };
     encode_record_meta(dst, offset, timestamp_ms, &meta, body)
 }
 
@@ -147,18 +164,44 @@ pub fn encode_record_meta(
             max: u16::MAX as usize,
         });
     }
-    let size = RECORD_OVERHEAD + tag.len() + key.len() + id.len() + body.len();
+    let dedupe = meta.dedupe_id.map(str::as_bytes);
+    if let Some(dedupe) = dedupe {
+        if dedupe.is_empty() || dedupe.len() > MAX_DEDUPE_ID {
+            return Err(RecordError::FieldTooLong {
+                field: "dedupe id",
+                len: dedupe.len(),
+                max: MAX_DEDUPE_ID,
+            });
+        }
+    }
+    let dedupe_len = dedupe.map(|d| [d.len() as u8]);
+    let dedupe_len: &[u8] = dedupe_len.as_ref().map_or(&[], |len| len.as_slice());
+    let dedupe = dedupe.unwrap_or_default();
+    let size = RECORD_OVERHEAD
+        + tag.len()
+        + key.len()
+        + id.len()
+        + dedupe_len.len()
+        + dedupe.len()
+        + body.len();
     let mut crc = crc32fast::Hasher::new();
     let mut fixed = [0u8; FIXED_AFTER_LEN - 4];
     fixed[0..8].copy_from_slice(&offset.to_be_bytes());
     fixed[8..16].copy_from_slice(&timestamp_ms.to_be_bytes());
-    fixed[16] = if id.is_empty() { 0 } else { RECORD_FLAG_ID };
+    fixed[16] = if id.is_empty() { 0 } else { RECORD_FLAG_ID }
+        | if dedupe_len.is_empty() {
+            0
+        } else {
+            RECORD_FLAG_DEDUPE
+        };
     fixed[17] = tag.len() as u8;
     fixed[18..20].copy_from_slice(&(key.len() as u16).to_be_bytes());
     crc.update(&fixed);
     crc.update(tag);
     crc.update(key);
     crc.update(id);
+    crc.update(dedupe_len);
+    crc.update(dedupe);
     crc.update(body);
     dst.put_u32((size - 4) as u32);
     dst.put_u32(crc.finalize());
@@ -166,6 +209,8 @@ pub fn encode_record_meta(
     dst.put_slice(tag);
     dst.put_slice(key);
     dst.put_slice(id);
+    dst.put_slice(dedupe_len);
+    dst.put_slice(dedupe);
     dst.put_slice(body);
     Ok(size)
 }
@@ -203,7 +248,7 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         u64::from_be_bytes(b)
     };
     let flags = rec[24];
-    if flags & !RECORD_FLAG_ID != 0 {
+    if flags & !KNOWN_FLAGS != 0 {
         return Err(RecordError::UnknownFlags { flags });
     }
     let tag_len = rec[25] as usize;
@@ -214,7 +259,19 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
     } else {
         0
     };
-    let body_start = key_end + id_len;
+    let id_end = key_end + id_len;
+    let dedupe = if flags & RECORD_FLAG_DEDUPE != 0 {
+        let len = *rec
+            .get(id_end)
+            .ok_or(RecordError::BadLength { len: size - 4 })? as usize;
+        if len == 0 {
+            return Err(RecordError::BadLength { len: size - 4 });
+        }
+        id_end + 1..id_end + 1 + len
+    } else {
+        id_end..id_end
+    };
+    let body_start = dedupe.end;
     if body_start > size {
         return Err(RecordError::BadLength { len: size - 4 });
     }
@@ -233,9 +290,10 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         key: text(RECORD_OVERHEAD + tag_len..key_end, "key")?,
         id: (id_len > 0).then(|| {
             let mut id = [0u8; ID_LEN];
-            id.copy_from_slice(&rec[key_end..body_start]);
+            id.copy_from_slice(&rec[key_end..id_end]);
             u128::from_be_bytes(id)
         }),
+        dedupe_id: text(dedupe, "dedupe id")?,
         body: &rec[body_start..],
         body_range: body_start..size,
         size,
@@ -248,6 +306,38 @@ pub fn stamp_record(record: &mut [u8], offset: u64, timestamp_ms: u64) {
     record[16..24].copy_from_slice(&timestamp_ms.to_be_bytes());
     let crc = crc32fast::hash(&record[8..]);
     record[4..8].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// The records of `src` (whole, verified, back to back) re-encoded without their dedupe
+/// ids, for a peer older than protocol 3; `None` when no record carries one (the common
+/// case: nothing is copied). Offsets, times and every other field are kept.
+pub fn without_dedupe_ids(src: &[u8]) -> Result<Option<Vec<u8>>, RecordError> {
+    let mut out: Option<Vec<u8>> = None;
+    let mut at = 0;
+    for record in records(src) {
+        let record = record?;
+        let start = at;
+        at += record.size;
+        if record.dedupe_id.is_none() {
+            if let Some(out) = &mut out {
+                out.extend_from_slice(&src[start..at]);
+            }
+            continue;
+        }
+        let out = out.get_or_insert_with(|| {
+            let mut copy = Vec::with_capacity(src.len());
+            copy.extend_from_slice(&src[..start]);
+            copy
+        });
+        let meta = RecordMeta {
+            tag: record.tag,
+            key: record.key,
+            id: record.id,
+            dedupe_id: None,
+        };
+        encode_record_meta(out, record.offset, record.timestamp_ms, &meta, record.body)?;
+    }
+    Ok(out)
 }
 
 /// Iterates over the verified records of a buffer holding whole records back to back.
@@ -348,6 +438,7 @@ mod tests {
             tag: Some("t"),
             key: Some("k"),
             id: Some(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+            dedupe_id: None,
         };
         let mut buf = Vec::new();
         encode_record_meta(&mut buf, 1, 2, &meta, b"body").unwrap();
@@ -370,6 +461,56 @@ mod tests {
             parse_record(&future),
             Err(RecordError::UnknownFlags { .. })
         ));
+    }
+
+    #[test]
+    fn dedupe_ids_round_trip_and_can_be_stripped_for_old_peers() {
+        let meta = RecordMeta {
+            tag: Some("t"),
+            id: Some(7),
+            dedupe_id: Some("order-17"),
+            ..RecordMeta::default()
+        };
+        let mut buf = one(None, None, b"plain");
+        let plain_len = buf.len();
+        encode_record_meta(&mut buf, 2, 3, &meta, b"body").unwrap();
+        let recs: Vec<_> = records(&buf).map(Result::unwrap).collect();
+        assert_eq!(
+            (recs[1].tag, recs[1].id, recs[1].dedupe_id, recs[1].body),
+            (Some("t"), Some(7), Some("order-17"), &b"body"[..])
+        );
+        assert_eq!(recs[0].dedupe_id, None);
+
+        let stripped = without_dedupe_ids(&buf)
+            .unwrap()
+            .expect("one record had an id");
+        let again: Vec<_> = records(&stripped).map(Result::unwrap).collect();
+        assert_eq!(&stripped[..plain_len], &buf[..plain_len]);
+        assert_eq!(
+            (
+                again[1].offset,
+                again[1].timestamp_ms,
+                again[1].id,
+                again[1].dedupe_id
+            ),
+            (2, 3, Some(7), None)
+        );
+        assert_eq!(again[1].body, b"body");
+        assert_eq!(without_dedupe_ids(&buf[..plain_len]).unwrap(), None);
+
+        for bad in ["", &"x".repeat(MAX_DEDUPE_ID + 1)] {
+            let meta = RecordMeta {
+                dedupe_id: Some(bad),
+                ..RecordMeta::default()
+            };
+            assert!(matches!(
+                encode_record_meta(&mut Vec::new(), 0, 0, &meta, b""),
+                Err(RecordError::FieldTooLong {
+                    field: "dedupe id",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]
