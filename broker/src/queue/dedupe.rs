@@ -258,6 +258,7 @@ async fn receipt(
 ) -> Result<Receipt, BrokerError> {
     let mut offsets = Vec::with_capacity(places.len());
     let mut durability = appended.map_or(Durability::Synced, |(_, d)| d);
+    let repeats = places.iter().any(|p| !matches!(p, Place::New(_)));
     for place in places {
         let stored = match place {
             Place::New(index) => {
@@ -280,7 +281,7 @@ async fn receipt(
         first_offset: offsets.first().copied().unwrap_or_default(),
         count: appended.map_or(0, |(a, _)| a.count),
         durability,
-        offsets,
+        offsets: if repeats { offsets } else { Vec::new() },
     })
 }
 
