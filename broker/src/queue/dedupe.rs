@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use qbus_wire::now_ms;
-use qbus_wire::protocol::record::records;
+use qbus_wire::protocol::record::{records, RecordError, RecordRef};
 use qbus_wire::protocol::Durability;
 use tokio::sync::{oneshot, OnceCell};
 
@@ -369,62 +369,48 @@ impl Dedupe {
         self.rebuild(reader).await?;
         let mut places = Vec::with_capacity(count as usize);
         let mut ids = Vec::with_capacity(count as usize);
-        // (start, end) in `body` of the records to store, when some are left out.
-        let mut kept: Vec<(usize, usize)> = Vec::new();
-        let mut repeats = 0u64;
+        let mut repeats = false;
         {
             let mut table = self.table.lock().expect("dedupe table poisoned");
             let early = table.expire(now_ms(), self.window_ms);
             self.count_evicted(early);
-            let mut at = 0;
             for record in records(&body) {
-                // Verified by the caller; a failure here is a bug, not bad input.
-                let record = record.map_err(|e| {
-                    BrokerError::Internal(format!("verified record unreadable: {e}"))
-                })?;
-                let span = (at, at + record.size);
-                at += record.size;
-                let place = match record.dedupe_id {
-                    None => None,
-                    Some(id) => match table.slots.get_mut(id) {
-                        Some(Slot::Stored(stored)) => Some(Place::Known(*stored)),
-                        Some(Slot::Pending(waiters)) => {
-                            let (tx, rx) = oneshot::channel();
-                            waiters.push(tx);
-                            Some(Place::Waiting(rx))
-                        }
-                        None => {
-                            let id: Arc<str> = id.into();
-                            table.slots.insert(id.clone(), Slot::Pending(Vec::new()));
-                            ids.push(Some(id));
-                            places.push(Place::New(ids.len() as u64 - 1));
-                            kept.push(span);
-                            continue;
-                        }
-                    },
+                let Some(id) = verified(record)?.dedupe_id else {
+                    ids.push(None);
+                    places.push(Place::New(ids.len() as u64 - 1));
+                    continue;
                 };
-                match place {
-                    Some(repeat) => {
-                        repeats += 1;
-                        places.push(repeat);
+                let place = match table.slots.get_mut(id) {
+                    Some(Slot::Stored(stored)) => Place::Known(*stored),
+                    Some(Slot::Pending(waiters)) => {
+                        let (tx, rx) = oneshot::channel();
+                        waiters.push(tx);
+                        Place::Waiting(rx)
                     }
                     None => {
-                        ids.push(None);
-                        places.push(Place::New(ids.len() as u64 - 1));
-                        kept.push(span);
+                        let id: Arc<str> = id.into();
+                        table.slots.insert(id.clone(), Slot::Pending(Vec::new()));
+                        ids.push(Some(id));
+                        Place::New(ids.len() as u64 - 1)
                     }
-                }
+                };
+                repeats |= !matches!(place, Place::New(_));
+                places.push(place);
             }
         }
         let stored = ids.len() as u32;
-        let records = if repeats == 0 {
+        let records = if !repeats {
             Some((BytesMut::from(body), stored))
         } else if stored == 0 {
             None
         } else {
-            let mut out = BytesMut::with_capacity(kept.iter().map(|(s, e)| e - s).sum());
-            for (start, end) in kept {
-                out.extend_from_slice(&body[start..end]);
+            let mut out = BytesMut::with_capacity(body.len());
+            for (record, place) in records(&body).zip(&places) {
+                if matches!(place, Place::New(_)) {
+                    let record = verified(record)?;
+                    let start = record.body_range.end - record.size;
+                    out.extend_from_slice(&body[start..record.body_range.end]);
+                }
             }
             Some((out, stored))
         };
@@ -461,6 +447,12 @@ impl Dedupe {
             .await?;
         Ok(())
     }
+}
+
+/// A record of a produce the session already verified; a failure here is a bug, not bad
+/// input.
+fn verified(record: Result<RecordRef<'_>, RecordError>) -> Result<RecordRef<'_>, BrokerError> {
+    record.map_err(|e| BrokerError::Internal(format!("verified record unreadable: {e}")))
 }
 
 /// The dedupe ids of the records from `from` to the end whose window has not passed, in
