@@ -87,8 +87,15 @@ impl Table {
     }
 
     fn store(&mut self, id: Arc<str>, stored: Stored) {
-        self.order.push_back((stored.at_ms, id.clone()));
-        if let Some(Slot::Pending(waiters)) = self.slots.insert(id, Slot::Stored(stored)) {
+        let before = match self.slots.get_mut(&id) {
+            Some(slot) => std::mem::replace(slot, Slot::Stored(stored)),
+            None => {
+                self.slots.insert(id.clone(), Slot::Stored(stored));
+                Slot::Pending(Vec::new())
+            }
+        };
+        self.order.push_back((stored.at_ms, id));
+        if let Slot::Pending(waiters) = before {
             for waiter in waiters {
                 let _ = waiter.send(Some(stored));
             }
@@ -197,7 +204,7 @@ pub enum ProduceWait {
     /// No dedupe ids: the append is all there is.
     Plain(AppendWait),
     /// Some records carry dedupe ids.
-    Deduped(Box<DedupeWait>),
+    Deduped(DedupeWait),
 }
 
 /// A produce with dedupe ids in progress.
@@ -205,6 +212,7 @@ pub struct DedupeWait {
     /// The records it stores, if any.
     append: Option<AppendWait>,
     claims: Claims,
+    /// Where each record of the request goes; empty when every one is stored by it.
     places: Vec<Place>,
 }
 
@@ -232,7 +240,7 @@ impl ProduceWait {
             append,
             mut claims,
             places,
-        } = *wait;
+        } = wait;
         let appended = match append {
             Some(append) => {
                 let outcome = append.wait().await;
@@ -256,9 +264,19 @@ async fn receipt(
     appended: Option<(Appended, Durability)>,
     places: Vec<Place>,
 ) -> Result<Receipt, BrokerError> {
-    let mut offsets = Vec::with_capacity(places.len());
     let mut durability = appended.map_or(Durability::Synced, |(_, d)| d);
-    let repeats = places.iter().any(|p| !matches!(p, Place::New(_)));
+    if places.is_empty() {
+        let (appended, _) = appended.ok_or_else(|| {
+            BrokerError::Internal("a produce without repeats stored nothing".into())
+        })?;
+        return Ok(Receipt {
+            first_offset: appended.first_offset,
+            count: appended.count,
+            durability,
+            offsets: Vec::new(),
+        });
+    }
+    let mut offsets = Vec::with_capacity(places.len());
     for place in places {
         let stored = match place {
             Place::New(index) => {
@@ -281,7 +299,7 @@ async fn receipt(
         first_offset: offsets.first().copied().unwrap_or_default(),
         count: appended.map_or(0, |(a, _)| a.count),
         durability,
-        offsets: if repeats { offsets } else { Vec::new() },
+        offsets,
     })
 }
 
@@ -290,17 +308,18 @@ pub struct Admitted {
     /// Whole records to append (`None`: all were repeats) and how many.
     pub records: Option<(BytesMut, u32)>,
     claims: Claims,
+    /// As [`DedupeWait::places`].
     places: Vec<Place>,
 }
 
 impl Admitted {
     /// The wait of this produce once `append` (of [`Admitted::records`]) is staged.
     pub fn into_wait(self, append: Option<AppendWait>) -> ProduceWait {
-        ProduceWait::Deduped(Box::new(DedupeWait {
+        ProduceWait::Deduped(DedupeWait {
             append,
             claims: self.claims,
             places: self.places,
-        }))
+        })
     }
 }
 
@@ -367,39 +386,53 @@ impl Dedupe {
         count: u32,
     ) -> Result<Admitted, BrokerError> {
         self.rebuild(reader).await?;
-        let mut places = Vec::with_capacity(count as usize);
+        // Filled only from the first repeat on: most produces repeat nothing.
+        let mut places = Vec::new();
         let mut ids = Vec::with_capacity(count as usize);
-        let mut repeats = false;
         {
             let mut table = self.table.lock().expect("dedupe table poisoned");
             let early = table.expire(now_ms(), self.window_ms);
             self.count_evicted(early);
             for record in records(&body) {
-                let Some(id) = verified(record)?.dedupe_id else {
-                    ids.push(None);
-                    places.push(Place::New(ids.len() as u64 - 1));
-                    continue;
+                let repeat = match verified(record)?.dedupe_id {
+                    None => None,
+                    Some(id) => match table.slots.entry(id.into()) {
+                        Entry::Occupied(mut slot) => match slot.get_mut() {
+                            Slot::Stored(stored) => Some(Place::Known(*stored)),
+                            Slot::Pending(waiters) => {
+                                let (tx, rx) = oneshot::channel();
+                                waiters.push(tx);
+                                Some(Place::Waiting(rx))
+                            }
+                        },
+                        Entry::Vacant(slot) => {
+                            ids.push(Some(slot.key().clone()));
+                            slot.insert(Slot::Pending(Vec::new()));
+                            if !places.is_empty() {
+                                places.push(Place::New(ids.len() as u64 - 1));
+                            }
+                            continue;
+                        }
+                    },
                 };
-                let place = match table.slots.get_mut(id) {
-                    Some(Slot::Stored(stored)) => Place::Known(*stored),
-                    Some(Slot::Pending(waiters)) => {
-                        let (tx, rx) = oneshot::channel();
-                        waiters.push(tx);
-                        Place::Waiting(rx)
+                match repeat {
+                    Some(repeat) => {
+                        if places.is_empty() {
+                            places.extend((0..ids.len() as u64).map(Place::New));
+                        }
+                        places.push(repeat);
                     }
                     None => {
-                        let id: Arc<str> = id.into();
-                        table.slots.insert(id.clone(), Slot::Pending(Vec::new()));
-                        ids.push(Some(id));
-                        Place::New(ids.len() as u64 - 1)
+                        ids.push(None);
+                        if !places.is_empty() {
+                            places.push(Place::New(ids.len() as u64 - 1));
+                        }
                     }
-                };
-                repeats |= !matches!(place, Place::New(_));
-                places.push(place);
+                }
             }
         }
         let stored = ids.len() as u32;
-        let records = if !repeats {
+        let records = if places.is_empty() {
             Some((BytesMut::from(body), stored))
         } else if stored == 0 {
             None
