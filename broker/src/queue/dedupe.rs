@@ -14,10 +14,16 @@
 //!   never read anything.
 //! - At most [`MAX_IDS`] stored ids per MQ; past that the oldest are forgotten early
 //!   (counted), so a flood of unique ids costs bounded memory.
+//! - The table keeps a 128-bit keyed hash of each id ([`Key`]), not the id: a fixed 16
+//!   bytes with no allocation, whatever the id's length. Two different ids would have to
+//!   collide in 128 bits of two SipHash-1-3 with keys random per broker process and MQ
+//!   (chance about n² / 2¹²⁹ for n ids held: 2⁻⁸⁹ at a million), and a producer cannot
+//!   aim for a collision without the keys.
 
-use std::collections::hash_map::Entry;
+use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,11 +61,56 @@ enum Slot {
     Stored(Stored),
 }
 
+/// A dedupe id as the table knows it (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key(u128);
+
+/// Turns ids into [`Key`]s.
+#[derive(Clone)]
+struct Keyer(RandomState, RandomState);
+
+impl Keyer {
+    fn key(&self, id: &str) -> Key {
+        Key(u128::from(self.0.hash_one(id)) << 64 | u128::from(self.1.hash_one(id)))
+    }
+}
+
+/// The table's own hasher: a [`Key`] is already a keyed hash, so its low half is used
+/// as it is.
 #[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
+}
+
 struct Table {
-    slots: HashMap<Arc<str>, Slot>,
+    keyer: Keyer,
+    slots: HashMap<Key, Slot, BuildHasherDefault<KeyHasher>>,
     /// Stored ids in the order they were stored, for expiry.
-    order: VecDeque<(u64, Arc<str>)>,
+    order: VecDeque<(u64, Key)>,
+}
+
+impl Default for Table {
+    fn default() -> Table {
+        Table {
+            keyer: Keyer(RandomState::new(), RandomState::new()),
+            slots: HashMap::default(),
+            order: VecDeque::new(),
+        }
+    }
 }
 
 impl Table {
@@ -86,11 +137,11 @@ impl Table {
         early
     }
 
-    fn store(&mut self, id: Arc<str>, stored: Stored) {
+    fn store(&mut self, id: Key, stored: Stored) {
         let before = match self.slots.get_mut(&id) {
             Some(slot) => std::mem::replace(slot, Slot::Stored(stored)),
             None => {
-                self.slots.insert(id.clone(), Slot::Stored(stored));
+                self.slots.insert(id, Slot::Stored(stored));
                 Slot::Pending(Vec::new())
             }
         };
@@ -102,8 +153,8 @@ impl Table {
         }
     }
 
-    fn fail(&mut self, id: &str) {
-        if let Some(Slot::Pending(waiters)) = self.slots.remove(id) {
+    fn fail(&mut self, id: Key) {
+        if let Some(Slot::Pending(waiters)) = self.slots.remove(&id) {
             for waiter in waiters {
                 let _ = waiter.send(None);
             }
@@ -137,7 +188,7 @@ enum Place {
 /// unresolved (the broker is stopping), they are released as failed.
 struct Claims {
     dedupe: Arc<Dedupe>,
-    ids: Vec<Option<Arc<str>>>,
+    ids: Vec<Option<Key>>,
 }
 
 impl Claims {
@@ -156,7 +207,7 @@ impl Claims {
                     };
                     table.store(id, stored);
                 }
-                Err(_) => table.fail(&id),
+                Err(_) => table.fail(id),
             }
         }
     }
@@ -366,11 +417,17 @@ impl Dedupe {
     }
 
     fn count_evicted(&self, early: u64) {
-        if early > 0 {
-            self.evicted
-                .fetch_add(early, std::sync::atomic::Ordering::Relaxed);
+        if early == 0 {
+            return;
+        }
+        let before = self
+            .evicted
+            .fetch_add(early, std::sync::atomic::Ordering::Relaxed);
+        // Once when it starts, then once per MAX_IDS more: a full table evicts on every
+        // produce, and a line each would cost more than the produce.
+        if before / MAX_IDS as u64 != (before + early) / MAX_IDS as u64 || before == 0 {
             tracing::warn!(
-                evicted = early,
+                evicted = before + early,
                 max = MAX_IDS,
                 "dedupe table full: oldest ids forgotten before their window ended"
             );
@@ -393,10 +450,11 @@ impl Dedupe {
             let mut table = self.table.lock().expect("dedupe table poisoned");
             let early = table.expire(now_ms(), self.window_ms);
             self.count_evicted(early);
+            let Table { keyer, slots, .. } = &mut *table;
             for record in records(&body) {
                 let repeat = match verified(record)?.dedupe_id {
                     None => None,
-                    Some(id) => match table.slots.entry(id.into()) {
+                    Some(id) => match slots.entry(keyer.key(id)) {
                         Entry::Occupied(mut slot) => match slot.get_mut() {
                             Slot::Stored(stored) => Some(Place::Known(*stored)),
                             Slot::Pending(waiters) => {
@@ -406,7 +464,7 @@ impl Dedupe {
                             }
                         },
                         Entry::Vacant(slot) => {
-                            ids.push(Some(slot.key().clone()));
+                            ids.push(Some(*slot.key()));
                             slot.insert(Slot::Pending(Vec::new()));
                             if !places.is_empty() {
                                 places.push(Place::New(ids.len() as u64 - 1));
@@ -462,8 +520,16 @@ impl Dedupe {
         self.rebuilt
             .get_or_try_init(|| async {
                 let (reader, from, window_ms) = (reader.clone(), self.scan_from, self.window_ms);
-                let found =
-                    blocking("dedupe rebuild", move || scan(&reader, from, window_ms)).await?;
+                let keyer = self
+                    .table
+                    .lock()
+                    .expect("dedupe table poisoned")
+                    .keyer
+                    .clone();
+                let found = blocking("dedupe rebuild", move || {
+                    scan(&reader, &keyer, from, window_ms)
+                })
+                .await?;
                 let mut table = self.table.lock().expect("dedupe table poisoned");
                 let count = found.len();
                 for (id, stored) in found {
@@ -493,9 +559,10 @@ fn verified(record: Result<RecordRef<'_>, RecordError>) -> Result<RecordRef<'_>,
 /// Blocking.
 fn scan(
     reader: &LogReader,
+    keyer: &Keyer,
     from: u64,
     window_ms: u64,
-) -> Result<Vec<(Arc<str>, Stored)>, StoreError> {
+) -> Result<Vec<(Key, Stored)>, StoreError> {
     let cutoff = now_ms().saturating_sub(window_ms);
     let end = reader.end_offset();
     let mut found = Vec::new();
@@ -522,7 +589,7 @@ fn scan(
                         at_ms: record.timestamp_ms,
                         durability: Durability::Written,
                     };
-                    found.push((id.into(), stored));
+                    found.push((keyer.key(id), stored));
                 }
             }
         }
@@ -544,18 +611,30 @@ mod tests {
     }
 
     #[test]
+    fn different_ids_get_different_keys_and_one_id_always_the_same() {
+        let table = Table::default();
+        let keys: std::collections::HashSet<Key> = (0..100_000)
+            .map(|i| table.keyer.key(&format!("id-{i}")))
+            .collect();
+        assert_eq!(keys.len(), 100_000);
+        assert_eq!(table.keyer.key("id-7"), table.keyer.key("id-7"));
+        assert_ne!(Table::default().keyer.key("id-7"), table.keyer.key("id-7"));
+    }
+
+    #[test]
     fn ids_expire_after_the_window_and_a_later_store_outlives_an_earlier_entry() {
         let mut table = Table::default();
-        table.store("a".into(), stored(0, 1_000));
-        table.store("b".into(), stored(1, 1_500));
+        let (a, b) = (table.keyer.key("a"), table.keyer.key("b"));
+        table.store(a, stored(0, 1_000));
+        table.store(b, stored(1, 1_500));
         assert_eq!(table.expire(1_999, 1_000), 0);
-        assert!(table.slots.contains_key("a") && table.slots.contains_key("b"));
+        assert!(table.slots.contains_key(&a) && table.slots.contains_key(&b));
         assert_eq!(table.expire(2_100, 1_000), 0);
-        assert!(!table.slots.contains_key("a"), "a's window ended at 2 000");
+        assert!(!table.slots.contains_key(&a), "a's window ended at 2 000");
         // "b" stored again later (as after its expiry): the old entry must not remove it.
-        table.store("b".into(), stored(5, 2_400));
+        table.store(b, stored(5, 2_400));
         table.expire(2_600, 1_000);
-        assert!(matches!(table.slots.get("b"), Some(Slot::Stored(s)) if s.offset == 5));
+        assert!(matches!(table.slots.get(&b), Some(Slot::Stored(s)) if s.offset == 5));
         table.expire(3_500, 1_000);
         assert!(table.slots.is_empty() && table.order.is_empty());
     }
@@ -564,11 +643,11 @@ mod tests {
     fn a_full_table_forgets_its_oldest_ids_first() {
         let mut table = Table::default();
         for i in 0..=MAX_IDS as u64 {
-            table.store(i.to_string().into(), stored(i, 10));
+            table.store(Key(i.into()), stored(i, 10));
         }
         assert_eq!(table.expire(10, 60_000), 1);
-        assert!(!table.slots.contains_key("0"));
-        assert!(table.slots.contains_key("1"));
+        assert!(!table.slots.contains_key(&Key(0)));
+        assert!(table.slots.contains_key(&Key(1)));
         assert_eq!(table.order.len(), MAX_IDS);
     }
 
@@ -576,8 +655,9 @@ mod tests {
     fn a_failed_claim_wakes_its_repeats_with_nothing() {
         let mut table = Table::default();
         let (tx, mut rx) = oneshot::channel();
-        table.slots.insert("x".into(), Slot::Pending(vec![tx]));
-        table.fail("x");
+        let x = table.keyer.key("x");
+        table.slots.insert(x, Slot::Pending(vec![tx]));
+        table.fail(x);
         assert_eq!(rx.try_recv(), Ok(None));
         assert!(
             table.slots.is_empty(),
