@@ -189,13 +189,16 @@ enum Place {
 struct Claims {
     dedupe: Arc<Dedupe>,
     ids: Vec<Option<Key>>,
+    /// When they were claimed: their window counts from the produce's arrival, read once
+    /// for expiry and storing alike (after a restart, from the records' append times).
+    at_ms: u64,
 }
 
 impl Claims {
     fn resolve(&mut self, outcome: &Result<(Appended, Durability), StoreError>) {
         let ids = std::mem::take(&mut self.ids);
         let mut table = self.dedupe.table.lock().expect("dedupe table poisoned");
-        let at_ms = now_ms();
+        let at_ms = self.at_ms;
         for (index, id) in ids.into_iter().enumerate() {
             let Some(id) = id else { continue };
             match outcome {
@@ -443,12 +446,13 @@ impl Dedupe {
         count: u32,
     ) -> Result<Admitted, BrokerError> {
         self.rebuild(reader).await?;
+        let at_ms = now_ms();
         // Filled only from the first repeat on: most produces repeat nothing.
         let mut places = Vec::new();
         let mut ids = Vec::with_capacity(count as usize);
         {
             let mut table = self.table.lock().expect("dedupe table poisoned");
-            let early = table.expire(now_ms(), self.window_ms);
+            let early = table.expire(at_ms, self.window_ms);
             self.count_evicted(early);
             let Table { keyer, slots, .. } = &mut *table;
             for record in records(&body) {
@@ -510,6 +514,7 @@ impl Dedupe {
             claims: Claims {
                 dedupe: self.clone(),
                 ids,
+                at_ms,
             },
             places,
         })
