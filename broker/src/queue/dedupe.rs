@@ -12,18 +12,12 @@
 //!   dedupe produce of an MQ rebuilds it from the part of the log that may lie within the
 //!   window (segments older than the window are not read). MQs that never see a dedupe id
 //!   never read anything.
-//! - At most [`MAX_IDS`] stored ids per MQ; past that the oldest are forgotten early
+//! - At most [`MAX_IDS`](super::dedupe_table::MAX_IDS) ids per MQ; past that the oldest are forgotten early
 //!   (counted), so a flood of unique ids costs bounded memory.
-//! - The table keeps a 128-bit keyed hash of each id ([`Key`]), not the id: a fixed 16
-//!   bytes with no allocation, whatever the id's length. Two different ids would have to
-//!   collide in 128 bits of two SipHash-1-3 with keys random per broker process and MQ
-//!   (chance about n² / 2¹²⁹ for n ids held: 2⁻⁸⁹ at a million), and a producer cannot
-//!   aim for a collision without the keys.
+//! - The table itself (its layout, and the keyed hash it keeps instead of each id) is
+//!   [`dedupe_table`](super::dedupe_table).
 
-use std::collections::hash_map::{Entry, RandomState};
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,132 +29,16 @@ use qbus_wire::protocol::Durability;
 use tokio::sync::{oneshot, OnceCell};
 
 use super::blocking;
+use super::dedupe_table::{Found, Key, Keyer, Stored, Table, MAX_IDS};
 use super::group_commit::AppendWait;
 use crate::error::BrokerError;
 use crate::store::{Appended, LogReader, StoreError};
 
 /// How long an MQ remembers a dedupe id when its options do not say (NATS's default).
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(120);
-/// Most stored dedupe ids one MQ remembers; the oldest go first past this.
-pub const MAX_IDS: usize = 1 << 20;
 /// Records read per step while rebuilding the table from the log.
 const SCAN_RECORDS: usize = 4096;
 const SCAN_BYTES: usize = 1 << 20;
-
-/// Where a record with a dedupe id was stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stored {
-    offset: u64,
-    at_ms: u64,
-    durability: Durability,
-}
-
-enum Slot {
-    /// A produce claimed the id; these repeats wait for its outcome (`None`: it failed).
-    Pending(Vec<oneshot::Sender<Option<Stored>>>),
-    Stored(Stored),
-}
-
-/// A dedupe id as the table knows it (see the module's doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Key(u128);
-
-/// Turns ids into [`Key`]s.
-#[derive(Clone)]
-struct Keyer(RandomState, RandomState);
-
-impl Keyer {
-    fn key(&self, id: &str) -> Key {
-        Key(u128::from(self.0.hash_one(id)) << 64 | u128::from(self.1.hash_one(id)))
-    }
-}
-
-/// The table's own hasher: a [`Key`] is already a keyed hash, so its low half is used
-/// as it is.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u128(&mut self, key: u128) {
-        self.0 = key as u64;
-    }
-}
-
-struct Table {
-    keyer: Keyer,
-    slots: HashMap<Key, Slot, BuildHasherDefault<KeyHasher>>,
-    /// Stored ids in the order they were stored, for expiry.
-    order: VecDeque<(u64, Key)>,
-}
-
-impl Default for Table {
-    fn default() -> Table {
-        Table {
-            keyer: Keyer(RandomState::new(), RandomState::new()),
-            slots: HashMap::default(),
-            order: VecDeque::new(),
-        }
-    }
-}
-
-impl Table {
-    /// Forgets stored ids older than the window, and the oldest ones past [`MAX_IDS`].
-    /// Returns how many went early.
-    fn expire(&mut self, now_ms: u64, window_ms: u64) -> u64 {
-        let mut early = 0;
-        while let Some((at_ms, _)) = self.order.front() {
-            let full = self.order.len() > MAX_IDS;
-            if !full && at_ms.saturating_add(window_ms) > now_ms {
-                break;
-            }
-            let Some((at_ms, id)) = self.order.pop_front() else {
-                break;
-            };
-            // A later store of the same id (after an expiry) has its own, later entry.
-            if let Entry::Occupied(slot) = self.slots.entry(id) {
-                if matches!(slot.get(), Slot::Stored(s) if s.at_ms == at_ms) {
-                    slot.remove();
-                    early += u64::from(full);
-                }
-            }
-        }
-        early
-    }
-
-    fn store(&mut self, id: Key, stored: Stored) {
-        let before = match self.slots.get_mut(&id) {
-            Some(slot) => std::mem::replace(slot, Slot::Stored(stored)),
-            None => {
-                self.slots.insert(id, Slot::Stored(stored));
-                Slot::Pending(Vec::new())
-            }
-        };
-        self.order.push_back((stored.at_ms, id));
-        if let Slot::Pending(waiters) = before {
-            for waiter in waiters {
-                let _ = waiter.send(Some(stored));
-            }
-        }
-    }
-
-    fn fail(&mut self, id: Key) {
-        if let Some(Slot::Pending(waiters)) = self.slots.remove(&id) {
-            for waiter in waiters {
-                let _ = waiter.send(None);
-            }
-        }
-    }
-}
 
 /// One MQ's dedupe table.
 pub struct Dedupe {
@@ -188,7 +66,8 @@ enum Place {
 /// unresolved (the broker is stopping), they are released as failed.
 struct Claims {
     dedupe: Arc<Dedupe>,
-    ids: Vec<Option<Key>>,
+    /// The claims' sequence numbers in the table.
+    ids: Vec<Option<u64>>,
     /// When they were claimed: their window counts from the produce's arrival, read once
     /// for expiry and storing alike (after a restart, from the records' append times).
     at_ms: u64,
@@ -402,11 +281,7 @@ impl Dedupe {
 
     /// Stored ids held now.
     pub fn held(&self) -> usize {
-        self.table
-            .lock()
-            .expect("dedupe table poisoned")
-            .order
-            .len()
+        self.table.lock().expect("dedupe table poisoned").len()
     }
 
     /// Forgets the ids whose window has passed.
@@ -454,27 +329,19 @@ impl Dedupe {
             let mut table = self.table.lock().expect("dedupe table poisoned");
             let early = table.expire(at_ms, self.window_ms);
             self.count_evicted(early);
-            let Table { keyer, slots, .. } = &mut *table;
             for record in records(&body) {
                 let repeat = match verified(record)?.dedupe_id {
                     None => None,
-                    Some(id) => match slots.entry(keyer.key(id)) {
-                        Entry::Occupied(mut slot) => match slot.get_mut() {
-                            Slot::Stored(stored) => Some(Place::Known(*stored)),
-                            Slot::Pending(waiters) => {
-                                let (tx, rx) = oneshot::channel();
-                                waiters.push(tx);
-                                Some(Place::Waiting(rx))
-                            }
-                        },
-                        Entry::Vacant(slot) => {
-                            ids.push(Some(*slot.key()));
-                            slot.insert(Slot::Pending(Vec::new()));
+                    Some(id) => match table.claim(id, at_ms) {
+                        Found::Claimed(seq) => {
+                            ids.push(Some(seq));
                             if !places.is_empty() {
                                 places.push(Place::New(ids.len() as u64 - 1));
                             }
                             continue;
                         }
+                        Found::Stored(stored) => Some(Place::Known(stored)),
+                        Found::Pending(rx) => Some(Place::Waiting(rx)),
                     },
                 };
                 match repeat {
@@ -529,7 +396,7 @@ impl Dedupe {
                     .table
                     .lock()
                     .expect("dedupe table poisoned")
-                    .keyer
+                    .keyer()
                     .clone();
                 let found = blocking("dedupe rebuild", move || {
                     scan(&reader, &keyer, from, window_ms)
@@ -537,8 +404,8 @@ impl Dedupe {
                 .await?;
                 let mut table = self.table.lock().expect("dedupe table poisoned");
                 let count = found.len();
-                for (id, stored) in found {
-                    table.store(id, stored);
+                for (key, stored) in found {
+                    table.insert_stored(key, stored);
                 }
                 let early = table.expire(now_ms(), window_ms);
                 drop(table);
@@ -601,72 +468,4 @@ fn scan(
         (from, pos) = (batch.next_offset, Some(batch.next_pos));
     }
     Ok(found)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stored(offset: u64, at_ms: u64) -> Stored {
-        Stored {
-            offset,
-            at_ms,
-            durability: Durability::Synced,
-        }
-    }
-
-    #[test]
-    fn different_ids_get_different_keys_and_one_id_always_the_same() {
-        let table = Table::default();
-        let keys: std::collections::HashSet<Key> = (0..100_000)
-            .map(|i| table.keyer.key(&format!("id-{i}")))
-            .collect();
-        assert_eq!(keys.len(), 100_000);
-        assert_eq!(table.keyer.key("id-7"), table.keyer.key("id-7"));
-        assert_ne!(Table::default().keyer.key("id-7"), table.keyer.key("id-7"));
-    }
-
-    #[test]
-    fn ids_expire_after_the_window_and_a_later_store_outlives_an_earlier_entry() {
-        let mut table = Table::default();
-        let (a, b) = (table.keyer.key("a"), table.keyer.key("b"));
-        table.store(a, stored(0, 1_000));
-        table.store(b, stored(1, 1_500));
-        assert_eq!(table.expire(1_999, 1_000), 0);
-        assert!(table.slots.contains_key(&a) && table.slots.contains_key(&b));
-        assert_eq!(table.expire(2_100, 1_000), 0);
-        assert!(!table.slots.contains_key(&a), "a's window ended at 2 000");
-        // "b" stored again later (as after its expiry): the old entry must not remove it.
-        table.store(b, stored(5, 2_400));
-        table.expire(2_600, 1_000);
-        assert!(matches!(table.slots.get(&b), Some(Slot::Stored(s)) if s.offset == 5));
-        table.expire(3_500, 1_000);
-        assert!(table.slots.is_empty() && table.order.is_empty());
-    }
-
-    #[test]
-    fn a_full_table_forgets_its_oldest_ids_first() {
-        let mut table = Table::default();
-        for i in 0..=MAX_IDS as u64 {
-            table.store(Key(i.into()), stored(i, 10));
-        }
-        assert_eq!(table.expire(10, 60_000), 1);
-        assert!(!table.slots.contains_key(&Key(0)));
-        assert!(table.slots.contains_key(&Key(1)));
-        assert_eq!(table.order.len(), MAX_IDS);
-    }
-
-    #[test]
-    fn a_failed_claim_wakes_its_repeats_with_nothing() {
-        let mut table = Table::default();
-        let (tx, mut rx) = oneshot::channel();
-        let x = table.keyer.key("x");
-        table.slots.insert(x, Slot::Pending(vec![tx]));
-        table.fail(x);
-        assert_eq!(rx.try_recv(), Ok(None));
-        assert!(
-            table.slots.is_empty(),
-            "the next send with the id is stored"
-        );
-    }
 }

@@ -3,7 +3,8 @@
 //!
 //! - [`registry`]: the MQ table: opening the store, creating and removing MQs, the sweep.
 //! - [`mq`]: one MQ: its log, its groups, fetch and ack.
-//! - [`dedupe`]: an MQ's table of dedupe ids, for exactly-once produce.
+//! - [`dedupe`]: exactly-once produce: an MQ's dedupe ids, claimed, stored, rebuilt.
+//! - [`dedupe_table`]: the table of dedupe ids itself, pure.
 //! - [`group`]: one live consumer group: its ledger, cursor file and waiting fetches.
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
 //! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
@@ -12,6 +13,7 @@
 //!   points and given failing writes and syncs.
 
 pub mod dedupe;
+pub mod dedupe_table;
 pub mod group;
 pub mod group_commit;
 pub mod group_ledger;
