@@ -78,7 +78,7 @@ pub struct MqStats {
     /// Dedupe ids remembered now.
     pub dedupe_ids: u64,
     /// Dedupe ids forgotten before their window ended because the MQ held the most it
-    /// may (`queue::dedupe::MAX_IDS`).
+    /// may (`queue::dedupe_table::MAX_IDS`).
     pub dedupe_evicted: u64,
     /// Messages in and out per second over the last seconds, newest last (stats only).
     #[serde(skip_serializing_if = "Option::is_none")]
