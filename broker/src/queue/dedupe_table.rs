@@ -135,7 +135,7 @@ impl Table {
         let (ring, first) = (&self.ring, self.first);
         self.index
             .find(key.hash(), |&seq| {
-                ring.get((seq - first) as usize)
+                ring.get(seq.wrapping_sub(first) as usize)
                     .is_some_and(|e| e.key == key)
             })
             .copied()
@@ -147,7 +147,8 @@ impl Table {
         self.ring.push_back(Entry { key, at_ms, state });
         let (ring, first) = (&self.ring, self.first);
         self.index.insert_unique(key.hash(), seq, |&seq| {
-            ring.get((seq - first) as usize).map_or(0, |e| e.key.hash())
+            ring.get(seq.wrapping_sub(first) as usize)
+                .map_or(0, |e| e.key.hash())
         });
         seq
     }
