@@ -49,6 +49,9 @@ pub enum BrokerError {
     /// allow the request (403).
     #[error("{0}")]
     Denied(#[from] Denied),
+    /// The request may succeed if sent again (here or to another broker).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl BrokerError {
@@ -63,7 +66,7 @@ impl BrokerError {
             // Another broker holding the MQ can take the write (HA clients fail over on 503).
             BrokerError::Store(StoreError::Halted { .. }) => Status::Unavailable,
             BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
-            BrokerError::ShuttingDown => Status::Unavailable,
+            BrokerError::ShuttingDown | BrokerError::Unavailable(_) => Status::Unavailable,
             BrokerError::Denied(Denied::Unauthenticated(_)) => Status::Unauthorized,
             BrokerError::Denied(Denied::Forbidden(_)) => Status::Forbidden,
         }

@@ -69,6 +69,9 @@ pub struct CreateArgs {
     /// key once the previous is acknowledged (keys spread over the group's consumers)
     #[arg(long)]
     ordered_by_key: bool,
+    /// Remember dedupe ids this many milliseconds (0: no deduplication) [default: 120000]
+    #[arg(long, value_name = "N")]
+    dedupe_window_ms: Option<u64>,
 }
 
 /// A duration flag in ms.
@@ -109,6 +112,7 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         ttl_ms: args.ttl,
         expired_to_dead_letter: args.expired_to_dead_letter.then_some(true),
         ordered_by_key: args.ordered_by_key.then_some(true),
+        dedupe_window_ms: args.dedupe_window_ms,
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -147,6 +151,11 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "expired-to-dead-letter",
             options.expired_to_dead_letter.map(|v| v.to_string()),
             info.options.expired_to_dead_letter.map(|v| v.to_string()),
+        ),
+        (
+            "dedupe-window-ms",
+            options.dedupe_window_ms.map(|v| v.to_string()),
+            info.options.dedupe_window_ms.map(|v| v.to_string()),
         ),
     ]
     .into_iter()
@@ -264,7 +273,7 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={}",
+        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={} dedupe_window_ms={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),
@@ -278,6 +287,7 @@ fn describe_options(options: &MqOptions) -> String {
             "drop"
         },
         options.ordered_by_key == Some(true),
+        or_default(options.dedupe_window_ms.map(|v| v.to_string())),
     )
 }
 

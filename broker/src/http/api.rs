@@ -131,6 +131,9 @@ struct Receipt<'a> {
     offset: u64,
     count: u64,
     durability: String,
+    /// The message repeated a dedupe id stored within the window: `offset` is the first's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
 }
 
 #[derive(Serialize)]
@@ -164,9 +167,13 @@ async fn produce(
 ) -> Result<Reply, ApiError> {
     let tag = fields.get("tag")?.filter(|t| !t.is_empty());
     let key = fields.get("key")?.filter(|k| !k.is_empty());
+    let dedupe_id = fields.get("dedupe-id")?.filter(|d| !d.is_empty());
     // Before reading the body: an unknown MQ should not cost an upload.
     let mq = ctx.core.registry().get(mq_name)?;
-    let (tag_len, key_len) = (tag.map_or(0, str::len), key.map_or(0, str::len));
+    let (tag_len, key_len) = (
+        tag.map_or(0, str::len),
+        key.map_or(0, str::len) + dedupe_id.map_or(0, |d| d.len() + 1),
+    );
     let limit = body_limit(ctx.core.config().max_frame, tag_len + key_len);
     let payload = body::read(
         parts,
@@ -182,6 +189,7 @@ async fn produce(
         key,
         deliver_at,
         expires_at,
+        dedupe_id,
         ..RecordMeta::default()
     };
     let mut record =
@@ -191,14 +199,22 @@ async fn produce(
     if deliver_at.is_some() {
         ctx.core.registry().enable_delays(&mq).await?;
     }
-    let (appended, durability) = mq.append(ctx.core.committer(), record, 1).await?;
+    let receipt = mq
+        .produce(
+            ctx.core.committer(),
+            record.freeze(),
+            1,
+            dedupe_id.is_some(),
+        )
+        .await?;
     Ok(json(
         StatusCode::OK,
         &Receipt {
             mq: mq_name,
-            offset: appended.first_offset,
-            count: appended.count,
-            durability: durability.to_string(),
+            offset: receipt.first_offset,
+            count: receipt.count,
+            durability: receipt.durability.to_string(),
+            duplicate: !receipt.offsets.is_empty(),
         },
     ))
 }
@@ -294,6 +310,9 @@ async fn consume(ctx: &Context, mq: &str, fields: &Fields<'_>) -> Result<Reply, 
     }
     if let Some(at) = record.expires_at {
         set("expires-at", &at.to_string());
+    }
+    if let Some(dedupe_id) = record.dedupe_id {
+        set("dedupe-id", dedupe_id);
     }
     Ok(reply)
 }

@@ -27,6 +27,10 @@ pub struct MqOptions {
     /// the next message of a key goes out once the previous one is acknowledged (or
     /// dead-lettered, or expired). Messages without a key are not held. Default false.
     pub ordered_by_key: Option<bool>,
+    /// How long a dedupe id is remembered (protocol 3; default 120 000 = 2 minutes, 0 turns
+    /// deduplication off for the MQ): a record whose dedupe id was stored within this
+    /// window is not stored again.
+    pub dedupe_window_ms: Option<u64>,
 }
 
 /// State of a consumer group, part of [`MqInfo`].

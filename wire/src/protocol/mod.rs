@@ -1,4 +1,4 @@
-//! The qbus wire protocol, version 1 (specified in `docs/protocol.md`). No I/O lives here.
+//! The qbus wire protocol, version 3 (specified in `docs/protocol.md`). No I/O lives here.
 //!
 //! - [`frame`]: length-prefixed frames and the `tokio_util` codec.
 //! - [`header`]: the MessagePack header with command, correlation id and well-known fields.
@@ -20,14 +20,15 @@ pub mod status;
 pub use admin::{Credentials, GroupInfo, MqInfo, MqOptions, ServerInfo};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
-    Command, DeliveryToken, Durability, Header, LostRange, FLAG_ONEWAY, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, FLAG_UNSEEN,
+    Command, DeliveryToken, Durability, Header, LostRange, FLAG_DUPLICATE, FLAG_ONEWAY,
+    FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
 
 /// Version of the protocol this crate speaks. Version 2 added the `lost` header field;
-/// version 3 the record fields `deliver_at` and `expires_at`, credentials in `Hello` and the
-/// statuses 401 and 403 (see `docs/protocol.md`). A peer speaks no newer version than the
-/// other side said in `Hello` (1 when it said nothing).
+/// version 3 the record fields `deliver_at` and `expires_at` (delay/TTL piece), credentials in
+/// `Hello` and the statuses 401 and 403 (security piece), and dedupe ids (record flag bit 3,
+/// header flag `DUPLICATE`, field `offsets`; dedupe piece) (see `docs/protocol.md`). A peer
+/// speaks no newer version than the other side said in `Hello` (1 when it said nothing).
 pub const PROTOCOL_VERSION: u32 = 3;
