@@ -56,6 +56,9 @@ pub enum BrokerError {
     /// A `replicated` produce could not reach enough followers.
     #[error("replication: {0}")]
     Replication(#[from] ReplicationError),
+    /// The request may succeed if sent again (here or to another broker).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl BrokerError {
@@ -73,7 +76,9 @@ impl BrokerError {
             BrokerError::Store(StoreError::ReadOnly { .. }) => Status::Unavailable,
             BrokerError::Internal(_) | BrokerError::Store(_) => Status::Internal,
             // A tracker:// producer moves on to another broker.
-            BrokerError::ShuttingDown | BrokerError::Replication(_) => Status::Unavailable,
+            BrokerError::ShuttingDown
+            | BrokerError::Replication(_)
+            | BrokerError::Unavailable(_) => Status::Unavailable,
             BrokerError::Denied(Denied::Unauthenticated(_)) => Status::Unauthorized,
             BrokerError::Denied(Denied::Forbidden(_)) => Status::Forbidden,
         }

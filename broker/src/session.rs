@@ -10,8 +10,8 @@ use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
-    Command, Credentials, Durability, Frame, Header, LostRange, MqOptions, ServerInfo, Status,
-    FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
+    Command, Credentials, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ACK_LOCAL,
+    FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
     FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
@@ -24,8 +24,9 @@ use crate::auth::{self, Peer};
 use crate::core::{Core, FetchRequest};
 use crate::error::BrokerError;
 use crate::metrics::Protocol;
+use crate::queue::dedupe::{ProduceWait, Receipt, Settled};
 use crate::queue::group::Start;
-use crate::queue::group_commit::{AppendWait, CommitBatch};
+use crate::queue::group_commit::CommitBatch;
 use crate::queue::mq::Mq;
 use crate::replica;
 use crate::rpc;
@@ -156,43 +157,65 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
 
 /// A produce awaiting its receipt: the request, its append, and the MQ whose followers
 /// must hold it too when it asked for (or its MQ defaults to) `replicated`.
-type Produced = (Header, AppendWait, Option<Arc<Mq>>);
+type Produced = (Header, ProduceWait, Option<Arc<Mq>>);
 
 /// Sends produce receipts in the order the produces arrived, as the disk (and, for
 /// `replicated` receipts, the followers) confirm them.
+/// A receipt that waits for another produce's outcome (a repeated dedupe id whose first
+/// send is still being stored) goes out when it can, without holding up the others. Every
+/// wait is settled even after the peer went away: that records the dedupe ids the appends
+/// stored, so that the peer's resend after reconnecting is recognised.
 async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: mpsc::Sender<Frame>) {
+    let mut open = true;
     while let Some((request, wait, replicated)) = pending.recv().await {
-        let oneway = request.has_flag(FLAG_ONEWAY);
-        let header = match wait.wait().await {
-            Ok((appended, mut durability)) => {
-                let confirmed = match &replicated {
-                    Some(mq) => mq.wait_replicated(appended.next_offset).await,
-                    None => Ok(()),
-                };
-                match confirmed {
-                    Ok(()) => {
-                        if replicated.is_some() {
-                            durability = Durability::Replicated;
-                        }
-                        let mut header = Header::reply_to(&request);
-                        header.offset = Some(appended.first_offset);
-                        header.count = Some(appended.count as u32);
-                        header.durability = Some(durability);
-                        header
+        let receipt = match wait.settle().await {
+            Settled::Now(receipt) => confirmed(receipt, replicated.as_deref()).await,
+            Settled::Later(later) => {
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let receipt = confirmed(later.await, replicated.as_deref()).await;
+                    let header = produce_reply(&request, receipt);
+                    if !request.has_flag(FLAG_ONEWAY) {
+                        let _ = out.send(Frame::new(header)).await;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "replicated receipt refused");
-                        error_header(&request, &BrokerError::from(e))
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "append failed");
-                error_header(&request, &BrokerError::Store(e))
+                });
+                continue;
             }
         };
-        if !oneway && out.send(Frame::new(header)).await.is_err() {
-            return;
+        let header = produce_reply(&request, receipt);
+        if open && !request.has_flag(FLAG_ONEWAY) {
+            open = out.send(Frame::new(header)).await.is_ok();
+        }
+    }
+}
+
+/// `receipt`, once the followers of `replicated` (when given) hold what it names.
+async fn confirmed(
+    receipt: Result<Receipt, BrokerError>,
+    replicated: Option<&Mq>,
+) -> Result<Receipt, BrokerError> {
+    match (receipt, replicated) {
+        (Ok(receipt), Some(mq)) => mq.confirm_replicated(receipt).await,
+        (receipt, _) => receipt,
+    }
+}
+
+fn produce_reply(request: &Header, receipt: Result<Receipt, BrokerError>) -> Header {
+    match receipt {
+        Ok(receipt) => {
+            let mut header = Header::reply_to(request);
+            header.offset = Some(receipt.first_offset);
+            header.count = Some(receipt.count as u32);
+            header.durability = Some(receipt.durability);
+            if !receipt.offsets.is_empty() {
+                header.flags |= FLAG_DUPLICATE;
+                header.offsets = receipt.offsets;
+            }
+            header
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "append failed");
+            error_header(request, &e)
         }
     }
 }
@@ -357,11 +380,12 @@ impl Session {
         let Frame { header, body } = frame;
         let checked = (|| {
             let mq = self.core.registry().get(required(&header.mq, "mq")?)?;
-            let (mut count, mut delayed) = (0u32, false);
+            let (mut count, mut delayed, mut deduped) = (0u32, false, false);
             for record in records(&body) {
                 let record = record
                     .map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
                 delayed |= crate::queue::timer::check_produced(&record, count)?;
+                deduped |= record.dedupe_id.is_some();
                 count += 1;
             }
             if count == 0 {
@@ -373,9 +397,9 @@ impl Session {
                     header.count.unwrap_or_default()
                 )));
             }
-            Ok((mq, count, delayed))
+            Ok((mq, count, delayed, deduped))
         })();
-        let (mq, count, delayed) = match checked {
+        let (mq, count, delayed, deduped) = match checked {
             Ok(checked) => checked,
             Err(e) if header.has_flag(FLAG_ONEWAY) => {
                 tracing::warn!(error = %e, "dropping bad one-way produce");
@@ -395,7 +419,14 @@ impl Session {
             mq.admit_replicated()
                 .map_err(|e| Failure::new(&header, e.into()))?;
         }
-        let wait = mq.stage(&mut self.batch, BytesMut::from(body), count);
+        let wait = if deduped {
+            match mq.stage_deduped(&mut self.batch, body, count).await {
+                Ok(wait) => wait,
+                Err(e) => return Err(Failure::new(&header, e)),
+            }
+        } else {
+            ProduceWait::Plain(mq.stage(&mut self.batch, BytesMut::from(body), count))
+        };
         let replicated = replicated.then_some(mq);
         let _ = self.produced.send((header, wait, replicated)).await;
         Ok(())
@@ -564,7 +595,8 @@ async fn fetch(
     }
     let mut body = fetched.body;
     if peer_protocol < 3 {
-        // Records of delayed or expiring messages carry fields a version 2 peer refuses.
+        // Records of delayed, expiring or deduped messages carry fields a version 2 peer
+        // refuses.
         if let Some(old) = without_v3_fields(&body)
             .map_err(|e| BrokerError::Internal(format!("re-encoding records: {e}")))?
         {

@@ -86,6 +86,9 @@ pub struct CreateArgs {
     /// follower in sync, at least one]
     #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..))]
     min_replicas: Option<u32>,
+    /// Remember dedupe ids this many milliseconds (0: no deduplication) [default: 120000]
+    #[arg(long, value_name = "N")]
+    dedupe_window_ms: Option<u64>,
 }
 
 /// A duration flag in ms.
@@ -138,6 +141,7 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         ordered_by_key: args.ordered_by_key.then_some(true),
         replicas: args.replicas,
         min_replicas: args.min_replicas,
+        dedupe_window_ms: args.dedupe_window_ms,
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -186,6 +190,11 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "expired-to-dead-letter",
             options.expired_to_dead_letter.map(|v| v.to_string()),
             info.options.expired_to_dead_letter.map(|v| v.to_string()),
+        ),
+        (
+            "dedupe-window-ms",
+            options.dedupe_window_ms.map(|v| v.to_string()),
+            info.options.dedupe_window_ms.map(|v| v.to_string()),
         ),
     ]
     .into_iter()
@@ -332,7 +341,7 @@ fn print_followers(mq: &MqInfo) {
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={} replicas={} min_replicas={}",
+        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={} replicas={} min_replicas={} dedupe_window_ms={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),
@@ -348,6 +357,7 @@ fn describe_options(options: &MqOptions) -> String {
         options.ordered_by_key == Some(true),
         or_default(options.replicas.map(|v| v.to_string())),
         or_default(options.min_replicas.map(|v| v.to_string())),
+        or_default(options.dedupe_window_ms.map(|v| v.to_string())),
     )
 }
 

@@ -39,6 +39,11 @@ pub struct ProduceArgs {
     /// Let each message expire this long after it may first be delivered
     #[arg(long, value_name = "DURATION", value_parser = crate::mq_cmd::duration_ms)]
     ttl: Option<u64>,
+    /// Dedupe id: the broker stores a message whose id it stored within the MQ's window
+    /// only once, so running the same command again stores nothing twice. With one BODY
+    /// argument it is the message's id; otherwise message N (from 1) gets `ID-N`
+    #[arg(long, value_name = "ID")]
+    dedupe_id: Option<String>,
     /// Print only a final `sent N messages` line instead of one receipt per message
     #[arg(long, short)]
     quiet: bool,
@@ -53,6 +58,8 @@ struct Pipeline {
     key: Option<String>,
     delay: Option<Duration>,
     ttl: Option<Duration>,
+    /// The dedupe id, and whether it gets the message's number.
+    dedupe: Option<(String, bool)>,
     quiet: bool,
     pending: VecDeque<ReceiptFuture>,
     sent: u64,
@@ -66,6 +73,7 @@ pub async fn run(broker: &Broker, args: ProduceArgs) -> Result<(), CliError> {
         key: args.key,
         delay: args.delay.map(Duration::from_millis),
         ttl: args.ttl.map(Duration::from_millis),
+        dedupe: args.dedupe_id.map(|id| (id, args.bodies.len() != 1)),
         quiet: args.quiet,
         pending: VecDeque::new(),
         sent: 0,
@@ -135,6 +143,13 @@ impl Pipeline {
         if let Some(ttl) = self.ttl {
             message = message.with_ttl(ttl);
         }
+        message.dedupe_id = self.dedupe.as_ref().map(|(id, numbered)| {
+            if *numbered {
+                format!("{id}-{}", self.sent + 1)
+            } else {
+                id.clone()
+            }
+        });
         let pending = self
             .producer
             .send_async(message)
@@ -152,8 +167,14 @@ impl Pipeline {
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "offset={} durability={}",
-                receipt.offset, receipt.durability
+                "offset={} durability={}{}",
+                receipt.offset,
+                receipt.durability,
+                if receipt.duplicate() {
+                    " duplicate (stored before, not again)"
+                } else {
+                    ""
+                }
             )?;
             out.flush()?;
         }

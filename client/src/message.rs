@@ -34,6 +34,11 @@ pub struct Message {
     /// Time to live from when the message may be delivered; turned into `expires_at` when
     /// it is encoded.
     ttl: Option<Duration>,
+    /// Dedupe id (1 to 255 bytes): the broker stores a message with a dedupe id it stored
+    /// within the MQ's window (default 2 minutes) only once, and answers the repeat with the
+    /// first one's offset ([`Receipt::duplicate`](crate::Receipt::duplicate)). Needs a
+    /// protocol 3 broker.
+    pub dedupe_id: Option<String>,
 }
 
 /// This machine's time in ms since the Unix epoch.
@@ -54,6 +59,7 @@ impl Message {
             deliver_at: None,
             expires_at: None,
             ttl: None,
+            dedupe_id: None,
         }
     }
 
@@ -121,6 +127,19 @@ impl Message {
         })
     }
 
+    /// Sets the dedupe id: a send that repeats it within the MQ's window (a retry after a
+    /// lost reply, a restarted producer sending again) is not stored twice on a broker.
+    ///
+    /// ```
+    /// use qbus_client::Message;
+    /// let msg = Message::new("debit 10").with_dedupe_id("payment-4711");
+    /// assert_eq!(msg.dedupe_id.as_deref(), Some("payment-4711"));
+    /// ```
+    pub fn with_dedupe_id(mut self, dedupe_id: impl Into<String>) -> Message {
+        self.dedupe_id = Some(dedupe_id.into());
+        self
+    }
+
     pub(crate) fn encoded_len(&self) -> usize {
         RECORD_OVERHEAD
             + if self.id.is_some() { 16 } else { 0 }
@@ -130,6 +149,7 @@ impl Message {
             } else {
                 0
             }
+            + self.dedupe_id.as_ref().map_or(0, |d| 1 + d.len())
             + self.body.len()
             + self.tag.as_ref().map_or(0, String::len)
             + self.key.as_ref().map_or(0, String::len)
@@ -143,6 +163,7 @@ impl Message {
             id: self.id,
             deliver_at: self.deliver_at,
             expires_at: self.expiry(),
+            dedupe_id: self.dedupe_id.as_deref(),
         };
         encode_record_meta(dst, 0, 0, &meta, &self.body)?;
         Ok(())

@@ -9,19 +9,32 @@ use bytes::BytesMut;
 use crate::error::{ClientError, Result};
 use crate::message::Message;
 use crate::protocol::{
-    Command, Durability, Frame, Header, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_ONEWAY,
+    Command, Durability, Frame, Header, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_DUPLICATE,
+    FLAG_ONEWAY,
 };
 use crate::transport::{PendingFrame, Transport};
 
 /// What the broker confirmed for a send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
-    /// Offset of the (first) message in the MQ.
+    /// Offset of the (first) message in the MQ; for a repeated dedupe id, the offset the
+    /// first send with it got.
     pub offset: u64,
-    /// Messages stored by this send.
+    /// Messages stored by this send (repeats of a dedupe id are not).
     pub count: u32,
     /// How durable they were when confirmed.
     pub durability: Durability,
+    /// When some messages repeated a dedupe id the broker had stored (and so were not
+    /// stored again): the offset of each message of the send, in order. Empty otherwise.
+    pub offsets: Vec<u64>,
+}
+
+impl Receipt {
+    /// True when at least one message of the send repeated a dedupe id and was not stored
+    /// again; [`Receipt::offsets`] says where each one is.
+    pub fn duplicate(&self) -> bool {
+        !self.offsets.is_empty()
+    }
 }
 
 /// Sends messages to one MQ. Cheap to clone.
@@ -183,6 +196,11 @@ impl IntoFuture for PendingReceipt {
                     offset,
                     count: header.count.unwrap_or(1),
                     durability,
+                    offsets: if header.has_flag(FLAG_DUPLICATE) {
+                        header.offsets
+                    } else {
+                        Vec::new()
+                    },
                 }),
                 _ => Err(ClientError::Protocol(
                     "produce reply without offset or durability".into(),

@@ -13,7 +13,7 @@ use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
 use qbus_server_kit::auth::{Identity, Operation};
 use qbus_wire::protocol::record::{encode_record_meta, parse_record, RecordMeta, RECORD_OVERHEAD};
-use qbus_wire::protocol::{DeliveryToken, Durability, MqOptions, Status};
+use qbus_wire::protocol::{DeliveryToken, MqOptions, Status};
 use serde::Serialize;
 
 use super::body;
@@ -132,6 +132,9 @@ struct Receipt<'a> {
     offset: u64,
     count: u64,
     durability: String,
+    /// The message repeated a dedupe id stored within the window: `offset` is the first's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
 }
 
 #[derive(Serialize)]
@@ -165,13 +168,17 @@ async fn produce(
 ) -> Result<Reply, ApiError> {
     let tag = fields.get("tag")?.filter(|t| !t.is_empty());
     let key = fields.get("key")?.filter(|k| !k.is_empty());
+    let dedupe_id = fields.get("dedupe-id")?.filter(|d| !d.is_empty());
     // Before reading the body: an unknown MQ should not cost an upload.
     let mq = ctx.core.registry().get(mq_name)?;
     let replicated = mq.replicated_by_default();
     if replicated {
         mq.admit_replicated().map_err(BrokerError::from)?;
     }
-    let (tag_len, key_len) = (tag.map_or(0, str::len), key.map_or(0, str::len));
+    let (tag_len, key_len) = (
+        tag.map_or(0, str::len),
+        key.map_or(0, str::len) + dedupe_id.map_or(0, |d| d.len() + 1),
+    );
     let limit = body_limit(ctx.core.config().max_frame, tag_len + key_len);
     let payload = body::read(
         parts,
@@ -187,6 +194,7 @@ async fn produce(
         key,
         deliver_at,
         expires_at,
+        dedupe_id,
         ..RecordMeta::default()
     };
     let mut record =
@@ -196,20 +204,27 @@ async fn produce(
     if deliver_at.is_some() {
         ctx.core.registry().enable_delays(&mq).await?;
     }
-    let (appended, mut durability) = mq.append(ctx.core.committer(), record, 1).await?;
-    if replicated {
-        mq.wait_replicated(appended.next_offset)
-            .await
-            .map_err(BrokerError::from)?;
-        durability = Durability::Replicated;
-    }
+    let receipt = mq
+        .produce(
+            ctx.core.committer(),
+            record.freeze(),
+            1,
+            dedupe_id.is_some(),
+        )
+        .await?;
+    let receipt = if replicated {
+        mq.confirm_replicated(receipt).await?
+    } else {
+        receipt
+    };
     Ok(json(
         StatusCode::OK,
         &Receipt {
             mq: mq_name,
-            offset: appended.first_offset,
-            count: appended.count,
-            durability: durability.to_string(),
+            offset: receipt.first_offset,
+            count: receipt.count,
+            durability: receipt.durability.to_string(),
+            duplicate: !receipt.offsets.is_empty(),
         },
     ))
 }
@@ -305,6 +320,9 @@ async fn consume(ctx: &Context, mq: &str, fields: &Fields<'_>) -> Result<Reply, 
     }
     if let Some(at) = record.expires_at {
         set("expires-at", &at.to_string());
+    }
+    if let Some(dedupe_id) = record.dedupe_id {
+        set("dedupe-id", dedupe_id);
     }
     Ok(reply)
 }

@@ -82,7 +82,7 @@ pub fn render(stats: &Stats) -> String {
     }
 
     type PerMq = fn(&super::stats::MqStats) -> u64;
-    let per_mq: [(&str, &str, &str, PerMq); 10] = [
+    let per_mq: [(&str, &str, &str, PerMq); 13] = [
         (
             "qbus_messages_in_total",
             "counter",
@@ -129,7 +129,25 @@ pub fn render(stats: &Stats) -> String {
             "qbus_mq_delayed",
             "gauge",
             "Delayed messages stored and not yet due.",
-            |m| m.info.delayed,
+            |m| m.info.delayed
+        ),
+        (
+            "qbus_messages_duplicate_total",
+            "counter",
+            "Messages not stored because their dedupe id was stored within the MQ's window.",
+            |m| m.traffic.duplicates,
+        ),
+        (
+            "qbus_mq_dedupe_ids",
+            "gauge",
+            "Dedupe ids the MQ remembers now.",
+            |m| m.dedupe_ids,
+        ),
+        (
+            "qbus_mq_dedupe_evicted_total",
+            "counter",
+            "Dedupe ids forgotten before their window ended because the MQ held the most it may.",
+            |m| m.dedupe_evicted,
         ),
         ("qbus_mq_depth", "gauge", "Messages retained.", |m| m.depth),
         (

@@ -87,6 +87,11 @@ pub struct MqStats {
     /// hides the buttons it may not use).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<bool>,
+    /// Dedupe ids remembered now.
+    pub dedupe_ids: u64,
+    /// Dedupe ids forgotten before their window ended because the MQ held the most it
+    /// may (`queue::dedupe_table::MAX_IDS`).
+    pub dedupe_evicted: u64,
     /// Messages in and out per second over the last seconds, newest last (stats only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
@@ -102,6 +107,8 @@ impl MqStats {
             dead_lettered: info.groups.iter().map(|g| g.dead_lettered).sum(),
             redelivered: info.groups.iter().map(|g| g.redelivered).sum(),
             admin: None,
+            dedupe_ids: mq.dedupe().held() as u64,
+            dedupe_evicted: mq.dedupe().evicted(),
             rates: None,
             info,
         }

@@ -14,6 +14,7 @@ pub struct MqCounters {
     acked: AtomicU64,
     lost: AtomicU64,
     expired: AtomicU64,
+    duplicates: AtomicU64,
 }
 
 /// A reading of [`MqCounters`].
@@ -33,6 +34,8 @@ pub struct MqTraffic {
     pub lost: u64,
     /// Records a group met past their expiry time (TTL) and did not deliver, once per group.
     pub expired: u64,
+    /// Records not stored because their dedupe id was stored within the MQ's window.
+    pub duplicates: u64,
 }
 
 impl MqCounters {
@@ -63,6 +66,11 @@ impl MqCounters {
         self.expired.fetch_add(messages, Ordering::Relaxed);
     }
 
+    /// Counts records refused as repeats of a dedupe id.
+    pub fn duplicates(&self, messages: u64) {
+        self.duplicates.fetch_add(messages, Ordering::Relaxed);
+    }
+
     /// The current totals.
     pub fn read(&self) -> MqTraffic {
         MqTraffic {
@@ -73,6 +81,7 @@ impl MqCounters {
             acked: self.acked.load(Ordering::Relaxed),
             lost: self.lost.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
         }
     }
 }
@@ -97,7 +106,8 @@ mod tests {
                 bytes_out: 300,
                 acked: 2,
                 lost: 0,
-                expired: 0
+                expired: 0,
+                duplicates: 0
             }
         );
     }

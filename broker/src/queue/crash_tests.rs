@@ -75,6 +75,7 @@ fn random_options(rng: &mut Rng) -> MqOptions {
         sync: Some(rng.below(4) != 0),
         replicas: Some(1 + rng.below(3) as u32),
         min_replicas: (rng.below(2) == 0).then_some(1),
+        dedupe_window_ms: (rng.below(2) == 0).then(|| rng.below(300_000)),
         ..MqOptions::default()
     }
 }
@@ -245,6 +246,8 @@ async fn check(disk: &SimDisk, acked: &Acked, context: &str) {
         let same = (tried.ack_timeout_ms.is_none() || have.ack_timeout_ms == tried.ack_timeout_ms)
             && (tried.max_deliveries.is_none() || have.max_deliveries == tried.max_deliveries)
             && (tried.sync.is_none() || have.sync == tried.sync)
+            && (tried.dedupe_window_ms.is_none()
+                || have.dedupe_window_ms == tried.dedupe_window_ms)
             && (tried.dead_letter_mq.is_none() || have.dead_letter_mq == tried.dead_letter_mq);
         assert!(
             same,

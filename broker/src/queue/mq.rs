@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use qbus_wire::now_ms;
 use qbus_wire::protocol::record::records;
 use qbus_wire::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
 
 use super::blocking;
+use super::dedupe::{self, Dedupe, ProduceWait, Receipt, Settled};
 use super::group::{Fetching, Group, Start};
 use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
 use super::group_ledger::Redeliveries;
@@ -88,6 +90,8 @@ pub struct Mq {
     reader: LogReader,
     groups: Mutex<HashMap<String, Arc<Group>>>,
     counters: MqCounters,
+    /// Dedupe ids stored within the window.
+    dedupe: Arc<Dedupe>,
     /// Damaged records already logged and counted (file, byte position): once per MQ, not
     /// once per group that meets them.
     damage_seen: Mutex<HashSet<(PathBuf, u64)>>,
@@ -160,6 +164,14 @@ impl Mq {
         let copy = log_config.copy;
         let (log, reader) = MqLog::open(fs, dir, log_config)?;
         let timer = Timer::new(TimerLog::open(fs, dir)?);
+        let window = options
+            .dedupe_window_ms
+            .map_or(dedupe::DEFAULT_WINDOW, Duration::from_millis);
+        let window_ms = window.as_millis().try_into().unwrap_or(u64::MAX);
+        let dedupe = Dedupe::new(
+            window,
+            log.first_offset_since(now_ms().saturating_sub(window_ms)),
+        );
         let mut groups = HashMap::new();
         for entry in fs.list(&groups_dir).map_err(StoreError::io(&groups_dir))? {
             let Some(group) = entry.name.strip_suffix(CURSOR_SUFFIX) else {
@@ -190,6 +202,7 @@ impl Mq {
             reader,
             groups: Mutex::new(groups),
             counters: MqCounters::default(),
+            dedupe,
             damage_seen: Mutex::new(HashSet::new()),
             timer,
             copy,
@@ -284,6 +297,19 @@ impl Mq {
             .await
     }
 
+    /// `receipt` once the followers hold every record it names (its repeats' originals
+    /// included), at `replicated`.
+    pub async fn confirm_replicated(&self, mut receipt: Receipt) -> Result<Receipt, BrokerError> {
+        let end = receipt
+            .offsets
+            .iter()
+            .max()
+            .map_or(receipt.first_offset + receipt.count, |last| last + 1);
+        self.wait_replicated(end).await?;
+        receipt.durability = Durability::Replicated;
+        Ok(receipt)
+    }
+
     /// The log's reader (what is published: synced, under `--fsync always`).
     pub fn reader(&self) -> &LogReader {
         &self.reader
@@ -373,6 +399,57 @@ impl Mq {
         let wait = batch.append(&self.log, records, count, self.wait_sync());
         committer.submit(batch).await?;
         Ok(wait)
+    }
+
+    /// Like [`Mq::stage`] for records some of which carry dedupe ids: a record whose id was
+    /// stored within the MQ's window is not stored again, and the wait's receipt gives its
+    /// original's offset. The first such produce after the MQ opened rebuilds the table of
+    /// ids from the log.
+    pub async fn stage_deduped(
+        &self,
+        batch: &mut CommitBatch,
+        records: Bytes,
+        count: u32,
+    ) -> Result<ProduceWait, BrokerError> {
+        if self.dedupe.window().is_zero() {
+            let wait = self.stage(batch, BytesMut::from(records), count);
+            return Ok(ProduceWait::Plain(wait));
+        }
+        let mut admitted = self.dedupe.admit(&self.reader, records, count).await?;
+        self.counters
+            .duplicates(u64::from(count) - admitted.records.as_ref().map_or(0, |r| u64::from(r.1)));
+        let append = admitted
+            .records
+            .take()
+            .map(|(records, count)| self.stage(batch, records, count));
+        Ok(admitted.into_wait(append))
+    }
+
+    /// A produce on its own (HTTP, zbus): stages `count` verified records, deduplicated
+    /// when `deduped`, and waits for the receipt.
+    pub async fn produce(
+        &self,
+        committer: &Committer,
+        records: Bytes,
+        count: u32,
+        deduped: bool,
+    ) -> Result<Receipt, BrokerError> {
+        let mut batch = CommitBatch::default();
+        let wait = if deduped {
+            self.stage_deduped(&mut batch, records, count).await?
+        } else {
+            ProduceWait::Plain(self.stage(&mut batch, BytesMut::from(records), count))
+        };
+        committer.submit(batch).await?;
+        match wait.settle().await {
+            Settled::Now(receipt) => receipt,
+            Settled::Later(receipt) => receipt.await,
+        }
+    }
+
+    /// The MQ's dedupe table.
+    pub fn dedupe(&self) -> &Dedupe {
+        &self.dedupe
     }
 
     /// Appends whole, verified records on their own and waits for them.
@@ -909,6 +986,7 @@ impl Mq {
 
     /// Releases deliveries past their ack deadline and drops records lost to retention.
     pub fn sweep(&self, now: Instant) {
+        self.dedupe.expire();
         let first = self.reader.first_offset();
         for group in self.groups.lock().expect("groups poisoned").values() {
             let mut state = group.state();
@@ -948,6 +1026,7 @@ impl Mq {
                 ordered_by_key: Some(self.options.ordered_by_key == Some(true)),
                 replicas: Some(self.options.replica_count()),
                 min_replicas: self.options.min_replicas,
+                dedupe_window_ms: Some(self.dedupe.window().as_millis() as u64),
             },
             groups,
             delayed: self.timer.pending(),

@@ -371,6 +371,16 @@ impl MqLog {
         self.closed = true;
     }
 
+    /// The first offset of the oldest segment that may hold a record stamped at or after
+    /// `ms` (segments whose newest record is older are passed over).
+    pub fn first_offset_since(&self, ms: u64) -> u64 {
+        self.sealed
+            .iter()
+            .find(|segment| segment.last_timestamp().is_none_or(|ts| ts >= ms))
+            .unwrap_or(&self.active)
+            .base()
+    }
+
     /// Offset the next appended record will get.
     pub fn next_offset(&self) -> u64 {
         self.active.next_offset()

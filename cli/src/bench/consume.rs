@@ -148,6 +148,7 @@ async fn fill(broker: &Broker, args: &ConsumeBench, missing: u64) -> Result<(), 
         missing,
         args.in_flight as usize,
         batch,
+        None,
         &mut ignored,
     )
     .await?;

@@ -36,6 +36,37 @@ pub struct ProduceBench {
     /// `--broker tracker://...`); receipts are then `replicated`
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     replicas: Option<u32>,
+    /// Give every message a unique dedupe id (to measure what deduplication costs)
+    #[arg(long)]
+    dedupe: bool,
+}
+
+/// Unique dedupe ids for a run: a prefix of this process and time (so runs within one window do not repeat
+/// each other's ids) and a counter.
+pub(super) struct DedupeIds {
+    prefix: String,
+    next: u64,
+}
+
+impl DedupeIds {
+    pub(super) fn new() -> DedupeIds {
+        DedupeIds {
+            prefix: format!(
+                "bench-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+            ),
+            next: 0,
+        }
+    }
+
+    fn message(&mut self, payload: &Bytes) -> Message {
+        self.next += 1;
+        Message::new(payload.clone()).with_dedupe_id(format!("{}-{}", self.prefix, self.next))
+    }
 }
 
 type ReceiptFuture = <PendingReceipt as IntoFuture>::IntoFuture;
@@ -56,6 +87,7 @@ pub(super) async fn produce_run(
     count: u64,
     window: usize,
     batch: u32,
+    mut dedupe: Option<&mut DedupeIds>,
     latencies: &mut Latencies,
 ) -> Result<Produced, CliError> {
     let mut pending: VecDeque<(Instant, ReceiptFuture)> = VecDeque::with_capacity(window);
@@ -66,10 +98,14 @@ pub(super) async fn produce_run(
         if remaining > 0 && pending.len() < window {
             let n = remaining.min(u64::from(batch));
             let sent_at = Instant::now();
+            let mut message = || match dedupe.as_deref_mut() {
+                Some(ids) => ids.message(payload),
+                None => Message::new(payload.clone()),
+            };
             let receipt = if n == 1 {
-                producer.send_async(Message::new(payload.clone())).await?
+                producer.send_async(message()).await?
             } else {
-                let messages = (0..n).map(|_| Message::new(payload.clone()));
+                let messages: Vec<Message> = (0..n).map(|_| message()).collect();
                 producer.send_batch_async(messages).await?
             };
             pending.push_back((sent_at, receipt.into_future()));
@@ -107,6 +143,7 @@ pub(super) async fn run(broker: &Broker, args: ProduceBench) -> Result<(), CliEr
     let producer = broker.producer(&args.mq);
     let payload = Bytes::from(vec![b'x'; args.size]);
     let window = args.in_flight as usize;
+    let mut ids = args.dedupe.then(DedupeIds::new);
     if args.warmup > 0 {
         let mut ignored = Latencies::default();
         produce_run(
@@ -115,6 +152,7 @@ pub(super) async fn run(broker: &Broker, args: ProduceBench) -> Result<(), CliEr
             args.warmup,
             window,
             args.batch,
+            ids.as_mut(),
             &mut ignored,
         )
         .await?;
@@ -127,6 +165,7 @@ pub(super) async fn run(broker: &Broker, args: ProduceBench) -> Result<(), CliEr
         args.count,
         window,
         args.batch,
+        ids.as_mut(),
         &mut latencies,
     )
     .await?;
@@ -141,8 +180,14 @@ pub(super) async fn run(broker: &Broker, args: ProduceBench) -> Result<(), CliEr
     let rate = Rate::new(args.count, args.size, run.elapsed);
     let lat = latencies.summarize();
     println!(
-        "produce: {} messages of {} B to {:?}, {} requests in flight, {} per request, after {} warmup",
-        args.count, args.size, args.mq, args.in_flight, args.batch, args.warmup
+        "produce: {} messages of {} B to {:?}, {} requests in flight, {} per request, after {} warmup{}",
+        args.count,
+        args.size,
+        args.mq,
+        args.in_flight,
+        args.batch,
+        args.warmup,
+        if args.dedupe { ", each with a dedupe id" } else { "" }
     );
     println!(
         "  {:.3} s, {:.0} msgs/s, {:.2} MB/s, durability {durability} ({} replicated, {} synced, {} written)",

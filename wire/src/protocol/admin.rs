@@ -27,6 +27,10 @@ pub struct MqOptions {
     /// the next message of a key goes out once the previous one is acknowledged (or
     /// dead-lettered, or expired). Messages without a key are not held. Default false.
     pub ordered_by_key: Option<bool>,
+    /// How long a dedupe id is remembered (protocol 3; default 120 000 = 2 minutes, 0 turns
+    /// deduplication off for the MQ): a record whose dedupe id was stored within this
+    /// window is not stored again.
+    pub dedupe_window_ms: Option<u64>,
     /// Copies of each broker's log of this MQ: its own plus `replicas - 1` followers on
     /// other brokers (default 1: no followers). Above 1, produces are acknowledged at
     /// `replicated` unless they ask for less (see `docs/replication.md`).

@@ -207,6 +207,10 @@ pub const FLAG_START_AT_OFFSET: u32 = 1 << 2;
 /// to its application (it stopped with them prefetched); they do not count toward the MQ's
 /// delivery limit.
 pub const FLAG_UNSEEN: u32 = 1 << 3;
+/// Header flag on a produce reply (protocol 3): at least one record of the request carried
+/// a dedupe id the MQ had seen within its window and was not stored again; `offsets` says
+/// where each record of the request is.
+pub const FLAG_DUPLICATE: u32 = 1 << 4;
 /// Header flag on a produce (protocol 3): the receipt waits until the records are on
 /// enough followers ([`Durability::Replicated`]), whatever the MQ's default.
 pub const FLAG_ACK_REPLICATED: u32 = 1 << 16;
@@ -259,6 +263,10 @@ pub struct Header {
     /// damaged on disk (`error` then names the file and byte). Sent only to peers that said
     /// protocol 2 in `Hello`; a version 1 peer refuses a header with this field.
     pub lost: Option<LostRange>,
+    /// Produce reply with [`FLAG_DUPLICATE`], protocol 3: the offset of each record of the
+    /// request, in order (a duplicate's is its original's). Sent only to version 3 peers
+    /// (only they send dedupe ids).
+    pub offsets: Vec<u64>,
 }
 
 impl Header {

@@ -3,9 +3,9 @@
 //! Every frame carries a header, and going through serde's visitors for its fields was the
 //! largest user-space cost in the broker's and clients' profiles. This writes the bytes
 //! `rmp-serde` writes (an array of the fields in order, each integer and string in its
-//! shortest form), except that the protocol 2 field `lost` is left out when it is empty, so
-//! that every header a version 1 peer can get has the 16 fields it knows; and it reads that
-//! canonical form directly. Anything else a peer may
+//! shortest form), except that trailing fields newer than version 1 (`lost`, `offsets`) are
+//! left out when they are empty, so that every header a version 1 peer can get has the 16
+//! fields it knows; and it reads that canonical form directly. Anything else a peer may
 //! legally send (a map of field names, binary strings, signed or oversized integer forms)
 //! is handed to `rmp-serde`, so what is accepted, and every error, stays exactly as before.
 //! The tests hold both directions to `rmp-serde` on random and damaged headers.
@@ -16,8 +16,8 @@ use super::header::{Command, DeliveryToken, Durability, Header, LostRange};
 
 /// Fields of a version 1 header, in wire order.
 const V1_FIELDS: u16 = 16;
-/// Fields of a version 2 header: `lost` added.
-const FIELDS: u16 = 17;
+/// Fields of a version 3 header: `lost` (version 2) and `offsets` added.
+const FIELDS: u16 = 18;
 
 const NIL: u8 = 0xc0;
 
@@ -25,11 +25,14 @@ const NIL: u8 = 0xc0;
 pub(super) fn encode(header: &Header, dst: &mut BytesMut) {
     dst.reserve(64);
     dst.put_u8(0xdc); // array 16: sixteen fields do not fit a fixarray
-    dst.put_u16(if header.lost.is_some() {
+    let fields = if !header.offsets.is_empty() {
         FIELDS
+    } else if header.lost.is_some() {
+        V1_FIELDS + 1
     } else {
         V1_FIELDS
-    });
+    };
+    dst.put_u16(fields);
     put_uint(dst, u8::from(header.cmd).into());
     put_uint(dst, header.id);
     put_uint(dst, header.status.into());
@@ -54,10 +57,21 @@ pub(super) fn encode(header: &Header, dst: &mut BytesMut) {
     put_opt_str(dst, header.error.as_deref());
     put_opt_str(dst, header.encoding.as_deref());
     put_opt_str(dst, header.route.as_deref());
-    if let Some(lost) = header.lost {
-        dst.put_u8(0x92); // [first, end]
-        put_uint(dst, lost.first);
-        put_uint(dst, lost.end);
+    if fields > V1_FIELDS {
+        match header.lost {
+            Some(lost) => {
+                dst.put_u8(0x92); // [first, end]
+                put_uint(dst, lost.first);
+                put_uint(dst, lost.end);
+            }
+            None => dst.put_u8(NIL),
+        }
+    }
+    if fields > V1_FIELDS + 1 {
+        put_array_len(dst, header.offsets.len());
+        for &offset in &header.offsets {
+            put_uint(dst, offset);
+        }
     }
 }
 
@@ -178,6 +192,13 @@ impl Reader<'_> {
                 13 => header.error = self.opt_string()?,
                 14 => header.encoding = self.opt_string()?,
                 15 => header.route = self.opt_string()?,
+                17 => {
+                    let len = self.array_len()?;
+                    header.offsets = Vec::with_capacity(self.bounded(len));
+                    for _ in 0..len {
+                        header.offsets.push(self.uint()?);
+                    }
+                }
                 _ => {
                     header.lost = self.opt(|r| {
                         if r.array_len()? != 2 {
@@ -349,17 +370,28 @@ mod tests {
                 first: number(rng),
                 end: number(rng),
             }),
+            offsets: if rng.gen_bool(0.5) {
+                Vec::new()
+            } else {
+                (0..list(rng)).map(|_| number(rng)).collect()
+            },
         }
     }
 
-    /// What rmp-serde writes for `header`, minus an empty trailing `lost` (the codec leaves
-    /// it out so version 1 peers get the 16 fields they know).
+    /// What rmp-serde writes for `header`, minus empty trailing fields newer than version 1
+    /// (the codec leaves them out so version 1 peers get the 16 fields they know).
     fn rmp_form(header: &Header) -> Vec<u8> {
         let mut bytes = rmp_serde::to_vec(header).unwrap();
-        if header.lost.is_none() {
-            assert_eq!(bytes.pop(), Some(NIL));
-            bytes[2] = 16;
+        let mut fields = FIELDS;
+        if header.offsets.is_empty() {
+            assert_eq!(bytes.pop(), Some(0x90));
+            fields -= 1;
+            if header.lost.is_none() {
+                assert_eq!(bytes.pop(), Some(NIL));
+                fields -= 1;
+            }
         }
+        bytes[2] = fields as u8;
         bytes
     }
 

@@ -1,4 +1,4 @@
-//! The qbus wire protocol, version 1 (specified in `docs/protocol.md`). No I/O lives here.
+//! The qbus wire protocol, version 3 (specified in `docs/protocol.md`). No I/O lives here.
 //!
 //! - [`frame`]: length-prefixed frames and the `tokio_util` codec.
 //! - [`header`]: the MessagePack header with command, correlation id and well-known fields.
@@ -21,7 +21,8 @@ pub use admin::{Credentials, FollowerInfo, GroupInfo, MqInfo, MqOptions, ServerI
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
     Command, DeliveryToken, Durability, Header, LostRange, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED,
-    FLAG_ONEWAY, FLAG_READ_AHEAD, FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN,
+    FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_READ_AHEAD, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
+    FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
@@ -30,6 +31,7 @@ pub use status::Status;
 /// version 3 the additions of `docs/protocol.md`'s "Version 3" (delayed delivery and TTL:
 /// the record fields `deliver_at` and `expires_at`; security: credentials in `Hello` and the
 /// statuses 401 and 403; replicas: `ReplicaRead`, durability `replicated`, the produce flags
-/// `ACK_REPLICATED` and `ACK_LOCAL`). A peer speaks no newer version than the other side
-/// said in `Hello` (1 when it said nothing).
+/// `ACK_REPLICATED` and `ACK_LOCAL`; dedupe ids: record flag bit 3, header flag `DUPLICATE`,
+/// field `offsets`). A peer speaks no newer version than the other side said in `Hello` (1
+/// when it said nothing).
 pub const PROTOCOL_VERSION: u32 = 3;

@@ -8,12 +8,15 @@
 //! u32 crc          CRC-32 (IEEE) of every byte after this field
 //! u64 offset       position in the MQ (0 from producers; set by the broker)
 //! u64 timestamp    milliseconds since the Unix epoch (set by the broker)
-//! u8  flags        bit 0: id, bit 1: deliver_at, bit 2: expires_at; other bits 0
+//! u8  flags        bit 0: id, bit 1: deliver_at, bit 2: expires_at, bit 3: dedupe id;
+//!                  other bits 0
 //! u8  tag_len      then tag_len bytes of UTF-8
 //! u16 key_len      then key_len bytes of UTF-8
 //! [u128 id]        when flags bit 0 is set: the producer's message id
 //! [u64 deliver_at] when flags bit 1 is set (protocol 3): not to be delivered before, ms
 //! [u64 expires_at] when flags bit 2 is set (protocol 3): never delivered from then on, ms
+//! [u8 len, dedupe] when flags bit 3 is set (protocol 3): 1 to 255 bytes of UTF-8, the
+//!                  dedupe id
 //! body             the rest
 //! ```
 //! All integers are big-endian.
@@ -30,9 +33,15 @@ pub const RECORD_FLAG_ID: u8 = 1;
 pub const RECORD_FLAG_DELIVER_AT: u8 = 1 << 1;
 /// Flag bit (protocol 3): the record carries `expires_at`, a u64 after `deliver_at`.
 pub const RECORD_FLAG_EXPIRES_AT: u8 = 1 << 2;
+/// Flag bit (protocol 3): the record carries a dedupe id after its times; the broker
+/// stores a record with a dedupe id it saw within the MQ's window only once.
+pub const RECORD_FLAG_DEDUPE: u8 = 1 << 3;
 /// The flag bits a peer of protocol 2 or older does not know.
-pub const RECORD_FLAGS_V3: u8 = RECORD_FLAG_DELIVER_AT | RECORD_FLAG_EXPIRES_AT;
+pub const RECORD_FLAGS_V3: u8 =
+    RECORD_FLAG_DELIVER_AT | RECORD_FLAG_EXPIRES_AT | RECORD_FLAG_DEDUPE;
 const KNOWN_FLAGS: u8 = RECORD_FLAG_ID | RECORD_FLAGS_V3;
+/// Longest dedupe id, in bytes.
+pub const MAX_DEDUPE_ID: usize = u8::MAX as usize;
 /// A `deliver_at` with this bit set is no time but the mark of a broker's timer copy: the
 /// record is the copy, made when it came due, of the delayed record at the offset in the low
 /// 63 bits. Producers may not send it.
@@ -115,6 +124,8 @@ pub struct RecordRef<'a> {
     pub deliver_at: Option<u64>,
     /// Never delivered from this time on (ms since the Unix epoch).
     pub expires_at: Option<u64>,
+    /// Dedupe id set by the producer (protocol 3): the broker stores it once per window.
+    pub dedupe_id: Option<&'a str>,
     /// The payload.
     pub body: &'a [u8],
     /// Where the body lies in the parsed buffer (for zero-copy slicing).
@@ -130,12 +141,14 @@ pub struct RecordMeta<'a> {
     pub tag: Option<&'a str>,
     /// Key for affinity.
     pub key: Option<&'a str>,
-    /// Message id for deduplication.
+    /// Message id for deduplication by consumers.
     pub id: Option<u128>,
     /// Not to be delivered before this time, ms since the Unix epoch.
     pub deliver_at: Option<u64>,
     /// Never delivered from this time on, ms since the Unix epoch.
     pub expires_at: Option<u64>,
+    /// Dedupe id (protocol 3): the broker stores the record once within the MQ's window.
+    pub dedupe_id: Option<&'a str>,
 }
 
 impl RecordRef<'_> {
@@ -147,6 +160,7 @@ impl RecordRef<'_> {
             id: self.id,
             deliver_at: self.deliver_at,
             expires_at: self.expires_at,
+            dedupe_id: self.dedupe_id,
         }
     }
 
@@ -222,7 +236,28 @@ pub fn encode_record_meta(
             max: u16::MAX as usize,
         });
     }
-    let size = RECORD_OVERHEAD + tag.len() + key.len() + id.len() + times.len() + body.len();
+    let dedupe = meta.dedupe_id.map(str::as_bytes);
+    if let Some(dedupe) = dedupe {
+        if dedupe.is_empty() || dedupe.len() > MAX_DEDUPE_ID {
+            return Err(RecordError::FieldTooLong {
+                field: "dedupe id",
+                len: dedupe.len(),
+                max: MAX_DEDUPE_ID,
+            });
+        }
+        flags |= RECORD_FLAG_DEDUPE;
+    }
+    let dedupe_len = dedupe.map(|d| [d.len() as u8]);
+    let dedupe_len: &[u8] = dedupe_len.as_ref().map_or(&[], |len| len.as_slice());
+    let dedupe = dedupe.unwrap_or_default();
+    let size = RECORD_OVERHEAD
+        + tag.len()
+        + key.len()
+        + id.len()
+        + times.len()
+        + dedupe_len.len()
+        + dedupe.len()
+        + body.len();
     let mut crc = crc32fast::Hasher::new();
     let mut fixed = [0u8; FIXED_AFTER_LEN - 4];
     fixed[0..8].copy_from_slice(&offset.to_be_bytes());
@@ -235,6 +270,8 @@ pub fn encode_record_meta(
     crc.update(key);
     crc.update(id);
     crc.update(times);
+    crc.update(dedupe_len);
+    crc.update(dedupe);
     crc.update(body);
     dst.put_u32((size - 4) as u32);
     dst.put_u32(crc.finalize());
@@ -243,6 +280,8 @@ pub fn encode_record_meta(
     dst.put_slice(key);
     dst.put_slice(id);
     dst.put_slice(times);
+    dst.put_slice(dedupe_len);
+    dst.put_slice(dedupe);
     dst.put_slice(body);
     Ok(size)
 }
@@ -291,8 +330,8 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
     } else {
         0
     };
-    let times_start = key_end + id_len;
-    let mut body_start = times_start;
+    let id_end = key_end + id_len;
+    let mut body_start = id_end;
     let mut time = |bit: u8| {
         if flags & bit == 0 {
             return None;
@@ -302,6 +341,18 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         Some(at)
     };
     let (deliver_at, expires_at) = (time(RECORD_FLAG_DELIVER_AT), time(RECORD_FLAG_EXPIRES_AT));
+    let dedupe = if flags & RECORD_FLAG_DEDUPE != 0 {
+        let len = *rec
+            .get(body_start)
+            .ok_or(RecordError::BadLength { len: size - 4 })? as usize;
+        if len == 0 {
+            return Err(RecordError::BadLength { len: size - 4 });
+        }
+        body_start + 1..body_start + 1 + len
+    } else {
+        body_start..body_start
+    };
+    let body_start = dedupe.end;
     if body_start > size {
         return Err(RecordError::BadLength { len: size - 4 });
     }
@@ -320,11 +371,12 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         key: text(RECORD_OVERHEAD + tag_len..key_end, "key")?,
         id: (id_len > 0).then(|| {
             let mut id = [0u8; ID_LEN];
-            id.copy_from_slice(&rec[key_end..times_start]);
+            id.copy_from_slice(&rec[key_end..id_end]);
             u128::from_be_bytes(id)
         }),
         deliver_at: deliver_at.map(be64),
         expires_at: expires_at.map(be64),
+        dedupe_id: text(dedupe, "dedupe id")?,
         body: &rec[body_start..],
         body_range: body_start..size,
         size,
@@ -339,45 +391,37 @@ pub fn stamp_record(record: &mut [u8], offset: u64, timestamp_ms: u64) {
     record[4..8].copy_from_slice(&crc.to_be_bytes());
 }
 
-/// Re-encodes `src` (whole verified records back to back) without the protocol 3 fields, for
-/// a peer of protocol 2 or older; `None` when no record has them (send `src` as it is).
+/// The records of `src` (whole, verified, back to back) re-encoded without the protocol 3
+/// fields (`deliver_at`, `expires_at`, dedupe id), for a peer of protocol 2 or older; `None`
+/// when no record has them (the common case: send `src` as it is, nothing is copied).
+/// Offsets, times and every other field are kept.
 pub fn without_v3_fields(src: &[u8]) -> Result<Option<Vec<u8>>, RecordError> {
+    let mut out: Option<Vec<u8>> = None;
     let mut at = 0;
-    let mut any = false;
-    while at < src.len() {
-        let size = peek_record_size(&src[at..]).ok_or(RecordError::Truncated {
-            need: 4,
-            have: src.len() - at,
-        })?;
-        if src
-            .get(at + 24)
-            .is_some_and(|flags| flags & RECORD_FLAGS_V3 != 0)
-        {
-            any = true;
-            break;
-        }
-        at += size;
-    }
-    if !any {
-        return Ok(None);
-    }
-    let mut out = Vec::with_capacity(src.len());
     for record in records(src) {
         let record = record?;
+        let start = at;
+        at += record.size;
+        if src[start + 24] & RECORD_FLAGS_V3 == 0 {
+            if let Some(out) = &mut out {
+                out.extend_from_slice(&src[start..at]);
+            }
+            continue;
+        }
+        let out = out.get_or_insert_with(|| {
+            let mut copy = Vec::with_capacity(src.len());
+            copy.extend_from_slice(&src[..start]);
+            copy
+        });
         let meta = RecordMeta {
             deliver_at: None,
             expires_at: None,
+            dedupe_id: None,
             ..record.meta()
         };
-        encode_record_meta(
-            &mut out,
-            record.offset,
-            record.timestamp_ms,
-            &meta,
-            record.body,
-        )?;
+        encode_record_meta(out, record.offset, record.timestamp_ms, &meta, record.body)?;
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 /// Iterates over the verified records of a buffer holding whole records back to back.
@@ -550,6 +594,39 @@ mod tests {
     }
 
     #[test]
+    fn every_optional_field_follows_in_flag_bit_order_and_all_v3_ones_strip() {
+        let meta = RecordMeta {
+            tag: Some("t"),
+            key: Some("k"),
+            id: Some(1),
+            deliver_at: Some(2),
+            expires_at: Some(3),
+            dedupe_id: Some("d"),
+        };
+        let mut buf = Vec::new();
+        let size = encode_record_meta(&mut buf, 0, 0, &meta, b"b").unwrap();
+        let optional = RECORD_OVERHEAD + 2;
+        assert_eq!(buf[24], 0b1111);
+        assert_eq!(&buf[optional..optional + 16], &1u128.to_be_bytes());
+        assert_eq!(&buf[optional + 16..optional + 24], &2u64.to_be_bytes());
+        assert_eq!(&buf[optional + 24..optional + 32], &3u64.to_be_bytes());
+        assert_eq!(&buf[optional + 32..size], b"\x01db");
+        assert_eq!(parse_record(&buf).unwrap().meta(), meta);
+        let old = without_v3_fields(&buf).unwrap().expect("re-encoded");
+        let rec = parse_record(&old).unwrap();
+        assert_eq!(old[24], RECORD_FLAG_ID);
+        assert_eq!(
+            rec.meta(),
+            RecordMeta {
+                deliver_at: None,
+                expires_at: None,
+                dedupe_id: None,
+                ..meta
+            }
+        );
+    }
+
+    #[test]
     fn copies_name_their_original() {
         let meta = RecordMeta {
             deliver_at: Some(DELIVER_AT_COPY_MARK | 42),
@@ -560,6 +637,56 @@ mod tests {
         let rec = parse_record(&buf).unwrap();
         assert_eq!(rec.copy_of(), Some(42));
         assert!(!rec.is_pending_original());
+    }
+
+    #[test]
+    fn dedupe_ids_round_trip_and_can_be_stripped_for_old_peers() {
+        let meta = RecordMeta {
+            tag: Some("t"),
+            id: Some(7),
+            dedupe_id: Some("order-17"),
+            ..RecordMeta::default()
+        };
+        let mut buf = one(None, None, b"plain");
+        let plain_len = buf.len();
+        encode_record_meta(&mut buf, 2, 3, &meta, b"body").unwrap();
+        let recs: Vec<_> = records(&buf).map(Result::unwrap).collect();
+        assert_eq!(
+            (recs[1].tag, recs[1].id, recs[1].dedupe_id, recs[1].body),
+            (Some("t"), Some(7), Some("order-17"), &b"body"[..])
+        );
+        assert_eq!(recs[0].dedupe_id, None);
+
+        let stripped = without_v3_fields(&buf)
+            .unwrap()
+            .expect("one record had an id");
+        let again: Vec<_> = records(&stripped).map(Result::unwrap).collect();
+        assert_eq!(&stripped[..plain_len], &buf[..plain_len]);
+        assert_eq!(
+            (
+                again[1].offset,
+                again[1].timestamp_ms,
+                again[1].id,
+                again[1].dedupe_id
+            ),
+            (2, 3, Some(7), None)
+        );
+        assert_eq!(again[1].body, b"body");
+        assert_eq!(without_v3_fields(&buf[..plain_len]).unwrap(), None);
+
+        for bad in ["", &"x".repeat(MAX_DEDUPE_ID + 1)] {
+            let meta = RecordMeta {
+                dedupe_id: Some(bad),
+                ..RecordMeta::default()
+            };
+            assert!(matches!(
+                encode_record_meta(&mut Vec::new(), 0, 0, &meta, b""),
+                Err(RecordError::FieldTooLong {
+                    field: "dedupe id",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]

@@ -1,0 +1,337 @@
+//! The dedupe ids one MQ remembers, pure (no I/O, no clock of its own), laid out for the
+//! produce path's caches: every produce with a dedupe id looks its id up, and in an MQ
+//! taking hundreds of thousands of them a second the table is far larger than the CPU's
+//! caches, so each random access into it is a miss.
+//!
+//! - The ids live in a ring, in the order they were claimed (which is the order they
+//!   expire in). A claim appends to it (memory just written), and the produce's outcome
+//!   is written back to its ring entry by sequence number, with no second lookup.
+//! - The index is a hash table of sequence numbers only (8 bytes a slot, beside one control
+//!   byte), so a lookup touches a small table and, for a new id, never the ring: the ring
+//!   entry is read only when the slot's tag matches.
+//! - A [`Key`] is a 128-bit keyed hash of the id, not the id: fixed size, no allocation.
+//!   Two ids would have to collide in 128 bits of two SipHash-1-3 keyed at random per MQ
+//!   and process (about n² / 2¹²⁹ for n ids held: 2⁻⁸⁹ at a million), and a producer
+//!   cannot aim for a collision without the keys.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use qbus_wire::protocol::Durability;
+use tokio::sync::oneshot;
+
+/// Most stored ids one MQ remembers; the oldest go first past this.
+pub const MAX_IDS: usize = 1 << 20;
+
+/// A dedupe id as the table knows it (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key(u128);
+
+impl Key {
+    fn hash(self) -> u64 {
+        self.0 as u64
+    }
+}
+
+/// Turns ids into [`Key`]s.
+#[derive(Clone)]
+pub struct Keyer(RandomState, RandomState);
+
+impl Keyer {
+    /// The key of `id`.
+    pub fn key(&self, id: &str) -> Key {
+        Key(u128::from(self.0.hash_one(id)) << 64 | u128::from(self.1.hash_one(id)))
+    }
+}
+
+/// Where a record with a dedupe id was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Its offset.
+    pub offset: u64,
+    /// When its window started, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// How durable it was when acknowledged.
+    pub durability: Durability,
+}
+
+/// A repeat waiting for the outcome of a pending id (`None`: its produce failed).
+pub type Waiter = oneshot::Sender<Option<Stored>>;
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// Claimed by a produce whose append is on its way.
+    Pending,
+    Stored(Stored),
+    /// Its produce failed: out of the index, left in the ring until the front reaches it.
+    Dead,
+}
+
+struct Entry {
+    key: Key,
+    /// When claimed (pending) or when its window started (stored).
+    at_ms: u64,
+    state: State,
+}
+
+/// What the table says about an id.
+pub enum Found {
+    /// Not held: the caller's claim is the id's sequence number.
+    Claimed(u64),
+    /// Stored within the window.
+    Stored(Stored),
+    /// Claimed by a produce still storing it: the outcome comes to the receiver.
+    Pending(oneshot::Receiver<Option<Stored>>),
+}
+
+/// The table (see the module's doc).
+pub struct Table {
+    keyer: Keyer,
+    /// Sequence numbers of the live (pending or stored) entries, by their key's hash.
+    index: HashTable<u64>,
+    /// Entries by sequence number: `ring[i]` is number `first + i`.
+    ring: VecDeque<Entry>,
+    first: u64,
+    /// Repeats waiting for a pending entry, by its sequence number (few, and short-lived).
+    waiters: HashMap<u64, Vec<Waiter>>,
+}
+
+impl Default for Table {
+    fn default() -> Table {
+        Table {
+            keyer: Keyer(RandomState::new(), RandomState::new()),
+            index: HashTable::new(),
+            ring: VecDeque::new(),
+            first: 0,
+            waiters: HashMap::new(),
+        }
+    }
+}
+
+impl Table {
+    /// Its keyer, for ids hashed away from the table (the rebuild from the log).
+    pub fn keyer(&self) -> &Keyer {
+        &self.keyer
+    }
+
+    /// Ids held now (pending or stored).
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn entry(&self, seq: u64) -> Option<&Entry> {
+        self.ring
+            .get(usize::try_from(seq.checked_sub(self.first)?).ok()?)
+    }
+
+    fn entry_mut(&mut self, seq: u64) -> Option<&mut Entry> {
+        self.ring
+            .get_mut(usize::try_from(seq.checked_sub(self.first)?).ok()?)
+    }
+
+    fn find(&self, key: Key) -> Option<u64> {
+        let (ring, first) = (&self.ring, self.first);
+        self.index
+            .find(key.hash(), |&seq| {
+                ring.get(seq.wrapping_sub(first) as usize)
+                    .is_some_and(|e| e.key == key)
+            })
+            .copied()
+    }
+
+    /// Appends a live entry for `key` and indexes it; returns its sequence number.
+    fn push(&mut self, key: Key, at_ms: u64, state: State) -> u64 {
+        let seq = self.first + self.ring.len() as u64;
+        self.ring.push_back(Entry { key, at_ms, state });
+        let (ring, first) = (&self.ring, self.first);
+        self.index.insert_unique(key.hash(), seq, |&seq| {
+            ring.get(seq.wrapping_sub(first) as usize)
+                .map_or(0, |e| e.key.hash())
+        });
+        seq
+    }
+
+    fn unindex(&mut self, key: Key, seq: u64) {
+        if let Ok(slot) = self.index.find_entry(key.hash(), |&s| s == seq) {
+            slot.remove();
+        }
+    }
+
+    /// Looks `id` up; claims it (at `now_ms`) when it is not held.
+    pub fn claim(&mut self, id: &str, now_ms: u64) -> Found {
+        let key = self.keyer.key(id);
+        let Some(seq) = self.find(key) else {
+            return Found::Claimed(self.push(key, now_ms, State::Pending));
+        };
+        match self.entry(seq).map(|e| e.state) {
+            Some(State::Stored(stored)) => Found::Stored(stored),
+            _ => {
+                let (tx, rx) = oneshot::channel();
+                self.waiters.entry(seq).or_default().push(tx);
+                Found::Pending(rx)
+            }
+        }
+    }
+
+    /// Records the claim `seq` as stored, and tells its waiting repeats.
+    pub fn store(&mut self, seq: u64, stored: Stored) {
+        if let Some(entry) = self.entry_mut(seq) {
+            entry.state = State::Stored(stored);
+            entry.at_ms = stored.at_ms;
+        }
+        for waiter in self.waiters.remove(&seq).unwrap_or_default() {
+            let _ = waiter.send(Some(stored));
+        }
+    }
+
+    /// Releases the claim `seq` (its produce failed): the next send with the id is stored.
+    pub fn fail(&mut self, seq: u64) {
+        if let Some(key) = self.entry(seq).map(|e| e.key) {
+            self.unindex(key, seq);
+        }
+        if let Some(entry) = self.entry_mut(seq) {
+            entry.state = State::Dead;
+        }
+        for waiter in self.waiters.remove(&seq).unwrap_or_default() {
+            let _ = waiter.send(None);
+        }
+    }
+
+    /// Adds an id found stored in the log (in log order: a later one replaces an earlier).
+    pub fn insert_stored(&mut self, key: Key, stored: Stored) {
+        if let Some(seq) = self.find(key) {
+            self.unindex(key, seq);
+            if let Some(entry) = self.entry_mut(seq) {
+                entry.state = State::Dead;
+            }
+        }
+        self.push(key, stored.at_ms, State::Stored(stored));
+    }
+
+    /// Forgets stored ids older than the window, and the oldest ones past [`MAX_IDS`].
+    /// Returns how many went early. A pending entry at the front holds the rest back (for
+    /// the few milliseconds its append takes).
+    pub fn expire(&mut self, now_ms: u64, window_ms: u64) -> u64 {
+        let mut early = 0;
+        while let Some(front) = self.ring.front() {
+            let full = self.index.len() > MAX_IDS;
+            match front.state {
+                State::Pending => break,
+                State::Stored(_) if !full && front.at_ms.saturating_add(window_ms) > now_ms => {
+                    break
+                }
+                State::Stored(_) => {
+                    let (key, seq) = (front.key, self.first);
+                    self.unindex(key, seq);
+                    early += u64::from(full);
+                }
+                State::Dead => {}
+            }
+            self.ring.pop_front();
+            self.first += 1;
+        }
+        early
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(offset: u64, at_ms: u64) -> Stored {
+        Stored {
+            offset,
+            at_ms,
+            durability: Durability::Synced,
+        }
+    }
+
+    fn claimed(found: Found) -> u64 {
+        match found {
+            Found::Claimed(seq) => seq,
+            _ => panic!("expected a new claim"),
+        }
+    }
+
+    #[test]
+    fn different_ids_get_different_keys_and_one_id_always_the_same() {
+        let table = Table::default();
+        let keys: std::collections::HashSet<Key> = (0..100_000)
+            .map(|i| table.keyer.key(&format!("id-{i}")))
+            .collect();
+        assert_eq!(keys.len(), 100_000);
+        assert_eq!(table.keyer.key("id-7"), table.keyer.key("id-7"));
+        assert_ne!(Table::default().keyer.key("id-7"), table.keyer.key("id-7"));
+    }
+
+    #[test]
+    fn a_claim_then_a_repeat_then_expiry_then_a_new_claim() {
+        let mut table = Table::default();
+        let a = claimed(table.claim("a", 1_000));
+        let Found::Pending(mut waiting) = table.claim("a", 1_001) else {
+            panic!("a is pending")
+        };
+        table.store(a, stored(7, 1_000));
+        assert_eq!(waiting.try_recv(), Ok(Some(stored(7, 1_000))));
+        assert!(matches!(table.claim("a", 1_500), Found::Stored(s) if s.offset == 7));
+        let b = claimed(table.claim("b", 1_500));
+        table.store(b, stored(8, 1_500));
+        assert_eq!(table.expire(1_999, 1_000), 0);
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.expire(2_100, 1_000), 0);
+        assert_eq!(table.len(), 1, "a's window ended at 2 000");
+        let again = claimed(table.claim("a", 2_100));
+        table.store(again, stored(9, 2_100));
+        assert!(matches!(table.claim("b", 2_200), Found::Stored(s) if s.offset == 8));
+        table.expire(2_600, 1_000);
+        assert!(matches!(table.claim("a", 2_600), Found::Stored(s) if s.offset == 9));
+        table.expire(3_200, 1_000);
+        assert_eq!(table.len(), 0);
+        assert!(table.ring.is_empty());
+    }
+
+    #[test]
+    fn a_failed_claim_wakes_its_repeats_with_nothing_and_frees_the_id() {
+        let mut table = Table::default();
+        let x = claimed(table.claim("x", 10));
+        let Found::Pending(mut waiting) = table.claim("x", 11) else {
+            panic!("x is pending")
+        };
+        table.fail(x);
+        assert_eq!(waiting.try_recv(), Ok(None));
+        let retry = claimed(table.claim("x", 12));
+        assert_ne!(retry, x);
+        table.store(retry, stored(3, 12));
+        assert_eq!(table.expire(13, 1_000), 0);
+        assert_eq!(
+            table.len(),
+            1,
+            "the dead claim left the ring, the retry stays"
+        );
+    }
+
+    #[test]
+    fn a_full_table_forgets_its_oldest_ids_first() {
+        let mut table = Table::default();
+        for i in 0..=MAX_IDS as u64 {
+            let key = Key(u128::from(i) << 64 | u128::from(i));
+            table.insert_stored(key, stored(i, 10));
+        }
+        assert_eq!(table.expire(10, 60_000), 1);
+        assert_eq!(table.len(), MAX_IDS);
+        assert_eq!(table.find(Key(0)), None);
+        assert!(table.find(Key(1 << 64 | 1)).is_some());
+    }
+
+    #[test]
+    fn the_log_order_wins_when_rebuilding() {
+        let mut table = Table::default();
+        let key = table.keyer.key("k");
+        table.insert_stored(key, stored(1, 10));
+        table.insert_stored(key, stored(5, 20));
+        assert_eq!(table.len(), 1);
+        assert!(matches!(table.claim("k", 30), Found::Stored(s) if s.offset == 5));
+    }
+}
