@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use qbus_client::{Ack, Durability, Message, MqInfo, MqOptions, Status};
-use support::{broker, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess};
+use support::{
+    broker, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess, TrackerProcess,
+};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -48,17 +50,36 @@ async fn wait_in_sync(client: &qbus_client::Broker, mq: &str, n: usize) -> MqInf
     .await
 }
 
+/// A tracker and two brokers reporting to it, and an HA client that sees both.
+async fn two_brokers() -> (
+    TrackerProcess,
+    BrokerProcess,
+    BrokerProcess,
+    qbus_client::Broker,
+) {
+    let t = tracker();
+    let (a, b) = (broker(&[&t]), broker(&[&t]));
+    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    (t, a, b, ha)
+}
+
+/// Options of an MQ with a follower for each broker's copy.
+fn two_copies() -> MqOptions {
+    MqOptions {
+        replicas: Some(2),
+        ..MqOptions::default()
+    }
+}
+
 /// Two brokers each following the other: `replicated` receipts come once the follower
 /// holds the records, its copy is byte for byte the leader's, and with the follower gone a
 /// `replicated` produce fails with `503` naming the cause instead of pretending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_holds_the_leaders_bytes_before_a_replicated_receipt() {
-    let t = tracker();
-    let (a, mut b) = (broker(&[&t]), broker(&[&t]));
-    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
-        .await
-        .unwrap();
-    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let (_tracker, a, mut b, ha) = two_brokers().await;
     let options = MqOptions {
         replicas: Some(2),
         min_replicas: Some(1),
@@ -116,16 +137,8 @@ async fn a_follower_holds_the_leaders_bytes_before_a_replicated_receipt() {
 /// (`orders@LEADER`), from where the group's cursor had reached on the leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_leaders_backlog_is_read_from_its_follower() {
-    let t = tracker();
-    let (mut a, b) = (broker(&[&t]), broker(&[&t]));
-    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
-        .await
-        .unwrap();
-    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
-    let options = MqOptions {
-        replicas: Some(2),
-        ..MqOptions::default()
-    };
+    let (_tracker, mut a, b, ha) = two_brokers().await;
+    let options = two_copies();
     ha.create_mq("jobs", options).await.unwrap();
     let (to_a, to_b) = (a.client().await, b.client().await);
     wait_in_sync(&to_a, "jobs", 1).await;
@@ -179,16 +192,8 @@ async fn a_dead_leaders_backlog_is_read_from_its_follower() {
 /// delivered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tracker_consumer_reads_a_dead_leader_from_its_follower_and_the_leader_takes_the_acks() {
-    let t = tracker();
-    let (mut a, b) = (broker(&[&t]), broker(&[&t]));
-    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
-        .await
-        .unwrap();
-    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
-    let options = MqOptions {
-        replicas: Some(2),
-        ..MqOptions::default()
-    };
+    let (_tracker, mut a, b, ha) = two_brokers().await;
+    let options = two_copies();
     ha.create_mq("tasks", options).await.unwrap();
     let to_a = a.client().await;
     wait_in_sync(&to_a, "tasks", 1).await;
@@ -232,16 +237,8 @@ async fn a_tracker_consumer_reads_a_dead_leader_from_its_follower_and_the_leader
 /// the same offsets, its group's cursor, and replicated produce again afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_lost_its_store_restores_from_its_follower() {
-    let t = tracker();
-    let (mut a, b) = (broker(&[&t]), broker(&[&t]));
-    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
-        .await
-        .unwrap();
-    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
-    let options = MqOptions {
-        replicas: Some(2),
-        ..MqOptions::default()
-    };
+    let (_tracker, mut a, b, ha) = two_brokers().await;
+    let options = two_copies();
     ha.create_mq("ledger", options).await.unwrap();
     let to_a = a.client().await;
     wait_in_sync(&to_a, "ledger", 1).await;
@@ -310,16 +307,8 @@ async fn a_leader_that_lost_its_store_restores_from_its_follower() {
 /// leader had not, without firing again what it had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_leaders_copy_is_adopted_by_its_follower() {
-    let t = tracker();
-    let (mut a, b) = (broker(&[&t]), broker(&[&t]));
-    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
-        .await
-        .unwrap();
-    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
-    let options = MqOptions {
-        replicas: Some(2),
-        ..MqOptions::default()
-    };
+    let (_tracker, mut a, b, ha) = two_brokers().await;
+    let options = two_copies();
     // On a only: b holds no "audit" of its own, only its copy of a's.
     let to_a = a.client().await;
     to_a.create_mq("audit", options.clone()).await.unwrap();
@@ -411,17 +400,9 @@ async fn a_dead_leaders_copy_is_adopted_by_its_follower() {
 /// its copy ended once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_follower_catches_up() {
-    let t = tracker();
-    let (a, mut b) = (broker(&[&t]), broker(&[&t]));
-    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
-        .await
-        .unwrap();
-    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let (_tracker, a, mut b, _) = two_brokers().await;
     let to_a = a.client().await;
-    let options = MqOptions {
-        replicas: Some(2),
-        ..MqOptions::default()
-    };
+    let options = two_copies();
     to_a.create_mq("feed", options).await.unwrap();
     wait_in_sync(&to_a, "feed", 1).await;
     let producer = to_a.producer("feed");
@@ -459,17 +440,9 @@ async fn a_restarted_follower_catches_up() {
 /// backlog from the follower.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_leaders_backlog_is_read_from_its_follower() {
-    let t = tracker();
-    let (a, b) = (broker(&[&t]), broker(&[&t]));
-    let ha = qbus_client::Broker::connect(&tracker_url(&[&t]))
-        .await
-        .unwrap();
-    wait_for_brokers(&ha, None, &[a.addr(), b.addr()], LIMIT).await;
+    let (_tracker, a, b, ha) = two_brokers().await;
     let to_a = a.client().await;
-    let options = MqOptions {
-        replicas: Some(2),
-        ..MqOptions::default()
-    };
+    let options = two_copies();
     to_a.create_mq("mail", options).await.unwrap();
     wait_in_sync(&to_a, "mail", 1).await;
     to_a.producer("mail")

@@ -123,6 +123,16 @@ impl Registry {
         self.own(name)
     }
 
+    /// Puts `mq` in the table as `name` (replacing what was there) and returns it.
+    fn publish(&self, name: &str, mq: Mq) -> Arc<Mq> {
+        let mq = Arc::new(mq);
+        self.mqs
+            .write()
+            .expect("mq table poisoned")
+            .insert(name.to_owned(), mq.clone());
+        mq
+    }
+
     /// This broker's own MQ `name` (never a follower copy).
     pub fn own(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
         self.mqs
@@ -171,11 +181,7 @@ impl Registry {
             Mq::open(&fs, &owned, &dir, log_config, &limits)
         })
         .await?;
-        let mq = Arc::new(mq);
-        self.mqs
-            .write()
-            .expect("mq table poisoned")
-            .insert(name.to_owned(), mq.clone());
+        let mq = self.publish(name, mq);
         tracing::info!(mq = name, first, "restoring MQ from a follower's copy");
         Ok(Some(mq))
     }
@@ -193,11 +199,7 @@ impl Registry {
             Mq::open(&fs, &owned, &dir, log_config, &limits)
         })
         .await?;
-        let mq = Arc::new(mq);
-        self.mqs
-            .write()
-            .expect("mq table poisoned")
-            .insert(name.to_owned(), mq.clone());
+        let mq = self.publish(name, mq);
         super::timer::start(&mq, &self.committer, &self.timers).await;
         tracing::info!(mq = name, end = mq.reader().end_offset(), "MQ restored");
         Ok(mq)
@@ -240,16 +242,12 @@ impl Registry {
         })
         .await;
         let adopted = match adopted {
-            Ok(adopted) => Arc::new(adopted),
+            Ok(adopted) => self.publish(name, adopted),
             Err(e) => {
                 self.copies.put_back(leader, name, taken);
                 return Err(e);
             }
         };
-        self.mqs
-            .write()
-            .expect("mq table poisoned")
-            .insert(name.to_owned(), adopted.clone());
         tracing::info!(
             mq = name,
             leader,
@@ -331,11 +329,7 @@ impl Registry {
             Mq::open(&fs, &owned, &dir, log_config, &limits)
         })
         .await?;
-        let mq = Arc::new(mq);
-        self.mqs
-            .write()
-            .expect("mq table poisoned")
-            .insert(name.to_owned(), mq.clone());
+        let mq = self.publish(name, mq);
         tracing::info!(mq = name, "MQ created");
         Ok((mq, true))
     }
