@@ -71,12 +71,22 @@ pub fn needs(header: &Header) -> Needs<'_> {
         return match header.cmd {
             Command::ListMq => Needs::Identity,
             Command::Route => Needs::Some(Operation::RpcServe),
+            // A transaction's messages are checked MQ by MQ as they are sent (TxProduce
+            // names its MQ); opening and deciding one needs a producer somewhere.
+            Command::TxBegin | Command::TxCommit | Command::TxRollback => {
+                Needs::Some(Operation::Produce)
+            }
+            Command::TxList => Needs::Some(Operation::Read),
             _ => Needs::Nothing,
         };
     };
     let group = header.group.as_deref();
     match header.cmd {
-        Command::Produce => Needs::On(Operation::Produce, mq, None),
+        Command::Produce | Command::TxProduce => Needs::On(Operation::Produce, mq, None),
+        Command::TxBegin | Command::TxCommit | Command::TxRollback => {
+            Needs::Some(Operation::Produce)
+        }
+        Command::TxList => Needs::Some(Operation::Read),
         Command::Fetch | Command::Ack | Command::Nack => Needs::Take(mq, group.unwrap_or(mq)),
         Command::CreateMq | Command::RemoveMq | Command::RemoveGroup => {
             Needs::On(Operation::Admin, mq, None)
@@ -131,6 +141,12 @@ mod tests {
         }
         let adopt = Header::request(Command::AdoptCopy, Some("orders"));
         assert_eq!(needs(&adopt), Needs::On(Operation::Admin, "orders", None));
+        let half = Header::request(Command::TxProduce, Some("orders"));
+        assert_eq!(needs(&half), Needs::On(Operation::Produce, "orders", None));
+        for cmd in [Command::TxBegin, Command::TxCommit, Command::TxRollback] {
+            let decide = Header::request(cmd, None);
+            assert_eq!(needs(&decide), Needs::Some(Operation::Produce));
+        }
         assert_eq!(
             needs(&Header::request(Command::Heartbeat, None)),
             Needs::Nothing

@@ -18,7 +18,8 @@ use crate::queue::group_commit::Committer;
 use crate::queue::mq::{DeadLetters, Fetched, Mq};
 use crate::queue::registry::Registry;
 use crate::rpc::reply_table::ReplyTable;
-use crate::store::StoreError;
+use crate::store::{OsFs, StoreError};
+use crate::txn::Transactions;
 
 /// Longest long-poll a fetch may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -53,6 +54,8 @@ pub struct Core {
     /// MQ-RPC callers awaiting a reply.
     replies: Arc<ReplyTable>,
     metrics: Arc<BrokerMetrics>,
+    /// Transactions (protocol 4).
+    txns: Transactions,
     /// Bumped on every change the trackers must hear of (see [`Core::watch_changes`]).
     changes: watch::Sender<u64>,
     next_conn: AtomicU64,
@@ -64,7 +67,11 @@ impl Core {
     pub fn open(config: Config, committer: Committer) -> Result<Core, StoreError> {
         let started = Instant::now();
         let registry = Registry::open(config, committer.clone())?;
+        let config = registry.config();
+        let sync = !matches!(config.fsync, crate::config::FsyncPolicy::Never);
+        let txns = Transactions::open(&OsFs::shared(), &config.store, sync)?;
         Ok(Core {
+            txns,
             registry,
             committer,
             replies: Arc::new(ReplyTable::new()),
@@ -83,6 +90,11 @@ impl Core {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         self.registry.config()
+    }
+
+    /// The transactions.
+    pub fn txns(&self) -> &Transactions {
+        &self.txns
     }
 
     /// The commit thread.

@@ -31,6 +31,9 @@ pub enum BrokerError {
         /// The group.
         group: String,
     },
+    /// No transaction with this id (never begun here, or decided long ago and forgotten).
+    #[error("no transaction {0} on this broker (never begun here, or decided long ago)")]
+    NoSuchTxn(u64),
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -65,7 +68,9 @@ impl BrokerError {
     /// The status code sent to the client.
     pub fn status(&self) -> Status {
         match self {
-            BrokerError::NoSuchMq(_) | BrokerError::NoSuchGroup { .. } => Status::NotFound,
+            BrokerError::NoSuchMq(_)
+            | BrokerError::NoSuchGroup { .. }
+            | BrokerError::NoSuchTxn(_) => Status::NotFound,
             BrokerError::GroupInUse { .. } | BrokerError::Conflict(_) => Status::Conflict,
             BrokerError::BadRequest(_) => Status::BadRequest,
             BrokerError::Overloaded(_) => Status::Overloaded,

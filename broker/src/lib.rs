@@ -18,6 +18,7 @@
 //!   counters, the change feed the reporter follows; the fetch loop and dead-lettering.
 //! - `queue/`: the queue engine: the MQ table, one MQ, a live group and its pure ledger, the
 //!   commit thread.
+//! - `txn`: transactions (protocol 4): half messages, commit, roll back, timeouts.
 //! - `rpc/`: MQ-RPC: `Call` and `Route` handling, and the reply table.
 //! - `metrics/`: counters, the fsync histogram and per-second rates behind stats.
 //! - `store/`: segment files, indexes, recovery, cursors, the store lock, and the file
@@ -41,6 +42,7 @@ mod rpc;
 mod server;
 mod session;
 mod store;
+mod txn;
 mod zbus;
 
 pub use auth::Peer;

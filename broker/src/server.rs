@@ -68,6 +68,8 @@ impl Running {
             .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
         let core = Arc::new(core);
         core.registry().start_timers().await;
+        // Commits a crash interrupted are applied before anything new is served.
+        core.txns().recover(core.registry(), core.committer()).await;
         let shutdown = CancellationToken::new();
         tokio::spawn(sweep(core.clone(), shutdown.clone()));
         tokio::spawn(sample_rates(core.clone(), shutdown.clone()));
@@ -206,6 +208,7 @@ async fn sweep(core: Arc<Core>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         core.sweep();
+        core.txns().sweep(core.registry(), core.committer()).await;
         ticks += 1;
         if ticks.is_multiple_of(50) {
             core.registry().retain().await;

@@ -10,9 +10,9 @@ use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
-    Command, Credentials, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ACK_LOCAL,
-    FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
-    FLAG_UNSEEN, PROTOCOL_VERSION,
+    Command, Credentials, Frame, Header, LostRange, MqOptions, ServerInfo, Status, TxOptions,
+    FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END,
+    FLAG_START_AT_OFFSET, FLAG_TX_ALREADY, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
@@ -30,6 +30,7 @@ use crate::queue::group_commit::CommitBatch;
 use crate::queue::mq::Mq;
 use crate::replica;
 use crate::rpc;
+use crate::txn::Decided;
 
 /// Long polls one connection may have waiting at once.
 const MAX_FETCHES: usize = 64;
@@ -302,6 +303,21 @@ impl Session {
                     Some(reply) => self.reply(reply).await,
                     None => Ok(()),
                 }
+            }
+            Command::TxBegin
+            | Command::TxProduce
+            | Command::TxCommit
+            | Command::TxRollback
+            | Command::TxList => {
+                let (core, out) = (self.core.clone(), self.out.clone());
+                self.tasks.spawn(async move {
+                    let reply = match transaction(&core, &frame).await {
+                        Ok(frame) => frame,
+                        Err(e) => Frame::new(error_header(&frame.header, &e)),
+                    };
+                    let _ = out.send(reply).await;
+                });
+                Ok(())
             }
             Command::Unknown(code) => {
                 let header = Header::error(
@@ -669,6 +685,75 @@ async fn admin(
         }
     };
     Ok(Frame::with_body(Header::reply_to(request), body.into()))
+}
+
+/// The transaction commands (protocol 4): the transaction id travels in `offset`.
+async fn transaction(core: &Core, frame: &Frame) -> Result<Frame, BrokerError> {
+    let request = &frame.header;
+    let txns = core.txns();
+    let id = || {
+        request
+            .offset
+            .ok_or_else(|| BrokerError::BadRequest("missing offset (the transaction id)".into()))
+    };
+    let mut reply = Header::reply_to(request);
+    let decided = match request.cmd {
+        Command::TxBegin => {
+            let options: TxOptions = if frame.body.is_empty() {
+                TxOptions::default()
+            } else {
+                rmp_serde::from_slice(&frame.body)
+                    .map_err(|e| BrokerError::BadRequest(format!("bad transaction options: {e}")))?
+            };
+            reply.offset = Some(txns.begin(options).await?);
+            None
+        }
+        Command::TxProduce => {
+            let mq = required(&request.mq, "mq")?;
+            let mut count = 0u32;
+            for record in records(&frame.body) {
+                let record = record
+                    .map_err(|e| BrokerError::BadRequest(format!("bad record {count}: {e}")))?;
+                if crate::queue::timer::check_produced(&record, count)? {
+                    return Err(BrokerError::BadRequest(format!(
+                        "record {count} is delayed: delayed messages cannot be part of a transaction"
+                    )));
+                }
+                count += 1;
+            }
+            if count == 0 || request.count.is_some_and(|c| c != count) {
+                return Err(BrokerError::BadRequest(format!(
+                    "the body holds {count} records, the header says {:?}",
+                    request.count
+                )));
+            }
+            txns.produce(core.registry(), id()?, mq, frame.body.clone(), count)
+                .await?;
+            reply.count = Some(count);
+            None
+        }
+        Command::TxCommit => Some(
+            txns.commit(core.registry(), core.committer(), id()?)
+                .await?,
+        ),
+        Command::TxRollback => Some(txns.rollback(id()?).await?),
+        Command::TxList => {
+            let list = match request.offset {
+                Some(id) => vec![txns.get(id)?],
+                None => txns.list(),
+            };
+            return Ok(Frame::with_body(reply, encode_body(&list).into()));
+        }
+        other => {
+            return Err(BrokerError::BadRequest(format!(
+                "{other:?} is not a transaction command"
+            )))
+        }
+    };
+    if decided == Some(Decided::Already) {
+        reply.flags |= FLAG_TX_ALREADY;
+    }
+    Ok(Frame::new(reply))
 }
 
 fn encode_body<T: serde::Serialize>(value: &T) -> Vec<u8> {

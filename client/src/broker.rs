@@ -17,10 +17,12 @@ use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME, TRACKER
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
 use crate::protocol::{
-    Command, Credentials, Frame, Header, MqInfo, MqOptions, RouteStats, DEFAULT_MAX_FRAME,
+    Command, Credentials, Frame, Header, MqInfo, MqOptions, RouteStats, TxInfo, TxOptions,
+    DEFAULT_MAX_FRAME,
 };
 use crate::tls::ClientTls;
 use crate::topology::Topology;
+use crate::transaction::Transaction;
 use crate::transport::Transport;
 
 /// A handle on qbus: one broker over TCP (`host:port`, or `tls://host:port` over TLS), an embedded broker in this process
@@ -302,6 +304,37 @@ impl Broker {
         self.transport
             .send_request(mq, frame)
             .map(|sent| sent.map(PendingCall::new))
+    }
+
+    /// Opens a transaction (protocol 4; see [`Transaction`]). Needs one broker's address:
+    /// over `tracker://` it fails with [`ClientError::Protocol`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// use qbus_client::TxOptions;
+    /// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+    /// let options = TxOptions { timeout_ms: Some(10_000), ..TxOptions::default() };
+    /// let tx = broker.begin(options).await?;
+    /// tx.send("orders", "order #1").await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin(&self, options: TxOptions) -> Result<Transaction> {
+        let connection = self.transport.single_connection("a transaction")?;
+        Transaction::begin(connection, &options).await
+    }
+
+    /// A handle on transaction `id` of this broker, to commit or roll back one that
+    /// another process (say, a producer that crashed) began.
+    pub fn transaction(&self, id: u64) -> Result<Transaction> {
+        let connection = self.transport.single_connection("a transaction")?;
+        Ok(Transaction::attach(connection, id))
+    }
+
+    /// The broker's open transactions (and commits not yet applied), oldest first.
+    pub async fn transactions(&self) -> Result<Vec<TxInfo>> {
+        let connection = self.transport.single_connection("a transaction")?;
+        crate::transaction::list(&connection, None).await
     }
 
     /// The table of MQ-RPC callers awaiting a reply on the broker holding `mq` (over an HA

@@ -48,6 +48,7 @@ mod message;
 mod producer;
 pub mod reporter;
 pub mod topology;
+mod transaction;
 mod transport;
 
 pub use qbus_wire::{link, protocol, tls};
@@ -59,4 +60,5 @@ pub use consumer::{Consumer, ConsumerBuilder, Delivery, StartAt};
 pub use error::{ClientError, Result};
 pub use message::Message;
 pub use producer::{Ack, PendingReceipt, Producer, Receipt};
-pub use protocol::{Durability, MqInfo, MqOptions, Status};
+pub use protocol::{Durability, MqInfo, MqOptions, Status, TxInfo, TxOptions, TxState};
+pub use transaction::{Decision, Transaction};

@@ -170,6 +170,16 @@ impl Transport {
         admin(connection, request, Bytes::new()).await.map(drop)
     }
 
+    /// The one broker's connection, for what is pinned to one broker (a transaction).
+    pub(crate) fn single_connection(&self, what: &str) -> Result<Connection> {
+        match &self.kind {
+            Kind::Single(connection) => Ok(connection.clone()),
+            Kind::Ha(_) => Err(ClientError::Protocol(format!(
+                "{what} needs one broker: connect to a broker's address, not tracker://"
+            ))),
+        }
+    }
+
     /// Sends a request about `mq` once and returns its pending reply (over HA to a holder,
     /// moving on while it cannot be sent).
     pub(crate) async fn send_request(&self, mq: &str, frame: Frame) -> Result<PendingReply> {

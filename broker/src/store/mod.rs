@@ -13,6 +13,7 @@
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
 //! - [`attempts`]: [`AttemptsFile`], a group's delivery counts, kept across restarts.
 //! - [`timer_log`]: [`TimerLog`], the on-disk index of an MQ's delayed records by due time.
+//! - [`txn_log`]: the broker's transaction log (begins, half messages, decisions).
 //! - `simdisk` (tests only): a simulated disk that keeps only what was synced, for the
 //!   crash tests.
 //!
@@ -37,6 +38,7 @@ mod tail;
 #[cfg(test)]
 mod testutil;
 pub mod timer_log;
+pub mod txn_log;
 
 pub use attempts::AttemptsFile;
 pub use cursor::CursorFile;

@@ -70,6 +70,19 @@ pub enum Command {
     /// of its own named `MQ`, for a leader that is never coming back; the reply body is
     /// its [`MqInfo`](super::MqInfo).
     AdoptCopy,
+    /// Protocol 4: opens a transaction; the body may hold
+    /// [`TxOptions`](super::TxOptions); the reply's `offset` is the new transaction id.
+    TxBegin,
+    /// Protocol 4: the records in the body are half messages of transaction `offset` for
+    /// `mq`: stored durably, delivered to no group until the transaction commits.
+    TxProduce,
+    /// Protocol 4: commits transaction `offset`: all its messages become visible at once.
+    TxCommit,
+    /// Protocol 4: rolls back transaction `offset`: its messages are discarded.
+    TxRollback,
+    /// Protocol 4: the broker's open transactions; the reply body is a list of
+    /// [`TxInfo`](super::TxInfo).
+    TxList,
     /// A command number this version does not know.
     Unknown(u8),
 }
@@ -95,6 +108,11 @@ impl From<u8> for Command {
             41 => Command::Subscribe,
             42 => Command::TopologyUpdate,
             43 => Command::QueryTopology,
+            50 => Command::TxBegin,
+            51 => Command::TxProduce,
+            52 => Command::TxCommit,
+            53 => Command::TxRollback,
+            56 => Command::TxList,
             80 => Command::ReplicaRead,
             81 => Command::ReplicaCursor,
             82 => Command::AdoptCopy,
@@ -124,6 +142,11 @@ impl From<Command> for u8 {
             Command::Subscribe => 41,
             Command::TopologyUpdate => 42,
             Command::QueryTopology => 43,
+            Command::TxBegin => 50,
+            Command::TxProduce => 51,
+            Command::TxCommit => 52,
+            Command::TxRollback => 53,
+            Command::TxList => 56,
             Command::ReplicaRead => 80,
             Command::ReplicaCursor => 81,
             Command::AdoptCopy => 82,
@@ -221,6 +244,10 @@ pub const FLAG_ACK_LOCAL: u32 = 1 << 17;
 /// `offset`; the follower confirms what it made durable with later reads without it (a
 /// confirmation with `count` 0 asks for no records).
 pub const FLAG_READ_AHEAD: u32 = 1 << 18;
+
+/// Header flag on a `TxCommit` or `TxRollback` reply (protocol 4): the transaction had
+/// been so decided already; nothing changed.
+pub const FLAG_TX_ALREADY: u32 = 1 << 20;
 
 /// The header of every frame. Field order is the wire order; do not reorder.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

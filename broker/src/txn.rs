@@ -1,0 +1,598 @@
+//! Transactions on one broker (protocol 4): begin, half messages, commit or roll back.
+//!
+//! A transaction's half messages are entries of the broker's transaction log
+//! ([`TxnLog`]), synced before they are acknowledged like any produce, and in no MQ's log:
+//! no group can deliver them. A commit is first a durable decision entry, then one append
+//! per target MQ, all handed to the commit thread in one batch, each record carrying the
+//! dedupe id `tx:<txn>:<n>`: an MQ publishes an append's records together, so a consumer
+//! sees all of a transaction's messages of its MQ or none, and a commit applied again (a
+//! repeated commit after a failed append, or recovery after `kill -9` between the decision
+//! and the appends) is answered by the MQ's dedupe window instead of storing twice. An
+//! `Applied` entry ends it. A rollback is one durable entry.
+//!
+//! Each transaction is decided under its own lock, so a decision for one never waits on or
+//! touches another; a decided transaction answers a repeat of its decision with the same
+//! outcome and the other decision with `409`. Ids are never reused: each is above every id
+//! the log names, and a compacted log starts with the next id to issue.
+//!
+//! A transaction left undecided for its timeout is counted as checked once per interval;
+//! after its maximum checks the broker applies its policy (roll back unless it said
+//! `commit_unresolved`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use qbus_wire::now_ms;
+use qbus_wire::protocol::record::{encode_record_meta, records, RecordMeta};
+use qbus_wire::protocol::txn::{DEFAULT_TX_MAX_CHECKS, DEFAULT_TX_TIMEOUT_MS};
+use qbus_wire::protocol::{TxInfo, TxOptions, TxState};
+use serde::{Deserialize, Serialize};
+
+use crate::error::BrokerError;
+use crate::queue::dedupe::{ProduceWait, Settled};
+use crate::queue::group_commit::{CommitBatch, Committer};
+use crate::queue::registry::Registry;
+use crate::store::txn_log::{Event, TxnLog};
+use crate::store::{FsRef, StoreError};
+
+/// Most half messages one transaction may hold.
+pub const MAX_MESSAGES: usize = 10_000;
+/// Most bytes of half messages all open transactions together may hold in memory.
+pub const MAX_PENDING_BYTES: usize = 256 << 20;
+/// Decided transactions remembered for idempotent answers (oldest forgotten first).
+const REMEMBER_DECIDED: usize = 100_000;
+
+/// What the log keeps of a begin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Began {
+    options: TxOptions,
+    began_ms: u64,
+}
+
+struct Txn {
+    began: Began,
+    state: TxState,
+    /// A commit whose messages are all in their MQs (meaningless otherwise).
+    applied: bool,
+    /// Half messages per MQ: whole records back to back, and their count.
+    halves: Vec<(String, Bytes, u32)>,
+    checks: u32,
+    /// Held while the transaction is written to or decided.
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Txn {
+    fn new(began: Began) -> Txn {
+        Txn {
+            began,
+            state: TxState::Pending,
+            applied: false,
+            halves: Vec::new(),
+            checks: 0,
+            lock: Arc::default(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.halves.iter().map(|(_, r, _)| r.len()).sum()
+    }
+
+    fn messages(&self) -> usize {
+        self.halves.iter().map(|(_, _, n)| *n as usize).sum()
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        self.began
+            .options
+            .timeout_ms
+            .unwrap_or(DEFAULT_TX_TIMEOUT_MS)
+    }
+
+    /// When the next check is due.
+    fn next_check_ms(&self) -> u64 {
+        let interval = self
+            .began
+            .options
+            .check_interval_ms
+            .unwrap_or_else(|| self.timeout_ms());
+        self.began
+            .began_ms
+            .saturating_add(self.timeout_ms())
+            .saturating_add(interval.saturating_mul(self.checks.into()))
+    }
+
+    /// Whether its log entries are still needed (open, or a commit not applied yet).
+    fn live(&self) -> bool {
+        self.state == TxState::Pending || (self.state == TxState::Committed && !self.applied)
+    }
+
+    fn info(&self, id: u64, now: u64) -> TxInfo {
+        let mut mqs: Vec<(String, u32)> = Vec::new();
+        for (mq, _, n) in &self.halves {
+            match mqs.iter_mut().find(|(name, _)| name == mq) {
+                Some((_, total)) => *total += n,
+                None => mqs.push((mq.clone(), *n)),
+            }
+        }
+        TxInfo {
+            id,
+            group: self.began.options.group.clone(),
+            state: self.state,
+            mqs,
+            age_ms: now.saturating_sub(self.began.began_ms),
+            checks: self.checks,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    txns: BTreeMap<u64, Txn>,
+    pending_bytes: usize,
+}
+
+/// Counters of the broker's transactions (since it started).
+#[derive(Debug, Default)]
+pub struct TxCounters {
+    /// Begun.
+    pub begun: AtomicU64,
+    /// Committed (by the producer or by policy).
+    pub committed: AtomicU64,
+    /// Rolled back (by the producer or by policy).
+    pub rolled_back: AtomicU64,
+    /// Checks: times an undecided transaction's timeout or interval passed.
+    pub checked: AtomicU64,
+    /// Resolved by the broker's policy after the maximum checks.
+    pub timed_out: AtomicU64,
+}
+
+/// What a decision did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decided {
+    /// Taken now.
+    Now,
+    /// The transaction had been so decided already: nothing changed.
+    Already,
+}
+
+/// The broker's transactions.
+pub struct Transactions {
+    log: Arc<Mutex<TxnLog>>,
+    state: Mutex<State>,
+    counters: TxCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Transactions {
+    /// Opens the transaction log of the store and rebuilds every transaction it names;
+    /// compacts it when it holds decided ones. Blocking.
+    pub fn open(
+        fs: &FsRef,
+        store: &std::path::Path,
+        sync: bool,
+    ) -> Result<Transactions, StoreError> {
+        let (mut log, events) = TxnLog::open(fs, store, sync)?;
+        let mut state = State {
+            next_id: 1,
+            ..State::default()
+        };
+        let total = events.len();
+        for event in events {
+            state.next_id = state.next_id.max(event.txn() + 1);
+            let txn = event.txn();
+            match event {
+                Event::Begin { options, .. } => {
+                    let Ok(began) = rmp_serde::from_slice::<Began>(&options) else {
+                        tracing::warn!(txn, "transaction log: unreadable begin, skipped");
+                        continue;
+                    };
+                    state.txns.insert(txn, Txn::new(began));
+                }
+                Event::Issued { .. } => {}
+                other => {
+                    let Some(t) = state.txns.get_mut(&txn) else {
+                        continue;
+                    };
+                    match other {
+                        Event::Half {
+                            mq, records: bytes, ..
+                        } => {
+                            let count = records(&bytes).count() as u32;
+                            state.pending_bytes += bytes.len();
+                            t.halves.push((mq, Bytes::from(bytes), count));
+                        }
+                        Event::Commit { .. } => t.state = TxState::Committed,
+                        Event::Rollback { .. } => t.state = TxState::RolledBack,
+                        Event::Applied { .. } => t.applied = true,
+                        Event::Begin { .. } | Event::Issued { .. } => {}
+                    }
+                    if !t.live() {
+                        state.pending_bytes -= t.bytes();
+                        t.halves.clear();
+                    }
+                }
+            }
+        }
+        let live = live_events(&state);
+        if live.len() < total {
+            log.rewrite(&live)?;
+        }
+        Ok(Transactions {
+            log: Arc::new(Mutex::new(log)),
+            state: Mutex::new(state),
+            counters: TxCounters::default(),
+        })
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &TxCounters {
+        &self.counters
+    }
+
+    async fn append(&self, events: Vec<Event>) -> Result<(), BrokerError> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || lock(&log).append(&events))
+            .await
+            .map_err(|e| BrokerError::Internal(format!("transaction log append failed: {e}")))??;
+        Ok(())
+    }
+
+    /// Opens a transaction; its id once the begin is durable.
+    pub async fn begin(&self, options: TxOptions) -> Result<u64, BrokerError> {
+        if options.timeout_ms == Some(0) || options.check_interval_ms == Some(0) {
+            return Err(BrokerError::BadRequest(
+                "a transaction's timeout_ms and check_interval_ms must be above 0".into(),
+            ));
+        }
+        let began = Began {
+            options,
+            began_ms: now_ms(),
+        };
+        let encoded = rmp_serde::to_vec_named(&began)
+            .map_err(|e| BrokerError::Internal(format!("encoding a begin: {e}")))?;
+        let (id, txn) = {
+            let mut state = lock(&self.state);
+            let id = state.next_id;
+            state.next_id += 1;
+            let txn = Txn::new(began);
+            let guard = txn.lock.clone();
+            state.txns.insert(id, txn);
+            (id, guard)
+        };
+        // Nothing can decide it before the begin is durable.
+        let _held = txn.lock().await;
+        if let Err(e) = self
+            .append(vec![Event::Begin {
+                txn: id,
+                options: encoded,
+            }])
+            .await
+        {
+            lock(&self.state).txns.remove(&id);
+            return Err(e);
+        }
+        self.counters.begun.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// The lock of transaction `id`, or why there is none.
+    fn txn_lock(&self, id: u64) -> Result<Arc<tokio::sync::Mutex<()>>, BrokerError> {
+        let state = lock(&self.state);
+        match state.txns.get(&id) {
+            Some(txn) => Ok(txn.lock.clone()),
+            None => Err(BrokerError::NoSuchTxn(id)),
+        }
+    }
+
+    /// Adds `count` verified records (`records`, back to back) to transaction `id` for
+    /// `mq` (which must exist), durably; they stay invisible until the commit.
+    pub async fn produce(
+        &self,
+        registry: &Registry,
+        id: u64,
+        mq: &str,
+        records: Bytes,
+        count: u32,
+    ) -> Result<(), BrokerError> {
+        let target = registry.own(mq)?;
+        let guard = self.txn_lock(id)?;
+        let _held = guard.lock().await;
+        {
+            let state = lock(&self.state);
+            let txn = state.txns.get(&id).ok_or(BrokerError::NoSuchTxn(id))?;
+            if txn.state != TxState::Pending {
+                return Err(BrokerError::Conflict(format!(
+                    "transaction {id} was {}: it takes no more messages",
+                    txn.state
+                )));
+            }
+            if txn.messages() + count as usize > MAX_MESSAGES {
+                return Err(BrokerError::BadRequest(format!(
+                    "transaction {id} would hold more than {MAX_MESSAGES} messages"
+                )));
+            }
+            if state.pending_bytes + records.len() > MAX_PENDING_BYTES {
+                return Err(BrokerError::Overloaded(format!(
+                    "open transactions hold {MAX_PENDING_BYTES} bytes of messages; commit or roll back some first"
+                )));
+            }
+        }
+        self.append(vec![Event::Half {
+            txn: id,
+            mq: target.name().to_owned(),
+            records: records.to_vec(),
+        }])
+        .await?;
+        let mut state = lock(&self.state);
+        state.pending_bytes += records.len();
+        if let Some(txn) = state.txns.get_mut(&id) {
+            txn.halves.push((target.name().to_owned(), records, count));
+        }
+        Ok(())
+    }
+
+    /// Commits transaction `id`: every message becomes visible, each MQ's at once.
+    pub async fn commit(
+        &self,
+        registry: &Registry,
+        committer: &Committer,
+        id: u64,
+    ) -> Result<Decided, BrokerError> {
+        let guard = self.txn_lock(id)?;
+        let _held = guard.lock().await;
+        let (state, applied) = self.state_of(id)?;
+        let decided = match state {
+            TxState::RolledBack => {
+                return Err(BrokerError::Conflict(format!(
+                    "transaction {id} was rolled back; it cannot be committed"
+                )))
+            }
+            TxState::Committed if applied => return Ok(Decided::Already),
+            TxState::Committed => Decided::Already,
+            TxState::Pending => {
+                self.append(vec![Event::Commit { txn: id }]).await?;
+                if let Some(txn) = lock(&self.state).txns.get_mut(&id) {
+                    txn.state = TxState::Committed;
+                }
+                self.counters.committed.fetch_add(1, Ordering::Relaxed);
+                Decided::Now
+            }
+        };
+        self.apply(registry, committer, id).await?;
+        Ok(decided)
+    }
+
+    fn state_of(&self, id: u64) -> Result<(TxState, bool), BrokerError> {
+        let state = lock(&self.state);
+        let txn = state.txns.get(&id).ok_or(BrokerError::NoSuchTxn(id))?;
+        Ok((txn.state, txn.applied))
+    }
+
+    /// Appends a committed transaction's messages to their MQs (in one commit batch), then
+    /// notes it applied. Call with the transaction's lock held.
+    async fn apply(
+        &self,
+        registry: &Registry,
+        committer: &Committer,
+        id: u64,
+    ) -> Result<(), BrokerError> {
+        let halves = {
+            let state = lock(&self.state);
+            let txn = state.txns.get(&id).ok_or(BrokerError::NoSuchTxn(id))?;
+            txn.halves.clone()
+        };
+        // One append per MQ, its records in the order sent, each with its dedupe id.
+        let mut per_mq: Vec<(String, BytesMut, u32)> = Vec::new();
+        let mut n = 0u64;
+        for (mq, bytes, _) in &halves {
+            let slot = match per_mq.iter().position(|(name, _, _)| name == mq) {
+                Some(i) => i,
+                None => {
+                    per_mq.push((mq.clone(), BytesMut::new(), 0));
+                    per_mq.len() - 1
+                }
+            };
+            for record in records(bytes) {
+                let record = record.map_err(|e| {
+                    BrokerError::Internal(format!(
+                        "transaction {id}: a stored half is damaged: {e}"
+                    ))
+                })?;
+                let dedupe = format!("tx:{id}:{n}");
+                n += 1;
+                let meta = RecordMeta {
+                    dedupe_id: Some(&dedupe),
+                    ..record.meta()
+                };
+                let (_, out, count) = &mut per_mq[slot];
+                encode_record_meta(out, 0, 0, &meta, record.body).map_err(|e| {
+                    BrokerError::Internal(format!("transaction {id}: re-encoding a half: {e}"))
+                })?;
+                *count += 1;
+            }
+        }
+        let mut batch = CommitBatch::default();
+        let mut waits: Vec<ProduceWait> = Vec::new();
+        for (name, out, count) in per_mq {
+            let mq = match registry.own(&name) {
+                Ok(mq) => mq,
+                Err(e) => {
+                    tracing::warn!(txn = id, mq = %name, error = %e, "committed messages for an MQ that is gone: dropped");
+                    continue;
+                }
+            };
+            waits.push(mq.stage_deduped(&mut batch, out.freeze(), count).await?);
+        }
+        committer.submit(batch).await?;
+        for wait in waits {
+            match wait.settle().await {
+                Settled::Now(receipt) => receipt?,
+                Settled::Later(receipt) => receipt.await?,
+            };
+        }
+        self.append(vec![Event::Applied { txn: id }]).await?;
+        self.finish(id, TxState::Committed);
+        Ok(())
+    }
+
+    /// Notes `id` decided and done with: its halves dropped, old decided ones forgotten.
+    fn finish(&self, id: u64, outcome: TxState) {
+        {
+            let mut state = lock(&self.state);
+            let mut freed = 0;
+            if let Some(txn) = state.txns.get_mut(&id) {
+                txn.state = outcome;
+                txn.applied = true;
+                freed = txn.bytes();
+                txn.halves.clear();
+            }
+            state.pending_bytes -= freed;
+            let decided = if state.txns.len() > REMEMBER_DECIDED {
+                state.txns.values().filter(|t| !t.live()).count()
+            } else {
+                0
+            };
+            if decided > REMEMBER_DECIDED {
+                let old: Vec<u64> = state
+                    .txns
+                    .iter()
+                    .filter(|(_, t)| !t.live())
+                    .map(|(id, _)| *id)
+                    .take(decided - REMEMBER_DECIDED)
+                    .collect();
+                for id in old {
+                    state.txns.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Rolls back transaction `id`: its messages are discarded.
+    pub async fn rollback(&self, id: u64) -> Result<Decided, BrokerError> {
+        let guard = self.txn_lock(id)?;
+        let _held = guard.lock().await;
+        match self.state_of(id)?.0 {
+            TxState::Committed => Err(BrokerError::Conflict(format!(
+                "transaction {id} was committed; it cannot be rolled back"
+            ))),
+            TxState::RolledBack => Ok(Decided::Already),
+            TxState::Pending => {
+                self.append(vec![Event::Rollback { txn: id }]).await?;
+                self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
+                self.finish(id, TxState::RolledBack);
+                Ok(Decided::Now)
+            }
+        }
+    }
+
+    /// Applies the commits a crash interrupted (decided, not all appended yet).
+    pub async fn recover(&self, registry: &Registry, committer: &Committer) {
+        let unapplied: Vec<u64> = lock(&self.state)
+            .txns
+            .iter()
+            .filter(|(_, t)| t.state == TxState::Committed && !t.applied)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unapplied {
+            if let Err(e) = self.commit(registry, committer, id).await {
+                tracing::warn!(txn = id, error = %e, "re-applying a commit after restart failed");
+            }
+        }
+    }
+
+    /// Counts a check for every open transaction whose timeout or interval passed, and
+    /// resolves by policy those past their maximum checks.
+    pub async fn sweep(&self, registry: &Registry, committer: &Committer) {
+        let now = now_ms();
+        let mut resolve = Vec::new();
+        {
+            let mut state = lock(&self.state);
+            for (id, txn) in state.txns.iter_mut() {
+                if txn.state != TxState::Pending || txn.next_check_ms() > now {
+                    continue;
+                }
+                let max = txn
+                    .began
+                    .options
+                    .max_checks
+                    .unwrap_or(DEFAULT_TX_MAX_CHECKS);
+                if txn.checks >= max {
+                    resolve.push((*id, txn.began.options.commit_unresolved == Some(true)));
+                } else {
+                    txn.checks += 1;
+                    self.counters.checked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        for (id, commit) in resolve {
+            let done = if commit {
+                self.commit(registry, committer, id).await
+            } else {
+                self.rollback(id).await
+            };
+            match done {
+                Ok(Decided::Now) => {
+                    self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        txn = id,
+                        commit,
+                        "transaction resolved by policy after its checks"
+                    );
+                }
+                Ok(Decided::Already) => {}
+                Err(e) => tracing::warn!(txn = id, error = %e, "resolving a transaction failed"),
+            }
+        }
+    }
+
+    /// The open transactions (and commits not applied yet), oldest first.
+    pub fn list(&self) -> Vec<TxInfo> {
+        let now = now_ms();
+        lock(&self.state)
+            .txns
+            .iter()
+            .filter(|(_, t)| t.live())
+            .map(|(id, t)| t.info(*id, now))
+            .collect()
+    }
+
+    /// Where transaction `id` stands.
+    pub fn get(&self, id: u64) -> Result<TxInfo, BrokerError> {
+        let state = lock(&self.state);
+        let txn = state.txns.get(&id).ok_or(BrokerError::NoSuchTxn(id))?;
+        Ok(txn.info(id, now_ms()))
+    }
+}
+
+/// The log entries of `state`'s live transactions, after the next id to issue.
+fn live_events(state: &State) -> Vec<Event> {
+    let mut events = vec![Event::Issued {
+        txn: state.next_id.saturating_sub(1),
+    }];
+    for (id, txn) in &state.txns {
+        if !txn.live() {
+            continue;
+        }
+        let Ok(options) = rmp_serde::to_vec_named(&txn.began) else {
+            continue;
+        };
+        events.push(Event::Begin { txn: *id, options });
+        for (mq, records, _) in &txn.halves {
+            events.push(Event::Half {
+                txn: *id,
+                mq: mq.clone(),
+                records: records.to_vec(),
+            });
+        }
+        if txn.state == TxState::Committed {
+            events.push(Event::Commit { txn: *id });
+        }
+    }
+    events
+}
