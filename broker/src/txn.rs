@@ -570,15 +570,14 @@ impl Transactions {
     }
 }
 
-/// The log entries of `state`'s live transactions, after the next id to issue.
+/// The log entries of what `state` holds, after the next id to issue: live transactions
+/// with their messages, decided ones remembered without them (so a repeated decision is
+/// answered alike after a restart).
 fn live_events(state: &State) -> Vec<Event> {
     let mut events = vec![Event::Issued {
         txn: state.next_id.saturating_sub(1),
     }];
     for (id, txn) in &state.txns {
-        if !txn.live() {
-            continue;
-        }
         let Ok(options) = rmp_serde::to_vec_named(&txn.began) else {
             continue;
         };
@@ -590,8 +589,13 @@ fn live_events(state: &State) -> Vec<Event> {
                 records: records.to_vec(),
             });
         }
-        if txn.state == TxState::Committed {
-            events.push(Event::Commit { txn: *id });
+        match txn.state {
+            TxState::Pending => {}
+            TxState::Committed => events.push(Event::Commit { txn: *id }),
+            TxState::RolledBack => events.push(Event::Rollback { txn: *id }),
+        }
+        if !txn.live() && txn.state == TxState::Committed {
+            events.push(Event::Applied { txn: *id });
         }
     }
     events

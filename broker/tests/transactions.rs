@@ -1,0 +1,221 @@
+//! Transactions (protocol 4) against the real `qbus-broker` binary: a commit makes every
+//! message visible at once, a rollback leaves nothing, decisions are idempotent and never
+//! touch another transaction, pending ones survive `kill -9` with their deadlines, and one
+//! left undecided is rolled back after its checks.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qbus_client::{Broker, ClientError, Decision, Message, Status, TxOptions, TxState};
+use support::BrokerProcess;
+
+async fn depth(client: &Broker, mq: &str) -> u64 {
+    client.query_mq(mq).await.unwrap().depth()
+}
+
+fn status(e: ClientError) -> Status {
+    match e {
+        ClientError::Server { status, .. } => status,
+        other => panic!("expected a broker status, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_shows_every_message_at_once_and_a_rollback_leaves_nothing() {
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    for mq in ["orders", "audit"] {
+        client.create_mq(mq, Default::default()).await.unwrap();
+    }
+    let tx = client.begin(TxOptions::default()).await.unwrap();
+    for i in 0..10 {
+        tx.send("orders", format!("order {i}")).await.unwrap();
+    }
+    tx.send_batch("audit", (0..3).map(|i| Message::new(format!("audit {i}"))))
+        .await
+        .unwrap();
+    assert_eq!(depth(&client, "orders").await, 0, "halves are in no MQ");
+    let info = tx.info().await.unwrap();
+    assert_eq!(info.state, TxState::Pending);
+    assert_eq!(info.mqs, [("orders".into(), 10), ("audit".into(), 3)]);
+
+    // A watcher polling in a loop sees 0 or 10, never a part.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (client, done) = (broker.client().await, done.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                seen.push(depth(&client, "orders").await);
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(tx.commit().await.unwrap(), Decision::Taken);
+    assert_eq!(depth(&client, "orders").await, 10);
+    assert_eq!(depth(&client, "audit").await, 3);
+    done.store(true, Ordering::Relaxed);
+    let seen = watcher.await.unwrap();
+    assert!(seen.iter().all(|&d| d == 0 || d == 10), "{seen:?}");
+
+    // Idempotent; the other decision is a conflict naming the state.
+    assert_eq!(tx.commit().await.unwrap(), Decision::Already);
+    let refused = tx.rollback().await.unwrap_err().to_string();
+    assert!(
+        refused.contains("409") && refused.contains("committed"),
+        "{refused}"
+    );
+
+    let gone = client.begin(TxOptions::default()).await.unwrap();
+    assert!(gone.id() > tx.id());
+    gone.send("orders", "never").await.unwrap();
+    assert_eq!(gone.rollback().await.unwrap(), Decision::Taken);
+    assert_eq!(gone.rollback().await.unwrap(), Decision::Already);
+    assert_eq!(status(gone.commit().await.unwrap_err()), Status::Conflict);
+    assert_eq!(
+        status(gone.send("orders", "late").await.unwrap_err()),
+        Status::Conflict
+    );
+    assert_eq!(depth(&client, "orders").await, 10);
+
+    // Unknown ids and MQs are refused clearly.
+    let unknown = client.transaction(u64::MAX - 1).unwrap();
+    assert_eq!(
+        status(unknown.commit().await.unwrap_err()),
+        Status::NotFound
+    );
+    let open = client.begin(TxOptions::default()).await.unwrap();
+    assert_eq!(
+        status(open.send("no-such-mq", "x").await.unwrap_err()),
+        Status::NotFound
+    );
+    open.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_commit_of_an_old_transaction_changes_nothing_in_a_new_one() {
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("orders", Default::default())
+        .await
+        .unwrap();
+    let old = client.begin(TxOptions::default()).await.unwrap();
+    old.send("orders", "old").await.unwrap();
+    old.commit().await.unwrap();
+    let new = client.begin(TxOptions::default()).await.unwrap();
+    new.send("orders", "new").await.unwrap();
+    // A late retry of the old commit, as from a producer that timed out and retried.
+    assert_eq!(old.commit().await.unwrap(), Decision::Already);
+    assert_eq!(depth(&client, "orders").await, 1);
+    assert_eq!(new.info().await.unwrap().state, TxState::Pending);
+    new.rollback().await.unwrap();
+    assert_eq!(old.commit().await.unwrap(), Decision::Already);
+    assert_eq!(depth(&client, "orders").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_transactions_survive_kill_9_and_commit_exactly_once_after_it() {
+    let mut broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("orders", Default::default())
+        .await
+        .unwrap();
+    let options = TxOptions {
+        group: Some("billing".into()),
+        timeout_ms: Some(600_000),
+        ..TxOptions::default()
+    };
+    let tx = client.begin(options).await.unwrap();
+    tx.send_batch("orders", (0..3).map(|i| Message::new(format!("m{i}"))))
+        .await
+        .unwrap();
+    let decided = client.begin(TxOptions::default()).await.unwrap();
+    decided.rollback().await.unwrap();
+    let id = tx.id();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop((tx, decided, client));
+
+    broker.restart();
+    let client = broker.client().await;
+    let pending = client.transactions().await.unwrap();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let info = &pending[0];
+    assert_eq!(
+        (info.id, info.state, info.group.as_deref()),
+        (id, TxState::Pending, Some("billing"))
+    );
+    assert!(
+        info.age_ms >= 100,
+        "its age (and deadline) counts from its begin: {info:?}"
+    );
+    assert_eq!(info.mqs, [("orders".into(), 3)]);
+    assert_eq!(depth(&client, "orders").await, 0);
+    // Ids are never reused after a restart.
+    let next = client.begin(TxOptions::default()).await.unwrap();
+    assert!(next.id() > id + 1);
+    next.rollback().await.unwrap();
+
+    let tx = client.transaction(id).unwrap();
+    assert_eq!(tx.commit().await.unwrap(), Decision::Taken);
+    assert_eq!(depth(&client, "orders").await, 3);
+    drop(client);
+    broker.restart();
+    let client = broker.client().await;
+    assert_eq!(depth(&client, "orders").await, 3, "applied once");
+    let tx = client.transaction(id).unwrap();
+    assert_eq!(tx.commit().await.unwrap(), Decision::Already);
+    assert_eq!(status(tx.rollback().await.unwrap_err()), Status::Conflict);
+    assert!(client.transactions().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecided_transaction_is_rolled_back_after_its_checks() {
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("orders", Default::default())
+        .await
+        .unwrap();
+    let options = TxOptions {
+        timeout_ms: Some(300),
+        check_interval_ms: Some(200),
+        max_checks: Some(2),
+        ..TxOptions::default()
+    };
+    let tx = client.begin(options).await.unwrap();
+    tx.send("orders", "abandoned").await.unwrap();
+    let forever = client
+        .begin(TxOptions {
+            timeout_ms: Some(600_000),
+            ..TxOptions::default()
+        })
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut last = None;
+    for _ in 0..100 {
+        let info = tx.info().await.unwrap();
+        if info.state != TxState::Pending {
+            last = Some(info);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let info = last.expect("resolved within 5 s");
+    assert_eq!((info.state, info.checks), (TxState::RolledBack, 2));
+    assert!(
+        start.elapsed() >= Duration::from_millis(600),
+        "not before its checks"
+    );
+    assert_eq!(depth(&client, "orders").await, 0);
+    assert_eq!(status(tx.commit().await.unwrap_err()), Status::Conflict);
+    assert_eq!(forever.info().await.unwrap().state, TxState::Pending);
+}
