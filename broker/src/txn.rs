@@ -149,6 +149,21 @@ pub struct TxCounters {
     pub timed_out: AtomicU64,
 }
 
+/// The counters at one moment, for stats and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct TxTotals {
+    /// Begun.
+    pub begun: u64,
+    /// Committed (by the producer or by policy).
+    pub committed: u64,
+    /// Rolled back (by the producer or by policy).
+    pub rolled_back: u64,
+    /// Checks: times an undecided transaction's timeout or interval passed.
+    pub checked: u64,
+    /// Resolved by the broker's policy after the maximum checks.
+    pub timed_out: u64,
+}
+
 /// What a decision did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decided {
@@ -230,9 +245,17 @@ impl Transactions {
         })
     }
 
-    /// The counters.
-    pub fn counters(&self) -> &TxCounters {
-        &self.counters
+    /// The counters now.
+    pub fn totals(&self) -> TxTotals {
+        let c = &self.counters;
+        let read = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        TxTotals {
+            begun: read(&c.begun),
+            committed: read(&c.committed),
+            rolled_back: read(&c.rolled_back),
+            checked: read(&c.checked),
+            timed_out: read(&c.timed_out),
+        }
     }
 
     async fn append(&self, events: Vec<Event>) -> Result<(), BrokerError> {
@@ -599,4 +622,71 @@ fn live_events(state: &State) -> Vec<Event> {
         }
     }
     events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::core::Core;
+    use crate::queue::testutil::{produce, Commit};
+    use crate::store::OsFs;
+
+    /// The log a broker killed between a commit's decision and its appends leaves.
+    fn decided_not_applied(store: &std::path::Path, id: u64) {
+        let (mut log, _) = TxnLog::open(&OsFs::shared(), store, true).unwrap();
+        let began = Began {
+            options: TxOptions::default(),
+            began_ms: now_ms(),
+        };
+        let (records, _) = produce(&["debit", "credit"]);
+        log.rewrite(&[
+            Event::Begin {
+                txn: id,
+                options: rmp_serde::to_vec_named(&began).unwrap(),
+            },
+            Event::Half {
+                txn: id,
+                mq: "orders".into(),
+                records: records.to_vec(),
+            },
+            Event::Commit { txn: id },
+        ])
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_commit_cut_by_a_crash_is_applied_once_at_recovery_however_often_it_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let depth = |core: &Core| core.registry().get("orders").unwrap().info().depth();
+        {
+            let commit = Commit::start();
+            let core =
+                Core::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
+            core.create("orders", Default::default()).await.unwrap();
+            drop(core);
+            commit.stop().await;
+        }
+        decided_not_applied(dir.path(), 7);
+        for round in 0..2 {
+            let commit = Commit::start();
+            let core =
+                Core::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
+            assert_eq!(core.txns().get(7).unwrap().state, TxState::Committed);
+            core.txns().recover(core.registry(), core.committer()).await;
+            assert_eq!(depth(&core), 2, "round {round}: applied once");
+            assert!(core.txns().list().is_empty());
+            drop(core);
+            commit.stop().await;
+            // A second crash after the appends, before `Applied` reached the log: the
+            // appends are found again by their dedupe ids.
+            decided_not_applied(dir.path(), 7);
+        }
+        // And ids go on above it.
+        let commit = Commit::start();
+        let core = Core::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
+        assert!(core.txns().begin(TxOptions::default()).await.unwrap() > 7);
+        drop(core);
+        commit.stop().await;
+    }
 }

@@ -35,6 +35,48 @@ pub fn render(stats: &Stats) -> String {
     );
     out.sample("qbus_store_bytes", &[], broker.store_bytes);
 
+    let tx = &broker.transactions;
+    for (name, help, value) in [
+        (
+            "qbus_tx_begun_total",
+            "Transactions begun since the start.",
+            tx.begun,
+        ),
+        (
+            "qbus_tx_committed_total",
+            "Transactions committed (by the producer or by policy).",
+            tx.committed,
+        ),
+        (
+            "qbus_tx_rolled_back_total",
+            "Transactions rolled back (by the producer or by policy).",
+            tx.rolled_back,
+        ),
+        (
+            "qbus_tx_checked_total",
+            "Times an undecided transaction's timeout or check interval passed.",
+            tx.checked,
+        ),
+        (
+            "qbus_tx_timed_out_total",
+            "Transactions resolved by the broker's policy after their maximum checks.",
+            tx.timed_out,
+        ),
+    ] {
+        out.family(name, "counter", help);
+        out.sample(name, &[], value);
+    }
+    out.family(
+        "qbus_tx_pending",
+        "gauge",
+        "Open transactions (and commits not yet applied).",
+    );
+    out.sample(
+        "qbus_tx_pending",
+        &[],
+        broker.pending_transactions.len() as u64,
+    );
+
     out.family("qbus_connections", "gauge", "Client connections open now.");
     for (protocol, open) in [
         (Protocol::Binary, broker.connections.binary),

@@ -56,6 +56,10 @@ pub struct BrokerStats {
     /// Rate samples taken since the start (one a second); every MQ's `rates` end at the
     /// same sample, so a poller can tell how many of them are new.
     pub rate_samples: u64,
+    /// Transactions since the start (protocol 4).
+    pub transactions: crate::txn::TxTotals,
+    /// Open transactions (and commits not yet applied), oldest first.
+    pub pending_transactions: Vec<qbus_wire::protocol::TxInfo>,
 }
 
 /// One number per client protocol.
@@ -152,6 +156,8 @@ pub fn collect(core: &Core, address: String, seconds: usize) -> Stats {
             denied_unauthenticated: per_protocol(&|p| metrics.denials(p).0),
             denied_forbidden: per_protocol(&|p| metrics.denials(p).1),
             rate_samples,
+            transactions: core.txns().totals(),
+            pending_transactions: core.txns().list(),
         },
         fsync: core.committer().fsync_latency().read(),
         mqs,
