@@ -12,6 +12,7 @@ mod output;
 mod produce;
 mod tls;
 mod topology;
+mod tx_cmd;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -110,6 +111,9 @@ enum Command {
     Topology(topology::TopologyArgs),
     /// Call an RPC method with JSON arguments and print its JSON result
     Call(call::CallArgs),
+    /// List open transactions; commit or roll one back by id
+    #[command(subcommand)]
+    Tx(tx_cmd::TxCommand),
 }
 
 fn main() -> ExitCode {
@@ -193,6 +197,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Topology(args) => topology::run(args, timeout(cli.connect_timeout)?).await,
         Command::Call(args) => call::run(args, &cli.broker, cli.connect_timeout).await,
+        Command::Tx(cmd) => tx_cmd::run(&broker().await?, cmd).await,
     }
 }
 

@@ -285,3 +285,51 @@ fn bench_prints_result_lines() {
         "{line}"
     );
 }
+
+#[test]
+fn tx_list_commit_and_rollback() {
+    let broker = TestBroker::start();
+    ok(broker.qbus(&["mq", "create", "orders"]));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (first, second) = runtime.block_on(async {
+        let client = qbus_client::Broker::connect(&broker.addr).await.unwrap();
+        let options = qbus_client::TxOptions {
+            group: Some("billing".into()),
+            timeout_ms: Some(600_000),
+            ..Default::default()
+        };
+        let first = client.begin(options.clone()).await.unwrap();
+        first.send("orders", "debit").await.unwrap();
+        let second = client.begin(options).await.unwrap();
+        second.send("orders", "credit").await.unwrap();
+        (first.id(), second.id())
+    });
+    let listed = ok(broker.qbus(&["tx", "list"]));
+    assert!(
+        listed.contains("billing") && listed.contains("orders:1"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains(&first.to_string()) && listed.contains("pending"),
+        "{listed}"
+    );
+    let committed = ok(broker.qbus(&["tx", "commit", &first.to_string()]));
+    assert_eq!(committed, format!("transaction {first} committed\n"));
+    let again = ok(broker.qbus(&["tx", "commit", &first.to_string()]));
+    assert_eq!(
+        again,
+        format!("transaction {first} was already committed\n")
+    );
+    let rolled = ok(broker.qbus(&["tx", "rollback", &second.to_string()]));
+    assert_eq!(rolled, format!("transaction {second} rolled back\n"));
+    let refused = broker.qbus(&["tx", "commit", &second.to_string()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("rolled back"));
+    let json = ok(broker.qbus(&["tx", "list", "--json"]));
+    assert_eq!(json.trim(), "[]");
+    let got = ok(broker.qbus(&["consume", "orders", "--count", "1"]));
+    assert_eq!(got, "debit\n");
+}
