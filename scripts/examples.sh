@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every example that needs no outside server, as a newcomer would, so the README's
-# examples never go stale: quickstart and reminders (embedded broker), ha_cluster (trackers and brokers in
+# examples never go stale: quickstart, reminders and transfer (embedded broker), ha_cluster (trackers and brokers in
 # one process), and rpc_client against rpc_server (which runs its own broker). Everything
 # listens on loopback only. Each run is bounded; a hang fails.
 set -euo pipefail
@@ -11,6 +11,7 @@ bin=target/debug/examples
 
 timeout 60 "$bin/quickstart"
 timeout 60 "$bin/reminders"
+timeout 60 "$bin/transfer"
 timeout 120 "$bin/ha_cluster"
 
 # rpc_server serves until stopped; rpc_client calls it through every invoker.
