@@ -33,6 +33,11 @@ impl Latencies {
         self.samples.push(micros);
     }
 
+    /// Adds every sample of `other` (another worker's).
+    pub fn merge(&mut self, other: Latencies) {
+        self.samples.extend(other.samples);
+    }
+
     pub fn summarize(mut self) -> Summary {
         let samples = &mut self.samples;
         if samples.is_empty() {

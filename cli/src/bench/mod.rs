@@ -1,6 +1,6 @@
 //! `qbus bench`: the benchmark scenarios, each in its own room.
 //!
-//! - `produce.rs`, `consume.rs`: load against a running broker (`--broker`).
+//! - `produce.rs`, `consume.rs`, `tx.rs` (transactions): load against a running broker (`--broker`).
 //! - `delay.rs`: delayed delivery at scale against a broker it starts.
 //! - `failover.rs`: starts a tracker and brokers on loopback and kills one mid-run.
 //! - `rpc.rs`: DirectRPC and MQ-RPC calls against a service it starts.
@@ -20,6 +20,7 @@ mod histogram;
 mod produce;
 mod report;
 mod rpc;
+mod tx;
 
 pub(crate) use consume::ACK_WINDOW;
 
@@ -37,6 +38,9 @@ pub enum BenchScenario {
     /// Schedule COUNT delayed messages: produce rate, broker memory with them pending,
     /// delivery lateness (starts its own broker)
     Delay(delay::DelayBench),
+    /// Transactions of MESSAGES messages of SIZE bytes, CONCURRENCY at once: throughput and
+    /// begin-to-commit latency
+    Tx(tx::TxBench),
     /// RPC latency and throughput, DirectRPC or MQ-RPC (starts its own server)
     Rpc(rpc::RpcBench),
     /// Serve the RPC benchmark's service (`qbus bench rpc` starts it)
@@ -57,6 +61,9 @@ pub async fn run(
         }
         BenchScenario::Consume(args) => {
             consume::run(&crate::connect(broker, connect_timeout).await?, args).await
+        }
+        BenchScenario::Tx(args) => {
+            tx::run(&crate::connect(broker, connect_timeout).await?, args).await
         }
         BenchScenario::Failover(args) => failover::run(args).await,
         BenchScenario::Delay(args) => delay::run(args).await,
