@@ -10,7 +10,7 @@ use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
-    Command, Credentials, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ACK_LOCAL,
+    Command, Credentials, Durability, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ACK_LOCAL,
     FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
     FLAG_UNSEEN, PROTOCOL_VERSION,
 };
@@ -157,7 +157,8 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
 
 /// A produce awaiting its receipt: the request, its append, and the MQ whose followers
 /// must hold it too when it asked for (or its MQ defaults to) `replicated`.
-type Produced = (Header, ProduceWait, Option<Arc<Mq>>);
+/// Last, the protocol the peer said in `Hello`, for the receipt's durability.
+type Produced = (Header, ProduceWait, Option<Arc<Mq>>, u32);
 
 /// Sends produce receipts in the order the produces arrived, as the disk (and, for
 /// `replicated` receipts, the followers) confirm them.
@@ -167,14 +168,14 @@ type Produced = (Header, ProduceWait, Option<Arc<Mq>>);
 /// stored, so that the peer's resend after reconnecting is recognised.
 async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: mpsc::Sender<Frame>) {
     let mut open = true;
-    while let Some((request, wait, replicated)) = pending.recv().await {
+    while let Some((request, wait, replicated, peer_protocol)) = pending.recv().await {
         let receipt = match wait.settle().await {
             Settled::Now(receipt) => confirmed(receipt, replicated.as_deref()).await,
             Settled::Later(later) => {
                 let out = out.clone();
                 tokio::spawn(async move {
                     let receipt = confirmed(later.await, replicated.as_deref()).await;
-                    let header = produce_reply(&request, receipt);
+                    let header = produce_reply(&request, receipt, peer_protocol);
                     if !request.has_flag(FLAG_ONEWAY) {
                         let _ = out.send(Frame::new(header)).await;
                     }
@@ -182,7 +183,7 @@ async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: mpsc::Sender
                 continue;
             }
         };
-        let header = produce_reply(&request, receipt);
+        let header = produce_reply(&request, receipt, peer_protocol);
         if open && !request.has_flag(FLAG_ONEWAY) {
             open = out.send(Frame::new(header)).await.is_ok();
         }
@@ -200,13 +201,17 @@ async fn confirmed(
     }
 }
 
-fn produce_reply(request: &Header, receipt: Result<Receipt, BrokerError>) -> Header {
+fn produce_reply(
+    request: &Header,
+    receipt: Result<Receipt, BrokerError>,
+    peer_protocol: u32,
+) -> Header {
     match receipt {
         Ok(receipt) => {
             let mut header = Header::reply_to(request);
             header.offset = Some(receipt.first_offset);
             header.count = Some(receipt.count as u32);
-            header.durability = Some(receipt.durability);
+            header.durability = Some(durability_for(receipt.durability, peer_protocol));
             if !receipt.offsets.is_empty() {
                 header.flags |= FLAG_DUPLICATE;
                 header.offsets = receipt.offsets;
@@ -217,6 +222,16 @@ fn produce_reply(request: &Header, receipt: Result<Receipt, BrokerError>) -> Hea
             tracing::error!(error = %e, "append failed");
             error_header(request, &e)
         }
+    }
+}
+
+/// `durability` as a peer of `peer_protocol` can read it: before version 4 `memory` (code 4)
+/// would read as `replicated`, so such a peer gets `written`, the weakest it knows.
+fn durability_for(durability: Durability, peer_protocol: u32) -> Durability {
+    if durability == Durability::Memory && peer_protocol < 4 {
+        Durability::Written
+    } else {
+        durability
     }
 }
 
@@ -428,7 +443,10 @@ impl Session {
             ProduceWait::Plain(mq.stage(&mut self.batch, BytesMut::from(body), count))
         };
         let replicated = replicated.then_some(mq);
-        let _ = self.produced.send((header, wait, replicated)).await;
+        let _ = self
+            .produced
+            .send((header, wait, replicated, self.peer_protocol))
+            .await;
         Ok(())
     }
 
@@ -521,12 +539,13 @@ impl Session {
             .stage_ack(&mut self.batch, mq, group, &request.tokens)
             .map_err(failed)?;
         let out = self.out.clone();
+        let peer_protocol = self.peer_protocol;
         // The reply waits for the cursor's write, which goes with the burst's batch.
         self.tasks.spawn(async move {
             let reply = match stored.wait().await {
                 Ok(durability) => {
                     header.count = Some(acked as u32);
-                    header.durability = Some(durability);
+                    header.durability = Some(durability_for(durability, peer_protocol));
                     Frame::new(header)
                 }
                 Err(e) => Frame::new(error_header(&request, &BrokerError::Store(e))),
@@ -591,6 +610,16 @@ async fn fetch(
             lost.file.display(),
             lost.position,
             lost.reason
+        ));
+    }
+    if let Some(dropped) = fetched.dropped {
+        header.lost = Some(LostRange {
+            first: dropped.start,
+            end: dropped.end,
+        });
+        header.error = Some(format!(
+            "offsets {}..{} of memory MQ {mq_name:?} are lost: its ring dropped them (size or age limit) before group {group_name:?} read them; it goes on from the oldest kept",
+            dropped.start, dropped.end
         ));
     }
     let mut body = fetched.body;

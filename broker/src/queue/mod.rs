@@ -10,6 +10,7 @@
 //! - [`timer`]: delayed delivery: the MQ's timer that copies delayed records to the log's
 //!   end when they come due.
 //! - [`key_order`]: one record per key out at a time, for MQs ordered by key.
+//! - [`ring`]: a memory MQ's messages, a bounded ring that never touches the disk.
 //! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
 //!   the store after a failed fsync.
 //! - `crash_tests` (tests only): the engine on a simulated disk, cut by power loss at random
@@ -23,6 +24,7 @@ pub mod group_ledger;
 pub mod key_order;
 pub mod mq;
 pub mod registry;
+pub mod ring;
 pub mod timer;
 
 use crate::error::BrokerError;
