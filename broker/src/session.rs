@@ -10,9 +10,9 @@ use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
-    Command, Credentials, Durability, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ACK_LOCAL,
-    FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
-    FLAG_UNSEEN, PROTOCOL_VERSION,
+    Command, Credentials, Durability, Frame, Header, LostRange, MqOptions, ServerInfo, Status,
+    FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END,
+    FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};

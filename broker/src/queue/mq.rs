@@ -172,7 +172,9 @@ impl Mq {
         let copy = log_config.copy;
         let (log, reader) = MqLog::open(fs, dir, log_config)?;
         let timer = Timer::new(TimerLog::open(fs, dir)?);
-        let ring = options.is_memory().then(|| Ring::new(RingLimits::of(&options)));
+        let ring = options
+            .is_memory()
+            .then(|| Ring::new(RingLimits::of(&options)));
         // A memory MQ checks no dedupe ids: nothing it stores outlives the window anyway.
         let window = if ring.is_some() {
             Duration::ZERO
@@ -679,15 +681,15 @@ impl Mq {
                 None => match self.reader.read_recent(from, room, MAX_FETCH_BYTES) {
                     Some(batch) => Read::Batch(batch),
                     None => {
-                    let reader = self.reader.clone();
-                    let hint = *read_pos;
-                    blocking("read task", move || {
-                        match reader.read(from, hint, room, MAX_FETCH_BYTES) {
-                            Err(e) if e.is_damage() => reader.skip_damage(from).map(Read::Skip),
-                            other => other.map(Read::Batch),
-                        }
-                    })
-                    .await?
+                        let reader = self.reader.clone();
+                        let hint = *read_pos;
+                        blocking("read task", move || {
+                            match reader.read(from, hint, room, MAX_FETCH_BYTES) {
+                                Err(e) if e.is_damage() => reader.skip_damage(from).map(Read::Skip),
+                                other => other.map(Read::Batch),
+                            }
+                        })
+                        .await?
                     }
                 },
             };
@@ -1075,7 +1077,11 @@ impl Mq {
         let first = self.first_offset();
         for group in self.groups.lock().expect("groups poisoned").values() {
             let mut state = group.state();
-            state.truncate_before(first);
+            // What a memory MQ's ring dropped is settled where a group meets it, so that
+            // the loss is counted and reported (see `fetch_new`, `read_redeliveries`).
+            if self.ring.is_none() {
+                state.truncate_before(first);
+            }
             if state.expire(now) > 0 {
                 drop(state);
                 group.changed.notify_waiters();

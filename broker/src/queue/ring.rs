@@ -213,7 +213,10 @@ mod tests {
         assert_eq!(ring.append(batch(2, 4), 6).first_offset, 3);
         let read = ring.read(1, 10, 1 << 20).unwrap();
         let got: Vec<_> = records(&read.data).map(|r| r.unwrap()).collect();
-        assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(
+            got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
         assert_eq!(got[3].timestamp_ms, 6);
         assert!(ring.read(5, 1, 1).is_none(), "not written yet");
     }
