@@ -307,7 +307,10 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
         ("options", describe_options(&mq.options)),
         ("delayed", format!("{} pending", mq.delayed)),
         ("expired", mq.expired.to_string()),
-        ("dropped", format!("{} (memory ring limits, summed over groups)", mq.dropped)),
+        (
+            "dropped",
+            format!("{} (memory ring limits, summed over groups)", mq.dropped),
+        ),
     ];
     for (key, value) in lines {
         println!("{:<10}{value}", format!("{key}:"));
