@@ -32,8 +32,9 @@ pub struct FanoutBench {
     /// Messages to publish
     #[arg(long, default_value_t = 1_000_000)]
     count: u64,
-    /// Produce requests sent and not yet confirmed
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Produce requests sent and not yet confirmed (more queue in the client and add
+    /// latency, not rate)
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     in_flight: u32,
     /// Most messages per fetch
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
