@@ -9,6 +9,7 @@
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
 //! - [`timer`]: delayed delivery: the MQ's timer that copies delayed records to the log's
 //!   end when they come due.
+//! - [`key_filter`]: zbus's duplicate filter, an MQ's durable key set behind an async lock.
 //! - [`key_order`]: one record per key out at a time, for MQs ordered by key.
 //! - [`ring`]: a memory MQ's messages, a bounded ring that never touches the disk.
 //! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
@@ -21,6 +22,7 @@ pub mod dedupe_table;
 pub mod group;
 pub mod group_commit;
 pub mod group_ledger;
+pub mod key_filter;
 pub mod key_order;
 pub mod mq;
 pub mod registry;
