@@ -704,3 +704,21 @@ fn encode_body<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Serialising our own plain structs cannot fail.
     rmp_serde::to_vec_named(value).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_receipts_read_as_written_before_version_4() {
+        for old in 1..4 {
+            assert_eq!(durability_for(Durability::Memory, old), Durability::Written);
+            assert_eq!(durability_for(Durability::Synced, old), Durability::Synced);
+        }
+        assert_eq!(durability_for(Durability::Memory, 4), Durability::Memory);
+        assert_eq!(
+            Durability::from(u8::from(Durability::Memory)),
+            Durability::Memory
+        );
+    }
+}
