@@ -11,8 +11,8 @@ use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
     Command, Credentials, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ACK_LOCAL,
-    FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
-    FLAG_UNSEEN, PROTOCOL_VERSION,
+    FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_ROUTE_ACK, FLAG_START_AT_END,
+    FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
@@ -295,6 +295,9 @@ impl Session {
                 self.admin(frame);
                 Ok(())
             }
+            Command::Route if header.has_flag(FLAG_ROUTE_ACK) && self.peer_protocol >= 4 => {
+                self.route_and_ack(frame).await
+            }
             Command::Call | Command::Route | Command::QueryRoutes => {
                 let (core, out) = (&self.core, &self.out);
                 let (registry, replies) = (core.registry(), core.replies());
@@ -520,6 +523,12 @@ impl Session {
         let (acked, stored) = registry
             .stage_ack(&mut self.batch, mq, group, &request.tokens)
             .map_err(failed)?;
+        if request.has_flag(FLAG_ONEWAY) {
+            // Nobody awaits the outcome: the cursor's write goes with the burst's batch, and
+            // should it fail, the deliveries come again after their ack timeout.
+            drop(stored);
+            return Ok(());
+        }
         let out = self.out.clone();
         // The reply waits for the cursor's write, which goes with the burst's batch.
         self.tasks.spawn(async move {
@@ -534,6 +543,29 @@ impl Session {
             let _ = out.send(reply).await;
         });
         Ok(())
+    }
+
+    /// A responder's reply that also acknowledges its call (`FLAG_ROUTE_ACK`, protocol 4):
+    /// the reply is routed as a one-way `Route`, then the ack recorded as an `Ack` of the
+    /// frame's mq, group and tokens, whose reply (unless the frame is one-way) is this
+    /// frame's.
+    async fn route_and_ack(&mut self, mut frame: Frame) -> Result<(), Failure> {
+        let header = &mut frame.header;
+        let ack = Header {
+            cmd: Command::Ack,
+            id: header.id,
+            mq: header.mq.take(),
+            group: header.group.take(),
+            tokens: std::mem::take(&mut header.tokens),
+            flags: header.flags & FLAG_ONEWAY,
+            ..Header::default()
+        };
+        header.flags |= FLAG_ONEWAY;
+        let (core, out) = (&self.core, &self.out);
+        let (registry, replies) = (core.registry(), core.replies());
+        // One-way, so it has no reply: an unroutable reply is only counted.
+        rpc::call::handle(registry, replies, self.conn, out, frame, &mut self.batch);
+        self.settle(ack).await
     }
 
     fn admin(&mut self, frame: Frame) {
