@@ -104,7 +104,7 @@ impl Delivery {
     /// Answers the MQ-RPC call this delivery carries, as [`reply`](Delivery::reply) does,
     /// and acknowledges it. A broker of protocol 4 takes both in one frame (a `Route` with
     /// `FLAG_ROUTE_ACK`), one-way: `Ok` means the frame left over the link the call came
-    /// over (the broker records the ack before it reads anything else from that link).
+    /// over (the broker records the ack with the requests that arrived with it).
     /// An older broker gets the reply and then an ack, and `Ok` means it recorded the ack.
     /// Fails like [`ack`](Delivery::ack) when that link is gone: the call comes again.
     pub async fn reply_and_ack(&self, body: Bytes, encoding: Option<String>) -> Result<()> {
