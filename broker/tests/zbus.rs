@@ -633,3 +633,114 @@ async fn delay_and_ttl_headers_are_kept_in_the_log() {
     assert_eq!(&delivery.body[..], b"soon");
     assert!(delivery.expires_at.is_some() && delivery.delayed_from == Some(0));
 }
+
+/// Produces `body` with `key` in `group`, and returns the reply's status.
+async fn produce_keyed(conn: &mut Conn, id: &str, key: &str, group: &str, body: &str) -> u16 {
+    let headers = [
+        ("cmd", "produce"),
+        ("mq", "Keyed"),
+        ("id", id),
+        ("key", key),
+        ("key_group", group),
+    ];
+    conn.invoke(&headers, body).await.status.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_refuse_duplicates_until_removed_and_survive_a_kill() {
+    let mut broker = BrokerProcess::start(&[]);
+    let mut conn = Conn::open(&broker.addr()).await;
+    create(&mut conn, "Keyed", "1").await;
+
+    // A produce adds its key; a second one with the same key in the same group is 406.
+    assert_eq!(
+        produce_keyed(&mut conn, "p1", "order-1", "orders", "a").await,
+        200
+    );
+    assert_eq!(
+        produce_keyed(&mut conn, "p2", "order-1", "orders", "b").await,
+        406
+    );
+    assert_eq!(
+        produce_keyed(&mut conn, "p3", "order-1", "other", "c").await,
+        200
+    );
+    // add_key answers how many it added.
+    let add = [
+        ("cmd", "add_key"),
+        ("mq", "Keyed"),
+        ("id", "a1"),
+        ("key", "order-2"),
+        ("key_group", "orders"),
+    ];
+    let added = conn.invoke(&add, "").await;
+    assert_eq!((added.status, added.text()), (Some(200), "1".into()));
+    let again = conn.invoke(&add, "").await;
+    assert_eq!(again.text(), "0", "present already");
+    assert_eq!(
+        produce_keyed(&mut conn, "p4", "order-2", "orders", "d").await,
+        406
+    );
+
+    // The keys are durable: a broker killed -9 still refuses them.
+    broker.kill9();
+    broker.restart();
+    let mut conn = Conn::open(&broker.addr()).await;
+    assert_eq!(
+        produce_keyed(&mut conn, "p5", "order-1", "orders", "e").await,
+        406
+    );
+    assert_eq!(
+        produce_keyed(&mut conn, "p6", "order-2", "orders", "f").await,
+        406
+    );
+
+    // remove_key of one key, then of a whole group.
+    let remove = [
+        ("cmd", "remove_key"),
+        ("mq", "Keyed"),
+        ("id", "r1"),
+        ("key", "order-1"),
+        ("key_group", "orders"),
+    ];
+    assert_eq!(conn.invoke(&remove, "").await.text(), "1");
+    assert_eq!(
+        produce_keyed(&mut conn, "p7", "order-1", "orders", "g").await,
+        200
+    );
+    let group = [
+        ("cmd", "remove_key"),
+        ("mq", "Keyed"),
+        ("id", "r2"),
+        ("key_group", "orders"),
+    ];
+    assert_eq!(
+        conn.invoke(&group, "").await.text(),
+        "2",
+        "order-1 and order-2"
+    );
+    assert_eq!(
+        produce_keyed(&mut conn, "p8", "order-2", "orders", "h").await,
+        200
+    );
+    assert_eq!(
+        produce_keyed(&mut conn, "p9", "order-1", "other", "i").await,
+        406
+    );
+
+    // Exactly the accepted messages were stored, in order.
+    let mut bodies = Vec::new();
+    for n in 0..4 {
+        let id = format!("c{n}");
+        let msg = conn
+            .invoke(&[("cmd", "consume"), ("mq", "Keyed"), ("id", &id)], "")
+            .await;
+        bodies.push(msg.text());
+    }
+    assert_eq!(bodies, ["a", "c", "g", "h"]);
+
+    let bad = conn
+        .invoke(&[("cmd", "add_key"), ("mq", "Keyed"), ("id", "a2")], "")
+        .await;
+    assert_eq!(bad.status, Some(400), "{}", bad.text());
+}

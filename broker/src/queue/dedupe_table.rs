@@ -6,9 +6,11 @@
 //! - The ids live in a ring, in the order they were claimed (which is the order they
 //!   expire in). A claim appends to it (memory just written), and the produce's outcome
 //!   is written back to its ring entry by sequence number, with no second lookup.
-//! - The index is a hash table of sequence numbers only (8 bytes a slot, beside one control
-//!   byte), so a lookup touches a small table and, for a new id, never the ring: the ring
-//!   entry is read only when the slot's tag matches.
+//! - The index is a hash table of sequence numbers only, their low 32 bits (4 bytes a slot,
+//!   beside one control byte: the ring never holds 2³² entries, so they name one entry),
+//!   so a lookup touches a small table and, for a new id, never the ring: the ring entry
+//!   is read only when the slot's tag matches. A new id is looked up and slotted in one
+//!   probe.
 //! - A [`Key`] is a 128-bit keyed hash of the id, not the id: fixed size, no allocation.
 //!   Two ids would have to collide in 128 bits of two SipHash-1-3 keyed at random per MQ
 //!   and process (about n² / 2¹²⁹ for n ids held: 2⁻⁸⁹ at a million), and a producer
@@ -89,13 +91,59 @@ pub enum Found {
 /// The table (see the module's doc).
 pub struct Table {
     keyer: Keyer,
-    /// Sequence numbers of the live (pending or stored) entries, by their key's hash.
-    index: HashTable<u64>,
-    /// Entries by sequence number: `ring[i]` is number `first + i`.
-    ring: VecDeque<Entry>,
-    first: u64,
+    /// The low 32 bits of the sequence numbers of the live (pending or stored) entries, by
+    /// their key's hash; and stale ones (see [`Table::expire`]).
+    index: HashTable<u32>,
+    ring: Ring,
+    /// Index slots still naming entries that left the ring (see [`Table::expire`]).
+    stale: usize,
     /// Repeats waiting for a pending entry, by its sequence number (few, and short-lived).
     waiters: HashMap<u64, Vec<Waiter>>,
+}
+
+/// Entries by sequence number: `entries[i]` is number `first + i`.
+#[derive(Default)]
+struct Ring {
+    entries: VecDeque<Entry>,
+    first: u64,
+}
+
+impl Ring {
+    /// Where the entry an index slot names is, if it is still in the ring.
+    fn position(&self, slot: u32) -> Option<usize> {
+        let position = slot.wrapping_sub(self.first as u32) as usize;
+        (position < self.entries.len()).then_some(position)
+    }
+
+    fn seq(&self, position: usize) -> u64 {
+        self.first + position as u64
+    }
+
+    fn get(&self, seq: u64) -> Option<&Entry> {
+        self.entries
+            .get(usize::try_from(seq.checked_sub(self.first)?).ok()?)
+    }
+
+    fn get_mut(&mut self, seq: u64) -> Option<&mut Entry> {
+        self.entries
+            .get_mut(usize::try_from(seq.checked_sub(self.first)?).ok()?)
+    }
+
+    fn holds(&self, slot: u32, key: Key) -> bool {
+        self.position(slot)
+            .is_some_and(|p| self.entries[p].key == key)
+    }
+
+    /// The hash of the entry a slot names, for the index's resizing (stale: any).
+    fn hash(&self, slot: u32) -> u64 {
+        self.position(slot)
+            .map_or(0, |p| self.entries[p].key.hash())
+    }
+
+    fn push(&mut self, key: Key, at_ms: u64, state: State) -> u64 {
+        self.entries.push_back(Entry { key, at_ms, state });
+        self.seq(self.entries.len() - 1)
+    }
 }
 
 impl Default for Table {
@@ -103,8 +151,8 @@ impl Default for Table {
         Table {
             keyer: Keyer(RandomState::new(), RandomState::new()),
             index: HashTable::new(),
-            ring: VecDeque::new(),
-            first: 0,
+            ring: Ring::default(),
+            stale: 0,
             waiters: HashMap::new(),
         }
     }
@@ -118,43 +166,27 @@ impl Table {
 
     /// Ids held now (pending or stored).
     pub fn len(&self) -> usize {
-        self.index.len()
-    }
-
-    fn entry(&self, seq: u64) -> Option<&Entry> {
-        self.ring
-            .get(usize::try_from(seq.checked_sub(self.first)?).ok()?)
-    }
-
-    fn entry_mut(&mut self, seq: u64) -> Option<&mut Entry> {
-        self.ring
-            .get_mut(usize::try_from(seq.checked_sub(self.first)?).ok()?)
+        self.index.len() - self.stale
     }
 
     fn find(&self, key: Key) -> Option<u64> {
-        let (ring, first) = (&self.ring, self.first);
-        self.index
-            .find(key.hash(), |&seq| {
-                ring.get(seq.wrapping_sub(first) as usize)
-                    .is_some_and(|e| e.key == key)
-            })
-            .copied()
+        let ring = &self.ring;
+        let slot = self.index.find(key.hash(), |&slot| ring.holds(slot, key))?;
+        Some(ring.seq(ring.position(*slot)?))
     }
 
-    /// Appends a live entry for `key` and indexes it; returns its sequence number.
+    /// Appends a live entry for `key`, which is not held, and indexes it; returns its
+    /// sequence number.
     fn push(&mut self, key: Key, at_ms: u64, state: State) -> u64 {
-        let seq = self.first + self.ring.len() as u64;
-        self.ring.push_back(Entry { key, at_ms, state });
-        let (ring, first) = (&self.ring, self.first);
-        self.index.insert_unique(key.hash(), seq, |&seq| {
-            ring.get(seq.wrapping_sub(first) as usize)
-                .map_or(0, |e| e.key.hash())
-        });
+        let seq = self.ring.push(key, at_ms, state);
+        let ring = &self.ring;
+        self.index
+            .insert_unique(key.hash(), seq as u32, |&slot| ring.hash(slot));
         seq
     }
 
     fn unindex(&mut self, key: Key, seq: u64) {
-        if let Ok(slot) = self.index.find_entry(key.hash(), |&s| s == seq) {
+        if let Ok(slot) = self.index.find_entry(key.hash(), |&s| s == seq as u32) {
             slot.remove();
         }
     }
@@ -162,11 +194,31 @@ impl Table {
     /// Looks `id` up; claims it (at `now_ms`) when it is not held.
     pub fn claim(&mut self, id: &str, now_ms: u64) -> Found {
         let key = self.keyer.key(id);
-        let Some(seq) = self.find(key) else {
-            return Found::Claimed(self.push(key, now_ms, State::Pending));
+        let ring = &mut self.ring;
+        let next = ring.seq(ring.entries.len());
+        let found = self.index.entry(
+            key.hash(),
+            |&slot| ring.holds(slot, key),
+            |&slot| ring.hash(slot),
+        );
+        let position = match found {
+            hashbrown::hash_table::Entry::Occupied(slot) => match ring.position(*slot.get()) {
+                Some(position) => position,
+                // `holds` matched only slots inside the ring, but should one not be, the
+                // slot is simply taken over.
+                None => {
+                    *slot.into_mut() = next as u32;
+                    return Found::Claimed(ring.push(key, now_ms, State::Pending));
+                }
+            },
+            hashbrown::hash_table::Entry::Vacant(vacant) => {
+                vacant.insert(next as u32);
+                return Found::Claimed(ring.push(key, now_ms, State::Pending));
+            }
         };
-        match self.entry(seq).map(|e| e.state) {
-            Some(State::Stored(stored)) => Found::Stored(stored),
+        let seq = ring.seq(position);
+        match ring.entries[position].state {
+            State::Stored(stored) => Found::Stored(stored),
             _ => {
                 let (tx, rx) = oneshot::channel();
                 self.waiters.entry(seq).or_default().push(tx);
@@ -177,7 +229,7 @@ impl Table {
 
     /// Records the claim `seq` as stored, and tells its waiting repeats.
     pub fn store(&mut self, seq: u64, stored: Stored) {
-        if let Some(entry) = self.entry_mut(seq) {
+        if let Some(entry) = self.ring.get_mut(seq) {
             entry.state = State::Stored(stored);
             entry.at_ms = stored.at_ms;
         }
@@ -188,10 +240,10 @@ impl Table {
 
     /// Releases the claim `seq` (its produce failed): the next send with the id is stored.
     pub fn fail(&mut self, seq: u64) {
-        if let Some(key) = self.entry(seq).map(|e| e.key) {
+        if let Some(key) = self.ring.get(seq).map(|e| e.key) {
             self.unindex(key, seq);
         }
-        if let Some(entry) = self.entry_mut(seq) {
+        if let Some(entry) = self.ring.get_mut(seq) {
             entry.state = State::Dead;
         }
         for waiter in self.waiters.remove(&seq).unwrap_or_default() {
@@ -203,7 +255,7 @@ impl Table {
     pub fn insert_stored(&mut self, key: Key, stored: Stored) {
         if let Some(seq) = self.find(key) {
             self.unindex(key, seq);
-            if let Some(entry) = self.entry_mut(seq) {
+            if let Some(entry) = self.ring.get_mut(seq) {
                 entry.state = State::Dead;
             }
         }
@@ -213,24 +265,34 @@ impl Table {
     /// Forgets stored ids older than the window, and the oldest ones past [`MAX_IDS`].
     /// Returns how many went early. A pending entry at the front holds the rest back (for
     /// the few milliseconds its append takes).
+    ///
+    /// An expired entry leaves the ring but not the index: finding its slot would be one
+    /// more miss into a table far larger than the caches on every produce, while a slot
+    /// whose sequence number is below the ring's front matches no key anyway. The stale
+    /// slots are swept in one pass over the index once they are as many as half the live
+    /// ones, which costs a few nanoseconds per expired id.
     pub fn expire(&mut self, now_ms: u64, window_ms: u64) -> u64 {
         let mut early = 0;
-        while let Some(front) = self.ring.front() {
-            let full = self.index.len() > MAX_IDS;
+        while let Some(front) = self.ring.entries.front() {
+            let full = self.len() > MAX_IDS;
             match front.state {
                 State::Pending => break,
                 State::Stored(_) if !full && front.at_ms.saturating_add(window_ms) > now_ms => {
                     break
                 }
                 State::Stored(_) => {
-                    let (key, seq) = (front.key, self.first);
-                    self.unindex(key, seq);
+                    self.stale += 1;
                     early += u64::from(full);
                 }
                 State::Dead => {}
             }
-            self.ring.pop_front();
-            self.first += 1;
+            self.ring.entries.pop_front();
+            self.ring.first += 1;
+        }
+        if self.stale > 1024 && self.stale > self.len() / 2 {
+            let ring = &self.ring;
+            self.index.retain(|slot| ring.position(*slot).is_some());
+            self.stale = 0;
         }
         early
     }
@@ -289,7 +351,7 @@ mod tests {
         assert!(matches!(table.claim("a", 2_600), Found::Stored(s) if s.offset == 9));
         table.expire(3_200, 1_000);
         assert_eq!(table.len(), 0);
-        assert!(table.ring.is_empty());
+        assert!(table.ring.entries.is_empty());
     }
 
     #[test]
@@ -323,6 +385,25 @@ mod tests {
         assert_eq!(table.len(), MAX_IDS);
         assert_eq!(table.find(Key(0)), None);
         assert!(table.find(Key(1 << 64 | 1)).is_some());
+    }
+
+    #[test]
+    fn expired_ids_leave_no_slots_behind_for_long() {
+        let mut table = Table::default();
+        for i in 0..100_000u64 {
+            let seq = claimed(table.claim(&format!("id-{i}"), i));
+            table.store(seq, stored(i, i));
+            table.expire(i, 1_000);
+            assert!(table.len() <= 1_001);
+            assert!(
+                table.index.len() <= 3 * 1_024,
+                "stale slots swept: {} slots for {} ids",
+                table.index.len(),
+                table.len()
+            );
+        }
+        assert!(matches!(table.claim("id-99999", 100_000), Found::Stored(s) if s.offset == 99_999));
+        assert!(matches!(table.claim("id-5", 100_000), Found::Claimed(_)));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
 //! - [`timer`]: delayed delivery: the MQ's timer that copies delayed records to the log's
 //!   end when they come due.
+//! - [`key_filter`]: zbus's duplicate filter, an MQ's durable key set behind an async lock.
 //! - [`key_order`]: one record per key out at a time, for MQs ordered by key.
 //! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
 //!   the store after a failed fsync.
@@ -20,6 +21,7 @@ pub mod dedupe_table;
 pub mod group;
 pub mod group_commit;
 pub mod group_ledger;
+pub mod key_filter;
 pub mod key_order;
 pub mod mq;
 pub mod registry;

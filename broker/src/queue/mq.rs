@@ -16,6 +16,7 @@ use super::dedupe::{self, Dedupe, ProduceWait, Receipt, Settled};
 use super::group::{Fetching, Group, Start};
 use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
 use super::group_ledger::Redeliveries;
+use super::key_filter::KeyFilter;
 use super::timer::Timer;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
@@ -92,6 +93,8 @@ pub struct Mq {
     counters: MqCounters,
     /// Dedupe ids stored within the window.
     dedupe: Arc<Dedupe>,
+    /// zbus's duplicate filter: keys present until removed.
+    keys: KeyFilter,
     /// Damaged records already logged and counted (file, byte position): once per MQ, not
     /// once per group that meets them.
     damage_seen: Mutex<HashSet<(PathBuf, u64)>>,
@@ -203,6 +206,7 @@ impl Mq {
             groups: Mutex::new(groups),
             counters: MqCounters::default(),
             dedupe,
+            keys: KeyFilter::new(fs.clone(), dir.to_owned()),
             damage_seen: Mutex::new(HashSet::new()),
             timer,
             copy,
@@ -260,6 +264,11 @@ impl Mq {
     /// Its directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Its key set (zbus's duplicate filter).
+    pub fn keys(&self) -> &KeyFilter {
+        &self.keys
     }
 
     /// The options it was created with (unset fields unset).

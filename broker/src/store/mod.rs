@@ -12,6 +12,7 @@
 //! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
 //! - [`attempts`]: [`AttemptsFile`], a group's delivery counts, kept across restarts.
+//! - [`key_log`]: [`KeyLog`](key_log::KeyLog), an MQ's durable key set (zbus's duplicate filter).
 //! - [`timer_log`]: [`TimerLog`], the on-disk index of an MQ's delayed records by due time.
 //! - `simdisk` (tests only): a simulated disk that keeps only what was synced, for the
 //!   crash tests.
@@ -25,6 +26,7 @@ pub mod cursor;
 mod error;
 pub mod fsio;
 mod index;
+pub mod key_log;
 pub mod lock;
 pub mod log;
 pub mod reader;

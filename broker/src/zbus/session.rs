@@ -52,6 +52,7 @@ use crate::http::io::WriteDeadline;
 use crate::metrics::Protocol;
 use crate::queue::group::Start;
 use crate::queue::group_commit::CommitBatch;
+use crate::queue::key_filter::Removal;
 use crate::rpc::call::{call_timeout, stage_call, StagedCall};
 use crate::rpc::reply_table::ReplyTo;
 
@@ -289,6 +290,7 @@ impl Session {
             "create_mq" | "create" | "query_mq" | "query" | "list" | "remove_mq" | "remove" => {
                 self.admin(cmd, request, who).await
             }
+            "add_key" | "remove_key" => self.key_command(&cmd, request).await,
             "heartbeat" => {}
             _ => {
                 let text = format!("Bad format: command({cmd}) not support");
@@ -325,7 +327,7 @@ impl Session {
         let mq = named("mq").unwrap_or_default();
         let (op, mq) = match cmd {
             "produce" if !is_ack(request.get("ack")) => (Operation::RpcCall, mq),
-            "produce" => (Operation::Produce, mq),
+            "produce" | "add_key" | "remove_key" => (Operation::Produce, mq),
             "consume" => (Operation::Consume, mq),
             "route" => {
                 access.check_some(who.as_ref(), Operation::RpcServe)?;
@@ -398,6 +400,19 @@ impl Session {
         if !is_ack(request.get("ack")) {
             return self.call(request, &mq, batch).await;
         }
+        // zbus's duplicate filter: a message whose `key` is present in its `key_group` is
+        // refused with 406; otherwise the key is added before the message is stored (as
+        // zbus did, a produce that then fails leaves its key present).
+        if let Some(key) = request.get("key").filter(|k| !k.is_empty()) {
+            let group = request.get("key_group").unwrap_or_default().to_owned();
+            match mq.keys().add(group, key.to_owned()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return self.shared.send(reply_to(&request, 406, now_ms())).await;
+                }
+                Err(e) => return self.shared.send(error_reply(&request, &name, &e)).await,
+            }
+        }
         let key = stored_key(&request);
         let topic = request.get("topic").filter(|t| !t.is_empty());
         let limit = body_limit(
@@ -443,6 +458,44 @@ impl Session {
             shared.send(reply).await;
         })
         .await;
+    }
+
+    /// zbus's `add_key` (`key` into `key_group`) and `remove_key` (the `key` of
+    /// `key_group`; without `key`, the group's keys; without either, every key of the MQ).
+    /// With `ack` (the default) the reply's body is how many keys were added or removed.
+    async fn key_command(&mut self, cmd: &str, request: Message) {
+        let name = request.get("mq").unwrap_or_default().to_owned();
+        let mq = match self.shared.core.registry().get(&name) {
+            Ok(mq) => mq,
+            Err(e) => return self.shared.send(error_reply(&request, &name, &e)).await,
+        };
+        let key = request
+            .get("key")
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned);
+        let group = request.get("key_group").map(str::to_owned);
+        let outcome = match (cmd, key, group) {
+            ("add_key", Some(key), group) => mq
+                .keys()
+                .add(group.unwrap_or_default(), key)
+                .await
+                .map(u64::from),
+            ("add_key", None, _) => Err(BrokerError::BadRequest("add_key needs a key".into())),
+            (_, Some(key), group) => {
+                let group = group.unwrap_or_default();
+                mq.keys().remove(Removal::Key { group, key }).await
+            }
+            (_, None, Some(group)) => mq.keys().remove(Removal::Group(group)).await,
+            (_, None, None) => mq.keys().remove(Removal::All).await,
+        };
+        if !is_ack(request.get("ack")) {
+            return;
+        }
+        let reply = match outcome {
+            Ok(count) => reply_to(&request, 200, count.to_string()),
+            Err(e) => error_reply(&request, &name, &e),
+        };
+        self.shared.send(reply).await;
     }
 
     /// A one-way produce: an MQ-RPC call whose reply comes back with the produce's `id`.

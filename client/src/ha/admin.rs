@@ -349,6 +349,8 @@ fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
         total.next_offset += info.next_offset;
         total.size_bytes += info.size_bytes;
         total.segments += info.segments;
+        total.delayed += info.delayed;
+        total.expired += info.expired;
         total.options = info.options;
         total.followers.extend(info.followers);
         for g in info.groups {
@@ -379,6 +381,8 @@ mod tests {
             name: "q".into(),
             first_offset: first,
             next_offset: next,
+            delayed: lag + 1,
+            expired: lag,
             groups: vec![GroupInfo {
                 name: "g".into(),
                 lag,
@@ -390,5 +394,6 @@ mod tests {
         let total = combine("q", vec![copy(0, 10, 3), copy(5, 7, 1)]);
         assert_eq!(total.depth(), 12);
         assert_eq!((total.groups[0].lag, total.groups[0].consumers), (4, 2));
+        assert_eq!((total.delayed, total.expired), (6, 4));
     }
 }
