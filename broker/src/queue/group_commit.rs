@@ -685,4 +685,31 @@ mod tests {
             .await
             .unwrap();
     }
+
+    #[tokio::test]
+    async fn cursor_stores_in_a_row_share_one_write_and_all_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = crate::store::OsFs::shared();
+        let path = dir.path().join("cursor");
+        let cursor: SharedCursor = Arc::new(Mutex::new(CursorFile::open(&fs, &path).unwrap().0));
+        let committed = Arc::new(AtomicU64::new(0));
+        let (committer, thread) = Committer::start(FsyncPolicy::Always).unwrap();
+        let mut batch = CommitBatch::default();
+        let mut waits = Vec::new();
+        for acked in 1..=3 {
+            committed.store(acked, Ordering::Release);
+            waits.push(batch.store_cursor(&cursor, &committed, false));
+        }
+        assert_eq!(batch.work.len(), 1, "three stores in a row are one write");
+        committer.submit(batch).await.unwrap();
+        for wait in waits {
+            assert_eq!(wait.wait().await.unwrap(), Durability::Written);
+        }
+        committer.sync().await.unwrap();
+        assert_eq!(CursorFile::open(&fs, &path).unwrap().1, Some(3));
+        committer.stop().await;
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
 }
