@@ -10,9 +10,9 @@ use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
-    Command, Credentials, Durability, Frame, Header, LostRange, MqOptions, ServerInfo, Status,
-    FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
+    Command, Credentials, DeliveryToken, Durability, Frame, Header, LostRange, MqOptions,
+    ServerInfo, Status, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY,
+    FLAG_ROUTE_ACK, FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
@@ -50,6 +50,10 @@ struct Session {
     produced: mpsc::Sender<Produced>,
     /// Appends and cursor stores of the burst being handled, submitted together at its end.
     batch: CommitBatch,
+    /// One-way acks that came with RPC replies in the burst (`FLAG_ROUTE_ACK`), by MQ and
+    /// group: recorded together at its end, so a burst of replies takes each group's lock
+    /// and wakes its waiting fetches once, as one `Ack` of many tokens would.
+    route_acks: Vec<(String, Option<String>, Vec<DeliveryToken>)>,
     fetches: Arc<Semaphore>,
     /// Long polls: stopped when the session closes (their deliveries are released with it).
     polls: JoinSet<()>,
@@ -104,6 +108,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
         out: out.clone(),
         produced,
         batch: CommitBatch::default(),
+        route_acks: Vec::new(),
         fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
         polls: JoinSet::new(),
         tasks: JoinSet::new(),
@@ -310,6 +315,9 @@ impl Session {
                 self.admin(frame);
                 Ok(())
             }
+            Command::Route if header.has_flag(FLAG_ROUTE_ACK) && self.peer_protocol >= 4 => {
+                self.route_and_ack(frame).await
+            }
             Command::Call | Command::Route | Command::QueryRoutes => {
                 let (core, out) = (&self.core, &self.out);
                 let (registry, replies) = (core.registry(), core.replies());
@@ -453,6 +461,17 @@ impl Session {
     /// Hands the burst's appends and cursor stores to the commit thread. Should it be gone
     /// (shutdown), each wait fails and its produce, call or ack is answered with the error.
     async fn submit_batch(&mut self) {
+        for (mq, group, tokens) in std::mem::take(&mut self.route_acks) {
+            let staged =
+                self.core
+                    .registry()
+                    .stage_ack(&mut self.batch, &mq, group.as_deref(), &tokens);
+            // Nobody awaits a one-way ack; a delivery it missed comes again after its ack
+            // timeout.
+            if let Err(e) = staged {
+                tracing::debug!(%mq, error = %e, "one-way ack of RPC replies refused");
+            }
+        }
         let batch = std::mem::take(&mut self.batch);
         let _ = self.core.committer().submit(batch).await;
     }
@@ -553,6 +572,46 @@ impl Session {
             let _ = out.send(reply).await;
         });
         Ok(())
+    }
+
+    /// A responder's reply that also acknowledges its call (`FLAG_ROUTE_ACK`, protocol 4):
+    /// the reply is routed as a one-way `Route`, and the ack recorded as an `Ack` of the
+    /// frame's mq, group and tokens: a one-way one with the burst's others (no reply), or
+    /// else at once, its reply this frame's.
+    async fn route_and_ack(&mut self, mut frame: Frame) -> Result<(), Failure> {
+        let header = &mut frame.header;
+        let (mq, group, tokens) = (
+            header.mq.take(),
+            header.group.take(),
+            std::mem::take(&mut header.tokens),
+        );
+        let (id, oneway) = (header.id, header.has_flag(FLAG_ONEWAY));
+        header.flags |= FLAG_ONEWAY;
+        let (core, out) = (&self.core, &self.out);
+        let (registry, replies) = (core.registry(), core.replies());
+        // One-way, so it has no reply: an unroutable reply is only counted.
+        rpc::call::handle(registry, replies, self.conn, out, frame, &mut self.batch);
+        match mq {
+            Some(mq) if oneway => {
+                let same = |(m, g, _): &&mut (String, Option<String>, _)| *m == mq && *g == group;
+                match self.route_acks.iter_mut().find(same) {
+                    Some((_, _, staged)) => staged.extend(tokens),
+                    None => self.route_acks.push((mq, group, tokens)),
+                }
+                Ok(())
+            }
+            mq => {
+                let ack = Header {
+                    cmd: Command::Ack,
+                    id,
+                    mq,
+                    group,
+                    tokens,
+                    ..Header::default()
+                };
+                self.settle(ack).await
+            }
+        }
     }
 
     fn admin(&mut self, frame: Frame) {

@@ -228,6 +228,12 @@ pub const FLAG_ACK_LOCAL: u32 = 1 << 17;
 /// `offset`; the follower confirms what it made durable with later reads without it (a
 /// confirmation with `count` 0 asks for no records).
 pub const FLAG_READ_AHEAD: u32 = 1 << 18;
+/// Header flag on a `Route` (protocol 4): the frame also acknowledges the call it answers,
+/// as an `Ack` of `mq`, `group` and `tokens` would, so a responder's reply and its ack
+/// are one frame. A broker honours it only on connections that said protocol 4 in
+/// `Hello` (an older broker would route the reply and ignore the ack), so a responder sets
+/// it only when the broker's `Hello` reply said 4.
+pub const FLAG_ROUTE_ACK: u32 = 1 << 26;
 
 /// The header of every frame. Field order is the wire order; do not reorder.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
