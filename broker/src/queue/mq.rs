@@ -1040,7 +1040,7 @@ impl Mq {
             groups,
             delayed: self.timer.pending(),
             expired: self.counters.read().expired,
-            followers: self.followers.info(end),
+            followers: self.followers.info(end, |from| self.reader.bytes_after(from)),
         }
     }
 
