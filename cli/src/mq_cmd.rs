@@ -317,9 +317,11 @@ fn print_followers(mq: &MqInfo) {
         return;
     }
     println!("followers:");
-    let mut rows = vec![["LEADER", "FOLLOWER", "ACKED", "LAG", "LAG_BYTES", "IN_SYNC"]
-        .map(str::to_owned)
-        .to_vec()];
+    let mut rows = vec![
+        ["LEADER", "FOLLOWER", "ACKED", "LAG", "LAG_BYTES", "IN_SYNC"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
     for f in &mq.followers {
         rows.push(vec![
             if f.leader.is_empty() {

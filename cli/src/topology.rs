@@ -144,14 +144,21 @@ fn render(trackers: &[String], answers: &[Result<TopologyUpdate, CliError>]) -> 
                 format!("follows {} to offset {}", copy.leader, copy.end),
             ]
         }));
-        lines.extend(
-            broker
-                .services
-                .iter()
-                .map(|s| vec![format!("service {s}"), String::new(), String::new(), String::new()]),
-        );
+        lines.extend(broker.services.iter().map(|s| {
+            vec![
+                format!("service {s}"),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]
+        }));
         if lines.is_empty() {
-            lines.push(vec!["-".into(), String::new(), String::new(), String::new()]);
+            lines.push(vec![
+                "-".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
         }
         for (n, line) in lines.into_iter().enumerate() {
             let mut row = if n == 0 { head.clone() } else { blank() };

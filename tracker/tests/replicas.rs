@@ -13,7 +13,8 @@ use hyper::Method;
 use qbus_client::{Ack, Durability, Message, MqInfo, MqOptions, Status};
 use qbus_testkit::chromium;
 use support::{
-    broker, http, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess, TrackerProcess,
+    broker, http, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess,
+    TrackerProcess,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -539,22 +540,24 @@ async fn follower_lag_and_sync_are_shown_in_the_topology_and_both_pages() {
     assert_eq!(reported[0]["lag_bytes"], follower.lag_bytes);
 
     let chip = format!("data-follower=\"{}\"", b.addr());
-    let dom = chromium::run_chromium(
-        &format!("http://{}/", t.addr()),
-        "--dump-dom",
-        (1400, 900),
-    )
-    .await;
-    let row = page_row(&dom, &format!("<section data-node=\"{}\"", a.addr()), "shown");
-    assert!(row.contains(&chip) && row.contains("lag 10 ·"), "tracker page: {row}");
-    let dom = chromium::run_chromium(
-        &format!("http://{}/", a.addr()),
-        "--dump-dom",
-        (1400, 900),
-    )
-    .await;
+    let dom =
+        chromium::run_chromium(&format!("http://{}/", t.addr()), "--dump-dom", (1400, 900)).await;
+    let row = page_row(
+        &dom,
+        &format!("<section data-node=\"{}\"", a.addr()),
+        "shown",
+    );
+    assert!(
+        row.contains(&chip) && row.contains("lag 10 ·"),
+        "tracker page: {row}"
+    );
+    let dom =
+        chromium::run_chromium(&format!("http://{}/", a.addr()), "--dump-dom", (1400, 900)).await;
     let row = page_row(&dom, "<tbody id=\"mqs\"", "shown");
-    assert!(row.contains(&chip) && row.contains("lag 10 ·"), "broker page: {row}");
+    assert!(
+        row.contains(&chip) && row.contains("lag 10 ·"),
+        "broker page: {row}"
+    );
 
     b.thaw();
     let caught_up = wait_in_sync(&to_a, "shown", 1).await;

@@ -1040,7 +1040,9 @@ impl Mq {
             groups,
             delayed: self.timer.pending(),
             expired: self.counters.read().expired,
-            followers: self.followers.info(end, |from| self.reader.bytes_after(from)),
+            followers: self
+                .followers
+                .info(end, |from| self.reader.bytes_after(from)),
         }
     }
 

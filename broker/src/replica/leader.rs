@@ -266,7 +266,12 @@ mod tests {
         waiting.await.unwrap().unwrap();
         let info = followers.info(5, |from| (5 - from) * 10);
         assert_eq!(
-            (info[0].acked, info[0].lag, info[0].lag_bytes, info[0].in_sync),
+            (
+                info[0].acked,
+                info[0].lag,
+                info[0].lag_bytes,
+                info[0].in_sync
+            ),
             (3, 2, 20, true)
         );
     }

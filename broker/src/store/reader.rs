@@ -643,7 +643,10 @@ mod tests {
         assert_eq!(reader.bytes_after(200), 0);
         let one = reader.read(199, None, 1, 1 << 20).unwrap().data.len() as u64;
         let last = reader.bytes_after(199);
-        assert!(last >= one && last < one + INDEX_INTERVAL + one, "{last} {one}");
+        assert!(
+            last >= one && last < one + INDEX_INTERVAL + one,
+            "{last} {one}"
+        );
         // Monotone: fewer bytes behind a later offset.
         let mut before = total;
         for from in (0..=200).step_by(10) {

@@ -34,4 +34,4 @@ pub use status::Status;
 /// `ACK_REPLICATED` and `ACK_LOCAL`; dedupe ids: record flag bit 3, header flag `DUPLICATE`,
 /// field `offsets`). A peer speaks no newer version than the other side said in `Hello` (1
 /// when it said nothing).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
