@@ -572,3 +572,53 @@ async fn follower_lag_and_sync_are_shown_in_the_topology_and_both_pages() {
     })
     .await;
 }
+
+/// An MQ removed on its leader: the follower deletes its copy once it has been stale for
+/// 30 report intervals (6 s here) and the leader has been up as long, while the copy of
+/// an MQ still there stays; the trackers' topology stops listing the removed copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_mq_removed_on_its_leader_is_deleted() {
+    let (t, a, b, _ha) = two_brokers().await;
+    let to_a = a.client().await;
+    for mq in ["gone", "kept"] {
+        to_a.create_mq(mq, two_copies()).await.unwrap();
+        wait_in_sync(&to_a, mq, 1).await;
+        to_a.producer(mq).send(Message::new("x")).await.unwrap();
+    }
+    let (gone, kept) = (copy_dir(&b, &a, "gone"), copy_dir(&b, &a, "kept"));
+    assert!(gone.is_dir() && kept.is_dir());
+
+    to_a.remove_mq("gone").await.unwrap();
+    // Nothing of it is left, not even the renamed directory being deleted.
+    let leader_dir = gone.parent().unwrap().to_owned();
+    wait_for_async(
+        "the removed MQ's copy deleted",
+        Duration::from_secs(20),
+        || async {
+            let left = leader_dir
+                .read_dir()
+                .unwrap()
+                .any(|e| e.unwrap().file_name().to_string_lossy().contains("gone"));
+            (!left).then_some(())
+        },
+    )
+    .await;
+    assert!(kept.is_dir(), "the copy of an MQ still on its leader stays");
+    wait_for_async("the topology lists only the kept copy", LIMIT, || async {
+        let topology = http(t.port(), Method::GET, "/topology").await.json();
+        let node = topology["brokers"]
+            .as_array()?
+            .iter()
+            .find(|node| node["id"] == b.addr().as_str())?
+            .clone();
+        let copies: Vec<String> = node["copies"]
+            .as_array()?
+            .iter()
+            .map(|c| c["mq"].as_str().unwrap_or("").to_owned())
+            .collect();
+        (copies == ["kept"]).then_some(())
+    })
+    .await;
+    // The kept copy is still followed.
+    to_a.producer("kept").send(Message::new("y")).await.unwrap();
+}
