@@ -3,10 +3,13 @@
 //! SPREAD, and consumes them with one group as they come due.
 //!
 //! Reports the produce rate, the broker's resident memory (from `/proc/<pid>/status`)
-//! before and with every message pending, and each delivery's lateness (receipt time minus
-//! the due time the message carries in its body). It prints a summary and one line:
-//! `RESULT system=qbus scenario=delay size=.. count=.. window=.. msgs_per_s=.. rss_idle_kb=..
-//! rss_pending_kb=.. late_p50_ms=.. late_p99_ms=.. late_max_ms=.. early=..`.
+//! before and with every message pending, and each message's lateness (the time of its
+//! first delivery minus the due time it carries in its body). With `--kill-restarts N` the
+//! broker is killed with SIGKILL N times while the messages come due, and restarted at once
+//! on its store: every message must still come, none early (it fails otherwise). It prints
+//! a summary and one line: `RESULT system=qbus scenario=delay size=.. count=.. window=..
+//! msgs_per_s=.. rss_idle_kb=.. rss_pending_kb=.. late_p50_ms=.. late_p99_ms=..
+//! late_max_ms=.. early=.. kills=.. redelivered=..`.
 
 use std::collections::VecDeque;
 use std::future::IntoFuture;
@@ -32,8 +35,8 @@ pub struct DelayBench {
     /// Milliseconds over which the due times are spread evenly
     #[arg(long, default_value_t = 5_000, value_name = "MS")]
     spread_ms: u64,
-    /// Payload bytes per message (at least 8: the due time)
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(8..))]
+    /// Payload bytes per message (at least 16: the due time and the message's number)
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(16..))]
     size: u64,
     /// Sends awaiting confirmation at once
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -42,6 +45,10 @@ pub struct DelayBench {
     /// delays of days)
     #[arg(long)]
     schedule_only: bool,
+    /// Kill the broker (SIGKILL) this many times, evenly over the due times, restarting it
+    /// at once on the same store
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    kill_restarts: u32,
     /// Directory holding qbus-broker [default: the one holding qbus]
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
@@ -60,6 +67,37 @@ struct BrokerChild {
     child: Child,
     dir: PathBuf,
     port: u16,
+    bin_dir: PathBuf,
+}
+
+impl BrokerChild {
+    fn start(bin_dir: &Path, dir: PathBuf, port: u16) -> Result<BrokerChild, CliError> {
+        let child = spawn(broker_command(bin_dir, &dir, port), "qbus-broker", bin_dir)?;
+        Ok(BrokerChild {
+            child,
+            dir,
+            port,
+            bin_dir: bin_dir.to_owned(),
+        })
+    }
+
+    /// SIGKILL, then a new broker on the same port and store, listening.
+    async fn kill_and_restart(&mut self) -> Result<(), CliError> {
+        self.child.kill()?;
+        self.child.wait()?;
+        let command = broker_command(&self.bin_dir, &self.dir, self.port);
+        self.child = spawn(command, "qbus-broker", &self.bin_dir)?;
+        listening(self.port).await
+    }
+}
+
+fn broker_command(bin_dir: &Path, dir: &Path, port: u16) -> Command {
+    let mut command = Command::new(bin_dir.join("qbus-broker"));
+    command
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--store")
+        .arg(dir.join("store"));
+    command
 }
 
 impl Drop for BrokerChild {
@@ -90,17 +128,7 @@ pub async fn run(args: DelayBench) -> Result<(), CliError> {
     };
     let dir = std::env::temp_dir().join(format!("qbus-bench-delay-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let port = free_port()?;
-    let mut command = Command::new(bin_dir.join("qbus-broker"));
-    command
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .arg("--store")
-        .arg(dir.join("store"));
-    let broker = BrokerChild {
-        child: spawn(command, "qbus-broker", &bin_dir)?,
-        dir,
-        port,
-    };
+    let mut broker = BrokerChild::start(&bin_dir, dir, free_port()?)?;
     listening(broker.port).await?;
     let pid = broker.child.id();
     let client = Broker::connect(&format!("127.0.0.1:{}", broker.port)).await?;
@@ -126,6 +154,7 @@ pub async fn run(args: DelayBench) -> Result<(), CliError> {
         let due = first_due + i * args.spread_ms / count.max(1);
         let mut body = BytesMut::with_capacity(args.size as usize);
         body.put_u64(due);
+        body.put_u64(i);
         body.resize(args.size as usize, b'x');
         let message = Message::new(body.freeze()).with_deliver_at(due);
         window.push_back(producer.send_async(message).await?.into_future());
@@ -180,7 +209,23 @@ pub async fn run(args: DelayBench) -> Result<(), CliError> {
         );
         return Ok(());
     };
-    let (late, early) = receiving
+    // Kills evenly over the due times, each once its moment has come.
+    let spread = first_due.max(now_ms())..first_due + args.spread_ms;
+    for k in 1..=u64::from(args.kill_restarts) {
+        let at =
+            spread.start + (spread.end - spread.start) * k / (u64::from(args.kill_restarts) + 1);
+        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await;
+        broker.kill_and_restart().await?;
+        println!(
+            "  killed the broker (SIGKILL) at +{} ms and restarted it",
+            now_ms() - start_ms
+        );
+    }
+    let Received {
+        late,
+        early,
+        redelivered,
+    } = receiving
         .await
         .map_err(|e| CliError::Failed(format!("consumer task failed: {e}")))??;
     let pct = |q: f64| late[((q * late.len() as f64).ceil() as usize).clamp(1, late.len()) - 1];
@@ -199,43 +244,82 @@ pub async fn run(args: DelayBench) -> Result<(), CliError> {
         rss_idle / 1024,
         rss_pending / 1024
     );
-    println!("  lateness, ms: p50 {p50} p99 {p99} max {max}; early: {early}");
+    println!(
+        "  lateness of first deliveries, ms: p50 {p50} p99 {p99} max {max}; early: {early}; \
+         delivered again after a kill: {redelivered}"
+    );
     println!(
         "RESULT system=qbus scenario=delay size={} count={count} window={} msgs_per_s={rate:.0} \
          rss_idle_kb={rss_idle} rss_pending_kb={rss_pending} late_p50_ms={p50} late_p99_ms={p99} \
-         late_max_ms={max} early={early}",
-        args.size, args.in_flight
+         late_max_ms={max} early={early} kills={} redelivered={redelivered}",
+        args.size, args.in_flight, args.kill_restarts
     );
     drop(broker);
+    if early > 0 {
+        return Err(CliError::Failed(format!(
+            "{early} messages came before their time"
+        )));
+    }
     Ok(())
 }
 
-/// Receives `count` deliveries; returns their lateness in ms, sorted, and how many came
-/// before their time.
-async fn receive(
-    mut consumer: qbus_client::Consumer,
-    count: u64,
-) -> Result<(Vec<u64>, u64), CliError> {
-    let mut late = Vec::with_capacity(count as usize);
-    let mut early = 0;
-    while (late.len() as u64) < count {
+/// What the consumer saw.
+struct Received {
+    /// Lateness of each message's first delivery, ms, sorted.
+    late: Vec<u64>,
+    /// Deliveries before their time.
+    early: u64,
+    /// Deliveries of a message already delivered (after a kill, its ack may have been lost).
+    redelivered: u64,
+}
+
+/// Receives until each of the `count` messages came at least once.
+async fn receive(mut consumer: qbus_client::Consumer, count: u64) -> Result<Received, CliError> {
+    let mut seen = vec![false; count as usize];
+    let mut received = Received {
+        late: Vec::with_capacity(count as usize),
+        early: 0,
+        redelivered: 0,
+    };
+    while (received.late.len() as u64) < count {
+        let missing = count - received.late.len() as u64;
         let batch: Vec<Delivery> =
             tokio::time::timeout(Duration::from_secs(60), consumer.recv_batch(1024))
                 .await
-                .map_err(|_| CliError::Failed("no delivery for 60 s".into()))??;
+                .map_err(|_| {
+                    CliError::Failed(format!(
+                        "no delivery for 60 s; {missing} messages never came"
+                    ))
+                })??;
         let now = now_ms();
         for delivery in &batch {
-            let due = delivery
-                .body
-                .get(..8)
-                .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
+            let field = |at: usize| {
+                delivery
+                    .body
+                    .get(at..at + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+            };
+            let (Some(due), Some(number)) = (field(0), field(8)) else {
+                return Err(CliError::Failed(
+                    "a delivery without due time and number".into(),
+                ));
+            };
             if now < due {
-                early += 1;
+                received.early += 1;
             }
-            late.push(now.saturating_sub(due));
+            match seen.get_mut(number as usize) {
+                Some(seen) if !*seen => {
+                    *seen = true;
+                    received.late.push(now.saturating_sub(due));
+                }
+                Some(_) => received.redelivered += 1,
+                None => return Err(CliError::Failed(format!("a delivery numbered {number}"))),
+            }
         }
-        Delivery::ack_all(&batch).await?;
+        // Acks lost to a kill are redelivered, and counted so.
+        let _ = Delivery::ack_all(&batch).await;
     }
-    late.sort_unstable();
-    Ok((late, early))
+    received.late.sort_unstable();
+    Ok(received)
 }
