@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
-use qbus_wire::protocol::{Command, Header};
+use qbus_wire::protocol::{Command, Header, FLAG_ROUTE_ACK};
 
 /// Where a connection comes from, as the door that accepted it saw it.
 #[derive(Debug, Clone)]
@@ -84,6 +84,11 @@ pub fn needs(header: &Header) -> Needs<'_> {
         Command::QueryMq | Command::QueryRoutes => Needs::On(Operation::Read, mq, None),
         Command::ListMq => Needs::Identity,
         Command::Call => Needs::On(Operation::RpcCall, mq, None),
+        // A reply that also acknowledges its call serves that MQ, so it needs `rpc-serve`
+        // on it (which an ack of the MQ accepts too).
+        Command::Route if header.has_flag(FLAG_ROUTE_ACK) => {
+            Needs::On(Operation::RpcServe, mq, None)
+        }
         Command::Route => Needs::Some(Operation::RpcServe),
         // Brokers following this one's copy read its whole log and cursors: a node's
         // permission, as registering with a tracker is.

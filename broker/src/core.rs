@@ -204,7 +204,7 @@ impl Core {
                 }
             }
             // Each round moves the group past a damaged stretch, so this ends too.
-            if fetched.lost.is_some() && !request.report_loss {
+            if (fetched.lost.is_some() || fetched.dropped.is_some()) && !request.report_loss {
                 continue;
             }
             mq.counters()

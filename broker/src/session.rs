@@ -10,9 +10,9 @@ use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
 use qbus_wire::link::Link;
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
-    Command, Credentials, Frame, Header, LostRange, MqOptions, ServerInfo, Status, FLAG_ACK_LOCAL,
-    FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_START_AT_END, FLAG_START_AT_OFFSET,
-    FLAG_UNSEEN, PROTOCOL_VERSION,
+    Command, Credentials, DeliveryToken, Durability, Frame, Header, LostRange, MqOptions,
+    ServerInfo, Status, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_DUPLICATE, FLAG_ONEWAY,
+    FLAG_ROUTE_ACK, FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
 use tokio::sync::{mpsc, Semaphore};
@@ -50,6 +50,10 @@ struct Session {
     produced: mpsc::Sender<Produced>,
     /// Appends and cursor stores of the burst being handled, submitted together at its end.
     batch: CommitBatch,
+    /// One-way acks that came with RPC replies in the burst (`FLAG_ROUTE_ACK`), by MQ and
+    /// group: recorded together at its end, so a burst of replies takes each group's lock
+    /// and wakes its waiting fetches once, as one `Ack` of many tokens would.
+    route_acks: Vec<(String, Option<String>, Vec<DeliveryToken>)>,
     fetches: Arc<Semaphore>,
     /// Long polls: stopped when the session closes (their deliveries are released with it).
     polls: JoinSet<()>,
@@ -104,6 +108,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
         out: out.clone(),
         produced,
         batch: CommitBatch::default(),
+        route_acks: Vec::new(),
         fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
         polls: JoinSet::new(),
         tasks: JoinSet::new(),
@@ -157,7 +162,8 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
 
 /// A produce awaiting its receipt: the request, its append, and the MQ whose followers
 /// must hold it too when it asked for (or its MQ defaults to) `replicated`.
-type Produced = (Header, ProduceWait, Option<Arc<Mq>>);
+/// Last, the protocol the peer said in `Hello`, for the receipt's durability.
+type Produced = (Header, ProduceWait, Option<Arc<Mq>>, u32);
 
 /// Sends produce receipts in the order the produces arrived, as the disk (and, for
 /// `replicated` receipts, the followers) confirm them.
@@ -167,14 +173,14 @@ type Produced = (Header, ProduceWait, Option<Arc<Mq>>);
 /// stored, so that the peer's resend after reconnecting is recognised.
 async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: mpsc::Sender<Frame>) {
     let mut open = true;
-    while let Some((request, wait, replicated)) = pending.recv().await {
+    while let Some((request, wait, replicated, peer_protocol)) = pending.recv().await {
         let receipt = match wait.settle().await {
             Settled::Now(receipt) => confirmed(receipt, replicated.as_deref()).await,
             Settled::Later(later) => {
                 let out = out.clone();
                 tokio::spawn(async move {
                     let receipt = confirmed(later.await, replicated.as_deref()).await;
-                    let header = produce_reply(&request, receipt);
+                    let header = produce_reply(&request, receipt, peer_protocol);
                     if !request.has_flag(FLAG_ONEWAY) {
                         let _ = out.send(Frame::new(header)).await;
                     }
@@ -182,7 +188,7 @@ async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: mpsc::Sender
                 continue;
             }
         };
-        let header = produce_reply(&request, receipt);
+        let header = produce_reply(&request, receipt, peer_protocol);
         if open && !request.has_flag(FLAG_ONEWAY) {
             open = out.send(Frame::new(header)).await.is_ok();
         }
@@ -200,13 +206,17 @@ async fn confirmed(
     }
 }
 
-fn produce_reply(request: &Header, receipt: Result<Receipt, BrokerError>) -> Header {
+fn produce_reply(
+    request: &Header,
+    receipt: Result<Receipt, BrokerError>,
+    peer_protocol: u32,
+) -> Header {
     match receipt {
         Ok(receipt) => {
             let mut header = Header::reply_to(request);
             header.offset = Some(receipt.first_offset);
             header.count = Some(receipt.count as u32);
-            header.durability = Some(receipt.durability);
+            header.durability = Some(durability_for(receipt.durability, peer_protocol));
             if !receipt.offsets.is_empty() {
                 header.flags |= FLAG_DUPLICATE;
                 header.offsets = receipt.offsets;
@@ -217,6 +227,16 @@ fn produce_reply(request: &Header, receipt: Result<Receipt, BrokerError>) -> Hea
             tracing::error!(error = %e, "append failed");
             error_header(request, &e)
         }
+    }
+}
+
+/// `durability` as a peer of `peer_protocol` can read it: before version 4 `memory` (code 4)
+/// would read as `replicated`, so such a peer gets `written`, the weakest it knows.
+fn durability_for(durability: Durability, peer_protocol: u32) -> Durability {
+    if durability == Durability::Memory && peer_protocol < 4 {
+        Durability::Written
+    } else {
+        durability
     }
 }
 
@@ -294,6 +314,9 @@ impl Session {
             | Command::AdoptCopy => {
                 self.admin(frame);
                 Ok(())
+            }
+            Command::Route if header.has_flag(FLAG_ROUTE_ACK) && self.peer_protocol >= 4 => {
+                self.route_and_ack(frame).await
             }
             Command::Call | Command::Route | Command::QueryRoutes => {
                 let (core, out) = (&self.core, &self.out);
@@ -428,13 +451,27 @@ impl Session {
             ProduceWait::Plain(mq.stage(&mut self.batch, BytesMut::from(body), count))
         };
         let replicated = replicated.then_some(mq);
-        let _ = self.produced.send((header, wait, replicated)).await;
+        let _ = self
+            .produced
+            .send((header, wait, replicated, self.peer_protocol))
+            .await;
         Ok(())
     }
 
     /// Hands the burst's appends and cursor stores to the commit thread. Should it be gone
     /// (shutdown), each wait fails and its produce, call or ack is answered with the error.
     async fn submit_batch(&mut self) {
+        for (mq, group, tokens) in std::mem::take(&mut self.route_acks) {
+            let staged =
+                self.core
+                    .registry()
+                    .stage_ack(&mut self.batch, &mq, group.as_deref(), &tokens);
+            // Nobody awaits a one-way ack; a delivery it missed comes again after its ack
+            // timeout.
+            if let Err(e) = staged {
+                tracing::debug!(%mq, error = %e, "one-way ack of RPC replies refused");
+            }
+        }
         let batch = std::mem::take(&mut self.batch);
         let _ = self.core.committer().submit(batch).await;
     }
@@ -521,12 +558,13 @@ impl Session {
             .stage_ack(&mut self.batch, mq, group, &request.tokens)
             .map_err(failed)?;
         let out = self.out.clone();
+        let peer_protocol = self.peer_protocol;
         // The reply waits for the cursor's write, which goes with the burst's batch.
         self.tasks.spawn(async move {
             let reply = match stored.wait().await {
                 Ok(durability) => {
                     header.count = Some(acked as u32);
-                    header.durability = Some(durability);
+                    header.durability = Some(durability_for(durability, peer_protocol));
                     Frame::new(header)
                 }
                 Err(e) => Frame::new(error_header(&request, &BrokerError::Store(e))),
@@ -534,6 +572,46 @@ impl Session {
             let _ = out.send(reply).await;
         });
         Ok(())
+    }
+
+    /// A responder's reply that also acknowledges its call (`FLAG_ROUTE_ACK`, protocol 4):
+    /// the reply is routed as a one-way `Route`, and the ack recorded as an `Ack` of the
+    /// frame's mq, group and tokens: a one-way one with the burst's others (no reply), or
+    /// else at once, its reply this frame's.
+    async fn route_and_ack(&mut self, mut frame: Frame) -> Result<(), Failure> {
+        let header = &mut frame.header;
+        let (mq, group, tokens) = (
+            header.mq.take(),
+            header.group.take(),
+            std::mem::take(&mut header.tokens),
+        );
+        let (id, oneway) = (header.id, header.has_flag(FLAG_ONEWAY));
+        header.flags |= FLAG_ONEWAY;
+        let (core, out) = (&self.core, &self.out);
+        let (registry, replies) = (core.registry(), core.replies());
+        // One-way, so it has no reply: an unroutable reply is only counted.
+        rpc::call::handle(registry, replies, self.conn, out, frame, &mut self.batch);
+        match mq {
+            Some(mq) if oneway => {
+                let same = |(m, g, _): &&mut (String, Option<String>, _)| *m == mq && *g == group;
+                match self.route_acks.iter_mut().find(same) {
+                    Some((_, _, staged)) => staged.extend(tokens),
+                    None => self.route_acks.push((mq, group, tokens)),
+                }
+                Ok(())
+            }
+            mq => {
+                let ack = Header {
+                    cmd: Command::Ack,
+                    id,
+                    mq,
+                    group,
+                    tokens,
+                    ..Header::default()
+                };
+                self.settle(ack).await
+            }
+        }
     }
 
     fn admin(&mut self, frame: Frame) {
@@ -591,6 +669,16 @@ async fn fetch(
             lost.file.display(),
             lost.position,
             lost.reason
+        ));
+    }
+    if let Some(dropped) = fetched.dropped {
+        header.lost = Some(LostRange {
+            first: dropped.start,
+            end: dropped.end,
+        });
+        header.error = Some(format!(
+            "offsets {}..{} of memory MQ {mq_name:?} are lost: its ring dropped them (size or age limit) before group {group_name:?} read them; it goes on from the oldest kept",
+            dropped.start, dropped.end
         ));
     }
     let mut body = fetched.body;
@@ -674,4 +762,22 @@ async fn admin(
 fn encode_body<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Serialising our own plain structs cannot fail.
     rmp_serde::to_vec_named(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_receipts_read_as_written_before_version_4() {
+        for old in 1..4 {
+            assert_eq!(durability_for(Durability::Memory, old), Durability::Written);
+            assert_eq!(durability_for(Durability::Synced, old), Durability::Synced);
+        }
+        assert_eq!(durability_for(Durability::Memory, 4), Durability::Memory);
+        assert_eq!(
+            Durability::from(u8::from(Durability::Memory)),
+            Durability::Memory
+        );
+    }
 }

@@ -89,6 +89,19 @@ pub struct CreateArgs {
     /// Remember dedupe ids this many milliseconds (0: no deduplication) [default: 120000]
     #[arg(long, value_name = "N")]
     dedupe_window_ms: Option<u64>,
+    /// Keep the messages in a bounded ring in memory, never on disk: fast, and lost when
+    /// the broker stops (the MQ itself comes back, empty); receipts say `memory`
+    #[arg(long)]
+    memory: bool,
+    /// With --memory: most messages the ring keeps [default: 1048576]
+    #[arg(long, value_name = "N", requires = "memory", value_parser = clap::value_parser!(u64).range(1..))]
+    max_messages: Option<u64>,
+    /// With --memory: most bytes of messages the ring keeps [default: 67108864]
+    #[arg(long, value_name = "N", requires = "memory", value_parser = clap::value_parser!(u64).range(1..))]
+    max_bytes: Option<u64>,
+    /// With --memory: messages older than this leave the ring: 500ms, 30s, 10m [default: 1m]
+    #[arg(long, value_name = "DURATION", requires = "memory", value_parser = duration_ms)]
+    max_age: Option<u64>,
 }
 
 /// A duration flag in ms.
@@ -142,6 +155,10 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
         replicas: args.replicas,
         min_replicas: args.min_replicas,
         dedupe_window_ms: args.dedupe_window_ms,
+        memory: args.memory.then_some(true),
+        memory_max_messages: args.max_messages,
+        memory_max_bytes: args.max_bytes,
+        memory_max_age_ms: args.max_age,
     };
     let info = broker.create_mq(&args.name, options.clone()).await?;
     let differs = |asked: Option<String>, has: Option<String>| asked.is_some() && asked != has;
@@ -195,6 +212,26 @@ async fn create(broker: &Broker, args: CreateArgs) -> Result<(), CliError> {
             "dedupe-window-ms",
             options.dedupe_window_ms.map(|v| v.to_string()),
             info.options.dedupe_window_ms.map(|v| v.to_string()),
+        ),
+        (
+            "memory",
+            options.memory.map(|v| v.to_string()),
+            info.options.memory.map(|v| v.to_string()),
+        ),
+        (
+            "max-messages",
+            options.memory_max_messages.map(|v| v.to_string()),
+            info.options.memory_max_messages.map(|v| v.to_string()),
+        ),
+        (
+            "max-bytes",
+            options.memory_max_bytes.map(|v| v.to_string()),
+            info.options.memory_max_bytes.map(|v| v.to_string()),
+        ),
+        (
+            "max-age",
+            options.memory_max_age_ms.map(|v| format!("{v}ms")),
+            info.options.memory_max_age_ms.map(|v| format!("{v}ms")),
         ),
     ]
     .into_iter()
@@ -270,6 +307,10 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
         ("options", describe_options(&mq.options)),
         ("delayed", format!("{} pending", mq.delayed)),
         ("expired", mq.expired.to_string()),
+        (
+            "dropped",
+            format!("{} (memory ring limits, summed over groups)", mq.dropped),
+        ),
     ];
     for (key, value) in lines {
         println!("{:<10}{value}", format!("{key}:"));
@@ -289,6 +330,7 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
         "CONSUMERS",
         "DEAD_LETTERED",
         "REDELIVERED",
+        "DROPPED",
     ]
     .map(str::to_owned)
     .to_vec()];
@@ -302,6 +344,7 @@ async fn info(broker: &Broker, name: &str, json: bool) -> Result<(), CliError> {
             g.consumers.to_string(),
             g.dead_lettered.to_string(),
             g.redelivered.to_string(),
+            g.dropped.to_string(),
         ]);
     }
     for line in table(&rows).lines() {
@@ -343,8 +386,18 @@ fn print_followers(mq: &MqInfo) {
 
 fn describe_options(options: &MqOptions) -> String {
     let or_default = |v: Option<String>| v.unwrap_or_else(|| "default".to_owned());
+    let memory = if options.is_memory() {
+        format!(
+            "memory (ring: max_messages={} max_bytes={} max_age_ms={}) ",
+            or_default(options.memory_max_messages.map(|v| v.to_string())),
+            or_default(options.memory_max_bytes.map(|v| v.to_string())),
+            or_default(options.memory_max_age_ms.map(|v| v.to_string())),
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={} replicas={} min_replicas={} dedupe_window_ms={}",
+        "{memory}ack_timeout_ms={} max_deliveries={} dead_letter={} sync={} ttl={} expired={} ordered_by_key={} replicas={} min_replicas={} dedupe_window_ms={}",
         or_default(options.ack_timeout_ms.map(|v| v.to_string())),
         or_default(options.max_deliveries.map(|v| v.to_string())),
         or_default(options.dead_letter_mq.clone()),

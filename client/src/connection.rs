@@ -342,6 +342,25 @@ impl Connection {
         live.queue(frame).await
     }
 
+    /// Sends a frame that gets no reply over link `link` only, as
+    /// [`send_on`](Connection::send_on) sends a request.
+    pub(crate) async fn send_oneway_on(&self, link: LinkId, frame: Frame) -> Result<()> {
+        match self.inner.live.load_full() {
+            Some(live) if live.link == link => live.queue(frame).await,
+            _ => Err(ClientError::Disconnected { addr: self.addr() }),
+        }
+    }
+
+    /// The protocol version the server said in the handshake of link `link`; `None` once
+    /// that link has closed.
+    pub(crate) fn link_protocol(&self, link: LinkId) -> Option<u32> {
+        let live = self.inner.live.load();
+        // The server's `Hello` reply is stored before its link goes live, and replaced only
+        // by the next link's.
+        (live.as_ref()?.link == link)
+            .then(|| self.inner.server.load().as_ref().map_or(1, |s| s.protocol))
+    }
+
     /// Closes the current link, if any: its pending requests fail with
     /// [`ClientError::Disconnected`] (in doubt: they may have taken effect) and the next
     /// request connects again. For a peer known to be gone before the link notices.

@@ -82,7 +82,7 @@ pub fn render(stats: &Stats) -> String {
     }
 
     type PerMq = fn(&super::stats::MqStats) -> u64;
-    let per_mq: [(&str, &str, &str, PerMq); 13] = [
+    let per_mq: [(&str, &str, &str, PerMq); 14] = [
         (
             "qbus_messages_in_total",
             "counter",
@@ -118,6 +118,12 @@ pub fn render(stats: &Stats) -> String {
             "counter",
             "Offsets skipped because their records are damaged on disk.",
             |m| m.traffic.lost,
+        ),
+        (
+            "qbus_messages_dropped_total",
+            "counter",
+            "Memory MQs: messages a group lost because the ring dropped them before it read them, once per group.",
+            |m| m.traffic.dropped,
         ),
         (
             "qbus_messages_expired_total",

@@ -15,6 +15,7 @@ pub struct MqCounters {
     lost: AtomicU64,
     expired: AtomicU64,
     duplicates: AtomicU64,
+    dropped: AtomicU64,
 }
 
 /// A reading of [`MqCounters`].
@@ -36,6 +37,9 @@ pub struct MqTraffic {
     pub expired: u64,
     /// Records not stored because their dedupe id was stored within the MQ's window.
     pub duplicates: u64,
+    /// Memory MQs: messages a group lost because the ring dropped them (its size or age
+    /// limit) before the group read them, once per group.
+    pub dropped: u64,
 }
 
 impl MqCounters {
@@ -71,6 +75,11 @@ impl MqCounters {
         self.duplicates.fetch_add(messages, Ordering::Relaxed);
     }
 
+    /// Counts messages a group lost to a memory MQ's ring limits.
+    pub fn dropped(&self, messages: u64) {
+        self.dropped.fetch_add(messages, Ordering::Relaxed);
+    }
+
     /// The current totals.
     pub fn read(&self) -> MqTraffic {
         MqTraffic {
@@ -82,6 +91,7 @@ impl MqCounters {
             lost: self.lost.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -107,7 +117,8 @@ mod tests {
                 acked: 2,
                 lost: 0,
                 expired: 0,
-                duplicates: 0
+                duplicates: 0,
+                dropped: 0,
             }
         );
     }

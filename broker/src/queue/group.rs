@@ -27,9 +27,10 @@ pub enum Start {
 /// A consumer group with its persistence and wake-ups.
 pub struct Group {
     state: Mutex<GroupLedger>,
-    pub(super) cursor: SharedCursor,
-    /// Delivery counts of redelivered records, kept across restarts.
-    pub(super) attempts: Arc<Mutex<AttemptsFile>>,
+    /// The cursor file; none for a memory MQ's group, which lives only in memory.
+    pub(super) cursor: Option<SharedCursor>,
+    /// Delivery counts of redelivered records, kept across restarts (none in memory).
+    pub(super) attempts: Option<Arc<Mutex<AttemptsFile>>>,
     /// Highest committed offset handed to the commit thread.
     pub(super) persisted: Arc<AtomicU64>,
     /// Serialises reads of new records so two consumers never get the same batch; holds
@@ -50,10 +51,29 @@ impl Group {
     ) -> Arc<Group> {
         let mut ledger = GroupLedger::new(name, committed);
         ledger.restore_counts(counts);
+        Group::with_files(
+            ledger,
+            committed,
+            Some(Arc::new(Mutex::new(cursor))),
+            Some(Arc::new(Mutex::new(attempts))),
+        )
+    }
+
+    /// A memory MQ's group: no files, its cursor and counts die with the process.
+    pub(super) fn in_memory(name: &str, committed: u64) -> Arc<Group> {
+        Group::with_files(GroupLedger::new(name, committed), committed, None, None)
+    }
+
+    fn with_files(
+        ledger: GroupLedger,
+        committed: u64,
+        cursor: Option<SharedCursor>,
+        attempts: Option<Arc<Mutex<AttemptsFile>>>,
+    ) -> Arc<Group> {
         Arc::new(Group {
             state: Mutex::new(ledger),
-            cursor: Arc::new(Mutex::new(cursor)),
-            attempts: Arc::new(Mutex::new(attempts)),
+            cursor,
+            attempts,
             persisted: Arc::new(AtomicU64::new(committed)),
             read_pos: tokio::sync::Mutex::new(None),
             changed: Notify::new(),

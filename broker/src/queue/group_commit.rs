@@ -50,8 +50,12 @@ struct CursorStore {
     /// Read when the job runs, so a newer value queued behind never loses to an older one.
     committed: Arc<AtomicU64>,
     wait_sync: bool,
-    reply: oneshot::Sender<Result<Durability, StoreError>>,
+    /// Every store of this cursor queued in a row shares one write: each acknowledged
+    /// the group past what the one before did, and the write reads the newest value.
+    replies: Vec<CursorReply>,
 }
+
+type CursorReply = oneshot::Sender<Result<Durability, StoreError>>;
 
 /// What a [`CommitBatch`] holds.
 enum Work {
@@ -119,11 +123,18 @@ impl CommitBatch {
         wait_sync: bool,
     ) -> StoreWait<Durability> {
         let (reply, wait) = oneshot::channel();
+        if let Some(Work::Cursor(last)) = self.work.last_mut() {
+            if Arc::ptr_eq(&last.cursor, cursor) && last.wait_sync == wait_sync {
+                // The acks of a burst of RPC replies, one per frame: one write for all.
+                last.replies.push(reply);
+                return StoreWait(wait);
+            }
+        }
         self.work.push(Work::Cursor(CursorStore {
             cursor: cursor.clone(),
             committed: committed.clone(),
             wait_sync,
-            reply,
+            replies: vec![reply],
         }));
         StoreWait(wait)
     }
@@ -349,8 +360,14 @@ impl Outcomes {
                         result.and_then(|appended| synced().map(|_| (appended, durability)));
                     let _ = reply.send(result);
                 }
-                Done::Cursor(reply, result) => {
-                    let _ = reply.send(result.and_then(|_| synced().map(|_| durability)));
+                Done::Cursor(replies, result) => {
+                    for reply in replies {
+                        let result = match &result {
+                            Ok(()) => synced().map(|_| durability),
+                            Err(e) => Err(e.duplicate()),
+                        };
+                        let _ = reply.send(result);
+                    }
                 }
                 Done::Sync(reply) => {
                     let _ = reply.send(synced());
@@ -466,7 +483,7 @@ fn store_cursor(
         cursor,
         committed,
         wait_sync,
-        reply,
+        replies,
     } = store;
     let result = cursor
         .lock()
@@ -476,7 +493,7 @@ fn store_cursor(
         dirty.add_cursor(&cursor);
     }
     let outcomes = if wait_sync { synced } else { unsynced };
-    outcomes.done.push(Done::Cursor(reply, result));
+    outcomes.done.push(Done::Cursor(replies, result));
 }
 
 /// Fail-stop: after a failed fsync the kernel may have dropped the unsynced pages and
@@ -512,7 +529,9 @@ fn refuse(work: Vec<Work>, error: &StoreError) {
                 let _ = append.reply.send(Err(error.duplicate()));
             }
             Work::Cursor(store) => {
-                let _ = store.reply.send(Err(error.duplicate()));
+                for reply in store.replies {
+                    let _ = reply.send(Err(error.duplicate()));
+                }
             }
         }
     }
@@ -520,10 +539,7 @@ fn refuse(work: Vec<Work>, error: &StoreError) {
 
 enum Done {
     Append(AppendReply, Result<Appended, StoreError>),
-    Cursor(
-        oneshot::Sender<Result<Durability, StoreError>>,
-        Result<(), StoreError>,
-    ),
+    Cursor(Vec<CursorReply>, Result<(), StoreError>),
     Sync(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -664,6 +680,33 @@ mod tests {
         drop(dropped);
         assert!(lost.wait().await.is_err());
 
+        committer.stop().await;
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn cursor_stores_in_a_row_share_one_write_and_all_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = crate::store::OsFs::shared();
+        let path = dir.path().join("cursor");
+        let cursor: SharedCursor = Arc::new(Mutex::new(CursorFile::open(&fs, &path).unwrap().0));
+        let committed = Arc::new(AtomicU64::new(0));
+        let (committer, thread) = Committer::start(FsyncPolicy::Always).unwrap();
+        let mut batch = CommitBatch::default();
+        let mut waits = Vec::new();
+        for acked in 1..=3 {
+            committed.store(acked, Ordering::Release);
+            waits.push(batch.store_cursor(&cursor, &committed, false));
+        }
+        assert_eq!(batch.work.len(), 1, "three stores in a row are one write");
+        committer.submit(batch).await.unwrap();
+        for wait in waits {
+            assert_eq!(wait.wait().await.unwrap(), Durability::Written);
+        }
+        committer.sync().await.unwrap();
+        assert_eq!(CursorFile::open(&fs, &path).unwrap().1, Some(3));
         committer.stop().await;
         tokio::task::spawn_blocking(move || thread.join().unwrap())
             .await

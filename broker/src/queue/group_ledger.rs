@@ -53,6 +53,8 @@ pub struct GroupLedger {
     prior: BTreeMap<u64, u32>,
     dead_lettered: u64,
     redelivered: u64,
+    /// Memory MQs: messages the ring dropped before this group read them.
+    dropped: u64,
     /// Removed from its MQ: fetches still holding it return empty.
     retired: bool,
     /// One record per key out at a time (see [`KeyOrder`]), for MQs ordered by key.
@@ -73,6 +75,7 @@ impl GroupLedger {
             prior: BTreeMap::new(),
             dead_lettered: 0,
             redelivered: 0,
+            dropped: 0,
             retired: false,
             key_order: None,
         }
@@ -416,7 +419,13 @@ impl GroupLedger {
                 .count() as u32,
             dead_lettered: self.dead_lettered,
             redelivered: self.redelivered,
+            dropped: self.dropped,
         }
+    }
+
+    /// Counts `count` messages a memory MQ's ring dropped before this group got them.
+    pub fn count_dropped(&mut self, count: u64) {
+        self.dropped += count;
     }
 
     /// Offsets in `[committed, next)` already acknowledged (acked out of order).

@@ -11,6 +11,7 @@
 //!   end when they come due.
 //! - [`key_filter`]: zbus's duplicate filter, an MQ's durable key set behind an async lock.
 //! - [`key_order`]: one record per key out at a time, for MQs ordered by key.
+//! - [`ring`]: a memory MQ's messages, a bounded ring that never touches the disk.
 //! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
 //!   the store after a failed fsync.
 //! - `crash_tests` (tests only): the engine on a simulated disk, cut by power loss at random
@@ -25,6 +26,7 @@ pub mod key_filter;
 pub mod key_order;
 pub mod mq;
 pub mod registry;
+pub mod ring;
 pub mod timer;
 
 use crate::error::BrokerError;

@@ -17,6 +17,7 @@ use super::group::{Fetching, Group, Start};
 use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
 use super::group_ledger::Redeliveries;
 use super::key_filter::KeyFilter;
+use super::ring::{Ring, RingLimits};
 use super::timer::Timer;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
@@ -61,6 +62,10 @@ pub struct Fetched {
     /// themselves (without their expiry) when the MQ moves expired records to its
     /// dead-letter MQ.
     pub expired: DeadLetters,
+    /// Memory MQs: offsets the group just went past because the ring dropped them before
+    /// the group read them; such a fetch carries no records, so the loss reaches the
+    /// consumer in order.
+    pub dropped: Option<std::ops::Range<u64>>,
 }
 
 /// Records a fetch retired after too many deliveries, read whole: the MQ does not reach
@@ -104,6 +109,9 @@ pub struct Mq {
     copy: bool,
     /// Followers of this broker's log, when it is its own.
     followers: Followers,
+    /// A memory MQ's messages: produce and fetch use this instead of the log, which stays
+    /// empty (the MQ's directory holds only its options).
+    ring: Option<Ring>,
 }
 
 impl Mq {
@@ -167,9 +175,17 @@ impl Mq {
         let copy = log_config.copy;
         let (log, reader) = MqLog::open(fs, dir, log_config)?;
         let timer = Timer::new(TimerLog::open(fs, dir)?);
-        let window = options
-            .dedupe_window_ms
-            .map_or(dedupe::DEFAULT_WINDOW, Duration::from_millis);
+        let ring = options
+            .is_memory()
+            .then(|| Ring::new(RingLimits::of(&options)));
+        // A memory MQ checks no dedupe ids: nothing it stores outlives the window anyway.
+        let window = if ring.is_some() {
+            Duration::ZERO
+        } else {
+            options
+                .dedupe_window_ms
+                .map_or(dedupe::DEFAULT_WINDOW, Duration::from_millis)
+        };
         let window_ms = window.as_millis().try_into().unwrap_or(u64::MAX);
         let dedupe = Dedupe::new(
             window,
@@ -180,7 +196,7 @@ impl Mq {
             let Some(group) = entry.name.strip_suffix(CURSOR_SUFFIX) else {
                 continue;
             };
-            if validate_name("group", group).is_err() {
+            if validate_name("group", group).is_err() || ring.is_some() {
                 continue;
             }
             let (cursor, committed) = CursorFile::open(fs, &groups_dir.join(&entry.name))?;
@@ -211,12 +227,39 @@ impl Mq {
             timer,
             copy,
             followers: Followers::default(),
+            ring,
         })
     }
 
     /// Its delayed delivery.
     pub fn timer(&self) -> &Timer {
         &self.timer
+    }
+
+    /// A memory MQ's ring (`None` for an MQ on disk).
+    pub fn ring(&self) -> Option<&Ring> {
+        self.ring.as_ref()
+    }
+
+    /// Oldest offset held: in the ring, or retained in the log.
+    fn first_offset(&self) -> u64 {
+        self.ring
+            .as_ref()
+            .map_or_else(|| self.reader.first_offset(), Ring::first_offset)
+    }
+
+    /// Offset the next record gets (the published end of the log).
+    pub fn end_offset(&self) -> u64 {
+        self.ring
+            .as_ref()
+            .map_or_else(|| self.reader.end_offset(), Ring::end_offset)
+    }
+
+    /// Follows [`end_offset`](Self::end_offset), to wait for new records.
+    fn subscribe_end(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ring
+            .as_ref()
+            .map_or_else(|| self.reader.subscribe_end(), Ring::subscribe_end)
     }
 
     /// When a record stored at `timestamp_ms` that carries `expires_at` expires: that, or
@@ -333,7 +376,7 @@ impl Mq {
         name: &str,
         committed: u64,
     ) -> Result<(), BrokerError> {
-        let committed = committed.clamp(self.reader.first_offset(), self.reader.end_offset());
+        let committed = committed.clamp(self.first_offset(), self.end_offset());
         let group = self
             .group(committer, name, Start::Offset(committed))
             .await?;
@@ -345,9 +388,11 @@ impl Mq {
             state.committed()
         };
         if group.persisted.fetch_max(moved, Ordering::AcqRel) < moved {
-            committer
-                .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
-                .await?;
+            if let Some(cursor) = &group.cursor {
+                committer
+                    .store_cursor(cursor, &group.persisted, self.wait_sync())
+                    .await?;
+            }
             group.changed.notify_waiters();
         }
         Ok(())
@@ -378,6 +423,11 @@ impl Mq {
             });
         }
         self.counters.produced(count.into(), records.len() as u64);
+        if let Some(ring) = &self.ring {
+            // Straight into the ring and out to the waiting fetches: no commit thread.
+            let appended = ring.append(records, now_ms());
+            return AppendWait::ready((appended, Durability::Memory));
+        }
         batch.append(&self.log, records, count, self.wait_sync())
     }
 
@@ -486,12 +536,17 @@ impl Mq {
         }
         validate_name("group", name)?;
         let committed = match start {
-            Start::Earliest => self.reader.first_offset(),
-            Start::Latest => self.reader.end_offset(),
-            Start::Offset(offset) => {
-                offset.clamp(self.reader.first_offset(), self.reader.end_offset())
-            }
+            Start::Earliest => self.first_offset(),
+            Start::Latest => self.end_offset(),
+            Start::Offset(offset) => offset.clamp(self.first_offset(), self.end_offset()),
         };
+        if self.ring.is_some() {
+            let mut groups = self.groups.lock().expect("groups poisoned");
+            let group = groups
+                .entry(name.to_owned())
+                .or_insert_with(|| Group::in_memory(name, committed));
+            return Ok(group.clone());
+        }
         let (path, attempts_path) = (self.cursor_path(name), self.attempts_path(name));
         let fs = self.fs.clone();
         let (cursor, attempts) = blocking("group creation", move || {
@@ -515,9 +570,14 @@ impl Mq {
         group
             .persisted
             .fetch_max(group.state().committed(), Ordering::AcqRel);
-        let stored = committer
-            .store_cursor(&group.cursor, &group.persisted, self.wait_sync())
-            .await;
+        let stored = match &group.cursor {
+            Some(cursor) => {
+                committer
+                    .store_cursor(cursor, &group.persisted, self.wait_sync())
+                    .await
+            }
+            None => Ok(Durability::Memory),
+        };
         if let Err(e) = stored {
             // Not durable, so not created: the next attempt stores the cursor again instead
             // of finding a group a crash could lose.
@@ -541,7 +601,7 @@ impl Mq {
         wait: Duration,
     ) -> Result<Fetched, BrokerError> {
         let give_up = tokio::time::Instant::now() + wait;
-        let mut end = self.reader.subscribe_end();
+        let mut end = self.subscribe_end();
         let _fetching = Fetching::start(group, conn);
         loop {
             let changed = group.changed.notified();
@@ -602,23 +662,45 @@ impl Mq {
                 let full = state.key_order().is_some_and(|order| order.is_full());
                 (state.next(), full)
             };
-            if from >= self.reader.end_offset() || full {
+            if from >= self.end_offset() || full {
                 return Ok(None);
             }
+            let ring_read = self.ring.as_ref().map(|ring| {
+                ring.read(from, room, MAX_FETCH_BYTES)
+                    .ok_or_else(|| ring.first_offset())
+            });
             // Consumers that keep up read what was just written: from memory, no file I/O.
-            let read = match self.reader.read_recent(from, room, MAX_FETCH_BYTES) {
-                Some(batch) => Read::Batch(batch),
-                None => {
-                    let reader = self.reader.clone();
-                    let hint = *read_pos;
-                    blocking("read task", move || {
-                        match reader.read(from, hint, room, MAX_FETCH_BYTES) {
-                            Err(e) if e.is_damage() => reader.skip_damage(from).map(Read::Skip),
-                            other => other.map(Read::Batch),
-                        }
-                    })
-                    .await?
+            let read = match ring_read {
+                Some(Ok(batch)) => Read::Batch(batch),
+                Some(Err(first)) if first > from => {
+                    // The ring dropped what this group had not read: it goes on from the
+                    // oldest kept, and is told what it lost.
+                    *read_pos = None;
+                    let mut state = group.state();
+                    state.deliver_new(first, &[], conn, ack_deadline);
+                    state.count_dropped(first - from);
+                    self.counters.dropped(first - from);
+                    return Ok(Some(Fetched {
+                        dropped: Some(from..first),
+                        ..Fetched::default()
+                    }));
                 }
+                // Not written yet after all (the end moved under us): wait for it.
+                Some(Err(_)) => return Ok(None),
+                None => match self.reader.read_recent(from, room, MAX_FETCH_BYTES) {
+                    Some(batch) => Read::Batch(batch),
+                    None => {
+                        let reader = self.reader.clone();
+                        let hint = *read_pos;
+                        blocking("read task", move || {
+                            match reader.read(from, hint, room, MAX_FETCH_BYTES) {
+                                Err(e) if e.is_damage() => reader.skip_damage(from).map(Read::Skip),
+                                other => other.map(Read::Batch),
+                            }
+                        })
+                        .await?
+                    }
+                },
             };
             let batch = match read {
                 Read::Batch(batch) => batch,
@@ -721,6 +803,7 @@ impl Mq {
                 dead,
                 lost: None,
                 expired,
+                dropped: None,
             }));
         }
     }
@@ -728,10 +811,13 @@ impl Mq {
     /// Stores delivery counts (offset, deliveries) of `group` so they survive a restart.
     /// A failure costs only extra deliveries after a restart, so it is logged, not fatal.
     async fn store_counts(&self, group: &Group, counted: Vec<(u64, u32)>) {
+        let Some(file) = group.attempts.clone() else {
+            return;
+        };
         if counted.is_empty() {
             return;
         }
-        let (file, committed) = (group.attempts.clone(), group.state().committed());
+        let committed = group.state().committed();
         let stored = blocking("delivery counts", move || {
             file.lock()
                 .expect("attempts file poisoned")
@@ -770,40 +856,28 @@ impl Mq {
     async fn read_redeliveries(
         &self,
         group: &Group,
-        redo: Redeliveries,
+        mut redo: Redeliveries,
     ) -> Result<Fetched, BrokerError> {
-        self.store_counts(group, redo.counted).await;
-        let reader = self.reader.clone();
-        let read = blocking("read task", move || {
-            // (what was lost, the delivery now holding it if it was to go out again)
-            let mut damaged: Vec<(Lost, Option<DeliveryToken>)> = Vec::new();
-            let mut read = |offset: u64, attempt: Option<u32>, into: &mut BytesMut| match reader
-                .read(offset, None, 1, 1)
-            {
-                Ok(batch) => {
-                    into.extend_from_slice(&batch.data);
-                    Ok(true)
-                }
-                Err(e) if e.is_damage() => {
-                    let token = attempt.map(|attempt| DeliveryToken { offset, attempt });
-                    damaged.push((lost_record(offset, &e), token));
-                    Ok(false)
-                }
-                Err(e) => Err(e),
-            };
-            let (mut body, mut kept) = (BytesMut::new(), Vec::new());
-            for (offset, attempt) in redo.deliver {
-                if read(offset, Some(attempt), &mut body)? {
-                    kept.push(attempt);
-                }
+        self.store_counts(group, std::mem::take(&mut redo.counted))
+            .await;
+        // (what was lost, the delivery now holding it if it was to go out again)
+        let (body, attempts, dead, dead_count, damaged) = match &self.ring {
+            // Memory: what the ring dropped meanwhile is lost like a damaged record.
+            Some(ring) => gather_redeliveries(redo, |offset| {
+                Ok(ring.read(offset, 1, 1).map(|b| b.data).ok_or(None))
+            })?,
+            None => {
+                let reader = self.reader.clone();
+                blocking("read task", move || {
+                    gather_redeliveries(redo, |offset| match reader.read(offset, None, 1, 1) {
+                        Ok(batch) => Ok(Ok(batch.data)),
+                        Err(e) if e.is_damage() => Ok(Err(Some(lost_record(offset, &e)))),
+                        Err(e) => Err(e),
+                    })
+                })
+                .await?
             }
-            let (mut dead, mut dead_count) = (BytesMut::new(), 0u32);
-            for offset in redo.dead {
-                dead_count += u32::from(read(offset, None, &mut dead)?);
-            }
-            Ok::<_, StoreError>((body, kept, dead, dead_count, damaged))
-        });
-        let (body, attempts, dead, dead_count, damaged) = read.await?;
+        };
         let (body, attempts, expired_tokens, expired) = self.drop_expired(body, attempts);
         let mut settled: Vec<DeliveryToken> =
             damaged.iter().filter_map(|(_, token)| *token).collect();
@@ -812,7 +886,13 @@ impl Mq {
             group.state().ack(&settled);
         }
         for (lost, _) in &damaged {
-            self.report_lost(lost);
+            match lost {
+                Some(lost) => self.report_lost(lost),
+                None => {
+                    group.state().count_dropped(1);
+                    self.counters.dropped(1);
+                }
+            }
         }
         Ok(Fetched {
             body: body.freeze(),
@@ -823,6 +903,7 @@ impl Mq {
             },
             lost: None,
             expired,
+            dropped: None,
         })
     }
 
@@ -880,8 +961,11 @@ impl Mq {
         if acked > 0 {
             group.changed.notify_waiters();
         }
-        let stored = if group.persisted.fetch_max(committed, Ordering::AcqRel) < committed {
-            batch.store_cursor(&group.cursor, &group.persisted, self.wait_sync())
+        let moved = group.persisted.fetch_max(committed, Ordering::AcqRel) < committed;
+        let stored = if let (true, Some(cursor)) = (moved, &group.cursor) {
+            batch.store_cursor(cursor, &group.persisted, self.wait_sync())
+        } else if self.ring.is_some() {
+            StoreWait::ready(Durability::Memory)
         } else if self.wait_sync() {
             StoreWait::ready(committer.durability())
         } else {
@@ -996,10 +1080,17 @@ impl Mq {
     /// Releases deliveries past their ack deadline and drops records lost to retention.
     pub fn sweep(&self, now: Instant) {
         self.dedupe.expire();
-        let first = self.reader.first_offset();
+        if let Some(ring) = &self.ring {
+            ring.expire(now_ms());
+        }
+        let first = self.first_offset();
         for group in self.groups.lock().expect("groups poisoned").values() {
             let mut state = group.state();
-            state.truncate_before(first);
+            // What a memory MQ's ring dropped is settled where a group meets it, so that
+            // the loss is counted and reported (see `fetch_new`, `read_redeliveries`).
+            if self.ring.is_none() {
+                state.truncate_before(first);
+            }
             if state.expire(now) > 0 {
                 drop(state);
                 group.changed.notify_waiters();
@@ -1009,7 +1100,7 @@ impl Mq {
 
     /// A description for `QueryMq`.
     pub fn info(&self) -> MqInfo {
-        let end = self.reader.end_offset();
+        let end = self.end_offset();
         let now = Instant::now();
         let mut groups: Vec<_> = self
             .groups
@@ -1019,12 +1110,20 @@ impl Mq {
             .map(|g| g.state().info(end, now))
             .collect();
         groups.sort_by(|a, b| a.name.cmp(&b.name));
+        let limits = self.ring.as_ref().map(Ring::limits);
         MqInfo {
             name: self.name.clone(),
-            first_offset: self.reader.first_offset(),
+            first_offset: self.first_offset(),
             next_offset: end,
-            size_bytes: self.reader.size_bytes(),
-            segments: self.reader.segment_count(),
+            size_bytes: self
+                .ring
+                .as_ref()
+                .map_or_else(|| self.reader.size_bytes(), Ring::size_bytes),
+            segments: if self.ring.is_some() {
+                0
+            } else {
+                self.reader.segment_count()
+            },
             options: MqOptions {
                 ack_timeout_ms: Some(self.limits.ack_timeout.as_millis() as u64),
                 max_deliveries: Some(self.limits.max_deliveries),
@@ -1036,6 +1135,10 @@ impl Mq {
                 replicas: Some(self.options.replica_count()),
                 min_replicas: self.options.min_replicas,
                 dedupe_window_ms: Some(self.dedupe.window().as_millis() as u64),
+                memory: Some(self.ring.is_some()),
+                memory_max_messages: limits.map(|l| l.max_messages),
+                memory_max_bytes: limits.map(|l| l.max_bytes),
+                memory_max_age_ms: limits.map(|l| l.max_age.as_millis() as u64),
             },
             groups,
             delayed: self.timer.pending(),
@@ -1043,6 +1146,7 @@ impl Mq {
             followers: self
                 .followers
                 .info(end, |from| self.reader.bytes_after(from)),
+            dropped: self.counters.read().dropped,
         }
     }
 
@@ -1089,6 +1193,49 @@ fn park_by_key(
         state.park(&parked);
     }
     parked
+}
+
+/// One record read again: its bytes, or what became of it (`Some`: damaged on disk; `None`:
+/// dropped from a memory MQ's ring).
+type Reread = Result<Bytes, Option<Lost>>;
+
+/// Records found again, each kept delivery's attempt, dead letters read whole with their
+/// count, and the records that could not be read (with the delivery that held them).
+type Gathered = (
+    BytesMut,
+    Vec<u32>,
+    BytesMut,
+    u32,
+    Vec<(Option<Lost>, Option<DeliveryToken>)>,
+);
+
+/// Reads the records of `redo` with `read` (one record by offset), from the log or a ring.
+fn gather_redeliveries(
+    redo: Redeliveries,
+    mut read: impl FnMut(u64) -> Result<Reread, StoreError>,
+) -> Result<Gathered, StoreError> {
+    let mut missing = Vec::new();
+    let (mut body, mut kept) = (BytesMut::new(), Vec::new());
+    for (offset, attempt) in redo.deliver {
+        match read(offset)? {
+            Ok(data) => {
+                body.extend_from_slice(&data);
+                kept.push(attempt);
+            }
+            Err(lost) => missing.push((lost, Some(DeliveryToken { offset, attempt }))),
+        }
+    }
+    let (mut dead, mut dead_count) = (BytesMut::new(), 0u32);
+    for offset in redo.dead {
+        match read(offset)? {
+            Ok(data) => {
+                dead.extend_from_slice(&data);
+                dead_count += 1;
+            }
+            Err(lost) => missing.push((lost, None)),
+        }
+    }
+    Ok((body, kept, dead, dead_count, missing))
 }
 
 /// What one read of new records found.

@@ -298,6 +298,11 @@ impl Registry {
         if let Some(dlq) = &options.dead_letter_mq {
             validate_name("dead-letter MQ", dlq)?;
         }
+        if options.is_memory() && options.replica_count() > 1 {
+            return Err(BrokerError::BadRequest(format!(
+                "MQ {name:?}: a memory MQ keeps its messages in this broker's memory only, so it takes no replicas; drop `memory` or `replicas`"
+            )));
+        }
         let _admin = self.admin.lock().await;
         if let Ok(mq) = self.get(name) {
             return Ok((mq, false));
@@ -471,6 +476,13 @@ impl Registry {
 
     /// Readies `mq` for delayed records (see [`super::timer::enable`]).
     pub async fn enable_delays(&self, mq: &Arc<Mq>) -> Result<(), BrokerError> {
+        if mq.ring().is_some() {
+            // The timer keeps its schedule on disk, which a memory MQ never touches.
+            return Err(BrokerError::BadRequest(format!(
+                "MQ {:?} is a memory MQ: it takes no delayed messages (deliver_at / delay); send them to an MQ on disk",
+                mq.name()
+            )));
+        }
         super::timer::enable(mq, &self.fs, &self.committer, &self.timers).await
     }
 

@@ -35,7 +35,7 @@ mod resync;
 mod segment;
 #[cfg(test)]
 pub(crate) mod simdisk;
-mod tail;
+pub(crate) mod tail;
 #[cfg(test)]
 mod testutil;
 pub mod timer_log;

@@ -59,8 +59,9 @@ pub struct ReadPos {
 }
 
 impl ReadPos {
-    // Matches no segment, so the next read looks the offset up.
-    fn unknown(offset: u64) -> ReadPos {
+    /// Matches no segment, so the next read looks the offset up (also what a read from
+    /// memory returns).
+    pub(crate) fn unknown(offset: u64) -> ReadPos {
         ReadPos {
             base: u64::MAX,
             offset,

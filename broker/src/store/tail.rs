@@ -22,11 +22,33 @@ pub(crate) struct Chunk {
     pub(crate) data: Bytes,
 }
 
-/// Recent chunks, oldest first, with consecutive offsets across chunks.
+/// How much a tail keeps: the oldest chunks go once either bound is passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Budget {
+    /// Most bytes of records.
+    pub(crate) bytes: usize,
+    /// Most records.
+    pub(crate) records: u64,
+}
+
+impl Default for Budget {
+    /// A log's read cache: [`TAIL_BYTES`], any number of records.
+    fn default() -> Budget {
+        Budget {
+            bytes: TAIL_BYTES,
+            records: u64::MAX,
+        }
+    }
+}
+
+/// Recent chunks, oldest first, with consecutive offsets across chunks. A log keeps one as
+/// its read cache; a memory MQ's ring (`queue::ring`) is one with the MQ's own budget.
 #[derive(Debug, Default)]
 pub(crate) struct Tail {
     chunks: VecDeque<Chunk>,
     bytes: usize,
+    records: u64,
+    budget: Budget,
 }
 
 /// Records served from the cache.
@@ -38,6 +60,14 @@ pub(crate) struct Cached {
 }
 
 impl Tail {
+    /// An empty tail that keeps at most `budget`.
+    pub(crate) fn with_budget(budget: Budget) -> Tail {
+        Tail {
+            budget,
+            ..Tail::default()
+        }
+    }
+
     /// Adds a published chunk; drops the oldest ones beyond the budget. A gap (a chunk not
     /// following the last one) starts the cache afresh.
     pub(crate) fn push(&mut self, chunk: Chunk) {
@@ -48,32 +78,51 @@ impl Tail {
         {
             self.clear();
         }
-        if chunk.data.len() > TAIL_BYTES {
+        if chunk.data.len() > self.budget.bytes || chunk.count > self.budget.records {
             self.clear();
             return;
         }
         self.bytes += chunk.data.len();
+        self.records += chunk.count;
         self.chunks.push_back(chunk);
-        while self.bytes > TAIL_BYTES {
-            if let Some(old) = self.chunks.pop_front() {
-                self.bytes -= old.data.len();
-            }
+        while self.bytes > self.budget.bytes || self.records > self.budget.records {
+            self.pop_front();
         }
+    }
+
+    /// Drops the oldest chunk.
+    pub(crate) fn pop_front(&mut self) {
+        if let Some(old) = self.chunks.pop_front() {
+            self.bytes -= old.data.len();
+            self.records -= old.count;
+        }
+    }
+
+    /// The oldest chunk.
+    pub(crate) fn front(&self) -> Option<&Chunk> {
+        self.chunks.front()
+    }
+
+    /// Bytes of records held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Forgets everything (after truncation or retention).
     pub(crate) fn clear(&mut self) {
         self.chunks.clear();
         self.bytes = 0;
+        self.records = 0;
     }
 
     /// Records from `from` on: at most `max_records` and about `max_bytes` (at least one).
     /// `None` when `from` is not cached. Zero-copy when they lie in one chunk.
     pub(crate) fn read(&self, from: u64, max_records: usize, max_bytes: usize) -> Option<Cached> {
-        let at = self
-            .chunks
-            .iter()
-            .position(|c| c.first <= from && from < c.first + c.count)?;
+        // Chunks are in offset order: a ring of many thousands is searched, not walked.
+        let at = self.chunks.partition_point(|c| c.first + c.count <= from);
+        if self.chunks.get(at)?.first > from {
+            return None;
+        }
         let mut parts: Vec<Bytes> = Vec::new();
         let (mut count, mut bytes, mut next) = (0usize, 0usize, from);
         for chunk in self.chunks.iter().skip(at) {

@@ -2,6 +2,7 @@
 //!
 //! - `produce.rs`, `consume.rs`: load against a running broker (`--broker`).
 //! - `delay.rs`: delayed delivery at scale against a broker it starts.
+//! - `fanout.rs`: a memory MQ's fan-out to groups, publish-to-receive latency.
 //! - `failover.rs`: starts a tracker and brokers on loopback and kills one mid-run.
 //! - `rpc.rs`: DirectRPC and MQ-RPC calls against a service it starts.
 //! - `report.rs`: the summary and `RESULT` line they print; `histogram.rs`: latencies;
@@ -16,6 +17,7 @@ mod args;
 mod consume;
 mod delay;
 mod failover;
+mod fanout;
 mod histogram;
 mod produce;
 mod report;
@@ -31,6 +33,9 @@ pub enum BenchScenario {
     Produce(produce::ProduceBench),
     /// Consume COUNT messages with a fresh group (filling the MQ first if needed)
     Consume(consume::ConsumeBench),
+    /// Fan-out of a memory MQ: one unthrottled producer, one subscriber per group (each on
+    /// its own connection); delivery rate and publish-to-receive latency
+    Fanout(fanout::FanoutBench),
     /// Kill a broker while producing through trackers: latency around the kill, longest
     /// gap, lost and duplicated messages (starts its own cluster on loopback)
     Failover(failover::FailoverBench),
@@ -58,6 +63,7 @@ pub async fn run(
         BenchScenario::Consume(args) => {
             consume::run(&crate::connect(broker, connect_timeout).await?, args).await
         }
+        BenchScenario::Fanout(args) => fanout::run(broker, connect_timeout, args).await,
         BenchScenario::Failover(args) => failover::run(args).await,
         BenchScenario::Delay(args) => delay::run(args).await,
         BenchScenario::Rpc(args) => rpc::run(args, broker, connect_timeout, tls).await,

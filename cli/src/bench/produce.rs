@@ -120,7 +120,7 @@ pub(super) async fn produce_run(
         match receipt.durability {
             Durability::Replicated => replicated += u64::from(receipt.count),
             Durability::Synced => synced += u64::from(receipt.count),
-            Durability::Written => written += u64::from(receipt.count),
+            Durability::Written | Durability::Memory => written += u64::from(receipt.count),
         }
     }
     Ok(Produced {

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::call::route_frame;
 use crate::connection::{Connection, LinkId};
 use crate::error::{ClientError, Result};
-use crate::protocol::{Command, DeliveryToken, Frame, Header, FLAG_UNSEEN};
+use crate::protocol::{Command, DeliveryToken, Frame, Header, FLAG_ROUTE_ACK, FLAG_UNSEEN};
 
 /// A received message. Call [`ack`](Delivery::ack) once it is handled, or it is delivered
 /// again after the MQ's ack timeout.
@@ -94,16 +94,49 @@ impl Delivery {
     /// the broker the call came from, which alone can route it to the caller; it is sent
     /// one-way, so `Ok` means it left, not that a caller still waited for it.
     pub async fn reply(&self, body: Bytes, encoding: Option<String>) -> Result<()> {
-        let route = self.key.clone().ok_or_else(|| {
-            ClientError::Protocol(format!(
-                "the record at offset {} is not an MQ-RPC call: it has no reply route as key",
-                self.offset
-            ))
-        })?;
+        let route = self.route()?;
         self.acker
             .connection
             .send_oneway(route_frame(route, body, encoding))
             .await
+    }
+
+    /// Answers the MQ-RPC call this delivery carries, as [`reply`](Delivery::reply) does,
+    /// and acknowledges it. A broker of protocol 4 takes both in one frame (a `Route` with
+    /// `FLAG_ROUTE_ACK`), one-way: `Ok` means the frame left over the link the call came
+    /// over (the broker records the ack with the requests that arrived with it).
+    /// An older broker gets the reply and then an ack, and `Ok` means it recorded the ack.
+    /// Fails like [`ack`](Delivery::ack) when that link is gone: the call comes again.
+    pub async fn reply_and_ack(&self, body: Bytes, encoding: Option<String>) -> Result<()> {
+        let route = self.route()?;
+        let connection = &self.acker.connection;
+        let Some(protocol) = connection.link_protocol(self.link) else {
+            // The broker let go of the call with the link; it comes again.
+            return Err(ClientError::Disconnected {
+                addr: connection.addr(),
+            });
+        };
+        let mut frame = route_frame(route, body, encoding);
+        if protocol < 4 {
+            connection.send_oneway(frame).await?;
+            return self.ack().await;
+        }
+        let header = &mut frame.header;
+        header.flags |= FLAG_ROUTE_ACK;
+        header.mq = Some(self.acker.target.mq.clone());
+        header.group = Some(self.acker.target.group.clone());
+        header.tokens = vec![self.token()];
+        connection.send_oneway_on(self.link, frame).await
+    }
+
+    /// The reply route of the MQ-RPC call this delivery carries (its key).
+    fn route(&self) -> Result<String> {
+        self.key.clone().ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "the record at offset {} is not an MQ-RPC call: it has no reply route as key",
+                self.offset
+            ))
+        })
     }
 }
 

@@ -351,6 +351,7 @@ fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
         total.segments += info.segments;
         total.delayed += info.delayed;
         total.expired += info.expired;
+        total.dropped += info.dropped;
         total.options = info.options;
         total.followers.extend(info.followers);
         for g in info.groups {
@@ -365,6 +366,7 @@ fn combine(name: &str, infos: impl IntoIterator<Item = MqInfo>) -> MqInfo {
             sum.consumers += g.consumers;
             sum.dead_lettered += g.dead_lettered;
             sum.redelivered += g.redelivered;
+            sum.dropped += g.dropped;
         }
     }
     total.groups = groups.into_values().collect();

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use qbus_client::{Broker, ClientError, Consumer, Delivery, StartAt};
@@ -229,21 +230,17 @@ async fn serve(
                 offset = delivery.offset,
                 "not an MQ-RPC call (its record has no reply route as key); skipped"
             );
-            acks.push(ack(delivery));
+            acks.push(Either::Left(ack(delivery)));
             continue;
         }
         let waited = Duration::from_millis(now_ms().saturating_sub(delivery.timestamp_ms));
         match processor.start(delivery.tag.as_deref(), delivery.body.clone(), waited) {
-            Started::Done(reply) => {
-                send_reply(&delivery, reply).await;
-                acks.push(ack(delivery));
-            }
-            Started::Expired => acks.push(ack(delivery)),
+            Started::Done(reply) => acks.push(Either::Right(reply_and_ack(delivery, reply))),
+            Started::Expired => acks.push(Either::Left(ack(delivery))),
             Started::Running(call) => {
                 running.spawn(async move {
                     let reply = call.finish().await;
-                    send_reply(&delivery, reply).await;
-                    ack(delivery).await;
+                    reply_and_ack(delivery, reply).await;
                 });
             }
         }
@@ -260,17 +257,19 @@ async fn serve(
     }
 }
 
-/// Sends a reply back through the broker the call came from, which routes it to the caller.
-async fn send_reply(delivery: &Delivery, reply: Reply) {
+/// Sends a reply back through the broker the call came from, which routes it to the
+/// caller, and acknowledges the call (one frame to a protocol 4 broker): until then a
+/// service that dies leaves it to another.
+async fn reply_and_ack(delivery: Delivery, reply: Reply) {
     let sent = delivery
-        .reply(reply.body, reply.encoding.header_value())
+        .reply_and_ack(reply.body, reply.encoding.header_value())
         .await;
     if let Err(e) = sent {
-        tracing::debug!(offset = delivery.offset, error = %e, "reply lost with its broker connection");
+        tracing::debug!(offset = delivery.offset, error = %e, "reply or ack lost with its broker connection; the broker will redeliver the call");
     }
 }
 
-/// Acknowledges a call once answered: until then a service that dies leaves it to another.
+/// Acknowledges a call skipped without a reply.
 async fn ack(delivery: Delivery) {
     if let Err(e) = delivery.ack().await {
         tracing::debug!(offset = delivery.offset, error = %e, "ack failed; the broker will redeliver the call");

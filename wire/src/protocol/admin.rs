@@ -38,12 +38,29 @@ pub struct MqOptions {
     /// Followers that must hold a record before a `replicated` receipt (default: every
     /// follower in sync, at least one). Fewer reachable followers fail the produce (`503`).
     pub min_replicas: Option<u32>,
+    /// Protocol 4: keep the MQ's messages in a bounded ring in memory, never on disk
+    /// (default false). Produce and consume work as on any MQ (groups, acks, redelivery,
+    /// tag filters, TTL) and every receipt says `memory`; the messages and the groups are
+    /// lost when the broker stops, by design, while the MQ itself comes back, empty. A
+    /// memory MQ takes no delayed messages, no dedupe ids and no replicas.
+    pub memory: Option<bool>,
+    /// Memory MQs: most messages the ring keeps (default 1 048 576); the oldest go first.
+    pub memory_max_messages: Option<u64>,
+    /// Memory MQs: most bytes of records the ring keeps (default 64 MiB).
+    pub memory_max_bytes: Option<u64>,
+    /// Memory MQs: messages older than this leave the ring (default 60 000 = 1 minute).
+    pub memory_max_age_ms: Option<u64>,
 }
 
 impl MqOptions {
     /// Copies of each broker's log, at least 1.
     pub fn replica_count(&self) -> u32 {
         self.replicas.unwrap_or(1).max(1)
+    }
+
+    /// Whether the MQ keeps its messages in memory only (protocol 4).
+    pub fn is_memory(&self) -> bool {
+        self.memory == Some(true)
     }
 }
 
@@ -89,6 +106,9 @@ pub struct GroupInfo {
     pub dead_lettered: u64,
     /// Records delivered more than once.
     pub redelivered: u64,
+    /// Protocol 4, memory MQs: messages the ring dropped (its size or age limit) before
+    /// this group read them.
+    pub dropped: u64,
 }
 
 /// Description of an MQ, the reply body of `QueryMq` and (as a list) `ListMq`.
@@ -115,6 +135,9 @@ pub struct MqInfo {
     pub expired: u64,
     /// Followers of this broker's copy (MQs with `replicas` above 1).
     pub followers: Vec<FollowerInfo>,
+    /// Protocol 4, memory MQs: messages groups lost because the ring dropped them before
+    /// they read them, summed over the groups since the broker started.
+    pub dropped: u64,
 }
 
 impl MqInfo {

@@ -136,6 +136,11 @@ impl From<Command> for u8 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(from = "u8", into = "u8")]
 pub enum Durability {
+    /// Protocol 4: kept in a memory MQ's ring only, never on disk: lost when the broker
+    /// stops. A broker sends it only to version 4 peers; older ones get `Written` (see
+    /// `docs/protocol.md`, version 4).
+    /// The weakest: first in the order.
+    Memory,
     /// Written to the store file: survives a killed broker process, not a power loss.
     Written,
     /// Flushed to disk with fsync: survives a power loss.
@@ -148,12 +153,12 @@ pub enum Durability {
 
 impl From<u8> for Durability {
     fn from(code: u8) -> Self {
-        if code >= 3 {
-            Durability::Replicated
-        } else if code == 2 {
-            Durability::Synced
-        } else {
-            Durability::Written
+        match code {
+            2 => Durability::Synced,
+            3 => Durability::Replicated,
+            4 => Durability::Memory,
+            // Codes above are newer than this version: promise the least.
+            _ => Durability::Written,
         }
     }
 }
@@ -164,6 +169,7 @@ impl From<Durability> for u8 {
             Durability::Written => 1,
             Durability::Synced => 2,
             Durability::Replicated => 3,
+            Durability::Memory => 4,
         }
     }
 }
@@ -174,6 +180,7 @@ impl std::fmt::Display for Durability {
             Durability::Written => "written",
             Durability::Synced => "synced",
             Durability::Replicated => "replicated",
+            Durability::Memory => "memory",
         })
     }
 }
@@ -221,6 +228,12 @@ pub const FLAG_ACK_LOCAL: u32 = 1 << 17;
 /// `offset`; the follower confirms what it made durable with later reads without it (a
 /// confirmation with `count` 0 asks for no records).
 pub const FLAG_READ_AHEAD: u32 = 1 << 18;
+/// Header flag on a `Route` (protocol 4): the frame also acknowledges the call it answers,
+/// as an `Ack` of `mq`, `group` and `tokens` would, so a responder's reply and its ack
+/// are one frame. A broker honours it only on connections that said protocol 4 in
+/// `Hello` (an older broker would route the reply and ignore the ack), so a responder sets
+/// it only when the broker's `Hello` reply said 4.
+pub const FLAG_ROUTE_ACK: u32 = 1 << 26;
 
 /// The header of every frame. Field order is the wire order; do not reorder.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
