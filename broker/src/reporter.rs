@@ -136,6 +136,7 @@ fn mqs(core: &Core) -> Vec<MqState> {
                 name: info.name.clone(),
                 depth: info.depth(),
                 replicas: mq.options().replica_count(),
+                followers: info.followers.clone(),
                 groups: info
                     .groups
                     .iter()

@@ -360,9 +360,11 @@ fn print_followers(mq: &MqInfo) {
         return;
     }
     println!("followers:");
-    let mut rows = vec![["LEADER", "FOLLOWER", "ACKED", "LAG", "IN_SYNC"]
-        .map(str::to_owned)
-        .to_vec()];
+    let mut rows = vec![
+        ["LEADER", "FOLLOWER", "ACKED", "LAG", "LAG_BYTES", "IN_SYNC"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
     for f in &mq.followers {
         rows.push(vec![
             if f.leader.is_empty() {
@@ -373,6 +375,7 @@ fn print_followers(mq: &MqInfo) {
             f.id.clone(),
             f.acked.to_string(),
             f.lag.to_string(),
+            f.lag_bytes.to_string(),
             if f.in_sync { "yes" } else { "no" }.to_owned(),
         ]);
     }

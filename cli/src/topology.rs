@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use futures_util::future::join_all;
 use qbus_client::ha::{parse_trackers, query_tracker_with};
-use qbus_client::topology::{NodeKind, NodeState, TopologyUpdate};
+use qbus_client::topology::{MqState, NodeKind, NodeState, TopologyUpdate};
 use qbus_client::ConnectionOptions;
 
 use crate::error::CliError;
@@ -101,6 +101,7 @@ fn render(trackers: &[String], answers: &[Result<TopologyUpdate, CliError>]) -> 
         "MQ",
         "DEPTH",
         "GROUPS (consumers, lag)",
+        "REPLICAS (follower lag records/bytes)",
     ]
     .map(String::from)
     .to_vec()];
@@ -127,17 +128,37 @@ fn render(trackers: &[String], answers: &[Result<TopologyUpdate, CliError>]) -> 
                     .iter()
                     .map(|g| format!("{} ({}, {})", g.name, g.consumers, g.lag))
                     .collect();
-                vec![mq.name.clone(), mq.depth.to_string(), groups.join(" ")]
+                vec![
+                    mq.name.clone(),
+                    mq.depth.to_string(),
+                    groups.join(" "),
+                    replicas(mq),
+                ]
             })
             .collect();
-        lines.extend(
-            broker
-                .services
-                .iter()
-                .map(|s| vec![format!("service {s}"), String::new(), String::new()]),
-        );
+        lines.extend(broker.copies.iter().map(|copy| {
+            vec![
+                format!("copy {}", copy.name()),
+                String::new(),
+                String::new(),
+                format!("follows {} to offset {}", copy.leader, copy.end),
+            ]
+        }));
+        lines.extend(broker.services.iter().map(|s| {
+            vec![
+                format!("service {s}"),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]
+        }));
         if lines.is_empty() {
-            lines.push(vec!["-".into(), String::new(), String::new()]);
+            lines.push(vec![
+                "-".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
         }
         for (n, line) in lines.into_iter().enumerate() {
             let mut row = if n == 0 { head.clone() } else { blank() };
@@ -149,10 +170,28 @@ fn render(trackers: &[String], answers: &[Result<TopologyUpdate, CliError>]) -> 
     out
 }
 
+/// An MQ's replicas as its leader reports them: `-` without followers configured, else
+/// the count and each follower with its lag (records/bytes) and whether it is in sync.
+fn replicas(mq: &MqState) -> String {
+    if mq.replicas <= 1 {
+        return "-".to_owned();
+    }
+    let mut out = format!("x{}", mq.replicas);
+    if mq.followers.is_empty() {
+        out.push_str(" no follower yet");
+    }
+    for f in &mq.followers {
+        let state = if f.in_sync { "in sync" } else { "behind" };
+        out.push_str(&format!(" {} {}/{}B {state};", f.id, f.lag, f.lag_bytes));
+    }
+    out.trim_end_matches(';').to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qbus_client::topology::{GroupState, MqState};
+    use qbus_client::topology::{CopyState, GroupState};
+    use qbus_wire::protocol::FollowerInfo;
 
     #[test]
     fn newest_report_wins_and_trackers_are_counted() {
@@ -171,6 +210,7 @@ mod tests {
                     in_flight: 0,
                 }],
                 replicas: 1,
+                ..MqState::default()
             }],
             ..NodeState::default()
         };
@@ -196,8 +236,70 @@ mod tests {
             "{text}"
         );
         assert!(
-            lines.contains(&"b:1 broker 7.2 #1,#2 orders 20 billing (2, 5)".to_owned()),
+            lines.contains(&"b:1 broker 7.2 #1,#2 orders 20 billing (2, 5) -".to_owned()),
             "{text}"
         );
+    }
+
+    #[test]
+    fn followers_and_copies_are_shown() {
+        let node = |id: &str, mqs, copies| NodeState {
+            id: id.into(),
+            addr: id.into(),
+            epoch: 1,
+            seq: 1,
+            mqs,
+            copies,
+            ..NodeState::default()
+        };
+        let leader = node(
+            "b:1",
+            vec![MqState {
+                name: "orders".into(),
+                depth: 9,
+                replicas: 3,
+                followers: vec![
+                    FollowerInfo {
+                        id: "b:2".into(),
+                        acked: 9,
+                        in_sync: true,
+                        ..FollowerInfo::default()
+                    },
+                    FollowerInfo {
+                        id: "b:3".into(),
+                        acked: 4,
+                        lag: 5,
+                        lag_bytes: 640,
+                        ..FollowerInfo::default()
+                    },
+                ],
+                ..MqState::default()
+            }],
+            Vec::new(),
+        );
+        let follower = node(
+            "b:2",
+            Vec::new(),
+            vec![CopyState {
+                leader: "b:1".into(),
+                mq: "orders".into(),
+                end: 9,
+            }],
+        );
+        let answers = vec![Ok(TopologyUpdate {
+            ready: true,
+            full: true,
+            brokers: vec![leader, follower],
+            ..TopologyUpdate::default()
+        })];
+        let text = render(&["t:1".to_owned()], &answers);
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        let want = "b:1 broker 1.1 #1 orders 9 x3 b:2 0/0B in sync; b:3 5/640B behind";
+        assert!(lines.contains(&want.to_owned()), "{text}");
+        let want = "b:2 broker 1.1 #1 copy orders@b:1 follows b:1 to offset 9";
+        assert!(lines.contains(&want.to_owned()), "{text}");
     }
 }

@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use hyper::Method;
 use qbus_client::{Ack, Durability, Message, MqInfo, MqOptions, Status};
+use qbus_testkit::chromium;
 use support::{
-    broker, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess, TrackerProcess,
+    broker, http, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess,
+    TrackerProcess,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -463,4 +466,162 @@ async fn a_hung_leaders_backlog_is_read_from_its_follower() {
         delivery.ack().await.unwrap();
     }
     a.thaw();
+}
+
+/// The followers of broker `leader`'s `mq` in the tracker's `/topology` JSON.
+async fn reported_followers(
+    tracker: &TrackerProcess,
+    leader: &BrokerProcess,
+    mq: &str,
+) -> Vec<serde_json::Value> {
+    let topology = http(tracker.port(), Method::GET, "/topology").await.json();
+    let node = topology["brokers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|node| node["id"] == leader.addr().as_str());
+    let mq = node
+        .and_then(|node| node["mqs"].as_array())
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == mq);
+    mq.and_then(|mq| mq["followers"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// The `<tr data-mq="MQ"` row of `mq` in a dumped DOM, from `start` on.
+fn page_row<'a>(dom: &'a str, start: &str, mq: &str) -> &'a str {
+    let from = dom
+        .find(start)
+        .unwrap_or_else(|| panic!("no {start} in the page:\n{dom}"));
+    let dom = &dom[from..];
+    let row = dom
+        .find(&format!("<tr data-mq=\"{mq}\""))
+        .unwrap_or_else(|| panic!("no row of {mq} in the page:\n{dom}"));
+    let end = dom[row..].find("</tr>").map_or(dom.len(), |e| row + e);
+    &dom[row..end]
+}
+
+/// A leader's view of its followers (lag in records and bytes, in sync or not) reaches
+/// `QueryMq`, the trackers' topology and both monitor pages: a stopped follower falls
+/// behind by exactly the records produced meanwhile, and is in sync again with no lag once
+/// it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_lag_and_sync_are_shown_in_the_topology_and_both_pages() {
+    let (t, a, b, _ha) = two_brokers().await;
+    let to_a = a.client().await;
+    to_a.create_mq("shown", two_copies()).await.unwrap();
+    wait_in_sync(&to_a, "shown", 1).await;
+
+    b.freeze();
+    let body = vec![b'x'; 1_000];
+    to_a.producer("shown")
+        .with_ack(Ack::Local)
+        .send_batch((0..10).map(|_| Message::new(body.clone())))
+        .await
+        .unwrap();
+    let info = to_a.query_mq("shown").await.unwrap();
+    let follower = &info.followers[0];
+    assert_eq!(
+        (follower.id.as_str(), follower.lag),
+        (b.addr().as_str(), 10),
+        "{info:?}"
+    );
+    assert!(
+        (10_000..10_000 + 4_096 + 2_000).contains(&follower.lag_bytes),
+        "ten 1000-byte records behind: {follower:?}"
+    );
+    let reported = wait_for_async("the lag reported to the tracker", LIMIT, || async {
+        let followers = reported_followers(&t, &a, "shown").await;
+        (followers.first()?["lag"] == 10).then_some(followers)
+    })
+    .await;
+    assert_eq!(reported[0]["id"], b.addr().as_str());
+    assert_eq!(reported[0]["lag_bytes"], follower.lag_bytes);
+
+    let chip = format!("data-follower=\"{}\"", b.addr());
+    let dom =
+        chromium::run_chromium(&format!("http://{}/", t.addr()), "--dump-dom", (1400, 900)).await;
+    let row = page_row(
+        &dom,
+        &format!("<section data-node=\"{}\"", a.addr()),
+        "shown",
+    );
+    assert!(
+        row.contains(&chip) && row.contains("lag 10 ·"),
+        "tracker page: {row}"
+    );
+    let dom =
+        chromium::run_chromium(&format!("http://{}/", a.addr()), "--dump-dom", (1400, 900)).await;
+    let row = page_row(&dom, "<tbody id=\"mqs\"", "shown");
+    assert!(
+        row.contains(&chip) && row.contains("lag 10 ·"),
+        "broker page: {row}"
+    );
+
+    b.thaw();
+    // (It may still count as in sync for a few seconds from before it stopped: wait for
+    // the lag to go.)
+    wait_for_async("the follower caught up, no lag", LIMIT, || async {
+        let info = to_a.query_mq("shown").await.ok()?;
+        let f = info.followers.first()?;
+        (f.in_sync && f.lag == 0 && f.lag_bytes == 0).then_some(())
+    })
+    .await;
+    wait_for_async("the tracker shows it in sync", LIMIT, || async {
+        let followers = reported_followers(&t, &a, "shown").await;
+        let f = followers.first()?;
+        (f["in_sync"] == true && f["lag"] == 0 && f["lag_bytes"] == 0).then_some(())
+    })
+    .await;
+}
+
+/// An MQ removed on its leader: the follower deletes its copy once it has been stale for
+/// 30 report intervals (6 s here) and the leader has been up as long, while the copy of
+/// an MQ still there stays; the trackers' topology stops listing the removed copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_mq_removed_on_its_leader_is_deleted() {
+    let (t, a, b, _ha) = two_brokers().await;
+    let to_a = a.client().await;
+    for mq in ["gone", "kept"] {
+        to_a.create_mq(mq, two_copies()).await.unwrap();
+        wait_in_sync(&to_a, mq, 1).await;
+        to_a.producer(mq).send(Message::new("x")).await.unwrap();
+    }
+    let (gone, kept) = (copy_dir(&b, &a, "gone"), copy_dir(&b, &a, "kept"));
+    assert!(gone.is_dir() && kept.is_dir());
+
+    to_a.remove_mq("gone").await.unwrap();
+    // Nothing of it is left, not even the renamed directory being deleted.
+    let leader_dir = gone.parent().unwrap().to_owned();
+    wait_for_async(
+        "the removed MQ's copy deleted",
+        Duration::from_secs(20),
+        || async {
+            let left = leader_dir
+                .read_dir()
+                .unwrap()
+                .any(|e| e.unwrap().file_name().to_string_lossy().contains("gone"));
+            (!left).then_some(())
+        },
+    )
+    .await;
+    assert!(kept.is_dir(), "the copy of an MQ still on its leader stays");
+    wait_for_async("the topology lists only the kept copy", LIMIT, || async {
+        let topology = http(t.port(), Method::GET, "/topology").await.json();
+        let node = topology["brokers"]
+            .as_array()?
+            .iter()
+            .find(|node| node["id"] == b.addr().as_str())?
+            .clone();
+        let copies: Vec<String> = node["copies"]
+            .as_array()?
+            .iter()
+            .map(|c| c["mq"].as_str().unwrap_or("").to_owned())
+            .collect();
+        (copies == ["kept"]).then_some(())
+    })
+    .await;
+    // The kept copy is still followed.
+    to_a.producer("kept").send(Message::new("y")).await.unwrap();
 }

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::FollowerInfo;
+
 /// Orders the reports of one broker: a later start (`epoch`) wins, then a later `seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Version {
@@ -77,6 +79,10 @@ pub struct MqState {
     /// The MQ's `replicas` option (0 when unreported, which means 1): brokers other than
     /// this one follow its copy when above 1 (`docs/replication.md`).
     pub replicas: u32,
+    /// The followers of this broker's copy as it sees them (leader side), sorted by id:
+    /// their lag in records and bytes and whether they are in sync. Empty for MQs without
+    /// replicas and from older brokers.
+    pub followers: Vec<FollowerInfo>,
 }
 
 impl MqState {

@@ -1143,7 +1143,9 @@ impl Mq {
             groups,
             delayed: self.timer.pending(),
             expired: self.counters.read().expired,
-            followers: self.followers.info(end),
+            followers: self
+                .followers
+                .info(end, |from| self.reader.bytes_after(from)),
             dropped: self.counters.read().dropped,
         }
     }

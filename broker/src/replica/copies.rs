@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use qbus_wire::protocol::MqOptions;
 use qbus_wire::topology::copy_name;
@@ -25,6 +26,9 @@ pub type AdminGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
 /// Directory of the copies, inside the store directory.
 pub const COPIES_DIR: &str = ".replicas";
 const LEADER_FILE: &str = "leader.id";
+/// A copy being removed is renamed to this prefix first (a name no MQ can have), so a
+/// crash midway leaves nothing that opens as a copy; the next start deletes it.
+const REMOVING: &str = ".removing-";
 
 /// Every follower copy of one broker, by (leader id, MQ).
 pub struct Copies {
@@ -33,6 +37,10 @@ pub struct Copies {
     log_config: LogConfig,
     limits: Limits,
     copies: RwLock<HashMap<(String, String), Arc<Mq>>>,
+    /// When each copy was last read by someone else than its follower (a consumer while its
+    /// leader is down, a leader restoring from it), or opened: a stale copy is removed only
+    /// once nobody has used it for a while.
+    used: Mutex<HashMap<(String, String), Instant>>,
     /// Serialises creating and resetting copies.
     admin: tokio::sync::Mutex<()>,
 }
@@ -58,6 +66,13 @@ impl Copies {
                     continue;
                 };
                 for entry in fs.list(&leader_dir).map_err(StoreError::io(&leader_dir))? {
+                    if entry.is_dir && entry.name.starts_with(REMOVING) {
+                        let doomed = leader_dir.join(&entry.name);
+                        if let Err(e) = fs.remove_dir_all(&doomed) {
+                            tracing::warn!(dir = %doomed.display(), error = %e, "could not delete a removed copy's leftovers");
+                        }
+                        continue;
+                    }
                     if !entry.is_dir || validate_name("MQ", &entry.name).is_err() {
                         continue;
                     }
@@ -71,12 +86,15 @@ impl Copies {
         if !copies.is_empty() {
             tracing::info!(copies = copies.len(), "follower copies opened");
         }
+        let now = Instant::now();
+        let used = copies.keys().map(|key| (key.clone(), now)).collect();
         Ok(Copies {
             fs: fs.clone(),
             dir,
             log_config,
             limits,
             copies: RwLock::new(copies),
+            used: Mutex::new(used),
             admin: tokio::sync::Mutex::new(()),
         })
     }
@@ -91,11 +109,56 @@ impl Copies {
             .cloned()
     }
 
-    /// The copy named `MQ@LEADER`.
+    /// The copy named `MQ@LEADER`, as clients and restoring leaders read it (which counts
+    /// as a use, see [`idle`](Self::idle)).
     pub fn by_name(&self, name: &str) -> Result<Arc<Mq>, BrokerError> {
-        name.split_once('@')
-            .and_then(|(mq, leader)| self.get(leader, mq))
-            .ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))
+        let copy = name
+            .split_once('@')
+            .and_then(|(mq, leader)| Some((self.get(leader, mq)?, mq, leader)));
+        let (copy, mq, leader) = copy.ok_or_else(|| BrokerError::NoSuchMq(name.to_owned()))?;
+        self.touch(leader, mq);
+        Ok(copy)
+    }
+
+    fn touch(&self, leader: &str, mq: &str) {
+        let key = (leader.to_owned(), mq.to_owned());
+        self.used
+            .lock()
+            .expect("copy uses poisoned")
+            .insert(key, Instant::now());
+    }
+
+    /// How long since the copy of `leader`'s `mq` was last read through
+    /// [`by_name`](Self::by_name), created or opened.
+    pub fn idle(&self, leader: &str, mq: &str) -> Duration {
+        let key = (leader.to_owned(), mq.to_owned());
+        self.used
+            .lock()
+            .expect("copy uses poisoned")
+            .get(&key)
+            .map_or(Duration::MAX, Instant::elapsed)
+    }
+
+    /// Deletes the copy of `leader`'s `mq` with its files (a stale copy, see
+    /// `replica::cleanup`): one durable rename takes it out, then the files go.
+    pub async fn remove(&self, leader: &str, mq: &str) -> Result<(), BrokerError> {
+        let _admin = self.admin.lock().await;
+        let key = (leader.to_owned(), mq.to_owned());
+        let Some(copy) = self.copies.write().expect("copies poisoned").remove(&key) else {
+            return Ok(());
+        };
+        self.used.lock().expect("copy uses poisoned").remove(&key);
+        let (fs, dir) = (self.fs.clone(), copy.dir().to_owned());
+        drop(copy);
+        let doomed = dir.with_file_name(format!("{REMOVING}{mq}"));
+        blocking(move || {
+            fs.rename(&dir, &doomed).map_err(StoreError::io(&dir))?;
+            sync_parent(&*fs, &doomed)?;
+            fs.remove_dir_all(&doomed).map_err(StoreError::io(&doomed))
+        })
+        .await?;
+        tracing::info!(leader, mq, "stale follower copy removed");
+        Ok(())
     }
 
     /// Every copy, sorted by name.
@@ -207,6 +270,7 @@ impl Copies {
             .write()
             .expect("copies poisoned")
             .insert(key, copy.clone());
+        self.touch(leader, mq);
         tracing::info!(leader, mq, first, "follower copy created");
         Ok(copy)
     }

@@ -212,8 +212,10 @@ impl Followers {
         }
     }
 
-    /// The followers heard of recently, for `QueryMq`, sorted by id.
-    pub fn info(&self, end: u64) -> Vec<FollowerInfo> {
+    /// The followers heard of recently, for `QueryMq` and the trackers, sorted by id;
+    /// `end` is the leader's log end and `bytes_after(offset)` the bytes of its records from
+    /// `offset` on.
+    pub fn info(&self, end: u64, bytes_after: impl Fn(u64) -> u64) -> Vec<FollowerInfo> {
         let now = Instant::now();
         let mut all: Vec<FollowerInfo> = self
             .progress()
@@ -224,6 +226,7 @@ impl Followers {
                 leader: String::new(),
                 acked: p.acked,
                 lag: end.saturating_sub(p.acked),
+                lag_bytes: bytes_after(p.acked),
                 in_sync: in_sync(p, now),
             })
             .collect();
@@ -251,7 +254,7 @@ mod tests {
         let followers = std::sync::Arc::new(Followers::default());
         followers.heard("b", 0, 0);
         followers.heard("c", 0, 0);
-        assert_eq!(followers.info(0).len(), 2);
+        assert_eq!(followers.info(0, |_| 0).len(), 2);
         let waiting = {
             let followers = followers.clone();
             tokio::spawn(async move { followers.wait_replicated(3, None).await })
@@ -261,8 +264,16 @@ mod tests {
         assert!(!waiting.is_finished(), "c is in sync and has not confirmed");
         followers.heard("c", 3, 3);
         waiting.await.unwrap().unwrap();
-        let info = followers.info(5);
-        assert_eq!((info[0].acked, info[0].lag, info[0].in_sync), (3, 2, true));
+        let info = followers.info(5, |from| (5 - from) * 10);
+        assert_eq!(
+            (
+                info[0].acked,
+                info[0].lag,
+                info[0].lag_bytes,
+                info[0].in_sync
+            ),
+            (3, 2, 20, true)
+        );
     }
 
     #[tokio::test]

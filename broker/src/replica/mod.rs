@@ -10,10 +10,13 @@
 //! - [`serve`]: `ReplicaRead`, the leader answering a follower's pull.
 //! - [`follower`]: one follower pulling one copy.
 //! - [`copies`]: the follower copies in the store directory.
+//! - [`cleanup`]: removing copies nobody needs any more.
 //! - [`restore`]: a broker that starts on an empty store taking its MQs back from the
 //!   copies its followers hold.
-//! - [`run`] (here): follows the topology and starts and stops the followers it calls for.
+//! - [`run`] (here): follows the topology, starts and stops the followers it calls for, and
+//!   sweeps stale copies.
 
+pub mod cleanup;
 pub mod copies;
 pub mod follower;
 pub mod leader;
@@ -34,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Reporting;
 use crate::core::Core;
+use cleanup::Cleanup;
 use follower::Assignment;
 
 /// A connection to the broker at `addr` as this broker's followers and restores speak to
@@ -59,6 +63,10 @@ fn peer_connection(core: &Core, addr: &str) -> Connection {
 /// Follows the trackers of `reporting` as broker `me`, and runs a follower for every copy
 /// placement gives this broker, until `stop` fires.
 pub async fn run(reporting: Reporting, core: Arc<Core>, me: String, stop: CancellationToken) {
+    let mut cleanup = Cleanup::new(reporting.interval * cleanup::AFTER_REPORTS);
+    // Copies turn stale without the topology changing (time passes): look again this often.
+    let mut sweep = tokio::time::interval((cleanup.after() / 10).max(Duration::from_millis(100)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let trackers = format!("{TRACKER_SCHEME}{}", reporting.trackers.join(","));
     let broker = loop {
         let defaults = HaOptions::default();
@@ -122,6 +130,10 @@ pub async fn run(reporting: Reporting, core: Arc<Core>, me: String, stop: Cancel
                 if changed.is_err() {
                     return;
                 }
+            }
+            _ = sweep.tick() => {
+                let now = topology.borrow().clone();
+                cleanup.sweep(&core, &now, &me).await;
             }
             _ = stop.cancelled() => return,
         }

@@ -37,9 +37,12 @@ pub async fn run(
     let mut started = HashSet::new();
     loop {
         let now = topology.borrow_and_update().clone();
+        // An MQ held here since the start (made anew, or restored and then removed) is
+        // never restored: a removed MQ must not come back from its follower's copy.
+        started.extend(core.registry().list().iter().map(|mq| mq.name().to_owned()));
         for broker in now.brokers().filter(|b| b.is_broker() && b.id != me) {
             for copy in broker.copies.iter().filter(|c| c.leader == me) {
-                if core.registry().own(&copy.mq).is_ok() || !started.insert(copy.mq.clone()) {
+                if !started.insert(copy.mq.clone()) {
                     continue;
                 }
                 let (core, me, mq) = (core.clone(), me.clone(), copy.mq.clone());

@@ -3,6 +3,12 @@ const REFRESH_MS = 1000;
 const $ = (id) => document.getElementById(id);
 const intFmt = new Intl.NumberFormat("en-US");
 function fmtInt(n) { return intFmt.format(n); }
+function fmtBytes(b) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (b >= 1024 && i < units.length - 1) { b /= 1024; i++; }
+  return (i === 0 ? b : b.toFixed(b >= 100 ? 0 : 1)) + " " + units[i];
+}
 function fmtDuration(ms) {
   const s = Math.floor(ms / 1000), d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600);
   const m = Math.floor(s % 3600 / 60);
@@ -31,6 +37,25 @@ function renderGroupChips(cell, groups, title, extra) {
     chip.appendChild(el("span", "lag", "lag " + fmtInt(g.lag)));
     chip.title = title(g);
     if (extra) extra(chip, g);
+    chips.appendChild(chip);
+  }
+  cell.appendChild(chips);
+}
+// Fills `cell` with the followers of a broker's copy of an MQ with `replicas` copies:
+// one chip per follower with its lag in records and bytes, marked in sync or behind.
+function renderReplicaChips(cell, replicas, followers) {
+  cell.replaceChildren();
+  if (!replicas || replicas <= 1) { cell.appendChild(el("span", "none", "no replicas")); return; }
+  const chips = el("div", "chips");
+  chips.appendChild(el("span", "chip", "×" + replicas));
+  if (!followers.length) chips.appendChild(el("span", "chip behind", "no follower yet"));
+  for (const f of followers) {
+    const chip = el("span", "chip " + (f.in_sync ? "in-sync" : "behind"));
+    chip.dataset.follower = f.id;
+    chip.appendChild(el("b", "", f.id));
+    chip.appendChild(el("span", "lag", "lag " + fmtInt(f.lag) + " · " + fmtBytes(f.lag_bytes)));
+    chip.appendChild(el("span", "state", f.in_sync ? "in sync" : "behind"));
+    chip.title = "durable on the follower below offset " + fmtInt(f.acked);
     chips.appendChild(chip);
   }
   cell.appendChild(chips);

@@ -77,6 +77,10 @@ pub struct FollowerInfo {
     pub acked: u64,
     /// Records the leader holds that the follower does not yet.
     pub lag: u64,
+    /// Bytes of those records in the leader's log (from its offset index: up to about
+    /// 4 KiB over when the follower stopped inside a segment). Protocol 4; 0 from older
+    /// brokers.
+    pub lag_bytes: u64,
     /// Whether it caught up with the leader's end recently (it then counts for
     /// `replicated` receipts by default).
     pub in_sync: bool,
