@@ -73,9 +73,10 @@ pub fn needs(header: &Header) -> Needs<'_> {
             Command::Route => Needs::Some(Operation::RpcServe),
             // A transaction's messages are checked MQ by MQ as they are sent (TxProduce
             // names its MQ); opening and deciding one needs a producer somewhere.
-            Command::TxBegin | Command::TxCommit | Command::TxRollback => {
-                Needs::Some(Operation::Produce)
-            }
+            Command::TxBegin
+            | Command::TxCommit
+            | Command::TxRollback
+            | Command::TxCheckerReady => Needs::Some(Operation::Produce),
             Command::TxList => Needs::Some(Operation::Read),
             _ => Needs::Nothing,
         };
@@ -83,9 +84,10 @@ pub fn needs(header: &Header) -> Needs<'_> {
     let group = header.group.as_deref();
     match header.cmd {
         Command::Produce | Command::TxProduce => Needs::On(Operation::Produce, mq, None),
-        Command::TxBegin | Command::TxCommit | Command::TxRollback => {
-            Needs::Some(Operation::Produce)
-        }
+        Command::TxBegin
+        | Command::TxCommit
+        | Command::TxRollback
+        | Command::TxCheckerReady => Needs::Some(Operation::Produce),
         Command::TxList => Needs::Some(Operation::Read),
         Command::Fetch | Command::Ack | Command::Nack => Needs::Take(mq, group.unwrap_or(mq)),
         Command::CreateMq | Command::RemoveMq | Command::RemoveGroup => {

@@ -146,6 +146,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
         while session.tasks.try_join_next().is_some() {}
         while session.polls.try_join_next().is_some() {}
     }
+    core.txns().checker_gone(conn);
     session.polls.shutdown().await;
     while session.tasks.join_next().await.is_some() {}
     drop(session.produced);
@@ -343,6 +344,16 @@ impl Session {
                 });
                 Ok(())
             }
+            Command::TxCheckerReady => self.checker_ready(&frame.header).await,
+            Command::TxCheck => {
+                let header = Header::error(
+                    header.cmd,
+                    header.id,
+                    Status::BadRequest,
+                    "TxCheck is sent by the broker; a producer answers it with TxCommit or TxRollback",
+                );
+                self.reply(Frame::new(header)).await
+            }
             Command::Unknown(code) => {
                 let header = Header::error(
                     header.cmd,
@@ -384,6 +395,23 @@ impl Session {
     async fn reply(&self, frame: Frame) -> Result<(), Failure> {
         let _ = self.out.send(frame).await;
         Ok(())
+    }
+
+    /// `TxCheckerReady`: this connection answers the checks of producer group `group`.
+    async fn checker_ready(&self, request: &Header) -> Result<(), Failure> {
+        let failed = |e| Failure::new(request, e);
+        // A check is a protocol 4 push: never sent to a peer that could not read it.
+        if self.peer_protocol < 4 {
+            return Err(failed(BrokerError::BadRequest(
+                "TxCheckerReady needs protocol 4 in Hello".into(),
+            )));
+        }
+        let group = required(&request.group, "group").map_err(failed)?;
+        self.core
+            .txns()
+            .checker_ready(group, self.conn, self.out.clone())
+            .map_err(failed)?;
+        self.reply(Frame::new(Header::reply_to(request))).await
     }
 
     async fn hello(&mut self, request: &Frame) -> Result<(), Failure> {

@@ -15,19 +15,24 @@
 //! outcome and the other decision with `409`. Ids are never reused: each is above every id
 //! the log names, and a compacted log starts with the next id to issue.
 //!
-//! A transaction left undecided for its timeout is counted as checked once per interval;
-//! after its maximum checks the broker applies its policy (roll back unless it said
+//! A transaction left undecided for its timeout is checked once per interval: when it
+//! names a producer group and a connection of that group sent `TxCheckerReady`, one such
+//! connection (in turn) is sent a `TxCheck` and may answer with the decision; after its
+//! maximum checks the broker applies its policy (roll back unless it said
 //! `commit_unresolved`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use qbus_wire::now_ms;
 use qbus_wire::protocol::record::{encode_record_meta, records, RecordMeta};
-use qbus_wire::protocol::txn::{DEFAULT_TX_MAX_CHECKS, DEFAULT_TX_TIMEOUT_MS};
-use qbus_wire::protocol::{TxInfo, TxOptions, TxState};
+use qbus_wire::protocol::txn::{DEFAULT_TX_MAX_CHECKS, DEFAULT_TX_TIMEOUT_MS, MAX_CHECKED_MESSAGES};
+use qbus_wire::protocol::{
+    CheckedMessage, Command, Frame, Header, TxCheck, TxInfo, TxOptions, TxState,
+};
+use tokio::sync::mpsc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::BrokerError;
@@ -41,6 +46,8 @@ use crate::store::{FsRef, StoreError};
 pub const MAX_MESSAGES: usize = 10_000;
 /// Most bytes of half messages all open transactions together may hold in memory.
 pub const MAX_PENDING_BYTES: usize = 256 << 20;
+/// Most producer groups one connection may answer checks for.
+pub const MAX_CHECKER_GROUPS: usize = 64;
 /// Decided transactions remembered for idempotent answers (oldest forgotten first).
 const REMEMBER_DECIDED: usize = 100_000;
 
@@ -108,6 +115,33 @@ impl Txn {
         self.state == TxState::Pending || (self.state == TxState::Committed && !self.applied)
     }
 
+    /// The `TxCheck` push asking about it.
+    fn check_frame(&self, id: u64, now: u64) -> Frame {
+        let mut messages = Vec::new();
+        'halves: for (mq, bytes, _) in &self.halves {
+            // Verified when they were sent: an unreadable one cannot occur, and is skipped.
+            for record in records(bytes).flatten() {
+                if messages.len() == MAX_CHECKED_MESSAGES {
+                    break 'halves;
+                }
+                messages.push(CheckedMessage {
+                    mq: mq.clone(),
+                    key: record.key.map(str::to_owned),
+                    tag: record.tag.map(str::to_owned),
+                });
+            }
+        }
+        let check = TxCheck {
+            txn: self.info(id, now),
+            messages,
+        };
+        let mut header = Header::request(Command::TxCheck, None);
+        header.offset = Some(id);
+        // Serialising our own plain structs cannot fail.
+        let body = rmp_serde::to_vec_named(&check).unwrap_or_default();
+        Frame::with_body(header, body.into())
+    }
+
     fn info(&self, id: u64, now: u64) -> TxInfo {
         let mut mqs: Vec<(String, u32)> = Vec::new();
         for (mq, _, n) in &self.halves {
@@ -134,6 +168,9 @@ struct State {
     pending_bytes: usize,
 }
 
+/// The connections that answer checks, per producer group: (connection id, its frames).
+type Checkers = HashMap<String, Vec<(u64, mpsc::Sender<Frame>)>>;
+
 /// Counters of the broker's transactions (since it started).
 #[derive(Debug, Default)]
 pub struct TxCounters {
@@ -145,6 +182,8 @@ pub struct TxCounters {
     pub rolled_back: AtomicU64,
     /// Checks: times an undecided transaction's timeout or interval passed.
     pub checked: AtomicU64,
+    /// Checks sent to a connection of the transaction's producer group.
+    pub checks_sent: AtomicU64,
     /// Resolved by the broker's policy after the maximum checks.
     pub timed_out: AtomicU64,
 }
@@ -160,6 +199,8 @@ pub struct TxTotals {
     pub rolled_back: u64,
     /// Checks: times an undecided transaction's timeout or interval passed.
     pub checked: u64,
+    /// Checks sent to a connection of the transaction's producer group.
+    pub checks_sent: u64,
     /// Resolved by the broker's policy after the maximum checks.
     pub timed_out: u64,
 }
@@ -177,6 +218,7 @@ pub enum Decided {
 pub struct Transactions {
     log: Arc<Mutex<TxnLog>>,
     state: Mutex<State>,
+    checkers: Mutex<Checkers>,
     counters: TxCounters,
 }
 
@@ -241,6 +283,7 @@ impl Transactions {
         Ok(Transactions {
             log: Arc::new(Mutex::new(log)),
             state: Mutex::new(state),
+            checkers: Mutex::default(),
             counters: TxCounters::default(),
         })
     }
@@ -254,6 +297,7 @@ impl Transactions {
             committed: read(&c.committed),
             rolled_back: read(&c.rolled_back),
             checked: read(&c.checked),
+            checks_sent: read(&c.checks_sent),
             timed_out: read(&c.timed_out),
         }
     }
@@ -529,8 +573,57 @@ impl Transactions {
         }
     }
 
-    /// Counts a check for every open transaction whose timeout or interval passed, and
-    /// resolves by policy those past their maximum checks.
+    /// Connection `conn` (whose frames go to `out`) answers the checks of producer group
+    /// `group` until [`checker_gone`](Self::checker_gone).
+    pub fn checker_ready(
+        &self,
+        group: &str,
+        conn: u64,
+        out: mpsc::Sender<Frame>,
+    ) -> Result<(), BrokerError> {
+        let mut checkers = lock(&self.checkers);
+        let groups = checkers
+            .values()
+            .filter(|conns| conns.iter().any(|(c, _)| *c == conn))
+            .count();
+        let group_conns = checkers.entry(group.to_owned()).or_default();
+        if group_conns.iter().any(|(c, _)| *c == conn) {
+            return Ok(());
+        }
+        if groups >= MAX_CHECKER_GROUPS {
+            return Err(BrokerError::BadRequest(format!(
+                "a connection answers checks for at most {MAX_CHECKER_GROUPS} producer groups"
+            )));
+        }
+        group_conns.push((conn, out));
+        Ok(())
+    }
+
+    /// Connection `conn` closed: it answers no more checks.
+    pub fn checker_gone(&self, conn: u64) {
+        let mut checkers = lock(&self.checkers);
+        checkers.retain(|_, conns| {
+            conns.retain(|(c, _)| *c != conn);
+            !conns.is_empty()
+        });
+    }
+
+    /// Sends the check `frame` to one connection of `group` (the `nth` in turn), if any
+    /// is there with room for it: a check not sent is one the producer did not answer.
+    fn send_check(&self, group: Option<&str>, nth: u32, frame: impl FnOnce() -> Frame) {
+        let checkers = lock(&self.checkers);
+        let Some(conns) = group.and_then(|g| checkers.get(g)) else {
+            return;
+        };
+        let (_, out) = &conns[nth as usize % conns.len()];
+        if out.try_send(frame()).is_ok() {
+            self.counters.checks_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Checks every open transaction whose timeout or interval passed (asking its
+    /// producer group when a connection of it is ready), and resolves by policy those past
+    /// their maximum checks.
     pub async fn sweep(&self, registry: &Registry, committer: &Committer) {
         let now = now_ms();
         let mut resolve = Vec::new();
@@ -550,6 +643,8 @@ impl Transactions {
                 } else {
                     txn.checks += 1;
                     self.counters.checked.fetch_add(1, Ordering::Relaxed);
+                    let group = txn.began.options.group.as_deref();
+                    self.send_check(group, txn.checks, || txn.check_frame(*id, now));
                 }
             }
         }

@@ -83,6 +83,14 @@ pub enum Command {
     /// Protocol 4: the broker's open transactions; the reply body is a list of
     /// [`TxInfo`](super::TxInfo).
     TxList,
+    /// Protocol 4, producer to broker: this connection answers the broker's checks of the
+    /// undecided transactions of producer group `group` (until it closes).
+    TxCheckerReady,
+    /// Protocol 4, broker to a producer connection that sent `TxCheckerReady`, pushed with
+    /// id `0`: transaction `offset` of its group is undecided past its timeout; the body is
+    /// a [`TxCheck`](super::TxCheck). The producer answers with `TxCommit` or `TxRollback`,
+    /// or not at all (unknown: the broker asks again at the next interval).
+    TxCheck,
     /// A command number this version does not know.
     Unknown(u8),
 }
@@ -112,6 +120,8 @@ impl From<u8> for Command {
             51 => Command::TxProduce,
             52 => Command::TxCommit,
             53 => Command::TxRollback,
+            54 => Command::TxCheckerReady,
+            55 => Command::TxCheck,
             56 => Command::TxList,
             80 => Command::ReplicaRead,
             81 => Command::ReplicaCursor,
@@ -146,6 +156,8 @@ impl From<Command> for u8 {
             Command::TxProduce => 51,
             Command::TxCommit => 52,
             Command::TxRollback => 53,
+            Command::TxCheckerReady => 54,
+            Command::TxCheck => 55,
             Command::TxList => 56,
             Command::ReplicaRead => 80,
             Command::ReplicaCursor => 81,

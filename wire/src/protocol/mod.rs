@@ -28,7 +28,7 @@ pub use header::{
 };
 pub use route::RouteStats;
 pub use status::Status;
-pub use txn::{TxInfo, TxOptions, TxState};
+pub use txn::{CheckedMessage, TxCheck, TxInfo, TxOptions, TxState};
 
 /// Version of the protocol this crate speaks. Version 2 added the `lost` header field;
 /// version 3 the additions of `docs/protocol.md`'s "Version 3" (delayed delivery and TTL:

@@ -14,7 +14,8 @@ pub const DEFAULT_TX_MAX_CHECKS: u32 = 15;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TxOptions {
-    /// The producer group the transaction belongs to (for the operator's listing).
+    /// The producer group the transaction belongs to: the broker asks a connection of this
+    /// group that sent `TxCheckerReady` when the transaction stays undecided.
     pub group: Option<String>,
     /// How long the transaction may stay undecided before its first check, ms (default
     /// [`DEFAULT_TX_TIMEOUT_MS`]).
@@ -66,4 +67,29 @@ pub struct TxInfo {
     pub age_ms: u64,
     /// How many times its timeout passed undecided.
     pub checks: u32,
+}
+
+/// `TxCheck` body: the transaction the broker asks about and what its messages say, so a
+/// producer (perhaps a restarted one, without memory of it) can look it up locally.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxCheck {
+    /// The transaction, as `TxList` describes it (`checks` counts this check).
+    pub txn: TxInfo,
+    /// Its messages in the order sent (at most [`MAX_CHECKED_MESSAGES`]).
+    pub messages: Vec<CheckedMessage>,
+}
+
+/// Most messages a `TxCheck` describes (a transaction may hold more).
+pub const MAX_CHECKED_MESSAGES: usize = 1_000;
+
+/// One message of a checked transaction: where it goes and the fields that name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheckedMessage {
+    /// Its MQ.
+    pub mq: String,
+    /// Its key, if it has one.
+    pub key: Option<String>,
+    /// Its tag, if it has one.
+    pub tag: Option<String>,
 }
