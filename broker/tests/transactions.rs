@@ -1,17 +1,22 @@
 //! Transactions (protocol 4) against the real `qbus-broker` binary: a commit makes every
 //! message visible at once, a rollback leaves nothing, decisions are idempotent and never
-//! touch another transaction, pending ones survive `kill -9` with their deadlines, and one
-//! left undecided is rolled back after its checks.
+//! touch another transaction, pending ones survive `kill -9` with their deadlines, one
+//! left undecided is rolled back after its checks, and a producer of its group that
+//! registered a checker (a restarted one, also across a broker restart) decides it when
+//! the broker asks.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qbus_client::{Broker, ClientError, Decision, Message, Status, TxOptions, TxState};
+use qbus_client::{
+    Broker, CheckAnswer, ClientError, Decision, Message, Status, TransactionChecker, TxCheck,
+    TxInfo, TxOptions, TxState,
+};
 use support::BrokerProcess;
 
 async fn depth(client: &Broker, mq: &str) -> u64 {
@@ -218,4 +223,160 @@ async fn an_undecided_transaction_is_rolled_back_after_its_checks() {
     assert_eq!(depth(&client, "orders").await, 0);
     assert_eq!(status(tx.commit().await.unwrap_err()), Status::Conflict);
     assert_eq!(forever.info().await.unwrap().state, TxState::Pending);
+}
+
+/// Answers `Unknown` to the first `unknown` checks, then `answer`; counts the checks and
+/// keeps the last one.
+struct Checker {
+    unknown: u32,
+    answer: CheckAnswer,
+    asked: Arc<AtomicU32>,
+    last: Arc<std::sync::Mutex<Option<TxCheck>>>,
+}
+
+impl Checker {
+    fn new(unknown: u32, answer: CheckAnswer) -> Checker {
+        Checker {
+            unknown,
+            answer,
+            asked: Arc::default(),
+            last: Arc::default(),
+        }
+    }
+}
+
+impl TransactionChecker for Checker {
+    async fn check(&self, check: &TxCheck) -> CheckAnswer {
+        *self.last.lock().unwrap() = Some(check.clone());
+        if self.asked.fetch_add(1, Ordering::SeqCst) < self.unknown {
+            CheckAnswer::Unknown
+        } else {
+            self.answer
+        }
+    }
+}
+
+/// A transaction of group `billing` with two keyed messages, begun by a producer that then
+/// went away without deciding it; its id.
+async fn abandoned(broker: &BrokerProcess, timeout_ms: u64, max_checks: u32) -> u64 {
+    let producer = broker.client().await;
+    let options = TxOptions {
+        group: Some("billing".into()),
+        timeout_ms: Some(timeout_ms),
+        check_interval_ms: Some(200),
+        max_checks: Some(max_checks),
+        ..TxOptions::default()
+    };
+    let tx = producer.begin(options).await.unwrap();
+    tx.send("orders", Message::new("debit").with_key("order-7"))
+        .await
+        .unwrap();
+    tx.send("audit", Message::new("order 7 paid").with_key("order-7"))
+        .await
+        .unwrap();
+    tx.id()
+}
+
+/// Transaction `id` once it is decided (within 10 s).
+async fn decided(client: &Broker, id: u64) -> TxInfo {
+    let tx = client.transaction(id).unwrap();
+    for _ in 0..200 {
+        let info = tx.info().await.unwrap();
+        if info.state != TxState::Pending {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("transaction {id} still undecided after 10 s");
+}
+
+async fn with_orders_and_audit() -> (BrokerProcess, Broker) {
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    for mq in ["orders", "audit"] {
+        client.create_mq(mq, Default::default()).await.unwrap();
+    }
+    (broker, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_producer_commits_its_predecessors_transaction_when_checked() {
+    let (broker, client) = with_orders_and_audit().await;
+    let id = abandoned(&broker, 300, 10).await;
+
+    // The restarted producer: its checker does not know at first, then commits.
+    let successor = broker.client().await;
+    let checker = Checker::new(1, CheckAnswer::Commit);
+    let (asked, last) = (checker.asked.clone(), checker.last.clone());
+    successor.register_checker("billing", checker).await.unwrap();
+    // A checker of another group is never asked about it.
+    let other = Checker::new(0, CheckAnswer::Rollback);
+    let other_asked = other.asked.clone();
+    successor.register_checker("shipping", other).await.unwrap();
+
+    let info = decided(&client, id).await;
+    assert_eq!(info.state, TxState::Committed);
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "asked again after `unknown`");
+    assert_eq!(info.checks, 2);
+    assert_eq!(other_asked.load(Ordering::SeqCst), 0);
+    let check = last.lock().unwrap().clone().unwrap();
+    assert_eq!(check.txn.id, id);
+    assert_eq!(check.txn.group.as_deref(), Some("billing"));
+    assert_eq!(check.txn.mqs, [("orders".into(), 1), ("audit".into(), 1)]);
+    let keys: Vec<_> = check
+        .messages
+        .iter()
+        .map(|m| (m.mq.as_str(), m.key.as_deref()))
+        .collect();
+    assert_eq!(keys, [("orders", Some("order-7")), ("audit", Some("order-7"))]);
+    assert_eq!(depth(&client, "orders").await, 1);
+    assert_eq!(depth(&client, "audit").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checker_answering_rollback_leaves_nothing() {
+    let (broker, client) = with_orders_and_audit().await;
+    let successor = broker.client().await;
+    let checker = Checker::new(0, CheckAnswer::Rollback);
+    let asked = checker.asked.clone();
+    successor.register_checker("billing", checker).await.unwrap();
+    let id = abandoned(&broker, 300, 10).await;
+    let info = decided(&client, id).await;
+    assert_eq!((info.state, info.checks), (TxState::RolledBack, 1));
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(depth(&client, "orders").await, 0);
+    assert_eq!(depth(&client, "audit").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checker_registers_again_after_the_broker_restarts() {
+    let (mut broker, _) = with_orders_and_audit().await;
+    let id = abandoned(&broker, 2_000, 10).await;
+    let successor = broker.client().await;
+    let checker = Checker::new(0, CheckAnswer::Commit);
+    let asked = checker.asked.clone();
+    // Registered before the restart: the broker that checks is the restarted one.
+    successor.register_checker("billing", checker).await.unwrap();
+    broker.restart();
+    let client = broker.client().await;
+    let before = client.transaction(id).unwrap().info().await.unwrap();
+    assert_eq!(before.state, TxState::Pending, "decided after the restart");
+    let info = decided(&client, id).await;
+    assert_eq!(info.state, TxState::Committed);
+    assert!(asked.load(Ordering::SeqCst) >= 1);
+    assert_eq!(depth(&client, "orders").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checker_that_goes_away_is_asked_no_more_and_the_policy_applies() {
+    let (broker, client) = with_orders_and_audit().await;
+    let id = abandoned(&broker, 300, 3).await;
+    let gone = broker.client().await;
+    gone.register_checker("billing", Checker::new(u32::MAX, CheckAnswer::Commit))
+        .await
+        .unwrap();
+    drop(gone);
+    let info = decided(&client, id).await;
+    assert_eq!((info.state, info.checks), (TxState::RolledBack, 3));
+    assert_eq!(depth(&client, "orders").await, 0);
 }

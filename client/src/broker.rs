@@ -331,6 +331,21 @@ impl Broker {
         Ok(Transaction::attach(connection, id))
     }
 
+    /// Answers the broker's checks of producer group `group`'s undecided transactions with
+    /// `checker` (see [`TransactionChecker`](crate::TransactionChecker) for an example),
+    /// also after reconnects, as long as this handle lives. A transaction belongs to the
+    /// group named in its [`TxOptions::group`]; a producer restarted after a crash
+    /// registers the same group to decide its predecessor's transactions. Fails with
+    /// status `501` on a broker older than protocol 4.
+    pub async fn register_checker(
+        &self,
+        group: &str,
+        checker: impl crate::TransactionChecker,
+    ) -> Result<()> {
+        let connection = self.transport.single_connection("a transaction checker")?;
+        crate::check_back::register(&connection, group, checker).await
+    }
+
     /// The broker's open transactions (and commits not yet applied), oldest first.
     pub async fn transactions(&self) -> Result<Vec<TxInfo>> {
         let connection = self.transport.single_connection("a transaction")?;

@@ -172,6 +172,22 @@ struct Inner {
     connecting: tokio::sync::Mutex<()>,
     server: ArcSwapOption<ServerInfo>,
     shutdown: CancellationToken,
+    /// Receivers of the frames the peer sends unasked (id `0`, not a reply): each gets every
+    /// one; a full or closed receiver misses it (the broker asks again).
+    pushes: Mutex<Vec<mpsc::Sender<Frame>>>,
+    /// Requests sent again on every new link, so what they told the peer about this
+    /// connection (say, "I answer checks for group G") outlives a reconnect.
+    on_connect: Mutex<Vec<Header>>,
+}
+
+impl Inner {
+    fn push(&self, frame: Frame) {
+        let mut pushes = self.pushes.lock().expect("push list poisoned");
+        pushes.retain(|to| !to.is_closed());
+        for to in pushes.iter() {
+            let _ = to.try_send(frame.clone());
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -207,6 +223,8 @@ impl Connection {
                 connecting: tokio::sync::Mutex::new(()),
                 server: ArcSwapOption::empty(),
                 shutdown: CancellationToken::new(),
+                pushes: Mutex::default(),
+                on_connect: Mutex::default(),
             }),
         }
     }
@@ -229,6 +247,34 @@ impl Connection {
     /// What the server said in the handshake, once connected.
     pub fn server_info(&self) -> Option<Arc<ServerInfo>> {
         self.inner.server.load_full()
+    }
+
+    /// Sends `to` every frame the peer sends unasked from now on (until `to` is dropped).
+    pub(crate) fn subscribe_pushes(&self, to: mpsc::Sender<Frame>) {
+        self.inner
+            .pushes
+            .lock()
+            .expect("push list poisoned")
+            .push(to);
+    }
+
+    /// Sends `request` again (its reply unread) on every link opened from now on.
+    pub(crate) fn repeat_on_connect(&self, request: Header) {
+        let mut repeated = self.inner.on_connect.lock().expect("repeat list poisoned");
+        if !repeated.contains(&request) {
+            repeated.push(request);
+        }
+    }
+
+    /// Stops repeating `request` (see [`repeat_on_connect`](Self::repeat_on_connect)).
+    pub(crate) fn stop_repeating(&self, request: &Header) {
+        let mut repeated = self.inner.on_connect.lock().expect("repeat list poisoned");
+        repeated.retain(|r| r != request);
+    }
+
+    /// A handle that does not keep the connection open.
+    pub(crate) fn downgrade(&self) -> WeakConnection {
+        WeakConnection(Arc::downgrade(&self.inner))
     }
 
     /// Connects now if not connected (within the connect deadline).
@@ -455,6 +501,19 @@ impl Connection {
         let info: ServerInfo = rmp_serde::from_slice(&reply.body)
             .map_err(|e| retry(format!("handshake reply is not from a qbus server: {e}")))?;
         self.inner.server.store(Some(Arc::new(info)));
+        let repeated = self
+            .inner
+            .on_connect
+            .lock()
+            .expect("repeat list poisoned")
+            .clone();
+        for mut request in repeated {
+            request.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            live.tx
+                .send(Frame::new(request))
+                .await
+                .map_err(|_| retry("closed during handshake".to_owned()))?;
+        }
         self.inner.live.store(Some(live.clone()));
         Ok(live)
     }
@@ -514,6 +573,10 @@ async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inn
                     heard = true;
                     if frame.header.id != 0 {
                         live.complete(frame);
+                    } else if !frame.header.is_reply() {
+                        if let Some(inner) = inner.upgrade() {
+                            inner.push(frame);
+                        }
                     }
                 }
                 Some(Err(e)) => {
@@ -549,6 +612,17 @@ async fn dispatch(live: Arc<Live>, mut rx: FrameStream, heartbeat: Duration, inn
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &live)) {
             inner.live.store(None);
         }
+    }
+}
+
+/// A [`Connection`] that does not keep it open (see [`Connection::downgrade`]).
+#[derive(Clone)]
+pub(crate) struct WeakConnection(Weak<Inner>);
+
+impl WeakConnection {
+    /// The connection, while some [`Connection`] still holds it.
+    pub(crate) fn upgrade(&self) -> Option<Connection> {
+        self.0.upgrade().map(|inner| Connection { inner })
     }
 }
 

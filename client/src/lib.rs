@@ -40,6 +40,7 @@
 
 mod broker;
 mod call;
+mod check_back;
 pub mod connection;
 mod consumer;
 mod error;
@@ -55,10 +56,13 @@ pub use qbus_wire::{link, protocol, tls};
 
 pub use broker::Broker;
 pub use call::{CallReply, PendingCall};
+pub use check_back::{CheckAnswer, TransactionChecker};
 pub use connection::{Connection, ConnectionOptions};
 pub use consumer::{Consumer, ConsumerBuilder, Delivery, StartAt};
 pub use error::{ClientError, Result};
 pub use message::Message;
 pub use producer::{Ack, PendingReceipt, Producer, Receipt};
-pub use protocol::{Durability, MqInfo, MqOptions, Status, TxInfo, TxOptions, TxState};
+pub use protocol::{
+    CheckedMessage, Durability, MqInfo, MqOptions, Status, TxCheck, TxInfo, TxOptions, TxState,
+};
 pub use transaction::{Decision, Transaction};
