@@ -84,10 +84,9 @@ pub fn needs(header: &Header) -> Needs<'_> {
     let group = header.group.as_deref();
     match header.cmd {
         Command::Produce | Command::TxProduce => Needs::On(Operation::Produce, mq, None),
-        Command::TxBegin
-        | Command::TxCommit
-        | Command::TxRollback
-        | Command::TxCheckerReady => Needs::Some(Operation::Produce),
+        Command::TxBegin | Command::TxCommit | Command::TxRollback | Command::TxCheckerReady => {
+            Needs::Some(Operation::Produce)
+        }
         Command::TxList => Needs::Some(Operation::Read),
         Command::Fetch | Command::Ack | Command::Nack => Needs::Take(mq, group.unwrap_or(mq)),
         Command::CreateMq | Command::RemoveMq | Command::RemoveGroup => {

@@ -28,12 +28,14 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use qbus_wire::now_ms;
 use qbus_wire::protocol::record::{encode_record_meta, records, RecordMeta};
-use qbus_wire::protocol::txn::{DEFAULT_TX_MAX_CHECKS, DEFAULT_TX_TIMEOUT_MS, MAX_CHECKED_MESSAGES};
+use qbus_wire::protocol::txn::{
+    DEFAULT_TX_MAX_CHECKS, DEFAULT_TX_TIMEOUT_MS, MAX_CHECKED_MESSAGES,
+};
 use qbus_wire::protocol::{
     CheckedMessage, Command, Frame, Header, TxCheck, TxInfo, TxOptions, TxState,
 };
-use tokio::sync::mpsc;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use crate::error::BrokerError;
 use crate::queue::dedupe::{ProduceWait, Settled};

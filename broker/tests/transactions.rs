@@ -308,7 +308,10 @@ async fn a_restarted_producer_commits_its_predecessors_transaction_when_checked(
     let successor = broker.client().await;
     let checker = Checker::new(1, CheckAnswer::Commit);
     let (asked, last) = (checker.asked.clone(), checker.last.clone());
-    successor.register_checker("billing", checker).await.unwrap();
+    successor
+        .register_checker("billing", checker)
+        .await
+        .unwrap();
     // A checker of another group is never asked about it.
     let other = Checker::new(0, CheckAnswer::Rollback);
     let other_asked = other.asked.clone();
@@ -316,7 +319,11 @@ async fn a_restarted_producer_commits_its_predecessors_transaction_when_checked(
 
     let info = decided(&client, id).await;
     assert_eq!(info.state, TxState::Committed);
-    assert_eq!(asked.load(Ordering::SeqCst), 2, "asked again after `unknown`");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        2,
+        "asked again after `unknown`"
+    );
     assert_eq!(info.checks, 2);
     assert_eq!(other_asked.load(Ordering::SeqCst), 0);
     let check = last.lock().unwrap().clone().unwrap();
@@ -328,7 +335,10 @@ async fn a_restarted_producer_commits_its_predecessors_transaction_when_checked(
         .iter()
         .map(|m| (m.mq.as_str(), m.key.as_deref()))
         .collect();
-    assert_eq!(keys, [("orders", Some("order-7")), ("audit", Some("order-7"))]);
+    assert_eq!(
+        keys,
+        [("orders", Some("order-7")), ("audit", Some("order-7"))]
+    );
     assert_eq!(depth(&client, "orders").await, 1);
     assert_eq!(depth(&client, "audit").await, 1);
 }
@@ -339,7 +349,10 @@ async fn a_checker_answering_rollback_leaves_nothing() {
     let successor = broker.client().await;
     let checker = Checker::new(0, CheckAnswer::Rollback);
     let asked = checker.asked.clone();
-    successor.register_checker("billing", checker).await.unwrap();
+    successor
+        .register_checker("billing", checker)
+        .await
+        .unwrap();
     let id = abandoned(&broker, 300, 10).await;
     let info = decided(&client, id).await;
     assert_eq!((info.state, info.checks), (TxState::RolledBack, 1));
@@ -356,7 +369,10 @@ async fn a_checker_registers_again_after_the_broker_restarts() {
     let checker = Checker::new(0, CheckAnswer::Commit);
     let asked = checker.asked.clone();
     // Registered before the restart: the broker that checks is the restarted one.
-    successor.register_checker("billing", checker).await.unwrap();
+    successor
+        .register_checker("billing", checker)
+        .await
+        .unwrap();
     broker.restart();
     let client = broker.client().await;
     let before = client.transaction(id).unwrap().info().await.unwrap();

@@ -1,9 +1,10 @@
 //! A money transfer that is never half published: debit an account in a local "database"
 //! (a file), and publish the transfer to two MQs in one transaction that is committed only
 //! once the debit is durable. The producer "crashes" between its debit and its commit (it
-//! stops without deciding); the broker restarts; the restarted producer finds its
-//! predecessor's open transaction, asks its own database whether the debit happened, and
-//! commits it. Consumers see both messages or none, never one without the other.
+//! stops without deciding); the broker restarts; the restarted producer registers a
+//! checker for its producer group, and when the predecessor's transaction times out the
+//! broker asks it: it looks in its own database whether the debit happened and answers
+//! commit. Consumers see both messages or none, never one without the other.
 //!
 //! ```text
 //! cargo run -p qbus-examples --example transfer
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use qbus_broker::{Config, EmbeddedBroker};
-use qbus_client::{Broker, MqOptions, TxOptions, TxState};
+use qbus_client::{CheckAnswer, MqOptions, TransactionChecker, TxCheck, TxOptions, TxState};
 
 /// The producer's local database: one line `txn <id> debited <amount>` per debit.
 fn debited(db: &Path, txn: u64) -> bool {
@@ -34,29 +35,23 @@ fn debit(db: &Path, txn: u64, amount: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// What a producer of group `transfers` does at start: decide every open transaction of
-/// its group (its predecessor's) by its own database.
-async fn resolve_leftovers(broker: &Broker, db: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    for tx in broker.transactions().await? {
-        if tx.group.as_deref() != Some("transfers") || tx.state != TxState::Pending {
-            continue;
-        }
-        let handle = broker.transaction(tx.id)?;
-        if debited(db, tx.id) {
-            handle.commit().await?;
-            println!(
-                "transaction {}: the debit is in the database: committed",
-                tx.id
-            );
+/// How a producer of group `transfers` answers the broker's checks of its group's
+/// undecided transactions (its predecessor's): by its own database.
+struct Ledger {
+    db: std::path::PathBuf,
+}
+
+impl TransactionChecker for Ledger {
+    async fn check(&self, check: &TxCheck) -> CheckAnswer {
+        let id = check.txn.id;
+        if debited(&self.db, id) {
+            println!("transaction {id}: the broker asked; the debit is in the database: commit");
+            CheckAnswer::Commit
         } else {
-            handle.rollback().await?;
-            println!(
-                "transaction {}: no debit in the database: rolled back",
-                tx.id
-            );
+            println!("transaction {id}: the broker asked; no debit in the database: roll back");
+            CheckAnswer::Rollback
         }
     }
-    Ok(())
 }
 
 #[tokio::main]
@@ -73,7 +68,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The first producer: a whole transfer, then one it never decides.
     let options = TxOptions {
         group: Some("transfers".into()),
-        timeout_ms: Some(60_000),
+        // Short for the demo (the default is 6 s, as RocketMQ's).
+        timeout_ms: Some(1_000),
+        check_interval_ms: Some(500),
         ..TxOptions::default()
     };
     let whole = broker.begin(options.clone()).await?;
@@ -86,6 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("transaction {}: debited and committed", whole.id());
 
     let tx = broker.begin(options).await?;
+    let abandoned = tx.id();
     tx.send("ledger", "alice -> carol: 20").await?;
     tx.send("notifications", "carol, you got 20 from alice")
         .await?;
@@ -103,10 +101,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop((whole, tx, broker));
     embedded.shutdown().await;
 
-    // The broker restarts; the open transaction comes back open.
+    // The broker restarts; the open transaction comes back open. The restarted producer
+    // registers its checker and the broker asks it once the timeout has passed.
     let embedded = EmbeddedBroker::start(Config::with_store(&store)).await?;
     let broker = embedded.broker();
-    resolve_leftovers(&broker, &db).await?;
+    broker
+        .register_checker("transfers", Ledger { db: db.clone() })
+        .await?;
+    let pending = broker.transaction(abandoned)?;
+    for _ in 0..100 {
+        if pending.info().await?.state != TxState::Pending {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (ledger, notes) = (
         broker.query_mq("ledger").await?.depth(),
         broker.query_mq("notifications").await?.depth(),
@@ -114,7 +122,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("ledger holds {ledger}, notifications {notes}: every transfer, whole");
     assert_eq!((ledger, notes), (2, 2));
     assert!(broker.transactions().await?.is_empty());
-    drop(broker);
+    drop((pending, broker));
     tokio::time::timeout(Duration::from_secs(10), embedded.shutdown()).await?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())

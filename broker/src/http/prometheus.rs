@@ -58,6 +58,11 @@ pub fn render(stats: &Stats) -> String {
             tx.checked,
         ),
         (
+            "qbus_tx_checks_sent_total",
+            "Checks sent to a live producer of the transaction's group.",
+            tx.checks_sent,
+        ),
+        (
             "qbus_tx_timed_out_total",
             "Transactions resolved by the broker's policy after their maximum checks.",
             tx.timed_out,
