@@ -149,7 +149,12 @@ mod tests {
         assert_eq!(needs(&adopt), Needs::On(Operation::Admin, "orders", None));
         let half = Header::request(Command::TxProduce, Some("orders"));
         assert_eq!(needs(&half), Needs::On(Operation::Produce, "orders", None));
-        for cmd in [Command::TxBegin, Command::TxCommit, Command::TxRollback] {
+        for cmd in [
+            Command::TxBegin,
+            Command::TxCommit,
+            Command::TxRollback,
+            Command::TxCheckerReady,
+        ] {
             let decide = Header::request(cmd, None);
             assert_eq!(needs(&decide), Needs::Some(Operation::Produce));
         }
