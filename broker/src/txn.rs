@@ -786,4 +786,35 @@ mod tests {
         drop(core);
         commit.stop().await;
     }
+
+    #[tokio::test]
+    async fn a_connection_answers_for_a_bounded_number_of_groups_until_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let core = Core::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
+        let txns = core.txns();
+        let (out, _frames) = mpsc::channel(4);
+        for g in 0..MAX_CHECKER_GROUPS {
+            txns.checker_ready(&format!("g{g}"), 1, out.clone())
+                .unwrap();
+        }
+        // Again for a group it has: harmless; one more group: refused.
+        txns.checker_ready("g0", 1, out.clone()).unwrap();
+        let refused = txns.checker_ready("one-too-many", 1, out.clone());
+        assert!(
+            matches!(refused, Err(BrokerError::BadRequest(_))),
+            "{refused:?}"
+        );
+        // Another connection is not limited by the first one's groups.
+        txns.checker_ready("one-too-many", 2, out.clone()).unwrap();
+        txns.checker_gone(1);
+        assert_eq!(
+            lock(&txns.checkers).len(),
+            1,
+            "only connection 2's group is left"
+        );
+        txns.checker_ready("g0", 1, out).unwrap();
+        drop(core);
+        commit.stop().await;
+    }
 }

@@ -336,7 +336,8 @@ impl Broker {
     /// also after reconnects, as long as this handle lives. A transaction belongs to the
     /// group named in its [`TxOptions::group`]; a producer restarted after a crash
     /// registers the same group to decide its predecessor's transactions. Fails with
-    /// status `501` on a broker older than protocol 4.
+    /// status `501` on a broker older than protocol 4, and over `tracker://` (as
+    /// [`begin`](Self::begin) does: connect to the broker itself).
     pub async fn register_checker(
         &self,
         group: &str,
