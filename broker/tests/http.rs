@@ -551,6 +551,9 @@ async fn monitor_page_in_headless_chromium() {
     assert!(row.contains("data-depth=\"3\""), "depth 3 expected: {row}");
     assert!(dom.contains(&addr), "the page names the broker address");
 
+    // A new connection: the broker closes keep-alive connections idle for its
+    // `http-timeout`, which a slow Chromium start can outlast.
+    let mut http = Http::connect(&addr).await;
     for i in 3..7 {
         http.post("/mq/browser-orders", format!("order {i}")).await;
     }
