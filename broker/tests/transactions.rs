@@ -277,12 +277,14 @@ async fn abandoned(broker: &BrokerProcess, timeout_ms: u64, max_checks: u32) -> 
     tx.id()
 }
 
-/// Transaction `id` once it is decided (within 10 s).
+/// Transaction `id` once it is decided and, if committed, applied (within 10 s).
 async fn decided(client: &Broker, id: u64) -> TxInfo {
     let tx = client.transaction(id).unwrap();
     for _ in 0..200 {
         let info = tx.info().await.unwrap();
-        if info.state != TxState::Pending {
+        // The listing holds commits until their messages are in their MQs.
+        let open = client.transactions().await.unwrap();
+        if info.state != TxState::Pending && open.iter().all(|t| t.id != id) {
             return info;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
