@@ -318,16 +318,7 @@ async fn protocol_2_clients_get_records_without_the_new_fields() {
     pull.group = Some("a-follower".into());
     pull.offset = Some(0);
     link.tx.send(Frame::new(pull)).await.unwrap();
-    let refused = loop {
-        let reply = tokio::time::timeout(Duration::from_secs(10), link.rx.next())
-            .await
-            .expect("a reply in time")
-            .expect("the connection stays open")
-            .unwrap();
-        if reply.header.id == 100 {
-            break reply.header;
-        }
-    };
+    let refused = support::reply_to(&mut link, 100).await.header;
     assert_eq!(refused.status, 400, "{refused:?}");
     assert!(
         refused

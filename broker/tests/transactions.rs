@@ -411,39 +411,15 @@ async fn a_checker_that_goes_away_is_asked_no_more_and_the_policy_applies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_protocol_3_connection_is_refused_as_a_checker_and_never_checked() {
     use futures_util::StreamExt;
-    use qbus_wire::protocol::{Command, Frame, Header, ServerInfo};
+    use qbus_wire::protocol::{Command, Frame, Header};
 
     let (broker, client) = with_orders_and_audit().await;
-    let stream = tokio::net::TcpStream::connect(broker.addr()).await.unwrap();
-    let mut link = qbus_wire::link::tcp_link(stream, 1 << 24);
-    let hello = rmp_serde::to_vec_named(&ServerInfo {
-        protocol: 3,
-        version: "a version 3 client".into(),
-        max_frame: 0,
-        credentials: None,
-        identity: None,
-    })
-    .unwrap();
-    let mut request = Header::request(Command::Hello, None);
-    request.id = 1;
-    link.tx
-        .send(Frame::with_body(request, hello.into()))
-        .await
-        .unwrap();
+    let mut link = support::raw_link(&broker.addr(), 3, "a version 3 client").await;
     let mut ready = Header::request(Command::TxCheckerReady, None);
     ready.id = 2;
     ready.group = Some("billing".into());
     link.tx.send(Frame::new(ready)).await.unwrap();
-    let refused = loop {
-        let reply = tokio::time::timeout(Duration::from_secs(10), link.rx.next())
-            .await
-            .expect("a reply in time")
-            .expect("the connection stays open")
-            .unwrap();
-        if reply.header.id == 2 {
-            break reply.header;
-        }
-    };
+    let refused = support::reply_to(&mut link, 2).await.header;
     assert_eq!(refused.status, 400, "{refused:?}");
     assert!(
         refused
