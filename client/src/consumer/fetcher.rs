@@ -34,7 +34,6 @@ pub(super) struct FetchSpec {
     pub(super) start: StartAt,
     pub(super) batch: u32,
     pub(super) long_poll: Duration,
-    pub(super) auto_ack: bool,
     /// Over an HA handle one broker lacking the MQ does not end the stream: the topology
     /// may be a report behind, so that fetch loop retries with backoff.
     pub(super) tolerate_missing: bool,
@@ -110,11 +109,6 @@ impl Fetcher {
                     backoff.reset();
                     if deliveries.is_empty() {
                         continue;
-                    }
-                    if self.spec.auto_ack {
-                        for delivery in &deliveries {
-                            self.acker.settle_later(delivery, Verdict::Ack);
-                        }
                     }
                     if let Err(mpsc::error::SendError(Ok(unhandled))) =
                         self.tx.send(Ok(deliveries)).await

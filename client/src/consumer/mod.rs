@@ -108,7 +108,6 @@ impl ConsumerBuilder {
             start: self.start,
             batch: self.batch,
             long_poll: self.long_poll,
-            auto_ack: self.auto_ack,
             tolerate_missing: self.transport.is_cluster(),
         });
         self.transport
@@ -118,6 +117,7 @@ impl ConsumerBuilder {
         Ok(Consumer {
             rx,
             buffered: VecDeque::new(),
+            auto_ack: self.auto_ack,
             held: None,
             mq: self.mq,
             group,
@@ -146,6 +146,9 @@ pub struct Consumer {
     rx: mpsc::Receiver<Result<Vec<Delivery>>>,
     /// The rest of the last fetch received, handed out before anything else.
     buffered: VecDeque<Delivery>,
+    /// Ack each delivery as it is handed out: not when it arrives, so that what a dropped
+    /// consumer never saw goes back to the broker unacknowledged.
+    auto_ack: bool,
     /// An error `recv_batch` met after deliveries: returned by the next receive, so that
     /// the deliveries before it are not dropped with it.
     held: Option<ClientError>,
@@ -179,11 +182,19 @@ impl Consumer {
         std::future::poll_fn(|cx| self.poll_delivery(cx)).await
     }
 
+    /// A delivery on its way to the user, acked first under [`ConsumerBuilder::auto_ack`].
+    fn hand_out(&self, delivery: Delivery) -> Delivery {
+        if self.auto_ack {
+            delivery.acker.settle_later(&delivery, Verdict::Ack);
+        }
+        delivery
+    }
+
     /// The next delivery: buffered first, then a held error, then the channel.
     fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
         loop {
             if let Some(delivery) = self.buffered.pop_front() {
-                return Poll::Ready(Some(Ok(delivery)));
+                return Poll::Ready(Some(Ok(self.hand_out(delivery))));
             }
             if let Some(e) = self.held.take() {
                 return Poll::Ready(Some(Err(e)));
@@ -207,7 +218,12 @@ impl Consumer {
         loop {
             let room = max.saturating_sub(batch.len());
             let take = room.min(self.buffered.len());
-            batch.extend(self.buffered.drain(..take));
+            for delivery in self.buffered.drain(..take) {
+                if self.auto_ack {
+                    delivery.acker.settle_later(&delivery, Verdict::Ack);
+                }
+                batch.push(delivery);
+            }
             if batch.len() >= max {
                 break;
             }
