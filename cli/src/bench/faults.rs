@@ -3,7 +3,7 @@
 //! `replicas: 2` (receipts `replicated`), and runs four `tracker://` producers of numbered
 //! messages at a steady rate and one `tracker://` consumer group throughout, while:
 //!
-//! 1. the consumer pauses `--pause` seconds, so that a backlog builds;
+//! 1. the consumer pauses (unsubscribes) `--pause` seconds, so that a backlog builds;
 //! 2. broker #1 is killed (`kill -9`) and its store deleted; the consumer resumes;
 //! 3. after `--outage` seconds broker #1 restarts on an empty store (and restores its copy
 //!    from its follower);
@@ -12,7 +12,8 @@
 //! 5. producing goes on for `--tail` seconds, then the consumer reads until it has seen
 //!    every confirmed message (or `--drain` seconds pass without a new one).
 //!
-//! It fails unless: every confirmed message was delivered (none lost); the killed broker
+//! It fails unless: every send was answered (confirmed or failed) within 30 s; every
+//! confirmed message was delivered (none lost); the killed broker
 //! had a backlog, and its follower's copy of it was read to its end during the outage;
 //! the duplicates stay within the bound below. The bound: each of the two faults may
 //! deliver again what was in flight (each producer's window of sends, resent elsewhere,
@@ -20,7 +21,7 @@
 //! the last 2 s before it went (a follower copies its leader's cursors every second).
 //!
 //! One machine-readable line: `RESULT system=qbus scenario=faults size=.. confirmed=..
-//! failed=.. lost=.. delivered=.. duplicates=.. duplicate_bound=.. outage_backlog=..
+//! failed=.. unanswered=.. lost=.. delivered=.. duplicates=.. duplicate_bound=.. outage_backlog=..
 //! outage_copy_end=.. outage_copy_read=.. outage_delivered=.. freeze_delivered=..`.
 
 use std::collections::HashMap;
@@ -249,16 +250,17 @@ async fn measure(args: &FaultsBench, plan: &Plan, cluster: &mut Cluster) -> Resu
     producing.store(false, Ordering::Relaxed);
 
     let mut confirmed = Vec::new();
-    let mut failed = 0u64;
+    let (mut failed, mut unanswered) = (0u64, 0u64);
     for producer in producers {
-        let (mine, lost) = producer
+        let sent = producer
             .await
             .map_err(|e| CliError::Failed(format!("producer: {e}")))??;
-        confirmed.extend(mine);
-        failed += lost;
+        confirmed.extend(sent.confirmed);
+        failed += sent.failed;
+        unanswered += sent.unanswered;
     }
     println!(
-        "  {:.1?}: producing stopped: {} confirmed, {failed} failed",
+        "  {:.1?}: producing stopped: {} confirmed, {failed} failed, {unanswered} without an answer within {RECEIPT_LIMIT:?}",
         started.elapsed(),
         confirmed.len()
     );
@@ -310,7 +312,7 @@ async fn measure(args: &FaultsBench, plan: &Plan, cluster: &mut Cluster) -> Resu
         seen.in_window[0], seen.in_window[1]
     );
     println!(
-        "RESULT system=qbus scenario=faults size={} confirmed={} failed={failed} lost={lost} delivered={} \
+        "RESULT system=qbus scenario=faults size={} confirmed={} failed={failed} unanswered={unanswered} lost={lost} delivered={} \
          duplicates={duplicates} duplicate_bound={bound} outage_backlog={backlog} outage_copy_end={copy_end} \
          outage_copy_read={copy_read} outage_delivered={} freeze_delivered={}",
         args.size,
@@ -329,6 +331,11 @@ async fn measure(args: &FaultsBench, plan: &Plan, cluster: &mut Cluster) -> Resu
     if copy_read < copy_end {
         wrong.push(format!(
             "the killed broker's copy was read to offset {copy_read} of {copy_end} during the outage"
+        ));
+    }
+    if unanswered > 0 {
+        wrong.push(format!(
+            "{unanswered} sends had neither a receipt nor an error within {RECEIPT_LIMIT:?}"
         ));
     }
     if duplicates > bound {
@@ -361,8 +368,24 @@ async fn read_of_copy(cluster: &Cluster) -> Result<(u64, u64), CliError> {
     )))
 }
 
+/// What a producer's sends came to.
+#[derive(Default)]
+struct Sent {
+    /// The ids of the messages confirmed.
+    confirmed: Vec<(u32, u64)>,
+    /// Sends that failed.
+    failed: u64,
+    /// Sends neither sent and confirmed nor failed within [`RECEIPT_LIMIT`].
+    unanswered: u64,
+}
+
+/// How long a send may wait for its receipt: an HA send fails over within seconds (a
+/// silent broker's connection closes after about 1 s, a request unanswered for 10 s goes
+/// to another broker), so one still waiting after this is stuck.
+const RECEIPT_LIMIT: Duration = Duration::from_secs(30);
+
 /// One producer: message `seq` of producer `p` every `every` while `producing`, at most
-/// `window` unconfirmed; returns the confirmed ids and how many sends failed.
+/// `window` unconfirmed.
 async fn produce(
     client: Broker,
     p: u32,
@@ -370,12 +393,12 @@ async fn produce(
     window: usize,
     size: usize,
     producing: Arc<AtomicBool>,
-) -> Result<(Vec<(u32, u64)>, u64), CliError> {
-    let producer = client.producer(MQ);
+) -> Result<Sent, CliError> {
+    let producer = &client.producer(MQ);
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending = FuturesUnordered::new();
-    let (mut confirmed, mut failed, mut seq) = (Vec::new(), 0u64, 0u64);
+    let (mut sent, mut seq) = (Sent::default(), 0u64);
     loop {
         let open = producing.load(Ordering::Relaxed);
         if !open && pending.is_empty() {
@@ -387,24 +410,27 @@ async fn produce(
                 body.resize(body.len().max(size), b'x');
                 let id = (p, seq);
                 seq += 1;
-                match producer.send_async(Message::new(Bytes::from(body))).await {
-                    Ok(receipt) => pending.push(async move { (id, receipt.await) }),
-                    Err(_) => failed += 1,
-                }
+                let message = Message::new(Bytes::from(body));
+                pending.push(async move {
+                    let send = async { producer.send_async(message).await?.await };
+                    (id, tokio::time::timeout(RECEIPT_LIMIT, send).await)
+                });
             }
             Some((id, outcome)) = pending.next(), if !pending.is_empty() => match outcome {
-                Ok(_) => confirmed.push(id),
-                Err(_) => failed += 1,
+                Ok(Ok(_)) => sent.confirmed.push(id),
+                Ok(Err(_)) => sent.failed += 1,
+                Err(_) => sent.unanswered += 1,
             },
             // Look at `producing` again now and then while the window is full.
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
-    Ok((confirmed, failed))
+    Ok(sent)
 }
 
 /// The consumer group: reads and records every delivery (acknowledged as handed over)
-/// while `consuming`, none while `paused`.
+/// while `consuming`. While `paused` it is unsubscribed, so that what it had fetched goes
+/// back to the brokers unacknowledged and the records stay unread there.
 async fn consume(
     client: Broker,
     seen: Arc<Mutex<Seen>>,
@@ -412,38 +438,40 @@ async fn consume(
     consuming: Arc<AtomicBool>,
     windows: Arc<Windows>,
 ) -> Result<(), CliError> {
-    let mut consumer = client
-        .consumer(MQ)
-        .group(GROUP)
-        .batch(CONSUMER_BATCH)
-        .auto_ack(true)
-        .subscribe()
-        .await?;
     while consuming.load(Ordering::Relaxed) {
-        if paused.load(Ordering::Relaxed) {
+        let mut consumer = client
+            .consumer(MQ)
+            .group(GROUP)
+            .batch(CONSUMER_BATCH)
+            .auto_ack(true)
+            .subscribe()
+            .await?;
+        while consuming.load(Ordering::Relaxed) && !paused.load(Ordering::Relaxed) {
+            let next = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await;
+            let delivery = match next {
+                Ok(Some(delivery)) => delivery,
+                Ok(None) => return Ok(()),
+                Err(_) => continue,
+            };
+            // A notice of records lost on a broker's disk is not a message: confirmed
+            // messages among them show as lost.
+            let Ok(delivery) = delivery else { continue };
+            let Some(id) = message_id(&delivery.body) else {
+                continue;
+            };
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            *seen.counts.entry(id).or_default() += 1;
+            seen.delivered += 1;
+            if windows.outage.load(Ordering::Relaxed) {
+                seen.in_window[0] += 1;
+            }
+            if windows.freeze.load(Ordering::Relaxed) {
+                seen.in_window[1] += 1;
+            }
+        }
+        drop(consumer);
+        while paused.load(Ordering::Relaxed) && consuming.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        }
-        let delivery = match tokio::time::timeout(Duration::from_millis(100), consumer.next()).await
-        {
-            Ok(Some(delivery)) => delivery,
-            Ok(None) => break,
-            Err(_) => continue,
-        };
-        // A notice of records lost on a broker's disk is not a message: confirmed
-        // messages among them show as lost.
-        let Ok(delivery) = delivery else { continue };
-        let Some(id) = message_id(&delivery.body) else {
-            continue;
-        };
-        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-        *seen.counts.entry(id).or_default() += 1;
-        seen.delivered += 1;
-        if windows.outage.load(Ordering::Relaxed) {
-            seen.in_window[0] += 1;
-        }
-        if windows.freeze.load(Ordering::Relaxed) {
-            seen.in_window[1] += 1;
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! `qbus bench replicated`: what `replicated` receipts cost. Starts its own cluster on
 //! loopback (one `qbus-tracker`, three `qbus-broker`s or as many as the largest
-//! `--replicas`, temp stores, `--fsync always`), and produces to the first broker as
+//! `--replicas`, temp stores, `--fsync always`), and produces to the first broker (with
+//! `--ha`: through `tracker://` to every broker, each then a leader and a follower) as
 //! `qbus bench produce` does: once to an MQ with one copy (receipts `synced`) and once to an
 //! MQ with each `--replicas` (receipts `replicated`), for each `--sizes`, rounds
 //! interleaved so that the machine's load falls on all alike. While each run is under way it
@@ -9,7 +10,7 @@
 //!
 //! Each run prints a line; then, for each size and MQ, one machine-readable line of the
 //! medians over the rounds: `RESULT system=qbus scenario=replicated size=.. count=..
-//! window=.. msgs_per_s=.. mb_per_s=.. p50_us=.. p99_us=.. p999_us=.. replicas=..
+//! window=.. msgs_per_s=.. mb_per_s=.. p50_us=.. p99_us=.. p999_us=.. replicas=.. ha=..
 //! durability=.. lag_max=.. lag_bytes_max=.. lag_mean=.. rounds=..`, where the lag fields
 //! are of the follower furthest behind (0 with one copy).
 
@@ -47,6 +48,10 @@ pub struct ReplicatedBench {
     /// Runs of each MQ; the RESULT lines give their medians
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Produce through `tracker://` to every broker (each leads its copy and follows
+    /// another) instead of to the first broker only
+    #[arg(long)]
+    ha: bool,
     /// How often the brokers report to the tracker, e.g. 500ms
     #[arg(long, default_value = "500ms", value_name = "DURATION")]
     report_interval: String,
@@ -107,7 +112,11 @@ async fn measure(args: &ReplicatedBench, cluster: &Cluster) -> Result<(), CliErr
         ha.topology().is_some_and(|t| t.len() == cluster.len())
     })
     .await?;
-    let leader = Broker::connect(&cluster.addr(0)).await?;
+    let leader = if args.ha {
+        ha
+    } else {
+        Broker::connect(&cluster.addr(0)).await?
+    };
     let mut targets = Vec::new();
     for &size in &args.sizes {
         for replicas in std::iter::once(1).chain(args.replicas.iter().copied()) {
@@ -126,11 +135,17 @@ async fn measure(args: &ReplicatedBench, cluster: &Cluster) -> Result<(), CliErr
         }
     }
     for target in &targets {
-        wait_in_sync(&leader, &target.mq, target.replicas).await?;
+        let copies = if args.ha { cluster.len() } else { 1 };
+        wait_in_sync(&leader, &target.mq, target.replicas, copies).await?;
     }
     println!(
-        "replicated: {} brokers, produce to the first; {} messages a run after {} warmup, {} in flight, {} rounds",
+        "replicated: {} brokers, produce {}; {} messages a run after {} warmup, {} in flight, {} rounds",
         cluster.len(),
+        if args.ha {
+            "through tracker:// to all"
+        } else {
+            "to the first"
+        },
         args.count,
         args.warmup,
         args.in_flight,
@@ -172,7 +187,7 @@ async fn measure(args: &ReplicatedBench, cluster: &Cluster) -> Result<(), CliErr
         };
         let durability = target.runs[0].durability;
         println!(
-            "{} replicas={} durability={durability} lag_max={} lag_bytes_max={} lag_mean={} rounds={}",
+            "{} replicas={} ha={} durability={durability} lag_max={} lag_bytes_max={} lag_mean={} rounds={}",
             result_line(
                 "replicated",
                 target.size,
@@ -182,6 +197,7 @@ async fn measure(args: &ReplicatedBench, cluster: &Cluster) -> Result<(), CliErr
                 &latency
             ),
             target.replicas,
+            args.ha,
             median(&|r| r.lag.max as f64) as u64,
             median(&|r| r.lag.max_bytes as f64) as u64,
             median(&|r| r.lag.mean as f64) as u64,
@@ -191,9 +207,15 @@ async fn measure(args: &ReplicatedBench, cluster: &Cluster) -> Result<(), CliErr
     Ok(())
 }
 
-/// Waits until `replicas - 1` followers of `mq` on `leader` are in sync.
-async fn wait_in_sync(leader: &Broker, mq: &str, replicas: u32) -> Result<(), CliError> {
-    let wanted = replicas as usize - 1;
+/// Waits until `replicas - 1` followers of `mq` on `leader` are in sync (of each copy,
+/// through `tracker://`).
+async fn wait_in_sync(
+    leader: &Broker,
+    mq: &str,
+    replicas: u32,
+    copies: usize,
+) -> Result<(), CliError> {
+    let wanted = (replicas as usize - 1) * copies;
     let started = std::time::Instant::now();
     loop {
         let info = leader.query_mq(mq).await?;
