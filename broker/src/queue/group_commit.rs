@@ -170,6 +170,15 @@ impl<T> StoreWait<T> {
     pub async fn wait(self) -> Result<T, StoreError> {
         self.0.await.map_err(|_| stopped())?
     }
+
+    /// The outcome if the write is already done, without waiting; else `Err(self)`.
+    pub fn done(mut self) -> Result<Result<T, StoreError>, StoreWait<T>> {
+        match self.0.try_recv() {
+            Ok(outcome) => Ok(outcome),
+            Err(oneshot::error::TryRecvError::Empty) => Err(self),
+            Err(oneshot::error::TryRecvError::Closed) => Ok(Err(stopped())),
+        }
+    }
 }
 
 /// Handle on the commit thread. Dropping every handle stops the thread after it has

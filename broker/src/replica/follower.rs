@@ -168,8 +168,27 @@ impl Confirmer {
         let (tx, mut rx) = mpsc::channel::<AppendWait>(PIPELINE);
         let (connection, name, me) = (connection.clone(), name.to_owned(), me.to_owned());
         let task = tokio::spawn(async move {
-            while let Some(wait) = rx.recv().await {
-                let (appended, _) = wait.wait().await?;
+            let mut held = None;
+            loop {
+                let wait = match held.take() {
+                    Some(wait) => wait,
+                    None => match rx.recv().await {
+                        Some(wait) => wait,
+                        None => break,
+                    },
+                };
+                let (mut appended, _) = wait.wait().await?;
+                // A copy's appends become durable in order: later ones already durable are
+                // confirmed by the same request (one round trip, one wake-up at the leader).
+                while let Ok(next) = rx.try_recv() {
+                    match next.done() {
+                        Ok(done) => appended = done?.0,
+                        Err(pending) => {
+                            held = Some(pending);
+                            break;
+                        }
+                    }
+                }
                 let confirm = Read {
                     from: appended.next_offset,
                     wait: Duration::ZERO,

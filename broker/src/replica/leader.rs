@@ -3,12 +3,13 @@
 //! without `READ_AHEAD`) from offset `n` tells the leader it holds every record below `n`
 //! durably; its reads ahead tell it the follower is there, and whether it has caught up.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use qbus_wire::protocol::FollowerInfo;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 /// A follower unheard of for this long no longer counts as reachable (followers ask at
 /// least every `follower::POLL_WAIT`).
@@ -32,8 +33,11 @@ struct Progress {
 pub struct Followers {
     since: Instant,
     progress: Mutex<HashMap<String, Progress>>,
-    /// Bumped whenever a follower's confirmed offset moves.
-    moved: watch::Sender<u64>,
+    /// The receipts waiting, by the offset they wait for (and a number telling waiters of
+    /// one offset apart): a follower's confirmation wakes only those it covers, so a
+    /// confirmation costs the receipts it answers, not every receipt in flight.
+    waiting: Mutex<BTreeMap<(u64, u64), oneshot::Sender<()>>>,
+    next_waiter: AtomicU64,
 }
 
 /// Why a `replicated` receipt could not be given.
@@ -76,7 +80,8 @@ impl Default for Followers {
         Followers {
             since: Instant::now(),
             progress: Mutex::new(HashMap::new()),
-            moved: watch::channel(0).0,
+            waiting: Mutex::new(BTreeMap::new()),
+            next_waiter: AtomicU64::new(0),
         }
     }
 }
@@ -84,6 +89,26 @@ impl Default for Followers {
 impl Followers {
     fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, Progress>> {
         self.progress.lock().expect("follower progress poisoned")
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, BTreeMap<(u64, u64), oneshot::Sender<()>>> {
+        self.waiting.lock().expect("replicated receipts poisoned")
+    }
+
+    /// Wakes the receipts waiting for offsets up to `acked` (all of them with `u64::MAX`)
+    /// to count their followers again.
+    fn wake_up_to(&self, acked: u64) {
+        let ready = {
+            let mut waiting = self.waiting();
+            let rest = match acked.checked_add(1) {
+                Some(above) => waiting.split_off(&(above, 0)),
+                None => BTreeMap::new(),
+            };
+            std::mem::replace(&mut *waiting, rest)
+        };
+        for (_, waiter) in ready {
+            let _ = waiter.send(());
+        }
     }
 
     /// Follower `id` holds every record below `acked`; the leader's log ends at `end`.
@@ -105,7 +130,7 @@ impl Followers {
             moved
         };
         if moved {
-            self.moved.send_modify(|n| *n = n.wrapping_add(1));
+            self.wake_up_to(acked);
         }
     }
 
@@ -128,7 +153,7 @@ impl Followers {
     /// Follower `id`'s connection closed: it is unreachable until it pulls again.
     pub fn gone(&self, id: &str) {
         self.progress().remove(id);
-        self.moved.send_modify(|n| *n = n.wrapping_add(1));
+        self.wake_up_to(u64::MAX);
     }
 
     /// (reachable, in sync) follower counts now.
@@ -174,9 +199,10 @@ impl Followers {
     ) -> Result<(), ReplicationError> {
         let started = tokio::time::Instant::now();
         let give_up = started + REPLICATION_TIMEOUT;
-        let mut moved = self.moved.subscribe();
         loop {
-            moved.borrow_and_update();
+            // Waiting before counting: a confirmation that lands between the two still
+            // wakes this receipt.
+            let woken = Waiter::register(self, end);
             let now = Instant::now();
             let required = self.required(min_replicas, now);
             let confirmed = self
@@ -197,7 +223,7 @@ impl Followers {
                 });
             }
             tokio::select! {
-                _ = moved.changed() => {}
+                _ = woken.woken() => {}
                 // Followers that stop answering change `required` without moving anything.
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
@@ -232,6 +258,39 @@ impl Followers {
             .collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
+    }
+}
+
+/// A receipt's place among those waiting; leaving it (woken or not) takes it out.
+struct Waiter<'a> {
+    followers: &'a Followers,
+    key: (u64, u64),
+    woken: Option<oneshot::Receiver<()>>,
+}
+
+impl<'a> Waiter<'a> {
+    fn register(followers: &'a Followers, end: u64) -> Waiter<'a> {
+        let key = (end, followers.next_waiter.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        followers.waiting().insert(key, tx);
+        Waiter {
+            followers,
+            key,
+            woken: Some(rx),
+        }
+    }
+
+    /// Resolves once a confirmation reaches this receipt's offset or a follower goes.
+    async fn woken(mut self) {
+        if let Some(rx) = self.woken.take() {
+            let _ = rx.await;
+        }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.followers.waiting().remove(&self.key);
     }
 }
 
@@ -274,6 +333,31 @@ mod tests {
             ),
             (3, 2, 20, true)
         );
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_wakes_only_the_receipts_it_covers() {
+        let followers = std::sync::Arc::new(Followers::default());
+        followers.heard("b", 0, 0);
+        let wait = |end| {
+            let followers = followers.clone();
+            tokio::spawn(async move { followers.wait_replicated(end, None).await })
+        };
+        let (near, far) = (wait(3), wait(10));
+        tokio::task::yield_now().await;
+        assert_eq!(followers.waiting().len(), 2);
+        followers.heard("b", 5, 10);
+        near.await.unwrap().unwrap();
+        tokio::task::yield_now().await;
+        assert!(!far.is_finished(), "offset 10 is not confirmed yet");
+        assert_eq!(
+            followers.waiting().keys().map(|k| k.0).collect::<Vec<_>>(),
+            [10],
+            "only the receipt not covered still waits"
+        );
+        followers.heard("b", 10, 10);
+        far.await.unwrap().unwrap();
+        assert!(followers.waiting().is_empty(), "a receipt answered leaves");
     }
 
     #[tokio::test]

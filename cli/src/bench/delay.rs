@@ -21,7 +21,7 @@ use bytes::{BufMut, BytesMut};
 use clap::Args;
 use qbus_client::{Broker, Delivery, Message, MqOptions};
 
-use super::failover::{free_port, listening, spawn};
+use super::cluster::{free_port, listening, spawn};
 use crate::error::CliError;
 
 #[derive(Debug, Args)]

@@ -14,9 +14,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::IntoFuture;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,6 +23,7 @@ use qbus_client::ha::HaOptions;
 use qbus_client::{Broker, Message, MqOptions};
 
 use super::args::secs;
+use super::cluster::{wait_until, Cluster, ClusterArgs, Shape, WAIT};
 use super::histogram::Latencies;
 use crate::error::CliError;
 
@@ -49,13 +47,11 @@ pub struct FailoverBench {
     /// How often the brokers report to the tracker, e.g. 500ms
     #[arg(long, default_value = "500ms", value_name = "DURATION")]
     report_interval: String,
-    /// Directory holding qbus-broker and qbus-tracker [default: the one holding qbus]
-    #[arg(long, value_name = "DIR")]
-    bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
 }
 
 const MQ: &str = "failover-bench";
-const WAIT: Duration = Duration::from_secs(20);
 
 pub async fn run(args: FailoverBench) -> Result<(), CliError> {
     let duration = secs("--duration", args.duration)?;
@@ -65,15 +61,13 @@ pub async fn run(args: FailoverBench) -> Result<(), CliError> {
             "--kill-after must be less than --duration".into(),
         ));
     }
-    let bin_dir = match args.bin_dir.clone() {
-        Some(dir) => dir,
-        None => std::env::current_exe()?
-            .parent()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| CliError::Usage("cannot tell where qbus lives; use --bin-dir".into()))?,
+    let shape = Shape {
+        name: "failover",
+        trackers: 1,
+        brokers: args.brokers as usize,
+        report_interval: &args.report_interval,
     };
-    let mut cluster =
-        Cluster::start(&bin_dir, args.brokers as usize, &args.report_interval).await?;
+    let mut cluster = Cluster::start(&args.cluster, shape).await?;
     let outcome = measure(&args, &mut cluster, duration, kill_after).await;
     cluster.stop();
     outcome
@@ -87,21 +81,19 @@ async fn measure(
 ) -> Result<(), CliError> {
     let client = Broker::connect_ha(&cluster.tracker_url(), HaOptions::default()).await?;
     wait_until("every broker in the topology", || {
-        client
-            .topology()
-            .is_some_and(|t| t.len() == cluster.brokers.len())
+        client.topology().is_some_and(|t| t.len() == cluster.len())
     })
     .await?;
     client.create_mq(MQ, MqOptions::default()).await?;
     wait_until("the MQ on every broker", || {
         client
             .topology()
-            .is_some_and(|t| t.holders(MQ).len() == cluster.brokers.len())
+            .is_some_and(|t| t.holders(MQ).len() == cluster.len())
     })
     .await?;
     println!(
         "failover: {} brokers, {} B messages, {} in flight, broker #2 killed after {kill_after:?} of {duration:?}",
-        cluster.brokers.len(),
+        cluster.len(),
         args.size,
         args.in_flight
     );
@@ -147,7 +139,7 @@ async fn measure(
     wait_until("the restarted broker in the topology", || {
         client
             .topology()
-            .is_some_and(|t| t.holders(MQ).len() == cluster.brokers.len())
+            .is_some_and(|t| t.holders(MQ).len() == cluster.len())
     })
     .await?;
     let (lost, duplicates) = read_back(&client, &confirmed).await?;
@@ -226,141 +218,4 @@ async fn read_back(client: &Broker, confirmed: &[u64]) -> Result<(usize, usize),
         }
     }
     Ok((missing, duplicates))
-}
-
-/// Polls `done` every 10 ms for up to [`WAIT`].
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<(), CliError> {
-    let start = Instant::now();
-    while !done() {
-        if start.elapsed() > WAIT {
-            return Err(CliError::Failed(format!(
-                "timed out after {WAIT:?} waiting for {what}"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
-}
-
-/// A tracker and brokers on loopback, each a child process with its store in a temp
-/// directory; everything is killed and removed on [`Cluster::stop`] or drop.
-struct Cluster {
-    dir: PathBuf,
-    bin_dir: PathBuf,
-    report_interval: String,
-    tracker: (Child, u16),
-    brokers: Vec<(Option<Child>, u16)>,
-}
-
-impl Cluster {
-    async fn start(
-        bin_dir: &Path,
-        brokers: usize,
-        report_interval: &str,
-    ) -> Result<Cluster, CliError> {
-        let dir = std::env::temp_dir().join(format!("qbus-bench-failover-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let tracker_port = free_port()?;
-        let mut tracker = Command::new(bin_dir.join("qbus-tracker"));
-        tracker.args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &tracker_port.to_string(),
-            "--warmup",
-            "0ms",
-        ]);
-        let tracker = (spawn(tracker, "qbus-tracker", bin_dir)?, tracker_port);
-        let mut cluster = Cluster {
-            dir,
-            bin_dir: bin_dir.to_owned(),
-            report_interval: report_interval.to_owned(),
-            tracker,
-            brokers: Vec::new(),
-        };
-        listening(tracker_port).await?;
-        for i in 0..brokers {
-            let port = free_port()?;
-            cluster.brokers.push((None, port));
-            cluster.spawn_broker(i)?;
-        }
-        for &(_, port) in &cluster.brokers {
-            listening(port).await?;
-        }
-        Ok(cluster)
-    }
-
-    fn tracker_url(&self) -> String {
-        format!("tracker://127.0.0.1:{}", self.tracker.1)
-    }
-
-    fn spawn_broker(&mut self, i: usize) -> Result<(), CliError> {
-        let port = self.brokers[i].1;
-        let mut broker = Command::new(self.bin_dir.join("qbus-broker"));
-        broker
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--store")
-            .arg(self.dir.join(format!("broker-{i}")))
-            .args(["--tracker", &format!("127.0.0.1:{}", self.tracker.1)])
-            .args(["--report-interval", &self.report_interval]);
-        self.brokers[i].0 = Some(spawn(broker, "qbus-broker", &self.bin_dir)?);
-        Ok(())
-    }
-
-    /// SIGKILL to broker `i`.
-    fn kill(&mut self, i: usize) -> Result<(), CliError> {
-        if let Some(mut child) = self.brokers[i].0.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-
-    /// Starts broker `i` again on its port and store.
-    async fn restart(&mut self, i: usize) -> Result<(), CliError> {
-        self.kill(i)?;
-        self.spawn_broker(i)?;
-        listening(self.brokers[i].1).await
-    }
-
-    fn stop(&mut self) {
-        for i in 0..self.brokers.len() {
-            let _ = self.kill(i);
-        }
-        let _ = self.tracker.0.kill();
-        let _ = self.tracker.0.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-pub(super) fn spawn(mut command: Command, name: &str, bin_dir: &Path) -> Result<Child, CliError> {
-    command
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            CliError::Failed(format!(
-                "cannot start {name} from {}: {e} (build it with `cargo build --release -p qbus-broker -p qbus-tracker`, or pass --bin-dir)",
-                bin_dir.display()
-            ))
-        })
-}
-
-pub(super) fn free_port() -> Result<u16, CliError> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Waits until something accepts connections on `port`.
-pub(super) async fn listening(port: u16) -> Result<(), CliError> {
-    wait_until(&format!("a server on port {port}"), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
-    .await
 }

@@ -4,6 +4,9 @@
 //! - `delay.rs`: delayed delivery at scale against a broker it starts.
 //! - `fanout.rs`: a memory MQ's fan-out to groups, publish-to-receive latency.
 //! - `failover.rs`: starts a tracker and brokers on loopback and kills one mid-run.
+//! - `replicated.rs`: `replicated` receipts next to `synced` ones on three brokers it starts.
+//! - `faults.rs`: a replicated cluster it starts through a kill, a lost store and a hang.
+//! - `cluster.rs`: the trackers and brokers those scenarios start.
 //! - `rpc.rs`: DirectRPC and MQ-RPC calls against a service it starts.
 //! - `report.rs`: the summary and `RESULT` line they print; `histogram.rs`: latencies;
 //!   `args.rs`: argument checks the scenarios share.
@@ -14,12 +17,15 @@ use crate::error::CliError;
 use crate::tls::TlsArgs;
 
 mod args;
+mod cluster;
 mod consume;
 mod delay;
 mod failover;
 mod fanout;
+mod faults;
 mod histogram;
 mod produce;
+mod replicated;
 mod report;
 mod rpc;
 mod tx;
@@ -40,6 +46,13 @@ pub enum BenchScenario {
     /// Kill a broker while producing through trackers: latency around the kill, longest
     /// gap, lost and duplicated messages (starts its own cluster on loopback)
     Failover(failover::FailoverBench),
+    /// `replicated` receipts next to `synced` ones: throughput, latency and the followers'
+    /// lag under load (starts its own tracker and three brokers on loopback)
+    Replicated(replicated::ReplicatedBench),
+    /// Faults under `replicated` load through trackers: a broker killed and its store
+    /// deleted, restarted empty, another one frozen; checks that no confirmed message is
+    /// lost and the dead broker's backlog is read meanwhile (starts its own cluster)
+    Faults(faults::FaultsBench),
     /// Schedule COUNT delayed messages: produce rate, broker memory with them pending,
     /// delivery lateness (starts its own broker)
     Delay(delay::DelayBench),
@@ -72,6 +85,8 @@ pub async fn run(
         }
         BenchScenario::Fanout(args) => fanout::run(broker, connect_timeout, args).await,
         BenchScenario::Failover(args) => failover::run(args).await,
+        BenchScenario::Replicated(args) => replicated::run(args).await,
+        BenchScenario::Faults(args) => faults::run(args).await,
         BenchScenario::Delay(args) => delay::run(args).await,
         BenchScenario::Rpc(args) => rpc::run(args, broker, connect_timeout, tls).await,
         BenchScenario::RpcServe(args) => rpc::serve(args, broker, connect_timeout).await,

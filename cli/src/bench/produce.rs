@@ -79,6 +79,19 @@ pub(super) struct Produced {
     written: u64,
 }
 
+impl Produced {
+    /// The weakest durability any receipt had.
+    pub(super) fn durability(&self) -> Durability {
+        if self.written > 0 {
+            Durability::Written
+        } else if self.synced > 0 {
+            Durability::Synced
+        } else {
+            Durability::Replicated
+        }
+    }
+}
+
 /// Sends `count` messages of `payload`, `batch` per request, with at most `window` requests
 /// unconfirmed; records each request's send-to-confirmation latency.
 pub(super) async fn produce_run(
@@ -169,14 +182,7 @@ pub(super) async fn run(broker: &Broker, args: ProduceBench) -> Result<(), CliEr
         &mut latencies,
     )
     .await?;
-    // The weakest durability any receipt had.
-    let durability = if run.written > 0 {
-        Durability::Written
-    } else if run.synced > 0 {
-        Durability::Synced
-    } else {
-        Durability::Replicated
-    };
+    let durability = run.durability();
     let rate = Rate::new(args.count, args.size, run.elapsed);
     let lat = latencies.summarize();
     println!(
