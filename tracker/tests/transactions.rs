@@ -86,7 +86,7 @@ async fn a_transaction_over_a_tracker_commits_atomically_on_the_one_broker_it_is
 async fn a_pinned_transaction_fails_typed_when_its_broker_dies_and_commits_there_after_it_returns()
 {
     let t = tracker();
-    let mut brokers = vec![broker(&[&t]), broker(&[&t])];
+    let mut brokers = [broker(&[&t]), broker(&[&t])];
     let both: Vec<String> = brokers.iter().map(|b| b.addr()).collect();
     let options = HaOptions::default().with_connection(ConnectionOptions {
         connect_timeout: Duration::from_millis(500),
