@@ -21,7 +21,7 @@
 //! maximum checks the broker applies its policy (roll back unless it said
 //! `commit_unresolved`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -41,7 +41,8 @@ use crate::error::BrokerError;
 use crate::queue::dedupe::{ProduceWait, Settled};
 use crate::queue::group_commit::{CommitBatch, Committer};
 use crate::queue::registry::Registry;
-use crate::store::txn_log::{Event, TxnLog};
+use crate::store::txn_log::{Event, TxnLog, TXN_DIR};
+use crate::store::txn_log_writer::TxnLogWriter;
 use crate::store::{FsRef, StoreError};
 
 /// Most half messages one transaction may hold.
@@ -167,6 +168,9 @@ impl Txn {
 struct State {
     next_id: u64,
     txns: BTreeMap<u64, Txn>,
+    /// The decided transactions of `txns` (those not [live](Txn::live)), in the order
+    /// they were decided: the oldest are forgotten first, without a scan of `txns`.
+    decided: VecDeque<u64>,
     pending_bytes: usize,
 }
 
@@ -218,7 +222,7 @@ pub enum Decided {
 
 /// The broker's transactions.
 pub struct Transactions {
-    log: Arc<Mutex<TxnLog>>,
+    log: TxnLogWriter,
     state: Mutex<State>,
     checkers: Mutex<Checkers>,
     counters: TxCounters,
@@ -282,8 +286,18 @@ impl Transactions {
         if live.len() < total {
             log.rewrite(&live)?;
         }
+        state.decided = state
+            .txns
+            .iter()
+            .filter(|(_, t)| !t.live())
+            .map(|(id, _)| *id)
+            .collect();
+        let log = TxnLogWriter::start(log).map_err(|source| StoreError::Io {
+            path: store.join(TXN_DIR),
+            source,
+        })?;
         Ok(Transactions {
-            log: Arc::new(Mutex::new(log)),
+            log,
             state: Mutex::new(state),
             checkers: Mutex::default(),
             counters: TxCounters::default(),
@@ -304,12 +318,10 @@ impl Transactions {
         }
     }
 
+    /// Appends `events` to the log; returns once they are synced (with the appends of
+    /// other transactions that came at the same time).
     async fn append(&self, events: Vec<Event>) -> Result<(), BrokerError> {
-        let log = self.log.clone();
-        tokio::task::spawn_blocking(move || lock(&log).append(&events))
-            .await
-            .map_err(|e| BrokerError::Internal(format!("transaction log append failed: {e}")))??;
-        Ok(())
+        Ok(self.log.append(&events).await?)
     }
 
     /// Opens a transaction; its id once the begin is durable.
@@ -510,34 +522,26 @@ impl Transactions {
         Ok(())
     }
 
-    /// Notes `id` decided and done with: its halves dropped, old decided ones forgotten.
+    /// Notes `id` decided and done with: its halves dropped, the oldest decided ones
+    /// forgotten past [`REMEMBER_DECIDED`].
     fn finish(&self, id: u64, outcome: TxState) {
-        {
-            let mut state = lock(&self.state);
-            let mut freed = 0;
-            if let Some(txn) = state.txns.get_mut(&id) {
-                txn.state = outcome;
-                txn.applied = true;
-                freed = txn.bytes();
-                txn.halves.clear();
-            }
-            state.pending_bytes -= freed;
-            let decided = if state.txns.len() > REMEMBER_DECIDED {
-                state.txns.values().filter(|t| !t.live()).count()
-            } else {
-                0
-            };
-            if decided > REMEMBER_DECIDED {
-                let old: Vec<u64> = state
-                    .txns
-                    .iter()
-                    .filter(|(_, t)| !t.live())
-                    .map(|(id, _)| *id)
-                    .take(decided - REMEMBER_DECIDED)
-                    .collect();
-                for id in old {
-                    state.txns.remove(&id);
-                }
+        let mut state = lock(&self.state);
+        let mut freed = 0;
+        let mut newly_decided = false;
+        if let Some(txn) = state.txns.get_mut(&id) {
+            newly_decided = txn.live();
+            txn.state = outcome;
+            txn.applied = true;
+            freed = txn.bytes();
+            txn.halves.clear();
+        }
+        state.pending_bytes -= freed;
+        if newly_decided {
+            state.decided.push_back(id);
+        }
+        while state.decided.len() > REMEMBER_DECIDED {
+            if let Some(old) = state.decided.pop_front() {
+                state.txns.remove(&old);
             }
         }
     }

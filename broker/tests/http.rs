@@ -523,11 +523,32 @@ async fn run_chromium(url: &str, action: &str) -> String {
 
 /// The table row of `mq` in a dumped DOM.
 fn mq_row<'a>(dom: &'a str, mq: &str) -> &'a str {
+    row(dom, &format!("<tr data-mq=\"{mq}\""))
+}
+
+/// The table row of a dumped DOM that starts with `open`.
+fn row<'a>(dom: &'a str, open: &str) -> &'a str {
     let start = dom
-        .find(&format!("<tr data-mq=\"{mq}\""))
-        .unwrap_or_else(|| panic!("no row for {mq} in the page:\n{dom}"));
+        .find(open)
+        .unwrap_or_else(|| panic!("no {open} in the page:\n{dom}"));
     let end = dom[start..].find("</tr>").map_or(dom.len(), |e| start + e);
     &dom[start..end]
+}
+
+/// The row of pending transaction `id` in a dumped DOM.
+fn txn_row(dom: &str, id: u64) -> &str {
+    row(dom, &format!("<tr data-txn=\"{id}\""))
+}
+
+/// The value of the first attribute `name` in `html`.
+fn attribute<'a>(html: &'a str, name: &str) -> &'a str {
+    let start = html
+        .find(&format!("{name}=\""))
+        .unwrap_or_else(|| panic!("no {name} in {html}"))
+        + name.len()
+        + 2;
+    let len = html[start..].find('"').unwrap_or(0);
+    &html[start..start + len]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,11 +566,41 @@ async fn monitor_page_in_headless_chromium() {
     for i in 0..3 {
         http.post("/mq/browser-orders", format!("order {i}")).await;
     }
+    // A pending transaction of two messages, checked every 100 ms (nobody answers) and
+    // never resolved by policy during the test.
+    let client = qbus_client::Broker::connect(&addr).await.unwrap();
+    let tx = client
+        .begin(qbus_client::TxOptions {
+            group: Some("shop".into()),
+            timeout_ms: Some(100),
+            check_interval_ms: Some(100),
+            max_checks: Some(100_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tx.send("browser-orders", "debit").await.unwrap();
+    tx.send("browser-orders", "credit").await.unwrap();
+    until("the transaction to be checked", || async {
+        (tx.info().await.ok()?.checks >= 1).then_some(())
+    })
+    .await;
 
     let dom = run_chromium(&url, "--dump-dom").await;
     let row = mq_row(&dom, "browser-orders");
     assert!(row.contains("data-depth=\"3\""), "depth 3 expected: {row}");
     assert!(dom.contains(&addr), "the page names the broker address");
+    assert!(
+        row.contains("data-pending-txns=\"1\""),
+        "one pending transaction for the MQ: {row}"
+    );
+    let txn_row = txn_row(&dom, tx.id());
+    let checks: u32 = attribute(txn_row, "data-checks").parse().unwrap();
+    assert!(checks >= 1, "its checks are shown: {txn_row}");
+    for shown in ["shop", "browser-orders × 2", "pending"] {
+        assert!(txn_row.contains(shown), "{shown:?} expected: {txn_row}");
+    }
+    tx.commit().await.unwrap();
 
     // A new connection: the broker closes keep-alive connections idle for its
     // `http-timeout`, which a slow Chromium start can outlast.
@@ -568,7 +619,18 @@ async fn monitor_page_in_headless_chromium() {
     .await;
     let dom = run_chromium(&url, "--dump-dom").await;
     let row = mq_row(&dom, "browser-orders");
-    assert!(row.contains("data-depth=\"7\""), "depth 7 expected: {row}");
+    assert!(
+        row.contains("data-depth=\"9\""),
+        "depth 9 (with the committed two) expected: {row}"
+    );
+    assert!(
+        row.contains("data-pending-txns=\"0\""),
+        "no pending transaction after the commit: {row}"
+    );
+    assert!(
+        !dom.contains("<tr data-txn="),
+        "the committed one left the table"
+    );
     assert!(
         row.contains("data-group=\"viewers\""),
         "group chip expected: {row}"

@@ -306,8 +306,10 @@ impl Broker {
             .map(|sent| sent.map(PendingCall::new))
     }
 
-    /// Opens a transaction (protocol 4; see [`Transaction`]). Needs one broker's address:
-    /// over `tracker://` it fails with [`ClientError::Protocol`].
+    /// Opens a transaction (protocol 4; see [`Transaction`]). Over `tracker://` it is
+    /// pinned to one live broker (its producer group's, see
+    /// [`ha`](crate::ha)), named by [`Transaction::broker`]; every later request of it goes
+    /// there and fails with [`ClientError::TxBrokerLost`] once that broker is gone.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), qbus_client::ClientError> {
@@ -320,8 +322,8 @@ impl Broker {
     /// # Ok(()) }
     /// ```
     pub async fn begin(&self, options: TxOptions) -> Result<Transaction> {
-        let connection = self.transport.single_connection("a transaction")?;
-        Transaction::begin(connection, &options).await
+        let (connection, pin) = self.transport.pin_transaction(options.group.as_deref())?;
+        Transaction::begin(connection, pin, &options).await
     }
 
     /// A handle on transaction `id` of this broker, to commit or roll back one that
@@ -350,7 +352,7 @@ impl Broker {
     /// The broker's open transactions (and commits not yet applied), oldest first.
     pub async fn transactions(&self) -> Result<Vec<TxInfo>> {
         let connection = self.transport.single_connection("a transaction")?;
-        crate::transaction::list(&connection, None).await
+        crate::transaction::list(&connection).await
     }
 
     /// The table of MQ-RPC callers awaiting a reply on the broker holding `mq` (over an HA

@@ -59,6 +59,19 @@ pub enum ClientError {
     /// does not match its certificate).
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// Over `tracker://`: the broker transaction `txn` is pinned to left the topology or
+    /// its connection failed. The transaction is not moved to another broker (its half
+    /// messages are on that one); the broker's check-back decides it once it is back, and
+    /// a decision retried then goes to it.
+    #[error("transaction {txn} is pinned to broker {broker}, which is unreachable ({reason}); its check-back will decide it there")]
+    TxBrokerLost {
+        /// The transaction.
+        txn: u64,
+        /// The broker it is on.
+        broker: String,
+        /// What failed.
+        reason: String,
+    },
     /// The handle was closed.
     #[error("client is closed")]
     Closed,

@@ -5,6 +5,7 @@ use bytes::BytesMut;
 
 use crate::connection::Connection;
 use crate::error::{decode_reply, ClientError, Result};
+use crate::ha::txn_pin::Pin;
 use crate::message::Message;
 use crate::protocol::{Command, Frame, Header, TxInfo, TxOptions, FLAG_TX_ALREADY};
 
@@ -28,6 +29,8 @@ use crate::protocol::{Command, Frame, Header, TxInfo, TxOptions, FLAG_TX_ALREADY
 pub struct Transaction {
     connection: Connection,
     id: u64,
+    /// Over `tracker://`: the broker it is pinned to.
+    pin: Option<Pin>,
 }
 
 /// What a commit or rollback found.
@@ -40,30 +43,59 @@ pub enum Decision {
 }
 
 impl Transaction {
-    /// Opens a transaction on the broker behind `connection`.
-    pub(crate) async fn begin(connection: Connection, options: &TxOptions) -> Result<Transaction> {
+    /// Opens a transaction on the broker behind `connection` (`pin`: over `tracker://`,
+    /// that broker's pin).
+    pub(crate) async fn begin(
+        connection: Connection,
+        pin: Option<Pin>,
+        options: &TxOptions,
+    ) -> Result<Transaction> {
         let body = rmp_serde::to_vec_named(options)
             .map_err(|e| ClientError::Protocol(format!("encoding transaction options: {e}")))?;
-        let request = Header::request(Command::TxBegin, None);
-        let reply = connection
-            .request(Frame::with_body(request, body.into()))
-            .await?;
-        let id = reply
+        let request = Frame::with_body(Header::request(Command::TxBegin, None), body.into());
+        let mut tx = Transaction {
+            connection,
+            id: 0,
+            pin,
+        };
+        let reply = tx.request(request).await?;
+        tx.id = reply
             .header
             .offset
             .ok_or_else(|| ClientError::Protocol("transaction begin reply without an id".into()))?;
-        Ok(Transaction { connection, id })
+        Ok(tx)
     }
 
     /// A handle on transaction `id` of the broker behind `connection` (to decide one
     /// another process began).
     pub(crate) fn attach(connection: Connection, id: u64) -> Transaction {
-        Transaction { connection, id }
+        Transaction {
+            connection,
+            id,
+            pin: None,
+        }
     }
 
     /// Its id, unique on its broker.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The address of the broker it is on: over `tracker://`, the one it is pinned to
+    /// (a checker for its producer group must be registered there).
+    pub fn broker(&self) -> String {
+        match &self.pin {
+            Some(pin) => pin.addr().to_owned(),
+            None => self.connection.addr(),
+        }
+    }
+
+    /// Sends one request of this transaction to its broker.
+    async fn request(&self, frame: Frame) -> Result<Frame> {
+        match &self.pin {
+            Some(pin) => pin.request(&self.connection, self.id, frame).await,
+            None => self.connection.request(frame).await,
+        }
     }
 
     /// Adds a message for `mq` (which must exist), stored durably before this returns.
@@ -87,8 +119,7 @@ impl Transaction {
         let mut header = Header::request(Command::TxProduce, Some(mq));
         header.offset = Some(self.id);
         header.count = Some(count);
-        self.connection
-            .request(Frame::with_body(header, body.freeze()))
+        self.request(Frame::with_body(header, body.freeze()))
             .await?;
         Ok(())
     }
@@ -107,7 +138,8 @@ impl Transaction {
 
     /// Where it stands on the broker.
     pub async fn info(&self) -> Result<TxInfo> {
-        let mut list = list(&self.connection, Some(self.id)).await?;
+        let reply = self.request(list_frame(Some(self.id))).await?;
+        let mut list: Vec<TxInfo> = decode_reply(&reply.body)?;
         list.pop()
             .ok_or_else(|| ClientError::Protocol("empty transaction listing".into()))
     }
@@ -115,7 +147,7 @@ impl Transaction {
     async fn decide(&self, cmd: Command) -> Result<Decision> {
         let mut header = Header::request(cmd, None);
         header.offset = Some(self.id);
-        let reply = self.connection.request(Frame::new(header)).await?;
+        let reply = self.request(Frame::new(header)).await?;
         Ok(if reply.header.has_flag(FLAG_TX_ALREADY) {
             Decision::Already
         } else {
@@ -124,10 +156,15 @@ impl Transaction {
     }
 }
 
-/// The broker's open transactions (`only`: just that one, in any state it is known in).
-pub(crate) async fn list(connection: &Connection, only: Option<u64>) -> Result<Vec<TxInfo>> {
+/// The request for the broker's open transactions (`only`: just that one, in any state it
+/// is known in).
+fn list_frame(only: Option<u64>) -> Frame {
     let mut header = Header::request(Command::TxList, None);
     header.offset = only;
-    let reply = connection.request(Frame::new(header)).await?;
-    decode_reply(&reply.body)
+    Frame::new(header)
+}
+
+/// The broker's open transactions.
+pub(crate) async fn list(connection: &Connection) -> Result<Vec<TxInfo>> {
+    decode_reply(&connection.request(list_frame(None)).await?.body)
 }

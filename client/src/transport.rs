@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connection::{Connection, PendingReply};
 use crate::error::{decode_reply, ClientError, Result};
 use crate::ha::failover::HaReply;
+use crate::ha::txn_pin::Pin;
 use crate::ha::{Ha, HaStatus};
 use crate::protocol::{Command, Frame, Header, MqInfo, MqOptions};
 use crate::topology::Topology;
@@ -179,13 +180,26 @@ impl Transport {
         admin(connection, request, Bytes::new()).await.map(drop)
     }
 
-    /// The one broker's connection, for what is pinned to one broker (a transaction).
+    /// The one broker's connection, for what needs one broker (attaching to a transaction
+    /// by id, a checker, the listing).
     pub(crate) fn single_connection(&self, what: &str) -> Result<Connection> {
         match &self.kind {
             Kind::Single(connection) => Ok(connection.clone()),
             Kind::Ha(_) => Err(ClientError::Protocol(format!(
                 "{what} needs one broker: connect to a broker's address, not tracker://"
             ))),
+        }
+    }
+
+    /// The connection a new transaction of producer group `group` goes over: the one
+    /// broker's, or over HA the broker it is pinned to (with its pin).
+    pub(crate) fn pin_transaction(&self, group: Option<&str>) -> Result<(Connection, Option<Pin>)> {
+        match &self.kind {
+            Kind::Single(connection) => Ok((connection.clone(), None)),
+            Kind::Ha(ha) => {
+                let (pin, connection) = Pin::choose(ha, group)?;
+                Ok((connection, Some(pin)))
+            }
         }
     }
 

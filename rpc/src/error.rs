@@ -96,8 +96,10 @@ impl RpcError {
                 status => RpcError::Refused { status, message },
             },
             ClientError::Protocol(message) => RpcError::Codec(message),
-            // Consumers' notice; a call never gets it.
-            lost @ ClientError::RecordsLost { .. } => RpcError::Codec(lost.to_string()),
+            // A consumer's notice and a transaction's error: a call never gets them.
+            other @ (ClientError::RecordsLost { .. } | ClientError::TxBrokerLost { .. }) => {
+                RpcError::Codec(other.to_string())
+            }
         }
     }
 }

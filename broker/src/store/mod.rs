@@ -15,6 +15,7 @@
 //! - [`key_log`]: [`KeyLog`](key_log::KeyLog), an MQ's durable key set (zbus's duplicate filter).
 //! - [`timer_log`]: [`TimerLog`], the on-disk index of an MQ's delayed records by due time.
 //! - [`txn_log`]: the broker's transaction log (begins, half messages, decisions).
+//! - [`txn_log_writer`]: its writer thread, syncing concurrent appends together.
 //! - `simdisk` (tests only): a simulated disk that keeps only what was synced, for the
 //!   crash tests.
 //!
@@ -41,6 +42,7 @@ pub(crate) mod tail;
 mod testutil;
 pub mod timer_log;
 pub mod txn_log;
+pub mod txn_log_writer;
 
 pub use attempts::AttemptsFile;
 pub use cursor::CursorFile;

@@ -4,7 +4,8 @@
 //!
 //! Entries follow each other: `u32 len | u32 crc | payload` (big-endian; `crc` is CRC-32 of
 //! the payload), payload `u8 kind | u64 txn | body`. Appends are synced before they are
-//! acknowledged under `--fsync always`. At open the file is read up to the first entry that
+//! acknowledged under `--fsync always`, by one writer thread that syncs concurrent appends
+//! together ([`TxnLogWriter`](super::txn_log_writer::TxnLogWriter)). At open the file is read up to the first entry that
 //! is torn or damaged (a power cut mid-append), and cut there: everything before was
 //! acknowledged, nothing after was. [`TxnLog::rewrite`] replaces the file by the entries of
 //! the transactions still open (compaction), durably, so it does not grow forever.
@@ -184,13 +185,10 @@ impl TxnLog {
         Ok((log, events))
     }
 
-    /// Appends `events` (one write), synced when the policy says so.
-    pub fn append(&mut self, events: &[Event]) -> Result<(), StoreError> {
-        let mut bytes = Vec::new();
-        for event in events {
-            event.encode(&mut bytes);
-        }
-        let written = self.file.write_all_at(&bytes, self.len).and_then(|()| {
+    /// Appends entries already [encoded](Event::encode) (one write), synced when the policy
+    /// says so. The [writer thread](super::txn_log_writer) joins concurrent appends into one.
+    pub fn append_encoded(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let written = self.file.write_all_at(bytes, self.len).and_then(|()| {
             if self.sync {
                 self.file.sync_data()
             } else {
@@ -198,8 +196,8 @@ impl TxnLog {
             }
         });
         if let Err(e) = written {
-            // Whatever part reached the file is cut at the next open (or overwritten by
-            // the next append, which starts at the same place).
+            // Whatever part reached the file is cut at the next open; the writer thread
+            // writes nothing more after a failure (see its fail-stop).
             return Err(StoreError::io(&self.path)(e));
         }
         self.len += bytes.len() as u64;
@@ -234,6 +232,14 @@ mod tests {
         disk.fs().create_dir_all(store).unwrap();
         disk.fs().sync_dir(Path::new("/")).unwrap();
         store
+    }
+
+    fn append(log: &mut TxnLog, events: &[Event]) {
+        let mut bytes = Vec::new();
+        for event in events {
+            event.encode(&mut bytes);
+        }
+        log.append_encoded(&bytes).unwrap();
     }
 
     fn half(txn: u64, body: &str) -> Event {
@@ -294,18 +300,18 @@ mod tests {
                     },
                     half(txn, &"x".repeat(txn as usize * 100)),
                 ];
-                log.append(&batch).unwrap();
+                append(&mut log, &batch);
                 synced.extend(batch);
             }
             // An unsynced append after the last synced one may be torn by the cut.
             log.sync = false;
-            log.append(&[Event::Commit { txn: 4 }]).unwrap();
+            append(&mut log, &[Event::Commit { txn: 4 }]);
             let after = disk.crash(&mut Rng::new(seed));
             let (mut log, events) = TxnLog::open(&after.fs(), store, true).unwrap();
             assert!(events.starts_with(&synced), "seed {seed}: {events:?}");
             assert!(events.len() <= synced.len() + 1);
             // Appends go on after the cut, and read back after a restart.
-            log.append(&[Event::Rollback { txn: 3 }]).unwrap();
+            append(&mut log, &[Event::Rollback { txn: 3 }]);
             let (_, again) = TxnLog::open(&after.restart().fs(), store, true).unwrap();
             assert_eq!(
                 again.last(),
@@ -321,10 +327,12 @@ mod tests {
         let disk = SimDisk::new();
         let store = store(&disk);
         let (mut log, _) = TxnLog::open(&disk.fs(), store, true).unwrap();
-        log.append(&[half(1, "a"), Event::Rollback { txn: 1 }, half(2, "b")])
-            .unwrap();
+        append(
+            &mut log,
+            &[half(1, "a"), Event::Rollback { txn: 1 }, half(2, "b")],
+        );
         log.rewrite(&[half(2, "b")]).unwrap();
-        log.append(&[Event::Commit { txn: 2 }]).unwrap();
+        append(&mut log, &[Event::Commit { txn: 2 }]);
         let after = disk.crash(&mut Rng::new(1));
         let (_, events) = TxnLog::open(&after.fs(), store, true).unwrap();
         assert_eq!(events, [half(2, "b"), Event::Commit { txn: 2 }]);

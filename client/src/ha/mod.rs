@@ -9,7 +9,8 @@
 //! Inside: `views` (the merging rules), `tracker_link` (one subscription per tracker),
 //! `pool` (one connection per broker, local down marks and probes), `failover` (sending
 //! with retry on another broker), `admin` (MQ admin across brokers), `consume` (a consumer
-//! over every broker holding its MQ), `selector` ([`Selector`]) and `affinity` (keys).
+//! over every broker holding its MQ), `selector` ([`Selector`]), `affinity` (keys) and
+//! `txn_pin` (a transaction pinned to one broker).
 //!
 //! Address form: `tracker://HOST:PORT[,HOST:PORT...]`, one or more trackers separated by
 //! commas (see [`parse_trackers`]). All trackers are equal; two are the usual setup.
@@ -29,6 +30,9 @@
 //!   twice: duplicates are at most the sends in flight to the failed broker, and carry the
 //!   same message id, key and body, so a consumer that must see each message once drops
 //!   repeats by id.
+//! - A transaction is pinned to one live broker (its producer group's, by rendezvous
+//!   hashing) and never fails over: once that broker is gone, its requests fail with
+//!   [`ClientError::TxBrokerLost`].
 //! - A consumer reads from every broker holding its MQ, picks up brokers that join and lets
 //!   go of brokers that leave; each broker keeps its group's place.
 
@@ -39,6 +43,7 @@ pub(crate) mod failover;
 mod pool;
 mod selector;
 mod tracker_link;
+pub(crate) mod txn_pin;
 mod views;
 
 use std::sync::{Arc, Mutex};

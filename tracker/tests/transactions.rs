@@ -1,0 +1,136 @@
+//! Transactions over `tracker://`: pinned to one broker, never failed over.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod support;
+
+use std::time::Duration;
+
+use qbus_client::ha::HaOptions;
+use qbus_client::{ClientError, ConnectionOptions, MqOptions, TxOptions};
+use support::{broker, tracker, tracker_url, wait_for_brokers};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// The depth of `mq` on the broker at `addr` alone.
+async fn depth_on(addr: &str, mq: &str) -> u64 {
+    let one = qbus_client::Broker::connect(addr).await.unwrap();
+    one.query_mq(mq).await.unwrap().depth()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_over_a_tracker_commits_atomically_on_the_one_broker_it_is_pinned_to() {
+    let t = tracker();
+    let (b1, b2) = (broker(&[&t]), broker(&[&t]));
+    let both = [b1.addr(), b2.addr()];
+    let client = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    wait_for_brokers(&client, None, &both, LIMIT).await;
+    for mq in ["orders", "audit"] {
+        client.create_mq(mq, MqOptions::default()).await.unwrap();
+        wait_for_brokers(&client, Some(mq), &both, LIMIT).await;
+    }
+    // Several transactions, with and without a group: each lives on one broker.
+    for (round, group) in [None, Some("shop"), None, Some("billing")]
+        .into_iter()
+        .enumerate()
+    {
+        let options = TxOptions {
+            group: group.map(str::to_owned),
+            ..TxOptions::default()
+        };
+        let tx = client.begin(options).await.unwrap();
+        let pinned = tx.broker();
+        assert!(both.contains(&pinned), "{pinned} is not one of {both:?}");
+        let other = both.iter().find(|a| **a != pinned).unwrap();
+        let before = (
+            depth_on(&pinned, "orders").await,
+            depth_on(&pinned, "audit").await,
+        );
+        for i in 0..3 {
+            tx.send("orders", format!("order {round}.{i}"))
+                .await
+                .unwrap();
+        }
+        tx.send("audit", format!("audit {round}")).await.unwrap();
+        assert_eq!(
+            depth_on(&pinned, "orders").await,
+            before.0,
+            "invisible until commit"
+        );
+        tx.commit().await.unwrap();
+        // A repeated decision goes to the same broker and is harmless there.
+        assert_eq!(tx.commit().await.unwrap(), qbus_client::Decision::Already);
+        assert_eq!(depth_on(&pinned, "orders").await, before.0 + 3);
+        assert_eq!(depth_on(&pinned, "audit").await, before.1 + 1);
+        let info = tx.info().await.unwrap();
+        assert_eq!(info.id, tx.id());
+        // Nothing of it anywhere else: the other broker holds only other rounds' messages.
+        let elsewhere = depth_on(other, "orders").await + depth_on(&pinned, "orders").await;
+        assert_eq!(elsewhere, 3 * (round as u64 + 1), "round {round}");
+    }
+    // A group's transactions meet on one broker while the topology holds still.
+    let shop = TxOptions {
+        group: Some("shop".into()),
+        ..TxOptions::default()
+    };
+    let first = client.begin(shop.clone()).await.unwrap();
+    let second = client.begin(shop).await.unwrap();
+    assert_eq!(first.broker(), second.broker());
+    first.rollback().await.unwrap();
+    second.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_transaction_fails_typed_when_its_broker_dies_and_commits_there_after_it_returns()
+{
+    let t = tracker();
+    let mut brokers = [broker(&[&t]), broker(&[&t])];
+    let both: Vec<String> = brokers.iter().map(|b| b.addr()).collect();
+    let options = HaOptions::default().with_connection(ConnectionOptions {
+        connect_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(2),
+        ..ConnectionOptions::default()
+    });
+    let client = qbus_client::Broker::connect_ha(&tracker_url(&[&t]), options)
+        .await
+        .unwrap();
+    wait_for_brokers(&client, None, &both, LIMIT).await;
+    client
+        .create_mq("orders", MqOptions::default())
+        .await
+        .unwrap();
+    wait_for_brokers(&client, Some("orders"), &both, LIMIT).await;
+
+    let tx = client.begin(TxOptions::default()).await.unwrap();
+    tx.send("orders", "debit").await.unwrap();
+    let pinned = brokers
+        .iter_mut()
+        .find(|b| b.addr() == tx.broker())
+        .unwrap();
+    pinned.kill9();
+    // Its later requests fail, typed, and are not sent to the other broker.
+    let refused = tokio::time::timeout(LIMIT, tx.send("orders", "credit"))
+        .await
+        .unwrap();
+    match refused {
+        Err(ClientError::TxBrokerLost { txn, broker, .. }) => {
+            assert_eq!((txn, broker), (tx.id(), tx.broker()));
+        }
+        other => panic!("expected TxBrokerLost, got {other:?}"),
+    }
+    let other = both.iter().find(|a| **a != tx.broker()).unwrap();
+    assert_eq!(depth_on(other, "orders").await, 0);
+
+    // Back (same store, same port): the pending transaction is there, and a decision
+    // retried goes to it.
+    pinned.restart();
+    let committed = support::wait_for_async("the retried commit", LIMIT, || async {
+        tx.commit().await.ok()
+    })
+    .await;
+    assert_eq!(committed, qbus_client::Decision::Taken);
+    assert_eq!(depth_on(&tx.broker(), "orders").await, 1);
+    assert_eq!(depth_on(other, "orders").await, 0);
+}
