@@ -52,6 +52,15 @@ impl Transport {
         matches!(self.kind, Kind::Ha(_))
     }
 
+    /// The largest frame the broker accepts, once a connection said it (over several
+    /// brokers: not known, each may differ).
+    pub(crate) fn max_frame(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Single(connection) => connection.server_info().map(|info| info.max_frame),
+            Kind::Ha(_) => None,
+        }
+    }
+
     /// The cluster as the trackers describe it; `None` for one broker.
     pub(crate) fn topology(&self) -> Option<Arc<Topology>> {
         match &self.kind {

@@ -4,7 +4,7 @@
 //! Every message carries its send time (µs since the Unix epoch, the first 8 bytes of its
 //! body): a subscriber's latency is its receive time minus that, on the same clock. The
 //! same shape as `nats bench pub/sub`, so the two can be run side by side
-//! (`scripts/bench-nats-fanout.sh`).
+//! (`scripts/bench-fanout-vs-nats.sh`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,9 +32,10 @@ pub struct FanoutBench {
     /// Messages to publish
     #[arg(long, default_value_t = 1_000_000)]
     count: u64,
-    /// Produce requests sent and not yet confirmed (more queue in the client and add
-    /// latency, not rate)
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Messages sent and not yet confirmed: the producer's window (its sends leave in
+    /// batches; the window bounds the client's memory, not the rate, unless it is smaller
+    /// than the messages of one round trip)
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     in_flight: u32,
     /// Most messages per fetch
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]

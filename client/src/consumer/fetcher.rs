@@ -47,7 +47,7 @@ pub(super) fn spawn_fetcher(
     spec: &Arc<FetchSpec>,
     connection: Connection,
     name: String,
-    tx: mpsc::Sender<Result<Delivery>>,
+    tx: mpsc::Sender<Result<Vec<Delivery>>>,
     stop: CancellationToken,
 ) {
     let target = if name == spec.target.mq {
@@ -77,7 +77,7 @@ struct Fetcher {
     target: Arc<Target>,
     connection: Connection,
     acker: Acker,
-    tx: mpsc::Sender<Result<Delivery>>,
+    tx: mpsc::Sender<Result<Vec<Delivery>>>,
     stop: CancellationToken,
 }
 
@@ -108,20 +108,22 @@ impl Fetcher {
                 }
                 Ok(Ok(deliveries)) => {
                     backoff.reset();
-                    let mut deliveries = deliveries.into_iter();
-                    while let Some(delivery) = deliveries.next() {
-                        if self.spec.auto_ack {
-                            self.acker.settle_later(&delivery, Verdict::Ack);
+                    if deliveries.is_empty() {
+                        continue;
+                    }
+                    if self.spec.auto_ack {
+                        for delivery in &deliveries {
+                            self.acker.settle_later(delivery, Verdict::Ack);
                         }
-                        if let Err(mpsc::error::SendError(Ok(unhandled))) =
-                            self.tx.send(Ok(delivery)).await
-                        {
-                            // The consumer is gone: give back what it will never see.
-                            for delivery in std::iter::once(unhandled).chain(deliveries) {
-                                self.acker.settle_later(&delivery, Verdict::Unseen);
-                            }
-                            return;
+                    }
+                    if let Err(mpsc::error::SendError(Ok(unhandled))) =
+                        self.tx.send(Ok(deliveries)).await
+                    {
+                        // The consumer is gone: give back what it will never see.
+                        for delivery in unhandled {
+                            self.acker.settle_later(&delivery, Verdict::Unseen);
                         }
+                        return;
                     }
                 }
                 Err(e)

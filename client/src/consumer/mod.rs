@@ -8,6 +8,7 @@
 mod delivery;
 mod fetcher;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -96,7 +97,8 @@ impl ConsumerBuilder {
     pub async fn subscribe(self) -> Result<Consumer> {
         self.transport.query_mq(&self.mq).await?;
         let group = self.group.clone().unwrap_or_else(|| self.mq.clone());
-        let (tx, rx) = mpsc::channel(self.batch as usize * 2);
+        // Two fetches' worth per broker: one being handled, one arriving.
+        let (tx, rx) = mpsc::channel(2);
         let spec = Arc::new(FetchSpec {
             target: Arc::new(Target {
                 mq: self.mq.clone(),
@@ -115,6 +117,7 @@ impl ConsumerBuilder {
             });
         Ok(Consumer {
             rx,
+            buffered: VecDeque::new(),
             held: None,
             mq: self.mq,
             group,
@@ -139,7 +142,10 @@ impl ConsumerBuilder {
 /// # Ok(()) }
 /// ```
 pub struct Consumer {
-    rx: mpsc::Receiver<Result<Delivery>>,
+    /// A fetch's deliveries travel together (one channel step per fetch, not per message).
+    rx: mpsc::Receiver<Result<Vec<Delivery>>>,
+    /// The rest of the last fetch received, handed out before anything else.
+    buffered: VecDeque<Delivery>,
     /// An error `recv_batch` met after deliveries: returned by the next receive, so that
     /// the deliveries before it are not dropped with it.
     held: Option<ClientError>,
@@ -170,9 +176,23 @@ impl Consumer {
     /// The next delivery; `None` after a fatal error has been returned. A
     /// [`ClientError::RecordsLost`] is a notice, not fatal: deliveries go on after it.
     pub async fn recv(&mut self) -> Option<Result<Delivery>> {
-        match self.held.take() {
-            Some(e) => Some(Err(e)),
-            None => self.rx.recv().await,
+        std::future::poll_fn(|cx| self.poll_delivery(cx)).await
+    }
+
+    /// The next delivery: buffered first, then a held error, then the channel.
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
+        loop {
+            if let Some(delivery) = self.buffered.pop_front() {
+                return Poll::Ready(Some(Ok(delivery)));
+            }
+            if let Some(e) = self.held.take() {
+                return Poll::Ready(Some(Err(e)));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Ok(deliveries)) => self.buffered = deliveries.into(),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => return Poll::Ready(None),
+            }
         }
     }
 
@@ -184,9 +204,15 @@ impl Consumer {
             return Ok(batch);
         };
         batch.push(first?);
-        while batch.len() < max {
+        loop {
+            let room = max.saturating_sub(batch.len());
+            let take = room.min(self.buffered.len());
+            batch.extend(self.buffered.drain(..take));
+            if batch.len() >= max {
+                break;
+            }
             match self.rx.try_recv() {
-                Ok(Ok(delivery)) => batch.push(delivery),
+                Ok(Ok(deliveries)) => self.buffered = deliveries.into(),
                 Ok(Err(e)) => {
                     self.held = Some(e);
                     break;
@@ -241,17 +267,18 @@ impl Stream for Consumer {
     type Item = Result<Delivery>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(e) = self.held.take() {
-            return Poll::Ready(Some(Err(e)));
-        }
-        self.rx.poll_recv(cx)
+        self.poll_delivery(cx)
     }
 }
 
 impl Drop for Consumer {
     fn drop(&mut self) {
         self.rx.close();
-        while let Ok(Ok(delivery)) = self.rx.try_recv() {
+        let mut unseen = std::mem::take(&mut self.buffered);
+        while let Ok(received) = self.rx.try_recv() {
+            unseen.extend(received.into_iter().flatten());
+        }
+        for delivery in unseen {
             delivery.acker.settle_later(&delivery, Verdict::Unseen);
         }
     }

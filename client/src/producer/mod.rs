@@ -1,18 +1,19 @@
 //! Producing messages: confirmed, pipelined, batched and one-way.
 
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+mod send_queue;
+
 use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::error::{ClientError, Result};
+use crate::error::Result;
 use crate::message::Message;
 use crate::protocol::{
-    Command, Durability, Frame, Header, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_DUPLICATE,
-    FLAG_ONEWAY,
+    Command, Durability, Frame, Header, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED, FLAG_ONEWAY,
 };
-use crate::transport::{PendingFrame, Transport};
+use crate::transport::Transport;
+pub use send_queue::PendingReceipt;
+use send_queue::SendQueue;
 
 /// What the broker confirmed for a send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +54,8 @@ pub struct Producer {
     mq: Arc<str>,
     /// `FLAG_ACK_*` bits of every produce.
     ack: u32,
+    /// Confirmed sends not yet handed to the connection, shared by clones.
+    queue: Arc<SendQueue>,
 }
 
 /// How far a produce must get before its receipt (protocol 3; see `docs/replication.md`).
@@ -75,6 +78,7 @@ impl Producer {
             transport,
             mq: mq.into(),
             ack: 0,
+            queue: Arc::new(SendQueue::new()),
         }
     }
 
@@ -95,6 +99,8 @@ impl Producer {
             Ack::Local => FLAG_ACK_LOCAL,
             Ack::Replicated => FLAG_ACK_REPLICATED,
         };
+        // Sends at another level never share a frame with this producer's.
+        self.queue = Arc::new(SendQueue::new());
         self
     }
 
@@ -110,6 +116,11 @@ impl Producer {
 
     /// Queues one message and returns at once with a handle on its receipt, so many sends
     /// can be in flight. Messages queued from one task are stored in the order queued.
+    ///
+    /// Sends queued while earlier ones are still on their way out leave together in one
+    /// produce request (nothing waits to fill it: a lone send leaves at once). A failure of
+    /// that request is the failure of each of its sends, reported by their receipts; this
+    /// call itself fails only for a message that cannot be encoded.
     pub async fn send_async(&self, message: impl Into<Message>) -> Result<PendingReceipt> {
         self.send_batch_async(std::iter::once(message.into())).await
     }
@@ -125,87 +136,33 @@ impl Producer {
         &self,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<PendingReceipt> {
-        let (frame, key) = self.frame(messages, 0)?;
-        let reply = self.transport.send(&self.mq, key, frame).await?;
-        Ok(PendingReceipt { reply })
-    }
-
-    /// Sends one message with no confirmation: `Ok` means it was queued on a live
-    /// connection, not that it was stored (at most once).
-    pub async fn send_oneway(&self, message: impl Into<Message>) -> Result<()> {
-        let (frame, key) = self.frame(std::iter::once(message.into()), FLAG_ONEWAY)?;
-        self.transport
-            .send_oneway(&self.mq, key.as_deref(), frame)
+        self.queue
+            .push(&self.transport, &self.mq, self.ack, messages)
             .await
     }
 
-    /// The produce frame for `messages`, and over several brokers the first message's key
-    /// (the broker is chosen by it).
-    fn frame(
-        &self,
-        messages: impl IntoIterator<Item = Message>,
-        flags: u32,
-    ) -> Result<(Frame, Option<String>)> {
-        let cluster = self.transport.is_cluster();
-        let mut messages = messages.into_iter().peekable();
-        let key = if cluster {
-            messages.peek().and_then(|m| m.key.clone())
+    /// Sends one message with no confirmation: `Ok` means it was queued on a live
+    /// connection, not that it was stored (at most once). It does not wait for confirmed
+    /// sends queued before it.
+    pub async fn send_oneway(&self, message: impl Into<Message>) -> Result<()> {
+        let mut message = message.into();
+        let key = if self.transport.is_cluster() {
+            message.id.get_or_insert_with(rand::random);
+            message.key.clone()
         } else {
             None
         };
-        let mut body = BytesMut::new();
-        let mut count = 0u32;
-        for mut message in messages {
-            if cluster && message.id.is_none() {
-                // HA sends may be retried on another broker: give consumers a way to
-                // recognise the second copy.
-                message.id = Some(rand::random());
-            }
-            body.reserve(message.encoded_len());
-            message.encode(&mut body)?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(ClientError::Protocol(
-                "a batch needs at least one message".into(),
-            ));
-        }
+        let mut body = BytesMut::with_capacity(message.encoded_len());
+        message.encode(&mut body)?;
         let mut header = Header::request(Command::Produce, Some(&self.mq));
-        header.count = Some(count);
-        header.flags = flags | self.ack;
-        Ok((Frame::with_body(header, body.freeze()), key))
-    }
-}
-
-/// The receipt of a queued send; `.await` it. Over an HA handle, awaiting it also sends the
-/// message again to another broker if the first one fails before confirming.
-#[derive(Debug)]
-pub struct PendingReceipt {
-    reply: PendingFrame,
-}
-
-impl IntoFuture for PendingReceipt {
-    type Output = Result<Receipt>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Result<Receipt>> + Send>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let header = self.reply.wait().await?.header;
-            match (header.offset, header.durability) {
-                (Some(offset), Some(durability)) => Ok(Receipt {
-                    offset,
-                    count: header.count.unwrap_or(1),
-                    durability,
-                    offsets: if header.has_flag(FLAG_DUPLICATE) {
-                        header.offsets
-                    } else {
-                        Vec::new()
-                    },
-                }),
-                _ => Err(ClientError::Protocol(
-                    "produce reply without offset or durability".into(),
-                )),
-            }
-        })
+        header.count = Some(1);
+        header.flags = FLAG_ONEWAY | self.ack;
+        self.transport
+            .send_oneway(
+                &self.mq,
+                key.as_deref(),
+                Frame::with_body(header, body.freeze()),
+            )
+            .await
     }
 }
