@@ -272,6 +272,84 @@ async fn sigterm_shuts_down_cleanly() {
     }
 }
 
+/// Records and acks of a `sync: false` MQ, which the session writes itself instead of the
+/// commit thread, are in the files once acknowledged: a kill -9 keeps them all, in the
+/// order they were sent, and the group's acknowledged cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_false_writes_survive_kill_9_in_order() {
+    const N: u64 = 5_000;
+    let mut broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    let fast = MqOptions {
+        sync: Some(false),
+        ..MqOptions::default()
+    };
+    client.create_mq("fast", fast).await.unwrap();
+    let producer = client.producer("fast");
+    let mut window = std::collections::VecDeque::new();
+    let mut offsets = Vec::new();
+    for i in 0..N {
+        window.push_back(producer.send_async(format!("m-{i}")).await.unwrap());
+        if window.len() >= 256 {
+            let receipt = window.pop_front().unwrap().await.unwrap();
+            assert_eq!(receipt.durability, Durability::Written);
+            offsets.push(receipt.offset);
+        }
+    }
+    while let Some(pending) = window.pop_front() {
+        offsets.push(pending.await.unwrap().offset);
+    }
+    assert_eq!(
+        offsets,
+        (0..N).collect::<Vec<_>>(),
+        "stored in the order sent"
+    );
+    let mut consumer = client
+        .consumer("fast")
+        .group("g")
+        .batch(100)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut acked = 0;
+    while acked < N / 2 {
+        let deliveries = tokio::time::timeout(Duration::from_secs(20), consumer.recv_batch(100))
+            .await
+            .expect("deliveries in time")
+            .unwrap();
+        qbus_client::Delivery::ack_all(&deliveries).await.unwrap();
+        acked += deliveries.len() as u64;
+    }
+    drop(consumer);
+    drop(client);
+
+    broker.restart(); // SIGKILL, then start on the same store
+    let client = broker.client().await;
+    let info = client.query_mq("fast").await.unwrap();
+    assert_eq!(info.depth(), N);
+    let group = info.groups.iter().find(|g| g.name == "g").unwrap();
+    assert!(group.committed >= acked, "{} < {acked}", group.committed);
+    let mut consumer = client
+        .consumer("fast")
+        .group("after-crash")
+        .batch(1000)
+        .subscribe()
+        .await
+        .unwrap();
+    let mut expected = 0u64;
+    while expected < N {
+        let deliveries = tokio::time::timeout(Duration::from_secs(20), consumer.recv_batch(1000))
+            .await
+            .expect("deliveries in time")
+            .unwrap();
+        for d in deliveries {
+            assert_eq!(d.offset, expected, "in order, exactly once");
+            assert_eq!(d.body, format!("m-{expected}").as_bytes());
+            expected += 1;
+        }
+    }
+}
+
 /// An MQ created with `sync: false` is acknowledged once written, while other MQs of the
 /// same broker still wait for the fsync; both keep their messages across a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

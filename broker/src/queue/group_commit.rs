@@ -3,10 +3,19 @@
 //!
 //! While the thread is in `fsync`, new requests pile up in its queue and become the next
 //! batch, so the number of fsyncs per second stays near the disk's limit however many
-//! producers there are, and blocking file I/O never runs on the async reactor threads.
+//! producers there are, and fsyncs never run on the async reactor threads.
+//!
+//! Records and cursors of `sync: false` MQs need no fsync before their reply, so they skip
+//! the thread when they can: [`Committer::submit`] writes them at once on the submitting
+//! task (one buffered write per log per batch, into the page cache) when nothing of their
+//! log waits in the thread's queue and no one holds the file, and the thread only fsyncs
+//! them later with the rest (under `--fsync always` within [`UNSYNCED_FLUSH`]). A call
+//! through the broker (MQ-RPC) then costs no thread hop and no wake-up of this thread.
+//! Anything else, or when the file is busy (being synced), goes through the queue as before,
+//! in order: once one append of a log is queued, the log's later appends queue behind it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LockResult, Mutex, MutexGuard, OnceLock};
 
 use bytes::BytesMut;
 use qbus_wire::now_ms;
@@ -17,8 +26,37 @@ use crate::config::FsyncPolicy;
 use crate::metrics::{LatencyHistogram, FSYNC_BUCKETS};
 use crate::store::{Appended, CursorFile, MqLog, StoreError};
 
-/// Shared handle on an MQ's log; only the commit thread writes through it.
-pub type SharedLog = Arc<Mutex<MqLog>>;
+/// Shared handle on an MQ's log, written by the commit thread (and for `sync: false` MQs
+/// by [`Committer::submit`] itself, see the module's doc).
+pub type SharedLog = Arc<LogHandle>;
+
+/// An MQ's log and how many of its appends wait in the commit thread's queue.
+pub struct LogHandle {
+    log: Mutex<MqLog>,
+    /// Appends submitted to the thread and not yet written: while any are, later appends
+    /// of this log queue behind them instead of being written at once, so the log keeps
+    /// the order in which they were submitted.
+    queued: AtomicUsize,
+}
+
+impl LogHandle {
+    /// Shares `log`.
+    pub fn new(log: MqLog) -> SharedLog {
+        Arc::new(LogHandle {
+            log: Mutex::new(log),
+            queued: AtomicUsize::new(0),
+        })
+    }
+
+    /// Locks the log.
+    pub fn lock(&self) -> LockResult<MutexGuard<'_, MqLog>> {
+        self.log.lock()
+    }
+
+    fn written(&self, appends: usize) {
+        self.queued.fetch_sub(appends, Ordering::AcqRel);
+    }
+}
 /// Shared handle on a group's cursor file.
 pub type SharedCursor = Arc<Mutex<CursorFile>>;
 
@@ -61,6 +99,16 @@ type CursorReply = oneshot::Sender<Result<Durability, StoreError>>;
 enum Work {
     Append(Append),
     Cursor(CursorStore),
+}
+
+impl Work {
+    /// Whether its reply waits for the fsync.
+    fn waits_sync(&self) -> bool {
+        match self {
+            Work::Append(append) => append.wait_sync,
+            Work::Cursor(store) => store.wait_sync,
+        }
+    }
 }
 
 enum Job {
@@ -189,6 +237,9 @@ pub struct Committer {
     policy: FsyncPolicy,
     /// Time each batch spent in fsync, recorded by the commit thread.
     fsync: Arc<LatencyHistogram>,
+    /// Files written by [`Committer::submit`] itself, for the thread to fsync.
+    written_here: Arc<Mutex<Dirty>>,
+    halt: Halt,
 }
 
 /// The commit thread is gone (the broker is shutting down).
@@ -204,11 +255,24 @@ impl Committer {
     pub fn start(policy: FsyncPolicy) -> std::io::Result<(Committer, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let fsync = Arc::new(LatencyHistogram::new(FSYNC_BUCKETS));
-        let timings = fsync.clone();
+        let written_here = Arc::new(Mutex::new(Dirty::default()));
+        let halt = Halt::default();
+        let thread = Thread {
+            policy,
+            fsync: fsync.clone(),
+            written_here: written_here.clone(),
+            halt: halt.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("qbus-commit".into())
-            .spawn(move || run(rx, policy, &timings))?;
-        if let FsyncPolicy::Interval(every) = policy {
+            .spawn(move || run(rx, &thread))?;
+        let tick = match policy {
+            FsyncPolicy::Interval(every) => Some(every),
+            // Writes made outside the thread wake it for nothing: a tick brings their fsync.
+            FsyncPolicy::Always => Some(UNSYNCED_FLUSH),
+            FsyncPolicy::Never => None,
+        };
+        if let Some(every) = tick {
             // A weak sender, so the ticker does not keep the thread alive after shutdown.
             let ticker = tx.downgrade();
             tokio::spawn(async move {
@@ -222,7 +286,14 @@ impl Committer {
                 }
             });
         }
-        Ok((Committer { tx, policy, fsync }, handle))
+        let committer = Committer {
+            tx,
+            policy,
+            fsync,
+            written_here,
+            halt,
+        };
+        Ok((committer, handle))
     }
 
     /// How long fsyncs take (one observation per batch that had files to sync).
@@ -235,16 +306,123 @@ impl Committer {
         durability_of(self.policy)
     }
 
-    /// Hands a batch to the thread with one message (and at most one wake-up). Queuing
-    /// order is write order.
+    /// Hands a batch to the thread with one message (and at most one wake-up), after
+    /// writing at once what need not wait for it (see the module's doc). Queuing order is
+    /// write order.
     pub async fn submit(&self, batch: CommitBatch) -> Result<(), StoreError> {
-        if batch.work.is_empty() {
+        let work = self.write_through(batch.work);
+        if work.is_empty() {
             return Ok(());
         }
-        self.tx
-            .send(Job::Batch(batch.work))
-            .await
-            .map_err(|_| stopped())
+        for item in &work {
+            if let Work::Append(append) = item {
+                append.log.queued.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.tx.send(Job::Batch(work)).await.map_err(|_| stopped())
+    }
+
+    /// Writes the appends and cursor stores of `work` that wait for no fsync, when their
+    /// file is free and (appends) nothing of their log is queued; returns the rest, in order.
+    fn write_through(&self, work: Vec<Work>) -> Vec<Work> {
+        if work.iter().all(Work::waits_sync) || self.halt.error().is_some() {
+            return work;
+        }
+        let mut kept = Vec::with_capacity(work.len());
+        // Logs with an append kept for the thread: their later appends follow it there.
+        let mut kept_logs: Vec<SharedLog> = Vec::new();
+        let mut now: Vec<(SharedLog, Vec<Append>)> = Vec::new();
+        for item in work {
+            match item {
+                Work::Append(append)
+                    if !append.wait_sync
+                        && append.log.queued.load(Ordering::Acquire) == 0
+                        && !kept_logs.iter().any(|l| Arc::ptr_eq(l, &append.log)) =>
+                {
+                    match now
+                        .iter_mut()
+                        .find(|(log, _)| Arc::ptr_eq(log, &append.log))
+                    {
+                        Some((_, appends)) => appends.push(append),
+                        None => now.push((append.log.clone(), vec![append])),
+                    }
+                }
+                Work::Cursor(store) if !store.wait_sync => {
+                    if let Some(store) = self.store_cursor_now(store) {
+                        kept.push(Work::Cursor(store));
+                    }
+                }
+                Work::Append(append) => {
+                    if !kept_logs.iter().any(|l| Arc::ptr_eq(l, &append.log)) {
+                        kept_logs.push(append.log.clone());
+                    }
+                    kept.push(Work::Append(append));
+                }
+                other => kept.push(other),
+            }
+        }
+        for (log, appends) in now {
+            // No appends of `log` were kept: these, kept now, still queue in their order.
+            if let Some(appends) = self.append_now(&log, appends) {
+                kept.extend(appends.into_iter().map(Work::Append));
+            }
+        }
+        kept
+    }
+
+    /// Writes `appends` (all of one log) with one write and publishes them, unless another
+    /// writer holds the log: then they are handed back.
+    fn append_now(&self, log: &SharedLog, appends: Vec<Append>) -> Option<Vec<Append>> {
+        let Ok(mut writer) = log.log.try_lock() else {
+            return Some(appends);
+        };
+        let mut staged = Staged {
+            log: log.clone(),
+            records: BytesMut::new(),
+            waiters: Vec::with_capacity(appends.len()),
+            wait_sync: false,
+        };
+        for append in appends {
+            staged.add(append);
+        }
+        let mut done = Outcomes::default();
+        let mut dirty = Dirty::default();
+        let mut halt = self.halt.clone();
+        staged.write_locked(&mut writer, now_ms(), &mut dirty, &mut done, &mut halt);
+        if dirty.is_dirty() {
+            writer.publish();
+        }
+        drop(writer);
+        done.written.clear();
+        self.written_here
+            .lock()
+            .expect("dirty list poisoned")
+            .merge(dirty);
+        done.finish(Durability::Written, &Ok(()));
+        None
+    }
+
+    /// Writes a cursor store that waits for no fsync, unless another writer holds the file:
+    /// then it is handed back.
+    fn store_cursor_now(&self, store: CursorStore) -> Option<CursorStore> {
+        let Ok(mut file) = store.cursor.try_lock() else {
+            return Some(store);
+        };
+        let result = file.store(store.committed.load(Ordering::Acquire));
+        drop(file);
+        if result.is_ok() {
+            self.written_here
+                .lock()
+                .expect("dirty list poisoned")
+                .add_cursor(&store.cursor);
+        }
+        for reply in store.replies {
+            let _ = reply.send(match &result {
+                Ok(()) => Ok(Durability::Written),
+                Err(e) => Err(e.duplicate()),
+            });
+        }
+        None
     }
 
     /// Stores a group cursor on its own and waits for it (see [`CommitBatch`]).
@@ -319,6 +497,15 @@ impl Dirty {
         !self.logs.is_empty() || !self.cursors.is_empty()
     }
 
+    fn merge(&mut self, other: Dirty) {
+        for log in &other.logs {
+            self.add_log(log);
+        }
+        for cursor in &other.cursors {
+            self.add_cursor(cursor);
+        }
+    }
+
     fn sync(&mut self) -> Result<(), StoreError> {
         let mut first_error = None;
         for log in self.logs.drain(..) {
@@ -387,8 +574,17 @@ impl Outcomes {
 }
 
 impl Staged {
-    /// Writes the gathered records and hands each waiter its share of the offsets. A write
-    /// that leaves the file in doubt halts the store (see [`Halt`]).
+    /// Adds `append`'s records behind those gathered.
+    fn add(&mut self, append: Append) {
+        if self.records.is_empty() {
+            self.records = append.records;
+        } else {
+            self.records.extend_from_slice(&append.records);
+        }
+        self.waiters.push((append.reply, append.count));
+    }
+
+    /// Writes the gathered records on the commit thread (see [`Staged::write_locked`]).
     fn write(
         self,
         now: u64,
@@ -396,21 +592,38 @@ impl Staged {
         (synced, unsynced): (&mut Outcomes, &mut Outcomes),
         halt: &mut Halt,
     ) {
+        let log = self.log.clone();
+        let appends = self.waiters.len();
+        let outcomes = if self.wait_sync { synced } else { unsynced };
+        {
+            let mut writer = log.lock().expect("log lock poisoned");
+            self.write_locked(&mut writer, now, dirty, outcomes, halt);
+        }
+        log.written(appends);
+    }
+
+    /// Writes the gathered records to `writer` (their log, locked) and hands each waiter
+    /// its share of the offsets, into `outcomes`. A write that leaves the file in doubt
+    /// halts the store (see [`Halt`]).
+    fn write_locked(
+        self,
+        writer: &mut MqLog,
+        now: u64,
+        dirty: &mut Dirty,
+        outcomes: &mut Outcomes,
+        halt: &mut Halt,
+    ) {
         let Staged {
             log,
             mut records,
             waiters,
-            wait_sync,
+            wait_sync: _,
         } = self;
-        let Outcomes { written, done } = if wait_sync { synced } else { unsynced };
-        let result = {
-            let mut writer = log.lock().expect("log lock poisoned");
-            let result = writer.append(&mut records, now);
-            if let Ok(appended) = &result {
-                writer.keep_for_readers(appended.first_offset, appended.count, records.freeze());
-            }
-            result
-        };
+        let Outcomes { written, done } = outcomes;
+        let result = writer.append(&mut records, now);
+        if let Ok(appended) = &result {
+            writer.keep_for_readers(appended.first_offset, appended.count, records.freeze());
+        }
         match result {
             Ok(appended) => {
                 dirty.add_log(&log);
@@ -447,38 +660,26 @@ fn stage(
     (dirty, synced, unsynced): (&mut Dirty, &mut Outcomes, &mut Outcomes),
     halt: &mut Halt,
 ) {
-    let Append {
-        log,
-        records,
-        count,
-        wait_sync,
-        reply,
-    } = append;
-    let at = staged.iter().position(|s| Arc::ptr_eq(&s.log, &log));
-    if let Some(full) = at.filter(|&at| staged[at].records.len() + records.len() > MAX_WRITE) {
+    let at = staged.iter().position(|s| Arc::ptr_eq(&s.log, &append.log));
+    let size = append.records.len();
+    if let Some(full) = at.filter(|&at| staged[at].records.len() + size > MAX_WRITE) {
         staged
             .swap_remove(full)
             .write(now, dirty, (synced, unsynced), halt);
     }
-    let at = match staged.iter().position(|s| Arc::ptr_eq(&s.log, &log)) {
+    let at = match staged.iter().position(|s| Arc::ptr_eq(&s.log, &append.log)) {
         Some(at) => at,
         None => {
             staged.push(Staged {
-                log,
+                log: append.log.clone(),
                 records: BytesMut::new(),
                 waiters: Vec::new(),
-                wait_sync,
+                wait_sync: append.wait_sync,
             });
             staged.len() - 1
         }
     };
-    let entry = &mut staged[at];
-    if entry.records.is_empty() {
-        entry.records = records;
-    } else {
-        entry.records.extend_from_slice(&records);
-    }
-    entry.waiters.push((reply, count));
+    staged[at].add(append);
 }
 
 /// Writes a cursor; its reply waits with the rest of its durability class.
@@ -509,22 +710,22 @@ fn store_cursor(
 /// marked them clean, so a later fsync could succeed over a hole (PostgreSQL's "fsyncgate").
 /// From then on the thread refuses every write and sync with [`StoreError::Halted`], until
 /// a restart recovers from what is really on disk.
-#[derive(Default)]
-struct Halt(Option<String>);
+/// Shared by the thread and the handles, which write nothing once it is set.
+#[derive(Default, Clone)]
+struct Halt(Arc<OnceLock<String>>);
 
 impl Halt {
     fn set(&mut self, cause: String) {
-        if self.0.is_none() {
+        if self.0.set(cause.clone()).is_ok() {
             tracing::error!(
                 cause = %cause,
                 "store halted: refusing writes until the broker is restarted"
             );
-            self.0 = Some(cause);
         }
     }
 
     fn error(&self) -> Option<StoreError> {
-        self.0.as_ref().map(|cause| StoreError::Halted {
+        self.0.get().map(|cause| StoreError::Halted {
             cause: cause.clone(),
         })
     }
@@ -535,6 +736,7 @@ fn refuse(work: Vec<Work>, error: &StoreError) {
     for item in work {
         match item {
             Work::Append(append) => {
+                append.log.written(1);
                 let _ = append.reply.send(Err(error.duplicate()));
             }
             Work::Cursor(store) => {
@@ -552,14 +754,31 @@ enum Done {
     Sync(oneshot::Sender<Result<(), StoreError>>),
 }
 
-fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogram) {
+/// What the commit thread shares with its handles.
+struct Thread {
+    policy: FsyncPolicy,
+    fsync: Arc<LatencyHistogram>,
+    written_here: Arc<Mutex<Dirty>>,
+    halt: Halt,
+}
+
+impl Thread {
+    /// Takes over the files the handles wrote, to sync them with its own.
+    fn take_written(&self, dirty: &mut Dirty) {
+        let written = std::mem::take(&mut *self.written_here.lock().expect("dirty list poisoned"));
+        dirty.merge(written);
+    }
+}
+
+fn run(mut rx: mpsc::Receiver<Job>, thread: &Thread) {
+    let (policy, fsync) = (thread.policy, &thread.fsync);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut synced = Outcomes::default();
     let mut unsynced = Outcomes::default();
     let mut dirty = Dirty::default();
     let mut staged: Vec<Staged> = Vec::new();
     let mut last_sync = std::time::Instant::now();
-    let mut halt = Halt::default();
+    let mut halt = thread.halt.clone();
     loop {
         if rx.blocking_recv_many(&mut batch, MAX_BATCH) == 0 {
             break;
@@ -609,6 +828,8 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
             entry.write(now, &mut dirty, (&mut synced, &mut unsynced), &mut halt);
         }
         unsynced.finish(Durability::Written, &Ok(()));
+        // After this batch's jobs: a `Sync` covers what the handles wrote before sending it.
+        thread.take_written(&mut dirty);
         let dirty_for = |age| dirty.is_dirty() && last_sync.elapsed() >= age;
         let must_sync = match policy {
             // Only when a reply waits for it: a batch of unsynced MQs alone must not stall
@@ -639,6 +860,7 @@ fn run(mut rx: mpsc::Receiver<Job>, policy: FsyncPolicy, fsync: &LatencyHistogra
             return;
         }
     }
+    thread.take_written(&mut dirty);
     if let Err(e) = dirty.sync() {
         tracing::error!(error = %e, "final fsync failed");
     }
@@ -661,7 +883,7 @@ mod tests {
     fn log(dir: &std::path::Path) -> SharedLog {
         let (log, _reader) =
             MqLog::open(&crate::store::OsFs::shared(), dir, LogConfig::default()).unwrap();
-        Arc::new(Mutex::new(log))
+        LogHandle::new(log)
     }
 
     #[tokio::test]
@@ -689,6 +911,66 @@ mod tests {
         drop(dropped);
         assert!(lost.wait().await.is_err());
 
+        committer.stop().await;
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    // The guards stand for the commit thread busy with a file while the test submits; the
+    // test's runtime has one thread, which nothing else needs.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test]
+    async fn unsynced_writes_skip_the_thread_but_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x, y, z) = (
+            log(&dir.path().join("x")),
+            log(&dir.path().join("y")),
+            log(&dir.path().join("z")),
+        );
+        let (committer, thread) = Committer::start(FsyncPolicy::Always).unwrap();
+        // The thread is stuck on `x` (as in a long write): nothing behind it moves.
+        let held_x = x.lock().unwrap();
+        let mut batch = CommitBatch::default();
+        let stuck = batch.append(&x, records(1), 1, true);
+        committer.submit(batch).await.unwrap();
+        // `y` busy too: its first append must queue behind `x`, and so must its second,
+        // although `y` is free by then.
+        let held_y = y.lock().unwrap();
+        let mut batch = CommitBatch::default();
+        let first = batch.append(&y, records(1), 1, false);
+        committer.submit(batch).await.unwrap();
+        drop(held_y);
+        let mut batch = CommitBatch::default();
+        let second = batch.append(&y, records(2), 2, false);
+        committer.submit(batch).await.unwrap();
+        // `z` is free with nothing queued: written and answered with the thread still stuck.
+        let path = dir.path().join("z.cursor");
+        let fs = crate::store::OsFs::shared();
+        let cursor: SharedCursor = Arc::new(Mutex::new(CursorFile::open(&fs, &path).unwrap().0));
+        let committed = Arc::new(AtomicU64::new(7));
+        let mut batch = CommitBatch::default();
+        let at_once = batch.append(&z, records(3), 3, false);
+        let stored = batch.store_cursor(&cursor, &committed, false);
+        committer.submit(batch).await.unwrap();
+        let wait = std::time::Duration::from_secs(5);
+        let (appended, durability) = tokio::time::timeout(wait, at_once.wait())
+            .await
+            .expect("not held up by the thread")
+            .unwrap();
+        assert_eq!((appended.first_offset, appended.count), (0, 3));
+        assert_eq!(durability, Durability::Written);
+        let stored = tokio::time::timeout(wait, stored.wait()).await.unwrap();
+        assert_eq!(stored.unwrap(), Durability::Written);
+
+        drop(held_x);
+        assert_eq!(stuck.wait().await.unwrap().0.first_offset, 0);
+        let (first, _) = first.wait().await.unwrap();
+        let (second, _) = second.wait().await.unwrap();
+        assert_eq!((first.first_offset, second.first_offset), (0, 1));
+        // A sync covers what was written outside the thread.
+        committer.sync().await.unwrap();
+        assert_eq!(CursorFile::open(&fs, &path).unwrap().1, Some(7));
         committer.stop().await;
         tokio::task::spawn_blocking(move || thread.join().unwrap())
             .await

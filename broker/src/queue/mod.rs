@@ -12,7 +12,8 @@
 //! - [`key_filter`]: zbus's duplicate filter, an MQ's durable key set behind an async lock.
 //! - [`key_order`]: one record per key out at a time, for MQs ordered by key.
 //! - [`ring`]: a memory MQ's messages, a bounded ring that never touches the disk.
-//! - [`group_commit`]: the thread that writes and fsyncs for everyone at once, and halts
+//! - [`group_commit`]: the thread that writes and fsyncs for everyone at once (records of
+//!   `sync: false` MQs are written by their session when nothing is in the way), and halts
 //!   the store after a failed fsync.
 //! - `crash_tests` (tests only): the engine on a simulated disk, cut by power loss at random
 //!   points and given failing writes and syncs.

@@ -14,7 +14,7 @@ use qbus_wire::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
 use super::blocking;
 use super::dedupe::{self, Dedupe, ProduceWait, Receipt, Settled};
 use super::group::{Fetching, Group, Start};
-use super::group_commit::{AppendWait, CommitBatch, Committer, SharedLog, StoreWait};
+use super::group_commit::{AppendWait, CommitBatch, Committer, LogHandle, SharedLog, StoreWait};
 use super::group_ledger::Redeliveries;
 use super::key_filter::KeyFilter;
 use super::ring::{Ring, RingLimits};
@@ -217,7 +217,7 @@ impl Mq {
             dir: dir.to_owned(),
             options,
             limits,
-            log: Arc::new(Mutex::new(log)),
+            log: LogHandle::new(log),
             reader,
             groups: Mutex::new(groups),
             counters: MqCounters::default(),
