@@ -6,6 +6,15 @@ use super::fsio::{FsRef, OsFs};
 use super::log::LogConfig;
 use super::reader::ReadBatch;
 
+/// A store directory on a simulated disk whose own name is durable (the registry makes it
+/// so before anything is written in it).
+pub(crate) fn sim_store(disk: &super::simdisk::SimDisk) -> &'static std::path::Path {
+    let store = std::path::Path::new("/store");
+    disk.fs().create_dir_all(store).unwrap();
+    disk.fs().sync_dir(std::path::Path::new("/")).unwrap();
+    store
+}
+
 /// The operating system's file system, for tests on temporary directories.
 pub(crate) fn os() -> FsRef {
     OsFs::shared()

@@ -225,14 +225,7 @@ impl TxnLog {
 mod tests {
     use super::*;
     use crate::store::simdisk::{Rng, SimDisk};
-
-    /// A store directory whose own name is durable (the registry makes it so first).
-    fn store(disk: &SimDisk) -> &'static Path {
-        let store = Path::new("/store");
-        disk.fs().create_dir_all(store).unwrap();
-        disk.fs().sync_dir(Path::new("/")).unwrap();
-        store
-    }
+    use crate::store::testutil::sim_store;
 
     fn append(log: &mut TxnLog, events: &[Event]) {
         let mut bytes = Vec::new();
@@ -288,7 +281,7 @@ mod tests {
     fn a_power_cut_keeps_every_synced_append_and_cuts_the_torn_tail() {
         for seed in 0..40 {
             let disk = SimDisk::new();
-            let store = store(&disk);
+            let store = sim_store(&disk);
             let (mut log, events) = TxnLog::open(&disk.fs(), store, true).unwrap();
             assert!(events.is_empty());
             let mut synced = Vec::new();
@@ -325,7 +318,7 @@ mod tests {
     #[test]
     fn rewrite_keeps_only_what_it_is_given_durably() {
         let disk = SimDisk::new();
-        let store = store(&disk);
+        let store = sim_store(&disk);
         let (mut log, _) = TxnLog::open(&disk.fs(), store, true).unwrap();
         append(
             &mut log,

@@ -114,18 +114,11 @@ fn run(mut log: TxnLog, mut rx: mpsc::Receiver<Job>) {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::store::simdisk::{Rng, SimDisk};
-
-    fn store(disk: &SimDisk) -> &'static Path {
-        let store = Path::new("/store");
-        disk.fs().create_dir_all(store).unwrap();
-        disk.fs().sync_dir(Path::new("/")).unwrap();
-        store
-    }
+    use crate::store::testutil::sim_store;
 
     fn commit(txn: u64) -> Event {
         Event::Commit { txn }
@@ -134,7 +127,7 @@ mod tests {
     #[test]
     fn appends_queued_together_share_one_write_and_one_sync() {
         let disk = SimDisk::new();
-        let store = store(&disk);
+        let store = sim_store(&disk);
         let (log, _) = TxnLog::open(&disk.fs(), store, true).unwrap();
         // Queue 50 appends before the thread runs: they are one batch.
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -164,7 +157,7 @@ mod tests {
     async fn a_power_cut_keeps_every_acknowledged_append_of_concurrent_appenders() {
         for seed in 0..12u64 {
             let disk = SimDisk::new();
-            let store = store(&disk);
+            let store = sim_store(&disk);
             let (log, _) = TxnLog::open(&disk.fs(), store, true).unwrap();
             let writer = Arc::new(TxnLogWriter::start(log).unwrap());
             let mut rng = Rng::new(seed);
