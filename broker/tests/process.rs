@@ -53,19 +53,7 @@ async fn confirmed_messages_survive_kill_9() {
         .await
         .unwrap();
     let producer = client.producer("durable");
-    let mut window = std::collections::VecDeque::new();
-    let mut confirmed = Vec::with_capacity(N);
-    for i in 0..N {
-        window.push_back(producer.send_async(format!("message-{i}")).await.unwrap());
-        if window.len() >= 256 {
-            let receipt = window.pop_front().unwrap().await.unwrap();
-            assert_eq!(receipt.durability, Durability::Synced);
-            confirmed.push(receipt.offset);
-        }
-    }
-    while let Some(pending) = window.pop_front() {
-        confirmed.push(pending.await.unwrap().offset);
-    }
+    let confirmed = send_windowed(&producer, N as u64, "message", Durability::Synced).await;
     assert_eq!(confirmed, (0..N as u64).collect::<Vec<_>>());
     drop(client);
 
@@ -286,19 +274,7 @@ async fn sync_false_writes_survive_kill_9_in_order() {
     };
     client.create_mq("fast", fast).await.unwrap();
     let producer = client.producer("fast");
-    let mut window = std::collections::VecDeque::new();
-    let mut offsets = Vec::new();
-    for i in 0..N {
-        window.push_back(producer.send_async(format!("m-{i}")).await.unwrap());
-        if window.len() >= 256 {
-            let receipt = window.pop_front().unwrap().await.unwrap();
-            assert_eq!(receipt.durability, Durability::Written);
-            offsets.push(receipt.offset);
-        }
-    }
-    while let Some(pending) = window.pop_front() {
-        offsets.push(pending.await.unwrap().offset);
-    }
+    let offsets = send_windowed(&producer, N, "m", Durability::Written).await;
     assert_eq!(
         offsets,
         (0..N).collect::<Vec<_>>(),
@@ -441,4 +417,28 @@ async fn removed_group_stays_removed_after_restart() {
     broker.restart(); // kill -9, same port and store
     let info = broker.client().await.query_mq("gone").await.unwrap();
     assert!(info.groups.is_empty(), "{:?}", info.groups);
+}
+
+/// Sends `PREFIX-0` .. `PREFIX-{n-1}` with 256 in flight; returns their offsets in send
+/// order, asserting `durability` on each receipt awaited while the window was full.
+async fn send_windowed(
+    producer: &qbus_client::Producer,
+    n: u64,
+    prefix: &str,
+    durability: Durability,
+) -> Vec<u64> {
+    let mut window = std::collections::VecDeque::new();
+    let mut offsets = Vec::new();
+    for i in 0..n {
+        window.push_back(producer.send_async(format!("{prefix}-{i}")).await.unwrap());
+        if window.len() >= 256 {
+            let receipt = window.pop_front().unwrap().await.unwrap();
+            assert_eq!(receipt.durability, durability);
+            offsets.push(receipt.offset);
+        }
+    }
+    while let Some(pending) = window.pop_front() {
+        offsets.push(pending.await.unwrap().offset);
+    }
+    offsets
 }

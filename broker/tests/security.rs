@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -12,7 +14,7 @@ use hyper::Method;
 use qbus_client::link::TcpConnector;
 use qbus_client::protocol::record::encode_record;
 use qbus_client::protocol::{
-    Command, Credentials, DeliveryToken, Frame, Header, ServerInfo, DEFAULT_MAX_FRAME,
+    Command, Credentials, DeliveryToken, Frame, Header, DEFAULT_MAX_FRAME,
 };
 use qbus_client::{ClientError, Connection, ConnectionOptions, MqOptions};
 use qbus_server_kit::auth::{hash_secret, new_token};
@@ -607,33 +609,14 @@ async fn bad_secrets_fail_at_once_get_slower_and_old_clients_hear_why() {
 
     // A version 1 client (no credentials in its Hello) gets a clear 401 on its first
     // request, not a hang.
-    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let mut link = qbus_client::link::tcp_link(stream, 1 << 24);
-    let hello = ServerInfo {
-        protocol: 1,
-        version: "an old client".into(),
-        ..ServerInfo::default()
-    };
-    let hello = rmp_serde::to_vec_named(&hello).unwrap();
-    let mut request = Header::request(Command::Hello, None);
-    request.id = 1;
-    link.tx
-        .send(Frame::with_body(request, hello.into()))
-        .await
-        .unwrap();
+    let mut link = support::raw_link(&addr, 1, "an old client").await;
     let mut produce = binary_request(Op::Produce, "orders", None);
     produce.header.id = 2;
     link.tx.send(produce).await.unwrap();
-    use futures_util::StreamExt;
-    let mut replies = Vec::new();
-    while replies.len() < 2 {
-        let frame = tokio::time::timeout(Duration::from_secs(5), link.rx.next())
-            .await
-            .expect("a reply within 5 s")
-            .unwrap()
-            .unwrap();
-        replies.push(frame.header);
-    }
+    let replies = [
+        support::reply_to(&mut link, 1).await.header,
+        support::reply_to(&mut link, 2).await.header,
+    ];
     assert_eq!(replies[0].status, 200);
     assert_eq!(replies[1].status, 401);
     let message = replies[1].error.clone().unwrap_or_default();

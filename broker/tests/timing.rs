@@ -319,15 +319,7 @@ async fn protocol_2_clients_get_records_without_the_new_fields() {
     pull.offset = Some(0);
     link.tx.send(Frame::new(pull)).await.unwrap();
     let refused = support::reply_to(&mut link, 100).await.header;
-    assert_eq!(refused.status, 400, "{refused:?}");
-    assert!(
-        refused
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("protocol 3"),
-        "{refused:?}"
-    );
+    support::assert_needs_protocol(&refused, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

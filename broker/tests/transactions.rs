@@ -506,15 +506,7 @@ async fn a_protocol_3_connection_is_refused_as_a_checker_and_never_checked() {
     ready.group = Some("billing".into());
     link.tx.send(Frame::new(ready)).await.unwrap();
     let refused = support::reply_to(&mut link, 2).await.header;
-    assert_eq!(refused.status, 400, "{refused:?}");
-    assert!(
-        refused
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("protocol 4"),
-        "{refused:?}"
-    );
+    support::assert_needs_protocol(&refused, 4);
 
     let id = abandoned(&broker, 300, 2).await;
     assert_eq!(decided(&client, id).await.state, TxState::RolledBack);

@@ -32,6 +32,16 @@ pub async fn raw_link(addr: &str, protocol: u32, version: &str) -> qbus_wire::li
     link
 }
 
+/// Asserts that `reply` refuses a request with 400 naming the protocol version it needs.
+pub fn assert_needs_protocol(reply: &qbus_wire::protocol::Header, version: u32) {
+    assert_eq!(reply.status, 400, "{reply:?}");
+    let needed = format!("protocol {version}");
+    assert!(
+        reply.error.as_deref().unwrap_or("").contains(&needed),
+        "{reply:?}"
+    );
+}
+
 /// The next frame on `link` answering request `id`, passing over others, within 10 s.
 pub async fn reply_to(link: &mut qbus_wire::link::Link, id: u64) -> qbus_wire::protocol::Frame {
     use futures_util::StreamExt;

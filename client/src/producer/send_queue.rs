@@ -128,9 +128,7 @@ impl SendQueue {
             };
             room.await;
         }
-        Err(ClientError::Protocol(
-            "the producer's send was dropped".into(),
-        ))
+        Err(dropped())
     }
 
     /// Takes the oldest batch, or ends the flush when none is left.
@@ -377,14 +375,17 @@ async fn receipt(mut done: watch::Receiver<Outcome>, first: u32, count: u32) -> 
     let outcome = done
         .wait_for(Option::is_some)
         .await
-        .map_err(|_| ClientError::Protocol("the producer's send was dropped".into()))?;
+        .map_err(|_| dropped())?;
     match outcome.as_ref() {
         Some(Ok(receipt)) => receipt.part(first, count),
         Some(Err(e)) => Err(e.clone()),
-        None => Err(ClientError::Protocol(
-            "the producer's send was dropped".into(),
-        )),
+        None => Err(dropped()),
     }
+}
+
+/// A send whose batch went away unanswered (its runtime shut down).
+fn dropped() -> ClientError {
+    ClientError::Protocol("the producer's send was dropped".into())
 }
 
 #[cfg(test)]
