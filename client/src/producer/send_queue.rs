@@ -107,28 +107,24 @@ impl SendQueue {
             ));
         };
         let key = if cluster { first.key.clone() } else { None };
-        let mut messages = Some(std::iter::once(first).chain(messages));
-        loop {
+        let messages = std::iter::once(first).chain(messages);
+        let mut state = loop {
             let room = {
-                let mut state = self.state();
+                let state = self.state();
                 if state.queued_bytes < MAX_QUEUED_BYTES || state.batches.is_empty() {
-                    let Some(messages) = messages.take() else {
-                        break;
-                    };
-                    let pending =
-                        state.append(messages, cluster, key, flags, || batch_bytes(transport))?;
-                    if !state.flushing {
-                        state.flushing = true;
-                        tokio::spawn(flush(self.clone(), transport.clone(), mq.clone()));
-                    }
-                    return Ok(pending);
+                    break state;
                 }
                 // Made under the lock: a flush that takes a batch after it wakes it.
                 self.room.notified()
             };
             room.await;
+        };
+        let pending = state.append(messages, cluster, key, flags, || batch_bytes(transport))?;
+        if !state.flushing {
+            state.flushing = true;
+            tokio::spawn(flush(self.clone(), transport.clone(), mq.clone()));
         }
-        Err(dropped())
+        Ok(pending)
     }
 
     /// Takes the oldest batch, or ends the flush when none is left.
@@ -146,8 +142,8 @@ impl SendQueue {
 }
 
 impl State {
-    /// Encodes `messages` straight into the newest batch when they go the same way and
-    /// fit, else into a new batch.
+    /// Encodes `messages` (at least one) straight into the newest batch when they go the
+    /// same way and fit, else into a new batch.
     fn append(
         &mut self,
         messages: impl Iterator<Item = Message>,
@@ -192,12 +188,6 @@ impl State {
             }
             count += 1;
         }
-        if count == 0 {
-            self.drop_empty_batch();
-            return Err(ClientError::Protocol(
-                "a batch needs at least one message".into(),
-            ));
-        }
         let added = batch.body.len() - start;
         if first > 0 && (batch.body.len() > batch.limit || first + count > MAX_BATCH_MESSAGES) {
             // Too much for the batch it joined: these records start the next one (split
@@ -229,7 +219,7 @@ impl State {
         })
     }
 
-    /// Removes the newest batch if a failed send opened it and left it empty.
+    /// Removes the newest batch if a send that failed to encode opened it and left it empty.
     fn drop_empty_batch(&mut self) {
         if self.batches.back().is_some_and(|batch| batch.count == 0) {
             self.batches.pop_back();
