@@ -18,6 +18,7 @@ use qbus_client::{
     Broker, CheckAnswer, ClientError, Decision, Message, Status, TransactionChecker, TxCheck,
     TxInfo, TxOptions, TxState,
 };
+use qbus_testkit::process::TxProducerProcess as ProducerProcess;
 use support::BrokerProcess;
 
 async fn depth(client: &Broker, mq: &str) -> u64 {
@@ -350,67 +351,6 @@ async fn a_restarted_producer_commits_its_predecessors_transaction_when_checked(
     );
     assert_eq!(depth(&client, "orders").await, 1);
     assert_eq!(depth(&client, "audit").await, 1);
-}
-
-/// A `qbus-tx-producer` child process (testkit's binary), its output read line by line;
-/// killed by PID when dropped.
-struct ProducerProcess {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl ProducerProcess {
-    /// `qbus-tx-producer ADDR GROUP MODE` (`half` or `commit`).
-    fn start(addr: &str, group: &str, mode: &str) -> ProducerProcess {
-        use std::io::BufRead;
-        let binary = qbus_testkit::process::built_binary("qbus-testkit", "qbus-tx-producer");
-        let mut child = std::process::Command::new(binary)
-            .args([addr, group, mode])
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (to, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if to.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        ProducerProcess { child, lines }
-    }
-
-    /// The rest of its next output line that starts with `prefix` (within 20 s).
-    fn line(&self, prefix: &str) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        return rest.to_owned();
-                    }
-                }
-                Err(e) => panic!("no line {prefix:?} from the producer process: {e}"),
-            }
-        }
-    }
-
-    /// `kill -9` (SIGKILL to its PID), and waits for it to be gone.
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for ProducerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

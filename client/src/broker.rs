@@ -337,16 +337,24 @@ impl Broker {
     /// `checker` (see [`TransactionChecker`](crate::TransactionChecker) for an example),
     /// also after reconnects, as long as this handle lives. A transaction belongs to the
     /// group named in its [`TxOptions::group`]; a producer restarted after a crash
-    /// registers the same group to decide its predecessor's transactions. Fails with
-    /// status `501` on a broker older than protocol 4, and over `tracker://` (as
-    /// [`begin`](Self::begin) does: connect to the broker itself).
+    /// registers the same group to decide its predecessor's transactions. Over
+    /// `tracker://` the checker answers for every broker of the topology, those that join
+    /// later and those that restart included, wherever the group's transactions were
+    /// begun. Fails with status `501` on a broker older than protocol 4 (over
+    /// `tracker://`, on any broker there when it is called).
+    ///
+    /// ```no_run
+    /// # async fn demo(checker: impl qbus_client::TransactionChecker) -> qbus_client::Result<()> {
+    /// let cluster = qbus_client::Broker::connect("tracker://10.0.0.1:16666").await?;
+    /// cluster.register_checker("billing", checker).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn register_checker(
         &self,
         group: &str,
         checker: impl crate::TransactionChecker,
     ) -> Result<()> {
-        let connection = self.transport.single_connection("a transaction checker")?;
-        crate::check_back::register(&connection, group, checker).await
+        self.transport.register_checker(group, checker).await
     }
 
     /// The broker's open transactions (and commits not yet applied), oldest first.

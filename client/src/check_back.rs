@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::connection::Connection;
 use crate::error::Result;
@@ -67,38 +68,59 @@ pub trait TransactionChecker: Send + Sync + 'static {
 }
 
 /// Makes `connection` answer the checks of producer group `group` with `checker`, now and
-/// after every reconnect, while the connection is open.
+/// after every reconnect, while the connection is open: fails, registering nothing, when
+/// the broker cannot be reached or refuses.
 pub(crate) async fn register<C: TransactionChecker>(
     connection: &Connection,
     group: &str,
-    checker: C,
+    checker: Arc<C>,
 ) -> Result<()> {
+    let stop = CancellationToken::new();
+    let ready = attach(connection, group, checker, stop.clone());
+    if let Err(e) = connection.request(Frame::new(ready.clone())).await {
+        stop.cancel();
+        connection.stop_repeating(&ready);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Starts answering the checks of `group` that arrive on `connection` with `checker`, and
+/// has the connection tell its broker so on every link it opens from now on (the
+/// connection is kept up: the broker checks only connections that are up), until `stop`
+/// is cancelled or the connection dropped. Returns the `TxCheckerReady` request, for the
+/// caller to send on the link open now, if any.
+pub(crate) fn attach<C: TransactionChecker>(
+    connection: &Connection,
+    group: &str,
+    checker: Arc<C>,
+    stop: CancellationToken,
+) -> Header {
     let mut ready = Header::request(Command::TxCheckerReady, None);
     ready.group = Some(group.to_owned());
     let (to, checks) = mpsc::channel(CHECKS_QUEUED);
     connection.subscribe_pushes(to);
     // Repeated from before the first request, so a reconnect in between is covered too.
     connection.repeat_on_connect(ready.clone());
-    if let Err(e) = connection.request(Frame::new(ready.clone())).await {
-        connection.stop_repeating(&ready);
-        return Err(e);
-    }
     tokio::spawn(answer(
         connection.clone(),
-        group.to_owned(),
-        Arc::new(checker),
+        ready.clone(),
+        checker,
         checks,
+        stop,
     ));
-    Ok(())
+    ready
 }
 
 /// Answers each check of `group` that arrives on `checks`, until the connection closes.
 async fn answer<C: TransactionChecker>(
     connection: Connection,
-    group: String,
+    ready: Header,
     checker: Arc<C>,
     mut checks: mpsc::Receiver<Frame>,
+    stop: CancellationToken,
 ) {
+    let group = ready.group.clone().unwrap_or_default();
     // Held weakly: the connection's pushes feed `checks`, so this task must not keep it
     // open once the application dropped it.
     let weak = connection.downgrade();
@@ -107,6 +129,12 @@ async fn answer<C: TransactionChecker>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let frame = tokio::select! {
+            _ = stop.cancelled() => {
+                if let Some(connection) = weak.upgrade() {
+                    connection.stop_repeating(&ready);
+                }
+                return;
+            }
             frame = checks.recv() => match frame {
                 Some(frame) => frame,
                 None => return,

@@ -624,6 +624,11 @@ impl WeakConnection {
     pub(crate) fn upgrade(&self) -> Option<Connection> {
         self.0.upgrade().map(|inner| Connection { inner })
     }
+
+    /// True when this is a handle on `connection` (not on another one to the same peer).
+    pub(crate) fn is(&self, connection: &Connection) -> bool {
+        std::ptr::eq(self.0.as_ptr(), Arc::as_ptr(&connection.inner))
+    }
 }
 
 /// What [`Connection::try_send`] made of a request.

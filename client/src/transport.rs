@@ -191,6 +191,21 @@ impl Transport {
         }
     }
 
+    /// Answers the checks of producer group `group` with `checker`: on the one broker, or
+    /// over HA on every broker of the topology as it changes.
+    pub(crate) async fn register_checker<C: crate::TransactionChecker>(
+        &self,
+        group: &str,
+        checker: C,
+    ) -> Result<()> {
+        match &self.kind {
+            Kind::Single(connection) => {
+                crate::check_back::register(connection, group, Arc::new(checker)).await
+            }
+            Kind::Ha(ha) => crate::ha::checkers::register(ha, group, checker).await,
+        }
+    }
+
     /// The connection a new transaction of producer group `group` goes over: the one
     /// broker's, or over HA the broker it is pinned to (with its pin).
     pub(crate) fn pin_transaction(&self, group: Option<&str>) -> Result<(Connection, Option<Pin>)> {

@@ -402,3 +402,65 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A `qbus-tx-producer` child process (this crate's binary: a transactional producer or a
+/// checker that tests kill with `kill -9`), its output read line by line; killed by PID
+/// when dropped.
+pub struct TxProducerProcess {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl TxProducerProcess {
+    /// `qbus-tx-producer ADDR GROUP MODE` (`half` or `commit`).
+    pub fn start(addr: &str, group: &str, mode: &str) -> TxProducerProcess {
+        use std::io::BufRead;
+        let binary = built_binary("qbus-testkit", "qbus-tx-producer");
+        let mut child = Command::new(binary)
+            .args([addr, group, mode])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (to, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if to.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        TxProducerProcess { child, lines }
+    }
+
+    /// The rest of its next output line that starts with `prefix` (within 20 s).
+    pub fn line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.to_owned();
+                    }
+                }
+                Err(e) => panic!("no line {prefix:?} from the producer process: {e}"),
+            }
+        }
+    }
+
+    /// `kill -9` (SIGKILL to its PID), and waits for it to be gone.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for TxProducerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

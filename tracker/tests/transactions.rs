@@ -1,4 +1,6 @@
-//! Transactions over `tracker://`: pinned to one broker, never failed over.
+//! Transactions over `tracker://`: pinned to one broker, never failed over; a checker
+//! registered over `tracker://` answers the checks of every broker, also of one that joins
+//! later or restarts.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -7,8 +9,9 @@ mod support;
 use std::time::Duration;
 
 use qbus_client::ha::HaOptions;
-use qbus_client::{ClientError, ConnectionOptions, MqOptions, TxOptions};
-use support::{broker, tracker, tracker_url, wait_for_brokers};
+use qbus_client::{ClientError, ConnectionOptions, MqOptions, TxOptions, TxState};
+use qbus_testkit::process::TxProducerProcess;
+use support::{broker, tracker, tracker_url, wait_for_brokers, BrokerProcess};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -133,4 +136,77 @@ async fn a_pinned_transaction_fails_typed_when_its_broker_dies_and_commits_there
     assert_eq!(committed, qbus_client::Decision::Taken);
     assert_eq!(depth_on(&tx.broker(), "orders").await, 1);
     assert_eq!(depth_on(other, "orders").await, 0);
+}
+
+/// A transaction of group `ledger` left undecided on `broker` (its producer, a process
+/// connected to that broker alone, killed with `kill -9` after the half): its id there.
+fn abandoned_on(broker: &BrokerProcess) -> u64 {
+    let mut producer = TxProducerProcess::start(&broker.addr(), "ledger", "half");
+    let id = producer.line("txn ").parse().unwrap();
+    producer.kill9();
+    id
+}
+
+/// Waits until transaction `id` of the broker at `addr` is committed and applied; then
+/// `orders` and `audit` hold `depth` messages there.
+async fn committed_on(addr: &str, id: u64, depth: u64) {
+    let one = qbus_client::Broker::connect(addr).await.unwrap();
+    let tx = one.transaction(id).unwrap();
+    support::wait_for_async(
+        &format!("transaction {id} on {addr} committed"),
+        LIMIT,
+        || async {
+            let state = tx.info().await.ok()?.state;
+            assert_ne!(state, TxState::RolledBack, "transaction {id} on {addr}");
+            let applied = one.transactions().await.ok()?.iter().all(|t| t.id != id);
+            (state == TxState::Committed && applied).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(depth_on(addr, "orders").await, depth);
+    assert_eq!(depth_on(addr, "audit").await, depth);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checker_over_a_tracker_answers_every_broker_also_one_that_joins_later_or_restarts() {
+    let t = tracker();
+    let mut first = [broker(&[&t]), broker(&[&t])];
+    let client = qbus_client::Broker::connect(&tracker_url(&[&t]))
+        .await
+        .unwrap();
+    let create = |brokers: Vec<String>| {
+        let client = client.clone();
+        async move {
+            wait_for_brokers(&client, None, &brokers, LIMIT).await;
+            for mq in ["orders", "audit"] {
+                client.create_mq(mq, MqOptions::default()).await.unwrap();
+                wait_for_brokers(&client, Some(mq), &brokers, LIMIT).await;
+            }
+        }
+    };
+    create(first.iter().map(|b| b.addr()).collect()).await;
+
+    // One producer process of the group, over tracker://, answering every check with commit.
+    let checker = TxProducerProcess::start(&tracker_url(&[&t]), "ledger", "commit");
+    checker.line("ready");
+    // A transaction left undecided on each broker: each is checked there and committed.
+    for b in &first {
+        let id = abandoned_on(b);
+        committed_on(&b.addr(), id, 1).await;
+    }
+
+    // A broker that starts after the registration is checked too.
+    let late = broker(&[&t]);
+    let mut all: Vec<String> = first.iter().map(|b| b.addr()).collect();
+    all.push(late.addr());
+    create(all).await;
+    let id = abandoned_on(&late);
+    committed_on(&late.addr(), id, 1).await;
+
+    // And one that restarts (kill -9, same store and port) while the checker lives.
+    first[0].kill9();
+    first[0].restart();
+    let id = abandoned_on(&first[0]);
+    committed_on(&first[0].addr(), id, 2).await;
+    drop(checker);
 }

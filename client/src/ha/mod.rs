@@ -9,8 +9,9 @@
 //! Inside: `views` (the merging rules), `tracker_link` (one subscription per tracker),
 //! `pool` (one connection per broker, local down marks and probes), `failover` (sending
 //! with retry on another broker), `admin` (MQ admin across brokers), `consume` (a consumer
-//! over every broker holding its MQ), `selector` ([`Selector`]), `affinity` (keys) and
-//! `txn_pin` (a transaction pinned to one broker).
+//! over every broker holding its MQ), `selector` ([`Selector`]), `affinity` (keys),
+//! `txn_pin` (a transaction pinned to one broker) and `checkers` (a transaction checker
+//! on every broker).
 //!
 //! Address form: `tracker://HOST:PORT[,HOST:PORT...]`, one or more trackers separated by
 //! commas (see [`parse_trackers`]). All trackers are equal; two are the usual setup.
@@ -32,12 +33,14 @@
 //!   repeats by id.
 //! - A transaction is pinned to one live broker (its producer group's, by rendezvous
 //!   hashing) and never fails over: once that broker is gone, its requests fail with
-//!   [`ClientError::TxBrokerLost`].
+//!   [`ClientError::TxBrokerLost`]. A transaction checker answers the checks of every
+//!   broker of the topology, those that join later included.
 //! - A consumer reads from every broker holding its MQ, picks up brokers that join and lets
 //!   go of brokers that leave; each broker keeps its group's place.
 
 mod admin;
 mod affinity;
+pub(crate) mod checkers;
 pub(crate) mod consume;
 pub(crate) mod failover;
 mod pool;
