@@ -2,7 +2,7 @@
 //! (say, one whose producer crashed).
 
 use clap::Subcommand;
-use qbus_client::{Broker, Decision, TxInfo};
+use qbus_client::{Broker, Decision, Transaction, TxInfo};
 
 use crate::error::CliError;
 use crate::output::table;
@@ -20,11 +20,19 @@ pub enum TxCommand {
     Commit {
         /// Transaction id (from `qbus tx list`)
         id: u64,
+        /// The broker it is on (`HOST:PORT`, what `Transaction::broker()` returned):
+        /// needed with `--broker tracker://...`, where ids are unique per broker only
+        #[arg(long, value_name = "HOST:PORT")]
+        on: Option<String>,
     },
     /// Roll back a transaction: its messages are discarded
     Rollback {
         /// Transaction id (from `qbus tx list`)
         id: u64,
+        /// The broker it is on (`HOST:PORT`, what `Transaction::broker()` returned):
+        /// needed with `--broker tracker://...`, where ids are unique per broker only
+        #[arg(long, value_name = "HOST:PORT")]
+        on: Option<String>,
     },
 }
 
@@ -40,16 +48,24 @@ pub async fn run(broker: &Broker, cmd: TxCommand) -> Result<(), CliError> {
                 print!("{}", render(&list));
             }
         }
-        TxCommand::Commit { id } => {
-            let decision = broker.transaction(id)?.commit().await?;
+        TxCommand::Commit { id, on } => {
+            let decision = attach(broker, id, on.as_deref())?.commit().await?;
             println!("transaction {id} {}", said(decision, "committed"));
         }
-        TxCommand::Rollback { id } => {
-            let decision = broker.transaction(id)?.rollback().await?;
+        TxCommand::Rollback { id, on } => {
+            let decision = attach(broker, id, on.as_deref())?.rollback().await?;
             println!("transaction {id} {}", said(decision, "rolled back"));
         }
     }
     Ok(())
+}
+
+/// Transaction `id`, of the broker `on` when given.
+fn attach(broker: &Broker, id: u64, on: Option<&str>) -> Result<Transaction, CliError> {
+    Ok(match on {
+        Some(on) => broker.transaction_on(on, id)?,
+        None => broker.transaction(id)?,
+    })
 }
 
 fn said(decision: Decision, what: &str) -> String {

@@ -327,10 +327,43 @@ impl Broker {
     }
 
     /// A handle on transaction `id` of this broker, to commit or roll back one that
-    /// another process (say, a producer that crashed) began.
+    /// another process (say, a producer that crashed) began. Ids are unique per broker, so
+    /// over `tracker://` this fails with [`ClientError::TxNeedsBroker`]: use
+    /// [`transaction_on`](Self::transaction_on) with the transaction's broker.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// let broker = qbus_client::Broker::connect("127.0.0.1:15555").await?;
+    /// broker.transaction(42)?.rollback().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn transaction(&self, id: u64) -> Result<Transaction> {
-        let connection = self.transport.single_connection("a transaction")?;
-        Ok(Transaction::attach(connection, id))
+        let (connection, pin) = self.transport.attach_transaction(None, id)?;
+        Ok(Transaction::attach(connection, id, pin))
+    }
+
+    /// A handle on transaction `id` of the broker at `broker`: the address
+    /// [`Transaction::broker`] returned when it began (over `tracker://`, the broker it was
+    /// pinned to), which the producer keeps with the id, as a RocketMQ producer keeps a
+    /// transaction's broker with its id. Over `tracker://` its requests go to that broker
+    /// alone, and fail with [`ClientError::TxBrokerLost`] while it is not in the topology
+    /// (retry once it is back: its transactions wait there); on a single broker's handle,
+    /// `broker` must be that broker's address ([`ClientError::TxNeedsBroker`] otherwise,
+    /// rather than decide another transaction of the same number).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qbus_client::ClientError> {
+    /// use qbus_client::TxOptions;
+    /// let cluster = qbus_client::Broker::connect("tracker://10.0.0.1:16666").await?;
+    /// let tx = cluster.begin(TxOptions::default()).await?;
+    /// let (broker, id) = (tx.broker(), tx.id()); // saved, say, next to the local work
+    /// // ... later, maybe in another process ...
+    /// cluster.transaction_on(&broker, id)?.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn transaction_on(&self, broker: &str, id: u64) -> Result<Transaction> {
+        let (connection, pin) = self.transport.attach_transaction(Some(broker), id)?;
+        Ok(Transaction::attach(connection, id, pin))
     }
 
     /// Answers the broker's checks of producer group `group`'s undecided transactions with

@@ -172,7 +172,7 @@ async fn answer<C: TransactionChecker>(
         // One at a time would let a slow lookup hold up every other transaction's.
         tokio::spawn(async move {
             let id = check.txn.id;
-            let tx = Transaction::attach(connection, id);
+            let tx = Transaction::attach(connection, id, None);
             let decided = match checker.check(&check).await {
                 CheckAnswer::Commit => tx.commit().await,
                 CheckAnswer::Rollback => tx.rollback().await,

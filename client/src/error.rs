@@ -72,6 +72,19 @@ pub enum ClientError {
         /// What failed.
         reason: String,
     },
+    /// Transaction `txn` cannot be named by its id alone here: ids are unique per broker,
+    /// and over `tracker://` the handle reaches several (or the broker named is not the one
+    /// this handle reaches). Name its broker, the address [`Transaction::broker`] returned
+    /// at its begin: [`Broker::transaction_on`](crate::Broker::transaction_on).
+    ///
+    /// [`Transaction::broker`]: crate::Transaction::broker
+    #[error("transaction {txn}: {reason}")]
+    TxNeedsBroker {
+        /// The transaction.
+        txn: u64,
+        /// Why, and what to do instead.
+        reason: String,
+    },
     /// The handle was closed.
     #[error("client is closed")]
     Closed,

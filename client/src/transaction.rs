@@ -67,12 +67,12 @@ impl Transaction {
     }
 
     /// A handle on transaction `id` of the broker behind `connection` (to decide one
-    /// another process began).
-    pub(crate) fn attach(connection: Connection, id: u64) -> Transaction {
+    /// another process began; `pin`: over `tracker://`, that broker's pin).
+    pub(crate) fn attach(connection: Connection, id: u64, pin: Option<Pin>) -> Transaction {
         Transaction {
             connection,
             id,
-            pin: None,
+            pin,
         }
     }
 

@@ -180,8 +180,44 @@ impl Transport {
         admin(connection, request, Bytes::new()).await.map(drop)
     }
 
-    /// The one broker's connection, for what needs one broker (attaching to a transaction
-    /// by id, a checker, the listing).
+    /// The connection (and, over HA, the pin) of transaction `id` of the broker at `broker`
+    /// (`None`: the one broker of a single handle).
+    pub(crate) fn attach_transaction(
+        &self,
+        broker: Option<&str>,
+        id: u64,
+    ) -> Result<(Connection, Option<Pin>)> {
+        match (&self.kind, broker) {
+            (Kind::Single(connection), None) => Ok((connection.clone(), None)),
+            (Kind::Single(connection), Some(addr)) if addr == connection.addr() => {
+                Ok((connection.clone(), None))
+            }
+            // Ids are per broker: deciding it on another one could decide an unrelated
+            // transaction of the same number.
+            (Kind::Single(connection), Some(addr)) => Err(ClientError::TxNeedsBroker {
+                txn: id,
+                reason: format!(
+                    "it is on broker {addr}, and this handle reaches {} only: connect to \
+                     {addr}, or over tracker://",
+                    connection.addr()
+                ),
+            }),
+            (Kind::Ha(_), None) => Err(ClientError::TxNeedsBroker {
+                txn: id,
+                reason: "over tracker:// transaction ids are unique per broker only: name \
+                         its broker with Broker::transaction_on(addr, id), addr being what \
+                         Transaction::broker() returned (qbus tx ... --on ADDR)"
+                    .into(),
+            }),
+            (Kind::Ha(ha), Some(addr)) => {
+                let (pin, connection) = Pin::on(ha, addr, id)?;
+                Ok((connection, Some(pin)))
+            }
+        }
+    }
+
+    /// The one broker's connection, for what needs one broker (the listing of
+    /// transactions).
     pub(crate) fn single_connection(&self, what: &str) -> Result<Connection> {
         match &self.kind {
             Kind::Single(connection) => Ok(connection.clone()),

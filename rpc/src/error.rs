@@ -97,9 +97,9 @@ impl RpcError {
             },
             ClientError::Protocol(message) => RpcError::Codec(message),
             // A consumer's notice and a transaction's error: a call never gets them.
-            other @ (ClientError::RecordsLost { .. } | ClientError::TxBrokerLost { .. }) => {
-                RpcError::Codec(other.to_string())
-            }
+            other @ (ClientError::RecordsLost { .. }
+            | ClientError::TxBrokerLost { .. }
+            | ClientError::TxNeedsBroker { .. }) => RpcError::Codec(other.to_string()),
         }
     }
 }

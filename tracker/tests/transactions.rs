@@ -82,7 +82,30 @@ async fn a_transaction_over_a_tracker_commits_atomically_on_the_one_broker_it_is
     let second = client.begin(shop).await.unwrap();
     assert_eq!(first.broker(), second.broker());
     first.rollback().await.unwrap();
-    second.rollback().await.unwrap();
+    // By id over tracker://: only with its broker, since ids are unique per broker.
+    match client.transaction(second.id()) {
+        Err(ClientError::TxNeedsBroker { txn, reason }) => {
+            assert_eq!(txn, second.id());
+            assert!(reason.contains("transaction_on"), "{reason}");
+        }
+        other => panic!("expected TxNeedsBroker, got {other:?}"),
+    }
+    let by_id = client
+        .transaction_on(&second.broker(), second.id())
+        .unwrap();
+    assert_eq!(by_id.broker(), second.broker());
+    assert_eq!(
+        by_id.rollback().await.unwrap(),
+        qbus_client::Decision::Taken
+    );
+    assert_eq!(
+        second.rollback().await.unwrap(),
+        qbus_client::Decision::Already
+    );
+    match client.transaction_on("127.0.0.1:1", second.id()) {
+        Err(ClientError::TxBrokerLost { broker, .. }) => assert_eq!(broker, "127.0.0.1:1"),
+        other => panic!("expected TxBrokerLost, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

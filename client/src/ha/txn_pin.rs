@@ -66,6 +66,35 @@ impl Pin {
         ))
     }
 
+    /// The pin of a transaction already on the broker at `addr` (one [`Pin::choose`] picked
+    /// for it at its begin, named by [`Transaction::broker`](crate::Transaction::broker));
+    /// its connection. Fails with [`ClientError::TxBrokerLost`] while that broker is not in
+    /// the topology.
+    pub(crate) fn on(ha: &Ha, addr: &str, txn: u64) -> Result<(Pin, Connection)> {
+        let topology = ha.topology();
+        let Some(broker) = topology.brokers().find(|b| b.is_broker() && b.addr == addr) else {
+            let known: Vec<&str> = topology
+                .brokers()
+                .filter(|b| b.is_broker())
+                .map(|b| b.addr.as_str())
+                .collect();
+            return Err(ClientError::TxBrokerLost {
+                txn,
+                broker: addr.to_owned(),
+                reason: format!("it is not in the topology now (brokers: {known:?})"),
+            });
+        };
+        let addr: Arc<str> = Arc::from(broker.addr.as_str());
+        let connection = ha.shared.pool.node(&addr).conn.clone();
+        Ok((
+            Pin {
+                ha: ha.clone(),
+                addr,
+            },
+            connection,
+        ))
+    }
+
     /// The pinned broker's address.
     pub(crate) fn addr(&self) -> &str {
         &self.addr
