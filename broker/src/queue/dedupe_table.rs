@@ -6,11 +6,13 @@
 //! - The ids live in a ring, in the order they were claimed (which is the order they
 //!   expire in). A claim appends to it (memory just written), and the produce's outcome
 //!   is written back to its ring entry by sequence number, with no second lookup.
-//! - The index is a hash table of sequence numbers only, their low 32 bits (4 bytes a slot,
-//!   beside one control byte: the ring never holds 2³² entries, so they name one entry),
-//!   so a lookup touches a small table and, for a new id, never the ring: the ring entry
-//!   is read only when the slot's tag matches. A new id is looked up and slotted in one
-//!   probe.
+//! - The index is a hash table of [`Slot`]s: the low 32 bits of a sequence number (the
+//!   ring never holds 2³² entries, so they name one entry) and 32 bits of the key's hash
+//!   (8 bytes a slot, beside one control byte), so a lookup touches a small table and,
+//!   for a new id, never the ring: the ring entry is read only when the slot's 32 hash
+//!   bits match. Growing the index rehashes from those bits too, without reading the ring
+//!   (a random read into a ring far larger than the caches for every id held, at every
+//!   doubling). A new id is looked up and slotted in one probe.
 //! - A [`Key`] is a 128-bit keyed hash of the id, not the id: fixed size, no allocation.
 //!   Two ids would have to collide in 128 bits of two SipHash-1-3 keyed at random per MQ
 //!   and process (about n² / 2¹²⁹ for n ids held: 2⁻⁸⁹ at a million), and a producer
@@ -27,14 +29,31 @@ use tokio::sync::oneshot;
 /// Most stored ids one MQ remembers; the oldest go first past this.
 pub const MAX_IDS: usize = 1 << 20;
 
-/// A dedupe id as the table knows it (see the module's doc).
+/// A dedupe id as the table knows it (see the module's doc): two 64-bit halves, not a
+/// `u128`, whose 16-byte alignment would pad every ring entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Key(u128);
+pub struct Key(u64, u64);
 
 impl Key {
-    fn hash(self) -> u64 {
-        self.0 as u64
+    /// The 32 bits of its hash the index keeps.
+    fn tag(self) -> u32 {
+        self.0 as u32
     }
+}
+
+/// The index's hash of a slot with `tag`: the tag in both halves, so the bucket (low
+/// bits) and hashbrown's 7-bit control tag (top bits) both come from it.
+fn index_hash(tag: u32) -> u64 {
+    u64::from(tag) << 32 | u64::from(tag)
+}
+
+/// An index slot (see the module's doc).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// The low 32 bits of the entry's sequence number.
+    seq: u32,
+    /// [`Key::tag`] of the entry's key.
+    tag: u32,
 }
 
 /// Turns ids into [`Key`]s.
@@ -44,7 +63,7 @@ pub struct Keyer(RandomState, RandomState);
 impl Keyer {
     /// The key of `id`.
     pub fn key(&self, id: &str) -> Key {
-        Key(u128::from(self.0.hash_one(id)) << 64 | u128::from(self.1.hash_one(id)))
+        Key(self.0.hash_one(id), self.1.hash_one(id))
     }
 }
 
@@ -66,16 +85,33 @@ pub type Waiter = oneshot::Sender<Option<Stored>>;
 enum State {
     /// Claimed by a produce whose append is on its way.
     Pending,
-    Stored(Stored),
+    /// Stored at the entry's offset, this durable when acknowledged.
+    Stored(Durability),
     /// Its produce failed: out of the index, left in the ring until the front reaches it.
     Dead,
 }
 
+/// 40 bytes: a million of them are held, written once each.
 struct Entry {
     key: Key,
     /// When claimed (pending) or when its window started (stored).
     at_ms: u64,
+    /// Where it was stored (stored only).
+    offset: u64,
     state: State,
+}
+
+impl Entry {
+    fn stored(&self) -> Option<Stored> {
+        match self.state {
+            State::Stored(durability) => Some(Stored {
+                offset: self.offset,
+                at_ms: self.at_ms,
+                durability,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// What the table says about an id.
@@ -91,9 +127,9 @@ pub enum Found {
 /// The table (see the module's doc).
 pub struct Table {
     keyer: Keyer,
-    /// The low 32 bits of the sequence numbers of the live (pending or stored) entries, by
-    /// their key's hash; and stale ones (see [`Table::expire`]).
-    index: HashTable<u32>,
+    /// The slots of the live (pending or stored) entries, by their key's tag; and stale
+    /// ones (see [`Table::expire`]).
+    index: HashTable<Slot>,
     ring: Ring,
     /// Index slots still naming entries that left the ring (see [`Table::expire`]).
     stale: usize,
@@ -129,19 +165,22 @@ impl Ring {
             .get_mut(usize::try_from(seq.checked_sub(self.first)?).ok()?)
     }
 
-    fn holds(&self, slot: u32, key: Key) -> bool {
-        self.position(slot)
-            .is_some_and(|p| self.entries[p].key == key)
+    /// True when `slot` names the entry of `key`: compares the tags first, so the ring is
+    /// read only for a match of 32 hash bits.
+    fn holds(&self, slot: Slot, key: Key) -> bool {
+        slot.tag == key.tag()
+            && self
+                .position(slot.seq)
+                .is_some_and(|p| self.entries[p].key == key)
     }
 
-    /// The hash of the entry a slot names, for the index's resizing (stale: any).
-    fn hash(&self, slot: u32) -> u64 {
-        self.position(slot)
-            .map_or(0, |p| self.entries[p].key.hash())
-    }
-
-    fn push(&mut self, key: Key, at_ms: u64, state: State) -> u64 {
-        self.entries.push_back(Entry { key, at_ms, state });
+    fn push(&mut self, key: Key, at_ms: u64, offset: u64, state: State) -> u64 {
+        self.entries.push_back(Entry {
+            key,
+            at_ms,
+            offset,
+            state,
+        });
         self.seq(self.entries.len() - 1)
     }
 }
@@ -171,22 +210,29 @@ impl Table {
 
     fn find(&self, key: Key) -> Option<u64> {
         let ring = &self.ring;
-        let slot = self.index.find(key.hash(), |&slot| ring.holds(slot, key))?;
-        Some(ring.seq(ring.position(*slot)?))
+        let slot = self
+            .index
+            .find(index_hash(key.tag()), |&slot| ring.holds(slot, key))?;
+        Some(ring.seq(ring.position(slot.seq)?))
     }
 
     /// Appends a live entry for `key`, which is not held, and indexes it; returns its
     /// sequence number.
-    fn push(&mut self, key: Key, at_ms: u64, state: State) -> u64 {
-        let seq = self.ring.push(key, at_ms, state);
-        let ring = &self.ring;
+    fn push(&mut self, key: Key, stored: Stored) -> u64 {
+        let state = State::Stored(stored.durability);
+        let seq = self.ring.push(key, stored.at_ms, stored.offset, state);
+        let slot = Slot {
+            seq: seq as u32,
+            tag: key.tag(),
+        };
         self.index
-            .insert_unique(key.hash(), seq as u32, |&slot| ring.hash(slot));
+            .insert_unique(index_hash(slot.tag), slot, |s| index_hash(s.tag));
         seq
     }
 
     fn unindex(&mut self, key: Key, seq: u64) {
-        if let Ok(slot) = self.index.find_entry(key.hash(), |&s| s == seq as u32) {
+        let hash = index_hash(key.tag());
+        if let Ok(slot) = self.index.find_entry(hash, |s| s.seq == seq as u32) {
             slot.remove();
         }
     }
@@ -195,31 +241,34 @@ impl Table {
     pub fn claim(&mut self, id: &str, now_ms: u64) -> Found {
         let key = self.keyer.key(id);
         let ring = &mut self.ring;
-        let next = ring.seq(ring.entries.len());
+        let next = Slot {
+            seq: ring.seq(ring.entries.len()) as u32,
+            tag: key.tag(),
+        };
         let found = self.index.entry(
-            key.hash(),
+            index_hash(key.tag()),
             |&slot| ring.holds(slot, key),
-            |&slot| ring.hash(slot),
+            |s| index_hash(s.tag),
         );
         let position = match found {
-            hashbrown::hash_table::Entry::Occupied(slot) => match ring.position(*slot.get()) {
+            hashbrown::hash_table::Entry::Occupied(slot) => match ring.position(slot.get().seq) {
                 Some(position) => position,
                 // `holds` matched only slots inside the ring, but should one not be, the
                 // slot is simply taken over.
                 None => {
-                    *slot.into_mut() = next as u32;
-                    return Found::Claimed(ring.push(key, now_ms, State::Pending));
+                    *slot.into_mut() = next;
+                    return Found::Claimed(ring.push(key, now_ms, 0, State::Pending));
                 }
             },
             hashbrown::hash_table::Entry::Vacant(vacant) => {
-                vacant.insert(next as u32);
-                return Found::Claimed(ring.push(key, now_ms, State::Pending));
+                vacant.insert(next);
+                return Found::Claimed(ring.push(key, now_ms, 0, State::Pending));
             }
         };
         let seq = ring.seq(position);
-        match ring.entries[position].state {
-            State::Stored(stored) => Found::Stored(stored),
-            _ => {
+        match ring.entries[position].stored() {
+            Some(stored) => Found::Stored(stored),
+            None => {
                 let (tx, rx) = oneshot::channel();
                 self.waiters.entry(seq).or_default().push(tx);
                 Found::Pending(rx)
@@ -230,8 +279,13 @@ impl Table {
     /// Records the claim `seq` as stored, and tells its waiting repeats.
     pub fn store(&mut self, seq: u64, stored: Stored) {
         if let Some(entry) = self.ring.get_mut(seq) {
-            entry.state = State::Stored(stored);
+            entry.state = State::Stored(stored.durability);
             entry.at_ms = stored.at_ms;
+            entry.offset = stored.offset;
+        }
+        // Nearly always none: not even a hash of `seq` then.
+        if self.waiters.is_empty() {
+            return;
         }
         for waiter in self.waiters.remove(&seq).unwrap_or_default() {
             let _ = waiter.send(Some(stored));
@@ -259,7 +313,7 @@ impl Table {
                 entry.state = State::Dead;
             }
         }
-        self.push(key, stored.at_ms, State::Stored(stored));
+        self.push(key, stored);
     }
 
     /// Forgets stored ids older than the window, and the oldest ones past [`MAX_IDS`].
@@ -291,7 +345,7 @@ impl Table {
         }
         if self.stale > 1024 && self.stale > self.len() / 2 {
             let ring = &self.ring;
-            self.index.retain(|slot| ring.position(*slot).is_some());
+            self.index.retain(|slot| ring.position(slot.seq).is_some());
             self.stale = 0;
         }
         early
@@ -378,13 +432,13 @@ mod tests {
     fn a_full_table_forgets_its_oldest_ids_first() {
         let mut table = Table::default();
         for i in 0..=MAX_IDS as u64 {
-            let key = Key(u128::from(i) << 64 | u128::from(i));
+            let key = Key(i, i);
             table.insert_stored(key, stored(i, 10));
         }
         assert_eq!(table.expire(10, 60_000), 1);
         assert_eq!(table.len(), MAX_IDS);
-        assert_eq!(table.find(Key(0)), None);
-        assert!(table.find(Key(1 << 64 | 1)).is_some());
+        assert_eq!(table.find(Key(0, 0)), None);
+        assert!(table.find(Key(1, 1)).is_some());
     }
 
     #[test]
@@ -404,6 +458,13 @@ mod tests {
         }
         assert!(matches!(table.claim("id-99999", 100_000), Found::Stored(s) if s.offset == 99_999));
         assert!(matches!(table.claim("id-5", 100_000), Found::Claimed(_)));
+    }
+
+    #[test]
+    fn entries_and_slots_stay_small() {
+        // A million of each are held: a byte more is a megabyte more, and caches missed.
+        assert_eq!(std::mem::size_of::<Entry>(), 40);
+        assert_eq!(std::mem::size_of::<Slot>(), 8);
     }
 
     #[test]
