@@ -6,13 +6,13 @@
 //! - The ids live in a ring, in the order they were claimed (which is the order they
 //!   expire in). A claim appends to it (memory just written), and the produce's outcome
 //!   is written back to its ring entry by sequence number, with no second lookup.
-//! - The index is a hash table of [`Slot`]s: the low 32 bits of a sequence number (the
-//!   ring never holds 2³² entries, so they name one entry) and 32 bits of the key's hash
-//!   (8 bytes a slot, beside one control byte), so a lookup touches a small table and,
-//!   for a new id, never the ring: the ring entry is read only when the slot's 32 hash
-//!   bits match. Growing the index rehashes from those bits too, without reading the ring
-//!   (a random read into a ring far larger than the caches for every id held, at every
-//!   doubling). A new id is looked up and slotted in one probe.
+//! - The index ([`dedupe_index`](super::dedupe_index)) is a hash set of 8-byte slots: the
+//!   low 32 bits of a sequence number (the ring never holds 2³² entries, so they name one
+//!   entry) and 32 bits of the key's hash, so a lookup touches a small table and, for a
+//!   new id, never the ring: the ring entry is read only when the slot's 32 hash bits
+//!   match. Growing the index moves slots by those bits too, without reading the ring (a
+//!   random read into a ring far larger than the caches for every id held, at every
+//!   doubling). A new id is looked up and slotted in one probe: one cache miss.
 //! - A [`Key`] is a 128-bit keyed hash of the id, not the id: fixed size, no allocation.
 //!   Two ids would have to collide in 128 bits of two SipHash-1-3 keyed at random per MQ
 //!   and process (about n² / 2¹²⁹ for n ids held: 2⁻⁸⁹ at a million), and a producer
@@ -22,7 +22,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 
-use hashbrown::HashTable;
+use super::dedupe_index::{self, Index, Probe, Slot};
 use qbus_wire::protocol::Durability;
 use tokio::sync::oneshot;
 
@@ -37,23 +37,8 @@ pub struct Key(u64, u64);
 impl Key {
     /// The 32 bits of its hash the index keeps.
     fn tag(self) -> u32 {
-        self.0 as u32
+        dedupe_index::tag(self.0)
     }
-}
-
-/// The index's hash of a slot with `tag`: the tag in both halves, so the bucket (low
-/// bits) and hashbrown's 7-bit control tag (top bits) both come from it.
-fn index_hash(tag: u32) -> u64 {
-    u64::from(tag) << 32 | u64::from(tag)
-}
-
-/// An index slot (see the module's doc).
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    /// The low 32 bits of the entry's sequence number.
-    seq: u32,
-    /// [`Key::tag`] of the entry's key.
-    tag: u32,
 }
 
 /// Turns ids into [`Key`]s.
@@ -129,7 +114,7 @@ pub struct Table {
     keyer: Keyer,
     /// The slots of the live (pending or stored) entries, by their key's tag; and stale
     /// ones (see [`Table::expire`]).
-    index: HashTable<Slot>,
+    index: Index,
     ring: Ring,
     /// Index slots still naming entries that left the ring (see [`Table::expire`]).
     stale: usize,
@@ -189,7 +174,7 @@ impl Default for Table {
     fn default() -> Table {
         Table {
             keyer: Keyer(RandomState::new(), RandomState::new()),
-            index: HashTable::new(),
+            index: Index::default(),
             ring: Ring::default(),
             stale: 0,
             waiters: HashMap::new(),
@@ -210,10 +195,10 @@ impl Table {
 
     fn find(&self, key: Key) -> Option<u64> {
         let ring = &self.ring;
-        let slot = self
-            .index
-            .find(index_hash(key.tag()), |&slot| ring.holds(slot, key))?;
-        Some(ring.seq(ring.position(slot.seq)?))
+        match self.index.probe(key.tag(), |slot| ring.holds(slot, key)) {
+            Probe::Found(_, slot) => Some(ring.seq(ring.position(slot.seq)?)),
+            Probe::Vacant(_) => None,
+        }
     }
 
     /// Appends a live entry for `key`, which is not held, and indexes it; returns its
@@ -225,15 +210,13 @@ impl Table {
             seq: seq as u32,
             tag: key.tag(),
         };
-        self.index
-            .insert_unique(index_hash(slot.tag), slot, |s| index_hash(s.tag));
+        self.index.insert(slot);
         seq
     }
 
     fn unindex(&mut self, key: Key, seq: u64) {
-        let hash = index_hash(key.tag());
-        if let Ok(slot) = self.index.find_entry(hash, |s| s.seq == seq as u32) {
-            slot.remove();
+        if let Probe::Found(place, _) = self.index.probe(key.tag(), |s| s.seq == seq as u32) {
+            self.index.remove_at(place);
         }
     }
 
@@ -245,23 +228,18 @@ impl Table {
             seq: ring.seq(ring.entries.len()) as u32,
             tag: key.tag(),
         };
-        let found = self.index.entry(
-            index_hash(key.tag()),
-            |&slot| ring.holds(slot, key),
-            |s| index_hash(s.tag),
-        );
-        let position = match found {
-            hashbrown::hash_table::Entry::Occupied(slot) => match ring.position(slot.get().seq) {
+        let position = match self.index.probe(key.tag(), |slot| ring.holds(slot, key)) {
+            Probe::Found(place, slot) => match ring.position(slot.seq) {
                 Some(position) => position,
                 // `holds` matched only slots inside the ring, but should one not be, the
                 // slot is simply taken over.
                 None => {
-                    *slot.into_mut() = next;
+                    self.index.replace_at(place, next);
                     return Found::Claimed(ring.push(key, now_ms, 0, State::Pending));
                 }
             },
-            hashbrown::hash_table::Entry::Vacant(vacant) => {
-                vacant.insert(next);
+            Probe::Vacant(place) => {
+                self.index.insert_at(place, next);
                 return Found::Claimed(ring.push(key, now_ms, 0, State::Pending));
             }
         };
@@ -432,13 +410,15 @@ mod tests {
     fn a_full_table_forgets_its_oldest_ids_first() {
         let mut table = Table::default();
         for i in 0..=MAX_IDS as u64 {
-            let key = Key(i, i);
+            // Keys as a keyed hash spreads them: a tag (the high half of the first word)
+            // from every one.
+            let key = Key(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), i);
             table.insert_stored(key, stored(i, 10));
         }
         assert_eq!(table.expire(10, 60_000), 1);
         assert_eq!(table.len(), MAX_IDS);
         assert_eq!(table.find(Key(0, 0)), None);
-        assert!(table.find(Key(1, 1)).is_some());
+        assert!(table.find(Key(0x9E37_79B9_7F4A_7C15, 1)).is_some());
     }
 
     #[test]
@@ -464,7 +444,6 @@ mod tests {
     fn entries_and_slots_stay_small() {
         // A million of each are held: a byte more is a megabyte more, and caches missed.
         assert_eq!(std::mem::size_of::<Entry>(), 40);
-        assert_eq!(std::mem::size_of::<Slot>(), 8);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! - [`registry`]: the MQ table: opening the store, creating and removing MQs, the sweep.
 //! - [`mq`]: one MQ: its log, its groups, fetch and ack.
 //! - [`dedupe`]: exactly-once produce: an MQ's dedupe ids, claimed, stored, rebuilt.
-//! - [`dedupe_table`]: the table of dedupe ids itself, pure.
+//! - [`dedupe_table`]: the table of dedupe ids itself, pure; [`dedupe_index`] its index.
 //! - [`group`]: one live consumer group: its ledger, cursor file and waiting fetches.
 //! - [`group_ledger`]: a group's delivery bookkeeping, pure (no I/O, no clock of its own).
 //! - [`timer`]: delayed delivery: the MQ's timer that copies delayed records to the log's
@@ -19,6 +19,7 @@
 //!   points and given failing writes and syncs.
 
 pub mod dedupe;
+pub mod dedupe_index;
 pub mod dedupe_table;
 pub mod group;
 pub mod group_commit;
