@@ -216,7 +216,9 @@ mod tests {
     fn removal_keeps_every_other_slot_findable_even_in_long_runs() {
         let mut index = Index::default();
         // Few distinct homes: long probe runs that wrap around the table's end.
-        let all: Vec<Slot> = (0..40u32).map(|i| slot(i, (i % 3) << 1 | 62 << 1)).collect();
+        let all: Vec<Slot> = (0..40u32)
+            .map(|i| slot(i, (i % 3) << 1 | 62 << 1))
+            .collect();
         for s in &all {
             index.insert(*s);
         }
@@ -225,7 +227,10 @@ mod tests {
             index.remove_at(at);
             assert!(find(&index, *s).is_none());
             for (m, other) in all.iter().enumerate().skip(n + 1) {
-                assert!(find(&index, *other).is_some(), "slot {m} after removing {n}");
+                assert!(
+                    find(&index, *other).is_some(),
+                    "slot {m} after removing {n}"
+                );
             }
         }
         assert_eq!(index.len(), 20);
