@@ -323,6 +323,12 @@ fn tx_list_commit_and_rollback() {
         again,
         format!("transaction {first} was already committed\n")
     );
+    // With its broker named (as over tracker://): this one, or refused for another.
+    let on = ok(broker.qbus(&["tx", "commit", &first.to_string(), "--on", &broker.addr]));
+    assert_eq!(on, format!("transaction {first} was already committed\n"));
+    let elsewhere =
+        fails(broker.qbus(&["tx", "commit", &first.to_string(), "--on", "127.0.0.1:1"]));
+    assert!(elsewhere.contains("connect to 127.0.0.1:1"), "{elsewhere}");
     let rolled = ok(broker.qbus(&["tx", "rollback", &second.to_string()]));
     assert_eq!(rolled, format!("transaction {second} rolled back\n"));
     let refused = broker.qbus(&["tx", "commit", &second.to_string()]);
