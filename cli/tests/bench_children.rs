@@ -40,7 +40,8 @@ fn a_killed_bench_leaves_no_brokers_or_trackers_behind() {
     // The stores go to a temp dir of the test's own, left behind by the killed `qbus`.
     let tmp = tempfile::tempdir().expect("temp dir");
     let mut qbus = Command::new(env!("CARGO_BIN_EXE_qbus"))
-        .args(["bench", "replicated", "--count", "100000000", "--rounds", "1"])
+        .args(["bench", "replicated", "--rounds", "1"])
+        .args(["--count", "100000000"])
         .args(["--ports", &listed.join(",")])
         .arg("--bin-dir")
         .arg(&bin_dir)
