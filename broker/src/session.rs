@@ -296,6 +296,9 @@ impl Session {
             }
             Command::Produce => self.produce(frame).await,
             Command::Fetch => self.fetch(frame.header),
+            Command::ReplicaRead if replica::serve::is_confirmation(&frame.header) => {
+                self.replica_confirm(frame.header).await
+            }
             Command::ReplicaRead => self.replica_read(frame.header),
             Command::Ack | Command::Nack => self.settle(frame.header).await,
             Command::ReplicaCursor => {
@@ -552,26 +555,41 @@ impl Session {
         Ok(())
     }
 
-    /// A follower's pull of this broker's records (a long poll, like a fetch).
-    fn replica_read(&mut self, request: Header) -> Result<(), Failure> {
+    /// Checks that the peer can follow (records go out byte for byte as stored, version 3
+    /// fields (delay, TTL) and all: only a peer that said protocol 3 in `Hello` can take
+    /// them) and notes the copy it follows, so that it counts as gone when this connection
+    /// closes.
+    fn follower_of(&mut self, request: &Header) -> Result<(), Failure> {
         if self.peer_protocol < 3 {
-            // Records go out byte for byte as stored, version 3 fields (delay, TTL) and all:
-            // only a peer that said protocol 3 in `Hello` can take them.
             let e = BrokerError::BadRequest(format!(
                 "ReplicaRead needs protocol 3; this connection said {} in Hello",
                 self.peer_protocol
             ));
-            return Err(Failure::new(&request, e));
+            return Err(Failure::new(request, e));
         }
+        if let (Some(mq), Some(follower)) = (&request.mq, &request.group) {
+            self.following.insert((mq.clone(), follower.clone()));
+        }
+        Ok(())
+    }
+
+    /// A follower's confirmation, answered in line (see [`replica::serve::replica_confirm`]).
+    async fn replica_confirm(&mut self, request: Header) -> Result<(), Failure> {
+        self.follower_of(&request)?;
+        let reply = replica::serve::replica_confirm(&self.core, &request)
+            .unwrap_or_else(|e| Frame::new(error_header(&request, &e)));
+        self.reply(reply).await
+    }
+
+    /// A follower's pull of this broker's records (a long poll, like a fetch).
+    fn replica_read(&mut self, request: Header) -> Result<(), Failure> {
+        self.follower_of(&request)?;
         let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
             let e = BrokerError::Overloaded(format!(
                 "more than {MAX_FETCHES} fetches waiting on one connection"
             ));
             return Err(Failure::new(&request, e));
         };
-        if let (Some(mq), Some(follower)) = (&request.mq, &request.group) {
-            self.following.insert((mq.clone(), follower.clone()));
-        }
         let (core, out) = (self.core.clone(), self.out.clone());
         self.polls.spawn(async move {
             let _permit = permit;

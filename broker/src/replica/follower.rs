@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use qbus_client::{ClientError, Connection};
 use qbus_wire::protocol::{Command, Durability, Frame, Header, MqInfo, Status, FLAG_READ_AHEAD};
 use qbus_wire::Backoff;
@@ -160,7 +161,8 @@ struct Confirmer {
     task: tokio::task::JoinHandle<Result<(), PullError>>,
 }
 
-/// Appends read but not yet confirmed, at most (bounds the records held in memory).
+/// Appends read but not yet confirmed, at most (bounds the records held in memory); and
+/// confirmations sent whose replies have not come, at most.
 const PIPELINE: usize = 4;
 
 impl Confirmer {
@@ -169,12 +171,22 @@ impl Confirmer {
         let (connection, name, me) = (connection.clone(), name.to_owned(), me.to_owned());
         let task = tokio::spawn(async move {
             let mut held = None;
+            // A confirmation does not wait for the reply to the one before: the leader
+            // answers them in line, in their order, so the next append made durable is
+            // confirmed at once rather than a round trip later.
+            let mut replies = FuturesUnordered::new();
             loop {
                 let wait = match held.take() {
                     Some(wait) => wait,
-                    None => match rx.recv().await {
-                        Some(wait) => wait,
-                        None => break,
+                    None => tokio::select! {
+                        Some(reply) = replies.next(), if !replies.is_empty() => {
+                            reply?;
+                            continue;
+                        }
+                        wait = rx.recv() => match wait {
+                            Some(wait) => wait,
+                            None => break,
+                        },
                     },
                 };
                 let (mut appended, _) = wait.wait().await?;
@@ -189,12 +201,20 @@ impl Confirmer {
                         }
                     }
                 }
+                while replies.len() >= PIPELINE {
+                    if let Some(reply) = replies.next().await {
+                        reply?;
+                    }
+                }
                 let confirm = Read {
                     from: appended.next_offset,
                     wait: Duration::ZERO,
                     ahead: false,
                 };
-                read_only(&connection, &name, &me, confirm).await?;
+                replies.push(read_only(&connection, &name, &me, confirm).await?);
+            }
+            while let Some(reply) = replies.next().await {
+                reply?;
             }
             Ok(())
         });
@@ -245,17 +265,25 @@ pub(super) struct Read {
     pub(super) ahead: bool,
 }
 
-/// A confirmation: a `ReplicaRead` asking for no records.
+/// A confirmation: a `ReplicaRead` asking for no records, sent (queued on the connection,
+/// so confirmations keep their order on the wire) before this returns; the future it
+/// returns resolves with the reply, within the connection's request timeout.
 async fn read_only(
     connection: &Connection,
     name: &str,
     me: &str,
     confirm: Read,
-) -> Result<(), PullError> {
+) -> Result<impl std::future::Future<Output = Result<(), PullError>>, PullError> {
     let mut header = request(name, me, confirm);
     header.count = Some(0);
-    connection.request(Frame::new(header)).await?;
-    Ok(())
+    let limit = connection.options().request_timeout;
+    let pending = connection.send(Frame::new(header)).await?;
+    Ok(async move {
+        match tokio::time::timeout(limit, pending).await {
+            Ok(reply) => reply.map(drop).map_err(PullError::from),
+            Err(_) => Err(PullError::Leader(ClientError::Timeout(limit))),
+        }
+    })
 }
 
 fn request(name: &str, me: &str, read: Read) -> Header {

@@ -2,6 +2,7 @@
 //! broker's own records of an MQ, and `ReplicaCursor`, acks a follower's copy took while
 //! this broker was away.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,7 +10,7 @@ use qbus_wire::protocol::{Frame, Header, FLAG_READ_AHEAD};
 
 use crate::core::{Core, MAX_WAIT};
 use crate::error::BrokerError;
-use crate::queue::mq::MAX_FETCH_BYTES;
+use crate::queue::mq::{Mq, MAX_FETCH_BYTES};
 
 /// Most records one pull may ask for.
 const MAX_RECORDS: usize = 1 << 16;
@@ -22,36 +23,11 @@ const MAX_RECORDS: usize = 1 << 16;
 /// (`FLAG_READ_AHEAD`), it confirms that the follower holds every record below `offset`;
 /// with `count` 0 it is only that confirmation.
 pub async fn replica_read(core: &Core, request: &Header) -> Result<Frame, BrokerError> {
-    let name = request
-        .mq
-        .as_deref()
-        .ok_or_else(|| BrokerError::BadRequest("missing mq".into()))?;
-    let follower = request
-        .group
-        .as_deref()
-        .ok_or_else(|| BrokerError::BadRequest("missing group (the follower's id)".into()))?;
-    // A copy too: a leader that lost its store restores from it.
-    let mq = core.registry().get(name)?;
-    let reader = mq.reader().clone();
-    let from = request.offset.unwrap_or(0);
-    if from > reader.end_offset() {
-        return Err(BrokerError::Conflict(format!(
-            "follower {follower:?} holds MQ {name:?} up to offset {from}, this broker only up to {}: this broker lost records it had",
-            reader.end_offset()
-        )));
-    }
-    if request.has_flag(FLAG_READ_AHEAD) {
-        mq.followers().alive(follower, from, reader.end_offset());
-    } else {
-        mq.followers().heard(follower, from, reader.end_offset());
-    }
+    let (mq, from) = heard_from(core, request)?;
     if request.count == Some(0) {
-        // A confirmation only.
-        let mut header = Header::reply_to(request);
-        header.offset = Some(from);
-        header.count = Some(0);
-        return Ok(Frame::new(header));
+        return Ok(confirmed(request, from));
     }
+    let reader = mq.reader().clone();
     let wait = Duration::from_millis(request.timeout_ms.unwrap_or(0).into()).min(MAX_WAIT);
     let mut end = reader.subscribe_end();
     let give_up = tokio::time::Instant::now() + wait;
@@ -82,6 +58,56 @@ pub async fn replica_read(core: &Core, request: &Header) -> Result<Frame, Broker
     header.count = Some(batch.count as u32);
     let body: Bytes = batch.data;
     Ok(Frame::with_body(header, body))
+}
+
+/// Answers a follower's confirmation (a `ReplicaRead` for no records, without
+/// `READ_AHEAD`) at once: it waits for nothing, so the session answers it in line rather
+/// than on a task of its own, and a follower's confirmations sent one after another, without
+/// waiting for each reply, are taken in their order (a confirmed offset never seems to go
+/// back).
+pub fn replica_confirm(core: &Core, request: &Header) -> Result<Frame, BrokerError> {
+    let (_, from) = heard_from(core, request)?;
+    Ok(confirmed(request, from))
+}
+
+/// Whether `request` is a confirmation only (see [`replica_confirm`]).
+pub fn is_confirmation(request: &Header) -> bool {
+    request.count == Some(0) && !request.has_flag(FLAG_READ_AHEAD)
+}
+
+/// Records what a follower's `ReplicaRead` says (it is there; unless it reads ahead, it
+/// holds every record below the request's offset) and returns the MQ and that offset.
+fn heard_from(core: &Core, request: &Header) -> Result<(Arc<Mq>, u64), BrokerError> {
+    let name = request
+        .mq
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing mq".into()))?;
+    let follower = request
+        .group
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest("missing group (the follower's id)".into()))?;
+    // A copy too: a leader that lost its store restores from it.
+    let mq = core.registry().get(name)?;
+    let (from, end) = (request.offset.unwrap_or(0), mq.reader().end_offset());
+    if from > end {
+        return Err(BrokerError::Conflict(format!(
+            "follower {follower:?} holds MQ {name:?} up to offset {from}, this broker only up to {end}: this broker lost records it had"
+        )));
+    }
+    if request.has_flag(FLAG_READ_AHEAD) {
+        mq.followers().alive(follower, from, end);
+    } else {
+        mq.followers().heard(follower, from, end);
+    }
+    Ok((mq, from))
+}
+
+/// The reply to a confirmation.
+fn confirmed(request: &Header, from: u64) -> Frame {
+    let mut header = Header::reply_to(request);
+    header.offset = Some(from);
+    header.count = Some(0);
+    Frame::new(header)
 }
 
 /// Takes the acks a follower's copy recorded while this broker was away: group `group` of

@@ -85,7 +85,7 @@ impl Cluster {
             brokers: Vec::new(),
         };
         for &port in &ports[..shape.trackers] {
-            let mut tracker = Command::new(cluster.bin_dir.join("qbus-tracker"));
+            let mut tracker = child_command(&cluster.bin_dir.join("qbus-tracker"));
             tracker.args([
                 "--bind",
                 "127.0.0.1",
@@ -141,7 +141,7 @@ impl Cluster {
             .iter()
             .map(|(_, port)| format!("127.0.0.1:{port}"))
             .collect();
-        let mut broker = Command::new(self.bin_dir.join("qbus-broker"));
+        let mut broker = child_command(&self.bin_dir.join("qbus-broker"));
         broker
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .arg("--store")
@@ -214,6 +214,31 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A command running `program` as a child that dies with `qbus`: on Linux, through
+/// `setpriv --pdeathsig KILL` (util-linux), which asks the kernel to SIGKILL it when the
+/// `qbus` thread that started it ends, then execs `program` in its place (same PID, so
+/// kills and SIGSTOPs by PID reach it). So a `qbus bench` killed with SIGKILL, which runs
+/// no cleanup, leaves no brokers or trackers behind. Without `setpriv` (other systems),
+/// `program` runs directly and only the cleanup of a `qbus` that ends normally stops it.
+pub(super) fn child_command(program: &Path) -> Command {
+    static SETPRIV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let setpriv = *SETPRIV.get_or_init(|| {
+        cfg!(target_os = "linux")
+            && Command::new("setpriv")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success())
+    });
+    if !setpriv {
+        return Command::new(program);
+    }
+    let mut command = Command::new("setpriv");
+    command.args(["--pdeathsig", "KILL", "--"]).arg(program);
+    command
 }
 
 pub(super) fn spawn(mut command: Command, name: &str, bin_dir: &Path) -> Result<Child, CliError> {

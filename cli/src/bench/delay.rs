@@ -21,7 +21,7 @@ use bytes::{BufMut, BytesMut};
 use clap::Args;
 use qbus_client::{Broker, Delivery, Message, MqOptions};
 
-use super::cluster::{free_port, listening, spawn};
+use super::cluster::{child_command, free_port, listening, spawn};
 use crate::error::CliError;
 
 #[derive(Debug, Args)]
@@ -92,7 +92,7 @@ impl BrokerChild {
 }
 
 fn broker_command(bin_dir: &Path, dir: &Path, port: u16) -> Command {
-    let mut command = Command::new(bin_dir.join("qbus-broker"));
+    let mut command = child_command(&bin_dir.join("qbus-broker"));
     command
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .arg("--store")
