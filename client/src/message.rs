@@ -157,10 +157,15 @@ impl Message {
 
     /// Appends this message as a record (offset and time are set by the broker).
     pub(crate) fn encode(&self, dst: &mut BytesMut) -> Result<()> {
+        self.encode_with_id(self.id, dst)
+    }
+
+    /// Encodes the record as [`encode`](Message::encode) does, with `id` as its message id.
+    pub(crate) fn encode_with_id(&self, id: Option<u128>, dst: &mut BytesMut) -> Result<()> {
         let meta = RecordMeta {
             tag: self.tag.as_deref(),
             key: self.key.as_deref(),
-            id: self.id,
+            id,
             deliver_at: self.deliver_at,
             expires_at: self.expiry(),
             dedupe_id: self.dedupe_id.as_deref(),

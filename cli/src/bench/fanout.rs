@@ -37,8 +37,9 @@ pub struct FanoutBench {
     /// than the messages of one round trip)
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     in_flight: u32,
-    /// Most messages per fetch
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Most messages per fetch (as many as the producer's window: a subscriber fetching
+    /// less per round trip than the producer sends falls behind, and its latency is queueing)
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     batch: u32,
 }
 

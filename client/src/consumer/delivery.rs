@@ -35,7 +35,8 @@ pub struct Delivery {
     pub body: Bytes,
     /// 1 for the first delivery, more for redeliveries.
     pub attempt: u32,
-    pub(super) acker: Acker,
+    /// Shared by every delivery of one fetch loop (one count to bump per delivery).
+    pub(super) acker: Arc<Acker>,
     /// The link it came over: the broker lets go of it when that link closes, so an ack
     /// is sent over that link or not at all.
     pub(super) link: LinkId,
@@ -58,7 +59,7 @@ impl Delivery {
         let mut by_link: Vec<(&Acker, LinkId, Vec<DeliveryToken>)> = Vec::new();
         for delivery in deliveries {
             match by_link.iter_mut().find(|(acker, link, _)| {
-                *link == delivery.link && acker.tx.same_channel(&delivery.acker.tx)
+                *link == delivery.link && std::ptr::eq(*acker, &*delivery.acker)
             }) {
                 Some((_, _, tokens)) => tokens.push(delivery.token()),
                 None => by_link.push((&delivery.acker, delivery.link, vec![delivery.token()])),
@@ -183,7 +184,6 @@ impl Verdict {
 }
 
 /// Collects acks and nacks from every delivery of a consumer and sends them in batches.
-#[derive(Clone)]
 pub(super) struct Acker {
     tx: mpsc::Sender<Settle>,
     /// The connection the deliveries came over.

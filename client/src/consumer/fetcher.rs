@@ -57,7 +57,7 @@ pub(super) fn spawn_fetcher(
             group: spec.target.group.clone(),
         })
     };
-    let acker = Acker::spawn(connection.clone(), target.clone());
+    let acker = Arc::new(Acker::spawn(connection.clone(), target.clone()));
     let fetcher = Fetcher {
         spec: spec.clone(),
         target,
@@ -75,7 +75,7 @@ struct Fetcher {
     /// What this loop reads: the spec's, or a follower's copy.
     target: Arc<Target>,
     connection: Connection,
-    acker: Acker,
+    acker: Arc<Acker>,
     tx: mpsc::Sender<Result<Vec<Delivery>>>,
     stop: CancellationToken,
 }

@@ -210,30 +210,37 @@ impl Consumer {
     /// Waits for at least one delivery, then returns every one already received, up to `max`.
     /// An error after some deliveries ends the batch and comes with the next call.
     pub async fn recv_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
-        let mut batch = Vec::new();
-        let Some(first) = self.recv().await else {
-            return Ok(batch);
+        let max = max.max(1);
+        while self.buffered.is_empty() {
+            if let Some(e) = self.held.take() {
+                return Err(e);
+            }
+            match std::future::poll_fn(|cx| self.rx.poll_recv(cx)).await {
+                Some(Ok(deliveries)) => self.buffered = deliveries.into(),
+                Some(Err(e)) => return Err(e),
+                None => return Ok(Vec::new()),
+            }
+        }
+        let mut batch: Vec<Delivery> = if self.buffered.len() <= max {
+            // A whole fetch goes out as it came, not moved delivery by delivery.
+            std::mem::take(&mut self.buffered).into()
+        } else {
+            self.buffered.drain(..max).collect()
         };
-        batch.push(first?);
-        loop {
-            let room = max.saturating_sub(batch.len());
-            let take = room.min(self.buffered.len());
-            for delivery in self.buffered.drain(..take) {
-                if self.auto_ack {
-                    delivery.acker.settle_later(&delivery, Verdict::Ack);
-                }
-                batch.push(delivery);
-            }
-            if batch.len() >= max {
-                break;
-            }
+        while batch.len() < max && self.held.is_none() {
             match self.rx.try_recv() {
-                Ok(Ok(deliveries)) => self.buffered = deliveries.into(),
-                Ok(Err(e)) => {
-                    self.held = Some(e);
-                    break;
+                Ok(Ok(deliveries)) => {
+                    self.buffered = deliveries.into();
+                    let take = (max - batch.len()).min(self.buffered.len());
+                    batch.extend(self.buffered.drain(..take));
                 }
+                Ok(Err(e)) => self.held = Some(e),
                 Err(_) => break,
+            }
+        }
+        if self.auto_ack {
+            for delivery in &batch {
+                delivery.acker.settle_later(delivery, Verdict::Ack);
             }
         }
         Ok(batch)

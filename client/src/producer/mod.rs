@@ -122,7 +122,11 @@ impl Producer {
     /// that request is the failure of each of its sends, reported by their receipts; this
     /// call itself fails only for a message that cannot be encoded.
     pub async fn send_async(&self, message: impl Into<Message>) -> Result<PendingReceipt> {
-        self.send_batch_async(std::iter::once(message.into())).await
+        // Queued by reference: a message is encoded where it is, never moved again.
+        let message = message.into();
+        self.queue
+            .push(&self.transport, &self.mq, self.ack, [&message])
+            .await
     }
 
     /// Sends several messages in one request; they get consecutive offsets. Over an HA

@@ -9,13 +9,15 @@
 //! batches leave in the order their first send was queued, each through one
 //! [`Transport::send`] after the one before.
 
+use std::borrow::Borrow;
 use std::collections::VecDeque;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use super::Receipt;
 use crate::error::{ClientError, Result};
@@ -33,9 +35,6 @@ const DEFAULT_BATCH_BYTES: usize = 64 << 10;
 const MAX_BATCH_BYTES: usize = 256 << 10;
 /// Record bytes queued and not yet handed to the connection before a send waits.
 const MAX_QUEUED_BYTES: usize = 4 << 20;
-
-/// What came back for one batch, shared by the receipts of its sends.
-type Outcome = Option<std::result::Result<Arc<BatchReceipt>, ClientError>>;
 
 /// The queue of one producer (shared by its clones).
 #[derive(Debug)]
@@ -63,7 +62,7 @@ struct Batch {
     key: Option<String>,
     /// `FLAG_ACK_*` bits (every send of a producer has the same).
     flags: u32,
-    done: watch::Sender<Outcome>,
+    done: Completion,
 }
 
 /// The receipt of a batch in the form its sends read it.
@@ -92,12 +91,12 @@ impl SendQueue {
 
     /// Queues `messages` (at least one) as consecutive records and returns the handle on
     /// their receipt; starts a flush unless one is under way.
-    pub(super) async fn push(
+    pub(super) async fn push<M: Borrow<Message>>(
         self: &Arc<Self>,
         transport: &Transport,
         mq: &Arc<str>,
         flags: u32,
-        messages: impl IntoIterator<Item = Message>,
+        messages: impl IntoIterator<Item = M>,
     ) -> Result<PendingReceipt> {
         let cluster = transport.is_cluster();
         let mut messages = messages.into_iter();
@@ -106,7 +105,11 @@ impl SendQueue {
                 "a batch needs at least one message".into(),
             ));
         };
-        let key = if cluster { first.key.clone() } else { None };
+        let key = if cluster {
+            first.borrow().key.clone()
+        } else {
+            None
+        };
         let messages = std::iter::once(first).chain(messages);
         let mut state = loop {
             let room = {
@@ -144,9 +147,9 @@ impl SendQueue {
 impl State {
     /// Encodes `messages` (at least one) straight into the newest batch when they go the
     /// same way and fit, else into a new batch.
-    fn append(
+    fn append<M: Borrow<Message>>(
         &mut self,
-        messages: impl Iterator<Item = Message>,
+        messages: impl Iterator<Item = M>,
         cluster: bool,
         key: Option<String>,
         flags: u32,
@@ -156,14 +159,13 @@ impl State {
             batch.key == key && batch.flags == flags && batch.body.len() < batch.limit
         });
         if !joins {
-            let (done, _) = watch::channel(None);
             self.batches.push_back(Batch {
                 body: BytesMut::new(),
                 count: 0,
                 limit: limit(),
                 key,
                 flags,
-                done,
+                done: Completion::default(),
             });
         }
         let Some(batch) = self.batches.back_mut() else {
@@ -174,14 +176,16 @@ impl State {
         let start = batch.body.len();
         let first = batch.count;
         let mut count = 0u32;
-        for mut message in messages {
-            if cluster && message.id.is_none() {
-                // HA sends may be retried on another broker: give consumers a way to
-                // recognise the second copy.
-                message.id = Some(rand::random());
-            }
-            batch.body.reserve(message.encoded_len());
-            if let Err(e) = message.encode(&mut batch.body) {
+        for message in messages {
+            let message = message.borrow();
+            // HA sends may be retried on another broker: give consumers a way to recognise
+            // the second copy.
+            let id = match message.id {
+                None if cluster => Some(rand::random()),
+                id => id,
+            };
+            batch.body.reserve(message.encoded_len() + 16);
+            if let Err(e) = message.encode_with_id(id, &mut batch.body) {
                 batch.body.truncate(start);
                 self.drop_empty_batch();
                 return Err(e);
@@ -194,7 +198,8 @@ impl State {
             // off in place, not copied).
             let records = batch.body.split_off(start);
             let (key, limit) = (batch.key.clone(), batch.limit);
-            let (done, receiver) = watch::channel(None);
+            let done = Completion::default();
+            let pending = PendingReceipt::new(&done, 0, count);
             self.batches.push_back(Batch {
                 body: records,
                 count,
@@ -204,19 +209,11 @@ impl State {
                 done,
             });
             self.queued_bytes += added;
-            return Ok(PendingReceipt {
-                done: receiver,
-                first: 0,
-                count,
-            });
+            return Ok(pending);
         }
         batch.count += count;
         self.queued_bytes += added;
-        Ok(PendingReceipt {
-            done: batch.done.subscribe(),
-            first,
-            count,
-        })
+        Ok(PendingReceipt::new(&batch.done, first, count))
     }
 
     /// Removes the newest batch if a send that failed to encode opened it and left it empty.
@@ -247,11 +244,10 @@ async fn flush(queue: Arc<SendQueue>, transport: Transport, mq: Arc<str>) {
                 Ok(reply) => reply
                     .wait()
                     .await
-                    .and_then(|frame| BatchReceipt::read(frame.header))
-                    .map(Arc::new),
+                    .and_then(|frame| BatchReceipt::read(frame.header)),
                 Err(e) => Err(e),
             };
-            done.send_replace(Some(outcome));
+            done.complete(outcome);
         };
         match next {
             Some(next) => {
@@ -340,36 +336,100 @@ fn stored_records(offsets: &[u64], stored: u32) -> Vec<(u64, bool)> {
         .collect()
 }
 
+/// Where the outcome of one batch lands, read by the receipts of its sends.
+///
+/// A receipt per send is the producer's most frequent object, so this is a lock and a
+/// list of wakers rather than a channel and a boxed future per send.
+#[derive(Debug, Default)]
+struct Outcome {
+    state: Mutex<OutcomeState>,
+}
+
+#[derive(Debug, Default)]
+struct OutcomeState {
+    result: Option<Result<BatchReceipt>>,
+    /// Receipts waiting for `result`; a receipt keeps the index of its own entry.
+    wakers: Vec<Waker>,
+}
+
+impl Outcome {
+    fn state(&self) -> MutexGuard<'_, OutcomeState> {
+        // A panic while holding the lock leaves plain data that is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The writing end of a batch's [`Outcome`]: a batch dropped unanswered (its runtime shut
+/// down) fails its receipts instead of leaving them waiting.
+#[derive(Debug, Default)]
+struct Completion(Arc<Outcome>);
+
+impl Completion {
+    fn complete(self, result: Result<BatchReceipt>) {
+        self.set(result);
+    }
+
+    fn set(&self, result: Result<BatchReceipt>) {
+        let mut state = self.0.state();
+        if state.result.is_some() {
+            return;
+        }
+        state.result = Some(result);
+        let wakers = std::mem::take(&mut state.wakers);
+        drop(state);
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.set(Err(dropped()));
+    }
+}
+
 /// The receipt of a queued send; `.await` it. Over an HA handle the send goes again to
 /// another broker if the first one fails before confirming, whether or not it is awaited.
 #[derive(Debug)]
 pub struct PendingReceipt {
     /// The outcome of the produce request carrying this send.
-    done: watch::Receiver<Outcome>,
+    outcome: Arc<Outcome>,
     /// This send's first message within that request, and its message count.
     first: u32,
     count: u32,
+    /// This receipt's entry among the outcome's wakers, once it has waited.
+    waker: Option<usize>,
 }
 
-impl IntoFuture for PendingReceipt {
-    type Output = Result<Receipt>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Result<Receipt>> + Send>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(receipt(self.done, self.first, self.count))
+impl PendingReceipt {
+    fn new(done: &Completion, first: u32, count: u32) -> PendingReceipt {
+        PendingReceipt {
+            outcome: done.0.clone(),
+            first,
+            count,
+            waker: None,
+        }
     }
 }
 
-/// Waits for the receipt of sends `first..first + count` of a batch.
-async fn receipt(mut done: watch::Receiver<Outcome>, first: u32, count: u32) -> Result<Receipt> {
-    let outcome = done
-        .wait_for(Option::is_some)
-        .await
-        .map_err(|_| dropped())?;
-    match outcome.as_ref() {
-        Some(Ok(receipt)) => receipt.part(first, count),
-        Some(Err(e)) => Err(e.clone()),
-        None => Err(dropped()),
+impl Future for PendingReceipt {
+    type Output = Result<Receipt>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Receipt>> {
+        let this = &mut *self;
+        let mut state = this.outcome.state();
+        match &state.result {
+            Some(Ok(receipt)) => return Poll::Ready(receipt.part(this.first, this.count)),
+            Some(Err(e)) => return Poll::Ready(Err(e.clone())),
+            None => {}
+        }
+        match this.waker.and_then(|i| state.wakers.get_mut(i)) {
+            Some(waker) => waker.clone_from(cx.waker()),
+            None => {
+                this.waker = Some(state.wakers.len());
+                state.wakers.push(cx.waker().clone());
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -416,5 +476,27 @@ mod tests {
             records: Vec::new(),
         };
         assert_eq!(plain.part(3, 2).unwrap().offset, 10);
+    }
+
+    #[tokio::test]
+    async fn receipts_wake_when_their_batch_is_answered_or_dropped() {
+        let done = Completion::default();
+        let waiting = tokio::spawn(PendingReceipt::new(&done, 0, 2));
+        let later = PendingReceipt::new(&done, 2, 1);
+        // Let the first receipt wait before the answer comes.
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        done.complete(Ok(BatchReceipt {
+            first: 5,
+            durability: Durability::Written,
+            records: Vec::new(),
+        }));
+        let waiting = waiting.await.unwrap().unwrap();
+        assert_eq!((waiting.offset, waiting.count), (5, 2));
+        assert_eq!(later.await.unwrap().offset, 7);
+
+        let unanswered = PendingReceipt::new(&Completion::default(), 0, 1);
+        let error = unanswered.await.unwrap_err();
+        assert!(error.to_string().contains("dropped"), "{error}");
     }
 }
