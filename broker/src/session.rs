@@ -31,6 +31,7 @@ use crate::queue::group_commit::CommitBatch;
 use crate::queue::mq::Mq;
 use crate::replica;
 use crate::rpc;
+use crate::rpc::call::{CallWrites, Staging};
 use crate::txn::Decided;
 
 /// Long polls one connection may have waiting at once.
@@ -52,6 +53,8 @@ struct Session {
     produced: mpsc::Sender<Produced>,
     /// Appends and cursor stores of the burst being handled, submitted together at its end.
     batch: CommitBatch,
+    /// The writes of the burst's calls, looked at once the batch is submitted.
+    call_writes: CallWrites,
     /// One-way acks that came with RPC replies in the burst (`FLAG_ROUTE_ACK`), by MQ and
     /// group: recorded together at its end, so a burst of replies takes each group's lock
     /// and wakes its waiting fetches once, as one `Ack` of many tokens would.
@@ -110,6 +113,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
         out: out.clone(),
         produced,
         batch: CommitBatch::default(),
+        call_writes: CallWrites::default(),
         route_acks: Vec::new(),
         fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
         polls: JoinSet::new(),
@@ -327,7 +331,11 @@ impl Session {
             Command::Call | Command::Route | Command::QueryRoutes => {
                 let (core, out) = (&self.core, &self.out);
                 let (registry, replies) = (core.registry(), core.replies());
-                match rpc::call::handle(registry, replies, self.conn, out, frame, &mut self.batch) {
+                let staged = Staging {
+                    batch: &mut self.batch,
+                    writes: &mut self.call_writes,
+                };
+                match rpc::call::handle(registry, replies, self.conn, out, frame, staged) {
                     Some(reply) => self.reply(reply).await,
                     None => Ok(()),
                 }
@@ -522,6 +530,7 @@ impl Session {
         }
         let batch = std::mem::take(&mut self.batch);
         let _ = self.core.committer().submit(batch).await;
+        self.call_writes.settle(self.core.replies());
     }
 
     fn fetch(&mut self, request: Header) -> Result<(), Failure> {
@@ -653,7 +662,11 @@ impl Session {
         let (core, out) = (&self.core, &self.out);
         let (registry, replies) = (core.registry(), core.replies());
         // One-way, so it has no reply: an unroutable reply is only counted.
-        rpc::call::handle(registry, replies, self.conn, out, frame, &mut self.batch);
+        let staged = Staging {
+            batch: &mut self.batch,
+            writes: &mut self.call_writes,
+        };
+        rpc::call::handle(registry, replies, self.conn, out, frame, staged);
         match mq {
             Some(mq) if oneway => {
                 let same = |(m, g, _): &&mut (String, Option<String>, _)| *m == mq && *g == group;

@@ -3,7 +3,7 @@
 //! the commit thread and waiting consumers.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -36,8 +36,12 @@ pub struct Group {
     /// Serialises reads of new records so two consumers never get the same batch; holds
     /// the file position of `next` so sequential reads skip the index.
     pub(super) read_pos: tokio::sync::Mutex<Option<ReadPos>>,
-    /// Signalled when deliveries are released or acknowledged.
+    /// Signalled when deliveries are released, and when they are acknowledged while a
+    /// fetch waits for room or the group orders by key (see [`Group::ack_wakes`]).
     pub(super) changed: Notify,
+    /// Fetches waiting with no room left (their connection holds its most deliveries):
+    /// counted under the state's lock, which an ack takes too, so none misses its wake.
+    room_waiters: AtomicUsize,
 }
 
 impl Group {
@@ -77,11 +81,40 @@ impl Group {
             persisted: Arc::new(AtomicU64::new(committed)),
             read_pos: tokio::sync::Mutex::new(None),
             changed: Notify::new(),
+            room_waiters: AtomicUsize::new(0),
         })
     }
 
     pub(super) fn state(&self) -> std::sync::MutexGuard<'_, GroupLedger> {
         self.state.lock().expect("group state poisoned")
+    }
+
+    /// Whether acknowledging deliveries (with `state` locked) must wake the waiting
+    /// fetches: only those without room, or records parked behind their key, can go on
+    /// because of it. Others wait for new records or redeliveries, which wake them
+    /// themselves: an MQ-RPC responder's fetch, say, woke once per burst of replies for
+    /// nothing.
+    pub(super) fn ack_wakes(&self, state: &mut GroupLedger) -> bool {
+        state.key_order().is_some() || self.room_waiters.load(Ordering::Acquire) > 0
+    }
+}
+
+/// A fetch waiting for room: acks wake the group's fetches while one is (see
+/// [`Group::ack_wakes`]). Start it with the group's state locked.
+pub(super) struct WaitingForRoom<'a> {
+    group: &'a Group,
+}
+
+impl<'a> WaitingForRoom<'a> {
+    pub(super) fn start(group: &'a Group, _locked: &GroupLedger) -> WaitingForRoom<'a> {
+        group.room_waiters.fetch_add(1, Ordering::AcqRel);
+        WaitingForRoom { group }
+    }
+}
+
+impl Drop for WaitingForRoom<'_> {
+    fn drop(&mut self) {
+        self.group.room_waiters.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

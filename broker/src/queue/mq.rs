@@ -13,7 +13,7 @@ use qbus_wire::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
 
 use super::blocking;
 use super::dedupe::{self, Dedupe, ProduceWait, Receipt, Settled};
-use super::group::{Fetching, Group, Start};
+use super::group::{Fetching, Group, Start, WaitingForRoom};
 use super::group_commit::{AppendWait, CommitBatch, Committer, LogHandle, SharedLog, StoreWait};
 use super::group_ledger::Redeliveries;
 use super::key_filter::KeyFilter;
@@ -603,6 +603,7 @@ impl Mq {
         let give_up = tokio::time::Instant::now() + wait;
         let mut end = self.subscribe_end();
         let _fetching = Fetching::start(group, conn);
+        let mut _for_room = None;
         loop {
             let changed = group.changed.notified();
             tokio::pin!(changed);
@@ -620,6 +621,9 @@ impl Mq {
                     .max_in_flight
                     .saturating_sub(state.held_by(conn)) as usize)
                     .min(count);
+                // Replaced under the lock: an ack that sees no fetch waiting for room
+                // comes before this check, which then sees the room it freed.
+                _for_room = (room == 0).then(|| WaitingForRoom::start(group, &state));
                 let redo = if room > 0 && state.has_redeliveries() {
                     state.take_redeliveries(room, self.limits.max_deliveries, conn, ack_deadline)
                 } else {
@@ -953,12 +957,13 @@ impl Mq {
         group: &Group,
         tokens: &[DeliveryToken],
     ) -> (usize, StoreWait<Durability>) {
-        let (acked, committed) = {
+        let (acked, committed, wake) = {
             let mut state = group.state();
             let acked = state.ack(tokens);
-            (acked, state.committed())
+            let wake = acked > 0 && group.ack_wakes(&mut state);
+            (acked, state.committed(), wake)
         };
-        if acked > 0 {
+        if wake {
             group.changed.notify_waiters();
         }
         let moved = group.persisted.fetch_max(committed, Ordering::AcqRel) < committed;
@@ -1337,6 +1342,55 @@ mod tests {
             ),
             (3, 2, 1)
         );
+        commit.stop().await;
+    }
+
+    /// An ack wakes a fetch only when it can go on because of it: one waiting for room (its
+    /// connection holds its most deliveries) gets the next record at once; one that has
+    /// room waits for new records, which wake it themselves.
+    #[tokio::test]
+    async fn acks_wake_only_fetches_waiting_for_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = Commit::start();
+        let fs = OsFs::shared();
+        Mq::prepare(&fs, dir.path(), &MqOptions::default()).unwrap();
+        let one = Limits {
+            max_in_flight: 1,
+            ..limits()
+        };
+        let mq = Arc::new(Mq::open(&fs, "orders", dir.path(), LogConfig::default(), &one).unwrap());
+        append(&mq, &commit, &["a", "b"]).await;
+        let group = mq
+            .group(&commit.committer, "g", Start::Earliest)
+            .await
+            .unwrap();
+        let first = mq.fetch(&group, 1, 10, None, Duration::ZERO).await.unwrap();
+        assert_eq!(read(&first.body), [(0, "a".into())]);
+        assert!(!group.ack_wakes(&mut group.state()), "no fetch waits");
+
+        let waiting = tokio::spawn({
+            let (mq, group) = (mq.clone(), group.clone());
+            async move { mq.fetch(&group, 1, 10, None, Duration::from_secs(30)).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !group.ack_wakes(&mut group.state()) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the second fetch waits for room");
+        let mut batch = CommitBatch::default();
+        let tokens = tokens(&first.body, &first.attempts);
+        let (acked, _) = mq.ack(&commit.committer, &mut batch, &group, &tokens);
+        commit.committer.submit(batch).await.unwrap();
+        assert_eq!(acked, 1);
+        let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the ack woke the fetch")
+            .unwrap()
+            .unwrap();
+        assert_eq!(read(&second.body), [(1, "b".into())]);
+        assert!(!group.ack_wakes(&mut group.state()), "it stopped waiting");
         commit.stop().await;
     }
 

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::reply_table::{deadline_passed, ReplyTable, ReplyTo, Unroutable};
 use crate::error::BrokerError;
-use crate::queue::group_commit::{CommitBatch, Committer};
+use crate::queue::group_commit::{AppendWait, CommitBatch, Committer};
 use crate::queue::mq::Mq;
 use crate::queue::registry::Registry;
 
@@ -77,15 +77,15 @@ impl From<BrokerError> for Refusal {
 }
 
 /// Runs `Call`, `Route` and `QueryRoutes` for connection `conn`, whose outgoing frames go
-/// to `out`; a call's record joins `batch`. Returns the reply to send now, if any: a stored
-/// call is answered later, by its route or its deadline.
+/// to `out`; a call's record joins `batch` and its write `writes`. Returns the reply to send
+/// now, if any: a stored call is answered later, by its route or its deadline.
 pub fn handle(
     registry: &Registry,
     replies: &Arc<ReplyTable>,
     conn: u64,
     out: &mpsc::Sender<Frame>,
     frame: Frame,
-    batch: &mut CommitBatch,
+    staged: Staging<'_>,
 ) -> Option<Frame> {
     let (cmd, id, oneway) = (
         frame.header.cmd,
@@ -95,7 +95,7 @@ pub fn handle(
     let outcome = match cmd {
         Command::Call => {
             let reply_to = || ReplyTo::Connection(out.clone());
-            call(registry, replies, conn, reply_to, frame, batch).map(|()| None)
+            call(registry, replies, conn, reply_to, frame, staged).map(|()| None)
         }
         Command::Route => route(replies, frame),
         Command::QueryRoutes => query(replies, &frame.header).map(Some),
@@ -127,15 +127,15 @@ pub fn call_timeout(timeout_ms: Option<u32>) -> Duration {
         .min(MAX_TIMEOUT)
 }
 
-/// Adds a call to `batch` for its MQ and remembers its caller `conn`; `reply_to` says
-/// where the caller's replies go, should this be its first call awaiting one.
+/// Adds a call to the staged batch for its MQ and remembers its caller `conn`; `reply_to`
+/// says where the caller's replies go, should this be its first call awaiting one.
 fn call(
     registry: &Registry,
     replies: &Arc<ReplyTable>,
     conn: u64,
     reply_to: impl FnOnce() -> ReplyTo,
     frame: Frame,
-    batch: &mut CommitBatch,
+    staged: Staging<'_>,
 ) -> Result<(), Refusal> {
     let Frame { header, body } = frame;
     let name = header.mq.as_deref().ok_or_else(|| {
@@ -158,7 +158,41 @@ fn call(
         timeout: call_timeout(header.timeout_ms),
         encoding: header.encoding.as_deref(),
     };
-    stage_call(replies, &mq, reply_to, call, &body, batch).map(drop)
+    stage_call(replies, &mq, reply_to, call, &body, staged).map(drop)
+}
+
+/// Where staged calls go: the batch their records join, and the list their writes join
+/// until the batch is submitted.
+pub struct Staging<'a> {
+    /// The burst's batch for the commit thread.
+    pub batch: &'a mut CommitBatch,
+    /// The writes of the burst's calls.
+    pub writes: &'a mut CallWrites,
+}
+
+/// The writes of the calls staged in one batch, looked at once it is submitted
+/// ([`CallWrites::settle`]).
+///
+/// Most writes of `sync: false` MQs are done by then (written on the submitting task), and
+/// nothing needs to watch them: only a write still on its way (queued for the commit thread)
+/// is handed to its caller's watcher task, which tells the caller if it fails. Handing every
+/// write over woke that task twice per burst for nothing.
+#[derive(Default)]
+pub struct CallWrites(Vec<(u64, u64, AppendWait)>);
+
+impl CallWrites {
+    /// After the batch holding these calls was submitted: forgets the writes that are done,
+    /// fails the calls whose write failed (their callers hear of it now), and hands the
+    /// rest to their callers' watcher tasks.
+    pub fn settle(&mut self, replies: &Arc<ReplyTable>) {
+        for (conn, id, wait) in self.0.drain(..) {
+            match wait.done() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => replies.write_failed(conn, id, e),
+                Err(wait) => replies.watch_append(conn, id, wait),
+            }
+        }
+    }
 }
 
 /// One call to store, as [`stage_call`] takes it.
@@ -173,16 +207,16 @@ pub struct StagedCall<'a> {
     pub encoding: Option<&'a str>,
 }
 
-/// Remembers `call` in the reply table and adds its record to `batch` for `mq`; returns its
-/// reply route. Every door's calls take this path (the binary `Call`, the zbus door's
-/// one-way produces), so a responder answers them all with the same `Route`.
+/// Remembers `call` in the reply table and adds its record to the staged batch for `mq`;
+/// returns its reply route. Every door's calls take this path (the binary `Call`, the zbus
+/// door's one-way produces), so a responder answers them all with the same `Route`.
 pub fn stage_call(
     replies: &Arc<ReplyTable>,
     mq: &Mq,
     reply_to: impl FnOnce() -> ReplyTo,
     call: StagedCall<'_>,
     body: &[u8],
-    batch: &mut CommitBatch,
+    staged: Staging<'_>,
 ) -> Result<String, Refusal> {
     let route = replies.register(call.conn, reply_to, call.id, call.timeout)?;
     let mut record = BytesMut::with_capacity(body.len() + route.len() + 64);
@@ -190,9 +224,9 @@ pub fn stage_call(
         replies.forget(call.conn, call.id);
         return Err(Refusal::new(Status::BadRequest, format!("bad call: {e}")));
     }
-    let wait = mq.stage(batch, record, 1);
+    let wait = mq.stage(staged.batch, record, 1);
     // The caller hears nothing until the reply; only a failed write must reach it now.
-    replies.watch_append(call.conn, call.id, wait);
+    staged.writes.0.push((call.conn, call.id, wait));
     Ok(route)
 }
 
@@ -218,17 +252,22 @@ pub async fn call_once(
     let timeout = call_timeout(request.header.timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
     let (tx, mut rx) = oneshot::channel();
-    let mut batch = CommitBatch::default();
+    let (mut batch, mut writes) = (CommitBatch::default(), CallWrites::default());
+    let staged = Staging {
+        batch: &mut batch,
+        writes: &mut writes,
+    };
     call(
         registry,
         replies,
         conn,
         move || ReplyTo::Once(Some(tx)),
         request,
-        &mut batch,
+        staged,
     )?;
     // A failed submit fails the call's write, which the caller hears of as from the disk.
     let _ = committer.submit(batch).await;
+    writes.settle(replies);
     let reply = match tokio::time::timeout_at(deadline, &mut rx).await {
         Ok(reply) => reply,
         // Answer at the deadline itself, not at the sweeper's next round.
@@ -308,4 +347,93 @@ fn query(replies: &ReplyTable, request: &Header) -> Result<Frame, Refusal> {
     let body = rmp_serde::to_vec_named(&replies.stats())
         .map_err(|e| Refusal::new(Status::Internal, format!("cannot encode the reply: {e}")))?;
     Ok(Frame::with_body(Header::reply_to(request), body.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::group_commit::{LogHandle, StoreWait};
+    use crate::store::log::{Appended, LogConfig, MqLog};
+    use crate::store::StoreError;
+    use qbus_wire::protocol::Durability;
+
+    fn failed_write() -> StoreError {
+        StoreError::Io {
+            path: "<test>".into(),
+            source: std::io::Error::other("failed on purpose"),
+        }
+    }
+
+    /// Calls 1 (written), 2 (failed) and 3 (still on its way) of connection 7: only 3 is
+    /// handed to a watcher task, 2 is answered at once, 1 costs nothing more.
+    #[tokio::test]
+    async fn only_writes_still_on_their_way_are_watched() {
+        let replies = Arc::new(ReplyTable::new());
+        let (out, mut rx) = mpsc::channel(4);
+        for id in 1..=3 {
+            let reply_to = || ReplyTo::Connection(out.clone());
+            replies.register(7, reply_to, id, DEFAULT_TIMEOUT).unwrap();
+        }
+        let written = Appended {
+            first_offset: 0,
+            count: 1,
+            next_offset: 1,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _reader) = MqLog::open(
+            &crate::store::OsFs::shared(),
+            dir.path(),
+            LogConfig::default(),
+        )
+        .unwrap();
+        let log = LogHandle::new(log);
+        let mut unsubmitted = CommitBatch::default();
+        let mut record = BytesMut::new();
+        encode_record(&mut record, 0, 0, None, None, b"call").unwrap();
+        let on_its_way = unsubmitted.append(&log, record, 1, false);
+        let mut writes = CallWrites(vec![
+            (7, 1, StoreWait::ready((written, Durability::Written))),
+            (7, 2, StoreWait::failed(failed_write())),
+            (7, 3, on_its_way),
+        ]);
+        writes.settle(&replies);
+        let told = rx.try_recv().unwrap();
+        assert_eq!((told.header.id, told.header.status), (2, 500));
+        assert!(
+            rx.try_recv().is_err(),
+            "call 1 was written, call 3 is on its way"
+        );
+        assert_eq!(replies.stats().pending, 2);
+        assert!(replies.watches(7), "call 3 went to the watcher");
+
+        // The batch is dropped unsubmitted: its write fails, and the watcher says so.
+        drop(unsubmitted);
+        let told = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(told.header.id, 3);
+        assert_eq!(replies.stats().pending, 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_done_when_submitted_starts_no_watcher() {
+        let replies = Arc::new(ReplyTable::new());
+        let (out, _rx) = mpsc::channel(4);
+        replies
+            .register(7, || ReplyTo::Connection(out), 1, DEFAULT_TIMEOUT)
+            .unwrap();
+        let written = Appended {
+            first_offset: 0,
+            count: 1,
+            next_offset: 1,
+        };
+        let mut writes = CallWrites(vec![(
+            7,
+            1,
+            StoreWait::ready((written, Durability::Written)),
+        )]);
+        writes.settle(&replies);
+        assert!(!replies.watches(7));
+    }
 }

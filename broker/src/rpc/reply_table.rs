@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::BrokerError;
 use crate::queue::group_commit::AppendWait;
+use crate::store::StoreError;
 
 /// Most callers that may await a reply on one broker at once.
 pub const MAX_PENDING: usize = 65_536;
@@ -159,10 +160,10 @@ impl ReplyTable {
         Ok(format!("{:016x}.{conn}.{id}", self.instance))
     }
 
-    /// Hands the write of call `id` of `conn` to the task watching that caller's writes
-    /// (started with its first call), which tells the caller if the write fails. One task
-    /// per caller, not per call: writes complete in order, a batch at a time, so it wakes
-    /// about once per batch.
+    /// Hands the write of call `id` of `conn`, still on its way, to the task watching that
+    /// caller's writes (started with the first such call), which tells the caller if the
+    /// write fails. One task per caller, not per call: writes complete in order, a batch at
+    /// a time, so it wakes about once per batch.
     pub fn watch_append(self: &Arc<Self>, conn: u64, id: u64, wait: AppendWait) {
         let mut table = self.table();
         let Some(caller) = table.callers.get_mut(&conn) else {
@@ -174,6 +175,29 @@ impl ReplyTable {
             tx
         });
         let _ = appends.send((id, wait));
+    }
+
+    /// Whether a task watches writes of caller `conn`.
+    #[cfg(test)]
+    pub fn watches(&self, conn: u64) -> bool {
+        self.table()
+            .callers
+            .get(&conn)
+            .is_some_and(|caller| caller.appends.is_some())
+    }
+
+    /// Fails call `id` of `conn`, whose write failed with `e`: it leaves the table and its
+    /// caller is told at once.
+    pub fn write_failed(&self, conn: u64, id: u64, e: StoreError) {
+        if let Some(outlet) = self.take_call(conn, id) {
+            let e = BrokerError::Store(e);
+            outlet.send(Frame::new(Header::error(
+                Command::Call,
+                id,
+                e.status(),
+                e.to_string(),
+            )));
+        }
     }
 
     /// Drops call `id` of `conn`; false when it was not waiting.
@@ -347,15 +371,7 @@ async fn watch_appends(
         let Some(replies) = replies.upgrade() else {
             return;
         };
-        if let Some(outlet) = replies.take_call(conn, id) {
-            let e = BrokerError::Store(e);
-            outlet.send(Frame::new(Header::error(
-                Command::Call,
-                id,
-                e.status(),
-                e.to_string(),
-            )));
-        }
+        replies.write_failed(conn, id, e);
     }
 }
 

@@ -53,7 +53,7 @@ use crate::metrics::Protocol;
 use crate::queue::group::Start;
 use crate::queue::group_commit::CommitBatch;
 use crate::queue::key_filter::Removal;
-use crate::rpc::call::{call_timeout, stage_call, StagedCall};
+use crate::rpc::call::{call_timeout, stage_call, CallWrites, StagedCall, Staging};
 use crate::rpc::reply_table::ReplyTo;
 
 /// Replies queued for the socket; more make their senders wait.
@@ -513,17 +513,23 @@ impl Session {
         // Known before the call is staged: a failed write is reported through the table.
         let zbus_id = request.get("id").unwrap_or_default().to_owned();
         self.shared.lock_calls().insert(id, zbus_id);
+        let mut writes = CallWrites::default();
+        let staged = Staging {
+            batch: &mut batch,
+            writes: &mut writes,
+        };
         let staged = stage_call(
             replies,
             mq,
             || ReplyTo::Connection(out),
             call,
             &request.body,
-            &mut batch,
+            staged,
         );
         match staged {
             Ok(_) => {
                 let _ = self.shared.core.committer().submit(batch).await;
+                writes.settle(replies);
             }
             Err(refusal) => {
                 self.shared.lock_calls().remove(&id);
