@@ -108,6 +108,13 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), BrokerError> {
     }
 }
 
+/// A request field that must be there, or a `400` naming it.
+pub(crate) fn required<'a>(value: &'a Option<String>, what: &str) -> Result<&'a str, BrokerError> {
+    value
+        .as_deref()
+        .ok_or_else(|| BrokerError::BadRequest(format!("missing {what}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::validate_name;

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::auth::{self, Peer};
 use crate::core::{Core, FetchRequest};
-use crate::error::BrokerError;
+use crate::error::{required, BrokerError};
 use crate::metrics::Protocol;
 use crate::queue::dedupe::{ProduceWait, Receipt, Settled};
 use crate::queue::group::Start;
@@ -266,12 +266,6 @@ impl Failure {
 
 fn error_header(request: &Header, e: &BrokerError) -> Header {
     Header::error(request.cmd, request.id, e.status(), e.to_string())
-}
-
-fn required<'a>(value: &'a Option<String>, what: &str) -> Result<&'a str, BrokerError> {
-    value
-        .as_deref()
-        .ok_or_else(|| BrokerError::BadRequest(format!("missing {what}")))
 }
 
 impl Session {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use qbus_wire::protocol::{Frame, Header, FLAG_READ_AHEAD};
 
 use crate::core::{Core, MAX_WAIT};
-use crate::error::BrokerError;
+use crate::error::{required, BrokerError};
 use crate::queue::mq::{Mq, MAX_FETCH_BYTES};
 
 /// Most records one pull may ask for.
@@ -78,14 +78,8 @@ pub fn is_confirmation(request: &Header) -> bool {
 /// Records what a follower's `ReplicaRead` says (it is there; unless it reads ahead, it
 /// holds every record below the request's offset) and returns the MQ and that offset.
 fn heard_from(core: &Core, request: &Header) -> Result<(Arc<Mq>, u64), BrokerError> {
-    let name = request
-        .mq
-        .as_deref()
-        .ok_or_else(|| BrokerError::BadRequest("missing mq".into()))?;
-    let follower = request
-        .group
-        .as_deref()
-        .ok_or_else(|| BrokerError::BadRequest("missing group (the follower's id)".into()))?;
+    let name = required(&request.mq, "mq")?;
+    let follower = required(&request.group, "group (the follower's id)")?;
     // A copy too: a leader that lost its store restores from it.
     let mq = core.registry().get(name)?;
     let (from, end) = (request.offset.unwrap_or(0), mq.reader().end_offset());
@@ -114,14 +108,8 @@ fn confirmed(request: &Header, from: u64) -> Frame {
 /// this broker's own `mq` moves up to `offset` (never back). At-least-once either way:
 /// what was acknowledged on the copy is not delivered again here.
 pub async fn replica_cursor(core: &Core, request: &Header) -> Result<Frame, BrokerError> {
-    let name = request
-        .mq
-        .as_deref()
-        .ok_or_else(|| BrokerError::BadRequest("missing mq".into()))?;
-    let group = request
-        .group
-        .as_deref()
-        .ok_or_else(|| BrokerError::BadRequest("missing group".into()))?;
+    let name = required(&request.mq, "mq")?;
+    let group = required(&request.group, "group")?;
     let offset = request
         .offset
         .ok_or_else(|| BrokerError::BadRequest("missing offset".into()))?;
