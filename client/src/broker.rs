@@ -17,7 +17,7 @@ use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME, TRACKER
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
 use crate::protocol::{
-    Command, Credentials, Frame, Header, MqInfo, MqOptions, RouteStats, TxInfo, TxOptions,
+    Command, Credentials, Frame, Header, MqInfo, MqOptions, RouteStats, TxOptions,
     DEFAULT_MAX_FRAME,
 };
 use crate::tls::ClientTls;
@@ -390,10 +390,12 @@ impl Broker {
         self.transport.register_checker(group, checker).await
     }
 
-    /// The broker's open transactions (and commits not yet applied), oldest first.
-    pub async fn transactions(&self) -> Result<Vec<TxInfo>> {
-        let connection = self.transport.single_connection("a transaction")?;
-        crate::transaction::list(&connection).await
+    /// The broker's open transactions (and commits not yet applied), oldest first, each
+    /// with its broker's address. Over `tracker://`, those of every live broker of the
+    /// topology (each broker's oldest first); fails naming the broker when one of them
+    /// cannot be asked.
+    pub async fn transactions(&self) -> Result<Vec<crate::BrokerTx>> {
+        self.transport.transactions().await
     }
 
     /// The table of MQ-RPC callers awaiting a reply on the broker holding `mq` (over an HA

@@ -216,14 +216,13 @@ impl Transport {
         }
     }
 
-    /// The one broker's connection, for what needs one broker (the listing of
-    /// transactions).
-    pub(crate) fn single_connection(&self, what: &str) -> Result<Connection> {
+    /// The open transactions of the one broker, or over HA of every live broker.
+    pub(crate) async fn transactions(&self) -> Result<Vec<crate::BrokerTx>> {
         match &self.kind {
-            Kind::Single(connection) => Ok(connection.clone()),
-            Kind::Ha(_) => Err(ClientError::Protocol(format!(
-                "{what} needs one broker: connect to a broker's address, not tracker://"
-            ))),
+            Kind::Single(connection) => {
+                crate::transaction::list(connection, &connection.addr()).await
+            }
+            Kind::Ha(ha) => ha.transactions().await,
         }
     }
 
