@@ -374,7 +374,9 @@ impl Broker {
     /// `tracker://` the checker answers for every broker of the topology, those that join
     /// later and those that restart included, wherever the group's transactions were
     /// begun. Fails with status `501` on a broker older than protocol 4 (over
-    /// `tracker://`, on any broker there when it is called).
+    /// `tracker://`, on any broker there when it is called); over `tracker://`, a broker
+    /// that refuses later (one joining afterwards) is listed by the returned status's
+    /// [`refusals`](crate::ha::CheckerStatus::refusals).
     ///
     /// ```no_run
     /// # async fn demo(checker: impl qbus_client::TransactionChecker) -> qbus_client::Result<()> {
@@ -386,7 +388,7 @@ impl Broker {
         &self,
         group: &str,
         checker: impl crate::TransactionChecker,
-    ) -> Result<()> {
+    ) -> Result<crate::ha::CheckerStatus> {
         self.transport.register_checker(group, checker).await
     }
 

@@ -232,10 +232,11 @@ impl Transport {
         &self,
         group: &str,
         checker: C,
-    ) -> Result<()> {
+    ) -> Result<crate::ha::CheckerStatus> {
         match &self.kind {
             Kind::Single(connection) => {
-                crate::check_back::register(connection, group, Arc::new(checker)).await
+                crate::check_back::register(connection, group, Arc::new(checker)).await?;
+                Ok(crate::ha::CheckerStatus::default())
             }
             Kind::Ha(ha) => crate::ha::checkers::register(ha, group, checker).await,
         }
