@@ -495,7 +495,7 @@ impl Verdict {
                 verdict.duplicates += places.len() as u64 - 1;
                 duplicated.push(format!("{p}:{n}:{i} at {places:?}"));
             }
-            if !expected.get(&(p, n)).is_some_and(|&c| i < c) {
+            if expected.get(&(p, n)).is_none_or(|&c| i >= c) {
                 verdict.unwanted += 1;
                 unwanted.push(format!("{p}:{n}:{i}"));
             }
