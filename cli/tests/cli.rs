@@ -287,6 +287,30 @@ fn bench_prints_result_lines() {
 }
 
 #[test]
+fn bench_keyorder_checks_the_order_per_key_through_consumer_kills() {
+    let broker = TestBroker::start();
+    let out = ok(broker.qbus(&[
+        "bench",
+        "keyorder",
+        "--count",
+        "20000",
+        "--keys",
+        "50",
+        "--batch",
+        "64",
+        "--kill-consumers",
+        "3",
+    ]));
+    let line = out.lines().find(|l| l.starts_with("RESULT ")).unwrap();
+    assert!(
+        line.starts_with("RESULT system=qbus scenario=keyorder count=20000 keys=50 consumers=4 "),
+        "{line}"
+    );
+    assert!(line.contains(" kills=3 "), "{line}");
+    assert!(line.ends_with(" order_violations=0"), "{line}");
+}
+
+#[test]
 fn tx_list_commit_and_rollback() {
     let broker = TestBroker::start();
     ok(broker.qbus(&["mq", "create", "orders"]));

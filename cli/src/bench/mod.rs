@@ -1,6 +1,8 @@
 //! `qbus bench`: the benchmark scenarios, each in its own room.
 //!
 //! - `produce.rs`, `consume.rs`, `tx.rs` (transactions): load against a running broker (`--broker`).
+//! - `keyorder.rs`: a key-ordered group against a plain one, with consumer processes it
+//!   starts and kills; checks the order per key.
 //! - `delay.rs`: delayed delivery at scale against a broker it starts.
 //! - `fanout.rs`: a memory MQ's fan-out to groups, publish-to-receive latency.
 //! - `failover.rs`: starts a tracker and brokers on loopback and kills one mid-run.
@@ -26,6 +28,7 @@ mod failover;
 mod fanout;
 mod faults;
 mod histogram;
+mod keyorder;
 mod produce;
 mod replicated;
 mod report;
@@ -57,6 +60,13 @@ pub enum BenchScenario {
     /// deleted, restarted empty, another one frozen; checks that no confirmed message is
     /// lost and the dead broker's backlog is read meanwhile (starts its own cluster)
     Faults(faults::FaultsBench),
+    /// Drain COUNT keyed messages with CONSUMERS consumer processes of a key-ordered group
+    /// and of a plain one: rates side by side, order per key checked (consumers killed on
+    /// the way with --kill-consumers)
+    Keyorder(keyorder::KeyOrderBench),
+    /// One consumer of `qbus bench keyorder` (it starts them)
+    #[command(hide = true)]
+    KeyorderConsume(keyorder::KeyOrderConsume),
     /// Schedule COUNT delayed messages: produce rate, broker memory with them pending,
     /// delivery lateness (starts its own broker)
     Delay(delay::DelayBench),
@@ -94,6 +104,13 @@ pub async fn run(
         }
         BenchScenario::Tx(args) => {
             tx::run(&crate::connect(broker, connect_timeout).await?, args).await
+        }
+        BenchScenario::Keyorder(args) => {
+            let client = crate::connect(broker, connect_timeout).await?;
+            keyorder::run(&client, broker, tls, args).await
+        }
+        BenchScenario::KeyorderConsume(args) => {
+            keyorder::consume(&crate::connect(broker, connect_timeout).await?, args).await
         }
         BenchScenario::Fanout(args) => fanout::run(broker, connect_timeout, args).await,
         BenchScenario::Failover(args) => failover::run(args).await,
