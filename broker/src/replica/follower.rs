@@ -193,7 +193,12 @@ async fn agree_epoch(
     let answer: EpochAnswer = match connection.request(Frame::with_body(header, body)).await {
         Ok(reply) => rmp_serde::from_slice(&reply.body)
             .map_err(|e| PullError::Protocol(format!("unreadable epoch answer: {e}")))?,
-        Err(e) if matches!(e.status(), Some(Status::UnknownCommand | Status::BadRequest)) => {
+        Err(e)
+            if matches!(
+                e.status(),
+                Some(Status::UnknownCommand | Status::BadRequest)
+            ) =>
+        {
             tracing::info!(leader, mq = name, error = %e, "leader has no epochs: copying only records it synced");
             return Ok((copy, None));
         }

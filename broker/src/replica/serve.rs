@@ -12,6 +12,7 @@ use qbus_wire::protocol::{Frame, Header, LeaderEpoch, FLAG_LEADER_EPOCH, FLAG_RE
 use crate::core::{Core, MAX_WAIT};
 use crate::error::{required, BrokerError};
 use crate::queue::mq::{Mq, MAX_FETCH_BYTES};
+use crate::store::reader::{LogReader, ReadBatch};
 
 /// Most records one pull may ask for.
 const MAX_RECORDS: usize = 1 << 16;
@@ -33,22 +34,13 @@ pub async fn replica_read(core: &Core, request: &Frame) -> Result<Frame, BrokerE
     let reader = mq.reader().clone();
     let unsynced = request.has_flag(FLAG_LEADER_EPOCH);
     let wait = Duration::from_millis(request.timeout_ms.unwrap_or(0).into()).min(MAX_WAIT);
-    let mut end = if unsynced {
+    let give_up = tokio::time::Instant::now() + wait;
+    let end = if unsynced {
         reader.subscribe_written_end()
     } else {
         reader.subscribe_end()
     };
-    let give_up = tokio::time::Instant::now() + wait;
-    while *end.borrow_and_update() <= from {
-        tokio::select! {
-            changed = end.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
-            _ = tokio::time::sleep_until(give_up) => break,
-        }
-    }
+    wait_past(end, from, give_up).await;
     let start = from.max(reader.first_offset());
     let max = (request.count.unwrap_or(MAX_RECORDS as u32) as usize).clamp(1, MAX_RECORDS);
     // Published records first: one published while this looked is then found there.
@@ -59,9 +51,13 @@ pub async fn replica_read(core: &Core, request: &Frame) -> Result<Frame, BrokerE
         .or_else(|| reader.read_recent(start, max, MAX_FETCH_BYTES))
     {
         Some(batch) => batch,
-        None => tokio::task::spawn_blocking(move || reader.read(start, None, max, MAX_FETCH_BYTES))
-            .await
-            .map_err(|e| BrokerError::Internal(format!("replica read: {e}")))??,
+        None if unsynced && start >= reader.end_offset() => {
+            // Written records not kept in memory (more at once than the log keeps): they
+            // are read once published.
+            wait_past(reader.subscribe_end(), start, give_up).await;
+            read_published(reader, start, max).await?
+        }
+        None => read_published(reader, start, max).await?,
     };
     let mut header = Header::reply_to(request);
     header.offset = Some(if batch.count == 0 {
@@ -72,6 +68,37 @@ pub async fn replica_read(core: &Core, request: &Frame) -> Result<Frame, BrokerE
     header.count = Some(batch.count as u32);
     let body: Bytes = batch.data;
     Ok(Frame::with_body(header, body))
+}
+
+/// Waits until `end` passes `from`, or until `give_up`.
+async fn wait_past(
+    mut end: tokio::sync::watch::Receiver<u64>,
+    from: u64,
+    give_up: tokio::time::Instant,
+) {
+    while *end.borrow_and_update() <= from {
+        tokio::select! {
+            changed = end.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(give_up) => return,
+        }
+    }
+}
+
+/// Reads published records from the files (blocking, off the reactor).
+async fn read_published(
+    reader: LogReader,
+    start: u64,
+    max: usize,
+) -> Result<ReadBatch, BrokerError> {
+    Ok(
+        tokio::task::spawn_blocking(move || reader.read(start, None, max, MAX_FETCH_BYTES))
+            .await
+            .map_err(|e| BrokerError::Internal(format!("replica read: {e}")))??,
+    )
 }
 
 /// Answers a follower's confirmation (a `ReplicaRead` for no records, without
@@ -105,7 +132,10 @@ pub fn replica_epoch(core: &Core, request: &Frame) -> Result<Frame, BrokerError>
     };
     let body = rmp_serde::to_vec(&answer)
         .map_err(|e| BrokerError::Internal(format!("epoch answer: {e}")))?;
-    Ok(Frame::with_body(Header::reply_to(&request.header), body.into()))
+    Ok(Frame::with_body(
+        Header::reply_to(&request.header),
+        body.into(),
+    ))
 }
 
 /// Whether `request` is a confirmation only (see [`replica_confirm`]).

@@ -76,8 +76,8 @@ impl Epochs {
     pub fn answer(&self, followed: LeaderEpoch) -> EpochAnswer {
         let current = self.current();
         let oldest = self.starts.first().map_or(0, |&(epoch, _)| epoch);
-        let known = followed.history == self.history
-            && (oldest..=current.epoch).contains(&followed.epoch);
+        let known =
+            followed.history == self.history && (oldest..=current.epoch).contains(&followed.epoch);
         let ended_at = if known {
             self.starts
                 .iter()
@@ -131,8 +131,8 @@ pub fn read_followed(fs: &dyn Fs, dir: &Path) -> Result<Option<LeaderEpoch>, Sto
 /// of it).
 pub fn write_followed(fs: &dyn Fs, dir: &Path, epoch: LeaderEpoch) -> Result<(), StoreError> {
     let path = dir.join(FOLLOWED_FILE);
-    let bytes = rmp_serde::to_vec(&epoch)
-        .map_err(|e| StoreError::io(&path)(std::io::Error::other(e)))?;
+    let bytes =
+        rmp_serde::to_vec(&epoch).map_err(|e| StoreError::io(&path)(std::io::Error::other(e)))?;
     write_durably(fs, &path, &bytes)
 }
 
@@ -221,7 +221,11 @@ mod tests {
         let (mut copy, copy_reader) = open_copy(&copy_disk, &copy_dir);
         write_followed(&*copy_disk.fs(), &copy_dir, first.current()).unwrap();
         pull(&leader_reader, &mut copy);
-        assert_eq!(copy.next_offset(), 8, "the copy holds what the leader had not synced");
+        assert_eq!(
+            copy.next_offset(),
+            8,
+            "the copy holds what the leader had not synced"
+        );
 
         // The leader's machine loses power: its unsynced records go (some of them at
         // least), and it writes others at their offsets.
@@ -246,7 +250,12 @@ mod tests {
         let answer = second.answer(first.current());
         assert_eq!(answer.ended_at, Some(restarted_at));
         let held = (0, copy.next_offset());
-        assert!(!copy_is_leaders(followed, &answer, held, leader.next_offset()));
+        assert!(!copy_is_leaders(
+            followed,
+            &answer,
+            held,
+            leader.next_offset()
+        ));
         drop((copy, copy_reader));
         let fresh_dir = store.join("copy-afresh");
         let (mut copy, copy_reader) = open_copy(&copy_disk, &fresh_dir);
@@ -262,14 +271,22 @@ mod tests {
         );
         assert_eq!(from_copy.count as u64, restarted_at + 5);
         assert_eq!(from_copy.data, from_leader.data);
-        let kept: Vec<_> = bodies(&copy_reader, 0).into_iter().map(|(_, b)| b).collect();
+        let kept: Vec<_> = bodies(&copy_reader, 0)
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
         assert_eq!(kept[..5], ["a0", "a1", "a2", "a3", "a4"]);
         assert!(kept[restarted_at as usize..].iter().all(|b| b == "b"));
         // Following the new epoch, it is the leader's.
         let now = Some(second.current());
         let held = (0, copy.next_offset());
         let end = leader.next_offset();
-        assert!(copy_is_leaders(now, &second.answer(second.current()), held, end));
+        assert!(copy_is_leaders(
+            now,
+            &second.answer(second.current()),
+            held,
+            end
+        ));
     }
 
     #[test]
@@ -290,12 +307,18 @@ mod tests {
         };
         assert_eq!(third.answer(asked(1)).ended_at, Some(5));
         assert_eq!(third.answer(asked(2)).ended_at, Some(9));
-        assert_eq!(third.answer(asked(3)), EpochAnswer {
-            current: third.current(),
-            known: true,
-            ended_at: None,
-        });
-        assert!(!third.answer(asked(4)).known, "from the future: not this history");
+        assert_eq!(
+            third.answer(asked(3)),
+            EpochAnswer {
+                current: third.current(),
+                known: true,
+                ended_at: None,
+            }
+        );
+        assert!(
+            !third.answer(asked(4)).known,
+            "from the future: not this history"
+        );
         let other = LeaderEpoch {
             history: second.current().history ^ 1,
             epoch: 1,

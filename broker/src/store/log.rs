@@ -22,10 +22,18 @@ use super::index::{wants_entry, Entry};
 use super::reader::{LogReader, SegmentView, SharedView, View, Written};
 use super::recovery::{list_segments, recover_segment};
 use super::segment::Segment;
-use super::tail::{Chunk, Tail};
+use super::tail::{Budget, Chunk, Tail};
 
 /// Segment positions are 32-bit in the index.
 const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;
+
+/// Most bytes of records written and not yet published kept for a leader's followers (a
+/// commit batch's worth, shared with the readers' cache: no copy): more at once, and the
+/// followers read them once published.
+const WRITTEN_BUDGET: Budget = Budget {
+    bytes: 16 << 20,
+    records: u64::MAX,
+};
 
 /// Size and retention settings of a log.
 #[derive(Debug, Clone)]
@@ -125,7 +133,7 @@ impl MqLog {
         }));
         let (end, end_rx) = watch::channel(end_offset);
         let written = Arc::new(Written {
-            tail: Mutex::new(Tail::default()),
+            tail: Mutex::new(Tail::with_budget(WRITTEN_BUDGET)),
             end: watch::channel(end_offset).0,
         });
         tracing::debug!(

@@ -130,6 +130,18 @@ enum Start {
 const DEFAULT_RECORD_ESTIMATE: u64 = 256;
 const MIN_READ: u64 = 512;
 
+impl ReadBatch {
+    /// A batch of records read from memory (no file position known).
+    fn cached(cached: super::tail::Cached) -> ReadBatch {
+        ReadBatch {
+            data: cached.data,
+            count: cached.count,
+            next_offset: cached.next_offset,
+            next_pos: ReadPos::unknown(cached.next_offset),
+        }
+    }
+}
+
 impl LogReader {
     pub(crate) fn new(
         view: SharedView,
@@ -221,12 +233,7 @@ impl LogReader {
             return None;
         }
         let cached = self.written.tail().read(from, max_records, max_bytes)?;
-        Some(ReadBatch {
-            data: cached.data,
-            count: cached.count,
-            next_offset: cached.next_offset,
-            next_pos: ReadPos::unknown(cached.next_offset),
-        })
+        Some(ReadBatch::cached(cached))
     }
 
     /// Like [`read`](Self::read) for records still in the in-memory tail of the log, without
@@ -246,12 +253,7 @@ impl LogReader {
             return None;
         }
         let cached = view.tail.read(from, max_records, max_bytes)?;
-        Some(ReadBatch {
-            data: cached.data,
-            count: cached.count,
-            next_offset: cached.next_offset,
-            next_pos: ReadPos::unknown(cached.next_offset),
-        })
+        Some(ReadBatch::cached(cached))
     }
 
     /// Reads whole records from `from` (clamped up to the first offset) up to the published

@@ -25,8 +25,8 @@ pub use admin::{
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
     Command, DeliveryToken, Durability, Header, LostRange, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED,
-    FLAG_DUPLICATE, FLAG_LEADER_EPOCH, FLAG_ONEWAY, FLAG_READ_AHEAD, FLAG_ROUTE_ACK, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, FLAG_TX_ALREADY, FLAG_UNSEEN,
+    FLAG_DUPLICATE, FLAG_LEADER_EPOCH, FLAG_ONEWAY, FLAG_READ_AHEAD, FLAG_ROUTE_ACK,
+    FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_TX_ALREADY, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
