@@ -35,6 +35,7 @@ use qbus_wire::protocol::{
     CheckedMessage, Command, Frame, Header, TxCheck, TxInfo, TxOptions, TxState,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use tokio::sync::mpsc;
 
 use crate::error::BrokerError;
@@ -74,6 +75,55 @@ struct Txn {
 }
 
 impl Txn {
+    /// `records` (`count` of them) less those whose dedupe id one of its messages already
+    /// has: a send retried after its reply was lost (the broker restarted, the connection
+    /// dropped) adds nothing the first one stored. Records without a dedupe id are not
+    /// looked at twice.
+    fn without_repeats(
+        &self,
+        id: u64,
+        sent: Bytes,
+        count: u32,
+    ) -> Result<(Bytes, u32), BrokerError> {
+        let damaged = |e| BrokerError::BadRequest(format!("transaction {id}: a bad record: {e}"));
+        let mut new_ids = Vec::new();
+        for record in records(&sent) {
+            if let Some(dedupe) = record.map_err(damaged)?.dedupe_id {
+                new_ids.push(dedupe.to_owned());
+            }
+        }
+        if new_ids.is_empty() {
+            return Ok((sent, count));
+        }
+        let mut seen = HashSet::new();
+        for (_, bytes, _) in &self.halves {
+            for record in records(bytes).flatten() {
+                if let Some(dedupe) = record.dedupe_id {
+                    seen.insert(dedupe.to_owned());
+                }
+            }
+        }
+        if !new_ids.iter().any(|d| seen.contains(d)) {
+            return Ok((sent, count));
+        }
+        let mut kept = BytesMut::new();
+        let mut kept_count = 0;
+        for record in records(&sent) {
+            let record = record.map_err(damaged)?;
+            if let Some(dedupe) = record.dedupe_id {
+                // Also a repeat within this one request.
+                if !seen.insert(dedupe.to_owned()) {
+                    continue;
+                }
+            }
+            encode_record_meta(&mut kept, 0, 0, &record.meta(), record.body).map_err(|e| {
+                BrokerError::Internal(format!("transaction {id}: re-encoding a half: {e}"))
+            })?;
+            kept_count += 1;
+        }
+        Ok((kept.freeze(), kept_count))
+    }
+
     fn new(began: Began) -> Txn {
         Txn {
             began,
@@ -384,7 +434,7 @@ impl Transactions {
         let target = registry.own(mq)?;
         let guard = self.txn_lock(id)?;
         let _held = guard.lock().await;
-        {
+        let (records, count) = {
             let state = lock(&self.state);
             let txn = state.txns.get(&id).ok_or(BrokerError::NoSuchTxn(id))?;
             if txn.state != TxState::Pending {
@@ -392,6 +442,11 @@ impl Transactions {
                     "transaction {id} was {}: it takes no more messages",
                     txn.state
                 )));
+            }
+            let (records, count) = txn.without_repeats(id, records, count)?;
+            if count == 0 {
+                // A retried send (its reply was lost, say to a broker restart): stored.
+                return Ok(());
             }
             if txn.messages() + count as usize > MAX_MESSAGES {
                 return Err(BrokerError::BadRequest(format!(
@@ -403,7 +458,8 @@ impl Transactions {
                     "open transactions hold {MAX_PENDING_BYTES} bytes of messages; commit or roll back some first"
                 )));
             }
-        }
+            (records, count)
+        };
         self.append(vec![Event::Half {
             txn: id,
             mq: target.name().to_owned(),

@@ -127,6 +127,35 @@ async fn a_stale_commit_of_an_old_transaction_changes_nothing_in_a_new_one() {
     assert_eq!(depth(&client, "orders").await, 1);
 }
 
+/// Found by `qbus bench txfaults`: a send whose reply was lost to a broker `kill -9`,
+/// sent again after the restart with the same dedupe id, was stored twice and committed
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_repeated_with_its_dedupe_id_after_a_restart_is_in_the_transaction_once() {
+    let mut broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("orders", Default::default())
+        .await
+        .unwrap();
+    let tx = client.begin(TxOptions::default()).await.unwrap();
+    let id = tx.id();
+    let message = |i: u32| Message::new(format!("order {i}")).with_dedupe_id(format!("order-{i}"));
+    tx.send("orders", message(0)).await.unwrap();
+    drop((tx, client));
+    broker.restart();
+    let client = broker.client().await;
+    let tx = client.transaction(id).unwrap();
+    // The retry of the first send, then one batch repeating it and adding another.
+    tx.send("orders", message(0)).await.unwrap();
+    tx.send_batch("orders", [message(0), message(1), message(1)])
+        .await
+        .unwrap();
+    assert_eq!(tx.info().await.unwrap().mqs, [("orders".into(), 2)]);
+    tx.commit().await.unwrap();
+    assert_eq!(depth(&client, "orders").await, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_transactions_survive_kill_9_and_commit_exactly_once_after_it() {
     let mut broker = BrokerProcess::start(&[]);
@@ -154,7 +183,7 @@ async fn pending_transactions_survive_kill_9_and_commit_exactly_once_after_it() 
     let client = broker.client().await;
     let pending = client.transactions().await.unwrap();
     assert_eq!(pending.len(), 1, "{pending:?}");
-    let info = &pending[0];
+    let info = &pending[0].txn;
     assert_eq!(
         (info.id, info.state, info.group.as_deref()),
         (id, TxState::Pending, Some("billing"))
@@ -289,7 +318,7 @@ async fn decided(client: &Broker, id: u64) -> TxInfo {
         let info = tx.info().await.unwrap();
         // The listing holds commits until their messages are in their MQs.
         let open = client.transactions().await.unwrap();
-        if info.state != TxState::Pending && open.iter().all(|t| t.id != id) {
+        if info.state != TxState::Pending && open.iter().all(|t| t.txn.id != id) {
             return info;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

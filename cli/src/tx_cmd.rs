@@ -2,15 +2,15 @@
 //! (say, one whose producer crashed).
 
 use clap::Subcommand;
-use qbus_client::{Broker, Decision, Transaction, TxInfo};
+use qbus_client::{Broker, BrokerTx, Decision, Transaction};
 
 use crate::error::CliError;
 use crate::output::table;
 
 #[derive(Debug, Subcommand)]
 pub enum TxCommand {
-    /// List the open transactions (and commits not yet applied): id, group, state, age,
-    /// checks and messages per MQ
+    /// List the open transactions (and commits not yet applied): broker, id, group, state,
+    /// age, checks and messages per MQ (over `tracker://`, those of every live broker)
     List {
         /// Print JSON instead of a table
         #[arg(long)]
@@ -75,13 +75,16 @@ fn said(decision: Decision, what: &str) -> String {
     }
 }
 
-fn render(list: &[TxInfo]) -> String {
-    let mut rows = vec![["ID", "GROUP", "STATE", "AGE", "CHECKS", "MESSAGES"]
-        .map(str::to_owned)
-        .to_vec()];
-    for tx in list {
+fn render(list: &[BrokerTx]) -> String {
+    let mut rows = vec![[
+        "BROKER", "ID", "GROUP", "STATE", "AGE", "CHECKS", "MESSAGES",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    for BrokerTx { broker, txn: tx } in list {
         let messages: Vec<String> = tx.mqs.iter().map(|(mq, n)| format!("{mq}:{n}")).collect();
         rows.push(vec![
+            broker.clone(),
             tx.id.to_string(),
             tx.group.clone().unwrap_or_else(|| "-".into()),
             tx.state.to_string(),

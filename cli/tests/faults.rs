@@ -5,11 +5,13 @@
 //! outcome (and fails otherwise); this test runs it on reserved ports and reads its
 //! RESULT line as well.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
+
+use std::time::Duration;
 
 use qbus_testkit::ports::reserve_port;
 use qbus_testkit::process::built_binary;
+use support::BenchRun;
 
 /// The run takes about 20 s plus the restore; a loaded machine may take longer.
 const LIMIT: Duration = Duration::from_secs(150);
@@ -21,41 +23,36 @@ fn no_confirmed_message_is_lost_through_a_lost_store_and_a_hung_broker() {
     let bin_dir = broker.parent().expect("target dir").to_path_buf();
     let ports: Vec<_> = (0..5).map(|_| reserve_port()).collect();
     let ports: Vec<String> = ports.iter().map(|p| p.get().to_string()).collect();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qbus"))
-        .args(["bench", "faults"])
-        .args(["--kill-after", "3", "--pause", "1.5", "--outage", "5"])
-        .args(["--freeze-after", "1", "--freeze", "4", "--tail", "1.5"])
-        .args(["--drain", "20", "--rate", "600", "--in-flight", "16"])
-        .args(["--report-interval", "300ms", "--ports", &ports.join(",")])
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start qbus bench faults");
-    let started = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if started.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("qbus bench faults took over {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().expect("output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("RESULT "))
-        .unwrap_or_else(|| panic!("no RESULT line: {stdout}"));
-    let field = |key: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {line}"))
-    };
+    let run = BenchRun::run(
+        &[
+            "faults",
+            "--kill-after",
+            "3",
+            "--pause",
+            "1.5",
+            "--outage",
+            "5",
+            "--freeze-after",
+            "1",
+            "--freeze",
+            "4",
+            "--tail",
+            "1.5",
+            "--drain",
+            "20",
+            "--rate",
+            "600",
+            "--in-flight",
+            "16",
+            "--report-interval",
+            "300ms",
+            "--ports",
+            &ports.join(","),
+        ],
+        &bin_dir,
+        LIMIT,
+    );
+    let (field, stdout) = (|key| run.field(key), &run.stdout);
     assert_eq!(field("lost"), 0, "{stdout}");
     assert!(field("confirmed") > 1000, "{stdout}");
     // The killed broker had unread records, all read from its follower while it was down.

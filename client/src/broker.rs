@@ -17,7 +17,7 @@ use crate::ha::{parse_trackers, Ha, HaOptions, HaStatus, TRACKER_SCHEME, TRACKER
 use crate::link::{Connector, TcpConnector};
 use crate::producer::Producer;
 use crate::protocol::{
-    Command, Credentials, Frame, Header, MqInfo, MqOptions, RouteStats, TxInfo, TxOptions,
+    Command, Credentials, Frame, Header, MqInfo, MqOptions, RouteStats, TxOptions,
     DEFAULT_MAX_FRAME,
 };
 use crate::tls::ClientTls;
@@ -374,7 +374,9 @@ impl Broker {
     /// `tracker://` the checker answers for every broker of the topology, those that join
     /// later and those that restart included, wherever the group's transactions were
     /// begun. Fails with status `501` on a broker older than protocol 4 (over
-    /// `tracker://`, on any broker there when it is called).
+    /// `tracker://`, on any broker there when it is called); over `tracker://`, a broker
+    /// that refuses later (one joining afterwards) is listed by the returned status's
+    /// [`refusals`](crate::ha::CheckerStatus::refusals).
     ///
     /// ```no_run
     /// # async fn demo(checker: impl qbus_client::TransactionChecker) -> qbus_client::Result<()> {
@@ -386,14 +388,16 @@ impl Broker {
         &self,
         group: &str,
         checker: impl crate::TransactionChecker,
-    ) -> Result<()> {
+    ) -> Result<crate::ha::CheckerStatus> {
         self.transport.register_checker(group, checker).await
     }
 
-    /// The broker's open transactions (and commits not yet applied), oldest first.
-    pub async fn transactions(&self) -> Result<Vec<TxInfo>> {
-        let connection = self.transport.single_connection("a transaction")?;
-        crate::transaction::list(&connection).await
+    /// The broker's open transactions (and commits not yet applied), oldest first, each
+    /// with its broker's address. Over `tracker://`, those of every live broker of the
+    /// topology (each broker's oldest first); fails naming the broker when one of them
+    /// cannot be asked.
+    pub async fn transactions(&self) -> Result<Vec<crate::BrokerTx>> {
+        self.transport.transactions().await
     }
 
     /// The table of MQ-RPC callers awaiting a reply on the broker holding `mq` (over an HA

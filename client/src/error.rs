@@ -55,6 +55,14 @@ pub enum ClientError {
         /// Why, and what to do about it.
         reason: String,
     },
+    /// Over `tracker://`, listing the transactions of every live broker failed on one.
+    #[error("listing the transactions of broker {broker}: {source} (retry, or ask that broker directly)")]
+    TxList {
+        /// The broker's address.
+        broker: String,
+        /// What it answered, or why it could not be asked.
+        source: Box<ClientError>,
+    },
     /// The TLS settings cannot be used (an unreadable CA or certificate file, a key that
     /// does not match its certificate).
     #[error(transparent)]

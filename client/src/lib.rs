@@ -65,4 +65,4 @@ pub use producer::{Ack, PendingReceipt, Producer, Receipt};
 pub use protocol::{
     CheckedMessage, Durability, MqInfo, MqOptions, Status, TxCheck, TxInfo, TxOptions, TxState,
 };
-pub use transaction::{Decision, Transaction};
+pub use transaction::{BrokerTx, Decision, Transaction};

@@ -164,7 +164,26 @@ fn list_frame(only: Option<u64>) -> Frame {
     Frame::new(header)
 }
 
-/// The broker's open transactions.
-pub(crate) async fn list(connection: &Connection) -> Result<Vec<TxInfo>> {
-    decode_reply(&connection.request(list_frame(None)).await?.body)
+/// One row of [`Broker::transactions`](crate::Broker::transactions): a transaction and
+/// the broker it is on (ids are unique per broker only; decide it with
+/// [`Broker::transaction_on`](crate::Broker::transaction_on) and this address).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BrokerTx {
+    /// The address of its broker.
+    pub broker: String,
+    /// The transaction.
+    #[serde(flatten)]
+    pub txn: TxInfo,
+}
+
+/// The open transactions of the broker behind `connection`, whose address is `broker`.
+pub(crate) async fn list(connection: &Connection, broker: &str) -> Result<Vec<BrokerTx>> {
+    let list: Vec<TxInfo> = decode_reply(&connection.request(list_frame(None)).await?.body)?;
+    Ok(list
+        .into_iter()
+        .map(|txn| BrokerTx {
+            broker: broker.to_owned(),
+            txn,
+        })
+        .collect())
 }

@@ -216,14 +216,13 @@ impl Transport {
         }
     }
 
-    /// The one broker's connection, for what needs one broker (the listing of
-    /// transactions).
-    pub(crate) fn single_connection(&self, what: &str) -> Result<Connection> {
+    /// The open transactions of the one broker, or over HA of every live broker.
+    pub(crate) async fn transactions(&self) -> Result<Vec<crate::BrokerTx>> {
         match &self.kind {
-            Kind::Single(connection) => Ok(connection.clone()),
-            Kind::Ha(_) => Err(ClientError::Protocol(format!(
-                "{what} needs one broker: connect to a broker's address, not tracker://"
-            ))),
+            Kind::Single(connection) => {
+                crate::transaction::list(connection, &connection.addr()).await
+            }
+            Kind::Ha(ha) => ha.transactions().await,
         }
     }
 
@@ -233,10 +232,11 @@ impl Transport {
         &self,
         group: &str,
         checker: C,
-    ) -> Result<()> {
+    ) -> Result<crate::ha::CheckerStatus> {
         match &self.kind {
             Kind::Single(connection) => {
-                crate::check_back::register(connection, group, Arc::new(checker)).await
+                crate::check_back::register(connection, group, Arc::new(checker)).await?;
+                Ok(crate::ha::CheckerStatus::default())
             }
             Kind::Ha(ha) => crate::ha::checkers::register(ha, group, checker).await,
         }

@@ -99,6 +99,7 @@ impl RpcError {
             // A consumer's notice and a transaction's error: a call never gets them.
             other @ (ClientError::RecordsLost { .. }
             | ClientError::TxBrokerLost { .. }
+            | ClientError::TxList { .. }
             | ClientError::TxNeedsBroker { .. }) => RpcError::Codec(other.to_string()),
         }
     }

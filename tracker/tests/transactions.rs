@@ -181,7 +181,12 @@ async fn committed_on(addr: &str, id: u64, depth: u64) {
         || async {
             let state = tx.info().await.ok()?.state;
             assert_ne!(state, TxState::RolledBack, "transaction {id} on {addr}");
-            let applied = one.transactions().await.ok()?.iter().all(|t| t.id != id);
+            let applied = one
+                .transactions()
+                .await
+                .ok()?
+                .iter()
+                .all(|t| t.txn.id != id);
             (state == TxState::Committed && applied).then_some(())
         },
     )

@@ -130,6 +130,12 @@ impl Cluster {
         format!("127.0.0.1:{}", self.brokers[i].1)
     }
 
+    /// The temp directory holding the stores (removed on [`Cluster::stop`]), where a
+    /// scenario may keep files of its own.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn store(&self, i: usize) -> PathBuf {
         self.dir.join(format!("broker-{i}"))
     }
@@ -145,9 +151,12 @@ impl Cluster {
         broker
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .arg("--store")
-            .arg(self.store(i))
-            .args(["--tracker", &trackers.join(",")])
-            .args(["--report-interval", &self.report_interval]);
+            .arg(self.store(i));
+        if !trackers.is_empty() {
+            broker
+                .args(["--tracker", &trackers.join(",")])
+                .args(["--report-interval", &self.report_interval]);
+        }
         self.brokers[i].0 = Some(spawn(broker, "qbus-broker", &self.bin_dir)?);
         Ok(())
     }

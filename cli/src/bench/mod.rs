@@ -6,6 +6,8 @@
 //! - `failover.rs`: starts a tracker and brokers on loopback and kills one mid-run.
 //! - `replicated.rs`: `replicated` receipts next to `synced` ones on three brokers it starts.
 //! - `faults.rs`: a replicated cluster it starts through a kill, a lost store and a hang.
+//! - `txfaults.rs`: transactions through producer and broker kills (`kill -9`), its
+//!   producers `tx_producer.rs` (each a process, `qbus bench tx-producer`).
 //! - `cluster.rs`: the trackers and brokers those scenarios start.
 //! - `rpc.rs`: DirectRPC and MQ-RPC calls against a service it starts.
 //! - `report.rs`: the summary and `RESULT` line they print; `histogram.rs`: latencies;
@@ -29,6 +31,8 @@ mod replicated;
 mod report;
 mod rpc;
 mod tx;
+mod tx_producer;
+mod txfaults;
 
 pub(crate) use consume::ACK_WINDOW;
 
@@ -59,6 +63,14 @@ pub enum BenchScenario {
     /// Transactions of MESSAGES messages of SIZE bytes, CONCURRENCY at once: throughput and
     /// begin-to-commit latency
     Tx(tx::TxBench),
+    /// Transactions through faults: producers (processes) commit, roll back or abandon
+    /// (killed with `kill -9`, restarted, resolved by check-back) while the broker is
+    /// killed; checks that consumers see exactly the committed messages, each transaction
+    /// whole, none twice (starts its own broker)
+    Txfaults(txfaults::TxFaultsBench),
+    /// One producer of `txfaults` (`qbus bench txfaults` starts them)
+    #[command(hide = true)]
+    TxProducer(tx_producer::TxProducer),
     /// RPC latency and throughput, DirectRPC or MQ-RPC (starts its own server)
     Rpc(rpc::RpcBench),
     /// Serve the RPC benchmark's service (`qbus bench rpc` starts it)
@@ -88,6 +100,8 @@ pub async fn run(
         BenchScenario::Replicated(args) => replicated::run(args).await,
         BenchScenario::Faults(args) => faults::run(args).await,
         BenchScenario::Delay(args) => delay::run(args).await,
+        BenchScenario::Txfaults(args) => txfaults::run(args).await,
+        BenchScenario::TxProducer(args) => tx_producer::run(args, broker).await,
         BenchScenario::Rpc(args) => rpc::run(args, broker, connect_timeout, tls).await,
         BenchScenario::RpcServe(args) => rpc::serve(args, broker, connect_timeout).await,
     }

@@ -230,6 +230,27 @@ impl Ha {
 
     /// The live brokers; when there are none yet, waits up to the first-topology wait for
     /// one to report, so a client started together with its cluster can create MQs.
+    /// The open transactions of every live broker (asked at once), each row naming its
+    /// broker; fails, naming it, when one of them cannot be asked.
+    pub(crate) async fn transactions(&self) -> Result<Vec<crate::BrokerTx>> {
+        let targets = self.some_live_brokers().await;
+        let lists = join_all(
+            targets
+                .iter()
+                .map(|node| crate::transaction::list(&node.conn, &node.addr)),
+        )
+        .await;
+        let mut all = Vec::new();
+        for (node, list) in targets.iter().zip(lists) {
+            let list = list.map_err(|e| ClientError::TxList {
+                broker: node.addr.to_string(),
+                source: Box::new(e),
+            })?;
+            all.extend(list);
+        }
+        Ok(all)
+    }
+
     async fn some_live_brokers(&self) -> Vec<Arc<Node>> {
         let deadline = tokio::time::Instant::now() + self.shared.options.first_topology;
         let mut changes = self.watch();

@@ -11,7 +11,7 @@
 //! repeats the registration on each new link (and is kept up by the checker).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
@@ -25,12 +25,14 @@ use crate::topology::Topology;
 /// Registers `checker` for producer group `group` on every broker of `ha`'s topology, now
 /// and as brokers join, until the handle's last clone is dropped. Fails, registering
 /// nothing, when a broker refuses (one older than protocol 4, or one that denies this
-/// user); a broker that cannot be reached now is registered on once it can.
+/// user); a broker that cannot be reached now is registered on once it can. A broker that
+/// refuses later (one that joins, or is met only then) is noted on the returned status.
 pub(crate) async fn register<C: TransactionChecker>(
     ha: &Ha,
     group: &str,
     checker: C,
-) -> Result<()> {
+) -> Result<CheckerStatus> {
+    let status = CheckerStatus::default();
     let shared = ha.shared.clone();
     let checker = Arc::new(checker);
     let mut watch = ha.watch();
@@ -51,6 +53,7 @@ pub(crate) async fn register<C: TransactionChecker>(
         }
     }
     let group = group.to_owned();
+    let noted = status.clone();
     // The task holds the shared state, not a handle, so it ends with the handle's last clone.
     tokio::spawn(async move {
         loop {
@@ -62,16 +65,57 @@ pub(crate) async fn register<C: TransactionChecker>(
             for (addr, connection, ready) in brokers.follow(&shared, &topology, &group, &checker) {
                 // Not awaited here, so one slow broker holds up no other's registration. A
                 // link that is down sends it again when it opens.
+                let noted = noted.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection.request(Frame::new(ready)).await {
-                        tracing::warn!(broker = %addr, error = %e, "registering the transaction checker failed");
+                    match connection.request(Frame::new(ready)).await {
+                        Ok(_) => noted.accepted(&addr),
+                        Err(e) if e.is_transport() => {
+                            tracing::debug!(broker = %addr, error = %e, "the checker registers there once it is reachable");
+                        }
+                        Err(e) => {
+                            tracing::warn!(broker = %addr, error = %e, "a broker refused the transaction checker");
+                            noted.refused(&addr, &e);
+                        }
                     }
                 });
             }
         }
         brokers.stop_all();
     });
-    Ok(())
+    Ok(status)
+}
+
+/// Where a registered checker stands: the brokers that refused it after
+/// [`Broker::register_checker`](crate::Broker::register_checker) returned (one that joined
+/// the topology later and is older than protocol 4, or denies this user). Their checks go
+/// unanswered, so their transactions of the group fall to their policy. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct CheckerStatus {
+    /// Per broker address, why it refused (at most one per broker of the topology).
+    refusals: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl CheckerStatus {
+    /// The brokers that refused the checker and why, by address.
+    pub fn refusals(&self) -> Vec<(String, String)> {
+        let refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<_> = refusals
+            .iter()
+            .map(|(a, e)| (a.clone(), e.clone()))
+            .collect();
+        list.sort();
+        list
+    }
+
+    fn refused(&self, broker: &str, error: &crate::ClientError) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        refusals.insert(broker.to_owned(), error.to_string());
+    }
+
+    fn accepted(&self, broker: &str) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        refusals.remove(broker);
+    }
 }
 
 /// The broker connections a checker is attached to, by broker address.

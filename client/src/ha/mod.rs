@@ -63,6 +63,7 @@ use crate::protocol::{Command, Frame, Header, DEFAULT_MAX_FRAME};
 use crate::tls::ClientTls;
 use crate::topology::{Topology, TopologyUpdate};
 
+pub use checkers::CheckerStatus;
 pub use selector::{LeastLoaded, RoundRobin, Selector};
 
 use pool::Pool;
