@@ -103,7 +103,9 @@ pub fn needs(header: &Header) -> Needs<'_> {
         Command::Route => Needs::Some(Operation::RpcServe),
         // Brokers following this one's copy read its whole log and cursors: a node's
         // permission, as registering with a tracker is.
-        Command::ReplicaRead | Command::ReplicaCursor => Needs::On(Operation::Register, mq, None),
+        Command::ReplicaRead | Command::ReplicaEpoch | Command::ReplicaCursor => {
+            Needs::On(Operation::Register, mq, None)
+        }
         Command::AdoptCopy => Needs::On(Operation::Admin, mq, None),
         _ => Needs::Nothing,
     }

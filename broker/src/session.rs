@@ -295,9 +295,10 @@ impl Session {
             Command::Produce => self.produce(frame).await,
             Command::Fetch => self.fetch(frame.header),
             Command::ReplicaRead if replica::serve::is_confirmation(&frame.header) => {
-                self.replica_confirm(frame.header).await
+                self.replica_confirm(frame).await
             }
-            Command::ReplicaRead => self.replica_read(frame.header),
+            Command::ReplicaRead => self.replica_read(frame),
+            Command::ReplicaEpoch => self.replica_epoch(frame).await,
             Command::Ack | Command::Nack => self.settle(frame.header).await,
             Command::ReplicaCursor => {
                 let (core, out) = (self.core.clone(), self.out.clone());
@@ -577,28 +578,37 @@ impl Session {
     }
 
     /// A follower's confirmation, answered in line (see [`replica::serve::replica_confirm`]).
-    async fn replica_confirm(&mut self, request: Header) -> Result<(), Failure> {
-        self.follower_of(&request)?;
+    async fn replica_confirm(&mut self, request: Frame) -> Result<(), Failure> {
+        self.follower_of(&request.header)?;
         let reply = replica::serve::replica_confirm(&self.core, &request)
-            .unwrap_or_else(|e| Frame::new(error_header(&request, &e)));
+            .unwrap_or_else(|e| Frame::new(error_header(&request.header, &e)));
+        self.reply(reply).await
+    }
+
+    /// A follower asking for its leader epoch, answered in line (see
+    /// [`replica::serve::replica_epoch`]).
+    async fn replica_epoch(&mut self, request: Frame) -> Result<(), Failure> {
+        self.follower_of(&request.header)?;
+        let reply = replica::serve::replica_epoch(&self.core, &request)
+            .unwrap_or_else(|e| Frame::new(error_header(&request.header, &e)));
         self.reply(reply).await
     }
 
     /// A follower's pull of this broker's records (a long poll, like a fetch).
-    fn replica_read(&mut self, request: Header) -> Result<(), Failure> {
-        self.follower_of(&request)?;
+    fn replica_read(&mut self, request: Frame) -> Result<(), Failure> {
+        self.follower_of(&request.header)?;
         let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
             let e = BrokerError::Overloaded(format!(
                 "more than {MAX_FETCHES} fetches waiting on one connection"
             ));
-            return Err(Failure::new(&request, e));
+            return Err(Failure::new(&request.header, e));
         };
         let (core, out) = (self.core.clone(), self.out.clone());
         self.polls.spawn(async move {
             let _permit = permit;
             let reply = match replica::serve::replica_read(&core, &request).await {
                 Ok(frame) => frame,
-                Err(e) => Frame::new(error_header(&request, &e)),
+                Err(e) => Frame::new(error_header(&request.header, &e)),
             };
             let _ = out.send(reply).await;
         });

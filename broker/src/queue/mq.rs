@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use qbus_wire::now_ms;
 use qbus_wire::protocol::record::records;
-use qbus_wire::protocol::{DeliveryToken, Durability, MqInfo, MqOptions};
+use qbus_wire::protocol::{DeliveryToken, Durability, LeaderEpoch, MqInfo, MqOptions};
 
 use super::blocking;
 use super::dedupe::{self, Dedupe, ProduceWait, Receipt, Settled};
@@ -22,6 +22,7 @@ use super::timer::Timer;
 use crate::error::{validate_name, BrokerError};
 use crate::metrics::MqCounters;
 use crate::replica::leader::{Followers, ReplicationError};
+use crate::store::epochs::{self, Epochs};
 use crate::store::fsio::{sync_parent, write_durably};
 use crate::store::{
     AttemptsFile, CursorFile, FsRef, LogConfig, LogReader, Lost, MqLog, ReadBatch, Skip,
@@ -109,6 +110,8 @@ pub struct Mq {
     copy: bool,
     /// Followers of this broker's log, when it is its own.
     followers: Followers,
+    /// Its leader epochs, for an MQ of this broker's own followed by replicas.
+    epochs: Option<Epochs>,
     /// A memory MQ's messages: produce and fetch use this instead of the log, which stays
     /// empty (the MQ's directory holds only its options).
     ring: Option<Ring>,
@@ -173,7 +176,15 @@ impl Mq {
             max_in_flight: defaults.max_in_flight,
         };
         let copy = log_config.copy;
-        let (log, reader) = MqLog::open(fs, dir, log_config)?;
+        let (mut log, reader) = MqLog::open(fs, dir, log_config)?;
+        // A leader followed by replicas starts an epoch: followers copy its records before
+        // it syncs them, and learn from its epochs which of them a power loss took.
+        let epochs = if !copy && options.replica_count() > 1 && !options.is_memory() {
+            log.sync_recovered()?;
+            Some(Epochs::begin(&**fs, dir, log.next_offset())?)
+        } else {
+            None
+        };
         let timer = Timer::new(TimerLog::open(fs, dir)?);
         let ring = options
             .is_memory()
@@ -227,6 +238,7 @@ impl Mq {
             timer,
             copy,
             followers: Followers::default(),
+            epochs,
             ring,
         })
     }
@@ -333,6 +345,21 @@ impl Mq {
     /// The followers of this broker's log.
     pub fn followers(&self) -> &Followers {
         &self.followers
+    }
+
+    /// Its leader epochs: `None` for a copy, or an MQ without replicas.
+    pub fn epochs(&self) -> Option<&Epochs> {
+        self.epochs.as_ref()
+    }
+
+    /// The epoch of its leader this copy last followed (blocking: reads a file).
+    pub fn followed_epoch(&self) -> Result<Option<LeaderEpoch>, StoreError> {
+        epochs::read_followed(&*self.fs, &self.dir)
+    }
+
+    /// Records durably that this copy follows `epoch` of its leader (blocking).
+    pub fn follow_epoch(&self, epoch: LeaderEpoch) -> Result<(), StoreError> {
+        epochs::write_followed(&*self.fs, &self.dir, epoch)
     }
 
     /// Refuses a `replicated` produce before it is written when too few followers are

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use qbus_client::{ClientError, Connection};
-use qbus_wire::protocol::{Command, Durability, Frame, Header, MqInfo, Status, FLAG_READ_AHEAD};
+use qbus_wire::protocol::{
+    Command, Durability, EpochAnswer, Frame, Header, LeaderEpoch, MqInfo, Status,
+    FLAG_LEADER_EPOCH, FLAG_READ_AHEAD,
+};
 use qbus_wire::Backoff;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +22,7 @@ use crate::core::Core;
 use crate::error::BrokerError;
 use crate::queue::group_commit::AppendWait;
 use crate::queue::mq::Mq;
-use crate::store::Appended;
+use crate::store::{epochs, Appended};
 
 /// How long a read waits at the leader for a record; a follower is heard at least this
 /// often, well within `leader::REACHABLE`.
@@ -86,14 +89,17 @@ async fn pull(
     let copies = core.registry().copies();
     let (leader, name) = (assignment.leader.as_str(), assignment.mq.as_str());
     let info = query(connection, name).await?;
-    let mut copy = copies
+    let copy = copies
         .get_or_create(leader, name, &info.options, info.first_offset)
         .await?;
+    // Before anything else (the copy's cursors included) the copy drops what a power loss
+    // took from the leader since the copy last followed it.
+    let (mut copy, epoch) = agree_epoch(core, connection, me, assignment, &info, copy).await?;
     sync_cursors(core, connection, &copy, &info).await?;
     let mut cursors_at = Instant::now();
     // Reads run ahead of the disk: the next read goes out while the previous records are
     // still being made durable, and a task confirms each append once it is.
-    let mut confirming = Confirmer::start(connection, name, me);
+    let mut confirming = Confirmer::start(connection, name, me, epoch);
     let mut next = copy.reader().end_offset();
     loop {
         if cursors_at.elapsed() >= CURSORS_EVERY {
@@ -105,6 +111,7 @@ async fn pull(
             from: next,
             wait: POLL_WAIT,
             ahead: true,
+            epoch,
         };
         let reply = match read(connection, name, me, ahead).await {
             Err(PullError::Leader(e)) if e.status() == Some(Status::Conflict) => {
@@ -129,7 +136,10 @@ async fn pull(
                 "follower copy too far behind: resyncing"
             );
             copy = copies.reset(leader, name, &info.options, first).await?;
-            confirming = Confirmer::start(connection, name, me);
+            if let Some(epoch) = epoch {
+                follow_epoch(&copy, epoch).await?;
+            }
+            confirming = Confirmer::start(connection, name, me, epoch);
             next = first;
         } else if first < next {
             return Err(PullError::Protocol(format!(
@@ -155,6 +165,87 @@ async fn pull(
     }
 }
 
+/// Agrees with the leader on its epoch now (`ReplicaEpoch`) and returns the copy to pull
+/// into: `copy` itself, or a new empty one when it holds records from where the epoch it
+/// last followed ended on the leader (a power loss took them from the leader, which may
+/// have written others at their offsets since). The epoch is recorded with the copy
+/// before any record of it is appended. `None`: the leader speaks no epochs (protocol 4,
+/// or an MQ without them); the copy then takes only records the leader synced.
+async fn agree_epoch(
+    core: &Core,
+    connection: &Connection,
+    me: &str,
+    assignment: &Assignment,
+    info: &MqInfo,
+    copy: Arc<Mq>,
+) -> Result<(Arc<Mq>, Option<LeaderEpoch>), PullError> {
+    let (leader, name) = (assignment.leader.as_str(), assignment.mq.as_str());
+    let followed = {
+        let copy = copy.clone();
+        blocking(move || copy.followed_epoch()).await?
+    };
+    let mut header = Header::request(Command::ReplicaEpoch, Some(name));
+    header.group = Some(me.to_owned());
+    let body = match followed {
+        Some(epoch) => encode(&epoch)?,
+        None => Bytes::new(),
+    };
+    let answer: EpochAnswer = match connection.request(Frame::with_body(header, body)).await {
+        Ok(reply) => rmp_serde::from_slice(&reply.body)
+            .map_err(|e| PullError::Protocol(format!("unreadable epoch answer: {e}")))?,
+        Err(e)
+            if matches!(
+                e.status(),
+                Some(Status::UnknownCommand | Status::BadRequest)
+            ) =>
+        {
+            tracing::info!(leader, mq = name, error = %e, "leader has no epochs: copying only records it synced");
+            return Ok((copy, None));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (first, end) = (copy.reader().first_offset(), copy.reader().end_offset());
+    let keep = epochs::copy_is_leaders(followed, &answer, (first, end), info.next_offset);
+    let copy = if keep {
+        copy
+    } else {
+        tracing::warn!(
+            leader,
+            mq = name,
+            copy_end = end,
+            ended_at = ?answer.ended_at,
+            "follower copy holds records its leader lost: resyncing"
+        );
+        core.registry()
+            .copies()
+            .reset(leader, name, &info.options, info.first_offset)
+            .await?
+    };
+    follow_epoch(&copy, answer.current).await?;
+    Ok((copy, Some(answer.current)))
+}
+
+/// Records durably that `copy` follows `epoch`.
+async fn follow_epoch(copy: &Arc<Mq>, epoch: LeaderEpoch) -> Result<(), PullError> {
+    let copy = copy.clone();
+    blocking(move || copy.follow_epoch(epoch)).await
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, PullError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| PullError::Protocol(format!("copy epoch: {e}")))?
+        .map_err(PullError::from)
+}
+
+fn encode(epoch: &LeaderEpoch) -> Result<Bytes, PullError> {
+    rmp_serde::to_vec(epoch)
+        .map(Bytes::from)
+        .map_err(|e| PullError::Protocol(format!("leader epoch: {e}")))
+}
+
 /// Confirms the copy's appends to the leader in order, each once it is durable.
 struct Confirmer {
     tx: mpsc::Sender<AppendWait>,
@@ -166,7 +257,12 @@ struct Confirmer {
 const PIPELINE: usize = 4;
 
 impl Confirmer {
-    fn start(connection: &Connection, name: &str, me: &str) -> Confirmer {
+    fn start(
+        connection: &Connection,
+        name: &str,
+        me: &str,
+        epoch: Option<LeaderEpoch>,
+    ) -> Confirmer {
         let (tx, mut rx) = mpsc::channel::<AppendWait>(PIPELINE);
         let (connection, name, me) = (connection.clone(), name.to_owned(), me.to_owned());
         let task = tokio::spawn(async move {
@@ -210,6 +306,7 @@ impl Confirmer {
                     from: appended.next_offset,
                     wait: Duration::ZERO,
                     ahead: false,
+                    epoch,
                 };
                 replies.push(read_only(&connection, &name, &me, confirm).await?);
             }
@@ -256,13 +353,15 @@ async fn join(task: tokio::task::JoinHandle<Result<(), PullError>>) -> Result<()
         .map_err(|e| PullError::Protocol(format!("confirmation task: {e}")))?
 }
 
-/// One `ReplicaRead`: from where, how long the other end may wait for a record, and
-/// whether it is a read ahead (which confirms nothing).
+/// One `ReplicaRead`: from where, how long the other end may wait for a record, whether
+/// it is a read ahead (which confirms nothing), and the leader epoch agreed on (with one,
+/// the leader refuses it in another epoch, and serves records it has not synced yet).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Read {
     pub(super) from: u64,
     pub(super) wait: Duration,
     pub(super) ahead: bool,
+    pub(super) epoch: Option<LeaderEpoch>,
 }
 
 /// A confirmation: a `ReplicaRead` asking for no records, sent (queued on the connection,
@@ -274,10 +373,10 @@ async fn read_only(
     me: &str,
     confirm: Read,
 ) -> Result<impl std::future::Future<Output = Result<(), PullError>>, PullError> {
-    let mut header = request(name, me, confirm);
-    header.count = Some(0);
+    let mut frame = request(name, me, confirm)?;
+    frame.header.count = Some(0);
     let limit = connection.options().request_timeout;
-    let pending = connection.send(Frame::new(header)).await?;
+    let pending = connection.send(frame).await?;
     Ok(async move {
         match tokio::time::timeout(limit, pending).await {
             Ok(reply) => reply.map(drop).map_err(PullError::from),
@@ -286,7 +385,7 @@ async fn read_only(
     })
 }
 
-fn request(name: &str, me: &str, read: Read) -> Header {
+fn request(name: &str, me: &str, read: Read) -> Result<Frame, PullError> {
     let mut header = Header::request(Command::ReplicaRead, Some(name));
     header.group = Some(me.to_owned());
     header.offset = Some(read.from);
@@ -294,7 +393,11 @@ fn request(name: &str, me: &str, read: Read) -> Header {
     if read.ahead {
         header.flags |= FLAG_READ_AHEAD;
     }
-    header
+    let Some(epoch) = read.epoch else {
+        return Ok(Frame::new(header));
+    };
+    header.flags |= FLAG_LEADER_EPOCH;
+    Ok(Frame::with_body(header, encode(&epoch)?))
 }
 
 /// One `ReplicaRead` of `name` as follower `me`.
@@ -304,9 +407,8 @@ pub(super) async fn read(
     me: &str,
     read: Read,
 ) -> Result<Frame, PullError> {
-    let header = request(name, me, read);
     Ok(connection
-        .request_with_wait(Frame::new(header), read.wait)
+        .request_with_wait(request(name, me, read)?, read.wait)
         .await?)
 }
 

@@ -110,6 +110,7 @@ async fn restore_once(
             from: next,
             wait: Duration::ZERO,
             ahead: true,
+            epoch: None,
         };
         let reply = read(connection, &copy, me, from_copy).await?;
         let count = reply.header.count.unwrap_or(0);

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 
 use bytes::Bytes;
 
@@ -19,13 +19,21 @@ use tokio::sync::watch;
 use super::error::StoreError;
 use super::fsio::FsRef;
 use super::index::{wants_entry, Entry};
-use super::reader::{LogReader, SegmentView, SharedView, View};
+use super::reader::{LogReader, SegmentView, SharedView, View, Written};
 use super::recovery::{list_segments, recover_segment};
 use super::segment::Segment;
-use super::tail::{Chunk, Tail};
+use super::tail::{Budget, Chunk, Tail};
 
 /// Segment positions are 32-bit in the index.
 const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;
+
+/// Most bytes of records written and not yet published kept for a leader's followers (a
+/// commit batch's worth, shared with the readers' cache: no copy): more at once, and the
+/// followers read them once published.
+const WRITTEN_BUDGET: Budget = Budget {
+    bytes: 16 << 20,
+    records: u64::MAX,
+};
 
 /// Size and retention settings of a log.
 #[derive(Debug, Clone)]
@@ -77,8 +85,9 @@ pub struct MqLog {
     dir_unsynced: bool,
     view: SharedView,
     end: watch::Sender<u64>,
-    /// Appended records handed to [`MqLog::keep_for_readers`], shown with the next publish.
-    unpublished_tail: Vec<Chunk>,
+    /// Appended records handed to [`MqLog::keep_for_readers`], shown with the next publish;
+    /// until then only a leader's followers read them (`LogReader::read_written`).
+    written: Arc<Written>,
     /// Set by [`MqLog::close`]: the files now belong to another writer.
     closed: bool,
 }
@@ -123,6 +132,10 @@ impl MqLog {
             tail: Tail::default(),
         }));
         let (end, end_rx) = watch::channel(end_offset);
+        let written = Arc::new(Written {
+            tail: Mutex::new(Tail::with_budget(WRITTEN_BUDGET)),
+            end: watch::channel(end_offset).0,
+        });
         tracing::debug!(
             dir = %dir.display(),
             first_offset,
@@ -130,7 +143,7 @@ impl MqLog {
             segments = sealed.len() + 1,
             "log opened"
         );
-        let reader = LogReader::new(Arc::clone(&view), end_rx);
+        let reader = LogReader::new(Arc::clone(&view), end_rx, Arc::clone(&written));
         let log = MqLog {
             fs: fs.clone(),
             dir: dir.to_path_buf(),
@@ -141,7 +154,7 @@ impl MqLog {
             dir_unsynced,
             view,
             end,
-            unpublished_tail: Vec::new(),
+            written,
             closed: false,
         };
         Ok((log, reader))
@@ -254,6 +267,19 @@ impl MqLog {
         Ok(())
     }
 
+    /// Flushes every segment and the directory, whether written by this writer or found
+    /// on open: a log recovered after a process kill may hold records only in the page
+    /// cache. A leader syncs so before it starts an epoch (`store::epochs`).
+    pub fn sync_recovered(&mut self) -> Result<(), StoreError> {
+        for segment in self.sealed.iter_mut() {
+            segment.sync()?;
+        }
+        self.active.sync()?;
+        self.sync_dir()?;
+        self.dir_unsynced = false;
+        Ok(())
+    }
+
     fn sync_dir(&self) -> Result<(), StoreError> {
         self.fs
             .sync_dir(&self.dir)
@@ -267,11 +293,12 @@ impl MqLog {
     /// Keeps `records`, just appended at `first` (`count` of them, stamped), in memory so
     /// readers of the newest records need not touch the files once they are published.
     pub fn keep_for_readers(&mut self, first: u64, count: u64, records: Bytes) {
-        self.unpublished_tail.push(Chunk {
+        self.written.tail().push(Chunk {
             first,
             count,
             data: records,
         });
+        self.written.end.send_replace(first + count);
     }
 
     /// Makes every appended record visible to readers and wakes the end watchers.
@@ -300,10 +327,15 @@ impl MqLog {
         }
         view.end_offset = end;
         view.size_bytes = self.total_bytes;
-        for chunk in self.unpublished_tail.drain(..) {
+        for chunk in self.written.tail().drain() {
             view.tail.push(chunk);
         }
         drop(view);
+        self.written.end.send_if_modified(|written| {
+            let moved = *written < end;
+            *written = (*written).max(end);
+            moved
+        });
         self.end.send_replace(end);
     }
 

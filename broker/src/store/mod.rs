@@ -10,6 +10,7 @@
 //! - `resync`: finding the next intact record past a damaged one.
 //! - [`log`]: [`MqLog`], the writer of one MQ's log (append, sync, publish, retention).
 //! - [`reader`]: [`LogReader`], the shared read side (verified batch reads by offset).
+//! - [`epochs`]: leader epochs, which let followers copy records the leader has not synced.
 //! - [`cursor`]: [`CursorFile`], a consumer group's committed offset, safe against torn writes.
 //! - [`attempts`]: [`AttemptsFile`], a group's delivery counts, kept across restarts.
 //! - [`key_log`]: [`KeyLog`](key_log::KeyLog), an MQ's durable key set (zbus's duplicate filter).
@@ -25,6 +26,7 @@
 
 pub mod attempts;
 pub mod cursor;
+pub mod epochs;
 mod error;
 pub mod fsio;
 mod index;

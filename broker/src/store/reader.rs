@@ -88,6 +88,22 @@ pub struct ReadBatch {
 pub struct LogReader {
     view: SharedView,
     end: watch::Receiver<u64>,
+    written: Arc<Written>,
+}
+
+/// Records written but not yet published (under `--fsync always`: not yet synced), kept
+/// by the log's writer from the write to the publish, for a leader's followers to copy
+/// while the leader syncs (`docs/replication.md`); and the offset after them.
+#[derive(Debug)]
+pub(crate) struct Written {
+    pub(crate) tail: std::sync::Mutex<Tail>,
+    pub(crate) end: watch::Sender<u64>,
+}
+
+impl Written {
+    pub(crate) fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().expect("written tail poisoned")
+    }
 }
 
 /// A stretch of one segment to read: everything needed once the lock is released.
@@ -114,9 +130,25 @@ enum Start {
 const DEFAULT_RECORD_ESTIMATE: u64 = 256;
 const MIN_READ: u64 = 512;
 
+impl ReadBatch {
+    /// A batch of records read from memory (no file position known).
+    fn cached(cached: super::tail::Cached) -> ReadBatch {
+        ReadBatch {
+            data: cached.data,
+            count: cached.count,
+            next_offset: cached.next_offset,
+            next_pos: ReadPos::unknown(cached.next_offset),
+        }
+    }
+}
+
 impl LogReader {
-    pub(crate) fn new(view: SharedView, end: watch::Receiver<u64>) -> LogReader {
-        LogReader { view, end }
+    pub(crate) fn new(
+        view: SharedView,
+        end: watch::Receiver<u64>,
+        written: Arc<Written>,
+    ) -> LogReader {
+        LogReader { view, end, written }
     }
 
     fn view(&self) -> RwLockReadGuard<'_, View> {
@@ -175,6 +207,35 @@ impl LogReader {
         rx
     }
 
+    /// The offset after the last record written, published or not.
+    pub fn written_end(&self) -> u64 {
+        *self.written.end.borrow()
+    }
+
+    /// A watch of [`written_end`](Self::written_end), woken by every write that moves it.
+    pub fn subscribe_written_end(&self) -> watch::Receiver<u64> {
+        let mut rx = self.written.end.subscribe();
+        rx.borrow_and_update();
+        rx
+    }
+
+    /// Records from `from` on that are written but not yet published, without blocking:
+    /// `None` when `from` is not among them (published by now, or not written yet). Only a
+    /// leader's followers read these (`docs/replication.md`): they may not survive a power
+    /// loss of this machine.
+    pub fn read_written(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Option<ReadBatch> {
+        if max_records == 0 {
+            return None;
+        }
+        let cached = self.written.tail().read(from, max_records, max_bytes)?;
+        Some(ReadBatch::cached(cached))
+    }
+
     /// Like [`read`](Self::read) for records still in the in-memory tail of the log, without
     /// blocking: `None` when `from` is not there (read the files then). Records there were
     /// verified when produced and have not touched the disk since.
@@ -192,12 +253,7 @@ impl LogReader {
             return None;
         }
         let cached = view.tail.read(from, max_records, max_bytes)?;
-        Some(ReadBatch {
-            data: cached.data,
-            count: cached.count,
-            next_offset: cached.next_offset,
-            next_pos: ReadPos::unknown(cached.next_offset),
-        })
+        Some(ReadBatch::cached(cached))
     }
 
     /// Reads whole records from `from` (clamped up to the first offset) up to the published

@@ -108,6 +108,13 @@ impl Tail {
         self.bytes
     }
 
+    /// Takes every chunk out, oldest first.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Chunk> {
+        self.bytes = 0;
+        self.records = 0;
+        std::mem::take(&mut self.chunks).into_iter()
+    }
+
     /// Forgets everything (after truncation or retention).
     pub(crate) fn clear(&mut self) {
         self.chunks.clear();

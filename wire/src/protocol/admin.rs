@@ -64,6 +64,33 @@ impl MqOptions {
     }
 }
 
+/// One epoch of a leader's copy of an MQ (protocol 5): every open of the MQ starts a new
+/// one, recorded durably before anything is served. `history` tells apart the histories of
+/// MQs made anew under the same name (deleted and created again, restored, adopted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LeaderEpoch {
+    /// Random, chosen when the MQ's epoch history starts.
+    pub history: u64,
+    /// Counts the opens of the MQ within that history, from 1.
+    pub epoch: u64,
+}
+
+/// A leader's answer to `ReplicaEpoch` (protocol 5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EpochAnswer {
+    /// The leader's epoch now: reads and confirmations carry it.
+    pub current: LeaderEpoch,
+    /// Whether the leader knows the epoch asked about (same history, not older than the
+    /// oldest it keeps). An unknown one tells the follower nothing of its copy's records.
+    pub known: bool,
+    /// Where the epoch asked about ended on the leader (the next epoch's first offset):
+    /// records of the copy from there on are not the leader's. `None` for the current
+    /// epoch, or an unknown one.
+    pub ended_at: Option<u64>,
+}
+
 /// A follower of one broker's copy of an MQ, as its leader sees it; part of [`MqInfo`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

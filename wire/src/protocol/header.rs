@@ -70,6 +70,12 @@ pub enum Command {
     /// of its own named `MQ`, for a leader that is never coming back; the reply body is
     /// its [`MqInfo`](super::MqInfo).
     AdoptCopy,
+    /// Protocol 5, follower broker to leader broker: the leader epoch of `mq` now, and where
+    /// the epoch the follower's copy last followed ended (its records from there on may be
+    /// ones the leader lost in a power loss). `group` names the follower; the body holds the
+    /// copy's [`LeaderEpoch`](super::LeaderEpoch) or nothing; the reply body is an
+    /// [`EpochAnswer`](super::EpochAnswer) (see `docs/replication.md`).
+    ReplicaEpoch,
     /// Protocol 4: opens a transaction; the body may hold
     /// [`TxOptions`](super::TxOptions); the reply's `offset` is the new transaction id.
     TxBegin,
@@ -126,6 +132,7 @@ impl From<u8> for Command {
             80 => Command::ReplicaRead,
             81 => Command::ReplicaCursor,
             82 => Command::AdoptCopy,
+            83 => Command::ReplicaEpoch,
             other => Command::Unknown(other),
         }
     }
@@ -162,6 +169,7 @@ impl From<Command> for u8 {
             Command::ReplicaRead => 80,
             Command::ReplicaCursor => 81,
             Command::AdoptCopy => 82,
+            Command::ReplicaEpoch => 83,
             Command::Unknown(code) => code,
         }
     }
@@ -263,6 +271,11 @@ pub const FLAG_ACK_LOCAL: u32 = 1 << 17;
 /// `offset`; the follower confirms what it made durable with later reads without it (a
 /// confirmation with `count` 0 asks for no records).
 pub const FLAG_READ_AHEAD: u32 = 1 << 18;
+/// Header flag on a `ReplicaRead` (protocol 5): the body is the
+/// [`LeaderEpoch`](super::LeaderEpoch) the follower agreed on with `ReplicaEpoch`. The leader
+/// refuses the request (`503`) when that is not its epoch now, and may answer a read with
+/// records written but not yet synced (the receipts still wait for its own sync).
+pub const FLAG_LEADER_EPOCH: u32 = 1 << 28;
 /// Header flag on a `Route` (protocol 4): the frame also acknowledges the call it answers,
 /// as an `Ack` of `mq`, `group` and `tokens` would, so a responder's reply and its ack
 /// are one frame. A broker honours it only on connections that said protocol 4 in

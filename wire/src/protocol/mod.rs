@@ -19,12 +19,14 @@ pub mod rpc;
 pub mod status;
 pub mod txn;
 
-pub use admin::{Credentials, FollowerInfo, GroupInfo, MqInfo, MqOptions, ServerInfo};
+pub use admin::{
+    Credentials, EpochAnswer, FollowerInfo, GroupInfo, LeaderEpoch, MqInfo, MqOptions, ServerInfo,
+};
 pub use frame::{decode, encode, Frame, FrameCodec, WireError, DEFAULT_MAX_FRAME};
 pub use header::{
     Command, DeliveryToken, Durability, Header, LostRange, FLAG_ACK_LOCAL, FLAG_ACK_REPLICATED,
-    FLAG_DUPLICATE, FLAG_ONEWAY, FLAG_READ_AHEAD, FLAG_ROUTE_ACK, FLAG_START_AT_END,
-    FLAG_START_AT_OFFSET, FLAG_TX_ALREADY, FLAG_UNSEEN,
+    FLAG_DUPLICATE, FLAG_LEADER_EPOCH, FLAG_ONEWAY, FLAG_READ_AHEAD, FLAG_ROUTE_ACK,
+    FLAG_START_AT_END, FLAG_START_AT_OFFSET, FLAG_TX_ALREADY, FLAG_UNSEEN,
 };
 pub use route::RouteStats;
 pub use status::Status;
@@ -36,5 +38,6 @@ pub use txn::{CheckedMessage, TxCheck, TxInfo, TxOptions, TxState};
 /// statuses 401 and 403; replicas: `ReplicaRead`, durability `replicated`, the produce flags
 /// `ACK_REPLICATED` and `ACK_LOCAL`; dedupe ids: record flag bit 3, header flag `DUPLICATE`,
 /// field `offsets`). A peer speaks no newer version than the other side said in `Hello` (1
-/// when it said nothing). Version 4 adds the pieces of `docs/protocol.md`'s "Version 4".
-pub const PROTOCOL_VERSION: u32 = 4;
+/// when it said nothing). Version 4 adds the pieces of `docs/protocol.md`'s "Version 4",
+/// version 5 those of its "Version 5".
+pub const PROTOCOL_VERSION: u32 = 5;
