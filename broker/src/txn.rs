@@ -86,13 +86,11 @@ impl Txn {
         count: u32,
     ) -> Result<(Bytes, u32), BrokerError> {
         let damaged = |e| BrokerError::BadRequest(format!("transaction {id}: a bad record: {e}"));
-        let mut new_ids = Vec::new();
+        let mut has_ids = false;
         for record in records(&sent) {
-            if let Some(dedupe) = record.map_err(damaged)?.dedupe_id {
-                new_ids.push(dedupe.to_owned());
-            }
+            has_ids |= record.map_err(damaged)?.dedupe_id.is_some();
         }
-        if new_ids.is_empty() {
+        if !has_ids {
             return Ok((sent, count));
         }
         let mut seen = HashSet::new();
@@ -103,19 +101,19 @@ impl Txn {
                 }
             }
         }
-        if !new_ids.iter().any(|d| seen.contains(d)) {
+        // One verdict per record, so a repeat within this request counts as one too.
+        let mut keep = Vec::with_capacity(count as usize);
+        for record in records(&sent) {
+            let dedupe = record.map_err(damaged)?.dedupe_id;
+            keep.push(dedupe.is_none_or(|d| seen.insert(d.to_owned())));
+        }
+        if keep.iter().all(|&k| k) {
             return Ok((sent, count));
         }
         let mut kept = BytesMut::new();
         let mut kept_count = 0;
-        for record in records(&sent) {
+        for (record, _) in records(&sent).zip(&keep).filter(|(_, &k)| k) {
             let record = record.map_err(damaged)?;
-            if let Some(dedupe) = record.dedupe_id {
-                // Also a repeat within this one request.
-                if !seen.insert(dedupe.to_owned()) {
-                    continue;
-                }
-            }
             encode_record_meta(&mut kept, 0, 0, &record.meta(), record.body).map_err(|e| {
                 BrokerError::Internal(format!("transaction {id}: re-encoding a half: {e}"))
             })?;

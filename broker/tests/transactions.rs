@@ -154,6 +154,13 @@ async fn a_send_repeated_with_its_dedupe_id_after_a_restart_is_in_the_transactio
     assert_eq!(tx.info().await.unwrap().mqs, [("orders".into(), 2)]);
     tx.commit().await.unwrap();
     assert_eq!(depth(&client, "orders").await, 2);
+
+    // A repeat inside the first request that carries an id, with nothing before it.
+    let tx = client.begin(TxOptions::default()).await.unwrap();
+    tx.send_batch("orders", [message(2), message(2)])
+        .await
+        .unwrap();
+    assert_eq!(tx.info().await.unwrap().mqs, [("orders".into(), 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
