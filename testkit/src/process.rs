@@ -55,6 +55,14 @@ pub fn built_binary(package: &str, name: &str) -> PathBuf {
         let mut build = Command::new(env!("CARGO"));
         build.args(["build", "--quiet", "-p", package, "--bin", name]);
         build.args(["--manifest-path", manifest]);
+        // Cargo gives a test the variables of its own package; a build script that reads
+        // one (ring's reads CARGO_MANIFEST_DIR) would see it change, and this build and
+        // the next `cargo test` would rebuild TLS and everything above it in turn.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(set_by_cargo_for_the_test) {
+                build.env_remove(key);
+            }
+        }
         if profile == "release" {
             build.arg("--release");
         }
@@ -65,6 +73,22 @@ pub fn built_binary(package: &str, name: &str) -> PathBuf {
         built.push(name.to_owned());
     }
     dir.join(name)
+}
+
+/// Whether `key` is one of the variables cargo sets for the crate it runs (its package's
+/// name, paths and version), as opposed to the user's own cargo configuration.
+fn set_by_cargo_for_the_test(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
 }
 
 /// `binary` listening on `127.0.0.1:port`, logging warnings only, reading no stdin.
