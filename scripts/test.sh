@@ -13,4 +13,13 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 fi
 
-cargo test --workspace --locked "$@"
+# One build of every test and binary of the workspace (in the profile asked for), then the
+# run: the testkit starts the binaries this build made instead of building each again with
+# its own package's features (a minute each). A run filtered to some tests builds them all.
+profile=()
+for arg in "$@"; do
+  [ "$arg" = "--" ] && break
+  [ "$arg" = "--release" ] && profile=(--release)
+done
+cargo test --workspace --locked --no-run "${profile[@]}"
+QBUS_TEST_PREBUILT=1 cargo test --workspace --locked "$@"

@@ -3,12 +3,14 @@
 //! A transaction's half messages are entries of the broker's transaction log
 //! ([`TxnLog`]), synced before they are acknowledged like any produce, and in no MQ's log:
 //! no group can deliver them. A commit is first a durable decision entry, then one append
-//! per target MQ, all handed to the commit thread in one batch, each record carrying the
-//! dedupe id `tx:<txn>:<n>`: an MQ publishes an append's records together, so a consumer
-//! sees all of a transaction's messages of its MQ or none, and a commit applied again (a
-//! repeated commit after a failed append, or recovery after `kill -9` between the decision
-//! and the appends) is answered by the MQ's dedupe window instead of storing twice. An
-//! `Applied` entry ends it. A rollback is one durable entry.
+//! per target MQ, all handed to the commit thread in one batch, each record carrying its
+//! sender's dedupe id or else `tx:<txn>:<n>`: an MQ publishes an append's records together,
+//! so a consumer sees all of a transaction's messages of its MQ or none, and a commit
+//! applied again (a repeated commit after a failed append, or recovery after `kill -9`
+//! between the decision and the appends) is answered by the MQ's dedupe window instead of
+//! storing twice. A sender's id already in the window (a plain produce, or another
+//! transaction, stored it) is not stored again either. An `Applied` entry ends it. A
+//! rollback is one durable entry.
 //!
 //! Each transaction is decided under its own lock, so a decision for one never waits on or
 //! touches another; a decided transaction answers a repeat of its decision with the same
@@ -539,10 +541,19 @@ impl Transactions {
                         "transaction {id}: a stored half is damaged: {e}"
                     ))
                 })?;
-                let dedupe = format!("tx:{id}:{n}");
+                // The sender's own id is kept, so the MQ's window refuses it when a plain
+                // produce or another transaction stored it already, and answers it later.
+                let generated;
+                let dedupe = match record.dedupe_id {
+                    Some(theirs) => theirs,
+                    None => {
+                        generated = format!("tx:{id}:{n}");
+                        generated.as_str()
+                    }
+                };
                 n += 1;
                 let meta = RecordMeta {
-                    dedupe_id: Some(&dedupe),
+                    dedupe_id: Some(dedupe),
                     ..record.meta()
                 };
                 let (_, out, count) = &mut per_mq[slot];

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use qbus_client::{
     Broker, CheckAnswer, ClientError, Decision, Message, Status, TransactionChecker, TxCheck,
     TxInfo, TxOptions, TxState,
@@ -161,6 +162,55 @@ async fn a_send_repeated_with_its_dedupe_id_after_a_restart_is_in_the_transactio
         .await
         .unwrap();
     assert_eq!(tx.info().await.unwrap().mqs, [("orders".into(), 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_dedupe_id_is_checked_against_the_mq_window_and_kept_for_later_sends() {
+    let broker = BrokerProcess::start(&[]);
+    let client = broker.client().await;
+    client
+        .create_mq("payments", Default::default())
+        .await
+        .unwrap();
+    let producer = client.producer("payments");
+    let message = |id: &str| Message::new(format!("pay {id}")).with_dedupe_id(id);
+    assert_eq!(producer.send(message("p1")).await.unwrap().offset, 0);
+
+    // A plain produce stored p1 already: the commit stores only p2.
+    let tx = client.begin(TxOptions::default()).await.unwrap();
+    tx.send_batch("payments", [message("p1"), message("p2")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(depth(&client, "payments").await, 2);
+
+    // Another transaction repeating p2 stores nothing; one without ids is unaffected.
+    let tx = client.begin(TxOptions::default()).await.unwrap();
+    tx.send("payments", message("p2")).await.unwrap();
+    tx.send("payments", Message::new("no id")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(depth(&client, "payments").await, 3);
+
+    // The committed p2 kept its id: a plain retry of it gets p2's offset back.
+    let retry = producer.send(message("p2")).await.unwrap();
+    assert!(retry.duplicate(), "{retry:?}");
+    assert_eq!(retry.offsets, [1]);
+    let mut audit = client
+        .consumer("payments")
+        .group("audit")
+        .subscribe()
+        .await
+        .unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), audit.next())
+            .await
+            .expect("a delivery within 10 s")
+            .unwrap()
+            .unwrap();
+        bodies.push(String::from_utf8(delivery.body.to_vec()).unwrap());
+    }
+    assert_eq!(bodies, ["pay p1", "pay p2", "no id"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,9 +39,13 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Set to `1` (by `scripts/test.sh`) when the workspace's binaries were just built with its
+/// tests, so [`built_binary`] need not build them.
+pub const PREBUILT: &str = "QBUS_TEST_PREBUILT";
+
 /// The binary `name` of the workspace package `package`, built first (once per test run,
-/// in the test's own profile): cargo builds only the tested package's own binaries for its
-/// tests.
+/// in the test's own profile) unless [`PREBUILT`] says it was: cargo builds only the
+/// tested package's own binaries for its tests.
 pub fn built_binary(package: &str, name: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     let dir = binary_dir();
@@ -49,7 +53,10 @@ pub fn built_binary(package: &str, name: &str) -> PathBuf {
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == name) {
+    // scripts/test.sh builds every test and binary of the workspace in one cargo run first;
+    // a second build with this package's features alone would compile them all again.
+    let prebuilt = std::env::var_os(PREBUILT).is_some_and(|v| v == "1");
+    if !prebuilt && !built.iter().any(|b| b == name) {
         let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
         let mut build = Command::new(env!("CARGO"));

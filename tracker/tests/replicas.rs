@@ -27,17 +27,21 @@ fn copy_dir(follower: &BrokerProcess, leader: &BrokerProcess, mq: &str) -> PathB
 
 /// The segment files of an MQ directory, by name, with their bytes.
 fn segments(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut all: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&p).unwrap())
-        })
-        .collect();
+    read_segments(dir).unwrap()
+}
+
+/// [`segments`], or the error of a directory being replaced under the reader.
+fn read_segments(dir: &Path) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|x| x == "log") {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            all.push((name, std::fs::read(&path)?));
+        }
+    }
     all.sort();
-    all
+    Ok(all)
 }
 
 /// Waits until `broker`'s own `mq` has `n` followers in sync.
@@ -624,4 +628,64 @@ async fn a_copy_of_an_mq_removed_on_its_leader_is_deleted() {
     .await;
     // The kept copy is still followed.
     to_a.producer("kept").send(Message::new("y")).await.unwrap();
+}
+
+/// The power-loss model for a leader whose follower copied ahead of its fsync: the
+/// leader's last records never reached its disk (its segment cut back while it is down),
+/// and it writes other records at those offsets after it restarts. The follower, which
+/// holds the lost ones, must not keep them under the new ones: it learns from the
+/// leader's epochs where the old epoch ended and copies afresh, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_holding_records_its_leader_lost_copies_the_leader_again() {
+    let (_tracker, mut a, b, _) = two_brokers().await;
+    let to_a = a.client().await;
+    to_a.create_mq("feed", two_copies()).await.unwrap();
+    wait_in_sync(&to_a, "feed", 1).await;
+    let producer = to_a.producer("feed");
+    producer
+        .send_batch((0..10).map(|i| Message::new(format!("kept {i}"))))
+        .await
+        .unwrap();
+    let segment = a.store().join("feed").join(format!("{:020}.log", 0));
+    let kept_len = std::fs::metadata(&segment).unwrap().len();
+    producer
+        .send_batch((10..20).map(|i| Message::new(format!("lost {i}"))))
+        .await
+        .unwrap();
+    let to_b = b.client().await;
+    let copy_name = format!("feed@{}", a.addr());
+    wait_for_async("the follower holds all 20", LIMIT, || async {
+        let copy = to_b.query_mq(&copy_name).await.ok()?;
+        (copy.next_offset == 20).then_some(())
+    })
+    .await;
+
+    a.kill9();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    file.set_len(kept_len).unwrap();
+    drop(file);
+    a.restart();
+    let to_a = a.client().await;
+    assert_eq!(to_a.query_mq("feed").await.unwrap().next_offset, 10);
+    let producer = to_a.producer("feed").with_ack(Ack::Local);
+    producer
+        .send_batch((10..15).map(|i| Message::new(format!("new {i}"))))
+        .await
+        .unwrap();
+
+    let leader_dir = a.store().join("feed");
+    let copy_dir = copy_dir(&b, &a, "feed");
+    wait_for_async("the follower's copy is the leader's again", LIMIT, || {
+        let same = matches!(
+            (read_segments(&leader_dir), read_segments(&copy_dir)),
+            (Ok(leader), Ok(copy)) if leader == copy
+        );
+        async move { same.then_some(()) }
+    })
+    .await;
+    let copy = to_b.query_mq(&copy_name).await.unwrap();
+    assert_eq!(copy.next_offset, 15, "{copy:?}");
 }

@@ -1,6 +1,6 @@
 //! Transactions over `tracker://`: pinned to one broker, never failed over; a checker
 //! registered over `tracker://` answers the checks of every broker, also of one that joins
-//! later or restarts.
+//! later or restarts, and a broker that joins and refuses it is listed in its status.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -9,9 +9,10 @@ mod support;
 use std::time::Duration;
 
 use qbus_client::ha::HaOptions;
+use qbus_client::protocol::Credentials;
 use qbus_client::{ClientError, ConnectionOptions, MqOptions, TxOptions, TxState};
 use qbus_testkit::process::TxProducerProcess;
-use support::{broker, tracker, tracker_url, wait_for_brokers, BrokerProcess};
+use support::{broker, tracker, tracker_url, wait_for_async, wait_for_brokers, BrokerProcess};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -237,4 +238,58 @@ async fn a_checker_over_a_tracker_answers_every_broker_also_one_that_joins_later
     let id = abandoned_on(&first[0]);
     committed_on(&first[0].addr(), id, 2).await;
     drop(checker);
+}
+
+/// Answers every check with "unknown"; only its registration matters here.
+struct Undecided;
+
+impl qbus_client::TransactionChecker for Undecided {
+    async fn check(&self, _check: &qbus_client::TxCheck) -> qbus_client::CheckAnswer {
+        qbus_client::CheckAnswer::Unknown
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_joins_and_refuses_the_checker_is_listed_in_its_status() {
+    let t = tracker();
+    let open = broker(&[&t]);
+    // The late broker lets this user read, not produce, so it refuses a checker.
+    let users = tempfile::NamedTempFile::new().unwrap();
+    let secret = qbus_server_kit::auth::hash_secret("r-pw").unwrap();
+    std::fs::write(
+        users.path(),
+        format!("[[users]]\nname = \"reader\"\nsecret = \"{secret}\"\nallow = [\"read *\"]\n"),
+    )
+    .unwrap();
+    let options = HaOptions::default().with_connection(ConnectionOptions {
+        credentials: Some(Credentials::password("reader", "r-pw")),
+        ..ConnectionOptions::default()
+    });
+    let client = qbus_client::Broker::connect_ha(&tracker_url(&[&t]), options)
+        .await
+        .unwrap();
+    wait_for_brokers(&client, None, &[open.addr()], LIMIT).await;
+    let status = client.register_checker("ledger", Undecided).await.unwrap();
+    assert_eq!(status.refusals(), []);
+
+    let interval = format!("{}ms", support::REPORT_INTERVAL.as_millis());
+    let config = users.path().to_str().unwrap();
+    let strict = BrokerProcess::start(&[
+        "--tracker",
+        &t.addr(),
+        "--report-interval",
+        &interval,
+        "--config",
+        config,
+    ]);
+    let refusals = wait_for_async("the joining broker's refusal", LIMIT, || {
+        let refusals = status.refusals();
+        async move { (!refusals.is_empty()).then_some(refusals) }
+    })
+    .await;
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(refusals[0].0, strict.addr());
+    assert!(refusals[0].1.contains("403"), "{refusals:?}");
+    // The open broker still has the checker: nothing about it is listed.
+    assert!(refusals.iter().all(|(addr, _)| *addr != open.addr()));
 }
