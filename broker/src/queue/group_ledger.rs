@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use qbus_wire::protocol::{DeliveryToken, GroupInfo};
 
 use super::key_order::KeyOrder;
+use super::offset_map::OffsetMap;
 
 /// A delivery awaiting its ack.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +40,7 @@ pub struct GroupLedger {
     /// Next offset never delivered to this group.
     next: u64,
     /// Unacknowledged deliveries by offset; acknowledged ones are removed.
-    in_flight: BTreeMap<u64, InFlight>,
+    in_flight: OffsetMap<InFlight>,
     /// Released deliveries waiting to go out again, oldest first.
     redeliver: VecDeque<u64>,
     /// Ack deadlines in delivery order (the timeout is the same for all, so this is sorted).
@@ -67,7 +68,7 @@ impl GroupLedger {
         GroupLedger {
             name: name.to_owned(),
             next: committed,
-            in_flight: BTreeMap::new(),
+            in_flight: OffsetMap::default(),
             redeliver: VecDeque::new(),
             deadlines: VecDeque::new(),
             held: HashMap::new(),
@@ -116,7 +117,7 @@ impl GroupLedger {
 
     /// Every offset below this is acknowledged; this is what is persisted.
     pub fn committed(&self) -> u64 {
-        self.in_flight.keys().next().copied().unwrap_or(self.next)
+        self.in_flight.first_offset().unwrap_or(self.next)
     }
 
     /// Next offset never delivered.
@@ -207,12 +208,12 @@ impl GroupLedger {
             let Some(offset) = self.key_order.as_mut().and_then(KeyOrder::take_ready) else {
                 break;
             };
-            let Some(entry) = self.in_flight.get_mut(&offset) else {
+            let Some(entry) = self.in_flight.get_mut(offset) else {
                 continue;
             };
             if entry.attempt >= max_deliveries {
                 // Counted out before a restart.
-                self.in_flight.remove(&offset);
+                self.in_flight.remove(offset);
                 self.dead_lettered += 1;
                 out.dead.push(offset);
                 self.settled(offset);
@@ -230,14 +231,14 @@ impl GroupLedger {
             let Some(offset) = self.redeliver.pop_front() else {
                 break;
             };
-            let Some(entry) = self.in_flight.get_mut(&offset) else {
+            let Some(entry) = self.in_flight.get_mut(offset) else {
                 continue; // acknowledged after it was released
             };
             if entry.holder.is_some() {
                 continue; // already out again
             }
             if entry.attempt - entry.unseen >= max_deliveries {
-                self.in_flight.remove(&offset);
+                self.in_flight.remove(offset);
                 self.dead_lettered += 1;
                 out.dead.push(offset);
                 self.settled(offset);
@@ -258,16 +259,28 @@ impl GroupLedger {
     /// ignored. Returns how many were acknowledged.
     pub fn ack(&mut self, tokens: &[DeliveryToken]) -> usize {
         let mut acked = 0;
+        // An ack's deliveries are mostly one connection's: its count is lowered once per run.
+        let mut run: Option<(u64, u32)> = None;
         for token in tokens {
-            let current = self.in_flight.get(&token.offset).copied();
+            let current = self.in_flight.get(token.offset).copied();
             if let Some(entry) = current.filter(|e| e.attempt == token.attempt) {
-                self.in_flight.remove(&token.offset);
+                self.in_flight.remove(token.offset);
                 self.settled(token.offset);
                 if let Some(conn) = entry.holder {
-                    self.unhold(conn, 1);
+                    match &mut run {
+                        Some((held_by, n)) if *held_by == conn => *n += 1,
+                        _ => {
+                            if let Some((held_by, n)) = run.replace((conn, 1)) {
+                                self.unhold(held_by, n);
+                            }
+                        }
+                    }
                 }
                 acked += 1;
             }
+        }
+        if let Some((conn, n)) = run {
+            self.unhold(conn, n);
         }
         self.trim_deadlines();
         acked
@@ -280,7 +293,7 @@ impl GroupLedger {
         while let Some(&(_, offset, attempt)) = self.deadlines.front() {
             let live = self
                 .in_flight
-                .get(&offset)
+                .get(offset)
                 .is_some_and(|e| e.attempt == attempt && e.holder.is_some());
             if live {
                 break;
@@ -304,7 +317,7 @@ impl GroupLedger {
             }
             released += 1;
             if unseen {
-                if let Some(entry) = self.in_flight.get_mut(&token.offset) {
+                if let Some(entry) = self.in_flight.get_mut(token.offset) {
                     entry.unseen += 1;
                 }
             }
@@ -375,7 +388,7 @@ impl GroupLedger {
             .in_flight
             .iter()
             .filter(|(_, e)| e.holder == Some(conn))
-            .map(|(&offset, _)| offset)
+            .map(|(offset, _)| offset)
             .collect();
         for &offset in &held {
             self.release(offset, None);
@@ -392,8 +405,7 @@ impl GroupLedger {
     /// Forgets records below `first` (deleted by retention).
     pub fn truncate_before(&mut self, first: u64) {
         self.next = self.next.max(first);
-        let kept = self.in_flight.split_off(&first);
-        for (offset, entry) in std::mem::replace(&mut self.in_flight, kept) {
+        for (offset, entry) in self.in_flight.remove_below(first) {
             self.settled(offset);
             if let Some(conn) = entry.holder {
                 self.unhold(conn, 1);
@@ -434,7 +446,7 @@ impl GroupLedger {
     }
 
     fn release(&mut self, offset: u64, attempt: Option<u32>) -> bool {
-        let Some(entry) = self.in_flight.get_mut(&offset) else {
+        let Some(entry) = self.in_flight.get_mut(offset) else {
             return false;
         };
         if attempt.is_some_and(|a| a != entry.attempt) {

@@ -27,6 +27,7 @@ pub mod group_ledger;
 pub mod key_filter;
 pub mod key_order;
 pub mod mq;
+mod offset_map;
 pub mod registry;
 pub mod ring;
 pub mod timer;
