@@ -159,9 +159,6 @@ impl Ring {
     /// Up to `max_records` records from `from` on, about `max_bytes` (at least one);
     /// `None` when `from` is not in the ring (dropped, or not written yet).
     pub fn read(&self, from: u64, max_records: usize, max_bytes: usize) -> Option<ReadBatch> {
-        if max_records == 0 {
-            return None;
-        }
         let state = self.state.lock().expect("ring poisoned");
         let cached = state.tail.read(from, max_records, max_bytes)?;
         Some(ReadBatch {

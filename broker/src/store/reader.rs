@@ -229,9 +229,6 @@ impl LogReader {
         max_records: usize,
         max_bytes: usize,
     ) -> Option<ReadBatch> {
-        if max_records == 0 {
-            return None;
-        }
         let cached = self.written.tail().read(from, max_records, max_bytes)?;
         Some(ReadBatch::cached(cached))
     }
@@ -245,9 +242,6 @@ impl LogReader {
         max_records: usize,
         max_bytes: usize,
     ) -> Option<ReadBatch> {
-        if max_records == 0 {
-            return None;
-        }
         let view = self.view();
         if from < view.first_offset || from >= view.end_offset {
             return None;

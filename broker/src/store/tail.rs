@@ -123,8 +123,12 @@ impl Tail {
     }
 
     /// Records from `from` on: at most `max_records` and about `max_bytes` (at least one).
-    /// `None` when `from` is not cached. Zero-copy when they lie in one chunk.
+    /// `None` when `from` is not cached or `max_records` is 0. Zero-copy when they lie in
+    /// one chunk.
     pub(crate) fn read(&self, from: u64, max_records: usize, max_bytes: usize) -> Option<Cached> {
+        if max_records == 0 {
+            return None;
+        }
         // Chunks are in offset order: a ring of many thousands is searched, not walked.
         let at = self.chunks.partition_point(|c| c.first + c.count <= from);
         if self.chunks.get(at)?.first > from {
@@ -215,6 +219,7 @@ mod tests {
             ((13..20).collect(), 20)
         );
         assert!(tail.read(9, 1, 1).is_none());
+        assert!(tail.read(12, 0, 1 << 20).is_none(), "nothing asked for");
         assert!(tail.read(20, 1, 1).is_none());
         let one = tail.read(10, 100, 1).unwrap();
         assert_eq!(one.count, 1, "at least one record even past max_bytes");
