@@ -53,6 +53,9 @@ pub struct Running {
     core: Arc<Core>,
     commit_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     shutdown: CancellationToken,
+    /// The sweep and the rate sampler: waited for at shutdown, since the sweep writes
+    /// (transaction checks, retention).
+    background: tokio_util::task::TaskTracker,
     sessions: tokio::sync::Mutex<Connections>,
     /// What the zbus door's connections share.
     zbus: Arc<Zbus>,
@@ -71,12 +74,15 @@ impl Running {
         // Commits a crash interrupted are applied before anything new is served.
         core.txns().recover(core.registry(), core.committer()).await;
         let shutdown = CancellationToken::new();
-        tokio::spawn(sweep(core.clone(), shutdown.clone()));
-        tokio::spawn(sample_rates(core.clone(), shutdown.clone()));
+        let background = tokio_util::task::TaskTracker::new();
+        background.spawn(sweep(core.clone(), shutdown.clone()));
+        background.spawn(sample_rates(core.clone(), shutdown.clone()));
+        background.close();
         Ok(Running {
             core,
             commit_thread: std::sync::Mutex::new(Some(commit_thread)),
             shutdown,
+            background,
             sessions: tokio::sync::Mutex::new(Connections::default()),
             zbus: Arc::new(Zbus::default()),
         })
@@ -155,7 +161,8 @@ impl Running {
     /// Closes every session, writes and fsyncs what is queued, and stops the commit thread.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        self.core.registry().stop_timers();
+        self.background.wait().await;
+        self.core.registry().stop_timers().await;
         let sessions = std::mem::take(&mut *self.sessions.lock().await);
         sessions.close(SHUTDOWN_GRACE).await;
         self.core.committer().stop().await;

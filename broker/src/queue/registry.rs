@@ -39,7 +39,7 @@ pub struct Registry {
     // None on a simulated disk in tests: the lock is the operating system's.
     _lock: Option<StoreLock>,
     /// Stops every MQ's timer (delayed delivery) when the broker stops.
-    timers: tokio_util::sync::CancellationToken,
+    timers: super::timer::Timers,
 }
 
 impl Registry {
@@ -106,7 +106,7 @@ impl Registry {
             started_empty,
             admin: tokio::sync::Mutex::new(()),
             _lock: lock,
-            timers: tokio_util::sync::CancellationToken::new(),
+            timers: super::timer::Timers::default(),
         })
     }
 
@@ -487,8 +487,8 @@ impl Registry {
     }
 
     /// Stops every timer.
-    pub fn stop_timers(&self) {
-        self.timers.cancel();
+    pub async fn stop_timers(&self) {
+        self.timers.stop().await;
     }
 
     /// Releases deliveries past their ack deadline in every MQ.

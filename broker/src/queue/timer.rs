@@ -26,6 +26,7 @@ use qbus_wire::protocol::record::{
     encode_record_meta, records, RecordMeta, RecordRef, DELIVER_AT_COPY_MARK,
 };
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::blocking;
 use super::group_commit::Committer;
@@ -77,8 +78,26 @@ impl Timer {
     }
 }
 
+/// The running timers of a broker: stopped together, and waited for, so a broker that
+/// shut down writes no timer index file afterwards (an embedding application may then
+/// remove the store at once).
+#[derive(Debug, Default)]
+pub struct Timers {
+    stop: CancellationToken,
+    running: TaskTracker,
+}
+
+impl Timers {
+    /// Stops every timer and waits until each has finished what it was writing.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.running.close();
+        self.running.wait().await;
+    }
+}
+
 /// Starts the timer of `mq` if it has an index and is not running.
-pub async fn start(mq: &Arc<Mq>, committer: &Committer, stop: &CancellationToken) {
+pub async fn start(mq: &Arc<Mq>, committer: &Committer, stop: &Timers) {
     if mq.is_copy() {
         return;
     }
@@ -97,7 +116,7 @@ pub async fn enable(
     mq: &Arc<Mq>,
     fs: &FsRef,
     committer: &Committer,
-    stop: &CancellationToken,
+    stop: &Timers,
 ) -> Result<(), BrokerError> {
     if mq.is_copy() {
         // A copy takes no produce (the append is refused as read-only) and must not append
@@ -146,7 +165,7 @@ pub fn check_produced(record: &RecordRef<'_>, index: u32) -> Result<bool, Broker
     }
 }
 
-fn spawn(mq: &Arc<Mq>, log: TimerLog, committer: &Committer, stop: &CancellationToken) {
+fn spawn(mq: &Arc<Mq>, log: TimerLog, committer: &Committer, timers: &Timers) {
     let driver = Driver {
         mq: Arc::downgrade(mq),
         name: mq.name().to_owned(),
@@ -159,7 +178,7 @@ fn spawn(mq: &Arc<Mq>, log: TimerLog, committer: &Committer, stop: &Cancellation
         synced: 0,
         fired_through: 0,
     };
-    tokio::spawn(driver.run(stop.clone()));
+    timers.running.spawn(driver.run(timers.stop.clone()));
 }
 
 struct Driver {
