@@ -2,8 +2,8 @@
 //!
 //! Deliveries go out in offset order and acks mostly come back in that order, so the
 //! entries live in a deque sorted by offset: an insert past the last offset is a push, a
-//! lookup a binary search, and a removal leaves a hole that is popped once it reaches the
-//! front. A `BTreeMap` did the same with an allocation and a tree walk per delivery, which
+//! lookup finds the slot at its distance from the front (a binary search when the offsets
+//! have gaps), and a removal leaves a hole that is popped once it reaches the front. A `BTreeMap` did the same with an allocation and a tree walk per delivery, which
 //! was the largest item of a fan-out profile. Holes behind an entry that stays out long
 //! (a slow consumer) are squeezed out once they outnumber the entries, so the deque stays
 //! within twice the entries it holds.
