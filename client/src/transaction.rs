@@ -99,6 +99,10 @@ impl Transaction {
     }
 
     /// Adds a message for `mq` (which must exist), stored durably before this returns.
+    ///
+    /// Sends may be in flight together (`&self`: join them), and the broker then syncs them
+    /// together; their order in the MQ is then the order they reach the broker in, so send
+    /// one after the other (or use [`send_batch`](Transaction::send_batch)) where it matters.
     pub async fn send(&self, mq: &str, message: impl Into<Message>) -> Result<()> {
         self.send_batch(mq, std::iter::once(message.into())).await
     }

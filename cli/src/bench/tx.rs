@@ -1,6 +1,7 @@
 //! `qbus bench tx`: transactional produce against a running broker: COUNT transactions of
 //! MESSAGES messages of SIZE bytes (one send per message, then the commit), CONCURRENCY of
-//! them at once; throughput in messages and transactions, latency begin-to-commit.
+//! them at once; throughput in messages and transactions, latency begin-to-commit. With
+//! `--together` a transaction's sends are all in flight at once instead of one by one.
 
 use std::time::Instant;
 
@@ -30,6 +31,10 @@ pub struct TxBench {
     /// Transactions in progress at once
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     concurrency: u64,
+    /// Send a transaction's messages all at once (their order is then not kept) instead of
+    /// each after the previous one's receipt
+    #[arg(long)]
+    together: bool,
 }
 
 /// One worker's share: `n` transactions, one after the other.
@@ -43,8 +48,13 @@ async fn worker(
     for _ in 0..n {
         let started = Instant::now();
         let tx = broker.begin(TxOptions::default()).await?;
-        for _ in 0..args.messages {
-            tx.send(&args.mq, Message::new(payload.clone())).await?;
+        let send = || tx.send(&args.mq, Message::new(payload.clone()));
+        if args.together {
+            try_join_all((0..args.messages).map(|_| send())).await?;
+        } else {
+            for _ in 0..args.messages {
+                send().await?;
+            }
         }
         tx.commit().await?;
         latencies.record(started.elapsed());
@@ -71,8 +81,17 @@ pub(super) async fn run(broker: &Broker, args: TxBench) -> Result<(), CliError> 
     let rate = Rate::new(messages, args.size, elapsed);
     let lat = latencies.summarize();
     println!(
-        "tx: {} transactions of {} messages of {} B to {:?}, {} at once",
-        args.count, args.messages, args.size, args.mq, workers
+        "tx: {} transactions of {} messages of {} B to {:?}, {} at once, sends {}",
+        args.count,
+        args.messages,
+        args.size,
+        args.mq,
+        workers,
+        if args.together {
+            "together"
+        } else {
+            "one by one"
+        }
     );
     println!(
         "  {:.3} s, {:.0} transactions/s, {:.0} msgs/s, {:.2} MB/s",
@@ -83,9 +102,10 @@ pub(super) async fn run(broker: &Broker, args: TxBench) -> Result<(), CliError> 
     );
     print_latency("begin-to-commit latency", &lat);
     println!(
-        "{} messages_per_tx={}",
+        "{} messages_per_tx={} together={}",
         result_line("tx", args.size, messages, workers as u32, &rate, &lat),
-        args.messages
+        args.messages,
+        args.together
     );
     Ok(())
 }
