@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use qbus_wire::protocol::{DeliveryToken, GroupInfo};
 
 use super::key_order::KeyOrder;
@@ -26,6 +27,9 @@ struct InFlight {
 pub struct Redeliveries {
     /// (offset, new attempt) to deliver now.
     pub deliver: Vec<(u64, u32)>,
+    /// For each in `deliver`: its bytes where the group kept them (a record that was
+    /// parked behind its key), `None` where they are to be read from the log.
+    pub kept: Vec<Option<Bytes>>,
     /// Offsets that reached the delivery limit: move them to the dead-letter MQ.
     pub dead: Vec<u64>,
     /// (offset, deliveries counted toward the limit) of each in `deliver`, to be stored so
@@ -205,7 +209,8 @@ impl GroupLedger {
         let mut out = Redeliveries::default();
         // Parked records whose turn came: first deliveries, ahead of new records.
         while out.deliver.len() < max {
-            let Some(offset) = self.key_order.as_mut().and_then(KeyOrder::take_ready) else {
+            let Some((offset, record)) = self.key_order.as_mut().and_then(KeyOrder::take_ready)
+            else {
                 break;
             };
             let Some(entry) = self.in_flight.get_mut(offset) else {
@@ -223,6 +228,7 @@ impl GroupLedger {
             entry.holder = Some(conn);
             self.deadlines.push_back((deadline, offset, entry.attempt));
             out.deliver.push((offset, entry.attempt));
+            out.kept.push(Some(record));
             if entry.attempt > 1 {
                 out.counted.push((offset, entry.attempt));
             }
@@ -249,6 +255,7 @@ impl GroupLedger {
             self.redelivered += 1;
             self.deadlines.push_back((deadline, offset, entry.attempt));
             out.deliver.push((offset, entry.attempt));
+            out.kept.push(None);
             out.counted.push((offset, entry.attempt - entry.unseen));
         }
         *self.held.entry(conn).or_default() += out.deliver.len() as u32;
@@ -511,20 +518,25 @@ mod tests {
         let mut g = GroupLedger::new("g", 0);
         g.order_by_key();
         let order = g.key_order().unwrap();
-        assert!(order.admit(0, "k"));
-        assert!(!order.admit(1, "k"));
+        assert!(order.admit(0, "k", b"zero"));
+        assert!(!order.admit(1, "k", b"one"));
         g.park(&[1]);
         g.deliver_new(2, &[0], 7, now);
         assert!(!g.has_redeliveries());
         // Its consumer leaves: 0 goes out again first, 1 still waits.
         assert_eq!(g.leave(7), 1);
         let again = g.take_redeliveries(10, 16, 8, now);
-        assert_eq!(again.deliver, vec![(0, 2)]);
+        assert_eq!((again.deliver, again.kept), (vec![(0, 2)], vec![None]));
         assert_eq!(g.committed(), 0);
         g.ack(&[token(0, 2)]);
         assert_eq!(g.committed(), 1, "the parked record holds the cursor");
         let next = g.take_redeliveries(10, 16, 8, now);
         assert_eq!(next.deliver, vec![(1, 1)], "a first delivery");
+        assert_eq!(
+            next.kept,
+            vec![Some(Bytes::from_static(b"one"))],
+            "from memory"
+        );
         assert_eq!(g.info(2, now).redelivered, 1);
         g.ack(&[token(1, 1)]);
         assert_eq!(g.committed(), 2);

@@ -1,6 +1,7 @@
 //! One MQ: its log, its consumer groups, and the fetch/ack logic that joins them.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use qbus_wire::now_ms;
-use qbus_wire::protocol::record::records;
+use qbus_wire::protocol::record::{records, RECORD_OVERHEAD};
 use qbus_wire::protocol::{DeliveryToken, Durability, LeaderEpoch, MqInfo, MqOptions};
 
 use super::blocking;
@@ -759,7 +760,7 @@ impl Mq {
                 }
             };
             *read_pos = Some(batch.next_pos);
-            // (offset, start, size) of each record the tag lets through.
+            // The records the tag lets through.
             let mut picked = Vec::with_capacity(batch.count);
             let mut expired = DeadLetters::default();
             let now = qbus_wire::now_ms();
@@ -773,7 +774,17 @@ impl Mq {
                     if expiry.is_some_and(|expiry| expiry <= now) {
                         self.retire_expired(&mut expired, &batch.data[at..at + record.size]);
                     } else {
-                        picked.push((record.offset, at, record.size));
+                        // The key follows the tag (see `docs/protocol.md`, "Records").
+                        let key = record.key.map(|key| {
+                            let start = at + RECORD_OVERHEAD + record.tag.map_or(0, str::len);
+                            start..start + key.len()
+                        });
+                        picked.push(Picked {
+                            offset: record.offset,
+                            start: at,
+                            size: record.size,
+                            key,
+                        });
                     }
                 }
                 at += record.size;
@@ -781,12 +792,12 @@ impl Mq {
             if expired.count > 0 {
                 self.counters.expired(expired.count.into());
             }
-            let mut offsets: Vec<u64> = picked.iter().map(|&(offset, _, _)| offset).collect();
+            let mut offsets: Vec<u64> = picked.iter().map(|picked| picked.offset).collect();
             let (attempts, dead, parked) = {
                 let mut state = group.state();
                 let dead = state.take_exhausted(&offsets, self.limits.max_deliveries);
                 if !dead.is_empty() {
-                    offsets.retain(|o| !dead.contains(o));
+                    offsets.retain(|o| dead.binary_search(o).is_err());
                 }
                 let parked = park_by_key(&mut state, &batch.data, &picked, &mut offsets);
                 let attempts = state.deliver_new(batch.next_offset, &offsets, conn, ack_deadline);
@@ -817,12 +828,12 @@ impl Mq {
                 (batch.data, DeadLetters::default())
             } else {
                 let (mut kept, mut retired) = (BytesMut::new(), DeadLetters::default());
-                for &(offset, start, size) in &picked {
-                    let bytes = &batch.data[start..start + size];
-                    if dead.contains(&offset) {
+                for picked in &picked {
+                    let bytes = &batch.data[picked.start..picked.start + picked.size];
+                    if dead.binary_search(&picked.offset).is_ok() {
                         retired.records.extend_from_slice(bytes);
                         retired.count += 1;
-                    } else if !parked.contains(&offset) {
+                    } else if parked.binary_search(&picked.offset).is_err() {
                         kept.extend_from_slice(bytes);
                     }
                 }
@@ -899,14 +910,20 @@ impl Mq {
             })?,
             None => {
                 let reader = self.reader.clone();
-                blocking("read task", move || {
+                // Records a key-ordered group kept need no read, nor the hop to do it.
+                let reads = !redo.dead.is_empty() || redo.kept.iter().any(Option::is_none);
+                let gather = move || {
                     gather_redeliveries(redo, |offset| match reader.read(offset, None, 1, 1) {
                         Ok(batch) => Ok(Ok(batch.data)),
                         Err(e) if e.is_damage() => Ok(Err(Some(lost_record(offset, &e)))),
                         Err(e) => Err(e),
                     })
-                })
-                .await?
+                };
+                if reads {
+                    blocking("read task", gather).await?
+                } else {
+                    gather()?
+                }
             }
         };
         let (body, attempts, expired_tokens, expired) = self.drop_expired(body, attempts);
@@ -1191,13 +1208,22 @@ impl Mq {
     }
 }
 
-/// For a group ordered by key: takes the records of `offsets` (about to go out, each in
-/// `picked` as (offset, start, size) in `data`) whose key has a record out, parks them in
-/// the group, and returns them.
+/// A record of a fetch that the tag lets through: its offset, where it is in the data
+/// read, and where its key is.
+struct Picked {
+    offset: u64,
+    start: usize,
+    size: usize,
+    key: Option<Range<usize>>,
+}
+
+/// For a group ordered by key: takes the records of `offsets` (about to go out, ascending,
+/// each in `picked`) whose key has a record out, parks them in the group with a copy of
+/// their bytes from `data`, and returns them (ascending).
 fn park_by_key(
     state: &mut super::group_ledger::GroupLedger,
     data: &[u8],
-    picked: &[(u64, usize, usize)],
+    picked: &[Picked],
     offsets: &mut Vec<u64>,
 ) -> Vec<u64> {
     let Some(order) = state.key_order() else {
@@ -1205,23 +1231,27 @@ fn park_by_key(
     };
     let mut parked = Vec::new();
     let mut next = 0;
-    for &(offset, start, size) in picked {
+    for picked in picked {
         // `offsets` is `picked` less the dead, in the same order.
-        if offsets.get(next) != Some(&offset) {
+        if offsets.get(next) != Some(&picked.offset) {
             continue;
         }
         next += 1;
-        let key = qbus_wire::protocol::record::parse_record(&data[start..start + size])
-            .ok()
-            .and_then(|record| record.key.map(str::to_owned));
-        if let Some(key) = key {
-            if !order.admit(offset, &key) {
-                parked.push(offset);
-            }
+        // Checked as UTF-8 when the record was parsed.
+        let Some(Ok(key)) = picked
+            .key
+            .clone()
+            .map(|key| std::str::from_utf8(&data[key]))
+        else {
+            continue;
+        };
+        let record = &data[picked.start..picked.start + picked.size];
+        if !order.admit(picked.offset, key, record) {
+            parked.push(picked.offset);
         }
     }
     if !parked.is_empty() {
-        offsets.retain(|o| !parked.contains(o));
+        offsets.retain(|o| parked.binary_search(o).is_err());
         state.park(&parked);
     }
     parked
@@ -1241,15 +1271,21 @@ type Gathered = (
     Vec<(Option<Lost>, Option<DeliveryToken>)>,
 );
 
-/// Reads the records of `redo` with `read` (one record by offset), from the log or a ring.
+/// Gathers the records of `redo`: those the group kept, and the others read with `read`
+/// (one record by offset) from the log or a ring.
 fn gather_redeliveries(
     redo: Redeliveries,
     mut read: impl FnMut(u64) -> Result<Reread, StoreError>,
 ) -> Result<Gathered, StoreError> {
+    debug_assert_eq!(redo.deliver.len(), redo.kept.len());
     let mut missing = Vec::new();
     let (mut body, mut kept) = (BytesMut::new(), Vec::new());
-    for (offset, attempt) in redo.deliver {
-        match read(offset)? {
+    for ((offset, attempt), record) in redo.deliver.into_iter().zip(redo.kept) {
+        let found = match record {
+            Some(record) => Ok(record),
+            None => read(offset)?,
+        };
+        match found {
             Ok(data) => {
                 body.extend_from_slice(&data);
                 kept.push(attempt);
