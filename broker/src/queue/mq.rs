@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use qbus_wire::now_ms;
-use qbus_wire::protocol::record::{records, RECORD_OVERHEAD};
+use qbus_wire::protocol::record::{intact_records, records, RECORD_OVERHEAD};
 use qbus_wire::protocol::{DeliveryToken, Durability, LeaderEpoch, MqInfo, MqOptions};
 
 use super::blocking;
@@ -765,7 +765,8 @@ impl Mq {
             let mut expired = DeadLetters::default();
             let now = qbus_wire::now_ms();
             let mut at = 0;
-            for record in records(&batch.data) {
+            // Checked when they arrived or were read from disk: not again for each group.
+            for record in intact_records(&batch.data) {
                 let record = record.map_err(|e| corrupt(self, e))?;
                 // A delayed record before its time goes past like a filtered one: the
                 // timer appends its copy when it comes due (see `super::timer`).
@@ -968,13 +969,13 @@ impl Mq {
             self.expiry(record.timestamp_ms, record.expires_at)
                 .is_some_and(|expiry| expiry <= now)
         };
-        if !records(&body).flatten().any(|r| is_expired(&r)) {
+        if !intact_records(&body).flatten().any(|r| is_expired(&r)) {
             return (body, attempts, Vec::new(), DeadLetters::default());
         }
         let (mut kept, mut kept_attempts) = (BytesMut::new(), Vec::new());
         let (mut settled, mut expired) = (Vec::new(), DeadLetters::default());
         let mut at = 0;
-        for (record, attempt) in records(&body).flatten().zip(attempts) {
+        for (record, attempt) in intact_records(&body).flatten().zip(attempts) {
             let bytes = &body[at..at + record.size];
             at += record.size;
             if is_expired(&record) {

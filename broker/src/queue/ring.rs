@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use qbus_wire::protocol::record::{parse_record, peek_record_size, stamp_record};
+use qbus_wire::protocol::record::{parse_intact_record, peek_record_size, stamp_record};
 use qbus_wire::protocol::MqOptions;
 use tokio::sync::watch;
 
@@ -147,7 +147,7 @@ impl Ring {
         let max_age = u64::try_from(self.limits.max_age.as_millis()).unwrap_or(u64::MAX);
         let cutoff = now_ms.saturating_sub(max_age);
         while let Some(front) = state.tail.front() {
-            let stamped = parse_record(&front.data).map_or(0, |r| r.timestamp_ms);
+            let stamped = parse_intact_record(&front.data).map_or(0, |r| r.timestamp_ms);
             if stamped >= cutoff {
                 break;
             }

@@ -298,6 +298,18 @@ pub fn peek_record_size(src: &[u8]) -> Option<usize> {
 
 /// Parses and verifies the record at the start of `src`.
 pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
+    parse(src, true)
+}
+
+/// Parses the record at the start of `src` without computing its checksum, for records
+/// already verified (read back by a broker that checked them when they arrived or were
+/// read from disk). Lengths, flags and text fields are still checked, so a bad buffer
+/// gives an error, never a panic.
+pub fn parse_intact_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
+    parse(src, false)
+}
+
+fn parse(src: &[u8], verify: bool) -> Result<RecordRef<'_>, RecordError> {
     let size = peek_record_size(src).ok_or(RecordError::Truncated {
         need: 4,
         have: src.len(),
@@ -312,10 +324,12 @@ pub fn parse_record(src: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         });
     }
     let rec = &src[..size];
-    let stored = u32::from_be_bytes([rec[4], rec[5], rec[6], rec[7]]);
-    let computed = crc32fast::hash(&rec[8..]);
-    if stored != computed {
-        return Err(RecordError::Checksum { stored, computed });
+    if verify {
+        let stored = u32::from_be_bytes([rec[4], rec[5], rec[6], rec[7]]);
+        let computed = crc32fast::hash(&rec[8..]);
+        if stored != computed {
+            return Err(RecordError::Checksum { stored, computed });
+        }
     }
     let be64 = |at: usize| {
         let mut b = [0u8; 8];
@@ -430,13 +444,25 @@ pub fn without_v3_fields(src: &[u8]) -> Result<Option<Vec<u8>>, RecordError> {
 
 /// Iterates over the verified records of a buffer holding whole records back to back.
 pub fn records(src: &[u8]) -> impl Iterator<Item = Result<RecordRef<'_>, RecordError>> {
+    each_record(src, parse_record)
+}
+
+/// Like [`records`] for records already verified: see [`parse_intact_record`].
+pub fn intact_records(src: &[u8]) -> impl Iterator<Item = Result<RecordRef<'_>, RecordError>> {
+    each_record(src, parse_intact_record)
+}
+
+fn each_record<'a>(
+    src: &'a [u8],
+    parse: fn(&'a [u8]) -> Result<RecordRef<'a>, RecordError>,
+) -> impl Iterator<Item = Result<RecordRef<'a>, RecordError>> {
     let mut at = 0;
     let mut failed = false;
     std::iter::from_fn(move || {
         if at >= src.len() || failed {
             return None;
         }
-        match parse_record(&src[at..]) {
+        match parse(&src[at..]) {
             Ok(mut rec) => {
                 rec.body_range = rec.body_range.start + at..rec.body_range.end + at;
                 at += rec.size;
@@ -526,6 +552,38 @@ mod tests {
             })
             .collect();
         assert_eq!(bodies, vec![b"a".to_vec(), b"bb".to_vec()]);
+    }
+
+    #[test]
+    fn an_intact_parse_skips_only_the_checksum() {
+        let mut rec = one(Some("t"), Some("k"), b"body");
+        let checked = parse_record(&rec).unwrap();
+        let intact = parse_intact_record(&rec).unwrap();
+        assert_eq!(
+            (intact.tag, intact.key, intact.body),
+            (checked.tag, checked.key, checked.body)
+        );
+        let last = rec.len() - 1;
+        rec[last] ^= 1;
+        assert!(matches!(
+            parse_record(&rec),
+            Err(RecordError::Checksum { .. })
+        ));
+        assert!(
+            parse_intact_record(&rec).is_ok(),
+            "the checksum is not looked at"
+        );
+        assert!(matches!(
+            parse_intact_record(&rec[..rec.len() - 1]),
+            Err(RecordError::Truncated { .. })
+        ));
+        rec[24] = 0xff;
+        assert!(matches!(
+            parse_intact_record(&rec),
+            Err(RecordError::UnknownFlags { .. })
+        ));
+        let two = [one(None, None, b"a"), one(None, Some("k"), b"b")].concat();
+        assert_eq!(intact_records(&two).flatten().count(), 2);
     }
 
     #[test]
