@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use qbus_wire::now_ms;
-use qbus_wire::protocol::record::{intact_records, records, RECORD_OVERHEAD};
+use qbus_wire::protocol::record::{intact_records, records};
 use qbus_wire::protocol::{DeliveryToken, Durability, LeaderEpoch, MqInfo, MqOptions};
 
 use super::blocking;
@@ -775,16 +775,11 @@ impl Mq {
                     if expiry.is_some_and(|expiry| expiry <= now) {
                         self.retire_expired(&mut expired, &batch.data[at..at + record.size]);
                     } else {
-                        // The key follows the tag (see `docs/protocol.md`, "Records").
-                        let key = record.key.map(|key| {
-                            let start = at + RECORD_OVERHEAD + record.tag.map_or(0, str::len);
-                            start..start + key.len()
-                        });
                         picked.push(Picked {
                             offset: record.offset,
                             start: at,
                             size: record.size,
-                            key,
+                            key: record.key.map(|_| record.key_range.clone()),
                         });
                     }
                 }

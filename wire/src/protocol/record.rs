@@ -130,6 +130,8 @@ pub struct RecordRef<'a> {
     pub body: &'a [u8],
     /// Where the body lies in the parsed buffer (for zero-copy slicing).
     pub body_range: Range<usize>,
+    /// Where `key` is in the buffer parsed (empty without a key), as `body_range`.
+    pub key_range: Range<usize>,
     /// Total bytes of the record.
     pub size: usize,
 }
@@ -397,6 +399,7 @@ fn parse(src: &[u8], verify: bool) -> Result<RecordRef<'_>, RecordError> {
         dedupe_id: text(dedupe, "dedupe id")?,
         body: &rec[body_start..],
         body_range: body_start..size,
+        key_range: RECORD_OVERHEAD + tag_len..key_end,
         size,
     })
 }
@@ -465,6 +468,7 @@ fn each_record<'a>(
         match parse(&src[at..]) {
             Ok(mut rec) => {
                 rec.body_range = rec.body_range.start + at..rec.body_range.end + at;
+                rec.key_range = rec.key_range.start + at..rec.key_range.end + at;
                 at += rec.size;
                 Some(Ok(rec))
             }
