@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# qbus MQ-RPC and NATS core request/reply, measured back to back in one run, in one shape:
+# qbus MQ-RPC, qbus DirectRPC and NATS core request/reply, measured back to back in one run,
+# in one shape:
 # caller and responder in one process on a 2-thread Tokio runtime, each on its own
-# connection, the server in its own process; echo of each SIZE at 1 and 64 in flight.
+# connection, the server in its own process (DirectRPC: the RPC server is the responder
+# itself, so no broker); echo of each SIZE at 1 and 64 in flight.
 # Three interleaved runs of each (take the medians); the RESULT lines are printed as they
 # come, prefixed by the system.
 # Needs `nats-server` (Debian: apt-get install -y nats-server) and release builds of
@@ -20,6 +22,8 @@ trap 'kill "$qpid" "$npid" 2>/dev/null; wait "$qpid" "$npid" 2>/dev/null; rm -rf
 sleep 1
 for run in 1 2 3; do
   target/release/qbus --threads 2 --broker "127.0.0.1:$qport" bench rpc --mq --in-process \
+    --size "$sizes" --concurrency "$concurrency" --duration "$secs" | grep '^RESULT'
+  target/release/qbus --threads 2 bench rpc --direct --in-process \
     --size "$sizes" --concurrency "$concurrency" --duration "$secs" | grep '^RESULT'
   bench/nats-compare/target/release/nats-compare rpc "127.0.0.1:$nport" "$sizes" "$concurrency" "$secs" \
     | grep '^RESULT'
