@@ -559,6 +559,24 @@ mod tests {
     }
 
     #[test]
+    fn key_ranges_point_at_each_key_in_the_whole_buffer() {
+        let mut buf = one(Some("tag"), Some("first"), b"a");
+        buf.extend(one(None, None, b"bb"));
+        buf.extend(one(Some("t"), Some("third"), b"ccc"));
+        let keys: Vec<_> = intact_records(&buf)
+            .map(|r| {
+                let r = r.unwrap();
+                assert_eq!(
+                    r.key.map(str::as_bytes),
+                    r.key.map(|_| &buf[r.key_range.clone()])
+                );
+                r.key_range.len()
+            })
+            .collect();
+        assert_eq!(keys, vec![5, 0, 5], "no key: an empty range");
+    }
+
+    #[test]
     fn an_intact_parse_skips_only_the_checksum() {
         let mut rec = one(Some("t"), Some("k"), b"body");
         let checked = parse_record(&rec).unwrap();
