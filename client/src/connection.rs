@@ -397,6 +397,20 @@ impl Connection {
         }
     }
 
+    /// Queues a frame that gets no reply over link `link` without waiting: `Ok(None)` once
+    /// queued, `Ok(Some(frame))` when the queue is full (send it with
+    /// [`send_oneway_on`](Connection::send_oneway_on)), an error once that link has closed.
+    pub(crate) fn try_send_oneway_on(&self, link: LinkId, frame: Frame) -> Result<Option<Frame>> {
+        match self.inner.live.load().as_ref() {
+            Some(live) if live.link == link => match live.tx.try_send(frame) {
+                Ok(()) => Ok(None),
+                Err(mpsc::error::TrySendError::Full(frame)) => Ok(Some(frame)),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(live.disconnected()),
+            },
+            _ => Err(ClientError::Disconnected { addr: self.addr() }),
+        }
+    }
+
     /// The protocol version the server said in the handshake of link `link`; `None` once
     /// that link has closed.
     pub(crate) fn link_protocol(&self, link: LinkId) -> Option<u32> {

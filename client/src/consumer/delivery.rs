@@ -1,9 +1,11 @@
 //! A received message and the acker that settles it: acks and nacks from every delivery of
 //! a consumer, sent in batches, one acker per broker connection.
 
+use std::future::{ready, Future};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, Either};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::call::route_frame;
@@ -82,12 +84,16 @@ impl Delivery {
     /// message surely comes again; if it failed after, the ack is in doubt: the broker may
     /// have recorded it, and then the message does not come again.
     pub async fn ack(&self) -> Result<()> {
-        self.acker.settle(self, Verdict::Ack).await
+        self.acker
+            .settle(self.token(), self.link, Verdict::Ack)
+            .await
     }
 
     /// Gives the message back for immediate redelivery.
     pub async fn nack(&self) -> Result<()> {
-        self.acker.settle(self, Verdict::Nack).await
+        self.acker
+            .settle(self.token(), self.link, Verdict::Nack)
+            .await
     }
 
     /// Answers the MQ-RPC call this delivery carries (its key is the caller's reply route):
@@ -108,7 +114,29 @@ impl Delivery {
     /// over (the broker records the ack with the requests that arrived with it).
     /// An older broker gets the reply and then an ack, and `Ok` means it recorded the ack.
     /// Fails like [`ack`](Delivery::ack) when that link is gone: the call comes again.
-    pub async fn reply_and_ack(&self, body: Bytes, encoding: Option<String>) -> Result<()> {
+    ///
+    /// The frame is queued when this is called, if the link has room: the future (which
+    /// does not borrow the delivery) then is ready at once, and a server answering many
+    /// calls can poll it once instead of keeping it.
+    pub fn reply_and_ack(
+        &self,
+        body: Bytes,
+        encoding: Option<String>,
+    ) -> impl Future<Output = Result<()>> + Unpin + Send + 'static {
+        match self.start_reply_and_ack(body, encoding) {
+            Ok(None) => Either::Left(ready(Ok(()))),
+            Ok(Some(rest)) => Either::Right(rest),
+            Err(e) => Either::Left(ready(Err(e))),
+        }
+    }
+
+    /// Queues the reply (with its ack) if it can be queued now; otherwise returns what is
+    /// left to do.
+    fn start_reply_and_ack(
+        &self,
+        body: Bytes,
+        encoding: Option<String>,
+    ) -> Result<Option<BoxFuture<'static, Result<()>>>> {
         let route = self.route()?;
         let connection = &self.acker.connection;
         let Some(protocol) = connection.link_protocol(self.link) else {
@@ -118,16 +146,28 @@ impl Delivery {
             });
         };
         let mut frame = route_frame(route, body, encoding);
+        let link = self.link;
         if protocol < 4 {
-            connection.send_oneway(frame).await?;
-            return self.ack().await;
+            let (acker, token) = (self.acker.clone(), self.token());
+            return Ok(Some(Box::pin(async move {
+                acker.connection.send_oneway(frame).await?;
+                acker.settle(token, link, Verdict::Ack).await
+            })));
         }
         let header = &mut frame.header;
         header.flags |= FLAG_ROUTE_ACK;
         header.mq = Some(self.acker.target.mq.clone());
         header.group = Some(self.acker.target.group.clone());
         header.tokens = vec![self.token()];
-        connection.send_oneway_on(self.link, frame).await
+        match connection.try_send_oneway_on(link, frame)? {
+            None => Ok(None),
+            Some(frame) => {
+                let connection = connection.clone();
+                Ok(Some(Box::pin(async move {
+                    connection.send_oneway_on(link, frame).await
+                })))
+            }
+        }
     }
 
     /// The reply route of the MQ-RPC call this delivery carries (its key).
@@ -225,11 +265,11 @@ impl Acker {
             .map(drop)
     }
 
-    async fn settle(&self, delivery: &Delivery, verdict: Verdict) -> Result<()> {
+    async fn settle(&self, token: DeliveryToken, link: LinkId, verdict: Verdict) -> Result<()> {
         let (done, wait) = oneshot::channel();
         let request = Settle {
-            token: delivery.token(),
-            link: delivery.link,
+            token,
+            link,
             verdict,
             done: Some(done),
         };

@@ -96,12 +96,8 @@ where
     S: FnOnce() -> F,
     F: Future<Output = Result<PendingCall, ClientError>>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let outcome = match tokio::time::timeout_at(deadline, send()).await {
-        Ok(Ok(pending)) => tokio::time::timeout_at(deadline, pending).await,
-        Ok(Err(e)) => Ok(Err(e)),
-        Err(elapsed) => Err(elapsed),
-    };
+    // One timer for the send and the wait: a timer costs a registration per call.
+    let outcome = tokio::time::timeout(timeout, async move { send().await?.await }).await;
     match outcome {
         Err(_) => Err(RpcError::Timeout(timeout)),
         Ok(Ok(reply)) => Reply::from_call(reply),

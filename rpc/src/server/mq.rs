@@ -2,10 +2,12 @@
 //! [`RpcProcessor`] with a limit on how many run at once, and sends each reply back to the
 //! broker that stored the call, which routes it to the caller.
 
+use std::future::Future;
 use std::time::Duration;
 
 use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
+use futures_util::FutureExt;
 use futures_util::StreamExt;
 use qbus_client::{Broker, ClientError, Consumer, Delivery, StartAt};
 use qbus_wire::now_ms;
@@ -235,12 +237,18 @@ async fn serve(
         }
         let waited = Duration::from_millis(now_ms().saturating_sub(delivery.timestamp_ms));
         match processor.start(delivery.tag.as_deref(), delivery.body.clone(), waited) {
-            Started::Done(reply) => acks.push(Either::Right(reply_and_ack(delivery, reply))),
+            Started::Done(reply) => {
+                // Queued at once when the link has room: nothing to keep for most calls.
+                let mut sent = reply_and_ack(&delivery, reply);
+                if (&mut sent).now_or_never().is_none() {
+                    acks.push(Either::Right(sent));
+                }
+            }
             Started::Expired => acks.push(Either::Left(ack(delivery))),
             Started::Running(call) => {
                 running.spawn(async move {
                     let reply = call.finish().await;
-                    reply_and_ack(delivery, reply).await;
+                    reply_and_ack(&delivery, reply).await;
                 });
             }
         }
@@ -259,14 +267,17 @@ async fn serve(
 
 /// Sends a reply back through the broker the call came from, which routes it to the
 /// caller, and acknowledges the call (one frame to a protocol 4 broker): until then a
-/// service that dies leaves it to another.
-async fn reply_and_ack(delivery: Delivery, reply: Reply) {
-    let sent = delivery
+/// service that dies leaves it to another. Queued before this returns when the link has
+/// room; the future only waits for room (or, to an older broker, for the ack).
+fn reply_and_ack(delivery: &Delivery, reply: Reply) -> impl Future<Output = ()> + Unpin {
+    let offset = delivery.offset;
+    delivery
         .reply_and_ack(reply.body, reply.encoding.header_value())
-        .await;
-    if let Err(e) = sent {
-        tracing::debug!(offset = delivery.offset, error = %e, "reply or ack lost with its broker connection; the broker will redeliver the call");
-    }
+        .map(move |sent| {
+            if let Err(e) = sent {
+                tracing::debug!(offset, error = %e, "reply or ack lost with its broker connection; the broker will redeliver the call");
+            }
+        })
 }
 
 /// Acknowledges a call skipped without a reply.
