@@ -330,8 +330,14 @@ impl Connection {
     /// Sends a request over link `link` only: once that link has closed, fails with
     /// [`ClientError::Disconnected`] without sending (and without connecting again).
     pub(crate) async fn send_on(&self, link: LinkId, frame: Frame) -> Result<PendingReply> {
+        let live = self.live_on(link)?;
+        self.send_over(live, frame).await
+    }
+
+    /// Link `link` while it is the live one; [`ClientError::Disconnected`] once it closed.
+    fn live_on(&self, link: LinkId) -> Result<Arc<Live>> {
         match self.inner.live.load_full() {
-            Some(live) if live.link == link => self.send_over(live, frame).await,
+            Some(live) if live.link == link => Ok(live),
             _ => Err(ClientError::Disconnected { addr: self.addr() }),
         }
     }
@@ -391,23 +397,18 @@ impl Connection {
     /// Sends a frame that gets no reply over link `link` only, as
     /// [`send_on`](Connection::send_on) sends a request.
     pub(crate) async fn send_oneway_on(&self, link: LinkId, frame: Frame) -> Result<()> {
-        match self.inner.live.load_full() {
-            Some(live) if live.link == link => live.queue(frame).await,
-            _ => Err(ClientError::Disconnected { addr: self.addr() }),
-        }
+        self.live_on(link)?.queue(frame).await
     }
 
     /// Queues a frame that gets no reply over link `link` without waiting: `Ok(None)` once
     /// queued, `Ok(Some(frame))` when the queue is full (send it with
     /// [`send_oneway_on`](Connection::send_oneway_on)), an error once that link has closed.
     pub(crate) fn try_send_oneway_on(&self, link: LinkId, frame: Frame) -> Result<Option<Frame>> {
-        match self.inner.live.load().as_ref() {
-            Some(live) if live.link == link => match live.tx.try_send(frame) {
-                Ok(()) => Ok(None),
-                Err(mpsc::error::TrySendError::Full(frame)) => Ok(Some(frame)),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(live.disconnected()),
-            },
-            _ => Err(ClientError::Disconnected { addr: self.addr() }),
+        let live = self.live_on(link)?;
+        match live.tx.try_send(frame) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(frame)) => Ok(Some(frame)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(live.disconnected()),
         }
     }
 
