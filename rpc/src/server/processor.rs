@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ type Handler = Arc<dyn Fn(Request) -> HandlerFuture + Send + Sync>;
 pub struct Request {
     encoding: Encoding,
     body: Bytes,
+    /// Where the params lie in `body`, when the head was scanned rather than decoded.
+    params: Option<Range<usize>>,
 }
 
 impl Request {
@@ -49,19 +52,24 @@ impl Request {
     /// The call's params as `P` (a tuple of the arguments); a `400` error when they do not
     /// fit.
     pub fn params<P: DeserializeOwned>(&self) -> Result<P, RemoteError> {
-        self.encoding
-            .decode::<RequestParams<P>>(&self.body)
-            .map(|request| request.params)
-            .map_err(|e| {
-                RemoteError::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "the params do not fit the method: expected {}",
-                        std::any::type_name::<P>()
-                    ),
-                )
-                .with_detail(e)
-            })
+        match &self.params {
+            // The range came from scanning this very body.
+            Some(range) => self.encoding.decode::<P>(&self.body[range.clone()]),
+            None => self
+                .encoding
+                .decode::<RequestParams<P>>(&self.body)
+                .map(|request| request.params),
+        }
+        .map_err(|e| {
+            RemoteError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the params do not fit the method: expected {}",
+                    std::any::type_name::<P>()
+                ),
+            )
+            .with_detail(e)
+        })
     }
 
     /// Encodes `value` as the call's successful response.
@@ -260,19 +268,26 @@ impl RpcProcessor {
                 return Started::Done(error_reply(Encoding::MsgPack, &error));
             }
         };
-        let head: RequestHead<'_> = match encoding.decode_borrowed(&body) {
-            Ok(head) => head,
-            Err(e) => {
-                let error = RemoteError::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "the request is not a {encoding} request envelope \
+        let scanned = match encoding {
+            Encoding::MsgPack => RequestHead::scan_msgpack(&body),
+            Encoding::Json => None,
+        };
+        let (head, params) = match scanned {
+            Some((head, params)) => (head, Some(params)),
+            None => match encoding.decode_borrowed(&body) {
+                Ok(head) => (head, None),
+                Err(e) => {
+                    let error = RemoteError::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "the request is not a {encoding} request envelope \
                          {{module, method, params, timeout_ms}}"
-                    ),
-                )
-                .with_detail(e);
-                return Started::Done(error_reply(encoding, &error));
-            }
+                        ),
+                    )
+                    .with_detail(e);
+                    return Started::Done(error_reply(encoding, &error));
+                }
+            },
         };
         let timeout = head
             .timeout_ms
@@ -288,6 +303,7 @@ impl RpcProcessor {
         let request = Request {
             encoding,
             body: body.clone(),
+            params,
         };
         // A handler that panics, even before its first await, fails its call only.
         let first = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -527,6 +543,41 @@ mod tests {
         let error: crate::envelope::ResponseIn<()> = reply.encoding.decode(&reply.body).unwrap();
         assert!(
             matches!(error, crate::envelope::ResponseIn::Error(e) if e.code == ErrorCode::UnsupportedEncoding)
+        );
+    }
+
+    #[tokio::test]
+    async fn every_msgpack_envelope_form_runs_as_before() {
+        // {"method": "echo", "params": ["x"], "timeout_ms": T}: with T a positive fixint the
+        // head is scanned and the params decoded from their range; a signed 100 (which
+        // rmp-serde accepts) goes through serde.
+        let map = |timeout: &[u8]| {
+            let mut body = b"\x83\xa6method\xa4echo\xa6params\x91\xa1x\xaatimeout_ms".to_vec();
+            body.extend_from_slice(timeout);
+            body
+        };
+        let processor = processor();
+        for body in [map(&[0x64]), map(&[0xd0, 0x64])] {
+            let reply = processor
+                .dispatch(None, body.into(), Duration::ZERO)
+                .await
+                .unwrap();
+            let echoed: crate::envelope::ResponseIn<String> =
+                reply.encoding.decode(&reply.body).unwrap();
+            assert!(
+                matches!(echoed, crate::envelope::ResponseIn::Result(ref s) if s == "x"),
+                "{echoed:?}"
+            );
+        }
+        // A field given twice is refused, as serde refuses it.
+        let twice = b"\x83\xa6method\xa4echo\xa6method\xa4echo\xa6params\x91\xa1x".to_vec();
+        let reply = processor
+            .dispatch(None, twice.into(), Duration::ZERO)
+            .await
+            .unwrap();
+        let error: crate::envelope::ResponseIn<()> = reply.encoding.decode(&reply.body).unwrap();
+        assert!(
+            matches!(error, crate::envelope::ResponseIn::Error(e) if e.code == ErrorCode::BadRequest)
         );
     }
 

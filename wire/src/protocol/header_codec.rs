@@ -13,13 +13,12 @@
 use bytes::BytesMut;
 
 use super::header::{Command, DeliveryToken, Durability, Header, LostRange};
+use super::msgpack::{Reader, NIL};
 
 /// Fields of a version 1 header, in wire order.
 const V1_FIELDS: u16 = 16;
 /// Fields of a version 3 header: `lost` (version 2) and `offsets` added.
 const FIELDS: u16 = 18;
-
-const NIL: u8 = 0xc0;
 
 /// Appends `header` to `dst` exactly as `rmp_serde::encode::write` would.
 pub(super) fn encode(header: &Header, dst: &mut BytesMut) {
@@ -79,7 +78,7 @@ pub(super) fn encode(header: &Header, dst: &mut BytesMut) {
 /// Reads a header: the canonical form directly, any other form through `rmp-serde`, whose
 /// message says what is wrong with a malformed one.
 pub(super) fn decode(bytes: &[u8]) -> Result<Header, String> {
-    match (Reader { bytes, pos: 0 }).header() {
+    match read(&mut Reader::new(bytes)) {
         Some(header) => Ok(header),
         None => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
     }
@@ -212,153 +211,69 @@ fn put_array_len(dst: &mut Staged<'_>, len: usize) {
 }
 
 /// Reads the canonical form; `None` means "not canonical, ask rmp-serde", never "invalid".
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl Reader<'_> {
-    fn header(&mut self) -> Option<Header> {
-        let fields = self.array_len()?;
-        // rmp-serde refuses more fields than the struct has; its error is the one to give.
-        if fields > usize::from(FIELDS) {
-            return None;
-        }
-        let mut header = Header::default();
-        for field in 0..fields {
-            match field {
-                0 => header.cmd = Command::from(self.narrow::<u8>()?),
-                1 => header.id = self.uint()?,
-                2 => header.status = self.narrow()?,
-                3 => header.mq = self.opt_string()?,
-                4 => header.group = self.opt_string()?,
-                5 => header.tag = self.opt_string()?,
-                6 => header.offset = self.opt(Self::uint)?,
-                7 => header.count = self.opt(Self::narrow)?,
-                8 => header.timeout_ms = self.opt(Self::narrow)?,
-                9 => header.flags = self.narrow()?,
-                10 => header.durability = self.opt(Self::narrow::<u8>)?.map(Durability::from),
-                11 => {
-                    let len = self.array_len()?;
-                    header.attempts = Vec::with_capacity(self.bounded(len));
-                    for _ in 0..len {
-                        header.attempts.push(self.narrow()?);
-                    }
-                }
-                12 => {
-                    let len = self.array_len()?;
-                    header.tokens = Vec::with_capacity(self.bounded(len));
-                    for _ in 0..len {
-                        if self.array_len()? != 2 {
-                            return None;
-                        }
-                        let offset = self.uint()?;
-                        let attempt = self.narrow()?;
-                        header.tokens.push(DeliveryToken { offset, attempt });
-                    }
-                }
-                13 => header.error = self.opt_string()?,
-                14 => header.encoding = self.opt_string()?,
-                15 => header.route = self.opt_string()?,
-                17 => {
-                    let len = self.array_len()?;
-                    header.offsets = Vec::with_capacity(self.bounded(len));
-                    for _ in 0..len {
-                        header.offsets.push(self.uint()?);
-                    }
-                }
-                _ => {
-                    header.lost = self.opt(|r| {
-                        if r.array_len()? != 2 {
-                            return None;
-                        }
-                        let first = r.uint()?;
-                        let end = r.uint()?;
-                        Some(LostRange { first, end })
-                    })?
+fn read(r: &mut Reader<'_>) -> Option<Header> {
+    let fields = r.array_len()?;
+    // rmp-serde refuses more fields than the struct has; its error is the one to give.
+    if fields > usize::from(FIELDS) {
+        return None;
+    }
+    let string = |r: &mut Reader<'_>| r.str().map(str::to_owned);
+    let mut header = Header::default();
+    for field in 0..fields {
+        match field {
+            0 => header.cmd = Command::from(r.narrow::<u8>()?),
+            1 => header.id = r.uint()?,
+            2 => header.status = r.narrow()?,
+            3 => header.mq = r.opt(string)?,
+            4 => header.group = r.opt(string)?,
+            5 => header.tag = r.opt(string)?,
+            6 => header.offset = r.opt(Reader::uint)?,
+            7 => header.count = r.opt(Reader::narrow)?,
+            8 => header.timeout_ms = r.opt(Reader::narrow)?,
+            9 => header.flags = r.narrow()?,
+            10 => header.durability = r.opt(Reader::narrow::<u8>)?.map(Durability::from),
+            11 => {
+                let len = r.array_len()?;
+                header.attempts = Vec::with_capacity(r.bounded(len));
+                for _ in 0..len {
+                    header.attempts.push(r.narrow()?);
                 }
             }
-        }
-        Some(header)
-    }
-
-    /// At most `len` items fit in what is left (each takes a byte or more), so a hostile
-    /// length never reserves more than the header's own size.
-    fn bounded(&self, len: usize) -> usize {
-        len.min(self.bytes.len() - self.pos)
-    }
-
-    fn byte(&mut self) -> Option<u8> {
-        let b = *self.bytes.get(self.pos)?;
-        self.pos += 1;
-        Some(b)
-    }
-
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let end = self.pos.checked_add(n)?;
-        let taken = self.bytes.get(self.pos..end)?;
-        self.pos = end;
-        Some(taken)
-    }
-
-    fn be(&mut self, n: usize) -> Option<u64> {
-        Some(self.take(n)?.iter().fold(0, |v, &b| v << 8 | u64::from(b)))
-    }
-
-    fn uint(&mut self) -> Option<u64> {
-        match self.byte()? {
-            b @ 0..=0x7f => Some(b.into()),
-            0xcc => self.be(1),
-            0xcd => self.be(2),
-            0xce => self.be(4),
-            0xcf => self.be(8),
-            _ => None,
+            12 => {
+                let len = r.array_len()?;
+                header.tokens = Vec::with_capacity(r.bounded(len));
+                for _ in 0..len {
+                    if r.array_len()? != 2 {
+                        return None;
+                    }
+                    let offset = r.uint()?;
+                    let attempt = r.narrow()?;
+                    header.tokens.push(DeliveryToken { offset, attempt });
+                }
+            }
+            13 => header.error = r.opt(string)?,
+            14 => header.encoding = r.opt(string)?,
+            15 => header.route = r.opt(string)?,
+            17 => {
+                let len = r.array_len()?;
+                header.offsets = Vec::with_capacity(r.bounded(len));
+                for _ in 0..len {
+                    header.offsets.push(r.uint()?);
+                }
+            }
+            _ => {
+                header.lost = r.opt(|r| {
+                    if r.array_len()? != 2 {
+                        return None;
+                    }
+                    let first = r.uint()?;
+                    let end = r.uint()?;
+                    Some(LostRange { first, end })
+                })?
+            }
         }
     }
-
-    fn narrow<T: TryFrom<u64>>(&mut self) -> Option<T> {
-        T::try_from(self.uint()?).ok()
-    }
-
-    /// Consumes a nil; leaves anything else in place.
-    fn nil(&mut self) -> bool {
-        let nil = self.bytes.get(self.pos) == Some(&NIL);
-        self.pos += usize::from(nil);
-        nil
-    }
-
-    fn opt<T>(&mut self, read: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
-        if self.nil() {
-            Some(None)
-        } else {
-            read(self).map(Some)
-        }
-    }
-
-    fn opt_string(&mut self) -> Option<Option<String>> {
-        self.opt(Self::string)
-    }
-
-    fn string(&mut self) -> Option<String> {
-        let len = match self.byte()? {
-            b @ 0xa0..=0xbf => usize::from(b & 0x1f),
-            0xd9 => usize::try_from(self.be(1)?).ok()?,
-            0xda => usize::try_from(self.be(2)?).ok()?,
-            0xdb => usize::try_from(self.be(4)?).ok()?,
-            _ => return None,
-        };
-        let bytes = self.take(len)?;
-        std::str::from_utf8(bytes).ok().map(str::to_owned)
-    }
-
-    fn array_len(&mut self) -> Option<usize> {
-        match self.byte()? {
-            b @ 0x90..=0x9f => Some(usize::from(b & 0x0f)),
-            0xdc => usize::try_from(self.be(2)?).ok(),
-            0xdd => usize::try_from(self.be(4)?).ok(),
-            _ => None,
-        }
-    }
+    Some(header)
 }
 
 #[cfg(test)]
@@ -492,11 +407,7 @@ mod tests {
             encode(&header, &mut ours);
             let theirs = rmp_form(&header);
             assert_eq!(&ours[..], &theirs[..], "{header:?}");
-            let fast = Reader {
-                bytes: &ours,
-                pos: 0,
-            }
-            .header();
+            let fast = read(&mut Reader::new(&ours));
             assert_eq!(
                 fast.as_ref(),
                 Some(&header),
@@ -527,11 +438,7 @@ mod tests {
                     bytes.insert(at, rng.gen());
                 }
             }
-            let fast = Reader {
-                bytes: &bytes,
-                pos: 0,
-            }
-            .header();
+            let fast = read(&mut Reader::new(&bytes));
             if let Some(fast) = &fast {
                 assert_eq!(Ok(fast), by_rmp(&bytes).as_ref(), "{bytes:02x?}");
             }

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod frame;
 pub mod header;
 mod header_codec;
+mod msgpack;
 pub mod record;
 pub mod route;
 pub mod rpc;

@@ -18,9 +18,12 @@
 //! and writes envelopes too (its HTTP gateway, `POST /rpc/{mq}`); `qbus-rpc` re-exports them.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::msgpack::Reader;
 
 /// Deadline of a call that names none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,6 +166,52 @@ pub struct RequestHead<'a> {
     pub timeout_ms: Option<u64>,
 }
 
+impl<'a> RequestHead<'a> {
+    /// Reads a MessagePack request in the form callers write (a map with string keys,
+    /// each field once, `params` present) without going through serde, and says where its
+    /// `params` lie in `bytes`, to be decoded from there once the method is known: the
+    /// envelope is then walked once, not once for the head and again for the params.
+    ///
+    /// `None` means only "not that form": decode the head with serde, whose verdict (or
+    /// error) on any other form is the one that holds.
+    ///
+    /// ```
+    /// use qbus_wire::protocol::rpc::{RequestHead, RequestOut};
+    /// let request = RequestOut { module: "Greeter", method: "hello", params: &("world",), timeout_ms: 500 };
+    /// let bytes = rmp_serde::to_vec_named(&request).unwrap();
+    /// let (head, params) = RequestHead::scan_msgpack(&bytes).unwrap();
+    /// assert_eq!((&*head.module, &*head.method, head.timeout_ms), ("Greeter", "hello", Some(500)));
+    /// let (name,): (String,) = rmp_serde::from_slice(&bytes[params]).unwrap();
+    /// assert_eq!(name, "world");
+    /// ```
+    pub fn scan_msgpack(bytes: &'a [u8]) -> Option<(RequestHead<'a>, Range<usize>)> {
+        let mut r = Reader::new(bytes);
+        let (mut module, mut method, mut timeout_ms, mut params) = (None, None, None, None);
+        for _ in 0..r.map_len()? {
+            let again = match r.str()? {
+                "module" => module.replace(r.str()?).is_some(),
+                "method" => method.replace(r.str()?).is_some(),
+                "timeout_ms" => timeout_ms.replace(r.opt(Reader::uint)?).is_some(),
+                "params" => params.replace(r.skip()?).is_some(),
+                _ => r.skip().map(|_| false)?,
+            };
+            // serde refuses a field given twice, and only it words the error.
+            if again {
+                return None;
+            }
+        }
+        if !r.at_end() {
+            return None;
+        }
+        let head = RequestHead {
+            module: Cow::Borrowed(module.unwrap_or_default()),
+            method: Cow::Borrowed(method?),
+            timeout_ms: timeout_ms.flatten(),
+        };
+        Some((head, params?))
+    }
+}
+
 /// The parameters of a request, read once the method is known.
 #[derive(Debug, Deserialize)]
 pub struct RequestParams<P> {
@@ -194,7 +243,177 @@ pub enum ResponseIn<T> {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use serde::ser::SerializeMap;
+
     use super::*;
+
+    type Params = (String, Vec<u32>, Option<bool>);
+
+    /// One value of an envelope field, of the type the field wants or not.
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Value {
+        Text(String),
+        Number(u64),
+        Negative(i8),
+        Nothing(Option<u8>),
+        Params(Params),
+        Nested(Vec<Vec<u8>>),
+    }
+
+    /// A map with entries in the order given, duplicates allowed.
+    struct Envelope(Vec<(&'static str, Value)>);
+
+    impl Serialize for Envelope {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(Some(self.0.len()))?;
+            for (key, value) in &self.0 {
+                map.serialize_entry(key, value)?;
+            }
+            map.end()
+        }
+    }
+
+    /// Mostly the type `key` wants, sometimes any.
+    fn value_for(rng: &mut StdRng, key: &str) -> Value {
+        let any = value(rng);
+        if rng.gen_bool(0.2) {
+            return any;
+        }
+        loop {
+            let v = value(rng);
+            let fits = match key {
+                "module" | "method" => matches!(v, Value::Text(_)),
+                "timeout_ms" => matches!(v, Value::Number(_) | Value::Nothing(_)),
+                "params" => matches!(v, Value::Params(_)),
+                _ => true,
+            };
+            if fits {
+                return v;
+            }
+        }
+    }
+
+    fn value(rng: &mut StdRng) -> Value {
+        let text =
+            |rng: &mut StdRng| "é".repeat(rng.gen_range(0..20)) + &"m".repeat(rng.gen_range(0..40));
+        match rng.gen_range(0..10) {
+            0..=2 => Value::Text(text(rng)),
+            3..=4 => Value::Number(rng.gen::<u64>() >> rng.gen_range(0..64)),
+            5 => Value::Negative(rng.gen_range(-100..0)),
+            6 => Value::Nothing(None),
+            7..=8 => Value::Params((
+                text(rng),
+                (0..rng.gen_range(0..20)).map(|_| rng.gen()).collect(),
+                rng.gen(),
+            )),
+            _ => Value::Nested(vec![vec![1; rng.gen_range(0..5)]; rng.gen_range(0..5)]),
+        }
+    }
+
+    /// Envelopes of every shape: mostly right, some with fields missing, repeated, of the
+    /// wrong type or unknown, some damaged after encoding.
+    fn envelope(rng: &mut StdRng) -> Vec<u8> {
+        let keys = ["module", "method", "params", "timeout_ms", "other"];
+        let mut entries: Vec<(&'static str, Value)> = Vec::new();
+        for key in keys {
+            if rng.gen_bool(0.9) {
+                entries.push((key, value_for(rng, key)));
+            }
+        }
+        if rng.gen_bool(0.1) {
+            let key = keys[rng.gen_range(0..keys.len())];
+            entries.push((key, value_for(rng, key)));
+        }
+        let len = entries.len();
+        for i in 0..len {
+            entries.swap(i, rng.gen_range(0..len));
+        }
+        let mut bytes = rmp_serde::to_vec_named(&Envelope(entries)).expect("encodes");
+        match rng.gen_range(0..8) {
+            0 => bytes.truncate(rng.gen_range(0..bytes.len())),
+            1 => {
+                let at = rng.gen_range(0..bytes.len());
+                bytes[at] = rng.gen();
+            }
+            2 => bytes.push(rng.gen()),
+            _ => {}
+        }
+        bytes
+    }
+
+    #[test]
+    fn the_scan_reads_what_serde_reads_or_leaves_it_to_serde() {
+        let mut rng = StdRng::seed_from_u64(0x0e7e);
+        let mut scanned = 0;
+        for _ in 0..20_000 {
+            let bytes = envelope(&mut rng);
+            let Some((head, params)) = RequestHead::scan_msgpack(&bytes) else {
+                continue;
+            };
+            scanned += 1;
+            let by_serde: RequestHead<'_> =
+                rmp_serde::from_slice(&bytes).expect("serde agrees it is a request");
+            assert_eq!(
+                (&head.module, &head.method, head.timeout_ms),
+                (&by_serde.module, &by_serde.method, by_serde.timeout_ms),
+                "{bytes:02x?}"
+            );
+            let ours = rmp_serde::from_slice::<Params>(&bytes[params]).ok();
+            let theirs = rmp_serde::from_slice::<RequestParams<Params>>(&bytes)
+                .ok()
+                .map(|r| r.params);
+            assert_eq!(ours, theirs, "{bytes:02x?}");
+        }
+        // Most envelopes are in the form the scan reads.
+        assert!(scanned > 2_000, "only {scanned} scanned");
+    }
+
+    #[test]
+    fn what_callers_write_is_scanned() {
+        for timeout_ms in [0, 127, 128, 70_000, u64::MAX] {
+            let request = RequestOut {
+                module: "",
+                method: "m".repeat(40).leak(),
+                params: &("p", [1u32, 2], Some(true)),
+                timeout_ms,
+            };
+            let bytes = rmp_serde::to_vec_named(&request).expect("encodes");
+            let (head, params) = RequestHead::scan_msgpack(&bytes).expect("the callers' form");
+            assert_eq!(
+                (&*head.module, head.method.len(), head.timeout_ms),
+                ("", 40, Some(timeout_ms))
+            );
+            let params: Params = rmp_serde::from_slice(&bytes[params]).expect("params");
+            assert_eq!(params, ("p".to_owned(), vec![1, 2], Some(true)));
+        }
+        // A zbus caller names no module and may send no timeout; nil counts as none.
+        let bytes = rmp_serde::to_vec_named(&Envelope(vec![
+            ("method", Value::Text("m".into())),
+            ("timeout_ms", Value::Nothing(None)),
+            ("params", Value::Nested(vec![])),
+        ]))
+        .expect("encodes");
+        let (head, params) = RequestHead::scan_msgpack(&bytes).expect("scanned");
+        assert_eq!(
+            (&*head.module, head.timeout_ms, &bytes[params]),
+            ("", None, &[0x90][..])
+        );
+        // The array form, and a map without params, go to serde.
+        let array = rmp_serde::to_vec(&RequestOut {
+            module: "a",
+            method: "b",
+            params: &(),
+            timeout_ms: 1,
+        })
+        .expect("encodes");
+        assert!(RequestHead::scan_msgpack(&array).is_none());
+        let bare = rmp_serde::to_vec_named(&Envelope(vec![("method", Value::Text("m".into()))]))
+            .expect("encodes");
+        assert!(RequestHead::scan_msgpack(&bare).is_none());
+    }
 
     #[test]
     fn codes_round_trip() {
