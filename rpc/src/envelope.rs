@@ -28,7 +28,44 @@ pub(crate) use qbus_client::protocol::rpc::{
     RequestHead, RequestOut, RequestParams, ResponseIn, ResponseOut,
 };
 
+use std::ops::Range;
+
+use serde::de::DeserializeOwned;
+
 use crate::codec::Encoding;
+
+/// Reads a request's head. A MessagePack request in the form callers write is scanned in
+/// one pass, which also gives where its params lie (for [`read_params`]); any other form
+/// is decoded by serde, whose error is the one reported.
+pub(crate) fn read_head(
+    encoding: Encoding,
+    body: &[u8],
+) -> Result<(RequestHead<'_>, Option<Range<usize>>), String> {
+    let scanned = match encoding {
+        Encoding::MsgPack => RequestHead::scan_msgpack(body),
+        Encoding::Json => None,
+    };
+    match scanned {
+        Some((head, params)) => Ok((head, Some(params))),
+        None => encoding.decode_borrowed(body).map(|head| (head, None)),
+    }
+}
+
+/// Reads a request's params as `P`: from their range when [`read_head`] found one, else
+/// from the whole envelope.
+pub(crate) fn read_params<P: DeserializeOwned>(
+    encoding: Encoding,
+    body: &[u8],
+    params: Option<&Range<usize>>,
+) -> Result<P, String> {
+    match params {
+        // The range came from scanning this very body.
+        Some(range) => encoding.decode(&body[range.clone()]),
+        None => encoding
+            .decode::<RequestParams<P>>(body)
+            .map(|request| request.params),
+    }
+}
 
 /// Encodes an error response; falls back to a bare message should encoding fail (it cannot
 /// for this plain struct, but a reply must always go out).

@@ -20,7 +20,7 @@ use crate::client::invoker::{Call, InvokeFuture, Invoker, Reply};
 use crate::client::rpc_client::{CallFuture, RpcClient};
 use crate::codec::Encoding;
 use crate::envelope::{
-    error_body, ErrorCode, RemoteError, RequestHead, RequestParams, ResponseOut, DEFAULT_TIMEOUT,
+    error_body, read_head, read_params, ErrorCode, RemoteError, ResponseOut, DEFAULT_TIMEOUT,
 };
 use crate::error::RpcError;
 
@@ -52,15 +52,7 @@ impl Request {
     /// The call's params as `P` (a tuple of the arguments); a `400` error when they do not
     /// fit.
     pub fn params<P: DeserializeOwned>(&self) -> Result<P, RemoteError> {
-        match &self.params {
-            // The range came from scanning this very body.
-            Some(range) => self.encoding.decode::<P>(&self.body[range.clone()]),
-            None => self
-                .encoding
-                .decode::<RequestParams<P>>(&self.body)
-                .map(|request| request.params),
-        }
-        .map_err(|e| {
+        read_params(self.encoding, &self.body, self.params.as_ref()).map_err(|e| {
             RemoteError::new(
                 ErrorCode::BadRequest,
                 format!(
@@ -268,26 +260,19 @@ impl RpcProcessor {
                 return Started::Done(error_reply(Encoding::MsgPack, &error));
             }
         };
-        let scanned = match encoding {
-            Encoding::MsgPack => RequestHead::scan_msgpack(&body),
-            Encoding::Json => None,
-        };
-        let (head, params) = match scanned {
-            Some((head, params)) => (head, Some(params)),
-            None => match encoding.decode_borrowed(&body) {
-                Ok(head) => (head, None),
-                Err(e) => {
-                    let error = RemoteError::new(
-                        ErrorCode::BadRequest,
-                        format!(
-                            "the request is not a {encoding} request envelope \
+        let (head, params) = match read_head(encoding, &body) {
+            Ok(read) => read,
+            Err(e) => {
+                let error = RemoteError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "the request is not a {encoding} request envelope \
                          {{module, method, params, timeout_ms}}"
-                        ),
-                    )
-                    .with_detail(e);
-                    return Started::Done(error_reply(encoding, &error));
-                }
-            },
+                    ),
+                )
+                .with_detail(e);
+                return Started::Done(error_reply(encoding, &error));
+            }
         };
         let timeout = head
             .timeout_ms

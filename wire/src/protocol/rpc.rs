@@ -373,10 +373,11 @@ mod tests {
 
     #[test]
     fn what_callers_write_is_scanned() {
+        let method = "m".repeat(40);
         for timeout_ms in [0, 127, 128, 70_000, u64::MAX] {
             let request = RequestOut {
                 module: "",
-                method: "m".repeat(40).leak(),
+                method: &method,
                 params: &("p", [1u32, 2], Some(true)),
                 timeout_ms,
             };
