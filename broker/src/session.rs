@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
-use qbus_wire::link::Link;
+use qbus_wire::link::{Burst, FrameSender, Link};
 use qbus_wire::protocol::record::{records, without_v3_fields};
 use qbus_wire::protocol::{
     Command, Credentials, DeliveryToken, Durability, Frame, Header, LostRange, MqOptions,
@@ -16,6 +16,7 @@ use qbus_wire::protocol::{
     FLAG_UNSEEN, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{buffered_frame, hello_reply, next_frame};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +50,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 struct Session {
     core: Arc<Core>,
     conn: u64,
-    out: mpsc::Sender<Frame>,
+    out: FrameSender,
     produced: mpsc::Sender<Produced>,
     /// Appends and cursor stores of the burst being handled, submitted together at its end.
     batch: CommitBatch,
@@ -59,6 +60,9 @@ struct Session {
     /// group: recorded together at its end, so a burst of replies takes each group's lock
     /// and wakes its waiting fetches once, as one `Ack` of many tokens would.
     route_acks: Vec<(String, Option<String>, Vec<DeliveryToken>)>,
+    /// The links fed replies during the burst (this one, callers' for routed replies):
+    /// each gets one write, from this task, when the burst ends.
+    burst: Burst,
     fetches: Arc<Semaphore>,
     /// Long polls: stopped when the session closes (their deliveries are released with it).
     polls: JoinSet<()>,
@@ -115,6 +119,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
         batch: CommitBatch::default(),
         call_writes: CallWrites::default(),
         route_acks: Vec::new(),
+        burst: Burst::default(),
         fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
         polls: JoinSet::new(),
         tasks: JoinSet::new(),
@@ -145,6 +150,8 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
             }
             handled += 1;
         }
+        // Replies first: the batch may wait for the disk.
+        session.burst.flush();
         session.submit_batch().await;
         // Reap finished request tasks so the sets do not grow.
         while session.tasks.try_join_next().is_some() {}
@@ -178,7 +185,7 @@ type Produced = (Header, ProduceWait, Option<Arc<Mq>>, u32);
 /// send is still being stored) goes out when it can, without holding up the others. Every
 /// wait is settled even after the peer went away: that records the dedupe ids the appends
 /// stored, so that the peer's resend after reconnecting is recognised.
-async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: mpsc::Sender<Frame>) {
+async fn reply_in_order(mut pending: mpsc::Receiver<Produced>, out: FrameSender) {
     let mut open = true;
     while let Some((request, wait, replicated, peer_protocol)) = pending.recv().await {
         let receipt = match wait.settle().await {
@@ -329,6 +336,7 @@ impl Session {
                 let staged = Staging {
                     batch: &mut self.batch,
                     writes: &mut self.call_writes,
+                    burst: Some(&mut self.burst),
                 };
                 match rpc::call::handle(registry, replies, self.conn, out, frame, staged) {
                     Some(reply) => self.reply(reply).await,
@@ -398,13 +406,17 @@ impl Session {
         }
     }
 
-    async fn reply(&self, frame: Frame) -> Result<(), Failure> {
-        let _ = self.out.send(frame).await;
+    /// Queues `frame` for the burst's flush (waiting only while the link's queue is full).
+    async fn reply(&mut self, frame: Frame) -> Result<(), Failure> {
+        if let Err(TrySendError::Full(frame)) = self.burst.feed(&self.out, frame) {
+            self.burst.flush();
+            let _ = self.out.send(frame).await;
+        }
         Ok(())
     }
 
     /// `TxCheckerReady`: this connection answers the checks of producer group `group`.
-    async fn checker_ready(&self, request: &Header) -> Result<(), Failure> {
+    async fn checker_ready(&mut self, request: &Header) -> Result<(), Failure> {
         let failed = |e| Failure::new(request, e);
         // A check is a protocol 4 push: never sent to a peer that could not read it.
         if self.peer_protocol < 4 {
@@ -428,6 +440,7 @@ impl Session {
             .map_or(1, |peer| peer.protocol.clamp(1, PROTOCOL_VERSION));
         if let Some(credentials) = hello.and_then(|hello| hello.credentials) {
             let access = self.core.config().access.clone();
+            self.burst.flush();
             match login(&access, self.peer.ip, &credentials).await {
                 Ok(identity) => {
                     tracing::debug!(user = identity.name(), "logged in");
@@ -482,6 +495,7 @@ impl Session {
             Err(e) => return Err(Failure::new(&header, e)),
         };
         if delayed {
+            self.burst.flush();
             if let Err(e) = self.core.registry().enable_delays(&mq).await {
                 return Err(Failure::new(&header, e));
             }
@@ -494,6 +508,7 @@ impl Session {
                 .map_err(|e| Failure::new(&header, e.into()))?;
         }
         let wait = if deduped {
+            self.burst.flush();
             match mq.stage_deduped(&mut self.batch, body, count).await {
                 Ok(wait) => wait,
                 Err(e) => return Err(Failure::new(&header, e)),
@@ -502,10 +517,12 @@ impl Session {
             ProduceWait::Plain(mq.stage(&mut self.batch, BytesMut::from(body), count))
         };
         let replicated = replicated.then_some(mq);
-        let _ = self
-            .produced
-            .send((header, wait, replicated, self.peer_protocol))
-            .await;
+        let produced = (header, wait, replicated, self.peer_protocol);
+        if let Err(mpsc::error::TrySendError::Full(produced)) = self.produced.try_send(produced) {
+            // About to wait: what the burst answered so far goes out first.
+            self.burst.flush();
+            let _ = self.produced.send(produced).await;
+        }
         Ok(())
     }
 
@@ -554,7 +571,8 @@ impl Session {
                 Ok(frame) => frame,
                 Err(e) => Frame::new(error_header(&request, &e)),
             };
-            let _ = out.send(reply).await;
+            // Its own write: nothing else in this task would come with it.
+            let _ = out.send_flushed(reply).await;
         });
         Ok(())
     }
@@ -669,6 +687,7 @@ impl Session {
         let staged = Staging {
             batch: &mut self.batch,
             writes: &mut self.call_writes,
+            burst: Some(&mut self.burst),
         };
         rpc::call::handle(registry, replies, self.conn, out, frame, staged);
         match mq {

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use qbus_wire::link::FrameSender;
 use qbus_wire::now_ms;
 use qbus_wire::protocol::record::{encode_record_meta, records, RecordMeta};
 use qbus_wire::protocol::txn::{
@@ -38,7 +39,6 @@ use qbus_wire::protocol::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use tokio::sync::mpsc;
 
 use crate::error::BrokerError;
 use crate::queue::dedupe::{ProduceWait, Settled};
@@ -225,7 +225,7 @@ struct State {
 }
 
 /// The connections that answer checks, per producer group: (connection id, its frames).
-type Checkers = HashMap<String, Vec<(u64, mpsc::Sender<Frame>)>>;
+type Checkers = HashMap<String, Vec<(u64, FrameSender)>>;
 
 /// Counters of the broker's transactions (since it started).
 #[derive(Debug, Default)]
@@ -650,7 +650,7 @@ impl Transactions {
         &self,
         group: &str,
         conn: u64,
-        out: mpsc::Sender<Frame>,
+        out: FrameSender,
     ) -> Result<(), BrokerError> {
         let mut checkers = lock(&self.checkers);
         let groups = checkers
@@ -862,7 +862,8 @@ mod tests {
         let commit = Commit::start();
         let core = Core::open(Config::with_store(dir.path()), commit.committer.clone()).unwrap();
         let txns = core.txns();
-        let (out, _frames) = mpsc::channel(4);
+        let (out, _frames) = tokio::sync::mpsc::channel(4);
+        let out = FrameSender::from_channel(out);
         for g in 0..MAX_CHECKER_GROUPS {
             txns.checker_ready(&format!("g{g}"), 1, out.clone())
                 .unwrap();

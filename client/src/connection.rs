@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ClientError, Result};
-use crate::link::{Connector, FrameStream};
+use crate::link::{Connector, FrameSender, FrameStream};
 use crate::protocol::{
     Command, Credentials, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION,
 };
@@ -63,7 +63,7 @@ pub(crate) struct LinkId(u64);
 /// A connected link and the requests waiting on it.
 struct Live {
     link: LinkId,
-    tx: mpsc::Sender<Frame>,
+    tx: FrameSender,
     /// `None` once the link is dead, so no request can be registered after the final drain.
     pending: Pending,
     /// Fires when the link is closed (or the whole connection shuts down): it stops the

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use qbus_server_kit::auth::{Access, Denied, Identity, Operation};
-use qbus_wire::link::Link;
+use qbus_wire::link::{FrameSender, Link};
 use qbus_wire::protocol::{
     Command, Credentials, Frame, Header, ServerInfo, Status, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use qbus_wire::serve::{hello_reply, next_frame};
 use qbus_wire::topology::{NodeState, TopologyUpdate};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -262,7 +262,7 @@ async fn forward(
     table: Arc<Table>,
     mut seq: u64,
     mut updates: broadcast::Receiver<Arc<Published>>,
-    out: mpsc::Sender<Frame>,
+    out: FrameSender,
     view: Option<View>,
 ) {
     loop {

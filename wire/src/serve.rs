@@ -33,11 +33,10 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::link::FrameStream;
+use crate::link::{FrameSender, FrameStream};
 use crate::protocol::{Command, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION};
 
 /// How long [`accept`] waits after a failed accept before it tries again.
@@ -71,7 +70,7 @@ pub async fn accept(
 /// guessing why it was disconnected.
 pub async fn next_frame(
     inbound: &mut FrameStream,
-    out: &mpsc::Sender<Frame>,
+    out: &FrameSender,
     idle: Duration,
     shutdown: &CancellationToken,
 ) -> Option<Frame> {
@@ -91,19 +90,13 @@ pub async fn next_frame(
 /// A frame the peer has already sent, without waiting for the network: `Some(Some(frame))`,
 /// `Some(None)` when the connection should close (as [`next_frame`] says it), `None` when
 /// nothing whole is buffered. Servers use it to handle a burst of requests together.
-pub async fn buffered_frame(
-    inbound: &mut FrameStream,
-    out: &mpsc::Sender<Frame>,
-) -> Option<Option<Frame>> {
+pub async fn buffered_frame(inbound: &mut FrameStream, out: &FrameSender) -> Option<Option<Frame>> {
     let item = inbound.next().now_or_never()?;
     Some(received(item, out).await)
 }
 
 /// What [`next_frame`] and [`buffered_frame`] make of an item of the stream.
-async fn received(
-    item: Option<Result<Frame, WireError>>,
-    out: &mpsc::Sender<Frame>,
-) -> Option<Frame> {
+async fn received(item: Option<Result<Frame, WireError>>, out: &FrameSender) -> Option<Frame> {
     match item {
         Some(Ok(frame)) => Some(frame),
         // A TLS peer that goes away without its close_notify (a process that exits) has
@@ -207,7 +200,8 @@ mod tests {
 
     #[tokio::test]
     async fn bad_input_is_answered_before_the_close() {
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let tx = FrameSender::from_channel(tx);
         let mut inbound: FrameStream =
             futures_util::stream::iter([Err(WireError::FrameTooLarge { size: 9, max: 8 })]).boxed();
         let shutdown = CancellationToken::new();

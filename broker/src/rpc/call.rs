@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use qbus_wire::link::{Burst, FrameSender};
 use qbus_wire::protocol::record::encode_record;
 use qbus_wire::protocol::{Command, Frame, Header, Status, FLAG_ONEWAY};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::reply_table::{deadline_passed, ReplyTable, ReplyTo, Unroutable};
 use crate::error::BrokerError;
@@ -83,7 +84,7 @@ pub fn handle(
     registry: &Registry,
     replies: &Arc<ReplyTable>,
     conn: u64,
-    out: &mpsc::Sender<Frame>,
+    out: &FrameSender,
     frame: Frame,
     staged: Staging<'_>,
 ) -> Option<Frame> {
@@ -97,7 +98,7 @@ pub fn handle(
             let reply_to = || ReplyTo::Connection(out.clone());
             call(registry, replies, conn, reply_to, frame, staged).map(|()| None)
         }
-        Command::Route => route(replies, frame),
+        Command::Route => route(replies, frame, staged.burst),
         Command::QueryRoutes => query(replies, &frame.header).map(Some),
         other => Err(Refusal::new(
             Status::BadRequest,
@@ -168,6 +169,9 @@ pub struct Staging<'a> {
     pub batch: &'a mut CommitBatch,
     /// The writes of the burst's calls.
     pub writes: &'a mut CallWrites,
+    /// The links the burst's routed replies were fed to, written when it ends; `None`
+    /// sends each reply through its link's writer.
+    pub burst: Option<&'a mut Burst>,
 }
 
 /// The writes of the calls staged in one batch, looked at once it is submitted
@@ -256,6 +260,7 @@ pub async fn call_once(
     let staged = Staging {
         batch: &mut batch,
         writes: &mut writes,
+        burst: None,
     };
     call(
         registry,
@@ -305,7 +310,11 @@ impl Drop for Leave<'_> {
 }
 
 /// Passes a responder's reply to the caller named by its route.
-fn route(replies: &ReplyTable, frame: Frame) -> Result<Option<Frame>, Refusal> {
+fn route(
+    replies: &ReplyTable,
+    frame: Frame,
+    burst: Option<&mut Burst>,
+) -> Result<Option<Frame>, Refusal> {
     let Frame { header, body } = frame;
     let route = header.route.as_deref().ok_or_else(|| {
         Refusal::new(
@@ -323,7 +332,7 @@ fn route(replies: &ReplyTable, frame: Frame) -> Result<Option<Frame>, Refusal> {
         };
         Frame::with_body(reply, body)
     };
-    if let Err(why) = replies.route_reply(route, reply) {
+    if let Err(why) = replies.route_reply(route, reply, burst) {
         let why = match why {
             Unroutable::NoCaller => {
                 "its deadline passed, it disconnected, or the call was stored before this \
@@ -369,7 +378,8 @@ mod tests {
     #[tokio::test]
     async fn only_writes_still_on_their_way_are_watched() {
         let replies = Arc::new(ReplyTable::new());
-        let (out, mut rx) = mpsc::channel(4);
+        let (out, mut rx) = tokio::sync::mpsc::channel(4);
+        let out = FrameSender::from_channel(out);
         for id in 1..=3 {
             let reply_to = || ReplyTo::Connection(out.clone());
             replies.register(7, reply_to, id, DEFAULT_TIMEOUT).unwrap();
@@ -419,7 +429,8 @@ mod tests {
     #[tokio::test]
     async fn a_write_done_when_submitted_starts_no_watcher() {
         let replies = Arc::new(ReplyTable::new());
-        let (out, _rx) = mpsc::channel(4);
+        let (out, _rx) = tokio::sync::mpsc::channel(4);
+        let out = FrameSender::from_channel(out);
         replies
             .register(7, || ReplyTo::Connection(out), 1, DEFAULT_TIMEOUT)
             .unwrap();

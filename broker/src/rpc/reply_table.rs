@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use qbus_wire::link::{Burst, FrameSender};
 use qbus_wire::protocol::{Command, Frame, Header, RouteStats, Status};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::BrokerError;
@@ -35,7 +37,7 @@ struct Waiting {
 /// Where a caller's replies go.
 pub enum ReplyTo {
     /// A binary connection's outgoing frames: the replies of all its calls.
-    Connection(mpsc::Sender<Frame>),
+    Connection(FrameSender),
     /// A request inside the broker awaiting the reply of its one call (`rpc::call::call_once`);
     /// `None` once that reply is on its way.
     Once(Option<oneshot::Sender<Frame>>),
@@ -54,26 +56,33 @@ impl ReplyTo {
 
 /// Where one reply goes, taken from the table.
 enum Outlet {
-    Connection(mpsc::Sender<Frame>),
+    Connection(FrameSender),
     Once(oneshot::Sender<Frame>),
 }
 
 impl Outlet {
     /// Passes `reply` on without waiting; false when the caller is gone. A caller reading
     /// slowly must not stall whoever sends (a responder's connection, the sweeper), so a
-    /// full connection gets its reply from a task.
-    fn send(self, reply: Frame) -> bool {
+    /// full connection gets its reply from a task. With a `burst`, the reply waits for the
+    /// burst's flush; without, the link's writer sends it.
+    fn send(self, reply: Frame, burst: Option<&mut Burst>) -> bool {
         match self {
-            Outlet::Connection(out) => match out.try_send(reply) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(reply)) => {
-                    tokio::spawn(async move {
-                        let _ = out.send(reply).await;
-                    });
-                    true
+            Outlet::Connection(out) => {
+                let queued = match burst {
+                    Some(burst) => burst.feed(&out, reply),
+                    None => out.try_send(reply),
+                };
+                match queued {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(reply)) => {
+                        tokio::spawn(async move {
+                            let _ = out.send(reply).await;
+                        });
+                        true
+                    }
+                    Err(TrySendError::Closed(_)) => false,
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            },
+            }
             Outlet::Once(once) => once.send(reply).is_ok(),
         }
     }
@@ -191,12 +200,10 @@ impl ReplyTable {
     pub fn write_failed(&self, conn: u64, id: u64, e: StoreError) {
         if let Some(outlet) = self.take_call(conn, id) {
             let e = BrokerError::Store(e);
-            outlet.send(Frame::new(Header::error(
-                Command::Call,
-                id,
-                e.status(),
-                e.to_string(),
-            )));
+            outlet.send(
+                Frame::new(Header::error(Command::Call, id, e.status(), e.to_string())),
+                None,
+            );
         }
     }
 
@@ -244,16 +251,17 @@ impl ReplyTable {
     }
 
     /// Passes a responder's reply to the caller named by `route`; `reply` builds it for the
-    /// call's correlation id.
+    /// call's correlation id. With a `burst`, the reply goes out at the burst's flush.
     pub fn route_reply(
         &self,
         route: &str,
         reply: impl FnOnce(u64) -> Frame,
+        burst: Option<&mut Burst>,
     ) -> Result<(), Unroutable> {
         let sent = match self.take(route) {
             None => Err(Unroutable::NoCaller),
             Some((outlet, id)) => {
-                if outlet.send(reply(id)) {
+                if outlet.send(reply(id), burst) {
                     Ok(())
                 } else {
                     Err(Unroutable::Disconnected)
@@ -306,7 +314,7 @@ impl ReplyTable {
         for (outlet, id, timeout) in late {
             // The caller's own timer fires at the same deadline; this reply spares callers
             // without one.
-            outlet.send(Frame::new(deadline_passed(id, timeout)));
+            outlet.send(Frame::new(deadline_passed(id, timeout)), None);
         }
     }
 
@@ -380,12 +388,13 @@ mod tests {
     use super::*;
     use qbus_wire::protocol::rpc::DEFAULT_TIMEOUT;
 
-    fn channel() -> (mpsc::Sender<Frame>, mpsc::Receiver<Frame>) {
-        mpsc::channel(16)
+    fn channel() -> (FrameSender, mpsc::Receiver<Frame>) {
+        let (tx, rx) = mpsc::channel(16);
+        (FrameSender::from_channel(tx), rx)
     }
 
     /// Replies to the connection whose outgoing frames go to `out`.
-    fn to(out: &mpsc::Sender<Frame>) -> impl FnOnce() -> ReplyTo + '_ {
+    fn to(out: &FrameSender) -> impl FnOnce() -> ReplyTo + '_ {
         move || ReplyTo::Connection(out.clone())
     }
 
@@ -449,7 +458,7 @@ mod tests {
             .register(1, move || ReplyTo::Once(Some(tx)), 0, DEFAULT_TIMEOUT)
             .unwrap();
         let (outlet, id) = replies.take(&route).unwrap();
-        assert!(outlet.send(Frame::new(Header::reply_to(&Header::default()))));
+        assert!(outlet.send(Frame::new(Header::reply_to(&Header::default())), None));
         assert_eq!((id, rx.try_recv().unwrap().header.status), (0, 200));
 
         let (tx, mut rx) = oneshot::channel();

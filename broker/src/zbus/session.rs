@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use qbus_server_kit::auth::{Denied, Identity, Operation};
+use qbus_wire::link::FrameSender;
 use qbus_wire::protocol::record::{encode_record_meta, parse_record, RecordMeta};
 use qbus_wire::protocol::{DeliveryToken, Frame, MqOptions, Status};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -98,7 +99,7 @@ struct Shared {
 struct Session {
     shared: Arc<Shared>,
     /// Where the reply table sends this connection's call replies.
-    call_replies: mpsc::Sender<Frame>,
+    call_replies: FrameSender,
     next_call: u64,
     in_flight: Arc<tokio::sync::Semaphore>,
     tasks: JoinSet<()>,
@@ -137,6 +138,7 @@ async fn run<S>(
         outgoing,
     ));
     let (call_replies, frames) = mpsc::channel(OUT_QUEUE);
+    let call_replies = FrameSender::from_channel(call_replies);
     let shared = Arc::new(Shared {
         core: core.clone(),
         zbus,
@@ -517,6 +519,7 @@ impl Session {
         let staged = Staging {
             batch: &mut batch,
             writes: &mut writes,
+            burst: None,
         };
         let staged = stage_call(
             replies,
@@ -608,9 +611,11 @@ impl Session {
             .unwrap_or(Status::Ok.code());
         let encoding = call_encoding(&request);
         let body = request.body.clone();
-        let routed = self.shared.core.replies().route_reply(recver, |id| {
-            rpc_envelope::from_zbus(id, status, encoding, body)
-        });
+        let routed = self.shared.core.replies().route_reply(
+            recver,
+            |id| rpc_envelope::from_zbus(id, status, encoding, body),
+            None,
+        );
         if let Err(why) = routed {
             // zbus drops a reply whose receiver is gone; so does this door.
             tracing::debug!(recver, ?why, "zbus route reached no caller");

@@ -199,18 +199,27 @@ impl Encoder<Frame> for FrameCodec {
     type Error = WireError;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
-        let start = dst.len();
-        encode(&frame, dst)?;
-        let size = dst.len() - start - 4;
-        if size > self.max_frame {
-            dst.truncate(start);
-            return Err(WireError::FrameTooLarge {
-                size,
-                max: self.max_frame,
-            });
-        }
-        Ok(())
+        encode_within(&frame, dst, self.max_frame)
     }
+}
+
+/// [`encode`], refusing (and appending nothing) past `max_frame` bytes.
+pub(crate) fn encode_within(
+    frame: &Frame,
+    dst: &mut BytesMut,
+    max_frame: usize,
+) -> Result<(), WireError> {
+    let start = dst.len();
+    encode(frame, dst)?;
+    let size = dst.len() - start - 4;
+    if size > max_frame {
+        dst.truncate(start);
+        return Err(WireError::FrameTooLarge {
+            size,
+            max: max_frame,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

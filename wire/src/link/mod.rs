@@ -8,14 +8,18 @@ use std::future::Future;
 use std::pin::Pin;
 
 use futures_core::Stream;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 
 use crate::protocol::{Frame, FrameCodec, WireError};
 use crate::tls::ClientTls;
+
+mod outbox;
+
+pub use outbox::{Burst, FrameSender};
 
 /// Frames queued to the peer; bounded so a slow peer applies backpressure.
 pub const LINK_QUEUE: usize = 1024;
@@ -26,7 +30,7 @@ pub type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame, WireError>> + Sen
 /// Both directions of a connection.
 pub struct Link {
     /// Frames to send to the peer.
-    pub tx: mpsc::Sender<Frame>,
+    pub tx: FrameSender,
     /// Frames received from the peer.
     pub rx: FrameStream,
 }
@@ -45,12 +49,15 @@ pub trait Connector: Send + Sync + 'static {
     fn addr(&self) -> String;
 }
 
-/// Wraps a TCP stream in a link. A writer task batches queued frames into few syscalls: it
-/// feeds every frame already queued and flushes once the queue is empty.
+/// Wraps a TCP stream in a link. Frames go out through a [`FrameSender`]: queued frames
+/// leave in few syscalls, written by the link's task or by a sender that flushes.
 pub fn tcp_link(stream: TcpStream, max_frame: usize) -> Link {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
-    framed_link(read, write, max_frame)
+    Link {
+        tx: outbox::tcp_sender(write, max_frame),
+        rx: frame_stream(read, max_frame),
+    }
 }
 
 /// Wraps any byte stream (a TLS stream after its handshake) in a link, as [`tcp_link`]
@@ -60,42 +67,14 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (read, write) = tokio::io::split(stream);
-    framed_link(read, write, max_frame)
+    Link {
+        tx: outbox::stream_sender(write, max_frame),
+        rx: frame_stream(read, max_frame),
+    }
 }
 
-fn framed_link<R, W>(read: R, write: W, max_frame: usize) -> Link
-where
-    R: AsyncRead + Send + 'static,
-    W: AsyncWrite + Send + 'static,
-{
-    let (tx, mut rx) = mpsc::channel::<Frame>(LINK_QUEUE);
-    let mut sink = Box::pin(FramedWrite::new(write, FrameCodec::new(max_frame)));
-    tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if let Err(e) = sink.feed(frame).await {
-                tracing::debug!(error = %e, "link write failed");
-                return;
-            }
-            while let Ok(frame) = rx.try_recv() {
-                if let Err(e) = sink.feed(frame).await {
-                    tracing::debug!(error = %e, "link write failed");
-                    return;
-                }
-            }
-            if let Err(e) = sink.flush().await {
-                tracing::debug!(error = %e, "link flush failed");
-                return;
-            }
-        }
-        // The peer learns the link is done (a TLS close_notify, a TCP FIN) once the frames
-        // queued before are out.
-        let _ = sink.close().await;
-    });
-    let reader = FramedRead::with_capacity(read, FrameCodec::new(max_frame), 64 * 1024);
-    Link {
-        tx,
-        rx: reader.boxed(),
-    }
+fn frame_stream<R: AsyncRead + Send + 'static>(read: R, max_frame: usize) -> FrameStream {
+    FramedRead::with_capacity(read, FrameCodec::new(max_frame), 64 * 1024).boxed()
 }
 
 /// Two links joined back to back, for a peer in the same process.
@@ -110,11 +89,11 @@ pub fn memory_link_pair() -> (Link, Link) {
     };
     (
         Link {
-            tx: a_tx,
+            tx: FrameSender::from_channel(a_tx),
             rx: stream(b_rx),
         },
         Link {
-            tx: b_tx,
+            tx: FrameSender::from_channel(b_tx),
             rx: stream(a_rx),
         },
     )
