@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ClientError, Result};
-use crate::link::{Connector, FrameSender, FrameStream};
+use crate::link::{Burst, Connector, FrameSender, FrameStream};
 use crate::protocol::{
     Command, Credentials, Frame, Header, ServerInfo, Status, WireError, PROTOCOL_VERSION,
 };
@@ -403,9 +403,19 @@ impl Connection {
     /// Queues a frame that gets no reply over link `link` without waiting: `Ok(None)` once
     /// queued, `Ok(Some(frame))` when the queue is full (send it with
     /// [`send_oneway_on`](Connection::send_oneway_on)), an error once that link has closed.
-    pub(crate) fn try_send_oneway_on(&self, link: LinkId, frame: Frame) -> Result<Option<Frame>> {
+    /// With a `burst`, the frame is fed to it, to leave at its flush.
+    pub(crate) fn try_send_oneway_on(
+        &self,
+        link: LinkId,
+        frame: Frame,
+        burst: Option<&mut Burst>,
+    ) -> Result<Option<Frame>> {
         let live = self.live_on(link)?;
-        match live.tx.try_send(frame) {
+        let queued = match burst {
+            Some(burst) => burst.feed(&live.tx, frame),
+            None => live.tx.try_send(frame),
+        };
+        match queued {
             Ok(()) => Ok(None),
             Err(mpsc::error::TrySendError::Full(frame)) => Ok(Some(frame)),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(live.disconnected()),

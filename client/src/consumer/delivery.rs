@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::call::route_frame;
 use crate::connection::{Connection, LinkId};
 use crate::error::{ClientError, Result};
+use crate::link::Burst;
 use crate::protocol::{Command, DeliveryToken, Frame, Header, FLAG_ROUTE_ACK, FLAG_UNSEEN};
 
 /// A received message. Call [`ack`](Delivery::ack) once it is handled, or it is delivered
@@ -123,7 +124,20 @@ impl Delivery {
         body: Bytes,
         encoding: Option<String>,
     ) -> impl Future<Output = Result<()>> + Unpin + Send + 'static {
-        match self.start_reply_and_ack(body, encoding) {
+        self.reply_and_ack_in(body, encoding, None)
+    }
+
+    /// [`reply_and_ack`](Delivery::reply_and_ack), with the frame fed to `burst` when given:
+    /// it leaves at [`Burst::flush`] (or the burst's drop), together with the other replies
+    /// of the burst, in one write from the caller's thread. For a server answering a batch
+    /// of calls in one loop: it flushes once the batch is answered.
+    pub fn reply_and_ack_in(
+        &self,
+        body: Bytes,
+        encoding: Option<String>,
+        burst: Option<&mut Burst>,
+    ) -> impl Future<Output = Result<()>> + Unpin + Send + 'static {
+        match self.start_reply_and_ack(body, encoding, burst) {
             Ok(None) => Either::Left(ready(Ok(()))),
             Ok(Some(rest)) => Either::Right(rest),
             Err(e) => Either::Left(ready(Err(e))),
@@ -136,6 +150,7 @@ impl Delivery {
         &self,
         body: Bytes,
         encoding: Option<String>,
+        burst: Option<&mut Burst>,
     ) -> Result<Option<BoxFuture<'static, Result<()>>>> {
         let route = self.route()?;
         let connection = &self.acker.connection;
@@ -159,7 +174,7 @@ impl Delivery {
         header.mq = Some(self.acker.target.mq.clone());
         header.group = Some(self.acker.target.group.clone());
         header.tokens = vec![self.token()];
-        match connection.try_send_oneway_on(link, frame)? {
+        match connection.try_send_oneway_on(link, frame, burst)? {
             None => Ok(None),
             Some(frame) => {
                 let connection = connection.clone();

@@ -190,6 +190,13 @@ impl Consumer {
         delivery
     }
 
+    /// Whether deliveries already fetched wait to be taken (the next `next` will not wait
+    /// for the network for them): a server answering a batch of calls flushes its replies
+    /// once this turns false.
+    pub fn has_buffered(&self) -> bool {
+        !self.buffered.is_empty()
+    }
+
     /// The next delivery: buffered first, then a held error, then the channel.
     fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery>>> {
         loop {

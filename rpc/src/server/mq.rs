@@ -10,6 +10,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use qbus_client::{Broker, ClientError, Consumer, Delivery, StartAt};
+use qbus_wire::link::Burst;
 use qbus_wire::now_ms;
 use qbus_wire::protocol::MqOptions;
 use tokio::task::{JoinHandle, JoinSet};
@@ -206,7 +207,12 @@ async fn serve(
 ) {
     let mut running = JoinSet::new();
     let mut acks = FuturesUnordered::new();
+    // Replies to the calls of one fetched batch, written together once it is answered.
+    let mut burst = Burst::default();
     loop {
+        if !consumer.has_buffered() {
+            burst.flush();
+        }
         let delivery = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -239,7 +245,7 @@ async fn serve(
         match processor.start(delivery.tag.as_deref(), delivery.body.clone(), waited) {
             Started::Done(reply) => {
                 // Queued at once when the link has room: nothing to keep for most calls.
-                let mut sent = reply_and_ack(&delivery, reply);
+                let mut sent = reply_and_ack(&delivery, reply, Some(&mut burst));
                 if (&mut sent).now_or_never().is_none() {
                     acks.push(Either::Right(sent));
                 }
@@ -248,7 +254,7 @@ async fn serve(
             Started::Running(call) => {
                 running.spawn(async move {
                     let reply = call.finish().await;
-                    reply_and_ack(&delivery, reply).await;
+                    reply_and_ack(&delivery, reply, None).await;
                 });
             }
         }
@@ -268,11 +274,16 @@ async fn serve(
 /// Sends a reply back through the broker the call came from, which routes it to the
 /// caller, and acknowledges the call (one frame to a protocol 4 broker): until then a
 /// service that dies leaves it to another. Queued before this returns when the link has
-/// room; the future only waits for room (or, to an older broker, for the ack).
-fn reply_and_ack(delivery: &Delivery, reply: Reply) -> impl Future<Output = ()> + Unpin {
+/// room (fed to `burst` when given, to leave at its flush); the future only waits for room
+/// (or, to an older broker, for the ack).
+fn reply_and_ack(
+    delivery: &Delivery,
+    reply: Reply,
+    burst: Option<&mut Burst>,
+) -> impl Future<Output = ()> + Unpin {
     let offset = delivery.offset;
     delivery
-        .reply_and_ack(reply.body, reply.encoding.header_value())
+        .reply_and_ack_in(reply.body, reply.encoding.header_value(), burst)
         .map(move |sent| {
             if let Err(e) = sent {
                 tracing::debug!(offset, error = %e, "reply or ack lost with its broker connection; the broker will redeliver the call");
