@@ -148,15 +148,9 @@ impl Live {
 
     /// Queues `frame` once the queue has room; fails (with the frame not sent) if the link
     /// closes first.
-    async fn queue(&self, frame: Frame, write: Write) -> Result<()> {
-        let sent = async {
-            match write {
-                Write::ByWriter => self.tx.send(frame).await,
-                Write::Now => self.tx.send_flushed(frame).await,
-            }
-        };
+    async fn queue(&self, frame: Frame) -> Result<()> {
         tokio::select! {
-            sent = sent => sent.map_err(|_| self.disconnected()),
+            sent = self.tx.send(frame) => sent.map_err(|_| self.disconnected()),
             _ = self.closed.cancelled() => Err(self.disconnected()),
         }
     }
@@ -293,18 +287,14 @@ impl Connection {
     pub async fn send(&self, frame: Frame) -> Result<PendingReply> {
         // The common case (connected, room in the queue) takes no await, which keeps this
         // future small: it is allocated and moved with every request's.
-        self.send_with(frame, Write::ByWriter).await
-    }
-
-    async fn send_with(&self, frame: Frame, write: Write) -> Result<PendingReply> {
-        match self.try_send(frame, write) {
+        match self.try_send(frame) {
             Attempt::Done(sent) => sent,
-            Attempt::Wait(frame) => Box::pin(self.send_waiting(*frame, write)).await,
+            Attempt::Wait(frame) => Box::pin(self.send_waiting(*frame)).await,
         }
     }
 
     /// Sends at once when connected with room in the queue.
-    fn try_send(&self, mut frame: Frame, write: Write) -> Attempt {
+    fn try_send(&self, mut frame: Frame) -> Attempt {
         let Some(live) = self.inner.live.load_full() else {
             return Attempt::Wait(Box::new(frame));
         };
@@ -314,11 +304,7 @@ impl Connection {
             Ok(rx) => rx,
             Err(e) => return Attempt::Done(Err(e)),
         };
-        let queued = match write {
-            Write::ByWriter => live.tx.try_send(frame),
-            Write::Now => live.tx.try_feed(frame).inspect(|()| live.tx.flush()),
-        };
-        match queued {
+        match live.tx.try_send(frame) {
             Ok(()) => Attempt::Done(Ok(PendingReply {
                 rx,
                 live: Some(live),
@@ -336,16 +322,16 @@ impl Connection {
     }
 
     /// Sends once connected and the queue has room.
-    async fn send_waiting(&self, frame: Frame, write: Write) -> Result<PendingReply> {
+    async fn send_waiting(&self, frame: Frame) -> Result<PendingReply> {
         let live = self.live().await?;
-        self.send_over(live, frame, write).await
+        self.send_over(live, frame).await
     }
 
     /// Sends a request over link `link` only: once that link has closed, fails with
     /// [`ClientError::Disconnected`] without sending (and without connecting again).
     pub(crate) async fn send_on(&self, link: LinkId, frame: Frame) -> Result<PendingReply> {
         let live = self.live_on(link)?;
-        self.send_over(live, frame, Write::ByWriter).await
+        self.send_over(live, frame).await
     }
 
     /// Link `link` while it is the live one; [`ClientError::Disconnected`] once it closed.
@@ -357,16 +343,11 @@ impl Connection {
     }
 
     /// Sends on `live` once its queue has room.
-    async fn send_over(
-        &self,
-        live: Arc<Live>,
-        mut frame: Frame,
-        write: Write,
-    ) -> Result<PendingReply> {
+    async fn send_over(&self, live: Arc<Live>, mut frame: Frame) -> Result<PendingReply> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         frame.header.id = id;
         let rx = live.register(id)?;
-        if let Err(e) = live.queue(frame, write).await {
+        if let Err(e) = live.queue(frame).await {
             live.forget(id);
             return Err(e);
         }
@@ -380,21 +361,20 @@ impl Connection {
     /// Sends a request and waits for its reply, up to the request timeout plus `extra` (the
     /// long-poll wait of a fetch).
     pub async fn request_with_wait(&self, frame: Frame, extra: Duration) -> Result<Frame> {
-        self.request_with_link(frame, extra, Write::ByWriter)
+        self.request_with_link(frame, extra)
             .await
             .map(|(reply, _)| reply)
     }
 
     /// [`request_with_wait`](Connection::request_with_wait), also naming the link the
-    /// reply came over, with the request written as `write` says.
+    /// reply came over.
     pub(crate) async fn request_with_link(
         &self,
         frame: Frame,
         extra: Duration,
-        write: Write,
     ) -> Result<(Frame, LinkId)> {
         let limit = self.inner.options.request_timeout + extra;
-        let pending = self.send_with(frame, write).await?;
+        let pending = self.send(frame).await?;
         let link = pending.live.as_ref().map_or(LinkId(0), |live| live.link);
         match tokio::time::timeout(limit, pending).await {
             Ok(reply) => reply.map(|reply| (reply, link)),
@@ -411,13 +391,13 @@ impl Connection {
     /// that the peer received it.
     pub async fn send_oneway(&self, frame: Frame) -> Result<()> {
         let live = self.live().await?;
-        live.queue(frame, Write::ByWriter).await
+        live.queue(frame).await
     }
 
     /// Sends a frame that gets no reply over link `link` only, as
     /// [`send_on`](Connection::send_on) sends a request.
     pub(crate) async fn send_oneway_on(&self, link: LinkId, frame: Frame) -> Result<()> {
-        self.live_on(link)?.queue(frame, Write::ByWriter).await
+        self.live_on(link)?.queue(frame).await
     }
 
     /// Queues a frame that gets no reply over link `link` without waiting: `Ok(None)` once
@@ -674,16 +654,6 @@ impl WeakConnection {
     pub(crate) fn is(&self, connection: &Connection) -> bool {
         std::ptr::eq(self.0.as_ptr(), Arc::as_ptr(&connection.inner))
     }
-}
-
-/// Who writes a request to the socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Write {
-    /// The link's writer task, which gathers what many senders queue into one write.
-    ByWriter,
-    /// The sender, at once: for a sender with nothing else to send with it (a fetcher),
-    /// which spares the wake-up of the writer task, a thread switch.
-    Now,
 }
 
 /// What [`Connection::try_send`] made of a request.

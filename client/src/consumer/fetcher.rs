@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::delivery::{Acker, Delivery, Target, Verdict};
-use crate::connection::{Connection, LinkId, Write};
+use crate::connection::{Connection, LinkId};
 use crate::error::{ClientError, Result};
 use crate::protocol::record::records;
 use crate::protocol::{Command, Frame, Header, Status, FLAG_START_AT_END, FLAG_START_AT_OFFSET};
@@ -84,9 +84,9 @@ impl Fetcher {
     async fn run(self) {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
-            let fetch =
-                self.connection
-                    .request_with_link(self.request(), self.spec.long_poll, Write::Now);
+            let fetch = self
+                .connection
+                .request_with_link(self.request(), self.spec.long_poll);
             tokio::pin!(fetch);
             let reply = tokio::select! {
                 reply = &mut fetch => reply,
