@@ -208,6 +208,26 @@ impl FrameSender {
 /// The links one burst of work fed frames to, written together when the burst ends: a
 /// broker session answering every request one read brought sends each link one write.
 /// Dropping it flushes too, so nothing fed is left behind.
+///
+/// ```
+/// use futures_util::StreamExt;
+/// use qbus_wire::link::{memory_link_pair, Burst};
+/// use qbus_wire::protocol::{Command, Frame, Header};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let (ours, mut theirs) = memory_link_pair();
+/// let mut burst = Burst::default();
+/// for _ in 0..3 {
+///     let reply = Frame::new(Header::request(Command::Heartbeat, None));
+///     burst.feed(&ours.tx, reply).expect("room in the link's queue");
+/// }
+/// burst.flush(); // over TCP: one write, from this task
+/// for _ in 0..3 {
+///     assert!(theirs.rx.next().await.is_some());
+/// }
+/// # }
+/// ```
 #[derive(Debug, Default)]
 pub struct Burst {
     fed: Vec<FrameSender>,
