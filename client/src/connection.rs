@@ -411,11 +411,7 @@ impl Connection {
         burst: Option<&mut Burst>,
     ) -> Result<Option<Frame>> {
         let live = self.live_on(link)?;
-        let queued = match burst {
-            Some(burst) => burst.feed(&live.tx, frame),
-            None => live.tx.try_send(frame),
-        };
-        match queued {
+        match live.tx.try_send_in(frame, burst) {
             Ok(()) => Ok(None),
             Err(mpsc::error::TrySendError::Full(frame)) => Ok(Some(frame)),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(live.disconnected()),

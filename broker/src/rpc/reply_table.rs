@@ -67,22 +67,16 @@ impl Outlet {
     /// burst's flush; without, the link's writer sends it.
     fn send(self, reply: Frame, burst: Option<&mut Burst>) -> bool {
         match self {
-            Outlet::Connection(out) => {
-                let queued = match burst {
-                    Some(burst) => burst.feed(&out, reply),
-                    None => out.try_send(reply),
-                };
-                match queued {
-                    Ok(()) => true,
-                    Err(TrySendError::Full(reply)) => {
-                        tokio::spawn(async move {
-                            let _ = out.send(reply).await;
-                        });
-                        true
-                    }
-                    Err(TrySendError::Closed(_)) => false,
+            Outlet::Connection(out) => match out.try_send_in(reply, burst) {
+                Ok(()) => true,
+                Err(TrySendError::Full(reply)) => {
+                    tokio::spawn(async move {
+                        let _ = out.send(reply).await;
+                    });
+                    true
                 }
-            }
+                Err(TrySendError::Closed(_)) => false,
+            },
             Outlet::Once(once) => once.send(reply).is_ok(),
         }
     }

@@ -126,6 +126,19 @@ impl FrameSender {
         }
     }
 
+    /// [`try_feed`](Self::try_feed)s `frame` to `burst` when given, else
+    /// [`try_send`](Self::try_send)s it: for code that serves both kinds of sender.
+    pub fn try_send_in(
+        &self,
+        frame: Frame,
+        burst: Option<&mut Burst>,
+    ) -> Result<(), TrySendError<Frame>> {
+        match burst {
+            Some(burst) => burst.feed(self, frame),
+            None => self.try_send(frame),
+        }
+    }
+
     /// Queues `frame` and writes the queue out now, on this thread (see
     /// [`flush`](Self::flush)); waits while the queue is full.
     pub async fn send_flushed(&self, frame: Frame) -> Result<(), SendError<Frame>> {
@@ -161,6 +174,14 @@ impl FrameSender {
             room.await;
         }
     }
+
+    fn same_link(&self, other: &FrameSender) -> bool {
+        match (&self.kind, &other.kind) {
+            (Kind::Memory(a), Kind::Memory(b)) => a.same_channel(b),
+            (Kind::Socket(a), Kind::Socket(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 impl Clone for FrameSender {
@@ -180,10 +201,7 @@ impl Drop for FrameSender {
     fn drop(&mut self) {
         if let Kind::Socket(outbox) = &self.kind {
             if outbox.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-                let task = outbox.lock().task.take();
-                if let Some(task) = task {
-                    task.wake();
-                }
+                wake_task(outbox.lock());
             }
         }
     }
@@ -192,16 +210,6 @@ impl Drop for FrameSender {
 impl std::fmt::Debug for FrameSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("FrameSender")
-    }
-}
-
-impl FrameSender {
-    fn same_link(&self, other: &FrameSender) -> bool {
-        match (&self.kind, &other.kind) {
-            (Kind::Memory(a), Kind::Memory(b)) => a.same_channel(b),
-            (Kind::Socket(a), Kind::Socket(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        }
     }
 }
 
@@ -310,34 +318,20 @@ impl Outbox {
         }
         if state.frames >= LINK_QUEUE {
             // Frames fed and never flushed must not keep a full queue full.
-            let task = match state.writer {
-                Writer::Idle => state.task.take(),
-                _ => None,
-            };
-            drop(state);
-            if let Some(task) = task {
-                task.wake();
+            if state.writer == Writer::Idle {
+                wake_task(state);
             }
             return Err(TrySendError::Full(frame));
         }
         if let Err(e) = encode_within(&frame, &mut state.buf, self.max_frame) {
             // The peer could never read it; what came before still goes out.
             tracing::debug!(error = %e, "link write failed");
-            state.closed = true;
-            let task = state.task.take();
-            drop(state);
-            self.room.notify_waiters();
-            if let Some(task) = task {
-                task.wake();
-            }
+            self.close(state);
             return Err(TrySendError::Closed(frame));
         }
         state.frames += 1;
-        let wake = then == Then::WakeTask && state.writer == Writer::Idle;
-        let task = if wake { state.task.take() } else { None };
-        drop(state);
-        if let Some(task) = task {
-            task.wake();
+        if then == Then::WakeTask && state.writer == Writer::Idle {
+            wake_task(state);
         }
         Ok(())
     }
@@ -353,12 +347,9 @@ impl Outbox {
     fn flush(&self) {
         let Some(tcp) = &self.tcp else {
             // Only the task writes a stream: hand it the queue.
-            let mut state = self.lock();
+            let state = self.lock();
             if state.writer == Writer::Idle && !state.buf.is_empty() {
-                if let Some(task) = state.task.take() {
-                    drop(state);
-                    task.wake();
-                }
+                wake_task(state);
             }
             return;
         };
@@ -401,25 +392,24 @@ impl Outbox {
             state.buf = rest;
         }
         state.writer = Writer::Task;
-        let task = state.task.take();
-        drop(state);
-        if let Some(task) = task {
-            task.wake();
-        }
+        wake_task(state);
     }
 
+    /// A write failed: what is queued can never go out.
     fn fail(&self, e: &std::io::Error) {
         tracing::debug!(error = %e, "link write failed");
         let mut state = self.lock();
-        state.closed = true;
         state.writer = Writer::Idle;
         state.buf.clear();
-        let task = state.task.take();
-        drop(state);
+        self.close(state);
+    }
+
+    /// Refuses senders from now on (waking those waiting for room) and lets the task end
+    /// once it has written what is still queued.
+    fn close(&self, mut state: MutexGuard<'_, State>) {
+        state.closed = true;
         self.room.notify_waiters();
-        if let Some(task) = task {
-            task.wake();
-        }
+        wake_task(state);
     }
 
     /// Waits until the task has bytes to write (taking them into `out`), or until it is
@@ -457,6 +447,15 @@ impl Outbox {
         }
         self.take(&mut state, out);
         true
+    }
+}
+
+/// Wakes the writer task if it waits, after letting go of the lock it would take first.
+fn wake_task(mut state: MutexGuard<'_, State>) {
+    let task = state.task.take();
+    drop(state);
+    if let Some(task) = task {
+        task.wake();
     }
 }
 
