@@ -177,7 +177,7 @@ async fn run(core: Arc<Core>, link: Link, conn: u64, peer: Peer, shutdown: Cance
 /// A produce awaiting its receipt: the request, its append, and the MQ whose followers
 /// must hold it too when it asked for (or its MQ defaults to) `replicated`.
 /// Last, the protocol the peer said in `Hello`, for the receipt's durability.
-type Produced = (Header, ProduceWait, Option<Arc<Mq>>, u32);
+type Produced = (Box<Header>, ProduceWait, Option<Arc<Mq>>, u32);
 
 /// Sends produce receipts in the order the produces arrived, as the disk (and, for
 /// `replicated` receipts, the followers) confirm them.
@@ -545,7 +545,7 @@ impl Session {
         self.call_writes.settle(self.core.replies());
     }
 
-    fn fetch(&mut self, request: Header) -> Result<(), Failure> {
+    fn fetch(&mut self, request: Box<Header>) -> Result<(), Failure> {
         let Ok(permit) = self.fetches.clone().try_acquire_owned() else {
             let e = BrokerError::Overloaded(format!(
                 "more than {MAX_FETCHES} fetches waiting on one connection"
@@ -633,7 +633,7 @@ impl Session {
         Ok(())
     }
 
-    async fn settle(&mut self, request: Header) -> Result<(), Failure> {
+    async fn settle(&mut self, request: Box<Header>) -> Result<(), Failure> {
         let failed = |e| Failure::new(&request, e);
         let mq = required(&request.mq, "mq").map_err(failed)?;
         let group = request.group.as_deref();
@@ -708,7 +708,7 @@ impl Session {
                     tokens,
                     ..Header::default()
                 };
-                self.settle(ack).await
+                self.settle(Box::new(ack)).await
             }
         }
     }

@@ -292,7 +292,7 @@ pub async fn call_once(
     if reply.header.status == Status::Ok.code() {
         Ok(reply)
     } else {
-        Err(Refusal::from_reply(reply.header))
+        Err(Refusal::from_reply(*reply.header))
     }
 }
 

@@ -160,7 +160,7 @@ impl ReplyTable {
         let deadline = Instant::now() + timeout;
         caller.waiting.insert(id, Waiting { deadline, timeout });
         table.total += 1;
-        Ok(format!("{:016x}.{conn}.{id}", self.instance))
+        Ok(route(self.instance, conn, id))
     }
 
     /// Hands the write of call `id` of `conn`, still on its way, to the task watching that
@@ -342,6 +342,37 @@ pub fn is_route(key: &str) -> bool {
     parse_route(key).is_some()
 }
 
+/// Writes `"{instance:016x}.{conn}.{id}"`, which [`parse_route`] splits. By hand: it runs
+/// once per call, and `format!` was 4 % of the broker's CPU in MQ-RPC profiles.
+fn route(instance: u64, conn: u64, id: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut route = String::with_capacity(16 + 1 + 20 + 1 + 20);
+    route.extend(
+        (0..16)
+            .rev()
+            .map(|nibble| char::from(HEX[(instance >> (nibble * 4)) as usize & 0xf])),
+    );
+    for part in [conn, id] {
+        route.push('.');
+        push_decimal(&mut route, part);
+    }
+    route
+}
+
+fn push_decimal(to: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    to.extend(digits[at..].iter().map(|&digit| char::from(digit)));
+}
+
 /// Splits `"{instance:016x}.{conn}.{id}"`.
 fn parse_route(route: &str) -> Option<(u64, u64, u64)> {
     let mut parts = route.split('.');
@@ -385,6 +416,15 @@ mod tests {
     fn channel() -> (FrameSender, mpsc::Receiver<Frame>) {
         let (tx, rx) = mpsc::channel(16);
         (FrameSender::from_channel(tx), rx)
+    }
+
+    #[test]
+    fn routes_are_written_as_format_would_and_parse_back() {
+        for (instance, conn, id) in [(0, 0, 0), (0xab, 7, 42), (u64::MAX, u64::MAX, u64::MAX)] {
+            let written = route(instance, conn, id);
+            assert_eq!(written, format!("{instance:016x}.{conn}.{id}"));
+            assert_eq!(parse_route(&written), Some((instance, conn, id)));
+        }
     }
 
     /// Replies to the connection whose outgoing frames go to `out`.

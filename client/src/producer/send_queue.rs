@@ -244,7 +244,7 @@ async fn flush(queue: Arc<SendQueue>, transport: Transport, mq: Arc<str>) {
                 Ok(reply) => reply
                     .wait()
                     .await
-                    .and_then(|frame| BatchReceipt::read(frame.header)),
+                    .and_then(|frame| BatchReceipt::read(&frame.header)),
                 Err(e) => Err(e),
             };
             done.complete(outcome);
@@ -268,7 +268,7 @@ fn batch_bytes(transport: &Transport) -> usize {
 }
 
 impl BatchReceipt {
-    fn read(header: Header) -> Result<BatchReceipt> {
+    fn read(header: &Header) -> Result<BatchReceipt> {
         let (Some(first), Some(durability)) = (header.offset, header.durability) else {
             return Err(ClientError::Protocol(
                 "produce reply without offset or durability".into(),

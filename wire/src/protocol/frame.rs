@@ -25,8 +25,10 @@ const PREFIX_LEN: usize = 8;
 /// One protocol message: header plus opaque body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Frame {
-    /// Command, correlation id and well-known fields.
-    pub header: Header,
+    /// Command, correlation id and well-known fields. Boxed: a frame is moved through
+    /// several futures and channels on its way, and a header is some 330 bytes, so moving
+    /// it by value was 8-10 % of a broker's and a client's CPU in MQ-RPC profiles.
+    pub header: Box<Header>,
     /// Payload; for produce and fetch a run of records (see `record`).
     pub body: Bytes,
 }
@@ -34,15 +36,15 @@ pub struct Frame {
 impl Frame {
     /// A frame with an empty body.
     pub fn new(header: Header) -> Frame {
-        Frame {
-            header,
-            body: Bytes::new(),
-        }
+        Frame::with_body(header, Bytes::new())
     }
 
     /// A frame with `body`.
     pub fn with_body(header: Header, body: Bytes) -> Frame {
-        Frame { header, body }
+        Frame {
+            header: Box::new(header),
+            body,
+        }
     }
 }
 
