@@ -342,8 +342,8 @@ pub fn is_route(key: &str) -> bool {
     parse_route(key).is_some()
 }
 
-/// Writes `"{instance:016x}.{conn}.{id}"`, which [`parse_route`] splits. By hand: it runs
-/// once per call, and `format!` was 4 % of the broker's CPU in MQ-RPC profiles.
+/// Writes `"{instance:016x}.{conn}.{id}"`, which [`parse_route`] splits. Without `format!`:
+/// it runs once per call, and `format!` was 4 % of the broker's CPU in MQ-RPC profiles.
 fn route(instance: u64, conn: u64, id: u64) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut route = String::with_capacity(16 + 1 + 20 + 1 + 20);
@@ -352,25 +352,12 @@ fn route(instance: u64, conn: u64, id: u64) -> String {
             .rev()
             .map(|nibble| char::from(HEX[(instance >> (nibble * 4)) as usize & 0xf])),
     );
+    let mut decimal = itoa::Buffer::new();
     for part in [conn, id] {
         route.push('.');
-        push_decimal(&mut route, part);
+        route.push_str(decimal.format(part));
     }
     route
-}
-
-fn push_decimal(to: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    to.extend(digits[at..].iter().map(|&digit| char::from(digit)));
 }
 
 /// Splits `"{instance:016x}.{conn}.{id}"`.
